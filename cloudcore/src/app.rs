@@ -1,0 +1,132 @@
+//! Starting and stopping cloudcore: store, API, hub, in that order, and back down on SIGTERM.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusBuilder;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::{self, ApiState};
+use crate::auth::{load_or_create_api_token, NodeTokens};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::nodes::NodeRegistry;
+use crate::objects::Objects;
+use crate::store::sqlite::{SqliteStore, DB_FILE};
+use crate::store::Store;
+
+async fn bind(key: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("config key `{key}`: cannot listen on {addr}"))
+}
+
+/// Runs cloudcore until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutting down");
+        signal.cancel();
+    });
+    run_until(cfg, shutdown).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| warn!(error = %e, "metrics recorder not installed"))
+        .ok();
+
+    let db = cfg.data_dir.join(DB_FILE);
+    let store: Arc<dyn Store> = {
+        let history = cfg.store.history;
+        let path = db.clone();
+        Arc::new(
+            tokio::task::spawn_blocking(move || SqliteStore::open(&path, history))
+                .await?
+                .with_context(|| {
+                    format!(
+                        "config key `data_dir`: cannot open the store {}",
+                        db.display()
+                    )
+                })?,
+        )
+    };
+    info!(path = %db.display(), version = store.version(), store_id = store.store_id(), "store open");
+    let api_token = load_or_create_api_token(cfg.api.token.as_deref(), &cfg.data_dir)
+        .with_context(|| {
+            format!(
+                "config key `data_dir`: cannot keep the API token in {}",
+                cfg.data_dir.display()
+            )
+        })?;
+    let tokens = Arc::new(NodeTokens::load(store.clone())?);
+    let objects = Arc::new(Objects::new(store.clone(), cfg.service_cidr)?);
+    let nodes = Arc::new(NodeRegistry::default());
+
+    let tls = match (&cfg.hub.tls_cert, &cfg.hub.tls_key) {
+        (Some(cert), Some(key)) => {
+            let config = edgehub::tls::server_config("hub.tls_cert", cert, "hub.tls_key", key)?;
+            Some(tokio_rustls::TlsAcceptor::from(config))
+        }
+        _ => {
+            warn!("hub.tls_cert and hub.tls_key are not set: the hub and the API serve plain text; tokens cross the network unencrypted");
+            None
+        }
+    };
+
+    let hub_listener = bind("hub.listen", cfg.hub.listen).await?;
+    let api_listener = bind("api.listen", cfg.api.listen).await?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = ApiState {
+        objects: objects.clone(),
+        tokens: tokens.clone(),
+        nodes: nodes.clone(),
+        api_token: api_token.into(),
+        metrics,
+        ready: ready.clone(),
+    };
+    let hub = Arc::new(Hub::new(
+        cfg.hub.clone(),
+        store.clone(),
+        objects,
+        tokens,
+        nodes,
+    ));
+    let hub_task = tokio::spawn(hub.serve(hub_listener, tls.clone(), shutdown.clone()));
+    let api_task = tokio::spawn(crate::serve::serve(
+        api_listener,
+        tls,
+        api::router(state, cfg.api.max_body_size),
+        shutdown.clone(),
+    ));
+    ready.store(true, Ordering::Release);
+    info!(hub = %cfg.hub.listen, api = %cfg.api.listen, "cloudcore ready");
+
+    shutdown.cancelled().await;
+    ready.store(false, Ordering::Release);
+    let _ = hub_task.await;
+    let _ = api_task.await;
+    info!("cloudcore stopped");
+    Ok(())
+}

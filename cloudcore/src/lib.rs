@@ -1,0 +1,19 @@
+//! cloudcore: the cloud side of edgemesh.
+//!
+//! - [`store`]: desired state with resource versions and a bounded change log (SQLite);
+//! - [`objects`]: the validated write path (cluster IP allocation, atomic apply);
+//! - [`api`]: the REST API; [`serve`]: HTTP(S) serving;
+//! - [`hub`]: the websocket server that keeps every edge node in sync;
+//! - [`auth`]: API and node tokens; [`nodes`]: which nodes are online;
+//! - [`cli`]: `cloudcore apply|get|delete|token`.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod hub;
+pub mod nodes;
+pub mod objects;
+pub mod serve;
+pub mod store;

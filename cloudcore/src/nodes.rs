@@ -1,0 +1,189 @@
+//! Runtime state of edge nodes: who is connected, from where, since when, what they acked.
+//! This is not stored (it changes with every keepalive); the API merges it into Node objects.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// What `GET /api/v1/nodes` shows as a node's `status`.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub online: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connected_since_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_seen_ms: Option<i64>,
+    pub acked_version: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_sync: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disconnect_reason: Option<String>,
+}
+
+#[derive(Default)]
+struct Entry {
+    status: NodeStatus,
+    conn_id: u64,
+    kick: Option<CancellationToken>,
+}
+
+#[derive(Default)]
+pub struct NodeRegistry {
+    nodes: Mutex<HashMap<String, Entry>>,
+    next_conn: AtomicU64,
+}
+
+/// A connection's claim on its node name; `NodeRegistry::disconnect` takes it back.
+pub struct Session {
+    pub node: String,
+    pub conn_id: u64,
+    pub kicked: CancellationToken,
+}
+
+impl NodeRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a new connection for `node`; an older connection of the same node is kicked
+    /// (a node that reconnects before the cloud noticed the old link died).
+    pub fn connect(&self, node: &str, addr: SocketAddr) -> Session {
+        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
+        let kicked = CancellationToken::new();
+        let mut nodes = self.lock();
+        let e = nodes.entry(node.to_string()).or_default();
+        if let Some(old) = e.kick.take() {
+            old.cancel();
+        }
+        e.conn_id = conn_id;
+        e.kick = Some(kicked.clone());
+        let now = now_ms();
+        e.status.online = true;
+        e.status.address = Some(addr.to_string());
+        e.status.connected_since_ms = Some(now);
+        e.status.last_seen_ms = Some(now);
+        e.status.disconnect_reason = None;
+        metrics::gauge!("cloudcore_hub_connected_nodes")
+            .set(nodes.values().filter(|e| e.status.online).count() as f64);
+        Session {
+            node: node.to_string(),
+            conn_id,
+            kicked,
+        }
+    }
+
+    /// Marks the node offline unless a newer connection took over.
+    pub fn disconnect(&self, session: &Session, reason: &str) {
+        let mut nodes = self.lock();
+        if let Some(e) = nodes.get_mut(&session.node) {
+            if e.conn_id == session.conn_id {
+                e.status.online = false;
+                e.status.connected_since_ms = None;
+                e.status.disconnect_reason = Some(reason.to_string());
+                e.kick = None;
+            }
+        }
+        metrics::gauge!("cloudcore_hub_connected_nodes")
+            .set(nodes.values().filter(|e| e.status.online).count() as f64);
+    }
+
+    fn with(&self, session: &Session, f: impl FnOnce(&mut NodeStatus)) {
+        if let Some(e) = self.lock().get_mut(&session.node) {
+            if e.conn_id == session.conn_id {
+                f(&mut e.status);
+            }
+        }
+    }
+
+    pub fn seen(&self, session: &Session) {
+        self.with(session, |s| s.last_seen_ms = Some(now_ms()));
+    }
+
+    pub fn acked(&self, session: &Session, version: u64) {
+        self.with(session, |s| {
+            s.acked_version = s.acked_version.max(version);
+            s.last_seen_ms = Some(now_ms());
+        });
+    }
+
+    pub fn synced(&self, session: &Session, mode: &str, agent_version: &str) {
+        self.with(session, |s| {
+            s.last_sync = Some(mode.to_string());
+            s.agent_version = Some(agent_version.to_string());
+        });
+    }
+
+    /// Closes the node's connection, if any; true if one was open.
+    pub fn kick(&self, node: &str) -> bool {
+        match self.lock().get_mut(node).and_then(|e| e.kick.take()) {
+            Some(k) => {
+                k.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets a deleted node.
+    pub fn remove(&self, node: &str) {
+        if let Some(e) = self.lock().remove(node) {
+            if let Some(k) = e.kick {
+                k.cancel();
+            }
+        }
+    }
+
+    pub fn status(&self, node: &str) -> NodeStatus {
+        self.lock()
+            .get(node)
+            .map(|e| e.status.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn online_count(&self) -> usize {
+        self.lock().values().filter(|e| e.status.online).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_newer_connection_takes_over_and_the_old_one_cannot_mark_offline() {
+        let reg = NodeRegistry::default();
+        let addr: SocketAddr = "10.0.0.1:5000".parse().expect("addr");
+        let first = reg.connect("a", addr);
+        let second = reg.connect("a", addr);
+        assert!(first.kicked.is_cancelled());
+        assert!(!second.kicked.is_cancelled());
+        reg.disconnect(&first, "old link");
+        assert!(reg.status("a").online);
+        reg.acked(&second, 7);
+        assert_eq!(reg.status("a").acked_version, 7);
+        assert!(reg.kick("a"));
+        assert!(second.kicked.is_cancelled());
+        reg.disconnect(&second, "kicked");
+        let s = reg.status("a");
+        assert!(!s.online);
+        assert_eq!(s.disconnect_reason.as_deref(), Some("kicked"));
+        assert_eq!(reg.online_count(), 0);
+    }
+}

@@ -1,0 +1,557 @@
+//! The embedded store: one SQLite file under `data_dir`.
+//!
+//! Writes are serialised by one connection behind a mutex; the recent change log is mirrored in
+//! memory so that resuming nodes (possibly thousands at once after a cloud restart) never query
+//! SQLite. The in-memory log is appended under the same lock as the commit, so its order is the
+//! version order.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use edgehub::model::{Kind, Object, ObjectKey};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use tokio::sync::watch;
+
+use super::{Change, ChangeOp, Record, Since, Snapshot, Store, StoreError, Write};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS objects (
+    kind      TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    name      TEXT NOT NULL,
+    version   INTEGER NOT NULL,
+    body      TEXT NOT NULL,
+    PRIMARY KEY (kind, namespace, name)
+);
+CREATE TABLE IF NOT EXISTS changelog (
+    version   INTEGER PRIMARY KEY,
+    op        TEXT NOT NULL,
+    kind      TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    name      TEXT NOT NULL,
+    body      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS store_meta (
+    key   TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS node_tokens (
+    node       TEXT PRIMARY KEY NOT NULL,
+    hash       TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+";
+
+/// File name of the cloud database inside `data_dir`.
+pub const DB_FILE: &str = "cloudcore.db";
+
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+    store_id: String,
+    history: usize,
+    recent: RwLock<VecDeque<Arc<Change>>>,
+    version: watch::Sender<u64>,
+}
+
+fn key_of(kind: &str, namespace: String, name: String) -> Result<ObjectKey, StoreError> {
+    let kind = Kind::from_resource_type(kind).ok_or_else(|| StoreError::Corrupt {
+        key: format!("{namespace}/{kind}/{name}"),
+        reason: "unknown kind".into(),
+    })?;
+    Ok(ObjectKey::new(kind, namespace, name))
+}
+
+impl SqliteStore {
+    /// Opens or creates the store. `history` bounds the change log: a node that fell further
+    /// behind than that gets a snapshot.
+    pub fn open(path: &Path, history: usize) -> Result<Self, StoreError> {
+        let open_err = |reason: String| StoreError::Open {
+            path: path.display().to_string(),
+            reason,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        }
+        let conn = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL, not NORMAL: the version counter must never go backwards after a power cut, or a
+        // node that already saw version N would take a different change N as a duplicate.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        let store_id: String = match conn
+            .query_row(
+                "SELECT value FROM store_meta WHERE key = 'store_id'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+        {
+            Some(id) => id,
+            None => {
+                let id = edgehub::message::new_message_id();
+                conn.execute(
+                    "INSERT INTO store_meta (key, value) VALUES ('store_id', ?1), ('version', '0')",
+                    params![id],
+                )?;
+                id
+            }
+        };
+        let version = read_version(&conn)?;
+        let history = history.max(1);
+        let mut recent = VecDeque::with_capacity(history.min(1 << 16));
+        {
+            let mut stmt = conn.prepare(
+                "SELECT version, op, kind, namespace, name, body FROM changelog
+                 WHERE version > ?1 ORDER BY version",
+            )?;
+            let floor = version.saturating_sub(history as u64);
+            let rows = stmt.query_map(params![floor as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            })?;
+            for row in rows {
+                let (v, op, kind, ns, name, body) = row?;
+                let op = ChangeOp::parse(&op).ok_or_else(|| StoreError::Corrupt {
+                    key: format!("changelog {v}"),
+                    reason: format!("unknown op {op:?}"),
+                })?;
+                recent.push_back(Arc::new(Change::new(
+                    v,
+                    op,
+                    key_of(&kind, ns, name)?,
+                    body.into(),
+                )));
+            }
+        }
+        // The log must be contiguous up to the version, or resuming nodes would miss changes.
+        if let Some(last) = recent.back() {
+            if last.version != version {
+                return Err(open_err(format!(
+                    "change log ends at {} but the store is at version {version}",
+                    last.version
+                )));
+            }
+        }
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+            store_id,
+            history,
+            recent: RwLock::new(recent),
+            version: watch::Sender::new(version),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // Transactions roll back when dropped, so a lock poisoned by a panic guards a
+        // consistent database and can be reused.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn read_version(conn: &Connection) -> Result<u64, StoreError> {
+    let v: String = conn.query_row(
+        "SELECT value FROM store_meta WHERE key = 'version'",
+        [],
+        |r| r.get(0),
+    )?;
+    v.parse().map_err(|_| StoreError::Corrupt {
+        key: "store_meta.version".into(),
+        reason: format!("{v:?} is not a number"),
+    })
+}
+
+fn get_row(conn: &Connection, key: &ObjectKey) -> Result<Option<Record>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT version, body FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
+            params![key.kind.resource_type(), key.namespace, key.name],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?)),
+        )
+        .optional()?
+        .map(|(version, body)| Record {
+            key: key.clone(),
+            version,
+            json: body.into(),
+        }))
+}
+
+/// Whether two objects are equal apart from their resource version.
+fn same_content(stored: &str, new: &Object) -> bool {
+    let Ok(mut old) = Object::from_json(new.kind(), stored) else {
+        return false;
+    };
+    old.meta_mut().resource_version.clear();
+    let mut new = new.clone();
+    new.meta_mut().resource_version.clear();
+    old == new
+}
+
+impl Store for SqliteStore {
+    fn store_id(&self) -> &str {
+        &self.store_id
+    }
+
+    fn version(&self) -> u64 {
+        *self.version.borrow()
+    }
+
+    fn get(&self, key: &ObjectKey) -> Result<Option<Record>, StoreError> {
+        get_row(&self.conn(), key)
+    }
+
+    fn list(&self, kind: Kind, namespace: Option<&str>) -> Result<Vec<Record>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT namespace, name, version, body FROM objects
+             WHERE kind = ?1 AND (?2 IS NULL OR namespace = ?2) ORDER BY namespace, name",
+        )?;
+        let rows = stmt.query_map(params![kind.resource_type(), namespace], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (ns, name, version, body) = row?;
+            out.push(Record {
+                key: ObjectKey::new(kind, ns, name),
+                version,
+                json: body.into(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn write(&self, writes: Vec<Write>) -> Result<Vec<Arc<Change>>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut version = read_version(&tx)?;
+        let mut changes = Vec::with_capacity(writes.len());
+        for write in writes {
+            match write {
+                Write::Put {
+                    mut object,
+                    expect_version,
+                } => {
+                    let key = object.key();
+                    let existing = get_row(&tx, &key)?;
+                    if let Some(expected) = expect_version {
+                        let actual = existing.as_ref().map(|r| r.version).unwrap_or(0);
+                        if actual != expected {
+                            return Err(StoreError::Conflict {
+                                key,
+                                expected,
+                                actual,
+                            });
+                        }
+                    }
+                    if let Some(old) = &existing {
+                        if same_content(&old.json, &object) {
+                            continue;
+                        }
+                    }
+                    version += 1;
+                    object.meta_mut().resource_version = version.to_string();
+                    let json = object.to_json();
+                    let op = if existing.is_some() {
+                        ChangeOp::Update
+                    } else {
+                        ChangeOp::Insert
+                    };
+                    tx.execute(
+                        "INSERT INTO objects (kind, namespace, name, version, body) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT(kind, namespace, name) DO UPDATE SET version = excluded.version, body = excluded.body",
+                        params![key.kind.resource_type(), key.namespace, key.name, version as i64, json],
+                    )?;
+                    changes.push(Change::new(version, op, key, json.into()));
+                }
+                Write::Delete { key } => {
+                    let existing =
+                        get_row(&tx, &key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
+                    version += 1;
+                    tx.execute(
+                        "DELETE FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
+                        params![key.kind.resource_type(), key.namespace, key.name],
+                    )?;
+                    changes.push(Change::new(version, ChangeOp::Delete, key, existing.json));
+                }
+            }
+        }
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO changelog (version, op, kind, namespace, name, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for c in &changes {
+                stmt.execute(params![
+                    c.version as i64,
+                    c.op.as_str(),
+                    c.key.kind.resource_type(),
+                    c.key.namespace,
+                    c.key.name,
+                    &*c.json
+                ])?;
+            }
+        }
+        let floor = version.saturating_sub(self.history as u64);
+        tx.execute(
+            "DELETE FROM changelog WHERE version <= ?1",
+            params![floor as i64],
+        )?;
+        tx.execute(
+            "UPDATE store_meta SET value = ?1 WHERE key = 'version'",
+            params![version.to_string()],
+        )?;
+        tx.commit()?;
+        let changes: Vec<Arc<Change>> = changes.into_iter().map(Arc::new).collect();
+        {
+            let mut recent = self.recent.write().unwrap_or_else(|p| p.into_inner());
+            recent.extend(changes.iter().cloned());
+            while recent.len() > self.history {
+                recent.pop_front();
+            }
+        }
+        // Still under the connection lock: subscribers see versions in commit order.
+        self.version.send_replace(version);
+        drop(conn);
+        Ok(changes)
+    }
+
+    fn changes_since(&self, since: u64) -> Since {
+        let current = self.version();
+        if since == current {
+            return Since::Current;
+        }
+        if since > current {
+            return Since::Gone;
+        }
+        let recent = self.recent.read().unwrap_or_else(|p| p.into_inner());
+        let Some(first) = recent.front() else {
+            return Since::Gone;
+        };
+        if since + 1 < first.version {
+            return Since::Gone;
+        }
+        let skip = (since + 1 - first.version) as usize;
+        Since::Changes(recent.iter().skip(skip).cloned().collect())
+    }
+
+    fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        // One lock for objects and version: no commit can fall between them.
+        let conn = self.conn();
+        let version = read_version(&conn)?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT kind, namespace, name, version, body FROM objects ORDER BY kind, namespace, name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)? as u64,
+                r.get::<_, String>(4)?,
+            ))
+        })?;
+        let mut records = Vec::new();
+        for row in rows {
+            let (kind, ns, name, v, body) = row?;
+            records.push(Record {
+                key: key_of(&kind, ns, name)?,
+                version: v,
+                json: body.into(),
+            });
+        }
+        Ok(Snapshot {
+            store_id: self.store_id.clone(),
+            version,
+            records,
+        })
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    fn put_token_hash(&self, node: &str, hash: &str) -> Result<(), StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        self.conn().execute(
+            "INSERT INTO node_tokens (node, hash, created_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(node) DO UPDATE SET hash = excluded.hash, created_ms = excluded.created_ms",
+            params![node, hash, now],
+        )?;
+        Ok(())
+    }
+
+    fn delete_token_hash(&self, node: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM node_tokens WHERE node = ?1", params![node])?
+            > 0)
+    }
+
+    fn token_hashes(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT node, hash FROM node_tokens ORDER BY node")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgehub::model::Node;
+    use std::collections::BTreeMap;
+
+    fn node(name: &str, zone: &str) -> Object {
+        let mut labels = BTreeMap::new();
+        labels.insert("zone".to_string(), zone.to_string());
+        Object::Node(Node::new(name, labels))
+    }
+
+    fn put(o: Object) -> Write {
+        Write::Put {
+            object: o,
+            expect_version: None,
+        }
+    }
+
+    #[test]
+    fn versions_increase_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DB_FILE);
+        let store = SqliteStore::open(&path, 100).expect("open");
+        let id = store.store_id().to_string();
+        let mut rx = store.subscribe();
+        let c = store
+            .write(vec![put(node("a", "1")), put(node("b", "1"))])
+            .expect("write");
+        assert_eq!(c.iter().map(|c| c.version).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(c[0].op, ChangeOp::Insert);
+        assert_eq!(*rx.borrow_and_update(), 2);
+        // Identical content: no new version.
+        assert!(store
+            .write(vec![put(node("a", "1"))])
+            .expect("noop")
+            .is_empty());
+        let c = store.write(vec![put(node("a", "2"))]).expect("update");
+        assert_eq!((c[0].version, c[0].op), (3, ChangeOp::Update));
+        let rec = store
+            .get(&ObjectKey::new(Kind::Node, "", "a"))
+            .expect("get")
+            .expect("exists");
+        assert!(
+            rec.json.contains(r#""resourceVersion":"3""#),
+            "{}",
+            rec.json
+        );
+        drop(store);
+
+        let store = SqliteStore::open(&path, 100).expect("reopen");
+        assert_eq!(store.store_id(), id);
+        assert_eq!(store.version(), 3);
+        match store.changes_since(1) {
+            Since::Changes(c) => {
+                assert_eq!(c.iter().map(|c| c.version).collect::<Vec<_>>(), vec![2, 3])
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn history_is_bounded_and_old_versions_get_snapshots() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join(DB_FILE), 5).expect("open");
+        for i in 0..12 {
+            store
+                .write(vec![put(node("a", &i.to_string()))])
+                .expect("write");
+        }
+        assert!(matches!(store.changes_since(12), Since::Current));
+        assert!(matches!(store.changes_since(13), Since::Gone));
+        assert!(matches!(store.changes_since(6), Since::Gone));
+        match store.changes_since(7) {
+            Since::Changes(c) => assert_eq!(c.len(), 5),
+            other => panic!("{other:?}"),
+        }
+        let n: i64 = store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM changelog", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(n, 5);
+        let snap = store.snapshot().expect("snapshot");
+        assert_eq!((snap.version, snap.records.len()), (12, 1));
+    }
+
+    #[test]
+    fn batches_are_atomic_and_preconditions_hold() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join(DB_FILE), 100).expect("open");
+        store.write(vec![put(node("a", "1"))]).expect("write");
+        let err = store
+            .write(vec![
+                put(node("b", "1")),
+                Write::Delete {
+                    key: ObjectKey::new(Kind::Node, "", "missing"),
+                },
+            ])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotFound(_)));
+        assert_eq!(store.version(), 1);
+        assert!(store
+            .get(&ObjectKey::new(Kind::Node, "", "b"))
+            .expect("get")
+            .is_none());
+        let err = store
+            .write(vec![Write::Put {
+                object: node("a", "2"),
+                expect_version: Some(7),
+            }])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { actual: 1, .. }));
+        let c = store
+            .write(vec![Write::Delete {
+                key: ObjectKey::new(Kind::Node, "", "a"),
+            }])
+            .expect("delete");
+        assert_eq!(c[0].op, ChangeOp::Delete);
+        assert!(c[0].json.contains("\"a\""));
+    }
+
+    #[test]
+    fn tokens_are_kept_apart_from_objects() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join(DB_FILE), 100).expect("open");
+        store.put_token_hash("a", "h1").expect("put");
+        store.put_token_hash("a", "h2").expect("rotate");
+        assert_eq!(
+            store.token_hashes().expect("list"),
+            vec![("a".into(), "h2".into())]
+        );
+        assert_eq!(store.version(), 0);
+        assert!(store.delete_token_hash("a").expect("delete"));
+        assert!(!store.delete_token_hash("a").expect("delete again"));
+    }
+}

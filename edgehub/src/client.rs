@@ -1,0 +1,736 @@
+//! The edge side of the hub: one websocket to the cloud that authenticates, resumes from the
+//! node's committed version, applies what it is sent through [`MetaManager`], acknowledges
+//! only what is durable, keeps the link alive, and reconnects with jittered backoff.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::{sleep_until, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{header, HeaderValue, Uri};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::backoff::Backoff;
+use crate::message::{
+    group, module, op, resource, Ack, Message, MessageError, SnapshotChunk, SyncMode, SyncRequest,
+    SyncResponse,
+};
+use crate::metamanager::{EdgeChange, MetaError, MetaManager};
+use crate::model::ObjectKey;
+use crate::tls::{self, TlsError};
+
+/// The hub's default port, used when a cloud URL names none.
+pub const DEFAULT_HUB_PORT: u16 = 10000;
+
+/// How many received messages are committed in one SQLite transaction at most.
+const MAX_BATCH: usize = 1024;
+
+#[derive(Clone, Debug)]
+pub struct HubClientConfig {
+    pub node_name: String,
+    /// `ws://host[:port]` or `wss://host[:port]`; tried in turn.
+    pub urls: Vec<String>,
+    pub token: String,
+    /// CA certificate(s) that sign the cloud's certificate; required for `wss://`.
+    pub ca_cert: Option<PathBuf>,
+    pub labels: BTreeMap<String, String>,
+    pub keepalive_interval: Duration,
+    /// The link is dropped when nothing arrived from the cloud for this long.
+    pub keepalive_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Largest message accepted from the cloud.
+    pub max_message_size: usize,
+}
+
+impl HubClientConfig {
+    pub fn new(node_name: &str, urls: Vec<String>, token: &str) -> Self {
+        HubClientConfig {
+            node_name: node_name.to_string(),
+            urls,
+            token: token.to_string(),
+            ca_cert: None,
+            labels: BTreeMap::new(),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            max_message_size: 64 << 20,
+        }
+    }
+}
+
+/// What went wrong with one connection; the client logs it and reconnects.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("invalid cloud URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connect to {0}: timed out")]
+    ConnectTimeout(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("TLS handshake with {addr}: {source}")]
+    TlsHandshake {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the cloud refused node {node}: HTTP {status}: {body}")]
+    Refused {
+        node: String,
+        status: u16,
+        body: String,
+    },
+    #[error("websocket: {0}")]
+    WebSocket(#[from] tungstenite::Error),
+    #[error("no message from the cloud for {0:?}")]
+    KeepaliveTimeout(Duration),
+    #[error("the cloud closed the connection{0}")]
+    Closed(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Message(#[from] MessageError),
+    #[error(transparent)]
+    Store(#[from] MetaError),
+}
+
+/// The last sync answer the node got, for `/debug/sync` and `edgemesh status`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LastSync {
+    pub mode: SyncMode,
+    pub from_version: u64,
+    pub to_version: u64,
+    /// Changes (delta) or objects (snapshot) the cloud announced.
+    pub count: u64,
+    pub at_ms: i64,
+}
+
+/// Connection and sync state, shared with the admin API.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncStatus {
+    pub node_name: String,
+    pub connected: bool,
+    /// True once the node caught up with the cloud on the current connection.
+    pub synced: bool,
+    pub cloud_url: Option<String>,
+    pub connected_since_ms: Option<i64>,
+    pub last_error: Option<String>,
+    pub last_error_at_ms: Option<i64>,
+    pub connects: u64,
+    pub disconnects: u64,
+    pub last_sync: Option<LastSync>,
+    pub snapshots: u64,
+    pub deltas: u64,
+    pub changes_applied: u64,
+    pub duplicates_skipped: u64,
+    pub batches_committed: u64,
+    pub acked_version: u64,
+    pub last_change_at_ms: Option<i64>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A parsed cloud URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloudUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl CloudUrl {
+    pub fn parse(url: &str) -> Result<CloudUrl, HubError> {
+        let bad = |reason: &str| HubError::BadUrl {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        let tls = match uri.scheme_str() {
+            Some("ws") | Some("http") => false,
+            Some("wss") | Some("https") => true,
+            _ => return Err(bad("the scheme must be ws:// or wss://")),
+        };
+        let host = uri.host().ok_or_else(|| bad("no host"))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        if !matches!(uri.path(), "" | "/") {
+            return Err(bad("give only scheme, host and port; the path is fixed"));
+        }
+        Ok(CloudUrl {
+            tls,
+            host,
+            port: uri.port_u16().unwrap_or(DEFAULT_HUB_PORT),
+        })
+    }
+
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    pub fn events_url(&self, node: &str) -> String {
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!("{scheme}://{}/v1/nodes/{node}/events", self.authority())
+    }
+}
+
+/// How a session ended without an error.
+enum SessionEnd {
+    Shutdown,
+}
+
+pub struct HubClient {
+    cfg: Arc<HubClientConfig>,
+    meta: Arc<MetaManager>,
+    status: Arc<Mutex<SyncStatus>>,
+}
+
+impl HubClient {
+    pub fn new(cfg: HubClientConfig, meta: Arc<MetaManager>) -> Self {
+        let status = SyncStatus {
+            node_name: cfg.node_name.clone(),
+            ..SyncStatus::default()
+        };
+        HubClient {
+            cfg: Arc::new(cfg),
+            meta,
+            status: Arc::new(Mutex::new(status)),
+        }
+    }
+
+    /// Shared status, updated as the client works.
+    pub fn status(&self) -> Arc<Mutex<SyncStatus>> {
+        self.status.clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut SyncStatus)) {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s);
+    }
+
+    /// Runs until `shutdown` is cancelled: connect, sync, reconnect.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(self.cfg.backoff_base, self.cfg.backoff_max);
+        let mut next_url = 0usize;
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let Some(url) = self
+                .cfg
+                .urls
+                .get(next_url % self.cfg.urls.len().max(1))
+                .cloned()
+            else {
+                warn!("no cloud URL configured; running from the local store only");
+                shutdown.cancelled().await;
+                break;
+            };
+            let span = tracing::info_span!("hub", node = %self.cfg.node_name, cloud = %url);
+            let synced_before = self.status.lock().map(|s| s.connects).unwrap_or(0);
+            let result = self.session(&url, &shutdown).instrument(span).await;
+            let was_connected = {
+                let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                let was = s.connected;
+                if was {
+                    s.disconnects += 1;
+                }
+                s.connected = false;
+                s.synced = false;
+                s.connected_since_ms = None;
+                was
+            };
+            match result {
+                Ok(SessionEnd::Shutdown) => break,
+                Err(e) => {
+                    warn!(cloud = %url, error = %e, "hub connection ended");
+                    metrics::counter!("edgemesh_hub_disconnects_total").increment(1);
+                    self.update(|s| {
+                        s.last_error = Some(e.to_string());
+                        s.last_error_at_ms = Some(now_ms());
+                    });
+                }
+            }
+            let connected_meanwhile =
+                self.status.lock().map(|s| s.connects).unwrap_or(0) > synced_before;
+            if was_connected && connected_meanwhile {
+                // A working link that broke: start over gently.
+                backoff.reset();
+            } else {
+                // This URL did not work: try the next one.
+                next_url = next_url.wrapping_add(1);
+            }
+            let delay = backoff.next_delay();
+            debug!(?delay, "reconnecting after backoff");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        info!("hub client stopped");
+    }
+
+    async fn session(
+        &self,
+        url: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, HubError> {
+        let cloud = CloudUrl::parse(url)?;
+        let addr = cloud.authority();
+        let tcp = tokio::time::timeout(
+            self.cfg.connect_timeout,
+            TcpStream::connect((cloud.host.as_str(), cloud.port)),
+        )
+        .await
+        .map_err(|_| HubError::ConnectTimeout(addr.clone()))?
+        .map_err(|source| HubError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
+        let _ = tcp.set_nodelay(true);
+        if cloud.tls {
+            let ca = self
+                .cfg
+                .ca_cert
+                .as_deref()
+                .ok_or_else(|| HubError::BadUrl {
+                    url: url.to_string(),
+                    reason: "wss:// needs cloud.ca_cert".into(),
+                })?;
+            let connector =
+                tokio_rustls::TlsConnector::from(tls::client_config("cloud.ca_cert", ca)?);
+            let name =
+                rustls::pki_types::ServerName::try_from(cloud.host.clone()).map_err(|_| {
+                    HubError::BadUrl {
+                        url: url.to_string(),
+                        reason: "invalid TLS server name".into(),
+                    }
+                })?;
+            let stream =
+                tokio::time::timeout(self.cfg.connect_timeout, connector.connect(name, tcp))
+                    .await
+                    .map_err(|_| HubError::ConnectTimeout(addr.clone()))?
+                    .map_err(|source| HubError::TlsHandshake {
+                        addr: addr.clone(),
+                        source,
+                    })?;
+            self.handshake_and_sync(&cloud, stream, shutdown).await
+        } else {
+            self.handshake_and_sync(&cloud, tcp, shutdown).await
+        }
+    }
+
+    async fn handshake_and_sync<S>(
+        &self,
+        cloud: &CloudUrl,
+        stream: S,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, HubError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let url = cloud.events_url(&self.cfg.node_name);
+        let mut request = url.as_str().into_client_request()?;
+        let bearer = HeaderValue::from_str(&format!("Bearer {}", self.cfg.token))
+            .map_err(|_| HubError::Protocol("cloud.token contains invalid characters".into()))?;
+        request.headers_mut().insert(header::AUTHORIZATION, bearer);
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(self.cfg.max_message_size))
+            .max_frame_size(Some(self.cfg.max_message_size));
+        let handshake = tokio_tungstenite::client_async_with_config(request, stream, Some(config));
+        let (ws, _response) = match tokio::time::timeout(self.cfg.connect_timeout, handshake).await
+        {
+            Err(_) => return Err(HubError::ConnectTimeout(cloud.authority())),
+            Ok(Err(tungstenite::Error::Http(resp))) => {
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).trim().to_string())
+                    .unwrap_or_default();
+                return Err(HubError::Refused {
+                    node: self.cfg.node_name.clone(),
+                    status: resp.status().as_u16(),
+                    body,
+                });
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(pair)) => pair,
+        };
+        info!("connected to the cloud hub");
+        metrics::counter!("edgemesh_hub_connects_total").increment(1);
+        self.update(|s| {
+            s.connected = true;
+            s.connects += 1;
+            s.cloud_url = Some(url.clone());
+            s.connected_since_ms = Some(now_ms());
+        });
+        self.sync_loop(ws, shutdown).await
+    }
+
+    async fn sync_loop<S>(
+        &self,
+        ws: WebSocketStream<S>,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, HubError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (mut sink, mut stream) = ws.split();
+        let point = {
+            let meta = self.meta.clone();
+            tokio::task::spawn_blocking(move || meta.sync_point())
+                .await
+                .map_err(|e| HubError::Protocol(format!("store task failed: {e}")))??
+        };
+        let request = SyncRequest {
+            store_id: point.store_id.clone(),
+            resource_version: point.version,
+            labels: self.cfg.labels.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let msg = Message::new(
+            module::EDGEHUB,
+            module::CLOUDHUB,
+            group::META,
+            op::QUERY,
+            resource::SYNC,
+        )
+        .with_content(&request);
+        sink.send(WsMessage::text(msg.to_json())).await?;
+        debug!(version = point.version, store_id = ?point.store_id, "sync requested");
+
+        let mut state = SessionState {
+            store_id: None,
+            snapshot: None,
+            delta_target: None,
+            committed: point.version,
+        };
+        let mut keepalive = tokio::time::interval(self.cfg.keepalive_interval);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut deadline = Instant::now() + self.cfg.keepalive_timeout;
+
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = sink.send(WsMessage::Close(None)).await;
+                    return Ok(SessionEnd::Shutdown);
+                }
+                _ = keepalive.tick() => {
+                    let ka = Message::new(module::EDGEHUB, module::CLOUDHUB, group::HUB, op::KEEPALIVE,
+                        &format!("{}/node/{}", crate::model::CLUSTER_SCOPE, self.cfg.node_name));
+                    sink.send(WsMessage::text(ka.to_json())).await?;
+                    continue;
+                }
+                _ = sleep_until(deadline) => {
+                    return Err(HubError::KeepaliveTimeout(self.cfg.keepalive_timeout));
+                }
+                frame = stream.next() => frame,
+            };
+            deadline = Instant::now() + self.cfg.keepalive_timeout;
+            // Take everything that is already here, so one transaction commits a whole burst.
+            let mut batch = Vec::new();
+            let mut ended: Option<HubError> = None;
+            let mut frame = Some(first);
+            while let Some(f) = frame.take() {
+                match f {
+                    None => {
+                        ended = Some(HubError::Closed(String::new()));
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        ended = Some(e.into());
+                        break;
+                    }
+                    Some(Ok(WsMessage::Text(text))) => {
+                        let msg = Message::from_json(text.as_str())?;
+                        if let Some(snapshot) = self.handle(&mut state, msg, &mut batch)? {
+                            // A snapshot replaces everything, so earlier changes are moot.
+                            batch.clear();
+                            self.apply_snapshot(&mut state, snapshot, &mut sink).await?;
+                        }
+                    }
+                    Some(Ok(WsMessage::Close(frame))) => {
+                        let reason = frame
+                            .map(|f| format!(": {} {}", u16::from(f.code), f.reason))
+                            .unwrap_or_default();
+                        ended = Some(HubError::Closed(reason));
+                        break;
+                    }
+                    Some(Ok(WsMessage::Binary(_))) => {
+                        debug!("ignoring a binary frame: no streams are open");
+                    }
+                    Some(Ok(_)) => {} // ping/pong are answered by tungstenite
+                }
+                if batch.len() < MAX_BATCH {
+                    frame = stream.next().now_or_never();
+                }
+            }
+            if !batch.is_empty() {
+                self.commit(&mut state, batch, &mut sink).await?;
+            }
+            if let Some(e) = ended {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Handles one message. Changes go into `batch`; a completed snapshot is returned.
+    fn handle(
+        &self,
+        state: &mut SessionState,
+        msg: Message,
+        batch: &mut Vec<EdgeChange>,
+    ) -> Result<Option<StagedSnapshot>, HubError> {
+        let operation = msg.route.operation.clone();
+        let res = msg.route.resource.clone();
+        match (operation.as_str(), res.as_str()) {
+            (op::RESPONSE, resource::SYNC) => {
+                let resp: SyncResponse = msg.content_as()?;
+                info!(
+                    mode = resp.mode.as_str(),
+                    from = resp.from_version,
+                    to = resp.to_version,
+                    count = resp.count,
+                    "sync answer"
+                );
+                match resp.mode {
+                    SyncMode::Snapshot => {
+                        state.snapshot = Some(StagedSnapshot {
+                            version: resp.to_version,
+                            objects: Vec::with_capacity(resp.count.min(1 << 20) as usize),
+                        });
+                        self.update(|s| s.snapshots += 1);
+                    }
+                    SyncMode::Delta => {
+                        state.delta_target = Some(resp.to_version);
+                        self.update(|s| s.deltas += 1);
+                    }
+                    SyncMode::Current => self.update(|s| s.synced = true),
+                }
+                state.store_id = Some(resp.store_id.clone());
+                self.update(|s| {
+                    s.last_sync = Some(LastSync {
+                        mode: resp.mode,
+                        from_version: resp.from_version,
+                        to_version: resp.to_version,
+                        count: resp.count,
+                        at_ms: now_ms(),
+                    })
+                });
+                Ok(None)
+            }
+            (op::RESPONSE, resource::SNAPSHOT) => {
+                let chunk: SnapshotChunk = msg.content_as()?;
+                let staged = state.snapshot.as_mut().ok_or_else(|| {
+                    HubError::Protocol("snapshot chunk without a sync answer".into())
+                })?;
+                for entry in chunk.entries {
+                    let key = ObjectKey::parse_resource(&entry.resource).ok_or_else(|| {
+                        HubError::Protocol(format!(
+                            "snapshot entry with invalid resource {:?}",
+                            entry.resource
+                        ))
+                    })?;
+                    staged.objects.push((key, entry.object.get().to_string()));
+                }
+                if chunk.last {
+                    return Ok(state.snapshot.take());
+                }
+                Ok(None)
+            }
+            (op::INSERT | op::UPDATE | op::DELETE, res) => {
+                if state.store_id.is_none() || state.snapshot.is_some() {
+                    return Err(HubError::Protocol(format!(
+                        "change {res} before the sync answer completed"
+                    )));
+                }
+                let key = ObjectKey::parse_resource(res).ok_or_else(|| {
+                    HubError::Protocol(format!("change with invalid resource {res:?}"))
+                })?;
+                let version = msg.version()?;
+                let object = if operation == op::DELETE {
+                    None
+                } else {
+                    let raw = msg.content.ok_or_else(|| MessageError::MissingContent {
+                        operation: operation.clone(),
+                        resource: res.to_string(),
+                    })?;
+                    Some(raw.get().to_string())
+                };
+                batch.push(EdgeChange {
+                    version,
+                    key,
+                    object,
+                });
+                Ok(None)
+            }
+            (op::KEEPALIVE, _) => Ok(None),
+            (operation, res) => {
+                debug!(operation, resource = res, "ignoring an unknown message");
+                Ok(None)
+            }
+        }
+    }
+
+    async fn commit<S>(
+        &self,
+        state: &mut SessionState,
+        batch: Vec<EdgeChange>,
+        sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
+    ) -> Result<(), HubError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let store_id = state
+            .store_id
+            .clone()
+            .ok_or_else(|| HubError::Protocol("changes before the sync answer".into()))?;
+        let meta = self.meta.clone();
+        let applied = tokio::task::spawn_blocking(move || meta.apply_changes(&store_id, &batch))
+            .await
+            .map_err(|e| HubError::Protocol(format!("store task failed: {e}")))??;
+        state.committed = applied.version;
+        metrics::counter!("edgemesh_hub_changes_applied_total").increment(applied.applied as u64);
+        let caught_up = state.delta_target.is_some_and(|t| applied.version >= t);
+        if caught_up {
+            state.delta_target = None;
+        }
+        self.update(|s| {
+            s.changes_applied += applied.applied as u64;
+            s.duplicates_skipped += applied.duplicates as u64;
+            s.batches_committed += 1;
+            s.last_change_at_ms = Some(now_ms());
+            if caught_up {
+                s.synced = true;
+            }
+        });
+        self.ack(state.committed, sink).await
+    }
+
+    async fn apply_snapshot<S>(
+        &self,
+        state: &mut SessionState,
+        snapshot: StagedSnapshot,
+        sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
+    ) -> Result<(), HubError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let store_id = state
+            .store_id
+            .clone()
+            .ok_or_else(|| HubError::Protocol("snapshot before the sync answer".into()))?;
+        let meta = self.meta.clone();
+        let version = snapshot.version;
+        let count = tokio::task::spawn_blocking(move || {
+            meta.replace_all(&store_id, snapshot.version, &snapshot.objects)
+        })
+        .await
+        .map_err(|e| HubError::Protocol(format!("store task failed: {e}")))??;
+        info!(version, objects = count, "snapshot applied");
+        state.committed = version;
+        self.update(|s| {
+            s.synced = true;
+            s.batches_committed += 1;
+            s.last_change_at_ms = Some(now_ms());
+        });
+        self.ack(version, sink).await
+    }
+
+    async fn ack<S>(
+        &self,
+        version: u64,
+        sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
+    ) -> Result<(), HubError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let msg = Message::new(
+            module::EDGEHUB,
+            module::CLOUDHUB,
+            group::META,
+            op::RESPONSE,
+            resource::ACK,
+        )
+        .with_version(version)
+        .with_content(&Ack {
+            resource_version: version,
+        });
+        sink.send(WsMessage::text(msg.to_json())).await?;
+        self.update(|s| s.acked_version = version);
+        Ok(())
+    }
+}
+
+struct StagedSnapshot {
+    version: u64,
+    objects: Vec<(ObjectKey, String)>,
+}
+
+struct SessionState {
+    store_id: Option<String>,
+    snapshot: Option<StagedSnapshot>,
+    delta_target: Option<u64>,
+    committed: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cloud_urls() {
+        let u = CloudUrl::parse("ws://10.0.0.1").expect("valid");
+        assert_eq!(
+            u,
+            CloudUrl {
+                tls: false,
+                host: "10.0.0.1".into(),
+                port: 10000
+            }
+        );
+        assert_eq!(
+            u.events_url("edge-1"),
+            "ws://10.0.0.1:10000/v1/nodes/edge-1/events"
+        );
+        let u = CloudUrl::parse("wss://cloud.example:443/").expect("valid");
+        assert!(u.tls);
+        assert_eq!(u.port, 443);
+        let u = CloudUrl::parse("ws://[fd00::1]:9000").expect("valid");
+        assert_eq!(u.events_url("n"), "ws://[fd00::1]:9000/v1/nodes/n/events");
+        for bad in ["", "cloud:10000", "ftp://x", "ws://x/some/path"] {
+            assert!(CloudUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Loading TOML configuration with command-line overrides, the same way for both binaries.
+//!
+//! The file is read into a TOML table, `key.path=value` overrides from flags are laid over it,
+//! and only then is it turned into the typed config. Every error (unknown key, wrong type,
+//! invalid value) names the dotted key, so an operator knows what to fix.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("config file {path}: invalid TOML: {reason}")]
+    Syntax { path: PathBuf, reason: String },
+    #[error("config key `{key}`: {reason}")]
+    Key { key: String, reason: String },
+    #[error("override {0:?}: expected KEY=VALUE")]
+    Override(String),
+}
+
+impl ConfigError {
+    pub fn key(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Key {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Loads `T` from `path` (when given; `default_path` when it exists; else all defaults) and
+/// applies `overrides` of the form `a.b=value` (value parsed as TOML, or taken as a string).
+pub fn load<T: DeserializeOwned>(
+    path: Option<&Path>,
+    default_path: &Path,
+    overrides: &[String],
+) -> Result<T, ConfigError> {
+    let file = match path {
+        Some(p) => Some(p.to_path_buf()),
+        None if default_path.exists() => Some(default_path.to_path_buf()),
+        None => None,
+    };
+    let mut table = match &file {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
+                path: p.clone(),
+                reason: e.to_string(),
+            })?;
+            text.parse::<toml::Table>()
+                .map_err(|e| ConfigError::Syntax {
+                    path: p.clone(),
+                    reason: e.to_string().trim().to_string(),
+                })?
+        }
+        None => toml::Table::new(),
+    };
+    for o in overrides {
+        apply_override(&mut table, o)?;
+    }
+    from_table(table)
+}
+
+/// Turns a table into `T`, naming the key of the first error.
+pub fn from_table<T: DeserializeOwned>(table: toml::Table) -> Result<T, ConfigError> {
+    let value = toml::Value::Table(table);
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let mut key = err.path().to_string();
+        let reason = err.inner().to_string();
+        if let Some(rest) = reason.strip_prefix("unknown field `") {
+            if let Some(name) = rest.split('`').next() {
+                key = if key == "." {
+                    name.to_string()
+                } else {
+                    format!("{key}.{name}")
+                };
+            }
+        }
+        ConfigError::Key {
+            key,
+            reason: reason.trim().to_string(),
+        }
+    })
+}
+
+/// Sets `a.b.c=value` in the table, creating intermediate tables.
+pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), ConfigError> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| ConfigError::Override(assignment.to_string()))?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(str::is_empty) {
+        return Err(ConfigError::Override(assignment.to_string()));
+    }
+    let value = parse_value(raw.trim());
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().unwrap_or(key);
+    let mut cur = table;
+    let mut path = String::new();
+    for p in parts {
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(p);
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::key(path.clone(), "is not a table"))?;
+    }
+    cur.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// A TOML literal (number, bool, array, quoted string) when it parses as one, else the text.
+fn parse_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+/// A string or a list of strings (`cloud.url = "ws://a"` or `["ws://a", "ws://b"]`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct Inner {
+        port: u16,
+        on: bool,
+    }
+    impl Default for Inner {
+        fn default() -> Self {
+            Inner { port: 1, on: true }
+        }
+    }
+    #[derive(Debug, Deserialize, PartialEq, Default)]
+    #[serde(deny_unknown_fields, default)]
+    struct Cfg {
+        name: String,
+        proxy: Inner,
+    }
+
+    fn load_str(text: &str, overrides: &[&str]) -> Result<Cfg, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).expect("write");
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        load(Some(&path), Path::new("/nonexistent"), &o)
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = load_str("[proxy]\nport = \"abc\"\n", &[]).unwrap_err();
+        assert!(e.to_string().starts_with("config key `proxy.port`"), "{e}");
+        let e = load_str("[proxy]\nprot = 1\n", &[]).unwrap_err();
+        assert!(e.to_string().starts_with("config key `proxy.prot`"), "{e}");
+        let e = load_str("nmae = \"x\"\n", &[]).unwrap_err();
+        assert!(e.to_string().starts_with("config key `nmae`"), "{e}");
+        let e = load_str("[proxy]\nport = 70000\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("proxy.port"), "{e}");
+        let e = load_str("name = \n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { .. }), "{e}");
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let c = load_str(
+            "name = \"a\"\n[proxy]\nport = 5\n",
+            &["proxy.port=7", "name=b", "proxy.on=false"],
+        )
+        .expect("valid");
+        assert_eq!(
+            c,
+            Cfg {
+                name: "b".into(),
+                proxy: Inner { port: 7, on: false }
+            }
+        );
+        assert!(load_str("", &["noequals"]).is_err());
+        assert!(load_str("", &["name.x=1"]).is_err());
+    }
+}

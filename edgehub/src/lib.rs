@@ -1,0 +1,17 @@
+//! edgehub: what the cloud and the edge share.
+//!
+//! - [`model`]: the Service, Endpoints and Node objects and their validation;
+//! - [`message`]: the beehive-style Message and the sync payloads on the hub websocket;
+//! - [`metamanager`]: the node's SQLite copy of the metadata and its in-memory view;
+//! - [`client`]: the edge side of the hub (connect, authenticate, resume, keepalive, reconnect);
+//! - [`tls`], [`backoff`], [`http_client`]: small pieces both binaries need.
+
+pub mod backoff;
+pub mod client;
+pub mod config_file;
+pub mod http_client;
+pub mod logging;
+pub mod message;
+pub mod metamanager;
+pub mod model;
+pub mod tls;

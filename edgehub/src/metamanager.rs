@@ -1,0 +1,524 @@
+//! metamanager: the node's own copy of the metadata it was sent.
+//!
+//! Objects live in SQLite in KubeEdge's `meta(key, type, value)` layout, keyed by resource string,
+//! with the value stored byte for byte as the cloud sent it. The committed resource version (and
+//! the identity of the cloud store it belongs to) is written in the same transaction as the
+//! objects, so after a crash the node knows exactly where to resume.
+//!
+//! Readers (admin API, later DNS and proxy) never touch SQLite: they read a [`MeshView`], an
+//! immutable snapshot of the parsed objects that is replaced after every committed batch and
+//! published through a `watch` channel, so a change is visible to them as soon as it is durable.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use tokio::sync::watch;
+
+use crate::model::{Endpoints, Kind, Node, Object, ObjectKey, Service};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("metadata store {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("change {resource} has version {version}, but the store is at {committed}: a change is missing")]
+    Gap {
+        resource: String,
+        version: u64,
+        committed: u64,
+    },
+    #[error("change for {resource} is not a valid object: {reason}")]
+    BadObject { resource: String, reason: String },
+    #[error("invalid resource {0:?}")]
+    BadResource(String),
+}
+
+/// One change as received from the cloud.
+#[derive(Clone, Debug)]
+pub struct EdgeChange {
+    pub version: u64,
+    pub key: ObjectKey,
+    /// The object JSON for insert/update; `None` for delete.
+    pub object: Option<String>,
+}
+
+/// Where the node's copy stands.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncPoint {
+    pub store_id: Option<String>,
+    pub version: u64,
+}
+
+/// What applying a batch did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Changes written.
+    pub applied: usize,
+    /// Changes skipped because the store already had them (redelivery).
+    pub duplicates: usize,
+    pub version: u64,
+}
+
+/// Parsed, immutable view of the node's metadata at one version.
+#[derive(Clone, Debug, Default)]
+pub struct MeshView {
+    pub version: u64,
+    pub store_id: Option<String>,
+    pub services: BTreeMap<(String, String), Arc<Service>>,
+    pub endpoints: BTreeMap<(String, String), Arc<Endpoints>>,
+    pub nodes: BTreeMap<String, Arc<Node>>,
+}
+
+impl MeshView {
+    fn set(&mut self, key: &ObjectKey, object: Option<Object>) {
+        let nk = (key.namespace.clone(), key.name.clone());
+        match (key.kind, object) {
+            (Kind::Service, Some(Object::Service(s))) => {
+                self.services.insert(nk, Arc::new(s));
+            }
+            (Kind::Endpoints, Some(Object::Endpoints(e))) => {
+                self.endpoints.insert(nk, Arc::new(e));
+            }
+            (Kind::Node, Some(Object::Node(n))) => {
+                self.nodes.insert(key.name.clone(), Arc::new(n));
+            }
+            (Kind::Service, _) => {
+                self.services.remove(&nk);
+            }
+            (Kind::Endpoints, _) => {
+                self.endpoints.remove(&nk);
+            }
+            (Kind::Node, _) => {
+                self.nodes.remove(&key.name);
+            }
+        }
+    }
+
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
+        self.services
+            .get(&(namespace.to_string(), name.to_string()))
+    }
+
+    pub fn endpoints_of(&self, namespace: &str, name: &str) -> Option<&Arc<Endpoints>> {
+        self.endpoints
+            .get(&(namespace.to_string(), name.to_string()))
+    }
+}
+
+/// The node's metadata store.
+pub struct MetaManager {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+    view: watch::Sender<Arc<MeshView>>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY NOT NULL,
+    type  TEXT NOT NULL,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sync_state (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    store_id TEXT,
+    version  INTEGER NOT NULL
+);
+";
+
+/// File name of the node's database inside `data_dir`.
+pub const DB_FILE: &str = "edgemesh.db";
+
+impl MetaManager {
+    /// Opens (or creates) the store under `data_dir` and loads the view from it.
+    pub fn open(data_dir: &Path) -> Result<Self, MetaError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| MetaError::DataDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        Self::open_file(&data_dir.join(DB_FILE))
+    }
+
+    pub fn open_file(path: &Path) -> Result<Self, MetaError> {
+        let sql = |source| MetaError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(sql)?;
+        // WAL keeps readers (status, tests) from blocking the writer. NORMAL is enough here: the
+        // node resumes from the version stored next to the objects, so losing the last commits
+        // in a power cut only makes the cloud resend them.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql)?;
+        conn.execute_batch(SCHEMA).map_err(sql)?;
+        let mm = MetaManager {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+            view: watch::Sender::new(Arc::new(MeshView::default())),
+        };
+        let view = mm.load_view()?;
+        mm.view.send_replace(Arc::new(view));
+        Ok(mm)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
+        // back on drop), so a poisoned lock is safe to reuse.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sql_err(&self, source: rusqlite::Error) -> MetaError {
+        MetaError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Subscribe to the view; it changes after every committed batch.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<MeshView>> {
+        self.view.subscribe()
+    }
+
+    pub fn view(&self) -> Arc<MeshView> {
+        self.view.borrow().clone()
+    }
+
+    pub fn sync_point(&self) -> Result<SyncPoint, MetaError> {
+        let conn = self.conn();
+        read_sync_point(&conn).map_err(|e| self.sql_err(e))
+    }
+
+    /// Every stored row as `(key, type, value)`, ordered by key.
+    pub fn rows(&self) -> Result<Vec<(String, String, String)>, MetaError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT key, type, value FROM meta ORDER BY key")
+            .map_err(|e| self.sql_err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.sql_err(e));
+        rows
+    }
+
+    fn load_view(&self) -> Result<MeshView, MetaError> {
+        let point = self.sync_point()?;
+        let mut view = MeshView {
+            version: point.version,
+            store_id: point.store_id,
+            ..MeshView::default()
+        };
+        for (key, _type, value) in self.rows()? {
+            let Some(k) = ObjectKey::parse_resource(&key) else {
+                tracing::warn!(%key, "ignoring a stored row with an invalid key");
+                continue;
+            };
+            match Object::from_json(k.kind, &value) {
+                Ok(obj) => view.set(&k, Some(obj)),
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "ignoring a stored object that does not parse")
+                }
+            }
+        }
+        Ok(view)
+    }
+
+    /// Parses the objects of a batch before anything is written, so a bad object rejects the
+    /// whole batch instead of leaving the store half-applied.
+    fn parse(changes: &[EdgeChange]) -> Result<Vec<Option<Object>>, MetaError> {
+        changes
+            .iter()
+            .map(|c| match &c.object {
+                None => Ok(None),
+                Some(json) => {
+                    let obj =
+                        Object::from_json(c.key.kind, json).map_err(|e| MetaError::BadObject {
+                            resource: c.key.resource(),
+                            reason: e.to_string(),
+                        })?;
+                    if obj.key() != c.key {
+                        return Err(MetaError::BadObject {
+                            resource: c.key.resource(),
+                            reason: format!("object is {}", obj.key()),
+                        });
+                    }
+                    Ok(Some(obj))
+                }
+            })
+            .collect()
+    }
+
+    /// Applies a batch of live or delta changes in one transaction together with the new
+    /// version. Changes at or below the committed version are skipped (at-least-once delivery
+    /// makes redelivery normal); a change that skips a version is an error, because the cloud
+    /// sends every version in order.
+    pub fn apply_changes(
+        &self,
+        store_id: &str,
+        changes: &[EdgeChange],
+    ) -> Result<Applied, MetaError> {
+        let parsed = Self::parse(changes)?;
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.sql_err(e))?;
+        let point = read_sync_point(&tx).map_err(|e| self.sql_err(e))?;
+        let mut version = point.version;
+        let mut applied = Applied::default();
+        let mut written = Vec::new();
+        for (change, obj) in changes.iter().zip(parsed) {
+            if change.version <= version {
+                applied.duplicates += 1;
+                continue;
+            }
+            if change.version != version + 1 {
+                return Err(MetaError::Gap {
+                    resource: change.key.resource(),
+                    version: change.version,
+                    committed: version,
+                });
+            }
+            let key = change.key.resource();
+            match &change.object {
+                Some(json) => tx.execute(
+                    "INSERT INTO meta (key, type, value) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(key) DO UPDATE SET type = excluded.type, value = excluded.value",
+                    params![key, change.key.kind.resource_type(), json],
+                ),
+                None => tx.execute("DELETE FROM meta WHERE key = ?1", params![key]),
+            }
+            .map_err(|e| self.sql_err(e))?;
+            version = change.version;
+            applied.applied += 1;
+            written.push((change.key.clone(), obj));
+        }
+        applied.version = version;
+        if applied.applied > 0 {
+            write_sync_point(&tx, Some(store_id), version).map_err(|e| self.sql_err(e))?;
+        }
+        tx.commit().map_err(|e| self.sql_err(e))?;
+        drop(conn);
+        if applied.applied > 0 {
+            self.view.send_modify(|view| {
+                let v = Arc::make_mut(view);
+                for (key, obj) in written {
+                    v.set(&key, obj);
+                }
+                v.version = version;
+                v.store_id = Some(store_id.to_string());
+            });
+        }
+        Ok(applied)
+    }
+
+    /// Replaces the whole store with a snapshot at `version`, in one transaction.
+    pub fn replace_all(
+        &self,
+        store_id: &str,
+        version: u64,
+        objects: &[(ObjectKey, String)],
+    ) -> Result<usize, MetaError> {
+        let mut view = MeshView {
+            version,
+            store_id: Some(store_id.to_string()),
+            ..MeshView::default()
+        };
+        for (key, json) in objects {
+            let obj = Object::from_json(key.kind, json).map_err(|e| MetaError::BadObject {
+                resource: key.resource(),
+                reason: e.to_string(),
+            })?;
+            view.set(key, Some(obj));
+        }
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.sql_err(e))?;
+        tx.execute("DELETE FROM meta", [])
+            .map_err(|e| self.sql_err(e))?;
+        {
+            let mut stmt = tx
+                .prepare("INSERT OR REPLACE INTO meta (key, type, value) VALUES (?1, ?2, ?3)")
+                .map_err(|e| self.sql_err(e))?;
+            for (key, json) in objects {
+                stmt.execute(params![key.resource(), key.kind.resource_type(), json])
+                    .map_err(|e| self.sql_err(e))?;
+            }
+        }
+        write_sync_point(&tx, Some(store_id), version).map_err(|e| self.sql_err(e))?;
+        tx.commit().map_err(|e| self.sql_err(e))?;
+        drop(conn);
+        self.view.send_replace(Arc::new(view));
+        Ok(objects.len())
+    }
+}
+
+fn read_sync_point(conn: &Connection) -> rusqlite::Result<SyncPoint> {
+    Ok(conn
+        .query_row(
+            "SELECT store_id, version FROM sync_state WHERE id = 1",
+            [],
+            |r| {
+                Ok(SyncPoint {
+                    store_id: r.get(0)?,
+                    version: r.get::<_, i64>(1)? as u64,
+                })
+            },
+        )
+        .optional()?
+        .unwrap_or_default())
+}
+
+fn write_sync_point(
+    conn: &Connection,
+    store_id: Option<&str>,
+    version: u64,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO sync_state (id, store_id, version) VALUES (1, ?1, ?2)
+         ON CONFLICT(id) DO UPDATE SET store_id = excluded.store_id, version = excluded.version",
+        params![store_id, version as i64],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, ip: &str) -> String {
+        format!(
+            r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}","namespace":"default"}},"spec":{{"clusterIP":"{ip}","ports":[{{"port":80}}],"sessionAffinity":"None"}}}}"#
+        )
+    }
+
+    fn change(version: u64, name: &str, object: Option<String>) -> EdgeChange {
+        EdgeChange {
+            version,
+            key: ObjectKey::new(Kind::Service, "default", name),
+            object,
+        }
+    }
+
+    #[test]
+    fn batches_commit_with_their_version_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mm = MetaManager::open(dir.path()).expect("open");
+        let mut rx = mm.subscribe();
+        let a = mm
+            .apply_changes(
+                "s1",
+                &[
+                    change(1, "a", Some(svc("a", "10.96.0.1"))),
+                    change(2, "b", Some(svc("b", "10.96.0.2"))),
+                ],
+            )
+            .expect("apply");
+        assert_eq!((a.applied, a.version), (2, 2));
+        assert!(rx.has_changed().expect("sender alive"));
+        assert_eq!(rx.borrow_and_update().services.len(), 2);
+
+        // Redelivery of 2 plus a new delete of a.
+        let a = mm
+            .apply_changes(
+                "s1",
+                &[
+                    change(2, "b", Some(svc("b", "10.96.0.2"))),
+                    change(3, "a", None),
+                ],
+            )
+            .expect("apply");
+        assert_eq!((a.applied, a.duplicates, a.version), (1, 1, 3));
+        drop(mm);
+
+        let mm = MetaManager::open(dir.path()).expect("reopen");
+        assert_eq!(
+            mm.sync_point().expect("point"),
+            SyncPoint {
+                store_id: Some("s1".into()),
+                version: 3
+            }
+        );
+        let view = mm.view();
+        assert!(view.service("default", "a").is_none());
+        assert_eq!(
+            view.service("default", "b").expect("b").spec.cluster_ip,
+            "10.96.0.2"
+        );
+        // Stored byte for byte.
+        assert_eq!(mm.rows().expect("rows")[0].2, svc("b", "10.96.0.2"));
+    }
+
+    #[test]
+    fn a_gap_or_a_bad_object_rejects_the_whole_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mm = MetaManager::open(dir.path()).expect("open");
+        let err = mm
+            .apply_changes(
+                "s1",
+                &[
+                    change(1, "a", Some(svc("a", "10.96.0.1"))),
+                    change(3, "b", None),
+                ],
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MetaError::Gap {
+                    version: 3,
+                    committed: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = mm
+            .apply_changes("s1", &[change(1, "a", Some("{not json".into()))])
+            .unwrap_err();
+        assert!(matches!(err, MetaError::BadObject { .. }), "{err}");
+        let err = mm
+            .apply_changes("s1", &[change(1, "a", Some(svc("other", "10.96.0.1")))])
+            .unwrap_err();
+        assert!(matches!(err, MetaError::BadObject { .. }), "{err}");
+        assert_eq!(mm.sync_point().expect("point").version, 0);
+        assert!(mm.rows().expect("rows").is_empty());
+    }
+
+    #[test]
+    fn snapshot_replaces_everything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mm = MetaManager::open(dir.path()).expect("open");
+        mm.apply_changes("s1", &[change(1, "old", Some(svc("old", "10.96.0.1")))])
+            .expect("apply");
+        let objects = vec![(
+            ObjectKey::new(Kind::Service, "default", "new"),
+            svc("new", "10.96.0.9"),
+        )];
+        mm.replace_all("s2", 500, &objects).expect("snapshot");
+        let view = mm.view();
+        assert_eq!(view.version, 500);
+        assert_eq!(view.store_id.as_deref(), Some("s2"));
+        assert!(view.service("default", "old").is_none());
+        assert!(view.service("default", "new").is_some());
+        assert_eq!(mm.rows().expect("rows").len(), 1);
+    }
+}

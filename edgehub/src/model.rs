@@ -1,0 +1,501 @@
+//! Kubernetes-shaped metadata objects: Services, Endpoints and Nodes.
+//!
+//! These types are the one definition of the objects that cloudcore stores and that every edge
+//! node receives. They deny unknown fields so that a manifest field edgemesh does not model is
+//! rejected with its path instead of being silently dropped; the Kubernetes fields that real
+//! manifests carry but edgemesh does not act on (`selector`, `type`, `uid`, ...) are modelled as
+//! pass-through so existing manifests keep working and nothing a user wrote is lost.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+mod validate;
+
+pub use validate::{
+    validate_endpoints, validate_node, validate_service, FieldError, LbPolicy, ServiceAnnotations,
+};
+
+/// Annotation that selects the load-balancing policy of a Service.
+pub const ANNOTATION_LB_POLICY: &str = "edgemesh.io/lb-policy";
+/// Annotation that selects the hash key of the `consistent-hash` policy.
+pub const ANNOTATION_HASH_KEY: &str = "edgemesh.io/hash-key";
+/// Annotation with the server-side requests-per-second limit of a Service.
+pub const ANNOTATION_QPS: &str = "edgemesh.io/qps";
+/// Annotation with the burst allowance that goes with `edgemesh.io/qps`.
+pub const ANNOTATION_BURST: &str = "edgemesh.io/burst";
+/// Annotation that forces the protocol of a Service and skips sniffing.
+pub const ANNOTATION_PROTOCOL: &str = "edgemesh.io/protocol";
+
+/// Which kind of object a key or record refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Kind {
+    Service,
+    Endpoints,
+    Node,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Service, Kind::Endpoints, Kind::Node];
+
+    /// The Kubernetes `kind` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::Endpoints => "Endpoints",
+            Kind::Node => "Node",
+        }
+    }
+
+    /// The type segment of an edge resource string (`<namespace>/<type>/<name>`), as in KubeEdge.
+    pub fn resource_type(self) -> &'static str {
+        match self {
+            Kind::Service => "service",
+            Kind::Endpoints => "endpoints",
+            Kind::Node => "node",
+        }
+    }
+
+    pub fn from_resource_type(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.resource_type() == s)
+    }
+
+    pub fn from_kind_str(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    pub fn namespaced(self) -> bool {
+        !matches!(self, Kind::Node)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The namespace segment used in resource strings of cluster-scoped objects (Nodes). It is not a
+/// valid namespace name, so it can never collide with a real namespace.
+pub const CLUSTER_SCOPE: &str = "_";
+
+/// Identity of one object: kind, namespace (empty for cluster-scoped kinds) and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(kind: Kind, namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        let namespace = if kind.namespaced() {
+            namespace.into()
+        } else {
+            String::new()
+        };
+        ObjectKey {
+            kind,
+            namespace,
+            name: name.into(),
+        }
+    }
+
+    /// The edge resource string: `<namespace>/<type>/<name>` (`_` as namespace for Nodes).
+    pub fn resource(&self) -> String {
+        let ns = if self.kind.namespaced() {
+            self.namespace.as_str()
+        } else {
+            CLUSTER_SCOPE
+        };
+        format!("{ns}/{}/{}", self.kind.resource_type(), self.name)
+    }
+
+    /// Parses a resource string made by [`ObjectKey::resource`].
+    pub fn parse_resource(resource: &str) -> Option<ObjectKey> {
+        let mut parts = resource.splitn(3, '/');
+        let ns = parts.next()?;
+        let kind = Kind::from_resource_type(parts.next()?)?;
+        let name = parts.next()?;
+        if name.is_empty() || name.contains('/') {
+            return None;
+        }
+        if kind.namespaced() == (ns == CLUSTER_SCOPE) || ns.is_empty() {
+            return None;
+        }
+        Some(ObjectKey::new(kind, ns, name))
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.resource())
+    }
+}
+
+/// Kubernetes `metadata`. Fields edgemesh does not use are kept as they came.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectMeta {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub resource_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finalizers: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_references: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_fields: Option<Vec<Value>>,
+}
+
+/// `targetPort`: a number or the name of a container port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum IntOrString {
+    Int(i64),
+    String(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Signed and wide on purpose: an out-of-range number must reach validation, which names the
+    /// field, rather than fail deep inside the JSON parser.
+    pub port: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<IntOrString>,
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<i64>,
+}
+
+fn default_protocol() -> String {
+    "TCP".to_string()
+}
+
+impl ServicePort {
+    /// The port to dial on an endpoint: the numeric `targetPort`, or `port` when there is none.
+    /// A named `targetPort` is resolved against the Endpoints' port names by the data path.
+    pub fn target_port_number(&self) -> Option<u16> {
+        match &self.target_port {
+            None => u16::try_from(self.port).ok(),
+            Some(IntOrString::Int(p)) => u16::try_from(*p).ok(),
+            Some(IntOrString::String(_)) => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// `None` (the string) makes the Service headless; empty asks cloudcore to allocate one.
+    #[serde(
+        default,
+        rename = "clusterIP",
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub cluster_ip: String,
+    #[serde(
+        default,
+        rename = "clusterIPs",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cluster_ips: Option<Vec<String>>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    #[serde(default = "default_affinity")]
+    pub session_affinity: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity_config: Option<Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub service_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_families: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_family_policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_traffic_policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_not_ready_addresses: Option<bool>,
+}
+
+fn default_affinity() -> String {
+    "None".to_string()
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    #[serde(default = "service_kind")]
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: ServiceSpec,
+    /// Kubernetes' `status` is owned by controllers; accepted so manifests from a cluster apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Value>,
+}
+
+fn default_api_version() -> String {
+    "v1".to_string()
+}
+fn service_kind() -> String {
+    "Service".to_string()
+}
+fn endpoints_kind() -> String {
+    "Endpoints".to_string()
+}
+fn node_kind() -> String {
+    "Node".to_string()
+}
+
+impl Service {
+    pub fn is_headless(&self) -> bool {
+        self.spec.cluster_ip == "None"
+    }
+
+    /// The cluster IP, when the Service has one.
+    pub fn cluster_ip(&self) -> Option<IpAddr> {
+        self.spec.cluster_ip.parse().ok()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointAddress {
+    pub ip: String,
+    /// The edge node hosting the pod; none (or `cloud`) means reachable from cloudcore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointPort {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    pub port: i64,
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointSubset {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<EndpointAddress>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ready_addresses: Vec<EndpointAddress>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<EndpointPort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Endpoints {
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    #[serde(default = "endpoints_kind")]
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub subsets: Vec<EndpointSubset>,
+}
+
+/// An edge node as the mesh sees it: its name and its labels (used for topology preference).
+/// Runtime state (online, last seen) is not part of the stored object; the API adds it as
+/// `status` when listing nodes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Node {
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    #[serde(default = "node_kind")]
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Value>,
+}
+
+impl Node {
+    pub fn new(name: &str, labels: BTreeMap<String, String>) -> Node {
+        Node {
+            api_version: default_api_version(),
+            kind: node_kind(),
+            metadata: ObjectMeta {
+                name: name.to_string(),
+                labels,
+                ..ObjectMeta::default()
+            },
+            status: None,
+        }
+    }
+}
+
+/// Any stored object.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    Service(Service),
+    Endpoints(Endpoints),
+    Node(Node),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Service(_) => Kind::Service,
+            Object::Endpoints(_) => Kind::Endpoints,
+            Object::Node(_) => Kind::Node,
+        }
+    }
+
+    pub fn meta(&self) -> &ObjectMeta {
+        match self {
+            Object::Service(s) => &s.metadata,
+            Object::Endpoints(e) => &e.metadata,
+            Object::Node(n) => &n.metadata,
+        }
+    }
+
+    pub fn meta_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Object::Service(s) => &mut s.metadata,
+            Object::Endpoints(e) => &mut e.metadata,
+            Object::Node(n) => &mut n.metadata,
+        }
+    }
+
+    pub fn key(&self) -> ObjectKey {
+        let meta = self.meta();
+        ObjectKey::new(self.kind(), meta.namespace.clone(), meta.name.clone())
+    }
+
+    /// Canonical JSON: what the cloud stores and sends, byte for byte.
+    pub fn to_json(&self) -> String {
+        // Serialising these plain structs cannot fail (string keys, no custom serialisers).
+        let result = match self {
+            Object::Service(s) => serde_json::to_string(s),
+            Object::Endpoints(e) => serde_json::to_string(e),
+            Object::Node(n) => serde_json::to_string(n),
+        };
+        result.unwrap_or_else(|e| unreachable!("object serialisation failed: {e}"))
+    }
+
+    /// Parses an object of a known kind from JSON, naming the failing field on error.
+    pub fn from_json(kind: Kind, json: &str) -> Result<Object, FieldError> {
+        let de = &mut serde_json::Deserializer::from_str(json);
+        let result = match kind {
+            Kind::Service => serde_path_to_error::deserialize(de).map(Object::Service),
+            Kind::Endpoints => serde_path_to_error::deserialize(de).map(Object::Endpoints),
+            Kind::Node => serde_path_to_error::deserialize(de).map(Object::Node),
+        };
+        result.map_err(FieldError::from_path_error)
+    }
+
+    /// Parses any supported object, dispatching on its `kind` field.
+    pub fn from_value(value: Value) -> Result<Object, FieldError> {
+        let kind_str = value
+            .get("kind")
+            .and_then(Value::as_str)
+            .ok_or_else(|| FieldError::new("kind", "kind is required"))?;
+        let kind = Kind::from_kind_str(kind_str).ok_or_else(|| {
+            FieldError::new(
+                "kind",
+                format!("unsupported kind {kind_str:?}: expected Service, Endpoints or Node"),
+            )
+        })?;
+        let result = match kind {
+            Kind::Service => serde_path_to_error::deserialize(value).map(Object::Service),
+            Kind::Endpoints => serde_path_to_error::deserialize(value).map(Object::Endpoints),
+            Kind::Node => serde_path_to_error::deserialize(value).map(Object::Node),
+        };
+        result.map_err(FieldError::from_path_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_strings_round_trip() {
+        let svc = ObjectKey::new(Kind::Service, "default", "hello");
+        assert_eq!(svc.resource(), "default/service/hello");
+        assert_eq!(
+            ObjectKey::parse_resource("default/service/hello"),
+            Some(svc)
+        );
+        let node = ObjectKey::new(Kind::Node, "ignored", "edge-1");
+        assert_eq!(node.resource(), "_/node/edge-1");
+        assert_eq!(ObjectKey::parse_resource("_/node/edge-1"), Some(node));
+        for bad in [
+            "",
+            "default",
+            "default/service",
+            "default/service/",
+            "default/pod/x",
+            "_/service/x",
+            "default/node/x",
+            "default/service/a/b",
+        ] {
+            assert_eq!(ObjectKey::parse_resource(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn kubernetes_manifest_parses_and_round_trips() {
+        let json = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"hello","namespace":"default","uid":"x"},
+            "spec":{"selector":{"app":"hello"},"type":"ClusterIP","clusterIP":"10.96.0.10",
+            "ports":[{"name":"http","port":80,"targetPort":8080,"protocol":"TCP"}]}}"#;
+        let obj = Object::from_json(Kind::Service, json).expect("parses");
+        let Object::Service(svc) = &obj else {
+            panic!("not a service")
+        };
+        assert_eq!(svc.spec.ports[0].target_port_number(), Some(8080));
+        assert_eq!(svc.spec.session_affinity, "None");
+        let again = Object::from_json(Kind::Service, &obj.to_json()).expect("round trip");
+        assert_eq!(again, obj);
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let json = r#"{"kind":"Service","metadata":{"name":"a"},"spec":{"ports":[{"port":80,"tragetPort":1}]}}"#;
+        let err = Object::from_json(Kind::Service, json).unwrap_err();
+        assert_eq!(err.field, "spec.ports[0].tragetPort");
+    }
+}

@@ -1,0 +1,575 @@
+//! Validation of metadata objects. Every error names the field (JSON path) it is about, so the
+//! REST API and `cloudcore apply` can answer `{"error", "field"}` and a user can fix the manifest.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::{
+    EndpointAddress, Endpoints, IntOrString, Node, ObjectMeta, Service, ANNOTATION_BURST,
+    ANNOTATION_HASH_KEY, ANNOTATION_LB_POLICY, ANNOTATION_PROTOCOL, ANNOTATION_QPS,
+};
+
+/// A validation or parse error about one field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// JSON path of the offending field, e.g. `spec.ports[0].port`.
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Turns a serde error with its path into a field error. serde reports an unknown field at
+    /// the path of its parent object, so the field's own name is appended to point at it.
+    pub fn from_path_error<E: fmt::Display>(err: serde_path_to_error::Error<E>) -> Self {
+        let mut field = err.path().to_string();
+        let message = err.inner().to_string();
+        if let Some(rest) = message.strip_prefix("unknown field `") {
+            if let Some(name) = rest.split('`').next() {
+                field = if field == "." || field.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{field}.{name}")
+                };
+            }
+        }
+        if field == "." {
+            field.clear();
+        }
+        // serde_json appends " at line N column M"; the path already says where.
+        let message = match message.find(" at line ") {
+            Some(i) => message[..i].to_string(),
+            None => message,
+        };
+        FieldError { field, message }
+    }
+}
+
+/// Load-balancing policies a Service can ask for with `edgemesh.io/lb-policy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    Random,
+    LeastRequest,
+    ConsistentHash,
+}
+
+impl LbPolicy {
+    pub fn parse(s: &str) -> Option<LbPolicy> {
+        Some(match s {
+            "round-robin" => LbPolicy::RoundRobin,
+            "random" => LbPolicy::Random,
+            "least-request" => LbPolicy::LeastRequest,
+            "consistent-hash" => LbPolicy::ConsistentHash,
+            _ => return None,
+        })
+    }
+}
+
+/// The edgemesh annotations of a Service, parsed.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct ServiceAnnotations {
+    pub lb_policy: LbPolicy,
+    /// `source-ip` or `header:NAME` (the header name, lower-cased).
+    pub hash_key: Option<String>,
+    pub qps: Option<u32>,
+    pub burst: Option<u32>,
+    /// `http`, `h2` or `tcp`.
+    pub protocol: Option<String>,
+}
+
+impl ServiceAnnotations {
+    /// Parses the annotations of a Service; errors name the annotation.
+    pub fn parse(meta: &ObjectMeta) -> Result<Self, FieldError> {
+        let field = |key: &str| format!("metadata.annotations[{key:?}]");
+        let mut out = ServiceAnnotations::default();
+        if let Some(v) = meta.annotations.get(ANNOTATION_LB_POLICY) {
+            out.lb_policy = LbPolicy::parse(v).ok_or_else(|| {
+                FieldError::new(
+                    field(ANNOTATION_LB_POLICY),
+                    format!("unknown policy {v:?}: expected round-robin, random, least-request or consistent-hash"),
+                )
+            })?;
+        }
+        if let Some(v) = meta.annotations.get(ANNOTATION_HASH_KEY) {
+            if v == "source-ip" {
+                out.hash_key = Some(v.clone());
+            } else if let Some(h) = v.strip_prefix("header:").filter(|h| is_token(h)) {
+                out.hash_key = Some(format!("header:{}", h.to_ascii_lowercase()));
+            } else {
+                return Err(FieldError::new(
+                    field(ANNOTATION_HASH_KEY),
+                    format!("invalid hash key {v:?}: expected source-ip or header:NAME"),
+                ));
+            }
+        }
+        let positive = |key: &str| -> Result<Option<u32>, FieldError> {
+            match meta.annotations.get(key) {
+                None => Ok(None),
+                Some(v) => match v.trim().parse::<u32>() {
+                    Ok(n) if n > 0 => Ok(Some(n)),
+                    _ => Err(FieldError::new(
+                        field(key),
+                        format!("{v:?} is not a positive whole number"),
+                    )),
+                },
+            }
+        };
+        out.qps = positive(ANNOTATION_QPS)?;
+        out.burst = positive(ANNOTATION_BURST)?;
+        if out.burst.is_some() && out.qps.is_none() {
+            return Err(FieldError::new(
+                field(ANNOTATION_BURST),
+                format!("{ANNOTATION_BURST} needs {ANNOTATION_QPS}"),
+            ));
+        }
+        if let Some(v) = meta.annotations.get(ANNOTATION_PROTOCOL) {
+            if !matches!(v.as_str(), "http" | "h2" | "tcp") {
+                return Err(FieldError::new(
+                    field(ANNOTATION_PROTOCOL),
+                    format!("unknown protocol {v:?}: expected http, h2 or tcp"),
+                ));
+            }
+            out.protocol = Some(v.clone());
+        }
+        Ok(out)
+    }
+}
+
+/// RFC 7230 token characters, for header names.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// DNS-1123 label: lower-case alphanumerics and '-', starting and ending alphanumeric, ≤ 63.
+pub fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// DNS-1035 label (Service names): a DNS-1123 label that starts with a letter.
+fn is_dns1035_label(s: &str) -> bool {
+    is_dns1123_label(s) && s.as_bytes()[0].is_ascii_lowercase()
+}
+
+/// DNS-1123 subdomain (Node names): dot-separated labels, ≤ 253.
+fn is_dns1123_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+/// IANA service name, for named ports: ≤ 15 chars, lower-case alphanumerics and '-', a letter.
+fn is_port_name(s: &str) -> bool {
+    is_dns1123_label(s) && s.len() <= 15 && s.bytes().any(|c| c.is_ascii_lowercase())
+}
+
+fn check_meta(meta: &ObjectMeta, namespaced: bool, service: bool) -> Result<(), FieldError> {
+    if meta.name.is_empty() {
+        return Err(FieldError::new("metadata.name", "name is required"));
+    }
+    let name_ok = if service {
+        is_dns1035_label(&meta.name)
+    } else if namespaced {
+        is_dns1123_subdomain(&meta.name)
+    } else {
+        is_dns1123_subdomain(&meta.name)
+    };
+    if !name_ok {
+        return Err(FieldError::new(
+            "metadata.name",
+            format!(
+                "invalid name {:?}: lower-case letters, digits and '-'{}",
+                meta.name,
+                if service {
+                    ", starting with a letter, at most 63 characters"
+                } else {
+                    ", at most 253 characters"
+                }
+            ),
+        ));
+    }
+    if namespaced {
+        if meta.namespace.is_empty() {
+            return Err(FieldError::new(
+                "metadata.namespace",
+                "namespace is required",
+            ));
+        }
+        if !is_dns1123_label(&meta.namespace) {
+            return Err(FieldError::new(
+                "metadata.namespace",
+                format!("invalid namespace {:?}", meta.namespace),
+            ));
+        }
+    } else if !meta.namespace.is_empty() {
+        return Err(FieldError::new(
+            "metadata.namespace",
+            "this kind is cluster-scoped and has no namespace",
+        ));
+    }
+    for key in meta.labels.keys() {
+        if key.is_empty() || key.len() > 317 {
+            return Err(FieldError::new(
+                format!("metadata.labels[{key:?}]"),
+                "invalid label key",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_api_version(api_version: &str) -> Result<(), FieldError> {
+    if api_version != "v1" {
+        return Err(FieldError::new(
+            "apiVersion",
+            format!("unsupported apiVersion {api_version:?}: expected v1"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_kind(kind: &str, expected: &str) -> Result<(), FieldError> {
+    if kind != expected {
+        return Err(FieldError::new(
+            "kind",
+            format!("expected kind {expected}, got {kind:?}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_port(field: String, port: i64) -> Result<u16, FieldError> {
+    match u16::try_from(port) {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(FieldError::new(
+            field,
+            format!("port {port} out of range 1-65535"),
+        )),
+    }
+}
+
+fn check_protocol(field: String, protocol: &str) -> Result<(), FieldError> {
+    if !matches!(protocol, "TCP" | "UDP" | "SCTP") {
+        return Err(FieldError::new(
+            field,
+            format!("unsupported protocol {protocol:?}: expected TCP, UDP or SCTP"),
+        ));
+    }
+    Ok(())
+}
+
+/// Validates a Service. `service_cidr` is where cluster IPs must lie; an empty `clusterIP` is
+/// allowed (cloudcore allocates one before storing).
+pub fn validate_service(svc: &Service, service_cidr: &IpNet) -> Result<(), FieldError> {
+    check_api_version(&svc.api_version)?;
+    check_kind(&svc.kind, "Service")?;
+    check_meta(&svc.metadata, true, true)?;
+    ServiceAnnotations::parse(&svc.metadata)?;
+    let ip = &svc.spec.cluster_ip;
+    if !ip.is_empty() && ip != "None" {
+        let addr: IpAddr = ip.parse().map_err(|_| {
+            FieldError::new(
+                "spec.clusterIP",
+                format!("invalid clusterIP {ip:?}: expected an IP address, \"None\" or empty"),
+            )
+        })?;
+        if !service_cidr.contains(&addr) {
+            return Err(FieldError::new(
+                "spec.clusterIP",
+                format!("clusterIP {addr} is outside the service CIDR {service_cidr}"),
+            ));
+        }
+        if addr == service_cidr.network() || addr == service_cidr.broadcast() {
+            return Err(FieldError::new(
+                "spec.clusterIP",
+                format!("clusterIP {addr} is the network or broadcast address of {service_cidr}"),
+            ));
+        }
+    }
+    if let Some(ips) = &svc.spec.cluster_ips {
+        if ips.first().is_some_and(|first| first != ip) {
+            return Err(FieldError::new(
+                "spec.clusterIPs",
+                "clusterIPs[0] must equal clusterIP",
+            ));
+        }
+    }
+    if svc.spec.ports.is_empty() && !svc.is_headless() {
+        return Err(FieldError::new(
+            "spec.ports",
+            "a Service with a cluster IP needs at least one port",
+        ));
+    }
+    let mut names = HashSet::new();
+    let mut numbers = HashSet::new();
+    for (i, p) in svc.spec.ports.iter().enumerate() {
+        let at = |f: &str| format!("spec.ports[{i}].{f}");
+        let port = check_port(at("port"), p.port)?;
+        check_protocol(at("protocol"), &p.protocol)?;
+        if !numbers.insert((port, p.protocol.clone())) {
+            return Err(FieldError::new(
+                at("port"),
+                format!("duplicate port {port}/{}", p.protocol),
+            ));
+        }
+        if svc.spec.ports.len() > 1 && p.name.is_empty() {
+            return Err(FieldError::new(
+                at("name"),
+                "a name is required when a Service has more than one port",
+            ));
+        }
+        if !p.name.is_empty() {
+            if !is_dns1123_label(&p.name) {
+                return Err(FieldError::new(
+                    at("name"),
+                    format!("invalid port name {:?}", p.name),
+                ));
+            }
+            if !names.insert(p.name.clone()) {
+                return Err(FieldError::new(
+                    at("name"),
+                    format!("duplicate port name {:?}", p.name),
+                ));
+            }
+        }
+        match &p.target_port {
+            None => {}
+            Some(IntOrString::Int(n)) => {
+                check_port(at("targetPort"), *n)?;
+            }
+            Some(IntOrString::String(s)) => {
+                if !is_port_name(s) {
+                    return Err(FieldError::new(
+                        at("targetPort"),
+                        format!("invalid targetPort {s:?}: a number 1-65535 or a port name"),
+                    ));
+                }
+            }
+        }
+    }
+    if !matches!(svc.spec.session_affinity.as_str(), "None" | "ClientIP") {
+        return Err(FieldError::new(
+            "spec.sessionAffinity",
+            format!(
+                "unsupported sessionAffinity {:?}: expected None or ClientIP",
+                svc.spec.session_affinity
+            ),
+        ));
+    }
+    for (i, key) in svc.spec.topology_keys.iter().enumerate() {
+        if key.is_empty() {
+            return Err(FieldError::new(
+                format!("spec.topologyKeys[{i}]"),
+                "empty topology key",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_address(field: &str, addr: &EndpointAddress) -> Result<(), FieldError> {
+    addr.ip.parse::<IpAddr>().map_err(|_| {
+        FieldError::new(
+            format!("{field}.ip"),
+            format!("invalid IP address {:?}", addr.ip),
+        )
+    })?;
+    if let Some(node) = &addr.node_name {
+        if !is_dns1123_subdomain(node) {
+            return Err(FieldError::new(
+                format!("{field}.nodeName"),
+                format!("invalid node name {node:?}"),
+            ));
+        }
+    }
+    if let Some(host) = &addr.hostname {
+        if !is_dns1123_label(host) {
+            return Err(FieldError::new(
+                format!("{field}.hostname"),
+                format!("invalid hostname {host:?}: must be a DNS label"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn validate_endpoints(ep: &Endpoints) -> Result<(), FieldError> {
+    check_api_version(&ep.api_version)?;
+    check_kind(&ep.kind, "Endpoints")?;
+    check_meta(&ep.metadata, true, false)?;
+    for (i, subset) in ep.subsets.iter().enumerate() {
+        for (j, a) in subset.addresses.iter().enumerate() {
+            check_address(&format!("subsets[{i}].addresses[{j}]"), a)?;
+        }
+        for (j, a) in subset.not_ready_addresses.iter().enumerate() {
+            check_address(&format!("subsets[{i}].notReadyAddresses[{j}]"), a)?;
+        }
+        let mut names = HashSet::new();
+        for (j, p) in subset.ports.iter().enumerate() {
+            let at = |f: &str| format!("subsets[{i}].ports[{j}].{f}");
+            check_port(at("port"), p.port)?;
+            check_protocol(at("protocol"), &p.protocol)?;
+            if subset.ports.len() > 1 && p.name.is_empty() {
+                return Err(FieldError::new(
+                    at("name"),
+                    "a name is required when a subset has more than one port",
+                ));
+            }
+            if !names.insert(p.name.clone()) {
+                return Err(FieldError::new(
+                    at("name"),
+                    format!("duplicate port name {:?}", p.name),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn validate_node(node: &Node) -> Result<(), FieldError> {
+    check_api_version(&node.api_version)?;
+    check_kind(&node.kind, "Node")?;
+    check_meta(&node.metadata, false, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Kind, Object};
+
+    fn cidr() -> IpNet {
+        "10.96.0.0/12".parse().expect("cidr")
+    }
+
+    fn service(json: &str) -> Result<(), FieldError> {
+        match Object::from_json(Kind::Service, json)? {
+            Object::Service(s) => validate_service(&s, &cidr()),
+            _ => unreachable!(),
+        }
+    }
+
+    fn field_of(json: &str) -> String {
+        service(json).expect_err("must be invalid").field
+    }
+
+    #[test]
+    fn valid_service_passes() {
+        service(r#"{"kind":"Service","metadata":{"name":"hello","namespace":"default"},"spec":{"clusterIP":"10.96.0.10","ports":[{"port":80,"targetPort":8080}]}}"#).expect("valid");
+        service(r#"{"kind":"Service","metadata":{"name":"db","namespace":"default"},"spec":{"clusterIP":"None"}}"#).expect("headless without ports");
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let base = |spec: &str| {
+            format!(
+                r#"{{"kind":"Service","metadata":{{"name":"a","namespace":"default"}},"spec":{spec}}}"#
+            )
+        };
+        assert_eq!(
+            field_of(&base(r#"{"clusterIP":"10.1.2.3","ports":[{"port":80}]}"#)),
+            "spec.clusterIP"
+        );
+        assert_eq!(
+            field_of(&base(r#"{"clusterIP":"banana","ports":[{"port":80}]}"#)),
+            "spec.clusterIP"
+        );
+        assert_eq!(
+            field_of(&base(r#"{"ports":[{"port":70000}]}"#)),
+            "spec.ports[0].port"
+        );
+        assert_eq!(
+            field_of(&base(r#"{"ports":[{"port":80,"targetPort":0}]}"#)),
+            "spec.ports[0].targetPort"
+        );
+        assert_eq!(
+            field_of(&base(r#"{"ports":[{"port":80},{"port":81}]}"#)),
+            "spec.ports[0].name"
+        );
+        assert_eq!(
+            field_of(&base(r#"{"ports":[{"port":80,"protocol":"ICMP"}]}"#)),
+            "spec.ports[0].protocol"
+        );
+        assert_eq!(
+            field_of(&base(
+                r#"{"ports":[{"port":80}],"sessionAffinity":"Sticky"}"#
+            )),
+            "spec.sessionAffinity"
+        );
+        assert_eq!(field_of(&base(r#"{"ports":[]}"#)), "spec.ports");
+        assert_eq!(
+            field_of(
+                r#"{"kind":"Service","metadata":{"namespace":"default"},"spec":{"ports":[{"port":80}]}}"#
+            ),
+            "metadata.name"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"kind":"Service","metadata":{"name":"Bad_Name","namespace":"default"},"spec":{"ports":[{"port":80}]}}"#
+            ),
+            "metadata.name"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"kind":"Service","metadata":{"name":"a","namespace":"default","annotations":{"edgemesh.io/qps":"lots"}},"spec":{"ports":[{"port":80}]}}"#
+            ),
+            "metadata.annotations[\"edgemesh.io/qps\"]"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"apiVersion":"v2","kind":"Service","metadata":{"name":"a","namespace":"default"},"spec":{"ports":[{"port":80}]}}"#
+            ),
+            "apiVersion"
+        );
+        assert_eq!(
+            field_of(
+                r#"{"kind":"Service","metadata":{"name":"a","namespace":"default"},"spec":{"ports":[{"port":"eighty"}]}}"#
+            ),
+            "spec.ports[0].port"
+        );
+    }
+
+    #[test]
+    fn endpoints_fields_are_named() {
+        let check = |json: &str| match Object::from_json(Kind::Endpoints, json) {
+            Ok(Object::Endpoints(e)) => validate_endpoints(&e),
+            Ok(_) => unreachable!(),
+            Err(e) => Err(e),
+        };
+        check(r#"{"kind":"Endpoints","metadata":{"name":"a","namespace":"default"},"subsets":[{"addresses":[{"ip":"10.0.0.1","nodeName":"edge-1","hostname":"a-0"}],"ports":[{"port":80}]}]}"#).expect("valid");
+        let err = check(r#"{"kind":"Endpoints","metadata":{"name":"a","namespace":"default"},"subsets":[{"addresses":[{"ip":"10.0.0.300"}],"ports":[{"port":80}]}]}"#).unwrap_err();
+        assert_eq!(err.field, "subsets[0].addresses[0].ip");
+        let err = check(r#"{"kind":"Endpoints","metadata":{"name":"a","namespace":"default"},"subsets":[{"addresses":[{"ip":"10.0.0.3"}],"ports":[{"port":0}]}]}"#).unwrap_err();
+        assert_eq!(err.field, "subsets[0].ports[0].port");
+    }
+
+    #[test]
+    fn annotations_parse() {
+        let mut meta = ObjectMeta::default();
+        meta.annotations
+            .insert(ANNOTATION_LB_POLICY.into(), "consistent-hash".into());
+        meta.annotations
+            .insert(ANNOTATION_HASH_KEY.into(), "header:X-User".into());
+        meta.annotations.insert(ANNOTATION_QPS.into(), "50".into());
+        let a = ServiceAnnotations::parse(&meta).expect("valid");
+        assert_eq!(a.lb_policy, LbPolicy::ConsistentHash);
+        assert_eq!(a.hash_key.as_deref(), Some("header:x-user"));
+        assert_eq!(a.qps, Some(50));
+    }
+}

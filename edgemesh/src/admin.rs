@@ -1,0 +1,110 @@
+//! The admin API on 127.0.0.1:10550: health, readiness, metrics and debug views of what the
+//! node knows. Loopback only by default: it shows the mesh's metadata.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use edgehub::client::SyncStatus;
+use edgehub::metamanager::MetaManager;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub meta: Arc<MetaManager>,
+    pub sync: Arc<Mutex<SyncStatus>>,
+    pub metrics: Option<PrometheusHandle>,
+    /// Set once the store is loaded and every listener is up.
+    pub ready: Arc<AtomicBool>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/debug/services", get(services))
+        .route("/debug/endpoints", get(endpoints))
+        .route("/debug/nodes", get(nodes))
+        .route("/debug/sync", get(sync))
+        .with_state(state)
+}
+
+fn sync_status(state: &AdminState) -> SyncStatus {
+    state.sync.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let s = sync_status(&state);
+    // Ready does not require the cloud: a node serves from its own store while offline.
+    let ready = state.ready.load(Ordering::Acquire);
+    let body = json!({ "ready": ready, "connected": s.connected, "synced": s.synced, "version": state.meta.view().version });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics_text(State(state): State<AdminState>) -> Response {
+    let view = state.meta.view();
+    metrics::gauge!("edgemesh_meta_version").set(view.version as f64);
+    metrics::gauge!("edgemesh_meta_services").set(view.services.len() as f64);
+    metrics::gauge!("edgemesh_meta_endpoints").set(view.endpoints.len() as f64);
+    metrics::gauge!("edgemesh_hub_connected").set(if sync_status(&state).connected {
+        1.0
+    } else {
+        0.0
+    });
+    match &state.metrics {
+        Some(h) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            )],
+            h.render(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),
+    }
+}
+
+async fn services(State(state): State<AdminState>) -> Response {
+    let view = state.meta.view();
+    let items: Vec<_> = view.services.values().map(|s| s.as_ref()).collect();
+    Json(json!({ "version": view.version, "items": items })).into_response()
+}
+
+async fn endpoints(State(state): State<AdminState>) -> Response {
+    let view = state.meta.view();
+    let items: Vec<_> = view.endpoints.values().map(|e| e.as_ref()).collect();
+    Json(json!({ "version": view.version, "items": items })).into_response()
+}
+
+async fn nodes(State(state): State<AdminState>) -> Response {
+    let view = state.meta.view();
+    let items: Vec<_> = view.nodes.values().map(|n| n.as_ref()).collect();
+    Json(json!({ "version": view.version, "items": items })).into_response()
+}
+
+async fn sync(State(state): State<AdminState>) -> Response {
+    let view = state.meta.view();
+    Json(json!({
+        "status": sync_status(&state),
+        "store": {
+            "path": state.meta.path().display().to_string(),
+            "storeId": view.store_id,
+            "version": view.version,
+            "services": view.services.len(),
+            "endpoints": view.endpoints.len(),
+            "nodes": view.nodes.len(),
+        }
+    }))
+    .into_response()
+}

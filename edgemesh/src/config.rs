@@ -1,0 +1,246 @@
+//! edgemesh configuration (`/etc/edgemesh/edgemesh.toml`); every key has a default except the
+//! node's name and the cloud it talks to.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use edgehub::client::{CloudUrl, HubClientConfig};
+use edgehub::config_file::{ConfigError, OneOrMany};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG: &str = "/etc/edgemesh/edgemesh.toml";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This node's name; it must match the name its token was issued for.
+    pub node_name: String,
+    /// The node's SQLite copy of the metadata lives here.
+    pub data_dir: PathBuf,
+    pub service_cidr: IpNet,
+    pub cluster_domain: String,
+    /// Published as the Node's labels, for topology-aware routing.
+    pub labels: BTreeMap<String, String>,
+    pub cloud: CloudConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_name: String::new(),
+            data_dir: PathBuf::from("/var/lib/edgemesh"),
+            service_cidr: "10.96.0.0/12".parse().unwrap_or_else(|_| unreachable!()),
+            cluster_domain: "cluster.local".into(),
+            labels: BTreeMap::new(),
+            cloud: CloudConfig::default(),
+            admin: AdminConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudConfig {
+    /// One or more `ws://host:port` / `wss://host:port`, tried in turn.
+    pub url: Option<OneOrMany>,
+    /// The node's token (`cloudcore token create NODE`).
+    pub token: Option<String>,
+    /// A file holding the token, instead of `cloud.token`.
+    pub token_file: Option<PathBuf>,
+    /// CA certificate that signs the cloud's certificate (required for wss://).
+    pub ca_cert: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        CloudConfig {
+            url: None,
+            token: None,
+            token_file: None,
+            ca_cert: None,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 10550)),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+impl Config {
+    /// Checks what types alone cannot; errors name the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_name.is_empty() {
+            return Err(ConfigError::key("node_name", "is required"));
+        }
+        if !is_dns_subdomain(&self.node_name) {
+            return Err(ConfigError::key(
+                "node_name",
+                format!(
+                    "{:?} is not a valid node name (lower-case DNS name)",
+                    self.node_name
+                ),
+            ));
+        }
+        if !is_dns_subdomain(&self.cluster_domain) {
+            return Err(ConfigError::key(
+                "cluster_domain",
+                format!("{:?} is not a DNS name", self.cluster_domain),
+            ));
+        }
+        for url in self.cloud_urls() {
+            CloudUrl::parse(&url).map_err(|e| ConfigError::key("cloud.url", e.to_string()))?;
+        }
+        if self.cloud.token.is_some() && self.cloud.token_file.is_some() {
+            return Err(ConfigError::key(
+                "cloud.token_file",
+                "set cloud.token or cloud.token_file, not both",
+            ));
+        }
+        if self.cloud.keepalive_timeout <= self.cloud.keepalive_interval {
+            return Err(ConfigError::key(
+                "cloud.keepalive_timeout",
+                "must be longer than cloud.keepalive_interval",
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::key("log.format", "must be text or json"));
+        }
+        Ok(())
+    }
+
+    pub fn cloud_urls(&self) -> Vec<String> {
+        self.cloud
+            .url
+            .clone()
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default()
+    }
+
+    /// The hub client's settings, reading the token file if one is configured.
+    pub fn hub_client(&self) -> Result<HubClientConfig, ConfigError> {
+        let token = match (&self.cloud.token, &self.cloud.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| {
+                    ConfigError::key("cloud.token_file", format!("{}: {e}", path.display()))
+                })?,
+            (None, None) if self.cloud_urls().is_empty() => String::new(),
+            (None, None) => {
+                return Err(ConfigError::key(
+                    "cloud.token",
+                    "is required when cloud.url is set",
+                ))
+            }
+        };
+        let mut hub = HubClientConfig::new(&self.node_name, self.cloud_urls(), &token);
+        hub.ca_cert = self.cloud.ca_cert.clone();
+        hub.labels = self.labels.clone();
+        hub.keepalive_interval = self.cloud.keepalive_interval;
+        hub.keepalive_timeout = self.cloud.keepalive_timeout;
+        hub.connect_timeout = self.cloud.connect_timeout;
+        hub.backoff_max = self.cloud.backoff_max;
+        Ok(hub)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgehub::config_file;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let c: Config = config_file::from_table(text.parse().expect("toml"))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn a_minimal_config_and_errors_that_name_keys() {
+        let c = parse("node_name = \"edge-1\"\n[cloud]\nurl = \"ws://10.0.0.1:10000\"\ntoken = \"t\"\nlabels = {}").unwrap_err();
+        assert!(c.to_string().contains("`cloud.labels`"), "{c}");
+        let c = parse("node_name = \"edge-1\"\nlabels = { zone = \"a\" }\n[cloud]\nurl = [\"ws://a\", \"wss://b:443\"]\ntoken = \"t\"").expect("valid");
+        assert_eq!(c.cloud_urls().len(), 2);
+        assert_eq!(c.hub_client().expect("hub").labels["zone"], "a");
+        for (text, key) in [
+            ("", "node_name"),
+            ("node_name = \"Edge_1\"", "node_name"),
+            ("node_name = \"e\"\n[cloud]\nurl = \"http//x\"", "cloud.url"),
+            (
+                "node_name = \"e\"\n[admin]\nlisten = \"localhost\"",
+                "admin.listen",
+            ),
+            (
+                "node_name = \"e\"\n[cloud]\nkeepalive_timeout = \"1s\"",
+                "cloud.keepalive_timeout",
+            ),
+            ("node_name = \"e\"\nservice_cidr = \"x\"", "service_cidr"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "{text}: {e}");
+        }
+        let c = parse("node_name = \"e\"\n[cloud]\nurl = \"ws://x\"").expect("parses");
+        assert!(c
+            .hub_client()
+            .unwrap_err()
+            .to_string()
+            .contains("`cloud.token`"));
+    }
+}

@@ -1,0 +1,124 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use edgehub::logging::{self, LogFormat};
+use edgemesh::config::{Config, DEFAULT_CONFIG};
+
+/// edgemesh node agent: keeps the node's copy of the mesh metadata in sync with the cloud.
+#[derive(Parser)]
+#[command(name = "edgemesh", version)]
+struct Args {
+    /// Config file (TOML); /etc/edgemesh/edgemesh.toml is used when it exists.
+    #[arg(long, short = 'c', global = true, env = "EDGEMESH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Override a config key, e.g. --set cloud.url=ws://10.0.0.1:10000 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", global = true)]
+    set: Vec<String>,
+    /// Shorthand for --set node_name=NAME.
+    #[arg(long, global = true)]
+    node_name: Option<String>,
+    /// Shorthand for --set data_dir=DIR.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// Shorthand for --set cloud.url=URL.
+    #[arg(long, global = true)]
+    cloud_url: Option<String>,
+    /// Shorthand for --set cloud.token=TOKEN.
+    #[arg(long, global = true, env = "EDGEMESH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Shorthand for --set admin.listen=ADDR.
+    #[arg(long, global = true)]
+    admin_listen: Option<String>,
+    /// Log filter (RUST_LOG syntax); overrides log.level.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    /// text or json; overrides log.format.
+    #[arg(long, global = true)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Show connection state, synced version and object counts.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn quoted(s: &str) -> String {
+    format!("{s:?}")
+}
+
+fn load_config(args: &Args) -> anyhow::Result<Config> {
+    let mut o = args.set.clone();
+    if let Some(v) = &args.node_name {
+        o.push(format!("node_name={}", quoted(v)));
+    }
+    if let Some(v) = &args.data_dir {
+        o.push(format!("data_dir={}", quoted(&v.display().to_string())));
+    }
+    if let Some(v) = &args.cloud_url {
+        o.push(format!("cloud.url={}", quoted(v)));
+    }
+    if let Some(v) = &args.token {
+        o.push(format!("cloud.token={}", quoted(v)));
+    }
+    if let Some(v) = &args.admin_listen {
+        o.push(format!("admin.listen={}", quoted(v)));
+    }
+    let cfg: Config = edgehub::config_file::load(
+        args.config.as_deref(),
+        std::path::Path::new(DEFAULT_CONFIG),
+        &o,
+    )?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+async fn main_inner(args: Args) -> anyhow::Result<()> {
+    let cfg = load_config(&args)?;
+    match args.command {
+        None | Some(Command::Run) => {
+            let level = args
+                .log_level
+                .clone()
+                .unwrap_or_else(|| cfg.log.level.clone());
+            let format = args.log_format.unwrap_or(if cfg.log.format == "json" {
+                LogFormat::Json
+            } else {
+                LogFormat::Text
+            });
+            logging::init(&level, format);
+            edgemesh::agent::run(cfg).await
+        }
+        Some(Command::Status { json }) => edgemesh::status::run(&cfg, json).await,
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edgemesh: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main_inner(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgemesh: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
