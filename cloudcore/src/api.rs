@@ -105,10 +105,10 @@ impl IntoResponse for ApiError {
 impl From<ApplyError> for ApiError {
     fn from(e: ApplyError) -> Self {
         match e {
-            ApplyError::Invalid { index, err } => {
+            ApplyError::Invalid { index, object, err } => {
                 let mut api = ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, err);
                 if let Some(i) = index {
-                    api.error = format!("document {i}: {}", api.error);
+                    api.error = format!("document {i} ({object}): {}", api.error);
                 }
                 api
             }

@@ -215,6 +215,8 @@ impl Hub {
         }
     }
 
+    // The handshake callback's error type is tungstenite's HTTP response; its size is not ours.
+    #[allow(clippy::result_large_err)]
     async fn upgrade<S>(&self, stream: S, peer: SocketAddr, shutdown: CancellationToken)
     where
         S: AsyncRead + AsyncWrite + Unpin,

@@ -16,9 +16,11 @@ use crate::store::{Change, ChangeOp, Record, Store, StoreError, Write};
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// A document failed validation. `index` is its position in a multi-object request.
-    #[error("{}{err}", index.map(|i| format!("document {i}: ")).unwrap_or_default())]
+    #[error("{}{err}", index.map(|i| format!("document {i} ({object}): ")).unwrap_or_default())]
     Invalid {
         index: Option<usize>,
+        /// `Kind namespace/name`, to find the document in a long manifest.
+        object: String,
         err: FieldError,
     },
     #[error("{field}: {message}")]
@@ -96,7 +98,12 @@ impl Objects {
         let mut writes = Vec::with_capacity(objects.len());
         let mut keys = Vec::with_capacity(objects.len());
         for (i, mut object) in objects.into_iter().enumerate() {
-            let invalid = |err: FieldError| ApplyError::Invalid { index: at(i), err };
+            let label = object_label(&object.key());
+            let invalid = |err: FieldError| ApplyError::Invalid {
+                index: at(i),
+                object: label.clone(),
+                err,
+            };
             match &mut object {
                 Object::Service(svc) => {
                     validate_service(svc, &self.service_cidr).map_err(invalid)?;
@@ -188,7 +195,7 @@ impl Objects {
             None => None,
         };
         let node = match (current, labels) {
-            (Some(n), None) => return Ok(drop(n)),
+            (Some(_), None) => return Ok(()),
             (Some(n), Some(l)) if &n.metadata.labels == l => return Ok(()),
             (Some(mut n), Some(l)) => {
                 n.metadata.labels = l.clone();
@@ -273,6 +280,14 @@ impl Objects {
                 }
             }
         }
+    }
+}
+
+fn object_label(key: &ObjectKey) -> String {
+    if key.namespace.is_empty() {
+        format!("{} {}", key.kind, key.name)
+    } else {
+        format!("{} {}/{}", key.kind, key.namespace, key.name)
     }
 }
 
@@ -395,7 +410,7 @@ mod tests {
             .apply(vec![svc("a", ""), svc("b", "192.168.1.1")], false)
             .unwrap_err();
         assert!(
-            matches!(err, ApplyError::Invalid { index: Some(1), ref err } if err.field == "spec.clusterIP")
+            matches!(err, ApplyError::Invalid { index: Some(1), ref err, .. } if err.field == "spec.clusterIP")
         );
         assert_eq!(o.store().version(), 0);
     }

@@ -65,17 +65,8 @@ pub fn load<T: DeserializeOwned>(
 pub fn from_table<T: DeserializeOwned>(table: toml::Table) -> Result<T, ConfigError> {
     let value = toml::Value::Table(table);
     serde_path_to_error::deserialize(value).map_err(|err| {
-        let mut key = err.path().to_string();
         let reason = err.inner().to_string();
-        if let Some(rest) = reason.strip_prefix("unknown field `") {
-            if let Some(name) = rest.split('`').next() {
-                key = if key == "." {
-                    name.to_string()
-                } else {
-                    format!("{key}.{name}")
-                };
-            }
-        }
+        let key = crate::model::error_path(err.path().to_string(), &reason);
         ConfigError::Key {
             key,
             reason: reason.trim().to_string(),

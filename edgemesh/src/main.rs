@@ -56,7 +56,8 @@ fn quoted(s: &str) -> String {
     format!("{s:?}")
 }
 
-fn load_config(args: &Args) -> anyhow::Result<Config> {
+/// Loads the config; `validate` is skipped for commands that only read local state.
+fn load_config(args: &Args, validate: bool) -> anyhow::Result<Config> {
     let mut o = args.set.clone();
     if let Some(v) = &args.node_name {
         o.push(format!("node_name={}", quoted(v)));
@@ -78,12 +79,15 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
         std::path::Path::new(DEFAULT_CONFIG),
         &o,
     )?;
-    cfg.validate()?;
+    if validate {
+        cfg.validate()?;
+    }
     Ok(cfg)
 }
 
 async fn main_inner(args: Args) -> anyhow::Result<()> {
-    let cfg = load_config(&args)?;
+    let run = matches!(args.command, None | Some(Command::Run));
+    let cfg = load_config(&args, run)?;
     match args.command {
         None | Some(Command::Run) => {
             let level = args

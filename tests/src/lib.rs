@@ -31,3 +31,5 @@
 pub mod harness;
 
 pub use harness::*;
+
+pub mod mesh;

@@ -73,6 +73,7 @@ impl Change {
 }
 
 /// A write inside an atomic batch.
+#[allow(clippy::large_enum_variant)] // see `Object`
 #[derive(Clone, Debug)]
 pub enum Write {
     /// Create or replace. With `expect_version`, fail with [`StoreError::Conflict`] unless the

@@ -32,17 +32,8 @@ impl FieldError {
     /// Turns a serde error with its path into a field error. serde reports an unknown field at
     /// the path of its parent object, so the field's own name is appended to point at it.
     pub fn from_path_error<E: fmt::Display>(err: serde_path_to_error::Error<E>) -> Self {
-        let mut field = err.path().to_string();
         let message = err.inner().to_string();
-        if let Some(rest) = message.strip_prefix("unknown field `") {
-            if let Some(name) = rest.split('`').next() {
-                field = if field == "." || field.is_empty() {
-                    name.to_string()
-                } else {
-                    format!("{field}.{name}")
-                };
-            }
-        }
+        let mut field = error_path(err.path().to_string(), &message);
         if field == "." {
             field.clear();
         }
@@ -52,6 +43,24 @@ impl FieldError {
             None => message,
         };
         FieldError { field, message }
+    }
+}
+
+/// The path of a serde error, pointing at the offending key itself: for an unknown field,
+/// some deserializers report the parent's path and others already include the key.
+pub fn error_path(path: String, message: &str) -> String {
+    let Some(name) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+    else {
+        return path;
+    };
+    if path == name || path.ends_with(&format!(".{name}")) {
+        path
+    } else if path == "." || path.is_empty() {
+        name.to_string()
+    } else {
+        format!("{path}.{name}")
     }
 }
 
@@ -186,8 +195,6 @@ fn check_meta(meta: &ObjectMeta, namespaced: bool, service: bool) -> Result<(), 
     }
     let name_ok = if service {
         is_dns1035_label(&meta.name)
-    } else if namespaced {
-        is_dns1123_subdomain(&meta.name)
     } else {
         is_dns1123_subdomain(&meta.name)
     };
@@ -354,14 +361,13 @@ pub fn validate_service(svc: &Service, service_cidr: &IpNet) -> Result<(), Field
             Some(IntOrString::Int(n)) => {
                 check_port(at("targetPort"), *n)?;
             }
-            Some(IntOrString::String(s)) => {
-                if !is_port_name(s) {
-                    return Err(FieldError::new(
-                        at("targetPort"),
-                        format!("invalid targetPort {s:?}: a number 1-65535 or a port name"),
-                    ));
-                }
+            Some(IntOrString::String(s)) if !is_port_name(s) => {
+                return Err(FieldError::new(
+                    at("targetPort"),
+                    format!("invalid targetPort {s:?}: a number 1-65535 or a port name"),
+                ));
             }
+            Some(IntOrString::String(_)) => {}
         }
     }
     if !matches!(svc.spec.session_affinity.as_str(), "None" | "ClientIP") {
@@ -557,6 +563,15 @@ mod tests {
         assert_eq!(err.field, "subsets[0].addresses[0].ip");
         let err = check(r#"{"kind":"Endpoints","metadata":{"name":"a","namespace":"default"},"subsets":[{"addresses":[{"ip":"10.0.0.3"}],"ports":[{"port":0}]}]}"#).unwrap_err();
         assert_eq!(err.field, "subsets[0].ports[0].port");
+    }
+
+    #[test]
+    fn unknown_fields_are_named_once_whatever_the_input() {
+        let json = r#"{"kind":"Service","metadata":{"name":"a","namespace":"default"},"spec":{"ports":[{"port":80,"targetPrt":1}]}}"#;
+        let from_text = Object::from_json(Kind::Service, json).unwrap_err();
+        let from_value = Object::from_value(serde_json::from_str(json).expect("json")).unwrap_err();
+        assert_eq!(from_text.field, "spec.ports[0].targetPrt");
+        assert_eq!(from_value.field, "spec.ports[0].targetPrt");
     }
 
     #[test]
