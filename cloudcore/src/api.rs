@@ -117,6 +117,9 @@ impl From<ApplyError> for ApiError {
                 error: message,
                 field: Some(field),
             },
+            e @ ApplyError::TooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+            }
             ApplyError::Store(e) => e.into(),
         }
     }
@@ -549,13 +552,18 @@ async fn delete_node(
 ) -> Result<Response, ApiError> {
     let (objects, tokens) = (state.objects.clone(), state.tokens.clone());
     let key = ObjectKey::new(Kind::Node, "", name.clone());
+    // Revoke and disconnect first, then delete: a node reconnecting in between must find
+    // its token gone rather than re-create its Node object.
+    let nodes = state.nodes.clone();
     let change = blocking(move || {
-        let change = objects.delete(&key)?;
+        if objects.get(&key)?.is_none() {
+            return Err(ApiError::not_found(&key));
+        }
         tokens.revoke(&key.name)?;
-        Ok(change)
+        nodes.remove(&key.name);
+        Ok(objects.delete(&key)?)
     })
     .await?;
-    state.nodes.remove(&name);
     tracing::info!(node = %name, "node deleted and disconnected");
     Ok(raw_json(&change.json, StatusCode::OK))
 }
@@ -726,7 +734,7 @@ mod tests {
     fn app() -> (tempfile::TempDir, Router, Arc<dyn Store>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&dir.path().join("c.db"), 100).expect("open"));
+            Arc::new(SqliteStore::open(&dir.path().join("c.db"), 100, 1 << 20).expect("open"));
         let state = ApiState {
             objects: Arc::new(
                 Objects::new(store.clone(), "10.96.0.0/12".parse().expect("cidr"))

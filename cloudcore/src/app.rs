@@ -59,10 +59,10 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
 
     let db = cfg.data_dir.join(DB_FILE);
     let store: Arc<dyn Store> = {
-        let history = cfg.store.history;
+        let (history, history_bytes) = (cfg.store.history, cfg.store.history_bytes);
         let path = db.clone();
         Arc::new(
-            tokio::task::spawn_blocking(move || SqliteStore::open(&path, history))
+            tokio::task::spawn_blocking(move || SqliteStore::open(&path, history, history_bytes))
                 .await?
                 .with_context(|| {
                     format!(

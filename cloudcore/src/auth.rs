@@ -41,26 +41,42 @@ pub fn load_or_create_api_token(
     configured: Option<&str>,
     data_dir: &Path,
 ) -> std::io::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
     if let Some(t) = configured {
         return Ok(t.to_string());
     }
     let path = data_dir.join(API_TOKEN_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(t) if !t.trim().is_empty() => {
+            let mode = std::fs::metadata(&path)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777),
+                    "the API token file is readable by other users; chmod 600 it");
+            }
+            return Ok(t.trim().to_string());
+        }
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
     std::fs::create_dir_all(data_dir)?;
     let token = random_secret();
+    // Written aside and renamed into place, so a crash never leaves an empty token file
+    // (which the next start would silently replace with a new token).
+    let tmp = data_dir.join(format!(".{API_TOKEN_FILE}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
-        .open(&path)?;
+        .open(&tmp)?;
     writeln!(f, "{token}")?;
     f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, &path)?;
+    if let Ok(dir) = std::fs::File::open(data_dir) {
+        let _ = dir.sync_all();
+    }
     tracing::info!(path = %path.display(), "generated the API token");
     Ok(token)
 }
@@ -154,7 +170,7 @@ mod tests {
     fn node_tokens_are_bound_to_their_node() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&dir.path().join("c.db"), 10).expect("open"));
+            Arc::new(SqliteStore::open(&dir.path().join("c.db"), 10, 1 << 20).expect("open"));
         let tokens = NodeTokens::load(store.clone()).expect("load");
         let a = tokens.create("a").expect("create");
         let b = tokens.create("b").expect("create");

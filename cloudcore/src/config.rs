@@ -56,8 +56,9 @@ pub struct HubConfig {
     pub handshake_timeout: Duration,
     /// Largest message a node may send.
     pub max_message_size: usize,
-    /// Objects per snapshot message.
-    pub snapshot_chunk: usize,
+    /// Approximate size of one snapshot message. Each connection keeps a send buffer as large
+    /// as the largest message it sent, so this bounds per-node memory after a snapshot.
+    pub snapshot_chunk_bytes: usize,
 }
 
 impl Default for HubConfig {
@@ -70,7 +71,7 @@ impl Default for HubConfig {
             node_timeout: Duration::from_secs(40),
             handshake_timeout: Duration::from_secs(10),
             max_message_size: 1 << 20,
-            snapshot_chunk: 500,
+            snapshot_chunk_bytes: 32 << 10,
         }
     }
 }
@@ -117,6 +118,8 @@ pub struct StoreConfig {
     pub backend: String,
     /// Changes kept for resuming nodes; a node further behind gets a snapshot.
     pub history: usize,
+    /// Memory the kept changes may use; the oldest go first.
+    pub history_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -124,6 +127,7 @@ impl Default for StoreConfig {
         StoreConfig {
             backend: "sqlite".into(),
             history: 10_000,
+            history_bytes: 64 << 20,
         }
     }
 }
@@ -176,8 +180,11 @@ impl Config {
         if self.store.history == 0 {
             return Err(ConfigError::key("store.history", "must be at least 1"));
         }
-        if self.hub.snapshot_chunk == 0 {
-            return Err(ConfigError::key("hub.snapshot_chunk", "must be at least 1"));
+        if self.hub.snapshot_chunk_bytes < 1024 {
+            return Err(ConfigError::key(
+                "hub.snapshot_chunk_bytes",
+                "must be at least 1024",
+            ));
         }
         if self.hub.max_message_size < 4096 {
             return Err(ConfigError::key(

@@ -8,6 +8,7 @@
 //! send buffer is its backpressure.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +23,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::{sleep_until, Instant};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{header, StatusCode};
@@ -37,7 +39,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::auth::{NodeAuthError, NodeTokens};
 use crate::config::HubConfig;
 use crate::nodes::{NodeRegistry, Session};
-use crate::objects::Objects;
+use crate::objects::{ApplyError, Objects};
 use crate::store::{Change, ChangeOp, Since, Store};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,13 +48,22 @@ enum SessionError {
     WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
     #[error("protocol: {0}")]
     Protocol(String),
+    /// The node did something the cloud refuses; the reason is sent in the close frame.
+    #[error("refused: {0}")]
+    Rejected(String),
     #[error("store: {0}")]
     Store(String),
+    #[error("a write to the node did not finish within {0:?}")]
+    WriteTimeout(Duration),
+    /// Not an error: the session was told to stop (kicked, shutting down) mid-write.
+    #[error("stopped: {}", .0.reason)]
+    Stopped(End),
 }
 
 /// A snapshot encoded as hub messages, shared by every node that needs one at that version.
 struct EncodedSnapshot {
     version: u64,
+    chain: String,
     count: u64,
     chunks: Vec<Utf8Bytes>,
 }
@@ -69,6 +80,129 @@ pub struct Hub {
 
 type Sink<S> = SplitSink<WebSocketStream<S>, WsMessage>;
 type Stream<S> = SplitStream<WebSocketStream<S>>;
+
+/// Why a session ended without an error of its own, and the close code that says so.
+#[derive(Debug)]
+struct End {
+    code: CloseCode,
+    reason: &'static str,
+}
+
+impl End {
+    fn new(code: CloseCode, reason: &'static str) -> Self {
+        End { code, reason }
+    }
+}
+
+const KICKED: &str = "node removed, revoked or connected again";
+
+/// Minimum time between two sync requests of one node within a session.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What the reader task passes on.
+enum Inbound {
+    Message(Message),
+    Closed(&'static str),
+    Failed(SessionError),
+}
+
+fn now_ms() -> i64 {
+    crate::nodes::now_ms()
+}
+
+/// Reads the node's frames until the connection ends, stamping `seen` on every frame.
+async fn read_loop<S>(mut stream: Stream<S>, tx: mpsc::Sender<Inbound>, seen: Arc<AtomicI64>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        let item = match stream.next().await {
+            None => Inbound::Closed("connection lost"),
+            Some(Err(e)) => Inbound::Failed(e.into()),
+            Some(Ok(frame)) => {
+                seen.store(now_ms(), Ordering::Relaxed);
+                match frame {
+                    WsMessage::Text(t) => match Message::from_json(t.as_str()) {
+                        Ok(m) => Inbound::Message(m),
+                        Err(e) => Inbound::Failed(SessionError::Protocol(e.to_string())),
+                    },
+                    WsMessage::Close(_) => Inbound::Closed("closed by node"),
+                    WsMessage::Binary(_) => {
+                        debug!("ignoring a binary frame: no streams are open");
+                        continue;
+                    }
+                    _ => continue, // ping/pong: answered by tungstenite, counted as a sign of life
+                }
+            }
+        };
+        let last = !matches!(item, Inbound::Message(_));
+        if tx.send(item).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// The sending half of a node's connection. Every write is bounded by `write_timeout` and
+/// abandoned the moment the session is kicked or cloudcore shuts down, so a node that stops
+/// reading can never pin its session, its socket or the snapshot it was being sent.
+struct Outbound<'a, S> {
+    sink: Sink<S>,
+    write_timeout: Duration,
+    kicked: &'a CancellationToken,
+    shutdown: &'a CancellationToken,
+}
+
+impl<S> Outbound<'_, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    async fn guarded(
+        kicked: &CancellationToken,
+        shutdown: &CancellationToken,
+        limit: Duration,
+        write: impl std::future::Future<Output = Result<(), tokio_tungstenite::tungstenite::Error>>,
+    ) -> Result<(), SessionError> {
+        tokio::select! {
+            _ = kicked.cancelled() => Err(SessionError::Stopped(End::new(CloseCode::Policy, KICKED))),
+            _ = shutdown.cancelled() => Err(SessionError::Stopped(End::new(CloseCode::Away, "cloudcore is shutting down"))),
+            r = tokio::time::timeout(limit, write) => match r {
+                Ok(r) => r.map_err(SessionError::from),
+                Err(_) => Err(SessionError::WriteTimeout(limit)),
+            },
+        }
+    }
+
+    /// Queues a message; it goes out at the next flush (or when the buffer fills).
+    async fn feed(&mut self, msg: WsMessage) -> Result<(), SessionError> {
+        Self::guarded(
+            self.kicked,
+            self.shutdown,
+            self.write_timeout,
+            self.sink.feed(msg),
+        )
+        .await
+    }
+
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        Self::guarded(
+            self.kicked,
+            self.shutdown,
+            self.write_timeout,
+            self.sink.flush(),
+        )
+        .await
+    }
+
+    async fn send(&mut self, msg: WsMessage) -> Result<(), SessionError> {
+        Self::guarded(
+            self.kicked,
+            self.shutdown,
+            self.write_timeout,
+            self.sink.send(msg),
+        )
+        .await
+    }
+}
 
 fn text(bytes: &Bytes) -> Utf8Bytes {
     // Hub messages are JSON made by serde_json, so always UTF-8; fall back to a copy anyway.
@@ -219,7 +353,7 @@ impl Hub {
     #[allow(clippy::result_large_err)]
     async fn upgrade<S>(&self, stream: S, peer: SocketAddr, shutdown: CancellationToken)
     where
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut node = None;
         let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
@@ -256,6 +390,12 @@ impl Hub {
         let Some(node) = node else { return };
         tracing::Span::current().record("node", node.as_str());
         let session = self.nodes.connect(&node, peer);
+        // A revoke that landed between the handshake check and this registration.
+        if !self.tokens.has_token(&node) {
+            self.nodes
+                .disconnect(&session, "token revoked while connecting");
+            return;
+        }
         info!("node connected");
         let reason = match self.session(ws, &session, &shutdown).await {
             Ok(reason) => reason.to_string(),
@@ -275,53 +415,95 @@ impl Hub {
         shutdown: &CancellationToken,
     ) -> Result<&'static str, SessionError>
     where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sink, stream) = ws.split();
+        // A reader task of its own: keepalives and acks are taken in even while a long write
+        // (a snapshot over a slow link) is in progress, so a healthy node is never timed out.
+        let seen = Arc::new(AtomicI64::new(now_ms()));
+        let (tx, mut inbound) = mpsc::channel(16);
+        let mut reader = tokio::spawn(read_loop(stream, tx, seen.clone()));
+        let mut out = Outbound {
+            sink,
+            write_timeout: self.cfg.node_timeout,
+            kicked: &session.kicked,
+            shutdown,
+        };
+        let result = self
+            .converse(&mut out, &mut inbound, &seen, session, shutdown)
+            .await;
+        let (code, reason, outcome) = match result {
+            Ok(end) | Err(SessionError::Stopped(end)) => {
+                (end.code, end.reason.to_string(), Ok(end.reason))
+            }
+            Err(SessionError::Rejected(why)) => (
+                CloseCode::Policy,
+                why.clone(),
+                Err(SessionError::Rejected(why)),
+            ),
+            Err(e @ SessionError::Protocol(_)) => (CloseCode::Invalid, e.to_string(), Err(e)),
+            Err(e) => (CloseCode::Error, e.to_string(), Err(e)),
+        };
+        // Say why, then let the node answer the close so the socket drains instead of being
+        // reset with data still in flight.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), out.sink.send(close(code, &reason))).await;
+        if tokio::time::timeout(Duration::from_secs(2), &mut reader)
+            .await
+            .is_err()
+        {
+            reader.abort();
+        }
+        outcome
+    }
+
+    async fn converse<S>(
+        &self,
+        out: &mut Outbound<'_, S>,
+        inbound: &mut mpsc::Receiver<Inbound>,
+        seen: &AtomicI64,
+        session: &Session,
+        shutdown: &CancellationToken,
+    ) -> Result<End, SessionError>
+    where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let (mut sink, mut stream) = ws.split();
         // Subscribe before answering, so a change committed meanwhile is not missed.
         let mut versions = self.store.subscribe();
-
-        let first = match tokio::time::timeout(self.cfg.node_timeout, stream.next()).await {
-            Err(_) => return Ok("no sync request"),
-            Ok(None) => return Ok("closed by node"),
-            Ok(Some(frame)) => frame?,
+        let first = match tokio::time::timeout(self.cfg.node_timeout, inbound.recv()).await {
+            Err(_) => return Ok(End::new(CloseCode::Policy, "no sync request")),
+            Ok(None) => return Ok(End::new(CloseCode::Normal, "connection lost")),
+            Ok(Some(Inbound::Message(m))) => m,
+            Ok(Some(Inbound::Closed(reason))) => return Ok(End::new(CloseCode::Normal, reason)),
+            Ok(Some(Inbound::Failed(e))) => return Err(e),
         };
-        let request = match &first {
-            WsMessage::Text(t) => Message::from_json(t.as_str()).ok(),
-            _ => None,
-        };
-        let Some(request) =
-            request.filter(|m| m.operation() == op::QUERY && m.resource() == resource::SYNC)
-        else {
-            let _ = sink
-                .send(close(CloseCode::Policy, "expected a sync request"))
-                .await;
+        if first.operation() != op::QUERY || first.resource() != resource::SYNC {
             return Err(SessionError::Protocol(
-                "first message was not a sync request".into(),
+                "the first message must be a sync request".into(),
             ));
-        };
-        let sync: SyncRequest = match request.content_as() {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = sink
-                    .send(close(CloseCode::Invalid, "malformed sync request"))
-                    .await;
-                return Err(SessionError::Protocol(format!(
-                    "malformed sync request: {e}"
-                )));
-            }
-        };
+        }
+        let sync: SyncRequest = first
+            .content_as()
+            .map_err(|e| SessionError::Protocol(format!("malformed sync request: {e}")))?;
+        // A node deleted or revoked while it was connecting must not come back to life.
+        if session.kicked.is_cancelled() || !self.tokens.has_token(&session.node) {
+            return Ok(End::new(CloseCode::Policy, "node removed or revoked"));
+        }
         {
             let objects = self.objects.clone();
             let (node, labels) = (session.node.clone(), sync.labels.clone());
             tokio::task::spawn_blocking(move || objects.ensure_node(&node, Some(&labels)))
                 .await
                 .map_err(|e| SessionError::Store(e.to_string()))?
-                .map_err(|e| SessionError::Store(e.to_string()))?;
+                .map_err(|e| match e {
+                    ApplyError::Invalid { err, .. } => {
+                        SessionError::Rejected(format!("invalid node labels: {err}"))
+                    }
+                    other => SessionError::Store(other.to_string()),
+                })?;
         }
-        let mut sent = self
-            .answer(&mut sink, session, &request.header.id, &sync)
-            .await?;
+        let mut sent = self.answer(out, session, &first.header.id, &sync).await?;
+        let mut last_query = Instant::now();
 
         let mut keepalive = tokio::time::interval(self.cfg.keepalive_interval);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -335,49 +517,29 @@ impl Hub {
             )
             .to_json(),
         );
-        let mut deadline = Instant::now() + self.cfg.node_timeout;
+        let timeout_ms = self.cfg.node_timeout.as_millis() as i64;
         loop {
             tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {
-                    let _ = sink.send(close(CloseCode::Away, "cloudcore is shutting down")).await;
-                    return Ok("cloudcore shutting down");
-                }
-                _ = session.kicked.cancelled() => {
-                    let _ = sink.send(close(CloseCode::Policy, "node removed, revoked or connected again")).await;
-                    return Ok("kicked");
-                }
-                _ = sleep_until(deadline) => {
-                    let _ = sink.send(close(CloseCode::Away, "keepalive timeout")).await;
-                    return Ok("keepalive timeout");
-                }
+                _ = shutdown.cancelled() => return Ok(End::new(CloseCode::Away, "cloudcore is shutting down")),
+                _ = session.kicked.cancelled() => return Ok(End::new(CloseCode::Policy, KICKED)),
+                msg = inbound.recv() => match msg {
+                    None => return Ok(End::new(CloseCode::Normal, "connection lost")),
+                    Some(Inbound::Closed(reason)) => return Ok(End::new(CloseCode::Normal, reason)),
+                    Some(Inbound::Failed(e)) => return Err(e),
+                    Some(Inbound::Message(m)) => self.on_message(out, session, m, &mut sent, &mut last_query).await?,
+                },
                 changed = versions.changed() => {
                     if changed.is_err() {
-                        return Ok("store closed");
+                        return Ok(End::new(CloseCode::Away, "store closed"));
                     }
-                    sent = self.catch_up(&mut sink, session, sent).await?;
+                    sent = self.catch_up(out, session, sent).await?;
                 }
                 _ = keepalive.tick() => {
-                    sink.send(WsMessage::Text(text(&keepalive_msg))).await?;
-                }
-                frame = stream.next() => {
-                    let Some(frame) = frame else { return Ok("connection lost") };
-                    deadline = Instant::now() + self.cfg.node_timeout;
-                    match frame? {
-                        WsMessage::Text(t) => {
-                            let msg = match Message::from_json(t.as_str()) {
-                                Ok(m) => m,
-                                Err(e) => {
-                                    let _ = sink.send(close(CloseCode::Invalid, "malformed message")).await;
-                                    return Err(SessionError::Protocol(e.to_string()));
-                                }
-                            };
-                            self.on_message(&mut sink, &mut stream, session, msg, &mut sent).await?;
-                        }
-                        WsMessage::Binary(_) => debug!("ignoring a binary frame: no streams are open"),
-                        WsMessage::Close(_) => return Ok("closed by node"),
-                        _ => self.nodes.seen(session),
+                    if now_ms() - seen.load(Ordering::Relaxed) > timeout_ms {
+                        return Ok(End::new(CloseCode::Away, "keepalive timeout"));
                     }
+                    out.send(WsMessage::Text(text(&keepalive_msg))).await?;
+                    self.nodes.seen_at(session, seen.load(Ordering::Relaxed));
                 }
             }
         }
@@ -385,30 +547,35 @@ impl Hub {
 
     async fn on_message<S>(
         &self,
-        sink: &mut Sink<S>,
-        _stream: &mut Stream<S>,
+        out: &mut Outbound<'_, S>,
         session: &Session,
         msg: Message,
         sent: &mut u64,
+        last_query: &mut Instant,
     ) -> Result<(), SessionError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         match (msg.operation(), msg.resource()) {
-            (op::RESPONSE, resource::ACK) => match msg.content_as::<Ack>() {
-                Ok(ack) => {
-                    self.nodes.acked(session, ack.resource_version);
-                    metrics::counter!("cloudcore_hub_acks_total").increment(1);
-                }
-                Err(e) => return Err(SessionError::Protocol(format!("malformed ack: {e}"))),
-            },
+            (op::RESPONSE, resource::ACK) => {
+                let ack: Ack = msg
+                    .content_as()
+                    .map_err(|e| SessionError::Protocol(format!("malformed ack: {e}")))?;
+                self.nodes.acked(session, ack.resource_version);
+                metrics::counter!("cloudcore_hub_acks_total").increment(1);
+            }
             (op::KEEPALIVE, _) => self.nodes.seen(session),
             (op::QUERY, resource::SYNC) => {
-                // The node lost track (e.g. its store was reset) and asks again.
+                // A node that lost track asks again. Each answer may be a whole snapshot, so a
+                // node gets one every RESYNC_INTERVAL at most.
+                if last_query.elapsed() < RESYNC_INTERVAL {
+                    return Err(SessionError::Rejected("sync requested too often".into()));
+                }
+                *last_query = Instant::now();
                 let sync: SyncRequest = msg
                     .content_as()
                     .map_err(|e| SessionError::Protocol(format!("malformed sync request: {e}")))?;
-                *sent = self.answer(sink, session, &msg.header.id, &sync).await?;
+                *sent = self.answer(out, session, &msg.header.id, &sync).await?;
             }
             (operation, res) => debug!(operation, resource = res, "ignoring an unknown message"),
         }
@@ -419,7 +586,7 @@ impl Hub {
     /// will have once it applied it.
     async fn answer<S>(
         &self,
-        sink: &mut Sink<S>,
+        out: &mut Outbound<'_, S>,
         session: &Session,
         request_id: &str,
         sync: &SyncRequest,
@@ -429,48 +596,50 @@ impl Hub {
     {
         let store_id = self.store.store_id().to_string();
         let since = if sync.store_id.as_deref() == Some(store_id.as_str()) {
-            self.store.changes_since(sync.resource_version)
+            self.store
+                .changes_since(sync.resource_version, Some(&sync.chain))
         } else {
             Since::Gone
         };
         let (mode, to) = match since {
             Since::Current => {
-                self.respond(
-                    sink,
+                out.feed(self.response(
                     request_id,
                     SyncMode::Current,
                     sync.resource_version,
                     sync.resource_version,
                     0,
-                )
+                    &sync.chain,
+                ))
                 .await?;
+                out.flush().await?;
                 (SyncMode::Current, sync.resource_version)
             }
             Since::Changes(changes) => {
-                let to = changes
+                let (to, chain) = changes
                     .last()
-                    .map(|c| c.version)
-                    .unwrap_or(sync.resource_version);
-                self.respond(
-                    sink,
+                    .map(|c| (c.version, c.chain.as_str()))
+                    .unwrap_or((sync.resource_version, sync.chain.as_str()));
+                out.feed(self.response(
                     request_id,
                     SyncMode::Delta,
                     sync.resource_version,
                     to,
                     changes.len() as u64,
-                )
+                    chain,
+                ))
                 .await?;
                 for c in &changes {
-                    sink.feed(WsMessage::Text(wire(c))).await?;
+                    out.feed(WsMessage::Text(wire(c))).await?;
                 }
-                sink.flush().await?;
+                out.flush().await?;
                 metrics::counter!("cloudcore_hub_changes_sent_total")
                     .increment(changes.len() as u64);
                 (SyncMode::Delta, to)
             }
             Since::Gone => (
                 SyncMode::Snapshot,
-                self.send_snapshot(sink, request_id, sync.resource_version)
+                self.send_snapshot(out, request_id, sync.resource_version)
                     .await?,
             ),
         };
@@ -486,24 +655,22 @@ impl Hub {
         Ok(to)
     }
 
-    async fn respond<S>(
+    fn response(
         &self,
-        sink: &mut Sink<S>,
         request_id: &str,
         mode: SyncMode,
         from_version: u64,
         to_version: u64,
         count: u64,
-    ) -> Result<(), SessionError>
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
+        chain: &str,
+    ) -> WsMessage {
         let resp = SyncResponse {
             mode,
             store_id: self.store.store_id().to_string(),
             from_version,
             to_version,
             count,
+            chain: chain.to_string(),
         };
         let msg = Message::new(
             module::CLOUDHUB,
@@ -515,29 +682,28 @@ impl Hub {
         .with_parent(request_id)
         .with_version(to_version)
         .with_content(&resp);
-        sink.feed(WsMessage::text(msg.to_json())).await?;
-        Ok(())
+        WsMessage::text(msg.to_json())
     }
 
     /// Sends the changes after `sent`, or a snapshot when they are no longer kept.
     async fn catch_up<S>(
         &self,
-        sink: &mut Sink<S>,
+        out: &mut Outbound<'_, S>,
         session: &Session,
         sent: u64,
     ) -> Result<u64, SessionError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        match self.store.changes_since(sent) {
+        match self.store.changes_since(sent, None) {
             Since::Current => Ok(sent),
             Since::Changes(changes) => {
                 let mut last = sent;
                 for c in &changes {
-                    sink.feed(WsMessage::Text(wire(c))).await?;
+                    out.feed(WsMessage::Text(wire(c))).await?;
                     last = c.version;
                 }
-                sink.flush().await?;
+                out.flush().await?;
                 metrics::counter!("cloudcore_hub_changes_sent_total")
                     .increment(changes.len() as u64);
                 Ok(last)
@@ -545,14 +711,14 @@ impl Hub {
             Since::Gone => {
                 // The node fell behind the history while connected (it reads too slowly).
                 warn!(node = %session.node, sent, "node fell behind the change history; sending a snapshot");
-                self.send_snapshot(sink, "", sent).await
+                self.send_snapshot(out, "", sent).await
             }
         }
     }
 
     async fn send_snapshot<S>(
         &self,
-        sink: &mut Sink<S>,
+        out: &mut Outbound<'_, S>,
         request_id: &str,
         from: u64,
     ) -> Result<u64, SessionError>
@@ -560,19 +726,19 @@ impl Hub {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let snap = self.encoded_snapshot().await?;
-        self.respond(
-            sink,
+        out.feed(self.response(
             request_id,
             SyncMode::Snapshot,
             from,
             snap.version,
             snap.count,
-        )
+            &snap.chain,
+        ))
         .await?;
         for chunk in &snap.chunks {
-            sink.feed(WsMessage::Text(chunk.clone())).await?;
+            out.feed(WsMessage::Text(chunk.clone())).await?;
         }
-        sink.flush().await?;
+        out.flush().await?;
         metrics::counter!("cloudcore_hub_snapshots_sent_total").increment(1);
         Ok(snap.version)
     }
@@ -586,34 +752,32 @@ impl Hub {
             return Ok(s.clone());
         }
         let store = self.store.clone();
-        let chunk_size = self.cfg.snapshot_chunk.max(1);
+        let chunk_bytes = self.cfg.snapshot_chunk_bytes;
         let built = tokio::task::spawn_blocking(move || -> Result<EncodedSnapshot, String> {
             let snap = store.snapshot().map_err(|e| e.to_string())?;
             let count = snap.records.len() as u64;
-            let mut chunks = Vec::with_capacity(snap.records.len() / chunk_size + 1);
-            let mut pieces = snap.records.chunks(chunk_size).peekable();
-            if pieces.peek().is_none() {
-                chunks.push(encode_chunk(snap.version, Vec::new(), true)?);
-            }
-            while let Some(piece) = pieces.next() {
-                let entries = piece
-                    .iter()
-                    .map(|r| {
-                        Ok(SnapshotEntry {
-                            resource: r.key.resource(),
-                            object: RawValue::from_string(r.json.to_string())
-                                .map_err(|e| e.to_string())?,
+            let pieces = chunk_snapshot(&snap.records, chunk_bytes);
+            let last = pieces.len().saturating_sub(1);
+            let chunks = pieces
+                .into_iter()
+                .enumerate()
+                .map(|(i, piece)| {
+                    let entries = piece
+                        .iter()
+                        .map(|r| {
+                            Ok(SnapshotEntry {
+                                resource: r.key.resource(),
+                                object: RawValue::from_string(r.json.to_string())
+                                    .map_err(|e| e.to_string())?,
+                            })
                         })
-                    })
-                    .collect::<Result<Vec<_>, String>>()?;
-                chunks.push(encode_chunk(
-                    snap.version,
-                    entries,
-                    pieces.peek().is_none(),
-                )?);
-            }
+                        .collect::<Result<Vec<_>, String>>()?;
+                    encode_chunk(snap.version, entries, i == last)
+                })
+                .collect::<Result<Vec<_>, String>>()?;
             Ok(EncodedSnapshot {
                 version: snap.version,
+                chain: snap.chain.clone(),
                 count,
                 chunks,
             })
@@ -625,6 +789,31 @@ impl Hub {
         *cached = Some(built.clone());
         Ok(built)
     }
+}
+
+/// Splits records into chunks of about `max_bytes` of JSON each (at least one record, and one
+/// empty chunk for an empty store). Bounded by bytes, not count: a websocket keeps the capacity
+/// of its largest write, so chunk size is per-node memory for as long as the node stays.
+fn chunk_snapshot(
+    records: &[crate::store::Record],
+    max_bytes: usize,
+) -> Vec<&[crate::store::Record]> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut size = 0;
+    for (i, r) in records.iter().enumerate() {
+        let len = r.json.len() + r.key.name.len() + r.key.namespace.len() + 32;
+        if i > start && size + len > max_bytes {
+            chunks.push(&records[start..i]);
+            start = i;
+            size = 0;
+        }
+        size += len;
+    }
+    if start < records.len() || chunks.is_empty() {
+        chunks.push(&records[start..]);
+    }
+    chunks
 }
 
 fn encode_chunk(
@@ -642,4 +831,41 @@ fn encode_chunk(
     .with_version(version)
     .with_content(&SnapshotChunk { entries, last });
     Ok(msg.to_json().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Record;
+    use edgehub::model::{Kind, ObjectKey};
+
+    fn rec(i: usize, size: usize) -> Record {
+        Record {
+            key: ObjectKey::new(Kind::Service, "default", format!("s{i}")),
+            version: i as u64,
+            json: "x".repeat(size).into(),
+        }
+    }
+
+    #[test]
+    fn snapshot_chunks_are_bounded_by_bytes() {
+        let records: Vec<Record> = (0..100).map(|i| rec(i, 1000)).collect();
+        let chunks = chunk_snapshot(&records, 32 << 10);
+        assert!(chunks.len() >= 3, "{}", chunks.len());
+        assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), 100);
+        assert!(chunks
+            .iter()
+            .all(|c| c.iter().map(|r| r.json.len()).sum::<usize>() <= 32 << 10));
+        // An object larger than the bound still goes, alone.
+        let big = vec![rec(0, 10), rec(1, 100_000), rec(2, 10)];
+        assert_eq!(
+            chunk_snapshot(&big, 1000)
+                .iter()
+                .map(|c| c.len())
+                .collect::<Vec<_>>(),
+            vec![1, 1, 1]
+        );
+        // An empty store is one empty chunk.
+        assert_eq!(chunk_snapshot(&[], 1000).len(), 1);
+    }
 }

@@ -48,6 +48,9 @@ struct Entry {
 pub struct NodeRegistry {
     nodes: Mutex<HashMap<String, Entry>>,
     next_conn: AtomicU64,
+    /// Kept as a running count: recounting on every (re)connect is quadratic when thousands
+    /// of nodes reconnect at once.
+    online: AtomicU64,
 }
 
 /// A connection's claim on its node name; `NodeRegistry::disconnect` takes it back.
@@ -67,21 +70,25 @@ impl NodeRegistry {
     pub fn connect(&self, node: &str, addr: SocketAddr) -> Session {
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
         let kicked = CancellationToken::new();
-        let mut nodes = self.lock();
-        let e = nodes.entry(node.to_string()).or_default();
-        if let Some(old) = e.kick.take() {
-            old.cancel();
+        {
+            let mut nodes = self.lock();
+            let e = nodes.entry(node.to_string()).or_default();
+            if let Some(old) = e.kick.take() {
+                old.cancel();
+            }
+            if !e.status.online {
+                self.online.fetch_add(1, Ordering::Relaxed);
+            }
+            e.conn_id = conn_id;
+            e.kick = Some(kicked.clone());
+            let now = now_ms();
+            e.status.online = true;
+            e.status.address = Some(addr.to_string());
+            e.status.connected_since_ms = Some(now);
+            e.status.last_seen_ms = Some(now);
+            e.status.disconnect_reason = None;
         }
-        e.conn_id = conn_id;
-        e.kick = Some(kicked.clone());
-        let now = now_ms();
-        e.status.online = true;
-        e.status.address = Some(addr.to_string());
-        e.status.connected_since_ms = Some(now);
-        e.status.last_seen_ms = Some(now);
-        e.status.disconnect_reason = None;
-        metrics::gauge!("cloudcore_hub_connected_nodes")
-            .set(nodes.values().filter(|e| e.status.online).count() as f64);
+        self.publish_online();
         Session {
             node: node.to_string(),
             conn_id,
@@ -91,17 +98,26 @@ impl NodeRegistry {
 
     /// Marks the node offline unless a newer connection took over.
     pub fn disconnect(&self, session: &Session, reason: &str) {
-        let mut nodes = self.lock();
-        if let Some(e) = nodes.get_mut(&session.node) {
-            if e.conn_id == session.conn_id {
-                e.status.online = false;
-                e.status.connected_since_ms = None;
-                e.status.disconnect_reason = Some(reason.to_string());
-                e.kick = None;
+        {
+            let mut nodes = self.lock();
+            if let Some(e) = nodes.get_mut(&session.node) {
+                if e.conn_id == session.conn_id {
+                    if e.status.online {
+                        self.online.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    e.status.online = false;
+                    e.status.connected_since_ms = None;
+                    e.status.disconnect_reason = Some(reason.to_string());
+                    e.kick = None;
+                }
             }
         }
+        self.publish_online();
+    }
+
+    fn publish_online(&self) {
         metrics::gauge!("cloudcore_hub_connected_nodes")
-            .set(nodes.values().filter(|e| e.status.online).count() as f64);
+            .set(self.online.load(Ordering::Relaxed) as f64);
     }
 
     fn with(&self, session: &Session, f: impl FnOnce(&mut NodeStatus)) {
@@ -113,7 +129,11 @@ impl NodeRegistry {
     }
 
     pub fn seen(&self, session: &Session) {
-        self.with(session, |s| s.last_seen_ms = Some(now_ms()));
+        self.seen_at(session, now_ms());
+    }
+
+    pub fn seen_at(&self, session: &Session, ms: i64) {
+        self.with(session, |s| s.last_seen_ms = Some(ms));
     }
 
     pub fn acked(&self, session: &Session, version: u64) {
@@ -124,9 +144,11 @@ impl NodeRegistry {
     }
 
     pub fn synced(&self, session: &Session, mode: &str, agent_version: &str) {
+        // The version string comes from the node: keep it short.
+        let agent: String = agent_version.chars().take(64).collect();
         self.with(session, |s| {
             s.last_sync = Some(mode.to_string());
-            s.agent_version = Some(agent_version.to_string());
+            s.agent_version = Some(agent);
         });
     }
 
@@ -144,10 +166,14 @@ impl NodeRegistry {
     /// Forgets a deleted node.
     pub fn remove(&self, node: &str) {
         if let Some(e) = self.lock().remove(node) {
+            if e.status.online {
+                self.online.fetch_sub(1, Ordering::Relaxed);
+            }
             if let Some(k) = e.kick {
                 k.cancel();
             }
         }
+        self.publish_online();
     }
 
     pub fn status(&self, node: &str) -> NodeStatus {
@@ -158,7 +184,7 @@ impl NodeRegistry {
     }
 
     pub fn online_count(&self) -> usize {
-        self.lock().values().filter(|e| e.status.online).count()
+        self.online.load(Ordering::Relaxed) as usize
     }
 }
 

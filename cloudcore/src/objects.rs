@@ -25,9 +25,19 @@ pub enum ApplyError {
     },
     #[error("{field}: {message}")]
     Conflict { field: String, message: String },
+    #[error("{}{object} is {size} bytes; objects are at most {MAX_OBJECT_BYTES} bytes", index.map(|i| format!("document {i}: ")).unwrap_or_default())]
+    TooLarge {
+        index: Option<usize>,
+        object: String,
+        size: usize,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
+
+/// Largest object (canonical JSON) the store accepts. Every node receives every object in one
+/// message, so this also bounds what one change costs each node and the hub.
+pub const MAX_OBJECT_BYTES: usize = 1 << 20;
 
 /// What happened to one object.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -121,7 +131,9 @@ impl Objects {
                         claimed.insert(ip, key);
                     }
                 }
-                Object::Endpoints(ep) => validate_endpoints(ep).map_err(invalid)?,
+                Object::Endpoints(ep) => {
+                    validate_endpoints(ep, &self.service_cidr).map_err(invalid)?
+                }
                 Object::Node(node) => validate_node(node).map_err(invalid)?,
             }
             let expect_version = if check_versions {
@@ -137,6 +149,14 @@ impl Objects {
             } else {
                 None
             };
+            let size = object.to_json().len();
+            if size > MAX_OBJECT_BYTES {
+                return Err(ApplyError::TooLarge {
+                    index: at(i),
+                    object: label,
+                    size,
+                });
+            }
             keys.push((object.key(), object.meta().resource_version.clone()));
             writes.push(Write::Put {
                 object,
@@ -343,7 +363,7 @@ mod tests {
     fn objects() -> (tempfile::TempDir, Objects) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&dir.path().join("c.db"), 100).expect("open"));
+            Arc::new(SqliteStore::open(&dir.path().join("c.db"), 100, 1 << 20).expect("open"));
         let objects = Objects::new(store, "10.96.0.0/24".parse().expect("cidr")).expect("objects");
         (dir, objects)
     }

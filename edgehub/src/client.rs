@@ -67,7 +67,8 @@ impl HubClientConfig {
             connect_timeout: Duration::from_secs(10),
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
-            max_message_size: 64 << 20,
+            // Objects are at most 1 MiB and snapshot chunks about 32 KiB.
+            max_message_size: 4 << 20,
         }
     }
 }
@@ -258,14 +259,14 @@ impl HubClient {
                 break;
             };
             let span = tracing::info_span!("hub", node = %self.cfg.node_name, cloud = %url);
-            let synced_before = self.status.lock().map(|s| s.connects).unwrap_or(0);
+            let started = Instant::now();
             let result = self.session(&url, &shutdown).instrument(span).await;
-            let was_connected = {
+            let was_synced = {
                 let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
-                let was = s.connected;
-                if was {
+                if s.connected {
                     s.disconnects += 1;
                 }
+                let was = s.synced;
                 s.connected = false;
                 s.synced = false;
                 s.connected_since_ms = None;
@@ -282,13 +283,12 @@ impl HubClient {
                     });
                 }
             }
-            let connected_meanwhile =
-                self.status.lock().map(|s| s.connects).unwrap_or(0) > synced_before;
-            if was_connected && connected_meanwhile {
-                // A working link that broke: start over gently.
+            // Only a session that synced and then lasted counts as a working link. One that
+            // fails straight after connecting (refused, a bad object, a protocol error) keeps
+            // backing off, so a fleet cannot hammer the cloud twice a second.
+            if was_synced && started.elapsed() > self.cfg.keepalive_timeout {
                 backoff.reset();
             } else {
-                // This URL did not work: try the next one.
                 next_url = next_url.wrapping_add(1);
             }
             let delay = backoff.next_delay();
@@ -416,6 +416,7 @@ impl HubClient {
         let request = SyncRequest {
             store_id: point.store_id.clone(),
             resource_version: point.version,
+            chain: point.chain.clone(),
             labels: self.cfg.labels.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
         };
@@ -528,12 +529,13 @@ impl HubClient {
                     SyncMode::Snapshot => {
                         state.snapshot = Some(StagedSnapshot {
                             version: resp.to_version,
+                            chain: resp.chain.clone(),
                             objects: Vec::with_capacity(resp.count.min(1 << 20) as usize),
                         });
                         self.update(|s| s.snapshots += 1);
                     }
                     SyncMode::Delta => {
-                        state.delta_target = Some(resp.to_version);
+                        state.delta_target = Some((resp.to_version, resp.chain.clone()));
                         self.update(|s| s.deltas += 1);
                     }
                     SyncMode::Current => self.update(|s| s.synced = true),
@@ -579,19 +581,20 @@ impl HubClient {
                     HubError::Protocol(format!("change with invalid resource {res:?}"))
                 })?;
                 let version = msg.version()?;
-                let object = if operation == op::DELETE {
-                    None
-                } else {
-                    let raw = msg.content.ok_or_else(|| MessageError::MissingContent {
+                // A delete carries the object as it was: its bytes are part of the chain.
+                let body = msg
+                    .content
+                    .ok_or_else(|| MessageError::MissingContent {
                         operation: operation.clone(),
                         resource: res.to_string(),
-                    })?;
-                    Some(raw.get().to_string())
-                };
+                    })?
+                    .get()
+                    .to_string();
                 batch.push(EdgeChange {
                     version,
                     key,
-                    object,
+                    operation: operation.clone(),
+                    body,
                 });
                 Ok(None)
             }
@@ -622,7 +625,20 @@ impl HubClient {
             .map_err(|e| HubError::Protocol(format!("store task failed: {e}")))??;
         state.committed = applied.version;
         metrics::counter!("edgemesh_hub_changes_applied_total").increment(applied.applied as u64);
-        let caught_up = state.delta_target.is_some_and(|t| applied.version >= t);
+        let caught_up = match &state.delta_target {
+            Some((target, chain)) if applied.version >= *target => {
+                // Where the delta ends the node must hold the cloud's history; if not, its
+                // copy came from a timeline the cloud no longer has (a restored backup).
+                // Reconnecting presents this chain, and the cloud answers with a snapshot.
+                if applied.version == *target && !chain.is_empty() && *chain != applied.chain {
+                    return Err(HubError::Protocol(format!(
+                        "history mismatch at version {target}: resyncing"
+                    )));
+                }
+                true
+            }
+            _ => false,
+        };
         if caught_up {
             state.delta_target = None;
         }
@@ -654,7 +670,12 @@ impl HubClient {
         let meta = self.meta.clone();
         let version = snapshot.version;
         let count = tokio::task::spawn_blocking(move || {
-            meta.replace_all(&store_id, snapshot.version, &snapshot.objects)
+            meta.replace_all(
+                &store_id,
+                snapshot.version,
+                &snapshot.chain,
+                &snapshot.objects,
+            )
         })
         .await
         .map_err(|e| HubError::Protocol(format!("store task failed: {e}")))??;
@@ -695,13 +716,15 @@ impl HubClient {
 
 struct StagedSnapshot {
     version: u64,
+    chain: String,
     objects: Vec<(ObjectKey, String)>,
 }
 
 struct SessionState {
     store_id: Option<String>,
     snapshot: Option<StagedSnapshot>,
-    delta_target: Option<u64>,
+    /// Version and chain a delta ends at.
+    delta_target: Option<(u64, String)>,
     committed: u64,
 }
 

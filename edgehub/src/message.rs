@@ -225,6 +225,30 @@ impl Message {
     }
 }
 
+/// Extends the history chain by one change. The chain is a digest of every change up to a
+/// version, computed the same way by the cloud (as it commits) and by each node (as it
+/// applies), so that a node resuming at "version N" can prove it has the cloud's version N.
+/// Without it, a cloud store restored from a backup would reuse version numbers for
+/// different changes and resuming nodes would silently keep the lost ones. The empty string
+/// is the chain before the first change.
+pub fn chain_next(prev: &str, version: u64, operation: &str, resource: &str, body: &str) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [
+        prev.as_bytes(),
+        version.to_string().as_bytes(),
+        operation.as_bytes(),
+        resource.as_bytes(),
+        body.as_bytes(),
+    ] {
+        ctx.update(&(part.len() as u64).to_be_bytes());
+        ctx.update(part);
+    }
+    ctx.finish().as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// How the cloud answers a sync request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -256,6 +280,9 @@ pub struct SyncRequest {
     pub store_id: Option<String>,
     /// The last version the node committed.
     pub resource_version: u64,
+    /// The history chain at that version (see [`chain_next`]).
+    #[serde(default)]
+    pub chain: String,
     /// The node's labels, published as its Node object's labels (topology).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -275,6 +302,9 @@ pub struct SyncResponse {
     pub to_version: u64,
     /// Change messages (delta) or objects (snapshot) that follow.
     pub count: u64,
+    /// The history chain at `to_version`: a snapshot's chain, or what a delta must end at.
+    #[serde(default)]
+    pub chain: String,
 }
 
 /// One object inside a snapshot chunk.
@@ -355,6 +385,21 @@ mod tests {
                 .expect("parses");
         assert!(msg.version().is_err());
         assert!(msg.content_as::<Ack>().is_err());
+    }
+
+    #[test]
+    fn the_chain_depends_on_every_part_and_on_order() {
+        let a = chain_next("", 1, op::INSERT, "default/service/a", "{}");
+        assert_eq!(a.len(), 32);
+        assert_eq!(a, chain_next("", 1, op::INSERT, "default/service/a", "{}"));
+        assert_ne!(a, chain_next("", 1, op::UPDATE, "default/service/a", "{}"));
+        assert_ne!(a, chain_next("", 2, op::INSERT, "default/service/a", "{}"));
+        assert_ne!(a, chain_next("x", 1, op::INSERT, "default/service/a", "{}"));
+        // Length-prefixed parts: moving bytes between fields changes the digest.
+        assert_ne!(
+            chain_next("", 1, "ab", "c", ""),
+            chain_next("", 1, "a", "bc", "")
+        );
     }
 
     #[test]

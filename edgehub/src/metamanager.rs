@@ -42,6 +42,8 @@ pub enum MetaError {
     BadObject { resource: String, reason: String },
     #[error("invalid resource {0:?}")]
     BadResource(String),
+    #[error("changes from cloud store {got} cannot apply to a copy of store {stored}")]
+    StoreMismatch { stored: String, got: String },
 }
 
 /// One change as received from the cloud.
@@ -49,8 +51,16 @@ pub enum MetaError {
 pub struct EdgeChange {
     pub version: u64,
     pub key: ObjectKey,
-    /// The object JSON for insert/update; `None` for delete.
-    pub object: Option<String>,
+    /// `insert`, `update` or `delete`.
+    pub operation: String,
+    /// The object JSON: the new object, or for a delete the object as it was.
+    pub body: String,
+}
+
+impl EdgeChange {
+    pub fn is_delete(&self) -> bool {
+        self.operation == crate::message::op::DELETE
+    }
 }
 
 /// Where the node's copy stands.
@@ -58,16 +68,19 @@ pub struct EdgeChange {
 pub struct SyncPoint {
     pub store_id: Option<String>,
     pub version: u64,
+    /// History chain at `version` (see [`crate::message::chain_next`]).
+    pub chain: String,
 }
 
 /// What applying a batch did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
     /// Changes written.
     pub applied: usize,
     /// Changes skipped because the store already had them (redelivery).
     pub duplicates: usize,
     pub version: u64,
+    pub chain: String,
 }
 
 /// Parsed, immutable view of the node's metadata at one version.
@@ -132,7 +145,8 @@ CREATE TABLE IF NOT EXISTS meta (
 CREATE TABLE IF NOT EXISTS sync_state (
     id       INTEGER PRIMARY KEY CHECK (id = 1),
     store_id TEXT,
-    version  INTEGER NOT NULL
+    version  INTEGER NOT NULL,
+    chain    TEXT NOT NULL DEFAULT ''
 );
 ";
 
@@ -241,29 +255,34 @@ impl MetaManager {
         Ok(view)
     }
 
-    /// Parses the objects of a batch before anything is written, so a bad object rejects the
-    /// whole batch instead of leaving the store half-applied.
-    fn parse(changes: &[EdgeChange]) -> Result<Vec<Option<Object>>, MetaError> {
-        changes
-            .iter()
-            .map(|c| match &c.object {
-                None => Ok(None),
-                Some(json) => {
-                    let obj =
-                        Object::from_json(c.key.kind, json).map_err(|e| MetaError::BadObject {
-                            resource: c.key.resource(),
-                            reason: e.to_string(),
-                        })?;
-                    if obj.key() != c.key {
-                        return Err(MetaError::BadObject {
-                            resource: c.key.resource(),
-                            reason: format!("object is {}", obj.key()),
-                        });
-                    }
-                    Ok(Some(obj))
-                }
-            })
-            .collect()
+    /// Parses one received object. Broken JSON, or an object that is not the one its change
+    /// names, is an error (the cloud would be at fault). Valid JSON that this agent's model
+    /// does not know — a newer cloud's field — is stored as sent and left out of the view,
+    /// with a warning: one such object must not stop a node from receiving every later change.
+    fn parse(key: &ObjectKey, json: &str) -> Result<Option<Object>, MetaError> {
+        let bad = |reason: String| MetaError::BadObject {
+            resource: key.resource(),
+            reason,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+        let meta = &value["metadata"];
+        let named = (
+            meta["namespace"].as_str().unwrap_or(""),
+            meta["name"].as_str().unwrap_or(""),
+        );
+        if named != (key.namespace.as_str(), key.name.as_str()) {
+            return Err(bad(format!("object is named {}/{}", named.0, named.1)));
+        }
+        match Object::from_value(value) {
+            Ok(obj) if obj.key() == *key => Ok(Some(obj)),
+            Ok(obj) => Err(bad(format!("object is {}", obj.key()))),
+            Err(e) => {
+                tracing::warn!(resource = %key, error = %e, "stored an object this agent cannot interpret; it is left out until an upgrade");
+                metrics::counter!("edgemesh_meta_uninterpreted_objects_total").increment(1);
+                Ok(None)
+            }
+        }
     }
 
     /// Applies a batch of live or delta changes in one transaction together with the new
@@ -275,13 +294,29 @@ impl MetaManager {
         store_id: &str,
         changes: &[EdgeChange],
     ) -> Result<Applied, MetaError> {
-        let parsed = Self::parse(changes)?;
+        let parsed = changes
+            .iter()
+            .map(|c| {
+                if c.is_delete() {
+                    Ok(None)
+                } else {
+                    Self::parse(&c.key, &c.body)
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.sql_err(e))?;
         let point = read_sync_point(&tx).map_err(|e| self.sql_err(e))?;
+        if let Some(stored) = point.store_id.as_deref().filter(|s| *s != store_id) {
+            return Err(MetaError::StoreMismatch {
+                stored: stored.to_string(),
+                got: store_id.to_string(),
+            });
+        }
         let mut version = point.version;
+        let mut chain = point.chain;
         let mut applied = Applied::default();
         let mut written = Vec::new();
         for (change, obj) in changes.iter().zip(parsed) {
@@ -297,23 +332,32 @@ impl MetaManager {
                 });
             }
             let key = change.key.resource();
-            match &change.object {
-                Some(json) => tx.execute(
+            if change.is_delete() {
+                tx.execute("DELETE FROM meta WHERE key = ?1", params![key])
+            } else {
+                tx.execute(
                     "INSERT INTO meta (key, type, value) VALUES (?1, ?2, ?3)
                      ON CONFLICT(key) DO UPDATE SET type = excluded.type, value = excluded.value",
-                    params![key, change.key.kind.resource_type(), json],
-                ),
-                None => tx.execute("DELETE FROM meta WHERE key = ?1", params![key]),
+                    params![key, change.key.kind.resource_type(), change.body],
+                )
             }
             .map_err(|e| self.sql_err(e))?;
+            chain = crate::message::chain_next(
+                &chain,
+                change.version,
+                &change.operation,
+                &key,
+                &change.body,
+            );
             version = change.version;
             applied.applied += 1;
             written.push((change.key.clone(), obj));
         }
         applied.version = version;
         if applied.applied > 0 {
-            write_sync_point(&tx, Some(store_id), version).map_err(|e| self.sql_err(e))?;
+            write_sync_point(&tx, Some(store_id), version, &chain).map_err(|e| self.sql_err(e))?;
         }
+        applied.chain = chain;
         tx.commit().map_err(|e| self.sql_err(e))?;
         drop(conn);
         if applied.applied > 0 {
@@ -334,6 +378,7 @@ impl MetaManager {
         &self,
         store_id: &str,
         version: u64,
+        chain: &str,
         objects: &[(ObjectKey, String)],
     ) -> Result<usize, MetaError> {
         let mut view = MeshView {
@@ -342,11 +387,9 @@ impl MetaManager {
             ..MeshView::default()
         };
         for (key, json) in objects {
-            let obj = Object::from_json(key.kind, json).map_err(|e| MetaError::BadObject {
-                resource: key.resource(),
-                reason: e.to_string(),
-            })?;
-            view.set(key, Some(obj));
+            if let Some(obj) = Self::parse(key, json)? {
+                view.set(key, Some(obj));
+            }
         }
         let mut conn = self.conn();
         let tx = conn
@@ -363,7 +406,7 @@ impl MetaManager {
                     .map_err(|e| self.sql_err(e))?;
             }
         }
-        write_sync_point(&tx, Some(store_id), version).map_err(|e| self.sql_err(e))?;
+        write_sync_point(&tx, Some(store_id), version, chain).map_err(|e| self.sql_err(e))?;
         tx.commit().map_err(|e| self.sql_err(e))?;
         drop(conn);
         self.view.send_replace(Arc::new(view));
@@ -374,12 +417,13 @@ impl MetaManager {
 fn read_sync_point(conn: &Connection) -> rusqlite::Result<SyncPoint> {
     Ok(conn
         .query_row(
-            "SELECT store_id, version FROM sync_state WHERE id = 1",
+            "SELECT store_id, version, chain FROM sync_state WHERE id = 1",
             [],
             |r| {
                 Ok(SyncPoint {
                     store_id: r.get(0)?,
                     version: r.get::<_, i64>(1)? as u64,
+                    chain: r.get(2)?,
                 })
             },
         )
@@ -391,11 +435,13 @@ fn write_sync_point(
     conn: &Connection,
     store_id: Option<&str>,
     version: u64,
+    chain: &str,
 ) -> rusqlite::Result<()> {
     conn.execute(
-        "INSERT INTO sync_state (id, store_id, version) VALUES (1, ?1, ?2)
-         ON CONFLICT(id) DO UPDATE SET store_id = excluded.store_id, version = excluded.version",
-        params![store_id, version as i64],
+        "INSERT INTO sync_state (id, store_id, version, chain) VALUES (1, ?1, ?2, ?3)
+         ON CONFLICT(id) DO UPDATE SET store_id = excluded.store_id, version = excluded.version,
+         chain = excluded.chain",
+        params![store_id, version as i64, chain],
     )?;
     Ok(())
 }
@@ -414,7 +460,8 @@ mod tests {
         EdgeChange {
             version,
             key: ObjectKey::new(Kind::Service, "default", name),
-            object,
+            operation: if object.is_some() { "update" } else { "delete" }.to_string(),
+            body: object.unwrap_or_else(|| svc(name, "10.96.0.1")),
         }
     }
 
@@ -450,13 +497,9 @@ mod tests {
         drop(mm);
 
         let mm = MetaManager::open(dir.path()).expect("reopen");
-        assert_eq!(
-            mm.sync_point().expect("point"),
-            SyncPoint {
-                store_id: Some("s1".into()),
-                version: 3
-            }
-        );
+        let point = mm.sync_point().expect("point");
+        assert_eq!((point.store_id.as_deref(), point.version), (Some("s1"), 3));
+        assert_eq!(point.chain.len(), 32);
         let view = mm.view();
         assert!(view.service("default", "a").is_none());
         assert_eq!(
@@ -501,6 +544,18 @@ mod tests {
         assert!(matches!(err, MetaError::BadObject { .. }), "{err}");
         assert_eq!(mm.sync_point().expect("point").version, 0);
         assert!(mm.rows().expect("rows").is_empty());
+
+        // A field this agent does not know: stored as sent, kept out of the view, not fatal.
+        let newer = svc("a", "10.96.0.1").replace(
+            r#""sessionAffinity""#,
+            r#""fromTheFuture":1,"sessionAffinity""#,
+        );
+        let a = mm
+            .apply_changes("s1", &[change(1, "a", Some(newer.clone()))])
+            .expect("lenient");
+        assert_eq!(a.applied, 1);
+        assert_eq!(mm.rows().expect("rows")[0].2, newer);
+        assert!(mm.view().service("default", "a").is_none());
     }
 
     #[test]
@@ -513,7 +568,14 @@ mod tests {
             ObjectKey::new(Kind::Service, "default", "new"),
             svc("new", "10.96.0.9"),
         )];
-        mm.replace_all("s2", 500, &objects).expect("snapshot");
+        mm.replace_all("s2", 500, "c500", &objects)
+            .expect("snapshot");
+        assert_eq!(mm.sync_point().expect("point").chain, "c500");
+        // Changes of another store are refused.
+        let err = mm
+            .apply_changes("s1", &[change(501, "x", None)])
+            .unwrap_err();
+        assert!(matches!(err, MetaError::StoreMismatch { .. }), "{err}");
         let view = mm.view();
         assert_eq!(view.version, 500);
         assert_eq!(view.store_id.as_deref(), Some("s2"));

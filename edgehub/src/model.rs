@@ -17,7 +17,7 @@ mod validate;
 
 pub use validate::{
     error_path, validate_endpoints, validate_node, validate_service, FieldError, LbPolicy,
-    ServiceAnnotations,
+    ServiceAnnotations, CLOUD_NODE,
 };
 
 /// Annotation that selects the load-balancing policy of a Service.

@@ -56,19 +56,36 @@ pub struct Change {
     pub key: ObjectKey,
     /// The object after the change; for a delete, the object as it was.
     pub json: Arc<str>,
+    /// The history chain after this change (see `edgehub::message::chain_next`).
+    pub chain: String,
     /// The change encoded as a hub Message, made once and shared by every node's session.
     pub wire: OnceLock<Bytes>,
 }
 
 impl Change {
-    pub fn new(version: u64, op: ChangeOp, key: ObjectKey, json: Arc<str>) -> Self {
+    /// A change following `prev_chain`.
+    pub fn new(
+        version: u64,
+        op: ChangeOp,
+        key: ObjectKey,
+        json: Arc<str>,
+        prev_chain: &str,
+    ) -> Self {
+        let chain =
+            edgehub::message::chain_next(prev_chain, version, op.as_str(), &key.resource(), &json);
         Change {
             version,
             op,
             key,
             json,
+            chain,
             wire: OnceLock::new(),
         }
+    }
+
+    /// Memory this change holds in the in-memory log: its JSON, and once encoded its message.
+    pub fn weight(&self) -> usize {
+        2 * self.json.len() + 256
     }
 }
 
@@ -104,6 +121,8 @@ pub enum Since {
 pub struct Snapshot {
     pub store_id: String,
     pub version: u64,
+    /// The history chain at `version`.
+    pub chain: String,
     pub records: Vec<Record>,
 }
 
@@ -142,7 +161,10 @@ pub trait Store: Send + Sync + 'static {
     /// changes made (no-op puts make none).
     fn write(&self, writes: Vec<Write>) -> Result<Vec<Arc<Change>>, StoreError>;
 
-    fn changes_since(&self, version: u64) -> Since;
+    /// The changes after `version`. With `chain`, the caller's history must be the store's
+    /// at that version (a node resuming), else the answer is [`Since::Gone`]; without, the
+    /// caller is the hub continuing what it sent itself.
+    fn changes_since(&self, version: u64, chain: Option<&str>) -> Since;
 
     fn snapshot(&self) -> Result<Snapshot, StoreError>;
 

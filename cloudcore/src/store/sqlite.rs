@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS changelog (
     kind      TEXT NOT NULL,
     namespace TEXT NOT NULL,
     name      TEXT NOT NULL,
-    body      TEXT NOT NULL
+    body      TEXT NOT NULL,
+    chain     TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS store_meta (
     key   TEXT PRIMARY KEY NOT NULL,
@@ -51,8 +52,36 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
     store_id: String,
     history: usize,
-    recent: RwLock<VecDeque<Arc<Change>>>,
+    history_bytes: usize,
+    recent: RwLock<Recent>,
     version: watch::Sender<u64>,
+}
+
+/// The in-memory tail of the change log, bounded by count and by bytes.
+#[derive(Default)]
+struct Recent {
+    changes: VecDeque<Arc<Change>>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn push(&mut self, change: Arc<Change>, max_len: usize, max_bytes: usize) {
+        self.bytes += change.weight();
+        self.changes.push_back(change);
+        // Always keep the newest change: it carries the head of the chain.
+        while self.changes.len() > 1 && (self.changes.len() > max_len || self.bytes > max_bytes) {
+            if let Some(old) = self.changes.pop_front() {
+                self.bytes -= old.weight();
+            }
+        }
+    }
+
+    fn head(&self) -> (u64, &str) {
+        self.changes
+            .back()
+            .map(|c| (c.version, c.chain.as_str()))
+            .unwrap_or((0, ""))
+    }
 }
 
 fn key_of(kind: &str, namespace: String, name: String) -> Result<ObjectKey, StoreError> {
@@ -66,7 +95,7 @@ fn key_of(kind: &str, namespace: String, name: String) -> Result<ObjectKey, Stor
 impl SqliteStore {
     /// Opens or creates the store. `history` bounds the change log: a node that fell further
     /// behind than that gets a snapshot.
-    pub fn open(path: &Path, history: usize) -> Result<Self, StoreError> {
+    pub fn open(path: &Path, history: usize, history_bytes: usize) -> Result<Self, StoreError> {
         let open_err = |reason: String| StoreError::Open {
             path: path.display().to_string(),
             reason,
@@ -101,10 +130,10 @@ impl SqliteStore {
         };
         let version = read_version(&conn)?;
         let history = history.max(1);
-        let mut recent = VecDeque::with_capacity(history.min(1 << 16));
+        let mut recent = Recent::default();
         {
             let mut stmt = conn.prepare(
-                "SELECT version, op, kind, namespace, name, body FROM changelog
+                "SELECT version, op, kind, namespace, name, body, chain FROM changelog
                  WHERE version > ?1 ORDER BY version",
             )?;
             let floor = version.saturating_sub(history as u64);
@@ -116,36 +145,39 @@ impl SqliteStore {
                     r.get::<_, String>(3)?,
                     r.get::<_, String>(4)?,
                     r.get::<_, String>(5)?,
+                    r.get::<_, String>(6)?,
                 ))
             })?;
             for row in rows {
-                let (v, op, kind, ns, name, body) = row?;
+                let (v, op, kind, ns, name, body, chain) = row?;
                 let op = ChangeOp::parse(&op).ok_or_else(|| StoreError::Corrupt {
                     key: format!("changelog {v}"),
                     reason: format!("unknown op {op:?}"),
                 })?;
-                recent.push_back(Arc::new(Change::new(
-                    v,
+                let change = Change {
+                    version: v,
                     op,
-                    key_of(&kind, ns, name)?,
-                    body.into(),
-                )));
+                    key: key_of(&kind, ns, name)?,
+                    json: body.into(),
+                    chain,
+                    wire: Default::default(),
+                };
+                recent.push(Arc::new(change), history, history_bytes);
             }
         }
         // The log must be contiguous up to the version, or resuming nodes would miss changes.
-        if let Some(last) = recent.back() {
-            if last.version != version {
-                return Err(open_err(format!(
-                    "change log ends at {} but the store is at version {version}",
-                    last.version
-                )));
-            }
+        let (last, _) = recent.head();
+        if version > 0 && last != version {
+            return Err(open_err(format!(
+                "change log ends at {last} but the store is at version {version}"
+            )));
         }
         Ok(SqliteStore {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
             store_id,
             history,
+            history_bytes,
             recent: RwLock::new(recent),
             version: watch::Sender::new(version),
         })
@@ -243,7 +275,14 @@ impl Store for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut version = read_version(&tx)?;
-        let mut changes = Vec::with_capacity(writes.len());
+        let mut chain = self
+            .recent
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .head()
+            .1
+            .to_string();
+        let mut changes: Vec<Change> = Vec::with_capacity(writes.len());
         for write in writes {
             match write {
                 Write::Put {
@@ -280,7 +319,9 @@ impl Store for SqliteStore {
                          ON CONFLICT(kind, namespace, name) DO UPDATE SET version = excluded.version, body = excluded.body",
                         params![key.kind.resource_type(), key.namespace, key.name, version as i64, json],
                     )?;
-                    changes.push(Change::new(version, op, key, json.into()));
+                    let change = Change::new(version, op, key, json.into(), &chain);
+                    chain.clone_from(&change.chain);
+                    changes.push(change);
                 }
                 Write::Delete { key } => {
                     let existing =
@@ -290,7 +331,9 @@ impl Store for SqliteStore {
                         "DELETE FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
                         params![key.kind.resource_type(), key.namespace, key.name],
                     )?;
-                    changes.push(Change::new(version, ChangeOp::Delete, key, existing.json));
+                    let change = Change::new(version, ChangeOp::Delete, key, existing.json, &chain);
+                    chain.clone_from(&change.chain);
+                    changes.push(change);
                 }
             }
         }
@@ -299,7 +342,7 @@ impl Store for SqliteStore {
         }
         {
             let mut stmt = tx.prepare_cached(
-                "INSERT INTO changelog (version, op, kind, namespace, name, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO changelog (version, op, kind, namespace, name, body, chain) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             for c in &changes {
                 stmt.execute(params![
@@ -308,7 +351,8 @@ impl Store for SqliteStore {
                     c.key.kind.resource_type(),
                     c.key.namespace,
                     c.key.name,
-                    &*c.json
+                    &*c.json,
+                    c.chain
                 ])?;
             }
         }
@@ -325,9 +369,8 @@ impl Store for SqliteStore {
         let changes: Vec<Arc<Change>> = changes.into_iter().map(Arc::new).collect();
         {
             let mut recent = self.recent.write().unwrap_or_else(|p| p.into_inner());
-            recent.extend(changes.iter().cloned());
-            while recent.len() > self.history {
-                recent.pop_front();
+            for c in &changes {
+                recent.push(c.clone(), self.history, self.history_bytes);
             }
         }
         // Still under the connection lock: subscribers see versions in commit order.
@@ -336,23 +379,37 @@ impl Store for SqliteStore {
         Ok(changes)
     }
 
-    fn changes_since(&self, since: u64) -> Since {
-        let current = self.version();
+    fn changes_since(&self, since: u64, chain: Option<&str>) -> Since {
+        let recent = self.recent.read().unwrap_or_else(|p| p.into_inner());
+        let (current, head) = recent.head();
         if since == current {
-            return Since::Current;
+            return match chain {
+                Some(c) if c != head => Since::Gone,
+                _ => Since::Current,
+            };
         }
         if since > current {
             return Since::Gone;
         }
-        let recent = self.recent.read().unwrap_or_else(|p| p.into_inner());
-        let Some(first) = recent.front() else {
+        let Some(first) = recent.changes.front() else {
             return Since::Gone;
         };
         if since + 1 < first.version {
             return Since::Gone;
         }
         let skip = (since + 1 - first.version) as usize;
-        Since::Changes(recent.iter().skip(skip).cloned().collect())
+        if let Some(c) = chain {
+            // The chain at `since` is that of the change before the first one sent.
+            let at_since = match skip {
+                0 if first.version == 1 => "",
+                0 => return Since::Gone, // not kept: cannot verify, so resync
+                n => recent.changes[n - 1].chain.as_str(),
+            };
+            if at_since != c {
+                return Since::Gone;
+            }
+        }
+        Since::Changes(recent.changes.iter().skip(skip).cloned().collect())
     }
 
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
@@ -380,9 +437,19 @@ impl Store for SqliteStore {
                 json: body.into(),
             });
         }
+        // Commits update `recent` under the connection lock held here, so this is the head
+        // at `version`.
+        let chain = self
+            .recent
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .head()
+            .1
+            .to_string();
         Ok(Snapshot {
             store_id: self.store_id.clone(),
             version,
+            chain,
             records,
         })
     }
@@ -442,7 +509,7 @@ mod tests {
     fn versions_increase_and_survive_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(DB_FILE);
-        let store = SqliteStore::open(&path, 100).expect("open");
+        let store = SqliteStore::open(&path, 100, 1 << 20).expect("open");
         let id = store.store_id().to_string();
         let mut rx = store.subscribe();
         let c = store
@@ -469,10 +536,10 @@ mod tests {
         );
         drop(store);
 
-        let store = SqliteStore::open(&path, 100).expect("reopen");
+        let store = SqliteStore::open(&path, 100, 1 << 20).expect("reopen");
         assert_eq!(store.store_id(), id);
         assert_eq!(store.version(), 3);
-        match store.changes_since(1) {
+        match store.changes_since(1, None) {
             Since::Changes(c) => {
                 assert_eq!(c.iter().map(|c| c.version).collect::<Vec<_>>(), vec![2, 3])
             }
@@ -483,16 +550,16 @@ mod tests {
     #[test]
     fn history_is_bounded_and_old_versions_get_snapshots() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open(&dir.path().join(DB_FILE), 5).expect("open");
+        let store = SqliteStore::open(&dir.path().join(DB_FILE), 5, 1 << 20).expect("open");
         for i in 0..12 {
             store
                 .write(vec![put(node("a", &i.to_string()))])
                 .expect("write");
         }
-        assert!(matches!(store.changes_since(12), Since::Current));
-        assert!(matches!(store.changes_since(13), Since::Gone));
-        assert!(matches!(store.changes_since(6), Since::Gone));
-        match store.changes_since(7) {
+        assert!(matches!(store.changes_since(12, None), Since::Current));
+        assert!(matches!(store.changes_since(13, None), Since::Gone));
+        assert!(matches!(store.changes_since(6, None), Since::Gone));
+        match store.changes_since(7, None) {
             Since::Changes(c) => assert_eq!(c.len(), 5),
             other => panic!("{other:?}"),
         }
@@ -508,7 +575,7 @@ mod tests {
     #[test]
     fn batches_are_atomic_and_preconditions_hold() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open(&dir.path().join(DB_FILE), 100).expect("open");
+        let store = SqliteStore::open(&dir.path().join(DB_FILE), 100, 1 << 20).expect("open");
         store.write(vec![put(node("a", "1"))]).expect("write");
         let err = store
             .write(vec![
@@ -541,9 +608,63 @@ mod tests {
     }
 
     #[test]
+    fn a_store_restored_from_a_backup_is_detected_by_its_chain() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DB_FILE);
+        let backup = dir.path().join("backup.db");
+        let store = SqliteStore::open(&path, 100, 1 << 20).expect("open");
+        for zone in ["1", "2", "3"] {
+            store.write(vec![put(node("a", zone))]).expect("write");
+        }
+        let at3 = store.snapshot().expect("snapshot").chain;
+        drop(store); // closing checkpoints the WAL into the file
+        std::fs::copy(&path, &backup).expect("backup");
+        let store = SqliteStore::open(&path, 100, 1 << 20).expect("reopen");
+        store
+            .write(vec![put(node("a", "4")), put(node("a", "5"))])
+            .expect("write");
+        let node_at5 = store.snapshot().expect("snapshot").chain;
+        assert!(matches!(
+            store.changes_since(5, Some(&node_at5)),
+            Since::Current
+        ));
+        assert!(matches!(store.changes_since(3, Some(&at3)), Since::Changes(c) if c.len() == 2));
+        assert!(matches!(store.changes_since(3, Some("bogus")), Since::Gone));
+        drop(store);
+
+        // Restore the backup: same store id, versions 4 and 5 are reused for other changes.
+        std::fs::copy(&backup, &path).expect("restore");
+        let store = SqliteStore::open(&path, 100, 1 << 20).expect("restored");
+        store
+            .write(vec![put(node("a", "x")), put(node("a", "y"))])
+            .expect("write");
+        assert_eq!(store.version(), 5);
+        assert!(
+            matches!(store.changes_since(5, Some(&node_at5)), Since::Gone),
+            "same version, other history"
+        );
+        assert!(matches!(store.changes_since(3, Some(&at3)), Since::Changes(c) if c.len() == 2));
+    }
+
+    #[test]
+    fn history_memory_is_bounded_by_bytes_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join(DB_FILE), 1000, 4096).expect("open");
+        for i in 0..50 {
+            store
+                .write(vec![put(node("a", &i.to_string()))])
+                .expect("write");
+        }
+        let kept = store.recent.read().expect("lock").changes.len();
+        assert!(kept < 50 && kept >= 1, "{kept}");
+        assert!(matches!(store.changes_since(1, None), Since::Gone));
+        assert!(matches!(store.changes_since(49, None), Since::Changes(c) if c.len() == 1));
+    }
+
+    #[test]
     fn tokens_are_kept_apart_from_objects() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open(&dir.path().join(DB_FILE), 100).expect("open");
+        let store = SqliteStore::open(&dir.path().join(DB_FILE), 100, 1 << 20).expect("open");
         store.put_token_hash("a", "h1").expect("put");
         store.put_token_hash("a", "h2").expect("rotate");
         assert_eq!(

@@ -184,6 +184,35 @@ fn is_dns1123_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
 }
 
+/// At most this many labels on one object (Kubernetes sets no number; edge nodes carry every
+/// label of every object, so this one is bounded).
+pub const MAX_LABELS: usize = 64;
+/// Total size of an object's annotations, as in Kubernetes.
+pub const MAX_ANNOTATION_BYTES: usize = 256 << 10;
+/// At most this many topology keys on a Service.
+pub const MAX_TOPOLOGY_KEYS: usize = 16;
+/// The node name that means "reachable from cloudcore"; no edge node may take it.
+pub const CLOUD_NODE: &str = "cloud";
+
+/// A label value: empty, or ≤ 63 of [A-Za-z0-9-_.] starting and ending alphanumeric.
+fn is_label_value(s: &str) -> bool {
+    s.is_empty()
+        || (s.len() <= 63
+            && s.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+            && s.as_bytes()[0].is_ascii_alphanumeric()
+            && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric())
+}
+
+/// A label key: an optional DNS-subdomain prefix and '/', then a non-empty label value.
+fn is_qualified_name(s: &str) -> bool {
+    let (prefix, name) = match s.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    prefix.is_none_or(is_dns1123_subdomain) && !name.is_empty() && is_label_value(name)
+}
+
 /// IANA service name, for named ports: ≤ 15 chars, lower-case alphanumerics and '-', a letter.
 fn is_port_name(s: &str) -> bool {
     is_dns1123_label(s) && s.len() <= 15 && s.bytes().any(|c| c.is_ascii_lowercase())
@@ -231,13 +260,37 @@ fn check_meta(meta: &ObjectMeta, namespaced: bool, service: bool) -> Result<(), 
             "this kind is cluster-scoped and has no namespace",
         ));
     }
-    for key in meta.labels.keys() {
-        if key.is_empty() || key.len() > 317 {
+    if meta.labels.len() > MAX_LABELS {
+        return Err(FieldError::new(
+            "metadata.labels",
+            format!("{} labels; at most {MAX_LABELS}", meta.labels.len()),
+        ));
+    }
+    for (key, value) in &meta.labels {
+        let at = format!("metadata.labels[{key:?}]");
+        if !is_qualified_name(key) {
             return Err(FieldError::new(
-                format!("metadata.labels[{key:?}]"),
-                "invalid label key",
+                at,
+                "invalid label key: [prefix/]name, name at most 63 characters of [A-Za-z0-9-_.]",
             ));
         }
+        if !is_label_value(value) {
+            return Err(FieldError::new(
+                at,
+                format!("invalid label value {value:?}: at most 63 characters of [A-Za-z0-9-_.]"),
+            ));
+        }
+    }
+    let annotations: usize = meta
+        .annotations
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    if annotations > MAX_ANNOTATION_BYTES {
+        return Err(FieldError::new(
+            "metadata.annotations",
+            format!("annotations total {annotations} bytes; at most {MAX_ANNOTATION_BYTES}"),
+        ));
     }
     Ok(())
 }
@@ -317,6 +370,13 @@ pub fn validate_service(svc: &Service, service_cidr: &IpNet) -> Result<(), Field
                 "clusterIPs[0] must equal clusterIP",
             ));
         }
+        // One address family for now: a second cluster IP would be stored but never served.
+        if ips.len() > 1 {
+            return Err(FieldError::new(
+                "spec.clusterIPs",
+                "dual-stack Services (more than one cluster IP) are not supported",
+            ));
+        }
     }
     if svc.spec.ports.is_empty() && !svc.is_headless() {
         return Err(FieldError::new(
@@ -379,26 +439,64 @@ pub fn validate_service(svc: &Service, service_cidr: &IpNet) -> Result<(), Field
             ),
         ));
     }
+    if svc.spec.topology_keys.len() > MAX_TOPOLOGY_KEYS {
+        return Err(FieldError::new(
+            "spec.topologyKeys",
+            format!("at most {MAX_TOPOLOGY_KEYS} topology keys"),
+        ));
+    }
     for (i, key) in svc.spec.topology_keys.iter().enumerate() {
-        if key.is_empty() {
+        if key != "*" && !is_qualified_name(key) {
             return Err(FieldError::new(
                 format!("spec.topologyKeys[{i}]"),
-                "empty topology key",
+                format!("invalid topology key {key:?}: a label key or \"*\""),
             ));
         }
     }
     Ok(())
 }
 
-fn check_address(field: &str, addr: &EndpointAddress) -> Result<(), FieldError> {
-    addr.ip.parse::<IpAddr>().map_err(|_| {
-        FieldError::new(
-            format!("{field}.ip"),
-            format!("invalid IP address {:?}", addr.ip),
-        )
-    })?;
+/// An endpoint address must be a pod or host the mesh can dial without looping back into
+/// itself: not in the service CIDR (the proxy would capture its own connection), not
+/// loopback or unspecified (that is the proxying host itself), not multicast or broadcast,
+/// not link-local (where the node-local DNS address lives).
+fn check_endpoint_ip(field: String, raw: &str, service_cidr: &IpNet) -> Result<(), FieldError> {
+    let ip: IpAddr = raw
+        .parse::<IpAddr>()
+        .map_err(|_| FieldError::new(field.clone(), format!("invalid IP address {raw:?}")))?
+        .to_canonical();
+    let bad = |why: &str| Err(FieldError::new(field.clone(), format!("{ip} is {why}")));
+    if ip.is_unspecified() {
+        return bad("unspecified");
+    }
+    if ip.is_loopback() {
+        return bad("a loopback address");
+    }
+    if ip.is_multicast() {
+        return bad("a multicast address");
+    }
+    match ip {
+        IpAddr::V4(v4) if v4.is_broadcast() => return bad("the broadcast address"),
+        IpAddr::V4(v4) if v4.is_link_local() => return bad("link-local"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => return bad("link-local"),
+        _ => {}
+    }
+    if service_cidr.contains(&ip) {
+        return bad(&format!(
+            "inside the service CIDR {service_cidr}: endpoints are pods, not Services"
+        ));
+    }
+    Ok(())
+}
+
+fn check_address(
+    field: &str,
+    addr: &EndpointAddress,
+    service_cidr: &IpNet,
+) -> Result<(), FieldError> {
+    check_endpoint_ip(format!("{field}.ip"), &addr.ip, service_cidr)?;
     if let Some(node) = &addr.node_name {
-        if !is_dns1123_subdomain(node) {
+        if node != CLOUD_NODE && !is_dns1123_subdomain(node) {
             return Err(FieldError::new(
                 format!("{field}.nodeName"),
                 format!("invalid node name {node:?}"),
@@ -416,16 +514,20 @@ fn check_address(field: &str, addr: &EndpointAddress) -> Result<(), FieldError> 
     Ok(())
 }
 
-pub fn validate_endpoints(ep: &Endpoints) -> Result<(), FieldError> {
+pub fn validate_endpoints(ep: &Endpoints, service_cidr: &IpNet) -> Result<(), FieldError> {
     check_api_version(&ep.api_version)?;
     check_kind(&ep.kind, "Endpoints")?;
     check_meta(&ep.metadata, true, false)?;
     for (i, subset) in ep.subsets.iter().enumerate() {
         for (j, a) in subset.addresses.iter().enumerate() {
-            check_address(&format!("subsets[{i}].addresses[{j}]"), a)?;
+            check_address(&format!("subsets[{i}].addresses[{j}]"), a, service_cidr)?;
         }
         for (j, a) in subset.not_ready_addresses.iter().enumerate() {
-            check_address(&format!("subsets[{i}].notReadyAddresses[{j}]"), a)?;
+            check_address(
+                &format!("subsets[{i}].notReadyAddresses[{j}]"),
+                a,
+                service_cidr,
+            )?;
         }
         let mut names = HashSet::new();
         for (j, p) in subset.ports.iter().enumerate() {
@@ -436,6 +538,12 @@ pub fn validate_endpoints(ep: &Endpoints) -> Result<(), FieldError> {
                 return Err(FieldError::new(
                     at("name"),
                     "a name is required when a subset has more than one port",
+                ));
+            }
+            if !p.name.is_empty() && !is_dns1123_label(&p.name) {
+                return Err(FieldError::new(
+                    at("name"),
+                    format!("invalid port name {:?}", p.name),
                 ));
             }
             if !names.insert(p.name.clone()) {
@@ -452,7 +560,14 @@ pub fn validate_endpoints(ep: &Endpoints) -> Result<(), FieldError> {
 pub fn validate_node(node: &Node) -> Result<(), FieldError> {
     check_api_version(&node.api_version)?;
     check_kind(&node.kind, "Node")?;
-    check_meta(&node.metadata, false, false)
+    check_meta(&node.metadata, false, false)?;
+    if node.metadata.name == CLOUD_NODE {
+        return Err(FieldError::new(
+            "metadata.name",
+            format!("{CLOUD_NODE:?} is reserved: endpoints with nodeName {CLOUD_NODE:?} are reached through cloudcore"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -554,7 +669,7 @@ mod tests {
     #[test]
     fn endpoints_fields_are_named() {
         let check = |json: &str| match Object::from_json(Kind::Endpoints, json) {
-            Ok(Object::Endpoints(e)) => validate_endpoints(&e),
+            Ok(Object::Endpoints(e)) => validate_endpoints(&e, &cidr()),
             Ok(_) => unreachable!(),
             Err(e) => Err(e),
         };
@@ -572,6 +687,69 @@ mod tests {
         let from_value = Object::from_value(serde_json::from_str(json).expect("json")).unwrap_err();
         assert_eq!(from_text.field, "spec.ports[0].targetPrt");
         assert_eq!(from_value.field, "spec.ports[0].targetPrt");
+    }
+
+    #[test]
+    fn endpoint_addresses_that_would_loop_or_hit_the_host_are_refused() {
+        let check = |ip: &str| {
+            let json = format!(
+                r#"{{"kind":"Endpoints","metadata":{{"name":"a","namespace":"default"}},"subsets":[{{"addresses":[{{"ip":"{ip}"}}],"ports":[{{"port":80}}]}}]}}"#
+            );
+            match Object::from_json(Kind::Endpoints, &json) {
+                Ok(Object::Endpoints(e)) => validate_endpoints(&e, &cidr()),
+                Ok(_) => unreachable!(),
+                Err(e) => Err(e),
+            }
+        };
+        check("10.244.1.5").expect("a pod");
+        check("fd00::5").expect("an IPv6 pod");
+        for bad in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "::1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "169.254.96.16",
+            "10.96.0.10",
+            "::ffff:127.0.0.1",
+            "fe80::1",
+        ] {
+            let err = check(bad).expect_err(bad);
+            assert_eq!(err.field, "subsets[0].addresses[0].ip", "{bad}");
+        }
+    }
+
+    #[test]
+    fn labels_follow_kubernetes_rules_and_cloud_is_reserved() {
+        let node = |json: &str| match Object::from_json(Kind::Node, json) {
+            Ok(Object::Node(n)) => validate_node(&n),
+            Ok(_) => unreachable!(),
+            Err(e) => Err(e),
+        };
+        node(r#"{"kind":"Node","metadata":{"name":"edge-1","labels":{"topology.kubernetes.io/zone":"a-1","x":""}}}"#).expect("valid");
+        for labels in [
+            r#"{"":"a"}"#,
+            r#"{"a b":"c"}"#,
+            r#"{"a":"-x"}"#,
+            r#"{"Bad_Prefix/x":"a"}"#,
+        ] {
+            let err = node(&format!(
+                r#"{{"kind":"Node","metadata":{{"name":"e","labels":{labels}}}}}"#
+            ))
+            .expect_err(labels);
+            assert!(err.field.starts_with("metadata.labels"), "{err}");
+        }
+        let long = "v".repeat(64);
+        assert!(node(&format!(
+            r#"{{"kind":"Node","metadata":{{"name":"e","labels":{{"k":"{long}"}}}}}}"#
+        ))
+        .is_err());
+        assert_eq!(
+            node(r#"{"kind":"Node","metadata":{"name":"cloud"}}"#)
+                .expect_err("reserved")
+                .field,
+            "metadata.name"
+        );
     }
 
     #[test]
