@@ -101,7 +101,7 @@ const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What the reader task passes on.
 enum Inbound {
-    Message(Message),
+    Message(Box<Message>),
     Closed(&'static str),
     Failed(SessionError),
 }
@@ -123,7 +123,7 @@ where
                 seen.store(now_ms(), Ordering::Relaxed);
                 match frame {
                     WsMessage::Text(t) => match Message::from_json(t.as_str()) {
-                        Ok(m) => Inbound::Message(m),
+                        Ok(m) => Inbound::Message(Box::new(m)),
                         Err(e) => Inbound::Failed(SessionError::Protocol(e.to_string())),
                     },
                     WsMessage::Close(_) => Inbound::Closed("closed by node"),
@@ -473,7 +473,7 @@ impl Hub {
         let first = match tokio::time::timeout(self.cfg.node_timeout, inbound.recv()).await {
             Err(_) => return Ok(End::new(CloseCode::Policy, "no sync request")),
             Ok(None) => return Ok(End::new(CloseCode::Normal, "connection lost")),
-            Ok(Some(Inbound::Message(m))) => m,
+            Ok(Some(Inbound::Message(m))) => *m,
             Ok(Some(Inbound::Closed(reason))) => return Ok(End::new(CloseCode::Normal, reason)),
             Ok(Some(Inbound::Failed(e))) => return Err(e),
         };
@@ -526,7 +526,7 @@ impl Hub {
                     None => return Ok(End::new(CloseCode::Normal, "connection lost")),
                     Some(Inbound::Closed(reason)) => return Ok(End::new(CloseCode::Normal, reason)),
                     Some(Inbound::Failed(e)) => return Err(e),
-                    Some(Inbound::Message(m)) => self.on_message(out, session, m, &mut sent, &mut last_query).await?,
+                    Some(Inbound::Message(m)) => self.on_message(out, session, *m, &mut sent, &mut last_query).await?,
                 },
                 changed = versions.changed() => {
                     if changed.is_err() {

@@ -656,7 +656,7 @@ mod tests {
                 .expect("write");
         }
         let kept = store.recent.read().expect("lock").changes.len();
-        assert!(kept < 50 && kept >= 1, "{kept}");
+        assert!((1..50).contains(&kept), "{kept}");
         assert!(matches!(store.changes_since(1, None), Since::Gone));
         assert!(matches!(store.changes_since(49, None), Since::Changes(c) if c.len() == 1));
     }
