@@ -652,6 +652,14 @@ impl Hub {
         );
         self.nodes
             .synced(session, mode.as_str(), &sync.agent_version);
+        // A node resuming in this store has committed what it reported; one that gets a
+        // snapshot has nothing of this store yet.
+        let committed = if mode == SyncMode::Snapshot {
+            0
+        } else {
+            sync.resource_version
+        };
+        self.nodes.acked(session, committed);
         Ok(to)
     }
 

@@ -133,6 +133,9 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
     } else {
         LogFormat::Text
     });
+    if !matches!(args.command, None | Some(Command::Run)) {
+        logging::quiet_on_closed_stdout();
+    }
     let client = |c: ClientArgs| Client::new(c.server, c.token, c.ca_cert, &cfg.data_dir);
     match args.command {
         None | Some(Command::Run) => {

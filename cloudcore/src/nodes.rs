@@ -138,7 +138,8 @@ impl NodeRegistry {
 
     pub fn acked(&self, session: &Session, version: u64) {
         self.with(session, |s| {
-            s.acked_version = s.acked_version.max(version);
+            // Acks arrive in order on one connection; a snapshot can move a node backwards.
+            s.acked_version = version;
             s.last_seen_ms = Some(now_ms());
         });
     }

@@ -435,6 +435,7 @@ impl HubClient {
             store_id: None,
             snapshot: None,
             delta_target: None,
+            ack_pending: false,
             committed: point.version,
         };
         let mut keepalive = tokio::time::interval(self.cfg.keepalive_interval);
@@ -499,7 +500,10 @@ impl HubClient {
             }
             if !batch.is_empty() {
                 self.commit(&mut state, batch, &mut sink).await?;
+            } else if state.ack_pending {
+                self.ack(state.committed, &mut sink).await?;
             }
+            state.ack_pending = false;
             if let Some(e) = ended {
                 return Err(e);
             }
@@ -538,7 +542,12 @@ impl HubClient {
                         state.delta_target = Some((resp.to_version, resp.chain.clone()));
                         self.update(|s| s.deltas += 1);
                     }
-                    SyncMode::Current => self.update(|s| s.synced = true),
+                    SyncMode::Current => {
+                        // Nothing to apply: confirm the version the node stands at, so the
+                        // cloud's view of it is right after a reconnect.
+                        state.ack_pending = true;
+                        self.update(|s| s.synced = true);
+                    }
                 }
                 state.store_id = Some(resp.store_id.clone());
                 self.update(|s| {
@@ -725,6 +734,8 @@ struct SessionState {
     snapshot: Option<StagedSnapshot>,
     /// Version and chain a delta ends at.
     delta_target: Option<(u64, String)>,
+    /// The node owes the cloud an ack of `committed`.
+    ack_pending: bool,
     committed: u64,
 }
 

@@ -29,6 +29,9 @@ pub fn init(level: &str, format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A closed stderr (a pipe whose reader went away) must not take the agent down:
+        // reporting the failed write is itself a write to stderr, which would panic.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),
@@ -40,4 +43,14 @@ pub fn init(level: &str, format: LogFormat) {
     };
     // Already initialised (tests): keep the first subscriber.
     let _ = result;
+}
+
+/// For one-shot commands that print (`get`, `status`): die quietly on a closed stdout, like
+/// any Unix tool piped into `head`, instead of panicking in `println!`. The daemons keep
+/// Rust's default (SIGPIPE ignored), so a peer closing a socket is just an error.
+pub fn quiet_on_closed_stdout() {
+    // SAFETY: setting a signal's disposition to the default has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }

@@ -88,6 +88,9 @@ fn load_config(args: &Args, validate: bool) -> anyhow::Result<Config> {
 async fn main_inner(args: Args) -> anyhow::Result<()> {
     let run = matches!(args.command, None | Some(Command::Run));
     let cfg = load_config(&args, run)?;
+    if !run {
+        logging::quiet_on_closed_stdout();
+    }
     match args.command {
         None | Some(Command::Run) => {
             let level = args

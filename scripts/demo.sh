@@ -1,0 +1,735 @@
+#!/usr/bin/env bash
+#
+# edgemesh demo: a cloud and two edge nodes on one machine, inside network namespaces.
+#
+#   sudo scripts/demo.sh            # install what is missing, build, run the demo, clean up
+#   sudo KEEP=1 scripts/demo.sh     # ... and keep everything running until Enter is pressed
+#
+# What it shows, step by step (each step checks its result and stops the demo if it fails):
+#   1. prepare the host: apt packages and Rust (only what is missing), then a release build;
+#   2. build the topology: a switch namespace with a bridge, a "cloud" namespace and two node
+#      namespaces on 10.250.0.0/24 (nothing in the root namespace, no default route anywhere);
+#   3. start cloudcore in the cloud namespace, create a token per node, start edgemesh on
+#      node-a (zone=a) and node-b (zone=b);
+#   4. apply examples/hello.yaml and show what the cloud and each node know;
+#   5. change the Service and watch the change reach both nodes;
+#   6. offline autonomy: stop the cloud, restart node-a, see it serve from its SQLite copy, start
+#      the cloud again and see node-a reconnect and sync.
+#
+# Everything the demo creates (processes, namespaces, a temp dir) is removed on exit, also on
+# error or Ctrl-C. On failure the logs are kept and their last lines printed.
+#
+# Environment:
+#   KEEP=1            keep the topology running at the end until Enter is pressed (only when
+#                     stdin is a terminal; otherwise the demo never waits)
+#   BIN_DIR=DIR       use cloudcore and edgemesh from DIR and skip the Rust toolchain and build
+#   PYTHON=python3    interpreter used only to format JSON for display; when it is missing
+#                     (or PYTHON=none) the admin API's raw JSON is shown
+#
+# Exit status: 0 when every step passed ("demo finished OK"), non-zero otherwise.
+
+set -Eeuo pipefail
+
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then
+    sed -n '3,/^# Exit status/p' "$0" | sed 's/^# \{0,1\}//'
+    exit 0
+fi
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib/netns.sh
+. "$REPO/scripts/lib/netns.sh"
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+KEEP=${KEEP:-0}
+PYTHON=${PYTHON:-python3}
+
+# Namespace names: emdemo<pid>-<role>. The pid makes parallel runs distinct and lets a later run
+# remove the leftovers of a run that was killed with SIGKILL.
+NS_STEM=emdemo
+PREFIX="${NS_STEM}$$"
+NS_SWITCH="$PREFIX-sw"
+NS_CLOUD="$PREFIX-cloud"
+
+CLOUD_IP=10.250.0.1
+HUB_URL="ws://$CLOUD_IP:10000"
+API_URL="http://$CLOUD_IP:10002"
+
+NODES=(node-a node-b)
+declare -A NODE_IP=([node-a]=10.250.0.11 [node-b]=10.250.0.12)
+declare -A NODE_ZONE=([node-a]=a [node-b]=b)
+declare -A NODE_NS=([node-a]="$PREFIX-node-a" [node-b]="$PREFIX-node-b")
+# The admin API listens on loopback; every node namespace has its own loopback.
+ADMIN_ADDR=127.0.0.1:10550
+
+# Seconds to wait for each kind of event before the demo fails.
+START_TIMEOUT=15    # a process answers its health check
+SYNC_TIMEOUT=10     # objects reach a node / a node connects
+UPDATE_TIMEOUT=5    # a change reaches every node (expected: well under a second)
+
+WORK=""                 # temp dir: configs, data dirs, logs
+LOG_DIR=""
+CLOUDCORE=""            # binaries, set by step_build
+EDGEMESH=""
+NAMESPACES=()           # created so far, in order
+declare -A PIDS=()      # name -> pid of the processes started by the demo
+DEMO_STARTED=""         # seconds since epoch when the topology step began
+FINISHED=0              # set when every step passed
+INTERRUPTED=""          # the signal that stopped the demo (Ctrl-C, kill), if one did
+
+# ---------------------------------------------------------------------------------------------
+# Output and checking helpers
+# ---------------------------------------------------------------------------------------------
+
+header() { printf '\n==> %s\n' "$*"; }
+info() { printf '    %s\n' "$*"; }
+ok() { printf '    ok: %s\n' "$*"; }
+die() {
+    printf '\nFAILED: %s\n' "$*" >&2
+    report_exited >&2
+    exit 1
+}
+indent() { sed 's/^/      /'; }
+
+on_err() {
+    printf '\nFAILED: command failed (line %s, exit %s): %s\n' "$1" "$2" "$3" >&2
+}
+
+# show LABEL TEXT...: prints "[LABEL] $ TEXT", the short form of a command about to run. The real
+# command runs inside the namespace LABEL names (see in_ns, cloudctl, nodectl).
+show() {
+    local label=$1
+    shift
+    printf '    [%s] $ %s\n' "$label" "$*"
+}
+
+in_ns() {
+    local ns=$1
+    shift
+    ip netns exec "$ns" "$@"
+}
+
+# cloudctl ARGS...: the cloudcore CLI, run in the cloud namespace against the demo's cloudcore.
+cloudctl() {
+    in_ns "$NS_CLOUD" "$CLOUDCORE" --config "$WORK/cloud/cloudcore.toml" "$@" --server "$API_URL"
+}
+
+# nodectl NODE ARGS...: the edgemesh CLI, run in the node's namespace with the node's config.
+nodectl() {
+    local node=$1
+    shift
+    in_ns "${NODE_NS[$node]}" "$EDGEMESH" --config "$WORK/$node/edgemesh.toml" "$@"
+}
+
+# admin_get NODE PATH: GET on the node's admin API (inside the node's namespace).
+admin_get() {
+    in_ns "${NODE_NS[$1]}" curl -fsS --max-time 2 "http://$ADMIN_ADDR$2"
+}
+
+# run_shown LABEL DISPLAY CMD...: prints "[LABEL] $ DISPLAY", runs CMD, indents its output; fails
+# the demo when CMD fails.
+run_shown() {
+    local label=$1 display=$2 out
+    shift 2
+    show "$label" "$display"
+    if ! out=$("$@" 2>&1); then
+        printf '%s\n' "$out" | indent
+        die "'$display' failed on $label"
+    fi
+    printf '%s\n' "$out" | indent
+}
+
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+
+# describe_status STATUS: "exit status N" or "killed by SIGNAME".
+describe_status() {
+    if (($1 > 128)); then
+        echo "killed by SIG$(kill -l "$(($1 - 128))" 2>/dev/null || echo "$(($1 - 128))")"
+    else
+        echo "exit status $1"
+    fi
+}
+
+# find_exited: sets EXITED_NAME and EXITED_STATUS for a demo process that should run but has
+# exited (and forgets it); returns 1 when all are running. Runs in the main shell: only the
+# shell that started a process can collect its exit status.
+EXITED_NAME=""
+EXITED_STATUS=0
+find_exited() {
+    local name
+    for name in "${!PIDS[@]}"; do
+        if ! kill -0 "${PIDS[$name]}" 2>/dev/null; then
+            EXITED_NAME=$name
+            EXITED_STATUS=0
+            wait "${PIDS[$name]}" 2>/dev/null || EXITED_STATUS=$?
+            unset "PIDS[$name]"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# report_exited: explains a failure by the demo processes that died, if any.
+report_exited() {
+    while find_exited; do
+        echo "        note: $EXITED_NAME is not running any more ($(describe_status "$EXITED_STATUS")); log: $LOG_DIR/$EXITED_NAME.log"
+    done
+}
+
+# check_running: fails the demo when a process the demo expects to be running has exited.
+check_running() {
+    if find_exited; then
+        die "$EXITED_NAME exited unexpectedly ($(describe_status "$EXITED_STATUS")); log: $LOG_DIR/$EXITED_NAME.log"
+    fi
+}
+
+# wait_until TIMEOUT DESCRIPTION CMD...: runs CMD every 0.1 s until it succeeds; fails the demo
+# after TIMEOUT seconds or as soon as a demo process dies.
+wait_until() {
+    local timeout=$1 what=$2
+    shift 2
+    local deadline=$(($(now_ms) + timeout * 1000))
+    while ! "$@" >/dev/null 2>&1; do
+        check_running
+        if (($(now_ms) >= deadline)); then
+            die "timed out after ${timeout}s waiting until $what"
+        fi
+        sleep 0.1
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+# JSON helpers. The demo must work on a bare Debian, so checks use grep/sed on the compact JSON
+# the agents produce; python3, when present, only makes the display nicer.
+# ---------------------------------------------------------------------------------------------
+
+# json_item JSON NAMESPACE NAME: the object of that name in a compact {"items":[...]} list. The
+# list is split before each "apiVersion" (the first key of every object, whether keys come in
+# struct or in alphabetical order); "name" and "namespace" are adjacent in both orders.
+json_item() {
+    printf '%s' "$1" | sed 's/{"apiVersion"/\n&/g' |
+        grep -F "\"name\":\"$3\",\"namespace\":\"$2\"" || true
+}
+
+# node_has_service NODE NAME PORT: whether the node's store has Service default/NAME with PORT.
+node_has_service() {
+    local json item
+    json=$(admin_get "$1" /debug/services) || return 1
+    item=$(json_item "$json" default "$2")
+    [ -n "$item" ] && printf '%s' "$item" | grep -qE "\"port\":$3[,}]"
+}
+
+# node_link NODE connected|synced|disconnected: the node's cloud link state from /debug/sync.
+node_link() {
+    local json
+    json=$(admin_get "$1" /debug/sync) || return 1
+    case $2 in
+    connected) grep -q '"connected":true' <<<"$json" ;;
+    synced) grep -q '"connected":true' <<<"$json" && grep -q '"synced":true' <<<"$json" ;;
+    disconnected) grep -q '"connected":false' <<<"$json" ;;
+    esac
+}
+
+have_python() { command -v "$PYTHON" >/dev/null 2>&1; }
+
+# print_services: formats an admin /debug/services answer read from stdin.
+print_services() {
+    if ! have_python; then
+        cat
+        echo
+        return
+    fi
+    "$PYTHON" -c '
+import json, sys
+d = json.load(sys.stdin)
+print("store version %s, %d services" % (d.get("version"), len(d.get("items", []))))
+print("%-24s %-15s %s" % ("NAMESPACE/NAME", "CLUSTER-IP", "PORTS"))
+for s in d.get("items", []):
+    m, sp = s["metadata"], s.get("spec", {})
+    ports = ",".join("%s->%s/%s" % (p["port"], p.get("targetPort", p["port"]),
+                                    p.get("protocol", "TCP")) for p in sp.get("ports", []))
+    print("%-24s %-15s %s" % (m.get("namespace", "") + "/" + m["name"],
+                              sp.get("clusterIP", "-"), ports))
+'
+}
+
+# show_node_services NODE: prints what the node's admin API says about Services.
+show_node_services() {
+    local json
+    show "$1" "curl -s http://$ADMIN_ADDR/debug/services"
+    json=$(admin_get "$1" /debug/services) || die "admin API of $1 did not answer"
+    printf '%s' "$json" | print_services | indent
+}
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------------------------
+
+# start_proc NAME NS CMD...: starts CMD in the background inside NS, logging to LOG_DIR/NAME.log.
+start_proc() {
+    local name=$1 ns=$2
+    shift 2
+    local log="$LOG_DIR/$name.log"
+    printf -- '---- %s: started: %s\n' "$(date '+%F %T')" "$*" >>"$log"
+    # `ip netns exec` execs CMD, so $! is the pid of CMD itself. Background jobs of a script
+    # ignore Ctrl-C; cleanup stops them.
+    ip netns exec "$ns" "$@" >>"$log" 2>&1 </dev/null 3>&- 4>&- &
+    PIDS[$name]=$!
+}
+
+# stop_proc NAME: SIGTERM, then SIGKILL after 10 s. Prints the exit status.
+stop_proc() {
+    local name=$1 pid rc=0 i
+    pid=${PIDS[$name]:-}
+    [ -n "$pid" ] || return 0
+    unset "PIDS[$name]"
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        info "$name did not stop within 10s of SIGTERM; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || rc=$?
+    printf -- '---- %s: stopped, exit status %s\n' "$(date '+%F %T')" "$rc" >>"$LOG_DIR/$name.log"
+    return "$rc"
+}
+
+start_cloudcore() {
+    start_proc cloudcore "$NS_CLOUD" "$CLOUDCORE" --config "$WORK/cloud/cloudcore.toml"
+    wait_until "$START_TIMEOUT" "cloudcore answers on $API_URL/healthz" \
+        in_ns "$NS_CLOUD" curl -fsS --max-time 1 "$API_URL/healthz"
+}
+
+start_edgemesh() {
+    local node=$1
+    start_proc "edgemesh-$node" "${NODE_NS[$node]}" "$EDGEMESH" --config "$WORK/$node/edgemesh.toml"
+    wait_until "$START_TIMEOUT" "edgemesh on $node is ready (http://$ADMIN_ADDR/readyz)" \
+        admin_get "$node" /readyz
+}
+
+# ---------------------------------------------------------------------------------------------
+# Cleanup: always runs on exit (success, error, Ctrl-C, SIGTERM)
+# ---------------------------------------------------------------------------------------------
+
+cleanup() {
+    local rc=$?
+    trap - EXIT ERR
+    trap '' INT TERM    # a second Ctrl-C must not interrupt the cleanup
+    set +e
+    # A signal can arrive while a builtin runs with its output redirected to a file (say, a log
+    # line appended by start_proc); restore the terminal saved by main so nothing is lost.
+    exec 1>&3 2>&4
+    if ((FINISHED == 0 && rc == 0)); then
+        rc=1
+    fi
+    if [ -n "$INTERRUPTED" ]; then
+        printf '\n%s: stopping the demo\n' "$INTERRUPTED" >&2
+    elif ((rc != 0)) && [ -n "$LOG_DIR" ] && [ -d "$LOG_DIR" ]; then
+        local log
+        for log in "$LOG_DIR"/*.log; do
+            [ -e "$log" ] || continue
+            printf '\n---- last lines of %s ----\n' "$log" >&2
+            tail -n 25 "$log" >&2
+        done
+    fi
+
+    if ((${#NAMESPACES[@]} == 0 && ${#PIDS[@]} == 0)) && [ -z "$WORK" ]; then
+        : # nothing was created yet
+    else
+        teardown "$rc"
+    fi
+    if [ -n "$INTERRUPTED" ]; then
+        printf '\ndemo interrupted by %s\n' "$INTERRUPTED" >&2
+    elif ((rc != 0)); then
+        printf '\ndemo FAILED (exit status %s)\n' "$rc" >&2
+    else
+        printf '\ndemo finished OK\n'
+    fi
+    exit "$rc"
+}
+
+# teardown STATUS: stops the demo's processes, deletes its namespaces and its temp dir (keeping
+# the logs when STATUS says the demo failed).
+teardown() {
+    local rc=$1
+    header "Cleaning up"
+    local name
+    for name in "${!PIDS[@]}"; do
+        stop_proc "$name" >/dev/null 2>&1
+    done
+    local i leftover=0
+    for ((i = ${#NAMESPACES[@]} - 1; i >= 0; i--)); do
+        netns_destroy "${NAMESPACES[i]}" || {
+            echo "    could not delete namespace ${NAMESPACES[i]}" >&2
+            leftover=1
+        }
+    done
+    if [ -n "$WORK" ] && [ -d "$WORK" ]; then
+        if ((rc != 0)) && [ -z "$INTERRUPTED" ]; then
+            # Keep the logs (and the configs, which are small) for a post-mortem.
+            rm -rf "$WORK"/*/data "$WORK"/*/token
+            info "logs kept in $LOG_DIR"
+        else
+            rm -rf "$WORK"
+        fi
+    fi
+    if ((leftover == 0)); then
+        info "processes stopped, namespaces $PREFIX-* deleted"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Steps. To extend the demo, add a step_* function and call it from main.
+# ---------------------------------------------------------------------------------------------
+
+# Compares dotted versions: version_ge 1.89.0 1.89 -> true.
+version_ge() {
+    [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]
+}
+
+step_prepare_host() {
+    header "Preparing the host"
+    [ "$(id -u)" -eq 0 ] || die "the demo creates network namespaces and must run as root: sudo $0"
+
+    local pkgs=(iproute2 curl ca-certificates)
+    [ -n "${BIN_DIR:-}" ] || pkgs+=(build-essential pkg-config)
+    if command -v dpkg >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+        local missing=() p
+        for p in "${pkgs[@]}"; do
+            dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+        done
+        if ((${#missing[@]} > 0)); then
+            info "installing ${missing[*]}"
+            DEBIAN_FRONTEND=noninteractive apt-get update -qq ||
+                die "apt-get update failed; install ${missing[*]} yourself and rerun"
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null ||
+                die "apt-get install ${missing[*]} failed"
+        fi
+        ok "packages present: ${pkgs[*]}"
+    else
+        local c
+        for c in ip curl; do
+            command -v "$c" >/dev/null 2>&1 ||
+                die "'$c' is missing and this is not a Debian-like system: install it and rerun"
+        done
+        ok "ip and curl present (not a Debian-like system: other packages not checked)"
+    fi
+
+    [ -n "${BIN_DIR:-}" ] && return 0
+
+    # Rust: rustup's env file puts ~/.cargo/bin on PATH (sudo resets PATH).
+    # shellcheck source=/dev/null
+    [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+    local need have
+    need=$(sed -n 's/^rust-version *= *"\([0-9.]*\)".*/\1/p' "$REPO/Cargo.toml" | head -n1)
+    need=${need:-1.0}
+    have=$(rustc --version 2>/dev/null | awk '{print $2}') || true
+    if ! command -v cargo >/dev/null 2>&1 || [ -z "$have" ]; then
+        info "installing Rust with rustup (cargo not found)"
+        curl https://sh.rustup.rs -sSf | sh -s -- -y --profile minimal ||
+            die "installing Rust with rustup failed (no internet access?); install Rust $need or newer (https://rustup.rs) and rerun"
+        # shellcheck source=/dev/null
+        . "$HOME/.cargo/env"
+    elif ! version_ge "$have" "$need"; then
+        if command -v rustup >/dev/null 2>&1; then
+            info "Rust $have is older than the required $need: updating the stable toolchain"
+            rustup toolchain install stable --profile minimal
+            rustup default stable
+        else
+            die "Rust $have (not managed by rustup) is older than the required $need; remove it or install rustup (https://rustup.rs) and rerun"
+        fi
+    fi
+    have=$(rustc --version | awk '{print $2}')
+    version_ge "$have" "$need" || die "Rust $have is older than the required $need"
+    ok "Rust $have (workspace needs $need or newer)"
+}
+
+step_build() {
+    if [ -n "${BIN_DIR:-}" ]; then
+        header "Using prebuilt binaries from $BIN_DIR"
+        CLOUDCORE="$BIN_DIR/cloudcore"
+        EDGEMESH="$BIN_DIR/edgemesh"
+    else
+        header "Building cloudcore and edgemesh (cargo build --release)"
+        (cd "$REPO" && cargo build --release -p cloudcore -p edgemesh)
+        local target=${CARGO_TARGET_DIR:-$REPO/target}
+        # Under sudo in a user's checkout, give the build output back to that user, so their own
+        # `cargo build` does not trip over root-owned files afterwards.
+        if [ -n "${SUDO_UID:-}" ] && [ "${SUDO_UID}" != 0 ] &&
+            [ "$(stat -c %u "$REPO")" = "$SUDO_UID" ] && [ -d "$target" ]; then
+            chown -R "$SUDO_UID:${SUDO_GID:-$SUDO_UID}" "$target"
+        fi
+        CLOUDCORE="$target/release/cloudcore"
+        EDGEMESH="$target/release/edgemesh"
+    fi
+    [ -x "$CLOUDCORE" ] || die "$CLOUDCORE is missing or not executable"
+    [ -x "$EDGEMESH" ] || die "$EDGEMESH is missing or not executable"
+    ok "$("$CLOUDCORE" --version), $("$EDGEMESH" --version)"
+}
+
+step_topology() {
+    DEMO_STARTED=$(date +%s)
+    header "Building the topology in network namespaces ($PREFIX-*)"
+    netns_remove_stale "$NS_STEM"
+
+    WORK=$(mktemp -d /tmp/edgemesh-demo.XXXXXX)
+    LOG_DIR="$WORK/logs"
+    mkdir -p "$LOG_DIR" "$WORK/cloud/data"
+    chmod 700 "$WORK"
+
+    NAMESPACES+=("$NS_SWITCH")
+    netns_create_switch "$NS_SWITCH" || die "cannot create the switch namespace with a bridge"
+
+    local hosts=("cloud:$NS_CLOUD:$CLOUD_IP") node h role ns ip port=0
+    for node in "${NODES[@]}"; do
+        hosts+=("$node:${NODE_NS[$node]}:${NODE_IP[$node]}")
+    done
+    for h in "${hosts[@]}"; do
+        IFS=: read -r role ns ip <<<"$h"
+        NAMESPACES+=("$ns")
+        netns_create "$ns" || die "cannot create namespace $ns"
+        netns_wire_host "$NS_SWITCH" "$ns" "p$port" "$ip/24" ||
+            die "cannot connect $ns to the bridge (veth)"
+        port=$((port + 1))
+        info "$(printf '%-7s %-22s eth0 %s/24' "$role" "$ns" "$ip")"
+    done
+
+    # Check: no namespace has a default route (reachability is checked once cloudcore runs).
+    for ns in "${NAMESPACES[@]}"; do
+        if [ -n "$(ip -n "$ns" route show default)" ]; then
+            die "namespace $ns has a default route"
+        fi
+    done
+    ok "switch $NS_SWITCH bridges cloud, node-a and node-b; no default route anywhere"
+    info "commands below are shown as '[where] \$ command': they run inside that namespace with"
+    info "'ip netns exec' (the cloudcore CLI also gets --config and --server of this demo)"
+}
+
+step_cloud() {
+    header "Starting cloudcore in the cloud namespace"
+    cat >"$WORK/cloud/cloudcore.toml" <<EOF
+# cloudcore configuration of the demo (see examples/config/cloudcore.toml for a commented one)
+data_dir = "$WORK/cloud/data"
+
+[hub]
+listen = "$CLOUD_IP:10000"
+
+[api]
+listen = "$CLOUD_IP:10002"
+
+[router]
+listen = "$CLOUD_IP:9443"
+EOF
+    start_cloudcore
+    ok "cloudcore is up: hub $HUB_URL, REST API $API_URL (log: $LOG_DIR/cloudcore.log)"
+    local node
+    for node in "${NODES[@]}"; do
+        in_ns "${NODE_NS[$node]}" curl -fsS --max-time 2 "$API_URL/healthz" >/dev/null ||
+            die "$node cannot reach cloudcore at $API_URL through the bridge"
+    done
+    ok "node-a and node-b reach the cloud through the bridge"
+    info "the CLI reads the API token from $WORK/cloud/data/api-token"
+}
+
+step_nodes() {
+    header "Creating node tokens and starting edgemesh on node-a and node-b"
+    local node token
+    for node in "${NODES[@]}"; do
+        mkdir -p "$WORK/$node/data"
+        show cloud "cloudcore token create $node"
+        token=$(cloudctl token create "$node") || die "cloudcore token create $node failed"
+        [ -n "$token" ] || die "cloudcore token create $node printed no token"
+        info "  -> token ${token:0:8}... saved to $WORK/$node/token"
+        (umask 077 && printf '%s\n' "$token" >"$WORK/$node/token")
+        cat >"$WORK/$node/edgemesh.toml" <<EOF
+# edgemesh configuration of $node in the demo (see examples/config/edgemesh.toml)
+node_name = "$node"
+data_dir = "$WORK/$node/data"
+labels = { zone = "${NODE_ZONE[$node]}" }
+
+[cloud]
+url = "$HUB_URL"
+token_file = "$WORK/$node/token"
+# Reconnect quickly once the cloud is back (default 30s), so the demo stays short.
+backoff_max = "2s"
+
+[admin]
+listen = "$ADMIN_ADDR"
+EOF
+    done
+    for node in "${NODES[@]}"; do
+        start_edgemesh "$node"
+    done
+    for node in "${NODES[@]}"; do
+        wait_until "$SYNC_TIMEOUT" "$node is connected to the cloud and synced" node_link "$node" synced
+        ok "edgemesh on $node (zone=${NODE_ZONE[$node]}) is connected and synced (log: $LOG_DIR/edgemesh-$node.log)"
+    done
+    run_shown cloud "cloudcore get nodes -o wide" cloudctl get nodes -o wide
+}
+
+step_apply() {
+    header "Applying examples/hello.yaml (Services hello and hello-headless, with Endpoints)"
+    run_shown cloud "cloudcore apply -f examples/hello.yaml" cloudctl apply -f "$REPO/examples/hello.yaml"
+    run_shown cloud "cloudcore get services" cloudctl get services
+    run_shown cloud "cloudcore get endpoints -o wide" cloudctl get endpoints -o wide
+
+    local node
+    for node in "${NODES[@]}"; do
+        wait_until "$SYNC_TIMEOUT" "Service hello (port 80) is on $node" node_has_service "$node" hello 80
+        wait_until "$SYNC_TIMEOUT" "Service hello-headless is on $node" node_has_service "$node" hello-headless 8080
+    done
+    ok "both Services reached node-a and node-b"
+}
+
+step_inspect() {
+    header "What each node knows (edgemesh status and the admin API)"
+    local node
+    for node in "${NODES[@]}"; do
+        run_shown "$node" "edgemesh status" nodectl "$node" status
+        show_node_services "$node"
+    done
+}
+
+step_update() {
+    header "Updating Service hello: port 80 -> 8000; watching it arrive on both nodes"
+    local start node arrived=0 t
+    declare -A at=()
+    show cloud "cloudcore apply -f -   (hello with port 8000)"
+    start=$(now_ms)
+    # The same Service as in examples/hello.yaml, with another port.
+    if ! cloudctl apply -f - <<'EOF' 2>&1 | indent; then
+apiVersion: v1
+kind: Service
+metadata:
+  name: hello
+  namespace: default
+  labels:
+    app: hello
+  annotations:
+    edgemesh.io/lb-policy: round-robin
+spec:
+  type: ClusterIP
+  selector:
+    app: hello
+  ports:
+    - name: http
+      port: 8000
+      targetPort: 8080
+      protocol: TCP
+  sessionAffinity: None
+  topologyKeys:
+    - zone
+EOF
+        die "applying the updated Service failed"
+    fi
+    while ((arrived < ${#NODES[@]})); do
+        for node in "${NODES[@]}"; do
+            [ -z "${at[$node]:-}" ] || continue
+            if node_has_service "$node" hello 8000; then
+                at[$node]=$(($(now_ms) - start))
+                arrived=$((arrived + 1))
+            fi
+        done
+        check_running
+        if (($(now_ms) - start > UPDATE_TIMEOUT * 1000)); then
+            die "the new port of hello did not reach every node within ${UPDATE_TIMEOUT}s"
+        fi
+        ((arrived == ${#NODES[@]})) || sleep 0.05
+    done
+    for node in "${NODES[@]}"; do
+        t=${at[$node]}
+        ok "$node has hello on port 8000, $t ms after the apply started"
+    done
+    show_node_services node-b
+}
+
+step_offline() {
+    header "Offline autonomy: stopping cloudcore"
+    stop_proc cloudcore || die "cloudcore did not exit cleanly on SIGTERM (status $?)"
+    ok "cloudcore stopped"
+    local node
+    for node in "${NODES[@]}"; do
+        wait_until "$SYNC_TIMEOUT" "$node notices that the cloud is gone" node_link "$node" disconnected
+    done
+    ok "both nodes report the cloud link down"
+
+    header "Restarting edgemesh on node-a while the cloud is down"
+    stop_proc edgemesh-node-a || die "edgemesh on node-a did not exit cleanly on SIGTERM (status $?)"
+    ok "edgemesh on node-a stopped"
+    run_shown node-a "edgemesh status   (agent stopped: reads the SQLite store)" nodectl node-a status
+    start_edgemesh node-a
+    ok "edgemesh on node-a is running again, without the cloud"
+    node_link node-a disconnected || die "node-a claims a cloud connection while cloudcore is down"
+    node_has_service node-a hello 8000 ||
+        die "after the restart node-a does not serve Service hello (port 8000) from its store"
+    node_has_service node-a hello-headless 8080 ||
+        die "after the restart node-a does not serve Service hello-headless from its store"
+    run_shown node-a "edgemesh status" nodectl node-a status
+    show_node_services node-a
+    ok "node-a serves the metadata from its SQLite copy while offline"
+
+    header "Starting cloudcore again"
+    start_cloudcore
+    ok "cloudcore is back, with the same data dir"
+    run_shown cloud "cloudcore get services" cloudctl get services
+    for node in "${NODES[@]}"; do
+        wait_until "$SYNC_TIMEOUT" "$node reconnects and reports synced" node_link "$node" synced
+    done
+    ok "node-a and node-b reconnected with their tokens and synced"
+    run_shown node-a "edgemesh status" nodectl node-a status
+    run_shown cloud "cloudcore get nodes -o wide" cloudctl get nodes -o wide
+}
+
+step_explore() {
+    [ "$KEEP" = 1 ] || return 0
+    header "KEEP=1: the topology stays up for exploration"
+    local node
+    info "cloudcore CLI:"
+    info "  ip netns exec $NS_CLOUD $CLOUDCORE --config $WORK/cloud/cloudcore.toml get nodes -o wide --server $API_URL"
+    for node in "${NODES[@]}"; do
+        info "$node:"
+        info "  ip netns exec ${NODE_NS[$node]} $EDGEMESH --config $WORK/$node/edgemesh.toml status"
+        info "  ip netns exec ${NODE_NS[$node]} curl -s http://$ADMIN_ADDR/debug/services"
+    done
+    info "logs: $LOG_DIR"
+    if [ -t 0 ]; then
+        read -r -p "    Press Enter to tear everything down... " _ || true
+    else
+        info "stdin is not a terminal: not waiting"
+    fi
+}
+
+main() {
+    exec 3>&1 4>&2 # the demo's own stdout and stderr, for cleanup
+    trap cleanup EXIT
+    trap 'INTERRUPTED=SIGINT; exit 130' INT
+    trap 'INTERRUPTED=SIGTERM; exit 143' TERM
+    trap 'on_err "$LINENO" "$?" "$BASH_COMMAND"' ERR
+
+    step_prepare_host
+    step_build
+    step_topology
+    step_cloud
+    step_nodes
+    step_apply
+    step_inspect
+    step_update
+    step_offline
+    # Later steps go here as the mesh grows: pod namespaces behind each node with a hello server,
+    # DNS (dig hello.default.svc.cluster.local), the proxy (curl the cluster IP), tunnels
+    # (node-a -> pod on node-b through the cloud), router rules and QPS limits.
+
+    FINISHED=1
+    header "Summary"
+    info "metadata plane: apply -> sync to both nodes -> live update -> offline restart -> resync"
+    info "demo ran in $(($(date +%s) - DEMO_STARTED))s after the build"
+    step_explore
+    # cleanup (the EXIT trap) tears everything down and prints the final "demo finished OK".
+}
+
+main "$@"
