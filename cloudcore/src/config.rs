@@ -71,7 +71,7 @@ impl Default for HubConfig {
             node_timeout: Duration::from_secs(40),
             handshake_timeout: Duration::from_secs(10),
             max_message_size: 1 << 20,
-            snapshot_chunk_bytes: 32 << 10,
+            snapshot_chunk_bytes: 8 << 10,
         }
     }
 }

@@ -278,7 +278,7 @@ impl Hub {
                     Ok((tcp, peer)) => {
                         let hub = self.clone();
                         let span = tracing::info_span!("hub_conn", %peer, node = tracing::field::Empty);
-                        tracker.spawn(hub.connection(tcp, peer, tls.clone(), shutdown.clone()).instrument(span));
+                        tracker.spawn(hub.connection(tcp, peer, tls.clone(), shutdown.clone(), tracker.clone()).instrument(span));
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -304,17 +304,18 @@ impl Hub {
         peer: SocketAddr,
         tls: Option<TlsAcceptor>,
         shutdown: CancellationToken,
+        tracker: TaskTracker,
     ) {
         let _ = tcp.set_nodelay(true);
         match tls {
             Some(acceptor) => {
                 match tokio::time::timeout(self.cfg.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => self.upgrade(stream, peer, shutdown).await,
+                    Ok(Ok(stream)) => self.upgrade(stream, peer, shutdown, tracker).await,
                     Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
                     Err(_) => debug!("TLS handshake timed out"),
                 }
             }
-            None => self.upgrade(tcp, peer, shutdown).await,
+            None => self.upgrade(tcp, peer, shutdown, tracker).await,
         }
     }
 
@@ -351,8 +352,13 @@ impl Hub {
 
     // The handshake callback's error type is tungstenite's HTTP response; its size is not ours.
     #[allow(clippy::result_large_err)]
-    async fn upgrade<S>(&self, stream: S, peer: SocketAddr, shutdown: CancellationToken)
-    where
+    async fn upgrade<S>(
+        self: &Arc<Self>,
+        stream: S,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut node = None;
@@ -371,11 +377,15 @@ impl Hub {
                 }
             }
         };
+        // Memory per connection is what a fleet of thousands pays: tungstenite keeps the
+        // capacity of its largest read and write for the life of the connection, so reads
+        // start small and writes go straight to the socket (whose own buffer batches them)
+        // instead of gathering 64 KiB first. Snapshot chunks are small for the same reason.
         let config = WebSocketConfig::default()
             .max_message_size(Some(self.cfg.max_message_size))
             .max_frame_size(Some(self.cfg.max_message_size))
             .read_buffer_size(4096)
-            .write_buffer_size(64 << 10)
+            .write_buffer_size(0)
             .max_write_buffer_size(8 << 20);
         let accepted = tokio::time::timeout(
             self.cfg.handshake_timeout,
@@ -397,15 +407,24 @@ impl Hub {
             return;
         }
         info!("node connected");
-        let reason = match self.session(ws, &session, &shutdown).await {
-            Ok(reason) => reason.to_string(),
-            Err(e) => {
-                warn!(error = %e, "node session failed");
-                e.to_string()
+        // The session runs as a task of its own and this one ends: a task keeps the memory of
+        // its largest phase for its whole life, and the TLS and websocket handshakes are far
+        // larger than a session (measured: 12.9 KB per connected node otherwise).
+        let hub = self.clone();
+        tracker.spawn(
+            async move {
+                let reason = match hub.session(ws, &session, &shutdown).await {
+                    Ok(reason) => reason.to_string(),
+                    Err(e) => {
+                        warn!(error = %e, "node session failed");
+                        e.to_string()
+                    }
+                };
+                hub.nodes.disconnect(&session, &reason);
+                info!(%reason, "node disconnected");
             }
-        };
-        self.nodes.disconnect(&session, &reason);
-        info!(%reason, "node disconnected");
+            .instrument(tracing::Span::current()),
+        );
     }
 
     async fn session<S>(
