@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use edgehub::config_file::ConfigError;
+use edgehub::logging::LogConfig;
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -132,24 +133,6 @@ impl Default for StoreConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// A `RUST_LOG`-style filter; the environment variable wins.
-    pub level: String,
-    /// `text` or `json`.
-    pub format: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            level: "info".into(),
-            format: "text".into(),
-        }
-    }
-}
-
 impl Config {
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -211,9 +194,6 @@ impl Config {
                     "must be at least 16 characters",
                 ));
             }
-        }
-        if !matches!(self.log.format.as_str(), "text" | "json") {
-            return Err(ConfigError::key("log.format", "must be text or json"));
         }
         Ok(())
     }

@@ -124,22 +124,13 @@ fn toml_string(s: &str) -> String {
 
 async fn main_inner(args: Args) -> anyhow::Result<()> {
     let cfg = load_config(&args)?;
-    let level = args
-        .log_level
-        .clone()
-        .unwrap_or_else(|| cfg.log.level.clone());
-    let format = args.log_format.unwrap_or(if cfg.log.format == "json" {
-        LogFormat::Json
-    } else {
-        LogFormat::Text
-    });
     if !matches!(args.command, None | Some(Command::Run)) {
         logging::quiet_on_closed_stdout();
     }
     let client = |c: ClientArgs| Client::new(c.server, c.token, c.ca_cert, &cfg.data_dir);
     match args.command {
         None | Some(Command::Run) => {
-            logging::init(&level, format);
+            cfg.log.init(args.log_level.as_deref(), args.log_format);
             cloudcore::app::run(cfg).await
         }
         Some(Command::Apply { file, client: c }) => cli::apply(&client(c)?, &file).await,
@@ -166,22 +157,5 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cloudcore: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(main_inner(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("cloudcore: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    edgehub::process::run_main("cloudcore", main_inner(Args::parse()))
 }

@@ -407,12 +407,7 @@ impl HubClient {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let (mut sink, mut stream) = ws.split();
-        let point = {
-            let meta = self.meta.clone();
-            tokio::task::spawn_blocking(move || meta.sync_point())
-                .await
-                .map_err(|e| HubError::Protocol(format!("store task failed: {e}")))??
-        };
+        let point = self.with_store(|meta| meta.sync_point()).await?;
         let request = SyncRequest {
             store_id: point.store_id.clone(),
             resource_version: point.version,
@@ -628,10 +623,9 @@ impl HubClient {
             .store_id
             .clone()
             .ok_or_else(|| HubError::Protocol("changes before the sync answer".into()))?;
-        let meta = self.meta.clone();
-        let applied = tokio::task::spawn_blocking(move || meta.apply_changes(&store_id, &batch))
-            .await
-            .map_err(|e| HubError::Protocol(format!("store task failed: {e}")))??;
+        let applied = self
+            .with_store(move |meta| meta.apply_changes(&store_id, &batch))
+            .await?;
         state.committed = applied.version;
         metrics::counter!("edgemesh_hub_changes_applied_total").increment(applied.applied as u64);
         let caught_up = match &state.delta_target {
@@ -676,18 +670,17 @@ impl HubClient {
             .store_id
             .clone()
             .ok_or_else(|| HubError::Protocol("snapshot before the sync answer".into()))?;
-        let meta = self.meta.clone();
         let version = snapshot.version;
-        let count = tokio::task::spawn_blocking(move || {
-            meta.replace_all(
-                &store_id,
-                snapshot.version,
-                &snapshot.chain,
-                &snapshot.objects,
-            )
-        })
-        .await
-        .map_err(|e| HubError::Protocol(format!("store task failed: {e}")))??;
+        let count = self
+            .with_store(move |meta| {
+                meta.replace_all(
+                    &store_id,
+                    snapshot.version,
+                    &snapshot.chain,
+                    &snapshot.objects,
+                )
+            })
+            .await?;
         info!(version, objects = count, "snapshot applied");
         state.committed = version;
         self.update(|s| {
@@ -696,6 +689,18 @@ impl HubClient {
             s.last_change_at_ms = Some(now_ms());
         });
         self.ack(version, sink).await
+    }
+
+    /// Runs store work (SQLite, blocking) on the blocking pool.
+    async fn with_store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&MetaManager) -> Result<T, MetaError> + Send + 'static,
+    ) -> Result<T, HubError> {
+        let meta = self.meta.clone();
+        tokio::task::spawn_blocking(move || f(&meta))
+            .await
+            .map_err(|e| HubError::Protocol(format!("store task failed: {e}")))?
+            .map_err(HubError::from)
     }
 
     async fn ack<S>(

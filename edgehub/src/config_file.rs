@@ -69,7 +69,8 @@ pub fn from_table<T: DeserializeOwned>(table: toml::Table) -> Result<T, ConfigEr
         let key = crate::model::error_path(err.path().to_string(), &reason);
         ConfigError::Key {
             key,
-            reason: reason.trim().to_string(),
+            // toml repeats the key on a second line ("in `a.b`"); the key is said already.
+            reason: reason.lines().next().unwrap_or("").trim().to_string(),
         }
     })
 }

@@ -4,7 +4,8 @@
 //! - [`message`]: the beehive-style Message and the sync payloads on the hub websocket;
 //! - [`metamanager`]: the node's SQLite copy of the metadata and its in-memory view;
 //! - [`client`]: the edge side of the hub (connect, authenticate, resume, keepalive, reconnect);
-//! - [`tls`], [`backoff`], [`http_client`]: small pieces both binaries need.
+//! - [`tls`], [`backoff`], [`http_client`], [`config_file`], [`logging`], [`process`]: small
+//!   pieces both binaries need.
 
 pub mod backoff;
 pub mod client;
@@ -14,4 +15,5 @@ pub mod logging;
 pub mod message;
 pub mod metamanager;
 pub mod model;
+pub mod process;
 pub mod tls;

@@ -2,7 +2,8 @@
 
 use tracing_subscriber::EnvFilter;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
     Text,
@@ -17,6 +18,35 @@ impl std::str::FromStr for LogFormat {
             "json" => Ok(LogFormat::Json),
             _ => Err(format!("unknown log format {s:?}: expected text or json")),
         }
+    }
+}
+
+/// The `[log]` table of both config files.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `RUST_LOG`-style filter; the environment variable wins.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl LogConfig {
+    /// Installs logging from the config, with command-line flags taking precedence.
+    pub fn init(&self, level_flag: Option<&str>, format_flag: Option<LogFormat>) {
+        init(
+            level_flag.unwrap_or(&self.level),
+            format_flag.unwrap_or(self.format),
+        );
     }
 }
 

@@ -16,29 +16,7 @@ use crate::admin::{self, AdminState};
 use crate::config::Config;
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        info!("shutting down");
-        signal.cancel();
-    });
-    run_until(cfg, shutdown).await
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    run_until(cfg, edgehub::process::shutdown_on_signal()).await
 }
 
 pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use edgehub::client::{CloudUrl, HubClientConfig};
 use edgehub::config_file::{ConfigError, OneOrMany};
+use edgehub::logging::LogConfig;
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -94,22 +95,6 @@ impl Default for AdminConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    pub level: String,
-    pub format: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            level: "info".into(),
-            format: "text".into(),
-        }
-    }
-}
-
 fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
@@ -158,9 +143,6 @@ impl Config {
                 "cloud.keepalive_timeout",
                 "must be longer than cloud.keepalive_interval",
             ));
-        }
-        if !matches!(self.log.format.as_str(), "text" | "json") {
-            return Err(ConfigError::key("log.format", "must be text or json"));
         }
         Ok(())
     }

@@ -93,16 +93,7 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
     }
     match args.command {
         None | Some(Command::Run) => {
-            let level = args
-                .log_level
-                .clone()
-                .unwrap_or_else(|| cfg.log.level.clone());
-            let format = args.log_format.unwrap_or(if cfg.log.format == "json" {
-                LogFormat::Json
-            } else {
-                LogFormat::Text
-            });
-            logging::init(&level, format);
+            cfg.log.init(args.log_level.as_deref(), args.log_format);
             edgemesh::agent::run(cfg).await
         }
         Some(Command::Status { json }) => edgemesh::status::run(&cfg, json).await,
@@ -110,22 +101,5 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("edgemesh: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(main_inner(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("edgemesh: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    edgehub::process::run_main("edgemesh", main_inner(Args::parse()))
 }
