@@ -556,6 +556,7 @@ async fn delete_node(
     // its token gone rather than re-create its Node object.
     let nodes = state.nodes.clone();
     let change = blocking(move || {
+        let _admission = objects.admission();
         if objects.get(&key)?.is_none() {
             return Err(ApiError::not_found(&key));
         }

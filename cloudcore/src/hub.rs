@@ -96,23 +96,39 @@ impl End {
 
 const KICKED: &str = "node removed, revoked or connected again";
 
-/// Minimum time between two sync requests of one node within a session.
-const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
+/// A node is sent at most one snapshot per this interval, across reconnects: a node (buggy or
+/// hostile) that keeps asking cannot make the cloud stream snapshots back to back.
+const SNAPSHOT_PACE: Duration = Duration::from_secs(2);
+/// Likewise for repeated sync requests within one session.
+const QUERY_PACE: Duration = Duration::from_secs(2);
 
-/// What the reader task passes on.
+/// What the reader task passes on. Keepalives and acks are handled by the reader itself, so
+/// they are never stuck behind a long write, and the queue can only hold sync requests.
 enum Inbound {
     Message(Box<Message>),
     Closed(&'static str),
     Failed(SessionError),
 }
 
-fn now_ms() -> i64 {
-    crate::nodes::now_ms()
+/// Milliseconds on a monotonic clock: silence is measured on it, so a wall-clock step (NTP)
+/// can neither drop every node at once nor keep a dead one online.
+fn mono_ms() -> i64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as i64
 }
 
-/// Reads the node's frames until the connection ends, stamping `seen` on every frame.
-async fn read_loop<S>(mut stream: Stream<S>, tx: mpsc::Sender<Inbound>, seen: Arc<AtomicI64>)
-where
+/// Reads the node's frames until the connection ends: stamps `seen` on every frame, records
+/// acks and keepalives itself, and queues what the session must answer.
+async fn read_loop<S>(
+    mut stream: Stream<S>,
+    tx: mpsc::Sender<Inbound>,
+    seen: Arc<AtomicI64>,
+    nodes: Arc<NodeRegistry>,
+    session: Session,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     loop {
@@ -120,9 +136,22 @@ where
             None => Inbound::Closed("connection lost"),
             Some(Err(e)) => Inbound::Failed(e.into()),
             Some(Ok(frame)) => {
-                seen.store(now_ms(), Ordering::Relaxed);
+                seen.store(mono_ms(), Ordering::Relaxed);
                 match frame {
                     WsMessage::Text(t) => match Message::from_json(t.as_str()) {
+                        Ok(m) if m.operation() == op::KEEPALIVE => continue,
+                        Ok(m) if m.operation() == op::RESPONSE && m.resource() == resource::ACK => {
+                            match m.content_as::<Ack>() {
+                                Ok(ack) => {
+                                    nodes.acked(&session, ack.resource_version);
+                                    metrics::counter!("cloudcore_hub_acks_total").increment(1);
+                                    continue;
+                                }
+                                Err(e) => Inbound::Failed(SessionError::Protocol(format!(
+                                    "malformed ack: {e}"
+                                ))),
+                            }
+                        }
                         Ok(m) => Inbound::Message(Box::new(m)),
                         Err(e) => Inbound::Failed(SessionError::Protocol(e.to_string())),
                     },
@@ -193,6 +222,18 @@ where
         .await
     }
 
+    /// Waits for `fut` unless the session is kicked or cloudcore shuts down first.
+    async fn interruptible<T>(
+        &self,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Result<T, SessionError> {
+        tokio::select! {
+            _ = self.kicked.cancelled() => Err(SessionError::Stopped(End::new(CloseCode::Policy, KICKED))),
+            _ = self.shutdown.cancelled() => Err(SessionError::Stopped(End::new(CloseCode::Away, "cloudcore is shutting down"))),
+            v = fut => Ok(v),
+        }
+    }
+
     async fn send(&mut self, msg: WsMessage) -> Result<(), SessionError> {
         Self::guarded(
             self.kicked,
@@ -210,10 +251,16 @@ fn text(bytes: &Bytes) -> Utf8Bytes {
         .unwrap_or_else(|_| String::from_utf8_lossy(bytes).into_owned().into())
 }
 
+/// A close frame. Control frames carry at most 125 bytes, 2 of them the code, so a longer
+/// reason is cut (on a character boundary) rather than make the frame invalid.
 fn close(code: CloseCode, reason: &str) -> WsMessage {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
     WsMessage::Close(Some(CloseFrame {
         code,
-        reason: reason.to_string().into(),
+        reason: reason[..end].to_string().into(),
     }))
 }
 
@@ -288,6 +335,8 @@ impl Hub {
                 }
             }
         }
+        // Stop accepting first: connections that queue while sessions close would only hang.
+        drop(listener);
         tracker.close();
         if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
             .await
@@ -307,15 +356,26 @@ impl Hub {
         tracker: TaskTracker,
     ) {
         let _ = tcp.set_nodelay(true);
-        match tls {
-            Some(acceptor) => {
-                match tokio::time::timeout(self.cfg.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => self.upgrade(stream, peer, shutdown, tracker).await,
-                    Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
-                    Err(_) => debug!("TLS handshake timed out"),
+        let handshakes = async {
+            match tls {
+                Some(acceptor) => {
+                    match tokio::time::timeout(self.cfg.handshake_timeout, acceptor.accept(tcp))
+                        .await
+                    {
+                        Ok(Ok(stream)) => {
+                            self.upgrade(stream, peer, shutdown.clone(), tracker).await
+                        }
+                        Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => debug!("TLS handshake timed out"),
+                    }
                 }
+                None => self.upgrade(tcp, peer, shutdown.clone(), tracker).await,
             }
-            None => self.upgrade(tcp, peer, shutdown, tracker).await,
+        };
+        // Handshakes in progress end with cloudcore; established sessions close themselves.
+        tokio::select! {
+            _ = shutdown.cancelled() => debug!("shutting down during the handshake"),
+            _ = handshakes => {}
         }
     }
 
@@ -439,9 +499,15 @@ impl Hub {
         let (sink, stream) = ws.split();
         // A reader task of its own: keepalives and acks are taken in even while a long write
         // (a snapshot over a slow link) is in progress, so a healthy node is never timed out.
-        let seen = Arc::new(AtomicI64::new(now_ms()));
-        let (tx, mut inbound) = mpsc::channel(16);
-        let mut reader = tokio::spawn(read_loop(stream, tx, seen.clone()));
+        let seen = Arc::new(AtomicI64::new(mono_ms()));
+        let (tx, mut inbound) = mpsc::channel(4);
+        let mut reader = tokio::spawn(read_loop(
+            stream,
+            tx,
+            seen.clone(),
+            self.nodes.clone(),
+            session.clone(),
+        ));
         let mut out = Outbound {
             sink,
             write_timeout: self.cfg.node_timeout,
@@ -489,7 +555,8 @@ impl Hub {
     {
         // Subscribe before answering, so a change committed meanwhile is not missed.
         let mut versions = self.store.subscribe();
-        let first = match tokio::time::timeout(self.cfg.node_timeout, inbound.recv()).await {
+        let first = out.interruptible(tokio::time::timeout(self.cfg.node_timeout, inbound.recv()));
+        let first = match first.await? {
             Err(_) => return Ok(End::new(CloseCode::Policy, "no sync request")),
             Ok(None) => return Ok(End::new(CloseCode::Normal, "connection lost")),
             Ok(Some(Inbound::Message(m))) => *m,
@@ -504,22 +571,30 @@ impl Hub {
         let sync: SyncRequest = first
             .content_as()
             .map_err(|e| SessionError::Protocol(format!("malformed sync request: {e}")))?;
-        // A node deleted or revoked while it was connecting must not come back to life.
-        if session.kicked.is_cancelled() || !self.tokens.has_token(&session.node) {
-            return Ok(End::new(CloseCode::Policy, "node removed or revoked"));
-        }
         {
-            let objects = self.objects.clone();
+            // Under the admission lock that node deletion also takes: a node deleted or
+            // revoked while it was connecting must not re-create its Node object.
+            let (objects, tokens) = (self.objects.clone(), self.tokens.clone());
             let (node, labels) = (session.node.clone(), sync.labels.clone());
-            tokio::task::spawn_blocking(move || objects.ensure_node(&node, Some(&labels)))
-                .await
-                .map_err(|e| SessionError::Store(e.to_string()))?
-                .map_err(|e| match e {
-                    ApplyError::Invalid { err, .. } => {
-                        SessionError::Rejected(format!("invalid node labels: {err}"))
-                    }
-                    other => SessionError::Store(other.to_string()),
-                })?;
+            let kicked = session.kicked.clone();
+            let admitted = tokio::task::spawn_blocking(move || {
+                let _admission = objects.admission();
+                if kicked.is_cancelled() || !tokens.has_token(&node) {
+                    return Ok(false);
+                }
+                objects.ensure_node(&node, Some(&labels)).map(|()| true)
+            })
+            .await
+            .map_err(|e| SessionError::Store(e.to_string()))?
+            .map_err(|e| match e {
+                ApplyError::Invalid { err, .. } => {
+                    SessionError::Rejected(format!("invalid node labels: {err}"))
+                }
+                other => SessionError::Store(other.to_string()),
+            })?;
+            if !admitted {
+                return Ok(End::new(CloseCode::Policy, "node removed or revoked"));
+            }
         }
         let mut sent = self.answer(out, session, &first.header.id, &sync).await?;
         let mut last_query = Instant::now();
@@ -554,11 +629,12 @@ impl Hub {
                     sent = self.catch_up(out, session, sent).await?;
                 }
                 _ = keepalive.tick() => {
-                    if now_ms() - seen.load(Ordering::Relaxed) > timeout_ms {
+                    let silent_ms = mono_ms() - seen.load(Ordering::Relaxed);
+                    if silent_ms > timeout_ms {
                         return Ok(End::new(CloseCode::Away, "keepalive timeout"));
                     }
                     out.send(WsMessage::Text(text(&keepalive_msg))).await?;
-                    self.nodes.seen_at(session, seen.load(Ordering::Relaxed));
+                    self.nodes.seen_at(session, crate::nodes::now_ms() - silent_ms);
                 }
             }
         }
@@ -576,19 +652,11 @@ impl Hub {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         match (msg.operation(), msg.resource()) {
-            (op::RESPONSE, resource::ACK) => {
-                let ack: Ack = msg
-                    .content_as()
-                    .map_err(|e| SessionError::Protocol(format!("malformed ack: {e}")))?;
-                self.nodes.acked(session, ack.resource_version);
-                metrics::counter!("cloudcore_hub_acks_total").increment(1);
-            }
-            (op::KEEPALIVE, _) => self.nodes.seen(session),
             (op::QUERY, resource::SYNC) => {
-                // A node that lost track asks again. Each answer may be a whole snapshot, so a
-                // node gets one every RESYNC_INTERVAL at most.
-                if last_query.elapsed() < RESYNC_INTERVAL {
-                    return Err(SessionError::Rejected("sync requested too often".into()));
+                // A node that lost track asks again. An answer can be a long delta, so
+                // repeated asks are paced rather than answered back to back.
+                if let Some(wait) = QUERY_PACE.checked_sub(last_query.elapsed()) {
+                    out.interruptible(tokio::time::sleep(wait)).await?;
                 }
                 *last_query = Instant::now();
                 let sync: SyncRequest = msg
@@ -658,7 +726,7 @@ impl Hub {
             }
             Since::Gone => (
                 SyncMode::Snapshot,
-                self.send_snapshot(out, request_id, sync.resource_version)
+                self.send_snapshot(out, session, request_id, sync.resource_version)
                     .await?,
             ),
         };
@@ -738,7 +806,7 @@ impl Hub {
             Since::Gone => {
                 // The node fell behind the history while connected (it reads too slowly).
                 warn!(node = %session.node, sent, "node fell behind the change history; sending a snapshot");
-                self.send_snapshot(out, "", sent).await
+                self.send_snapshot(out, session, "", sent).await
             }
         }
     }
@@ -746,13 +814,18 @@ impl Hub {
     async fn send_snapshot<S>(
         &self,
         out: &mut Outbound<'_, S>,
+        session: &Session,
         request_id: &str,
         from: u64,
     ) -> Result<u64, SessionError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let snap = self.encoded_snapshot().await?;
+        if let Some(wait) = self.nodes.snapshot_wait(&session.node, SNAPSHOT_PACE) {
+            debug!(?wait, "pacing a repeated snapshot");
+            out.interruptible(tokio::time::sleep(wait)).await?;
+        }
+        let snap = out.interruptible(self.encoded_snapshot()).await??;
         out.feed(self.response(
             request_id,
             SyncMode::Snapshot,
@@ -872,6 +945,20 @@ mod tests {
             version: i as u64,
             json: "x".repeat(size).into(),
         }
+    }
+
+    #[test]
+    fn close_reasons_fit_in_a_control_frame() {
+        let long = format!("invalid node labels: {}", "é".repeat(100));
+        let WsMessage::Close(Some(frame)) = close(CloseCode::Policy, &long) else {
+            panic!("not a close frame")
+        };
+        assert!(frame.reason.len() <= 123, "{}", frame.reason.len());
+        assert!(long.starts_with(frame.reason.as_str()));
+        let WsMessage::Close(Some(frame)) = close(CloseCode::Away, "short") else {
+            panic!("not a close frame")
+        };
+        assert_eq!(frame.reason.as_str(), "short");
     }
 
     #[test]

@@ -42,6 +42,8 @@ struct Entry {
     status: NodeStatus,
     conn_id: u64,
     kick: Option<CancellationToken>,
+    /// When the node was last sent a snapshot (kept across reconnects).
+    last_snapshot: Option<std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -54,6 +56,7 @@ pub struct NodeRegistry {
 }
 
 /// A connection's claim on its node name; `NodeRegistry::disconnect` takes it back.
+#[derive(Clone)]
 pub struct Session {
     pub node: String,
     pub conn_id: u64,
@@ -87,8 +90,9 @@ impl NodeRegistry {
             e.status.connected_since_ms = Some(now);
             e.status.last_seen_ms = Some(now);
             e.status.disconnect_reason = None;
+            // Under the lock, so the gauge follows the order of events.
+            self.publish_online();
         }
-        self.publish_online();
         Session {
             node: node.to_string(),
             conn_id,
@@ -111,8 +115,8 @@ impl NodeRegistry {
                     e.kick = None;
                 }
             }
+            self.publish_online();
         }
-        self.publish_online();
     }
 
     fn publish_online(&self) {
@@ -153,6 +157,21 @@ impl NodeRegistry {
         });
     }
 
+    /// How long the node must wait before its next snapshot, to keep snapshots at least
+    /// `pace` apart per node; claims the slot.
+    pub fn snapshot_wait(
+        &self,
+        node: &str,
+        pace: std::time::Duration,
+    ) -> Option<std::time::Duration> {
+        let now = std::time::Instant::now();
+        let mut nodes = self.lock();
+        let e = nodes.entry(node.to_string()).or_default();
+        let next = e.last_snapshot.map(|t| t + pace).filter(|next| *next > now);
+        e.last_snapshot = Some(next.unwrap_or(now));
+        next.map(|n| n - now)
+    }
+
     /// Closes the node's connection, if any; true if one was open.
     pub fn kick(&self, node: &str) -> bool {
         match self.lock().get_mut(node).and_then(|e| e.kick.take()) {
@@ -166,7 +185,8 @@ impl NodeRegistry {
 
     /// Forgets a deleted node.
     pub fn remove(&self, node: &str) {
-        if let Some(e) = self.lock().remove(node) {
+        let mut nodes = self.lock();
+        if let Some(e) = nodes.remove(node) {
             if e.status.online {
                 self.online.fetch_sub(1, Ordering::Relaxed);
             }
@@ -192,6 +212,22 @@ impl NodeRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshots_are_paced_per_node_across_reconnects() {
+        let reg = NodeRegistry::default();
+        let pace = std::time::Duration::from_secs(60);
+        assert_eq!(reg.snapshot_wait("a", pace), None);
+        let wait = reg.snapshot_wait("a", pace).expect("second one waits");
+        assert!(wait > std::time::Duration::from_secs(59));
+        // A third queues behind the second.
+        assert!(reg.snapshot_wait("a", pace).expect("waits") > std::time::Duration::from_secs(119));
+        assert_eq!(
+            reg.snapshot_wait("b", pace),
+            None,
+            "other nodes are not held up"
+        );
+    }
 
     #[test]
     fn a_newer_connection_takes_over_and_the_old_one_cannot_mark_offline() {

@@ -63,6 +63,9 @@ pub struct Objects {
     service_cidr: IpNet,
     /// Serialises service writes with the IP index they check and update.
     ips: Mutex<IpIndex>,
+    /// Held by node deletion and by a connecting node's admission, so the two cannot
+    /// interleave (a node deleted mid-connect must not re-create its object).
+    admission: Mutex<()>,
 }
 
 impl Objects {
@@ -82,6 +85,7 @@ impl Objects {
             store,
             service_cidr,
             ips: Mutex::new(index),
+            admission: Mutex::new(()),
         })
     }
 
@@ -91,6 +95,11 @@ impl Objects {
 
     pub fn service_cidr(&self) -> IpNet {
         self.service_cidr
+    }
+
+    /// The lock that orders node admission against node deletion.
+    pub fn admission(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.admission.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Validates and applies the objects atomically: all or nothing. `expect_version` per

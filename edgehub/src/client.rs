@@ -215,6 +215,9 @@ pub struct HubClient {
     cfg: Arc<HubClientConfig>,
     meta: Arc<MetaManager>,
     status: Arc<Mutex<SyncStatus>>,
+    /// Set when this node's copy turned out not to be the cloud's history: the next sync
+    /// request presents no store, so the cloud answers with a snapshot.
+    force_snapshot: std::sync::atomic::AtomicBool,
 }
 
 impl HubClient {
@@ -227,6 +230,7 @@ impl HubClient {
             cfg: Arc::new(cfg),
             meta,
             status: Arc::new(Mutex::new(status)),
+            force_snapshot: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -275,6 +279,10 @@ impl HubClient {
             match result {
                 Ok(SessionEnd::Shutdown) => break,
                 Err(e) => {
+                    if matches!(e, HubError::Store(MetaError::HistoryMismatch { .. })) {
+                        self.force_snapshot
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     warn!(cloud = %url, error = %e, "hub connection ended");
                     metrics::counter!("edgemesh_hub_disconnects_total").increment(1);
                     self.update(|s| {
@@ -408,8 +416,11 @@ impl HubClient {
     {
         let (mut sink, mut stream) = ws.split();
         let point = self.with_store(|meta| meta.sync_point()).await?;
+        let fresh = self
+            .force_snapshot
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
         let request = SyncRequest {
-            store_id: point.store_id.clone(),
+            store_id: if fresh { None } else { point.store_id.clone() },
             resource_version: point.version,
             chain: point.chain.clone(),
             labels: self.cfg.labels.clone(),
@@ -623,25 +634,20 @@ impl HubClient {
             .store_id
             .clone()
             .ok_or_else(|| HubError::Protocol("changes before the sync answer".into()))?;
+        let expect = state.delta_target.clone();
         let applied = self
-            .with_store(move |meta| meta.apply_changes(&store_id, &batch))
+            .with_store(move |meta| {
+                let expect = expect.as_ref().map(|(v, c)| (*v, c.as_str()));
+                meta.apply_changes(&store_id, &batch, expect)
+            })
             .await?;
         state.committed = applied.version;
         metrics::counter!("edgemesh_hub_changes_applied_total").increment(applied.applied as u64);
-        let caught_up = match &state.delta_target {
-            Some((target, chain)) if applied.version >= *target => {
-                // Where the delta ends the node must hold the cloud's history; if not, its
-                // copy came from a timeline the cloud no longer has (a restored backup).
-                // Reconnecting presents this chain, and the cloud answers with a snapshot.
-                if applied.version == *target && !chain.is_empty() && *chain != applied.chain {
-                    return Err(HubError::Protocol(format!(
-                        "history mismatch at version {target}: resyncing"
-                    )));
-                }
-                true
-            }
-            _ => false,
-        };
+        // (The chain at the end of a delta was checked inside the transaction.)
+        let caught_up = state
+            .delta_target
+            .as_ref()
+            .is_some_and(|(target, _)| applied.version >= *target);
         if caught_up {
             state.delta_target = None;
         }

@@ -272,8 +272,9 @@ impl SyncMode {
 }
 
 /// Edge → cloud, first message on a connection (`query` `sync`).
+/// Unknown fields are accepted, so a newer agent can talk to an older cloud.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct SyncRequest {
     /// Identity of the cloud store the node's copy came from; `None` for an empty node.
     #[serde(default)]

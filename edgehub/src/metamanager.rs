@@ -44,6 +44,14 @@ pub enum MetaError {
     BadResource(String),
     #[error("changes from cloud store {got} cannot apply to a copy of store {stored}")]
     StoreMismatch { stored: String, got: String },
+    #[error("history mismatch at version {version}: this copy is not the cloud's history")]
+    HistoryMismatch { version: u64 },
+    #[error("metadata store {path} was written by a newer edgemesh (schema {found}, this one knows {known})")]
+    NewerSchema {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
 }
 
 /// One change as received from the cloud.
@@ -150,6 +158,9 @@ CREATE TABLE IF NOT EXISTS sync_state (
 );
 ";
 
+/// Version of the layout below, kept in SQLite's `user_version`.
+pub const SCHEMA_VERSION: i64 = 1;
+
 /// File name of the node's database inside `data_dir`.
 pub const DB_FILE: &str = "edgemesh.db";
 
@@ -178,7 +189,21 @@ impl MetaManager {
             .map_err(sql)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sql)?;
+        // The schema version lets a later edgemesh migrate this file, and an older one refuse
+        // a file it would misread (rather than lose the node's offline copy).
+        let found: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql)?;
+        if found > SCHEMA_VERSION {
+            return Err(MetaError::NewerSchema {
+                path: path.to_path_buf(),
+                found,
+                known: SCHEMA_VERSION,
+            });
+        }
         conn.execute_batch(SCHEMA).map_err(sql)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(sql)?;
         let mm = MetaManager {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
@@ -289,10 +314,13 @@ impl MetaManager {
     /// version. Changes at or below the committed version are skipped (at-least-once delivery
     /// makes redelivery normal); a change that skips a version is an error, because the cloud
     /// sends every version in order.
+    /// With `expect`, the chain at that version must be the given one (the end of a delta),
+    /// or nothing is committed.
     pub fn apply_changes(
         &self,
         store_id: &str,
         changes: &[EdgeChange],
+        expect: Option<(u64, &str)>,
     ) -> Result<Applied, MetaError> {
         let parsed = changes
             .iter()
@@ -350,6 +378,12 @@ impl MetaManager {
                 &change.body,
             );
             version = change.version;
+            if let Some((at, expected)) = expect {
+                if version == at && !expected.is_empty() && chain != expected {
+                    // Dropping the transaction rolls the whole batch back.
+                    return Err(MetaError::HistoryMismatch { version });
+                }
+            }
             applied.applied += 1;
             written.push((change.key.clone(), obj));
         }
@@ -477,6 +511,7 @@ mod tests {
                     change(1, "a", Some(svc("a", "10.96.0.1"))),
                     change(2, "b", Some(svc("b", "10.96.0.2"))),
                 ],
+                None,
             )
             .expect("apply");
         assert_eq!((a.applied, a.version), (2, 2));
@@ -491,6 +526,7 @@ mod tests {
                     change(2, "b", Some(svc("b", "10.96.0.2"))),
                     change(3, "a", None),
                 ],
+                None,
             )
             .expect("apply");
         assert_eq!((a.applied, a.duplicates, a.version), (1, 1, 3));
@@ -521,6 +557,7 @@ mod tests {
                     change(1, "a", Some(svc("a", "10.96.0.1"))),
                     change(3, "b", None),
                 ],
+                None,
             )
             .unwrap_err();
         assert!(
@@ -535,11 +572,15 @@ mod tests {
             "{err}"
         );
         let err = mm
-            .apply_changes("s1", &[change(1, "a", Some("{not json".into()))])
+            .apply_changes("s1", &[change(1, "a", Some("{not json".into()))], None)
             .unwrap_err();
         assert!(matches!(err, MetaError::BadObject { .. }), "{err}");
         let err = mm
-            .apply_changes("s1", &[change(1, "a", Some(svc("other", "10.96.0.1")))])
+            .apply_changes(
+                "s1",
+                &[change(1, "a", Some(svc("other", "10.96.0.1")))],
+                None,
+            )
             .unwrap_err();
         assert!(matches!(err, MetaError::BadObject { .. }), "{err}");
         assert_eq!(mm.sync_point().expect("point").version, 0);
@@ -551,7 +592,7 @@ mod tests {
             r#""fromTheFuture":1,"sessionAffinity""#,
         );
         let a = mm
-            .apply_changes("s1", &[change(1, "a", Some(newer.clone()))])
+            .apply_changes("s1", &[change(1, "a", Some(newer.clone()))], None)
             .expect("lenient");
         assert_eq!(a.applied, 1);
         assert_eq!(mm.rows().expect("rows")[0].2, newer);
@@ -559,11 +600,52 @@ mod tests {
     }
 
     #[test]
+    fn a_delta_that_ends_on_another_history_commits_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mm = MetaManager::open(dir.path()).expect("open");
+        let batch = [
+            change(1, "a", Some(svc("a", "10.96.0.1"))),
+            change(2, "b", Some(svc("b", "10.96.0.2"))),
+        ];
+        let err = mm
+            .apply_changes("s1", &batch, Some((2, "not-the-chain")))
+            .unwrap_err();
+        assert!(
+            matches!(err, MetaError::HistoryMismatch { version: 2 }),
+            "{err}"
+        );
+        assert_eq!(mm.sync_point().expect("point").version, 0);
+        assert!(mm.view().services.is_empty());
+        let ok = mm.apply_changes("s1", &batch, None).expect("apply");
+        // The same batch with the right expectation passes.
+        let dir2 = tempfile::tempdir().expect("tempdir");
+        let mm2 = MetaManager::open(dir2.path()).expect("open");
+        mm2.apply_changes("s1", &batch, Some((2, &ok.chain)))
+            .expect("matching chain");
+    }
+
+    #[test]
+    fn a_store_from_a_newer_edgemesh_is_refused_not_clobbered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(MetaManager::open(dir.path()).expect("create"));
+        let conn = Connection::open(dir.path().join(DB_FILE)).expect("open");
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .expect("bump");
+        drop(conn);
+        let err = MetaManager::open(dir.path()).err().expect("refused");
+        assert!(matches!(err, MetaError::NewerSchema { .. }), "{err}");
+    }
+
+    #[test]
     fn snapshot_replaces_everything() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mm = MetaManager::open(dir.path()).expect("open");
-        mm.apply_changes("s1", &[change(1, "old", Some(svc("old", "10.96.0.1")))])
-            .expect("apply");
+        mm.apply_changes(
+            "s1",
+            &[change(1, "old", Some(svc("old", "10.96.0.1")))],
+            None,
+        )
+        .expect("apply");
         let objects = vec![(
             ObjectKey::new(Kind::Service, "default", "new"),
             svc("new", "10.96.0.9"),
@@ -573,7 +655,7 @@ mod tests {
         assert_eq!(mm.sync_point().expect("point").chain, "c500");
         // Changes of another store are refused.
         let err = mm
-            .apply_changes("s1", &[change(501, "x", None)])
+            .apply_changes("s1", &[change(501, "x", None)], None)
             .unwrap_err();
         assert!(matches!(err, MetaError::StoreMismatch { .. }), "{err}");
         let view = mm.view();

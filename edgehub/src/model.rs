@@ -16,8 +16,8 @@ use serde_json::Value;
 mod validate;
 
 pub use validate::{
-    error_path, validate_endpoints, validate_node, validate_service, FieldError, LbPolicy,
-    ServiceAnnotations, CLOUD_NODE,
+    error_path, validate_endpoints, validate_labels, validate_node, validate_service, FieldError,
+    LbPolicy, ServiceAnnotations, CLOUD_NODE,
 };
 
 /// Annotation that selects the load-balancing policy of a Service.

@@ -123,6 +123,15 @@ impl Config {
                 ),
             ));
         }
+        // The cloud refuses a node whose labels it could not store; say so at startup.
+        edgehub::model::validate_labels("labels", &self.labels)
+            .map_err(|e| ConfigError::key(e.field, e.message))?;
+        if self.node_name == edgehub::model::CLOUD_NODE {
+            return Err(ConfigError::key(
+                "node_name",
+                "\"cloud\" is reserved for endpoints reached through cloudcore",
+            ));
+        }
         if !is_dns_subdomain(&self.cluster_domain) {
             return Err(ConfigError::key(
                 "cluster_domain",
@@ -214,6 +223,11 @@ mod tests {
                 "cloud.keepalive_timeout",
             ),
             ("node_name = \"e\"\nservice_cidr = \"x\"", "service_cidr"),
+            (
+                "node_name = \"e\"\nlabels = { \"bad key\" = \"a\" }",
+                "labels[\"bad key\"]",
+            ),
+            ("node_name = \"cloud\"", "node_name"),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(&format!("`{key}`")), "{text}: {e}");

@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS node_tokens (
 );
 ";
 
+/// Version of the layout above, kept in SQLite's `user_version`.
+pub const SCHEMA_VERSION: i64 = 1;
+
 /// File name of the cloud database inside `data_dir`.
 pub const DB_FILE: &str = "cloudcore.db";
 
@@ -109,7 +112,15 @@ impl SqliteStore {
         // node that already saw version N would take a different change N as a duplicate.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // A store written by a newer cloudcore is refused rather than misread.
+        let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if found > SCHEMA_VERSION {
+            return Err(open_err(format!(
+                "written by a newer cloudcore (schema {found}; this one knows {SCHEMA_VERSION})"
+            )));
+        }
         conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let store_id: String = match conn
             .query_row(
                 "SELECT value FROM store_meta WHERE key = 'store_id'",

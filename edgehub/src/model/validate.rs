@@ -213,6 +213,35 @@ fn is_qualified_name(s: &str) -> bool {
     prefix.is_none_or(is_dns1123_subdomain) && !name.is_empty() && is_label_value(name)
 }
 
+/// Checks labels as Kubernetes does; errors name `field[key]`.
+pub fn validate_labels(
+    field: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<(), FieldError> {
+    if labels.len() > MAX_LABELS {
+        return Err(FieldError::new(
+            field,
+            format!("{} labels; at most {MAX_LABELS}", labels.len()),
+        ));
+    }
+    for (key, value) in labels {
+        let at = format!("{field}[{key:?}]");
+        if !is_qualified_name(key) {
+            return Err(FieldError::new(
+                at,
+                "invalid label key: [prefix/]name, name at most 63 characters of [A-Za-z0-9-_.]",
+            ));
+        }
+        if !is_label_value(value) {
+            return Err(FieldError::new(
+                at,
+                format!("invalid label value {value:?}: at most 63 characters of [A-Za-z0-9-_.]"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// IANA service name, for named ports: ≤ 15 chars, lower-case alphanumerics and '-', a letter.
 fn is_port_name(s: &str) -> bool {
     is_dns1123_label(s) && s.len() <= 15 && s.bytes().any(|c| c.is_ascii_lowercase())
@@ -260,27 +289,7 @@ fn check_meta(meta: &ObjectMeta, namespaced: bool, service: bool) -> Result<(), 
             "this kind is cluster-scoped and has no namespace",
         ));
     }
-    if meta.labels.len() > MAX_LABELS {
-        return Err(FieldError::new(
-            "metadata.labels",
-            format!("{} labels; at most {MAX_LABELS}", meta.labels.len()),
-        ));
-    }
-    for (key, value) in &meta.labels {
-        let at = format!("metadata.labels[{key:?}]");
-        if !is_qualified_name(key) {
-            return Err(FieldError::new(
-                at,
-                "invalid label key: [prefix/]name, name at most 63 characters of [A-Za-z0-9-_.]",
-            ));
-        }
-        if !is_label_value(value) {
-            return Err(FieldError::new(
-                at,
-                format!("invalid label value {value:?}: at most 63 characters of [A-Za-z0-9-_.]"),
-            ));
-        }
-    }
+    validate_labels("metadata.labels", &meta.labels)?;
     let annotations: usize = meta
         .annotations
         .iter()
