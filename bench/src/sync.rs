@@ -732,6 +732,11 @@ impl Bench {
         progress("snapshot: one fresh node syncs");
         let cold = node::snapshot_once(self.args.hub, &node, &token, true, self.timeout()).await?;
         self.wait_no_nodes().await?;
+        // Another node: cloudcore paces repeated snapshots to the same node.
+        let (node, token) = match self.tokens.get(1) {
+            Some(t) => (self.node_name(1), t.clone()),
+            None => (node, token),
+        };
         let warm = node::snapshot_once(self.args.hub, &node, &token, true, self.timeout()).await?;
         self.wait_no_nodes().await?;
 
