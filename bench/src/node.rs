@@ -75,36 +75,19 @@ pub async fn connect(hub: SocketAddr, node: &str, token: &str, timeout: Duration
 }
 
 pub fn sync_request(store_id: Option<String>, version: u64, chain: Option<&str>) -> String {
-    Message::new(
-        module::EDGEHUB,
-        module::CLOUDHUB,
-        group::META,
-        op::QUERY,
-        resource::SYNC,
-    )
-    .with_content(&SyncRequest {
+    SyncRequest {
         store_id,
         resource_version: version,
         chain: chain.unwrap_or_default().to_string(),
         labels: BTreeMap::new(),
         agent_version: concat!("edgemesh-bench/", env!("CARGO_PKG_VERSION")).to_string(),
-    })
+    }
+    .message()
     .to_json()
 }
 
 pub fn ack_message(version: u64) -> String {
-    Message::new(
-        module::EDGEHUB,
-        module::CLOUDHUB,
-        group::META,
-        op::RESPONSE,
-        resource::ACK,
-    )
-    .with_version(version)
-    .with_content(&Ack {
-        resource_version: version,
-    })
-    .to_json()
+    Ack::message(version).to_json()
 }
 
 /// State shared by every node of one fleet and the controller.

@@ -426,15 +426,8 @@ impl HubClient {
             labels: self.cfg.labels.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
         };
-        let msg = Message::new(
-            module::EDGEHUB,
-            module::CLOUDHUB,
-            group::META,
-            op::QUERY,
-            resource::SYNC,
-        )
-        .with_content(&request);
-        sink.send(WsMessage::text(msg.to_json())).await?;
+        sink.send(WsMessage::text(request.message().to_json()))
+            .await?;
         debug!(version = point.version, store_id = ?point.store_id, "sync requested");
 
         let mut state = SessionState {
@@ -717,17 +710,7 @@ impl HubClient {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let msg = Message::new(
-            module::EDGEHUB,
-            module::CLOUDHUB,
-            group::META,
-            op::RESPONSE,
-            resource::ACK,
-        )
-        .with_version(version)
-        .with_content(&Ack {
-            resource_version: version,
-        });
+        let msg = Ack::message(version);
         sink.send(WsMessage::text(msg.to_json())).await?;
         self.update(|s| s.acked_version = version);
         Ok(())

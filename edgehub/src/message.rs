@@ -331,6 +331,37 @@ pub struct Ack {
     pub resource_version: u64,
 }
 
+impl Ack {
+    /// The ack Message a node sends for `version`.
+    pub fn message(version: u64) -> Message {
+        Message::new(
+            module::EDGEHUB,
+            module::CLOUDHUB,
+            group::META,
+            op::RESPONSE,
+            resource::ACK,
+        )
+        .with_version(version)
+        .with_content(&Ack {
+            resource_version: version,
+        })
+    }
+}
+
+impl SyncRequest {
+    /// The sync request Message a node sends first on every connection.
+    pub fn message(&self) -> Message {
+        Message::new(
+            module::EDGEHUB,
+            module::CLOUDHUB,
+            group::META,
+            op::QUERY,
+            resource::SYNC,
+        )
+        .with_content(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
