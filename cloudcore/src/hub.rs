@@ -191,13 +191,9 @@ where
         limit: Duration,
         write: impl std::future::Future<Output = Result<(), tokio_tungstenite::tungstenite::Error>>,
     ) -> Result<(), SessionError> {
-        tokio::select! {
-            _ = kicked.cancelled() => Err(SessionError::Stopped(End::new(CloseCode::Policy, KICKED))),
-            _ = shutdown.cancelled() => Err(SessionError::Stopped(End::new(CloseCode::Away, "cloudcore is shutting down"))),
-            r = tokio::time::timeout(limit, write) => match r {
-                Ok(r) => r.map_err(SessionError::from),
-                Err(_) => Err(SessionError::WriteTimeout(limit)),
-            },
+        match until_stopped(kicked, shutdown, tokio::time::timeout(limit, write)).await? {
+            Ok(r) => r.map_err(SessionError::from),
+            Err(_) => Err(SessionError::WriteTimeout(limit)),
         }
     }
 
@@ -227,11 +223,7 @@ where
         &self,
         fut: impl std::future::Future<Output = T>,
     ) -> Result<T, SessionError> {
-        tokio::select! {
-            _ = self.kicked.cancelled() => Err(SessionError::Stopped(End::new(CloseCode::Policy, KICKED))),
-            _ = self.shutdown.cancelled() => Err(SessionError::Stopped(End::new(CloseCode::Away, "cloudcore is shutting down"))),
-            v = fut => Ok(v),
-        }
+        until_stopped(self.kicked, self.shutdown, fut).await
     }
 
     async fn send(&mut self, msg: WsMessage) -> Result<(), SessionError> {
@@ -242,6 +234,19 @@ where
             self.sink.send(msg),
         )
         .await
+    }
+}
+
+/// `fut`'s output, or `Stopped` as soon as the session is kicked or cloudcore shuts down.
+async fn until_stopped<T>(
+    kicked: &CancellationToken,
+    shutdown: &CancellationToken,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, SessionError> {
+    tokio::select! {
+        _ = kicked.cancelled() => Err(SessionError::Stopped(End::new(CloseCode::Policy, KICKED))),
+        _ = shutdown.cancelled() => Err(SessionError::Stopped(End::new(CloseCode::Away, "cloudcore is shutting down"))),
+        v = fut => Ok(v),
     }
 }
 
