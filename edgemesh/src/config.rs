@@ -12,6 +12,9 @@ use edgehub::logging::LogConfig;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::dns::DnsConfig;
+use crate::proxy::ProxyConfig;
+
 pub const DEFAULT_CONFIG: &str = "/etc/edgemesh/edgemesh.toml";
 
 #[derive(Clone, Debug, Deserialize)]
@@ -26,6 +29,8 @@ pub struct Config {
     /// Published as the Node's labels, for topology-aware routing.
     pub labels: BTreeMap<String, String>,
     pub cloud: CloudConfig,
+    pub proxy: ProxyConfig,
+    pub dns: DnsConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
 }
@@ -39,6 +44,8 @@ impl Default for Config {
             cluster_domain: "cluster.local".into(),
             labels: BTreeMap::new(),
             cloud: CloudConfig::default(),
+            proxy: ProxyConfig::default(),
+            dns: DnsConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
         }
@@ -153,6 +160,8 @@ impl Config {
                 "must be longer than cloud.keepalive_interval",
             ));
         }
+        self.proxy.validate(&self.service_cidr)?;
+        self.dns.validate()?;
         Ok(())
     }
 

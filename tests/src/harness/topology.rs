@@ -101,6 +101,8 @@ pub struct Topology {
     /// further setup so a failing setup step is still cleaned up by `Drop`.
     namespaces: Vec<String>,
     hosts: Vec<Host>,
+    /// Pod namespaces behind hosts (see [`Topology::add_pod`]).
+    pods: Vec<Host>,
     procs: Vec<Proc>,
     dir: PathBuf,
 }
@@ -124,6 +126,7 @@ impl Topology {
             base,
             namespaces: Vec::new(),
             hosts: Vec::new(),
+            pods: Vec::new(),
             procs: Vec::new(),
             dir,
         };
@@ -191,6 +194,64 @@ impl Topology {
         run_checked(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         run_checked(&["ip", "-n", ns, "addr", "add", &cidr, "dev", "eth0"]);
         run_checked(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
+    }
+
+    /// Adds a pod namespace behind `node`: the node gets bridge `cbr0` at 10.244.I.1/24 (I = the
+    /// node's host index) the first time, and the pod gets `eth0` at 10.244.I.K/24 (K = 2, 3, ...)
+    /// with its default route through the node, so anything the pod sends outside its subnet
+    /// (a cluster IP, another node) is routed by the node's namespace, where edgemesh's iptables
+    /// rules see it in `PREROUTING`. The node itself still has no default route.
+    pub fn add_pod(&mut self, node: &Host, role: &str) -> Host {
+        netns::check_label("role", role);
+        assert!(
+            self.hosts.iter().chain(&self.pods).all(|h| h.role != role) && role != SWITCH_ROLE,
+            "pod role {role:?} used twice in one topology"
+        );
+        let node_index = self
+            .hosts
+            .iter()
+            .position(|h| h == node)
+            .expect("add_pod: node is not a host of this topology");
+        let on_node = self
+            .pods
+            .iter()
+            .filter(|p| p.ip.octets()[2] == node_index as u8)
+            .count();
+        assert!(on_node < 250, "too many pods on {}", node.role);
+        let gateway = Ipv4Addr::new(10, 244, node_index as u8, 1);
+        let ip = Ipv4Addr::new(10, 244, node_index as u8, on_node as u8 + 2);
+        if on_node == 0 {
+            let n = node.ns.as_str();
+            run_checked(&["ip", "-n", n, "link", "add", "cbr0", "type", "bridge"]);
+            run_checked(&["ip", "-n", n, "addr", "add", &format!("{gateway}/24"), "dev", "cbr0"]);
+            run_checked(&["ip", "-n", n, "link", "set", "cbr0", "up"]);
+            run_checked(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        }
+        let ns = format!("{}-{role}", self.base);
+        self.create_ns(&ns);
+        let port = format!("pod{on_node}");
+        run_checked(&[
+            "ip", "-n", &node.ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns,
+        ]);
+        run_checked(&["ip", "-n", &node.ns, "link", "set", &port, "master", "cbr0"]);
+        run_checked(&["ip", "-n", &node.ns, "link", "set", &port, "up"]);
+        run_checked(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        run_checked(&["ip", "-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        run_checked(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        run_checked(&["ip", "-n", &ns, "route", "add", "default", "via", &gateway.to_string()]);
+        let pod = Host {
+            ns,
+            ip,
+            role: role.to_string(),
+        };
+        self.pods.push(pod.clone());
+        pod
+    }
+
+    /// Pods added so far, in creation order.
+    pub fn pods(&self) -> &[Host] {
+        &self.pods
     }
 
     /// Hosts added so far, in creation order.

@@ -1,0 +1,5 @@
+//! Cluster DNS served on every node (SPEC §5).
+
+mod config;
+
+pub use config::DnsConfig;

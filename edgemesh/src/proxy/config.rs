@@ -1,0 +1,134 @@
+//! `[proxy]` keys.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use edgehub::config_file::ConfigError;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Port of the transparent listener that iptables redirects the service CIDR to.
+    pub port: u16,
+    /// Address the listener binds. `REDIRECT` rewrites the destination to the address of the
+    /// interface a packet came in on, so the listener must accept on all of them.
+    pub listen_address: IpAddr,
+    /// Install the iptables rules. Off, the listener still serves what reaches it (for
+    /// operators who steer traffic themselves).
+    pub intercept: bool,
+    /// Firewall mark set on the agent's own upstream sockets; the `OUTPUT` chain lets marked
+    /// packets pass so the agent's connections are never captured again.
+    pub mark: u32,
+    /// How often the iptables rules are checked and repaired.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+    /// Time allowed for one connection attempt to an endpoint.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Endpoints tried for one connection before it is given up.
+    pub connect_attempts: u32,
+    /// A proxied connection with no byte in either direction for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Proxied connections open at once; more are refused (reset) until some close.
+    pub max_connections: usize,
+    pub outlier: OutlierConfig,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            port: 40001,
+            listen_address: IpAddr::from([0, 0, 0, 0]),
+            intercept: true,
+            mark: 0x1e5,
+            reconcile_interval: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+            connect_attempts: 3,
+            idle_timeout: Duration::from_secs(3600),
+            max_connections: 16_384,
+            outlier: OutlierConfig::default(),
+        }
+    }
+}
+
+/// Outlier detection: an endpoint that fails connections is left out for a while.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    /// Consecutive failed connection attempts that eject an endpoint.
+    pub consecutive_failures: u32,
+    /// First ejection period; each further ejection without a success in between doubles it.
+    #[serde(with = "humantime_serde")]
+    pub base_ejection: Duration,
+    /// Longest ejection period.
+    #[serde(with = "humantime_serde")]
+    pub max_ejection: Duration,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: 1,
+            base_ejection: Duration::from_secs(5),
+            max_ejection: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Checks what types alone cannot; errors name the key.
+    pub fn validate(&self, service_cidr: &IpNet) -> Result<(), ConfigError> {
+        if self.port == 0 {
+            return Err(ConfigError::key("proxy.port", "must not be 0"));
+        }
+        if self.mark == 0 {
+            return Err(ConfigError::key(
+                "proxy.mark",
+                "must not be 0 (unmarked packets are the ones to capture)",
+            ));
+        }
+        if service_cidr.contains(&self.listen_address) {
+            return Err(ConfigError::key(
+                "proxy.listen_address",
+                format!("{} is inside service_cidr {service_cidr}", self.listen_address),
+            ));
+        }
+        if self.reconcile_interval < Duration::from_millis(100) {
+            return Err(ConfigError::key(
+                "proxy.reconcile_interval",
+                "must be at least 100ms",
+            ));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(ConfigError::key("proxy.connect_timeout", "must not be 0"));
+        }
+        if self.connect_attempts == 0 {
+            return Err(ConfigError::key("proxy.connect_attempts", "must be at least 1"));
+        }
+        if self.idle_timeout.is_zero() {
+            return Err(ConfigError::key("proxy.idle_timeout", "must not be 0"));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::key("proxy.max_connections", "must be at least 1"));
+        }
+        if self.outlier.consecutive_failures == 0 {
+            return Err(ConfigError::key(
+                "proxy.outlier.consecutive_failures",
+                "must be at least 1",
+            ));
+        }
+        if self.outlier.base_ejection.is_zero() {
+            return Err(ConfigError::key("proxy.outlier.base_ejection", "must not be 0"));
+        }
+        if self.outlier.max_ejection < self.outlier.base_ejection {
+            return Err(ConfigError::key(
+                "proxy.outlier.max_ejection",
+                "must not be shorter than proxy.outlier.base_ejection",
+            ));
+        }
+        Ok(())
+    }
+}
