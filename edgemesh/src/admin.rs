@@ -13,6 +13,9 @@ use edgehub::client::SyncStatus;
 use edgehub::metamanager::MetaManager;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
+use tokio::sync::watch;
+
+use crate::proxy::RouteTable;
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -21,6 +24,8 @@ pub struct AdminState {
     pub metrics: Option<PrometheusHandle>,
     /// Set once the store is loaded and every listener is up.
     pub ready: Arc<AtomicBool>,
+    /// The proxy's route table, once the proxy runs.
+    pub routes: Option<watch::Receiver<Arc<RouteTable>>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -32,6 +37,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/endpoints", get(endpoints))
         .route("/debug/nodes", get(nodes))
         .route("/debug/sync", get(sync))
+        .route("/debug/routes", get(routes))
         .with_state(state)
 }
 
@@ -107,4 +113,33 @@ async fn sync(State(state): State<AdminState>) -> Response {
         }
     }))
     .into_response()
+}
+
+/// The proxy's routes: cluster address → Service port, policy and endpoints with their state.
+async fn routes(State(state): State<AdminState>) -> Response {
+    let Some(tables) = &state.routes else {
+        return (StatusCode::NOT_FOUND, "the proxy is not running\n").into_response();
+    };
+    let table = tables.borrow().clone();
+    let now = tokio::time::Instant::now();
+    let mut list: Vec<serde_json::Value> = table
+        .routes()
+        .map(|(addr, r)| {
+            json!({
+                "address": addr.to_string(),
+                "service": r.service.to_string(),
+                "policy": format!("{:?}", r.balancer.policy()),
+                "sessionAffinity": r.balancer.affinity().map(|a| a.timeout.as_secs()),
+                "endpoints": r.endpoints.iter().map(|e| json!({
+                    "address": e.addr.to_string(),
+                    "node": e.node.as_deref(),
+                    "tier": e.tier.0,
+                    "inFlight": e.health.in_flight(),
+                    "ejected": e.health.is_ejected(now),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    list.sort_by(|a, b| a["address"].as_str().cmp(&b["address"].as_str()));
+    Json(json!({ "version": table.version, "routes": list })).into_response()
 }

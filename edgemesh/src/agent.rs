@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
+use crate::proxy::LocalNode;
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     run_until(cfg, edgehub::process::shutdown_on_signal()).await
@@ -51,17 +52,30 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     })?;
 
     let client = HubClient::new(hub_cfg, meta.clone());
+    let sync = client.status();
     let ready = Arc::new(AtomicBool::new(false));
-    let state = AdminState {
-        meta: meta.clone(),
-        sync: client.status(),
-        metrics,
-        ready: ready.clone(),
-    };
     if cfg.cloud_urls().is_empty() {
         warn!("cloud.url is not set: serving from the local store only");
     }
     let hub_task = tokio::spawn(client.run(shutdown.clone()));
+    let proxy = crate::proxy::start(
+        &cfg.proxy,
+        cfg.service_cidr,
+        LocalNode {
+            name: cfg.node_name.clone(),
+            labels: cfg.labels.clone(),
+        },
+        meta.subscribe(),
+        shutdown.clone(),
+    )
+    .await?;
+    let state = AdminState {
+        meta: meta.clone(),
+        sync,
+        metrics,
+        ready: ready.clone(),
+        routes: Some(proxy.tables.clone()),
+    };
     let admin_task = tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
@@ -80,6 +94,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     ready.store(false, Ordering::Release);
     let _ = hub_task.await;
     let _ = admin_task.await;
+    proxy.join().await;
     info!("edgemesh stopped");
     Ok(())
 }

@@ -50,6 +50,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove every iptables rule and chain edgemesh installed (the agent does this itself on
+    /// a clean shutdown; run it after a crash or from ExecStopPost).
+    Cleanup,
 }
 
 fn quoted(s: &str) -> String {
@@ -97,6 +100,7 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
             edgemesh::agent::run(cfg).await
         }
         Some(Command::Status { json }) => edgemesh::status::run(&cfg, json).await,
+        Some(Command::Cleanup) => edgemesh::iptables::cleanup_all().await,
     }
 }
 

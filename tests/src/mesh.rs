@@ -401,3 +401,110 @@ pub fn endpoints_json(name: &str, port: u16, addrs: &[(&str, &str)]) -> String {
         addresses.join(",")
     )
 }
+
+/// REST path of a Service in `default`.
+pub fn svc_path(name: &str) -> String {
+    format!("/api/v1/namespaces/default/services/{name}")
+}
+
+/// REST path of an Endpoints object in `default`.
+pub fn ep_path(name: &str) -> String {
+    format!("/api/v1/namespaces/default/endpoints/{name}")
+}
+
+/// Pods, servers and routes: what the data-path tests need on top of the metadata mesh.
+impl Mesh {
+    /// A pod namespace behind node `i` (see [`Topology::add_pod`]).
+    pub fn add_pod(&mut self, i: usize, role: &str) -> Host {
+        let node = self.nodes[i].host.clone();
+        self.topo.add_pod(&node, role)
+    }
+
+    /// Starts `edgemesh-testserver MODE IP:PORT TEXT` in `pod` and waits until it accepts.
+    pub fn serve(&mut self, pod: &Host, mode: &str, port: u16, text: &str) -> ProcId {
+        let args = vec![mode.to_string(), format!("{}:{port}", pod.ip), text.to_string()];
+        let p = self.topo.spawn(
+            pod,
+            &format!("{mode}-{}", pod.role),
+            &bin("edgemesh-testserver"),
+            &args,
+            &[],
+        );
+        let addr = std::net::SocketAddr::from((pod.ip, port));
+        let ns = pod.ns.clone();
+        wait_for(
+            &format!("{mode} server on {addr}"),
+            Duration::from_secs(10),
+            || {
+                let ns = ns.clone();
+                in_netns(&ns, move || {
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()
+                })
+                .map(drop)
+            },
+        );
+        p
+    }
+
+    /// Creates (or replaces) Service `name` with one TCP port and `annotations`, and its
+    /// Endpoints at `(ip, node)` on `target`; returns the cluster IP.
+    pub fn put_service(
+        &self,
+        name: &str,
+        port: u16,
+        target: u16,
+        annotations: &[(&str, &str)],
+        addrs: &[(&str, &str)],
+    ) -> String {
+        let mut svc: Value = serde_json::from_str(&service_json(name, port, target)).expect("json");
+        let (s, current) = self.api("GET", &svc_path(name), None);
+        if s == 200 {
+            svc["spec"]["clusterIP"] = current["spec"]["clusterIP"].clone();
+        }
+        for (k, v) in annotations {
+            svc["metadata"]["annotations"][*k] = Value::String(v.to_string());
+        }
+        self.put(&svc_path(name), &svc.to_string());
+        let v = self.put(&ep_path(name), &endpoints_json(name, target, addrs));
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].proc.is_some() {
+                self.wait_version(i, v, Duration::from_secs(10));
+            }
+        }
+        self.cluster_ip(name)
+    }
+
+    pub fn cluster_ip(&self, name: &str) -> String {
+        let (s, v) = self.api("GET", &svc_path(name), None);
+        assert_eq!(s, 200, "GET service {name}: {v}");
+        v["spec"]["clusterIP"].as_str().expect("clusterIP").to_string()
+    }
+
+    /// Node `i`'s route for `addr` (`ip:port`) from `/debug/routes`, when it has one.
+    pub fn route(&self, i: usize, addr: &str) -> Option<Value> {
+        let (s, v) = self.admin(i, "/debug/routes");
+        assert_eq!(s, 200, "/debug/routes: {v}");
+        v["routes"]
+            .as_array()?
+            .iter()
+            .find(|r| r["address"] == addr)
+            .cloned()
+    }
+
+    /// A counter or gauge from node `i`'s `/metrics`, summed over the series whose labels
+    /// contain every `labels` fragment (e.g. `service="default/web"`).
+    pub fn metric(&self, i: usize, name: &str, labels: &[&str]) -> f64 {
+        let (s, text) = self
+            .topo
+            .curl(&self.nodes[i].host, &[&format!("http://{ADMIN}/metrics")]);
+        assert_eq!(s, 200, "/metrics: {text}");
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+            })
+            .filter(|l| labels.iter().all(|f| l.contains(f)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}

@@ -5,19 +5,11 @@
 use std::time::{Duration, Instant};
 
 use edgemesh_e2e::mesh::{
-    cloud_objects, endpoints_json, in_netns, node_objects, service_json, Mesh,
+    cloud_objects, endpoints_json, ep_path, in_netns, node_objects, service_json, svc_path, Mesh,
 };
 use edgemesh_e2e::wait_for;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-
-fn svc_path(name: &str) -> String {
-    format!("/api/v1/namespaces/default/services/{name}")
-}
-
-fn ep_path(name: &str) -> String {
-    format!("/api/v1/namespaces/default/endpoints/{name}")
-}
 
 /// Names of the services a node's admin API lists.
 fn node_services(mesh: &Mesh, i: usize) -> Vec<(String, Value)> {

@@ -1,1 +1,370 @@
-//! nat rules.
+//! The nat rules that send the service CIDR to the proxy (SPEC §4.1).
+//!
+//! edgemesh owns two chains, `EDGEMESH-PREROUTING` (traffic from pods) and `EDGEMESH-OUTPUT`
+//! (traffic of host processes), each reached by one jump from the built-in chain of the same
+//! name. Inside them one `REDIRECT` covers the whole service CIDR, so the rule count does not
+//! depend on how many Services exist. Everything else in the table belongs to someone else
+//! (kube-proxy, the operator) and is never flushed or rewritten: the only rules touched outside
+//! our chains are our own jumps, recognised by their exact text.
+//!
+//! [`Rules::reconcile`] compares what is installed with what should be and repairs only the
+//! difference, so running it after a restart, after a crash, or on a timer converges to exactly
+//! one copy of every rule.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use thiserror::Error;
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Comment on every rule edgemesh writes, so operators can tell them apart in `iptables-save`.
+const COMMENT: &str = "edgemesh";
+const TABLE: &str = "nat";
+/// Longest time one iptables command may take (including waiting for the xtables lock).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum IptablesError {
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: &'static str,
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {stderr}")]
+    Failed { command: String, stderr: String },
+    #[error("`{command}` did not finish within {COMMAND_TIMEOUT:?}")]
+    Timeout { command: String },
+}
+
+/// One of our chains and the built-in chain that jumps to it.
+struct OwnedChain {
+    name: &'static str,
+    hook: &'static str,
+}
+
+const CHAINS: [OwnedChain; 2] = [
+    OwnedChain {
+        name: "EDGEMESH-PREROUTING",
+        hook: "PREROUTING",
+    },
+    OwnedChain {
+        name: "EDGEMESH-OUTPUT",
+        hook: "OUTPUT",
+    },
+];
+
+/// What edgemesh installs, for one address family.
+#[derive(Clone, Debug)]
+pub struct Rules {
+    program: &'static str,
+    service_cidr: IpNet,
+    proxy_port: u16,
+    mark: u32,
+}
+
+impl Rules {
+    pub fn new(service_cidr: IpNet, proxy_port: u16, mark: u32) -> Rules {
+        let program = match service_cidr {
+            IpNet::V4(_) => "iptables",
+            IpNet::V6(_) => "ip6tables",
+        };
+        Rules {
+            program,
+            service_cidr,
+            proxy_port,
+            mark,
+        }
+    }
+
+    /// The jump from a built-in chain, as `iptables -S` prints it (minus `-A HOOK`).
+    fn jump(&self, chain: &OwnedChain) -> Vec<String> {
+        args(&["-m", "comment", "--comment", COMMENT, "-j", chain.name])
+    }
+
+    /// The rules of one of our chains, in order, as `iptables -S` prints them.
+    fn chain_rules(&self, chain: &OwnedChain) -> Vec<Vec<String>> {
+        let redirect = args(&[
+            "-d",
+            &self.service_cidr.to_string(),
+            "-p",
+            "tcp",
+            "-m",
+            "comment",
+            "--comment",
+            COMMENT,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &self.proxy_port.to_string(),
+        ]);
+        if chain.hook == "OUTPUT" {
+            // The agent's own upstream sockets carry the mark; never capture them again.
+            let mark = format!("{:#x}/{:#x}", self.mark, self.mark);
+            let own = args(&[
+                "-m", "mark", "--mark", &mark, "-m", "comment", "--comment", COMMENT, "-j",
+                "RETURN",
+            ]);
+            vec![own, redirect]
+        } else {
+            vec![redirect]
+        }
+    }
+
+    /// Brings the table to the desired state, touching only what differs. Returns how many
+    /// changes were made (0 when everything was already in place).
+    pub async fn reconcile(&self) -> Result<usize, IptablesError> {
+        let mut changes = 0;
+        let existing = self.list_chains().await?;
+        for chain in &CHAINS {
+            if !existing.iter().any(|c| c == chain.name) {
+                self.run(&["-t", TABLE, "-N", chain.name]).await?;
+                changes += 1;
+            }
+            let want = self.chain_rules(chain);
+            let have = self.rules_of(chain.name).await?;
+            if have != want {
+                // Our own chain: rewrite it whole rather than patch it rule by rule.
+                self.run(&["-t", TABLE, "-F", chain.name]).await?;
+                for rule in &want {
+                    let mut argv = vec!["-t", TABLE, "-A", chain.name];
+                    argv.extend(rule.iter().map(String::as_str));
+                    self.run(&argv).await?;
+                }
+                changes += 1;
+            }
+            let jump = self.jump(chain);
+            let jumps = self
+                .rules_of(chain.hook)
+                .await?
+                .into_iter()
+                .filter(|r| *r == jump)
+                .count();
+            if jumps == 0 {
+                // First in the chain, so a foreign rule cannot divert service traffic first.
+                let mut argv = vec!["-t", TABLE, "-I", chain.hook, "1"];
+                argv.extend(jump.iter().map(String::as_str));
+                self.run(&argv).await?;
+                changes += 1;
+            }
+            for _ in 1..jumps {
+                self.delete_rule(chain.hook, &jump).await?;
+                changes += 1;
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Removes every rule and chain edgemesh made; leaves everything else alone. Safe to run
+    /// when nothing is installed.
+    pub async fn cleanup(&self) -> Result<(), IptablesError> {
+        let existing = self.list_chains().await?;
+        for chain in &CHAINS {
+            let jump = self.jump(chain);
+            let jumps = self
+                .rules_of(chain.hook)
+                .await?
+                .into_iter()
+                .filter(|r| *r == jump)
+                .count();
+            for _ in 0..jumps {
+                self.delete_rule(chain.hook, &jump).await?;
+            }
+        }
+        for chain in &CHAINS {
+            if existing.iter().any(|c| c == chain.name) {
+                self.run(&["-t", TABLE, "-F", chain.name]).await?;
+                self.run(&["-t", TABLE, "-X", chain.name]).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every rule is in place exactly once (for `/readyz` and `edgemesh status`).
+    pub async fn installed(&self) -> Result<bool, IptablesError> {
+        let existing = self.list_chains().await?;
+        for chain in &CHAINS {
+            if !existing.iter().any(|c| c == chain.name)
+                || self.rules_of(chain.name).await? != self.chain_rules(chain)
+            {
+                return Ok(false);
+            }
+            let jump = self.jump(chain);
+            let jumps = self
+                .rules_of(chain.hook)
+                .await?
+                .into_iter()
+                .filter(|r| *r == jump)
+                .count();
+            if jumps != 1 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn delete_rule(&self, chain: &str, rule: &[String]) -> Result<(), IptablesError> {
+        let mut argv = vec!["-t", TABLE, "-D", chain];
+        argv.extend(rule.iter().map(String::as_str));
+        self.run(&argv).await.map(drop)
+    }
+
+    /// Names of the user-defined chains of the nat table.
+    async fn list_chains(&self) -> Result<Vec<String>, IptablesError> {
+        let out = self.run(&["-t", TABLE, "-S"]).await?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.strip_prefix("-N "))
+            .map(|c| c.trim().to_string())
+            .collect())
+    }
+
+    /// The rules of `chain` as argument lists, without the leading `-A CHAIN`.
+    async fn rules_of(&self, chain: &str) -> Result<Vec<Vec<String>>, IptablesError> {
+        let out = self.run(&["-t", TABLE, "-S", chain]).await?;
+        let prefix = format!("-A {chain} ");
+        Ok(out
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .map(split_rule)
+            .collect())
+    }
+
+    async fn run(&self, argv: &[&str]) -> Result<String, IptablesError> {
+        let command = format!("{} {}", self.program, argv.join(" "));
+        debug!(%command, "iptables");
+        let child = Command::new(self.program)
+            .arg("-w")
+            .arg("5")
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| IptablesError::Spawn {
+                program: self.program,
+                source,
+            })?;
+        let out = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
+            .await
+            .map_err(|_| IptablesError::Timeout {
+                command: command.clone(),
+            })?
+            .map_err(|source| IptablesError::Spawn {
+                program: self.program,
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(IptablesError::Failed {
+                command,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Keeps the rules in place until `shutdown`, then removes them. A rule deleted by hand is
+    /// back within one `interval`.
+    pub async fn keep_installed(self, interval: Duration, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            match self.reconcile().await {
+                Ok(0) => {}
+                Ok(n) => {
+                    metrics::counter!("edgemesh_iptables_repairs_total").increment(n as u64);
+                    warn!(changes = n, "iptables rules were missing or changed; repaired");
+                }
+                Err(e) => warn!(error = %e, "iptables reconcile failed"),
+            }
+        }
+        match self.cleanup().await {
+            Ok(()) => info!("iptables rules removed"),
+            Err(e) => warn!(error = %e, "iptables cleanup failed; run `edgemesh cleanup`"),
+        }
+    }
+}
+
+/// `edgemesh cleanup`: removes edgemesh's rules of both address families. Our rules are found
+/// by chain name and comment, so this works whatever `service_cidr` and `proxy.port` were.
+pub async fn cleanup_all() -> anyhow::Result<()> {
+    let mut removed_any = false;
+    for cidr in ["10.96.0.0/12", "fd00::/108"] {
+        let rules = Rules::new(cidr.parse().unwrap_or_else(|_| unreachable!()), 1, 1);
+        match rules.cleanup().await {
+            Ok(()) => removed_any = true,
+            // A machine without IPv6 netfilter has nothing of ours to remove there.
+            Err(e) if rules.program == "ip6tables" => {
+                debug!(error = %e, "ip6tables cleanup skipped")
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if removed_any {
+        println!("edgemesh iptables rules removed");
+    }
+    Ok(())
+}
+
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// Splits one line of `iptables -S` into arguments. Comments with spaces come back quoted.
+fn split_rule(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in line.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        out.push(cur);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_compare_with_what_iptables_prints() {
+        let r = Rules::new("10.96.0.0/12".parse().expect("cidr"), 40001, 0x1e5);
+        let printed = "-d 10.96.0.0/12 -p tcp -m comment --comment edgemesh -j REDIRECT --to-ports 40001";
+        assert_eq!(vec![split_rule(printed)], r.chain_rules(&CHAINS[0]));
+        let out = r.chain_rules(&CHAINS[1]);
+        assert_eq!(
+            out[0],
+            split_rule("-m mark --mark 0x1e5/0x1e5 -m comment --comment edgemesh -j RETURN")
+        );
+        assert_eq!(
+            split_rule(r#"-m comment --comment "two words" -j X"#),
+            vec!["-m", "comment", "--comment", "two words", "-j", "X"]
+        );
+        assert_eq!(Rules::new("fd00::/108".parse().expect("v6"), 1, 1).program, "ip6tables");
+    }
+}

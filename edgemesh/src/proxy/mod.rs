@@ -1,5 +1,242 @@
-//! The transparent proxy (SPEC §4).
+//! The transparent proxy (SPEC §4): accepts what iptables redirects to `proxy.port`, finds the
+//! Service port the client meant from the original destination, picks an endpoint and forwards.
+//!
+//! Layers, each in its own module:
+//! - [`socket`]: original destination and socket marks;
+//! - [`table`]: cluster IP and port → Service port and endpoints, following the metadata;
+//! - [`connect`]: dialling an endpoint, falling over to another when one fails;
+//! - [`tcp`]: moving bytes.
 
 mod config;
+pub mod connect;
+pub mod socket;
+pub mod table;
+pub mod tcp;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgehub::metamanager::MeshView;
+use ipnet::IpNet;
+use metrics::counter;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument};
 
 pub use config::{OutlierConfig, ProxyConfig};
+use crate::balance::HealthRegistry;
+use crate::iptables::Rules;
+use connect::Connector;
+pub use table::{LocalNode, RouteTable};
+
+/// How long open connections may go on after shutdown begins before they are cut.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// The listener's shared state.
+pub struct Proxy {
+    cfg: ProxyConfig,
+    tables: watch::Receiver<Arc<RouteTable>>,
+    connector: Connector,
+    connections: Arc<Semaphore>,
+}
+
+impl Proxy {
+    pub fn new(cfg: ProxyConfig, tables: watch::Receiver<Arc<RouteTable>>) -> Proxy {
+        Proxy {
+            connector: Connector::new(&cfg),
+            connections: Arc::new(Semaphore::new(cfg.max_connections)),
+            cfg,
+            tables,
+        }
+    }
+
+    /// Accepts until `shutdown`, then gives open connections [`DRAIN_GRACE`] to finish.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
+        let proxy = Arc::new(self);
+        let tracker = TaskTracker::new();
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let proxy = proxy.clone();
+                    tracker.spawn(async move { proxy.handle(stream, peer).await });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        drop(listener);
+        tracker.close();
+        let open = tracker.len();
+        if open > 0 {
+            info!(open, "waiting for proxied connections to finish");
+        }
+        if tokio::time::timeout(DRAIN_GRACE, tracker.wait()).await.is_err() {
+            warn!(open = tracker.len(), "closing proxied connections still open");
+        }
+    }
+
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+        let Ok(local) = client.local_addr() else {
+            return;
+        };
+        let dst = socket::original_destination(&client, local);
+        let table = self.tables.borrow().clone();
+        let Some(route) = table.lookup(dst).cloned() else {
+            // Never guess: a destination that is no Service is refused, not sent elsewhere.
+            counter!("edgemesh_proxy_unmatched_connections_total").increment(1);
+            debug!(%peer, %dst, "no Service at this destination; resetting");
+            reset(client);
+            return;
+        };
+        let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
+            counter!("edgemesh_proxy_refused_connections_total", "reason" => "max_connections")
+                .increment(1);
+            warn!(%peer, %dst, limit = self.cfg.max_connections, "too many proxied connections; resetting");
+            reset(client);
+            return;
+        };
+        let span = info_span!("conn", %peer, service = %route.service);
+        async move {
+            let _ = client.set_nodelay(true);
+            let active = metrics::gauge!("edgemesh_proxy_active_connections");
+            active.increment(1.0);
+            tcp_session(&self, client, peer, &route).await;
+            active.decrement(1.0);
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+async fn tcp_session(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, route: &table::Route) {
+    let result = |r: &'static str| {
+        counter!("edgemesh_proxy_connections_total", "service" => route.label.to_string(), "result" => r)
+            .increment(1)
+    };
+    let (mut upstream, endpoint, _in_flight) = match proxy.connector.connect(route, peer.ip()).await {
+        Ok(c) => c,
+        Err(e @ connect::ConnectError::NoEndpoints { .. }) => {
+            // Counted; not logged one by one, so a client looping on an empty Service cannot
+            // flood the log.
+            debug!(error = %e, "connection not forwarded");
+            result(e.metric_result());
+            reset(client);
+            return;
+        }
+        Err(e) => {
+            warn!(error = %e, "connection not forwarded");
+            result(e.metric_result());
+            reset(client);
+            return;
+        }
+    };
+    result("forwarded");
+    debug!(%endpoint, "forwarding");
+    let counters = tcp::ByteCounters {
+        sent: counter!("edgemesh_proxy_bytes_total", "service" => route.label.to_string(), "direction" => "sent"),
+        received: counter!("edgemesh_proxy_bytes_total", "service" => route.label.to_string(), "direction" => "received"),
+    };
+    match tcp::forward(&mut client, &mut upstream, proxy.cfg.idle_timeout, &counters).await {
+        Ok(t) => debug!(%endpoint, sent = t.sent, received = t.received, "closed"),
+        Err(e) => debug!(%endpoint, error = %e, "aborted"),
+    }
+}
+
+/// Closes with a RST, so the client fails at once instead of seeing a clean, empty stream.
+fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+/// A running proxy: its route table (for the admin API) and its tasks.
+pub struct RunningProxy {
+    pub tables: watch::Receiver<Arc<RouteTable>>,
+    pub health: Arc<HealthRegistry>,
+    pub rules: Option<Rules>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningProxy {
+    /// Waits for the tasks to finish after `shutdown` (iptables rules removed, connections
+    /// drained).
+    pub async fn join(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Starts the route table, the listener and (with `proxy.intercept`) the iptables rules, in
+/// that order, so that traffic is captured only once something is there to take it.
+pub async fn start(
+    cfg: &ProxyConfig,
+    service_cidr: IpNet,
+    node: LocalNode,
+    views: watch::Receiver<Arc<MeshView>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningProxy> {
+    let listener = bind(cfg).await?;
+    let health = Arc::new(HealthRegistry::new(cfg.outlier.clone()));
+    let (table_tx, tables) = watch::channel(Arc::new(RouteTable::default()));
+    let mut tasks = vec![tokio::spawn(table::follow_view(
+        views,
+        node,
+        health.clone(),
+        table_tx,
+        shutdown.clone(),
+    ))];
+    let proxy = Proxy::new(cfg.clone(), tables.clone());
+    tasks.push(tokio::spawn(proxy.serve(listener, shutdown.clone())));
+    let rules = if cfg.intercept {
+        let rules = Rules::new(service_cidr, cfg.port, cfg.mark);
+        if let Err(e) = rules.reconcile().await {
+            shutdown.cancel();
+            for task in tasks {
+                let _ = task.await;
+            }
+            return Err(anyhow::anyhow!(
+                "config key `proxy.intercept`: cannot install iptables rules: {e}"
+            ));
+        }
+        info!(%service_cidr, port = cfg.port, "iptables rules installed");
+        tasks.push(tokio::spawn(
+            rules.clone().keep_installed(cfg.reconcile_interval, shutdown),
+        ));
+        Some(rules)
+    } else {
+        info!("proxy.intercept is off: iptables left alone");
+        None
+    };
+    info!(listen = %SocketAddr::new(cfg.listen_address, cfg.port), "proxy listening");
+    Ok(RunningProxy {
+        tables,
+        health,
+        rules,
+        tasks,
+    })
+}
+
+/// Binds the proxy listener; the error names the key.
+pub async fn bind(cfg: &ProxyConfig) -> anyhow::Result<TcpListener> {
+    let addr = SocketAddr::new(cfg.listen_address, cfg.port);
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(addr)
+        .map_err(|e| anyhow::anyhow!("config key `proxy.port`: cannot listen on {addr}: {e}"))?;
+    Ok(socket.listen(4096)?)
+}

@@ -1,0 +1,366 @@
+//! The route table: which Service port a cluster IP and port belong to, and its endpoints.
+//!
+//! Built from the metamanager's [`MeshView`] every time the view changes and published on a
+//! watch channel; a connection takes the table current when it arrives and keeps its route to
+//! the end, so updates never disturb established connections. Balancing and health state is
+//! carried from one table to the next.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgehub::metamanager::MeshView;
+use edgehub::model::{
+    EndpointSubset, Endpoints, IntOrString, Service, ServiceAnnotations, ServicePort,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::balance::{
+    Affinity, Endpoint, HealthRegistry, ServiceBalancer, Tier, DEFAULT_AFFINITY_TIMEOUT,
+};
+
+/// Who this node is, for topology preference.
+#[derive(Clone, Debug, Default)]
+pub struct LocalNode {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// `namespace/name:port` of a Service port, for logs and metrics.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceRef {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub port: u16,
+}
+
+impl std::fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}:{}", self.namespace, self.name, self.port)
+    }
+}
+
+/// One Service port with its endpoints.
+#[derive(Debug)]
+pub struct Route {
+    pub service: ServiceRef,
+    /// `metrics` label, `namespace/name`.
+    pub label: Arc<str>,
+    /// `edgemesh.io/protocol`, when set.
+    pub protocol: Option<String>,
+    pub endpoints: Vec<Endpoint>,
+    pub balancer: Arc<ServiceBalancer>,
+}
+
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    pub version: u64,
+    routes: HashMap<SocketAddr, Arc<Route>>,
+}
+
+impl RouteTable {
+    pub fn lookup(&self, dst: SocketAddr) -> Option<&Arc<Route>> {
+        self.routes.get(&dst)
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = (&SocketAddr, &Arc<Route>)> {
+        self.routes.iter()
+    }
+
+    /// Builds the table for `view`, reusing balancers of `previous` whose settings did not
+    /// change.
+    pub fn build(
+        view: &MeshView,
+        node: &LocalNode,
+        health: &HealthRegistry,
+        previous: &RouteTable,
+    ) -> RouteTable {
+        let mut routes = HashMap::new();
+        let mut live = HashSet::new();
+        for ((namespace, name), service) in &view.services {
+            let Some(ips) = cluster_ips(service) else {
+                continue;
+            };
+            let annotations = match ServiceAnnotations::parse(&service.metadata) {
+                Ok(a) => a,
+                Err(e) => {
+                    // The cloud validates annotations; this only happens with an older cloud.
+                    warn!(service = %format!("{namespace}/{name}"), error = %e.message, field = %e.field, "ignoring bad annotations");
+                    ServiceAnnotations::default()
+                }
+            };
+            let affinity = (service.spec.session_affinity == "ClientIP").then(|| Affinity {
+                timeout: affinity_timeout(service),
+            });
+            let endpoints = view.endpoints_of(namespace, name);
+            let ns: Arc<str> = Arc::from(namespace.as_str());
+            let nm: Arc<str> = Arc::from(name.as_str());
+            let label: Arc<str> = Arc::from(format!("{namespace}/{name}"));
+            for port in &service.spec.ports {
+                let Ok(number) = u16::try_from(port.port) else {
+                    continue;
+                };
+                // Only TCP is proxied; UDP and SCTP ports are stored but not served.
+                if !port.protocol.eq_ignore_ascii_case("TCP") {
+                    continue;
+                }
+                let list = endpoints
+                    .map(|e| resolve_endpoints(e, port, node, view, service, health))
+                    .unwrap_or_default();
+                live.extend(list.iter().map(|e| e.addr));
+                let service_ref = ServiceRef {
+                    namespace: ns.clone(),
+                    name: nm.clone(),
+                    port: number,
+                };
+                let balancer = previous
+                    .routes
+                    .get(&SocketAddr::new(ips[0], number))
+                    .filter(|r| {
+                        r.service == service_ref
+                            && r.balancer.policy() == annotations.lb_policy
+                            && r.balancer.affinity() == affinity
+                    })
+                    .map(|r| r.balancer.clone())
+                    .unwrap_or_else(|| {
+                        Arc::new(ServiceBalancer::new(annotations.lb_policy, affinity))
+                    });
+                let route = Arc::new(Route {
+                    service: service_ref,
+                    label: label.clone(),
+                    protocol: annotations.protocol.clone(),
+                    endpoints: list,
+                    balancer,
+                });
+                for ip in &ips {
+                    routes.insert(SocketAddr::new(*ip, number), route.clone());
+                }
+            }
+        }
+        health.retain(&live);
+        RouteTable {
+            version: view.version,
+            routes,
+        }
+    }
+}
+
+/// The Service's cluster IPs; `None` for headless Services and Services without one.
+fn cluster_ips(service: &Service) -> Option<Vec<IpAddr>> {
+    let mut ips: Vec<IpAddr> = Vec::new();
+    if let Some(ip) = service.cluster_ip() {
+        ips.push(ip);
+    }
+    for s in service.spec.cluster_ips.iter().flatten() {
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+    }
+    (!ips.is_empty()).then_some(ips)
+}
+
+fn affinity_timeout(service: &Service) -> Duration {
+    service
+        .spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.pointer("/clientIP/timeoutSeconds"))
+        .and_then(|v| v.as_u64())
+        .filter(|&s| s > 0)
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+}
+
+/// The port to dial on the endpoints of `subset` for Service port `port`: the Endpoints port
+/// with the same name (what the endpoints controller resolved `targetPort` to), else a numeric
+/// `targetPort`, else the Service port itself.
+fn target_port(port: &ServicePort, subset: &EndpointSubset) -> Option<u16> {
+    let by_name = subset.ports.iter().find(|p| {
+        p.name == port.name && p.protocol.eq_ignore_ascii_case(&port.protocol)
+    });
+    let only = (subset.ports.len() == 1 && port.name.is_empty()).then(|| &subset.ports[0]);
+    if let Some(p) = by_name.or(only) {
+        return u16::try_from(p.port).ok();
+    }
+    match &port.target_port {
+        Some(IntOrString::String(_)) => None,
+        _ => port.target_port_number(),
+    }
+}
+
+fn resolve_endpoints(
+    endpoints: &Endpoints,
+    port: &ServicePort,
+    node: &LocalNode,
+    view: &MeshView,
+    service: &Service,
+    health: &HealthRegistry,
+) -> Vec<Endpoint> {
+    let mut out: Vec<Endpoint> = Vec::new();
+    for subset in &endpoints.subsets {
+        let Some(target) = target_port(port, subset) else {
+            continue;
+        };
+        for address in &subset.addresses {
+            let Ok(ip) = address.ip.parse::<IpAddr>() else {
+                continue;
+            };
+            let addr = SocketAddr::new(ip, target);
+            if out.iter().any(|e| e.addr == addr) {
+                continue;
+            }
+            let endpoint_node = address.node_name.as_deref();
+            out.push(Endpoint {
+                addr,
+                node: endpoint_node.map(Arc::from),
+                tier: tier_of(endpoint_node, node, view, &service.spec.topology_keys),
+                health: health.get(addr),
+            });
+        }
+    }
+    out
+}
+
+/// 0 on this node; `1 + i` when the endpoint's node shares this node's value of
+/// `topologyKeys[i]` (the first such key); after all keys, any other endpoint.
+fn tier_of(endpoint_node: Option<&str>, node: &LocalNode, view: &MeshView, keys: &[String]) -> Tier {
+    let any = Tier(keys.len().min(250) as u8 + 1);
+    let Some(endpoint_node) = endpoint_node else {
+        return any;
+    };
+    if endpoint_node == node.name {
+        return Tier::LOCAL;
+    }
+    let Some(labels) = view.nodes.get(endpoint_node).map(|n| &n.metadata.labels) else {
+        return any;
+    };
+    for (i, key) in keys.iter().enumerate().take(250) {
+        if key == "*" {
+            return Tier(i as u8 + 1);
+        }
+        if let (Some(mine), Some(theirs)) = (node.labels.get(key), labels.get(key)) {
+            if mine == theirs {
+                return Tier(i as u8 + 1);
+            }
+        }
+    }
+    any
+}
+
+/// Rebuilds the table whenever the metadata changes, until `shutdown`.
+pub async fn follow_view(
+    mut views: watch::Receiver<Arc<MeshView>>,
+    node: LocalNode,
+    health: Arc<HealthRegistry>,
+    tables: watch::Sender<Arc<RouteTable>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let view = views.borrow_and_update().clone();
+        let previous = tables.borrow().clone();
+        let table = RouteTable::build(&view, &node, &health, &previous);
+        debug!(version = table.version, routes = table.len(), "route table rebuilt");
+        metrics::gauge!("edgemesh_proxy_routes").set(table.len() as f64);
+        tables.send_replace(Arc::new(table));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = views.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::OutlierConfig;
+    use edgehub::model::{Kind, Node, Object};
+
+    fn service(json: &str) -> Service {
+        match Object::from_json(Kind::Service, json).expect("service") {
+            Object::Service(s) => s,
+            _ => unreachable!(),
+        }
+    }
+
+    fn endpoints(json: &str) -> Endpoints {
+        match Object::from_json(Kind::Endpoints, json).expect("endpoints") {
+            Object::Endpoints(e) => e,
+            _ => unreachable!(),
+        }
+    }
+
+    fn view() -> MeshView {
+        let mut v = MeshView::default();
+        let key = |n: &str| ("default".to_string(), n.to_string());
+        v.services.insert(key("web"), Arc::new(service(r#"{"metadata":{"name":"web","namespace":"default","annotations":{"edgemesh.io/lb-policy":"random"}},
+            "spec":{"clusterIP":"10.96.0.10","topologyKeys":["zone"],"ports":[
+              {"name":"http","port":80,"targetPort":8080},{"name":"dns","port":53,"protocol":"UDP"},
+              {"name":"admin","port":9000,"targetPort":"admin"}]}}"#)));
+        v.endpoints.insert(key("web"), Arc::new(endpoints(r#"{"metadata":{"name":"web","namespace":"default"},"subsets":[
+              {"addresses":[{"ip":"10.244.0.2","nodeName":"a"},{"ip":"10.244.1.2","nodeName":"b"},{"ip":"10.244.2.2","nodeName":"c"},{"ip":"10.244.3.2"}],
+               "notReadyAddresses":[{"ip":"10.244.0.9","nodeName":"a"}],
+               "ports":[{"name":"http","port":8081},{"name":"admin","port":9001}]}]}"#)));
+        v.services.insert(key("headless"), Arc::new(service(r#"{"metadata":{"name":"headless","namespace":"default"},"spec":{"clusterIP":"None","ports":[{"port":80}]}}"#)));
+        let zone = |z: &str| [("zone".to_string(), z.to_string())].into_iter().collect();
+        v.nodes.insert("b".into(), Arc::new(Node::new("b", zone("z1"))));
+        v.nodes.insert("c".into(), Arc::new(Node::new("c", zone("z2"))));
+        v
+    }
+
+    #[tokio::test]
+    async fn routes_map_cluster_ports_to_endpoint_ports_with_tiers() {
+        let node = LocalNode {
+            name: "a".into(),
+            labels: [("zone".to_string(), "z1".to_string())].into_iter().collect(),
+        };
+        let health = HealthRegistry::new(OutlierConfig::default());
+        let table = RouteTable::build(&view(), &node, &health, &RouteTable::default());
+        assert_eq!(table.len(), 2, "TCP ports of the ClusterIP service only");
+        let web = table.lookup("10.96.0.10:80".parse().expect("a")).expect("route");
+        assert_eq!(web.service.to_string(), "default/web:80");
+        let eps: Vec<(String, u8)> = web
+            .endpoints
+            .iter()
+            .map(|e| (e.addr.to_string(), e.tier.0))
+            .collect();
+        assert_eq!(
+            eps,
+            vec![
+                ("10.244.0.2:8081".into(), 0),
+                ("10.244.1.2:8081".into(), 1),
+                ("10.244.2.2:8081".into(), 2),
+                ("10.244.3.2:8081".into(), 2),
+            ]
+        );
+        let admin = table.lookup("10.96.0.10:9000".parse().expect("a")).expect("route");
+        assert_eq!(admin.endpoints[0].addr.port(), 9001, "named targetPort");
+        assert!(table.lookup("10.96.0.10:53".parse().expect("a")).is_none());
+
+        // A rebuild keeps the balancer (round-robin position, affinity) of an unchanged Service.
+        let again = RouteTable::build(&view(), &node, &health, &table);
+        let web2 = again.lookup("10.96.0.10:80".parse().expect("a")).expect("route");
+        assert!(Arc::ptr_eq(&web.balancer, &web2.balancer));
+        assert!(Arc::ptr_eq(&web.endpoints[0].health, &web2.endpoints[0].health));
+    }
+
+    #[test]
+    fn target_port_falls_back_to_numbers() {
+        let svc = service(r#"{"metadata":{"name":"x"},"spec":{"ports":[{"name":"a","port":80,"targetPort":8080},{"name":"b","port":81},{"name":"c","port":82,"targetPort":"named"}]}}"#);
+        let subset = EndpointSubset::default();
+        let ports: Vec<Option<u16>> = svc.spec.ports.iter().map(|p| target_port(p, &subset)).collect();
+        assert_eq!(ports, vec![Some(8080), Some(81), None]);
+    }
+}
