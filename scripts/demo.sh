@@ -13,8 +13,11 @@
 #      node-a (zone=a) and node-b (zone=b);
 #   4. apply examples/hello.yaml and show what the cloud and each node know;
 #   5. change the Service and watch the change reach both nodes;
-#   6. offline autonomy: stop the cloud, restart node-a, see it serve from its SQLite copy, start
-#      the cloud again and see node-a reconnect and sync.
+#   6. pods behind node-a: the hello-0 server pod (the address examples/hello.yaml gives it) and
+#      a client pod that calls Service hello by its cluster IP; edgemesh's iptables rules send the
+#      connection to its proxy, which picks hello-0 (this node's endpoint comes first);
+#   7. offline autonomy: stop the cloud, restart node-a, see it serve from its SQLite copy (the
+#      client pod still reaches hello), start the cloud again and see node-a reconnect and sync.
 #
 # Everything the demo creates (processes, namespaces, a temp dir) is removed on exit, also on
 # error or Ctrl-C. On failure the logs are kept and their last lines printed.
@@ -71,6 +74,13 @@ UPDATE_TIMEOUT=5    # a change reaches every node (expected: well under a second
 
 WORK=""                 # temp dir: configs, data dirs, logs
 LOG_DIR=""
+HELLO_SERVER=""         # the small HTTP server run in pods, set by step_build
+CLUSTER_IP=""           # hello's cluster IP, set by step_pods
+NS_HELLO="$PREFIX-hello-0"
+NS_CLIENT="$PREFIX-client-a"
+HELLO_IP=10.244.1.10    # hello-0's address in examples/hello.yaml
+CLIENT_IP=10.244.1.20
+POD_GATEWAY=10.244.1.1  # node-a's address on its pod bridge
 CLOUDCORE=""            # binaries, set by step_build
 EDGEMESH=""
 NAMESPACES=()           # created so far, in order
@@ -396,7 +406,7 @@ step_prepare_host() {
     header "Preparing the host"
     [ "$(id -u)" -eq 0 ] || die "the demo creates network namespaces and must run as root: sudo $0"
 
-    local pkgs=(iproute2 curl ca-certificates)
+    local pkgs=(iproute2 iptables curl ca-certificates)
     [ -n "${BIN_DIR:-}" ] || pkgs+=(build-essential pkg-config)
     if command -v dpkg >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
         local missing=() p
@@ -454,9 +464,11 @@ step_build() {
         header "Using prebuilt binaries from $BIN_DIR"
         CLOUDCORE="$BIN_DIR/cloudcore"
         EDGEMESH="$BIN_DIR/edgemesh"
+        HELLO_SERVER="$BIN_DIR/edgemesh-testserver"
     else
         header "Building cloudcore and edgemesh (cargo build --release)"
-        (cd "$REPO" && cargo build --release -p cloudcore -p edgemesh)
+        (cd "$REPO" && cargo build --release -p cloudcore -p edgemesh &&
+            cargo build --release -p edgemesh-e2e --bin edgemesh-testserver)
         local target=${CARGO_TARGET_DIR:-$REPO/target}
         # Under sudo in a user's checkout, give the build output back to that user, so their own
         # `cargo build` does not trip over root-owned files afterwards.
@@ -466,7 +478,9 @@ step_build() {
         fi
         CLOUDCORE="$target/release/cloudcore"
         EDGEMESH="$target/release/edgemesh"
+        HELLO_SERVER="$target/release/edgemesh-testserver"
     fi
+    [ -x "$HELLO_SERVER" ] || die "$HELLO_SERVER (the pods' HTTP server) is missing or not executable"
     [ -x "$CLOUDCORE" ] || die "$CLOUDCORE is missing or not executable"
     [ -x "$EDGEMESH" ] || die "$EDGEMESH is missing or not executable"
     ok "$("$CLOUDCORE" --version), $("$EDGEMESH" --version)"
@@ -648,6 +662,47 @@ EOF
     show_node_services node-b
 }
 
+# hello_call: one call from the client pod to hello's cluster IP; prints the answer.
+hello_call() {
+    in_ns "$NS_CLIENT" curl -fsS --max-time 3 "http://$CLUSTER_IP:8000/"
+}
+
+step_pods() {
+    header "Pods behind node-a: hello-0 serves, client-a calls hello by its cluster IP"
+    NAMESPACES+=("$NS_HELLO")
+    netns_add_pod "${NODE_NS[node-a]}" "$NS_HELLO" pod0 "$POD_GATEWAY" "$HELLO_IP/24" ||
+        die "cannot create pod hello-0 behind node-a"
+    NAMESPACES+=("$NS_CLIENT")
+    netns_add_pod "${NODE_NS[node-a]}" "$NS_CLIENT" pod1 "$POD_GATEWAY" "$CLIENT_IP/24" ||
+        die "cannot create pod client-a behind node-a"
+    info "node-a: bridge cbr0 $POD_GATEWAY/24; hello-0 $HELLO_IP, client-a $CLIENT_IP (default route via node-a)"
+    start_proc hello-0 "$NS_HELLO" "$HELLO_SERVER" http "$HELLO_IP:8080" "hello from hello-0 on node-a"
+    wait_until "$START_TIMEOUT" "hello-0 answers on $HELLO_IP:8080" \
+        in_ns "${NODE_NS[node-a]}" curl -fsS --max-time 1 "http://$HELLO_IP:8080/"
+    ok "hello-0 serves HTTP on $HELLO_IP:8080 (log: $LOG_DIR/hello-0.log)"
+
+    local token
+    token=$(cat "$WORK/cloud/data/api-token")
+    CLUSTER_IP=$(in_ns "$NS_CLOUD" curl -fsS --max-time 2 -H "Authorization: Bearer $token" \
+        "$API_URL/api/v1/namespaces/default/services/hello" |
+        sed -n 's/.*"clusterIP":"\([0-9.]*\)".*/\1/p')
+    [ -n "$CLUSTER_IP" ] || die "cannot read hello's cluster IP from the API"
+    ok "Service hello has cluster IP $CLUSTER_IP (port 8000 -> targetPort 8080)"
+
+    run_shown node-a "iptables-save -t nat | grep edgemesh   (one REDIRECT per chain, whatever the number of Services)" \
+        bash -c "ip netns exec '${NODE_NS[node-a]}' iptables-save -t nat | grep -i edgemesh"
+    local i answer
+    for i in 1 2 3; do
+        show client-a "curl http://$CLUSTER_IP:8000/"
+        answer=$(hello_call) || die "client-a could not call hello through the mesh"
+        printf '%s\n' "$answer" | indent
+        [ "$answer" = "hello from hello-0 on node-a" ] || die "unexpected answer from hello: $answer"
+    done
+    ok "client-a reached hello-0 through its node's proxy (the endpoint on this node comes first)"
+    run_shown node-a "curl http://$ADMIN_ADDR/metrics | grep edgemesh_proxy_connections_total" \
+        bash -c "ip netns exec '${NODE_NS[node-a]}' curl -fsS http://$ADMIN_ADDR/metrics | grep '^edgemesh_proxy_connections_total'"
+}
+
 step_offline() {
     header "Offline autonomy: stopping cloudcore"
     stop_proc cloudcore || die "cloudcore did not exit cleanly on SIGTERM (status $?)"
@@ -672,6 +727,9 @@ step_offline() {
     run_shown node-a "edgemesh status" nodectl node-a status
     show_node_services node-a
     ok "node-a serves the metadata from its SQLite copy while offline"
+    show client-a "curl http://$CLUSTER_IP:8000/   (cloud down, agent restarted)"
+    hello_call | indent || die "client-a could not call hello while the cloud was down"
+    ok "client-a still reaches hello through node-a's proxy while the cloud is down"
 
     header "Starting cloudcore again"
     start_cloudcore
@@ -719,14 +777,15 @@ main() {
     step_apply
     step_inspect
     step_update
+    step_pods
     step_offline
-    # Later steps go here as the mesh grows: pod namespaces behind each node with a hello server,
-    # DNS (dig hello.default.svc.cluster.local), the proxy (curl the cluster IP), tunnels
+    # Later steps go here as the mesh grows: tunnels
     # (node-a -> pod on node-b through the cloud), router rules and QPS limits.
 
     FINISHED=1
     header "Summary"
     info "metadata plane: apply -> sync to both nodes -> live update -> offline restart -> resync"
+    info "data plane: pod -> cluster IP -> node-a's proxy -> hello-0, also while the cloud is down"
     info "demo ran in $(($(date +%s) - DEMO_STARTED))s after the build"
     step_explore
     # cleanup (the EXIT trap) tears everything down and prints the final "demo finished OK".

@@ -20,6 +20,9 @@ command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
+command -v dig >/dev/null 2>&1 || need+=(dnsutils)
+command -v dnsmasq >/dev/null 2>&1 || need+=(dnsmasq-base)
 dpkg -s ca-certificates >/dev/null 2>&1 || need+=(ca-certificates)
 if [ "${#need[@]}" -gt 0 ]; then
   log "installing ${need[*]}"

@@ -45,6 +45,26 @@ netns_wire_host() {
         ip -n "$ns" link set eth0 up
 }
 
+# netns_add_pod NODE_NS POD_NS PORT GATEWAY CIDR: a pod namespace behind a node, as a container
+# runtime would wire it: the node gets bridge cbr0 with GATEWAY/24 (once), the pod gets eth0 with
+# CIDR and a default route via GATEWAY, so its traffic to cluster IPs passes the node's
+# PREROUTING chain. PORT names the node's end of the veth pair.
+netns_add_pod() {
+    local node=$1 pod=$2 port=$3 gw=$4 cidr=$5
+    if ! ip -n "$node" link show cbr0 >/dev/null 2>&1; then
+        ip -n "$node" link add cbr0 type bridge &&
+            ip -n "$node" addr add "$gw/24" dev cbr0 &&
+            ip -n "$node" link set cbr0 up || return 1
+    fi
+    netns_create "$pod" || return 1
+    ip -n "$node" link add "$port" type veth peer name eth0 netns "$pod" &&
+        ip -n "$node" link set "$port" master cbr0 &&
+        ip -n "$node" link set "$port" up &&
+        ip -n "$pod" addr add "$cidr" dev eth0 &&
+        ip -n "$pod" link set eth0 up &&
+        ip -n "$pod" route add default via "$gw"
+}
+
 # netns_exists NAME: whether a namespace of that name exists.
 netns_exists() {
     ip netns list 2>/dev/null | awk '{print $1}' | grep -qxF -- "$1"

@@ -96,6 +96,15 @@ impl ProxyConfig {
                 format!("{} is inside service_cidr {service_cidr}", self.listen_address),
             ));
         }
+        if service_cidr.addr().is_ipv6() && self.listen_address.is_ipv4() {
+            return Err(ConfigError::key(
+                "proxy.listen_address",
+                format!(
+                    "{} cannot take connections to the IPv6 service_cidr {service_cidr}; use \"::\"",
+                    self.listen_address
+                ),
+            ));
+        }
         if self.reconcile_interval < Duration::from_millis(100) {
             return Err(ConfigError::key(
                 "proxy.reconcile_interval",
@@ -130,5 +139,36 @@ impl ProxyConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_key() {
+        let cidr: IpNet = "10.96.0.0/12".parse().expect("cidr");
+        assert!(ProxyConfig::default().validate(&cidr).is_ok());
+        let cases: Vec<(ProxyConfig, &str)> = vec![
+            (ProxyConfig { port: 0, ..Default::default() }, "proxy.port"),
+            (ProxyConfig { mark: 0, ..Default::default() }, "proxy.mark"),
+            (ProxyConfig { listen_address: "10.96.0.1".parse().expect("ip"), ..Default::default() }, "proxy.listen_address"),
+            (ProxyConfig { connect_attempts: 0, ..Default::default() }, "proxy.connect_attempts"),
+            (
+                ProxyConfig {
+                    outlier: OutlierConfig { max_ejection: Duration::from_secs(1), ..Default::default() },
+                    ..Default::default()
+                },
+                "proxy.outlier.max_ejection",
+            ),
+        ];
+        for (cfg, key) in cases {
+            let e = cfg.validate(&cidr).expect_err(key).to_string();
+            assert!(e.contains(&format!("`{key}`")), "{key}: {e}");
+        }
+        let v6: IpNet = "fd00::/108".parse().expect("cidr");
+        let e = ProxyConfig::default().validate(&v6).expect_err("v4 listener").to_string();
+        assert!(e.contains("`proxy.listen_address`"), "{e}");
     }
 }

@@ -28,16 +28,6 @@ pub enum ConnectError {
     },
 }
 
-impl ConnectError {
-    /// The `result` label of `edgemesh_proxy_connections_total`.
-    pub fn metric_result(&self) -> &'static str {
-        match self {
-            ConnectError::NoEndpoints { .. } => "no_endpoints",
-            ConnectError::AllFailed { .. } => "connect_failed",
-        }
-    }
-}
-
 pub struct Connector {
     mark: u32,
     timeout: Duration,
@@ -81,8 +71,7 @@ impl Connector {
                     return Ok((stream, endpoint.addr, in_flight));
                 }
                 Err(e) => {
-                    metrics::counter!("edgemesh_proxy_connect_failures_total", "service" => route.label.to_string())
-                        .increment(1);
+                    route.stats.get().endpoint_failures.increment(1);
                     debug!(endpoint = %endpoint.addr, error = %e, "connect failed; trying another endpoint");
                     endpoint.health.record_failure();
                     last_error = Some((endpoint.addr, e));

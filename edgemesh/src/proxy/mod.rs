@@ -10,6 +10,7 @@
 mod config;
 pub mod connect;
 pub mod socket;
+pub mod stats;
 pub mod table;
 pub mod tcp;
 
@@ -120,32 +121,29 @@ impl Proxy {
 }
 
 async fn tcp_session(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, route: &table::Route) {
-    let result = |r: &'static str| {
-        counter!("edgemesh_proxy_connections_total", "service" => route.label.to_string(), "result" => r)
-            .increment(1)
-    };
+    let stats = route.stats.get();
     let (mut upstream, endpoint, _in_flight) = match proxy.connector.connect(route, peer.ip()).await {
         Ok(c) => c,
         Err(e @ connect::ConnectError::NoEndpoints { .. }) => {
             // Counted; not logged one by one, so a client looping on an empty Service cannot
             // flood the log.
             debug!(error = %e, "connection not forwarded");
-            result(e.metric_result());
+            stats.no_endpoints.increment(1);
             reset(client);
             return;
         }
         Err(e) => {
             warn!(error = %e, "connection not forwarded");
-            result(e.metric_result());
+            stats.connect_failed.increment(1);
             reset(client);
             return;
         }
     };
-    result("forwarded");
+    stats.forwarded.increment(1);
     debug!(%endpoint, "forwarding");
     let counters = tcp::ByteCounters {
-        sent: counter!("edgemesh_proxy_bytes_total", "service" => route.label.to_string(), "direction" => "sent"),
-        received: counter!("edgemesh_proxy_bytes_total", "service" => route.label.to_string(), "direction" => "received"),
+        sent: stats.bytes_sent.clone(),
+        received: stats.bytes_received.clone(),
     };
     match tcp::forward(&mut client, &mut upstream, proxy.cfg.idle_timeout, &counters).await {
         Ok(t) => debug!(%endpoint, sent = t.sent, received = t.received, "closed"),

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::stats::ServiceStats;
 use crate::balance::{
     Affinity, Endpoint, HealthRegistry, ServiceBalancer, Tier, DEFAULT_AFFINITY_TIMEOUT,
 };
@@ -47,8 +48,8 @@ impl std::fmt::Display for ServiceRef {
 #[derive(Debug)]
 pub struct Route {
     pub service: ServiceRef,
-    /// `metrics` label, `namespace/name`.
-    pub label: Arc<str>,
+    /// Counters of the Service (shared by its ports and kept across rebuilds).
+    pub stats: Arc<ServiceStats>,
     /// `edgemesh.io/protocol`, when set.
     pub protocol: Option<String>,
     pub endpoints: Vec<Endpoint>,
@@ -106,7 +107,7 @@ impl RouteTable {
             let endpoints = view.endpoints_of(namespace, name);
             let ns: Arc<str> = Arc::from(namespace.as_str());
             let nm: Arc<str> = Arc::from(name.as_str());
-            let label: Arc<str> = Arc::from(format!("{namespace}/{name}"));
+            let mut stats: Option<Arc<ServiceStats>> = None;
             for port in &service.spec.ports {
                 let Ok(number) = u16::try_from(port.port) else {
                     continue;
@@ -136,9 +137,19 @@ impl RouteTable {
                     .unwrap_or_else(|| {
                         Arc::new(ServiceBalancer::new(annotations.lb_policy, affinity))
                     });
+                let previous_route = ips
+                    .iter()
+                    .find_map(|ip| previous.routes.get(&SocketAddr::new(*ip, number)))
+                    .filter(|r| r.service.namespace == ns && r.service.name == nm);
+                let stats = stats
+                    .get_or_insert_with(|| match previous_route {
+                        Some(r) => r.stats.clone(),
+                        None => Arc::new(ServiceStats::new(Arc::from(format!("{namespace}/{name}")))),
+                    })
+                    .clone();
                 let route = Arc::new(Route {
                     service: service_ref,
-                    label: label.clone(),
+                    stats,
                     protocol: annotations.protocol.clone(),
                     endpoints: list,
                     balancer,
