@@ -57,7 +57,15 @@ fn spread(mesh: &Mesh, client: &Host, ip: &str, n: usize) -> BTreeMap<String, us
     let out = mesh.topo.exec(
         client,
         &[
-            "curl", "-sS", "--noproxy", "*", "--max-time", "120", "-H", "Connection: close", &url,
+            "curl",
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "120",
+            "-H",
+            "Connection: close",
+            &url,
         ],
     );
     assert!(
@@ -101,8 +109,15 @@ fn cluster_ip_reaches_pods_with_every_policy() {
     // covers the service range; this one has none, so give the range a route that stays on
     // the node (the pod bridge) for the kernel's first route lookup.
     let node = mesh.nodes[0].host.clone();
-    let out = mesh.topo.exec(&node, &["ip", "route", "add", "10.96.0.0/12", "dev", "cbr0"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = mesh.topo.exec(
+        &node,
+        &["ip", "route", "add", "10.96.0.0/12", "dev", "cbr0"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (s, body) = mesh.topo.curl(&node, &[&format!("http://{ip}/")]);
     assert_eq!(s, 200, "from the node itself: {body}");
 
@@ -112,7 +127,11 @@ fn cluster_ip_reaches_pods_with_every_policy() {
     assert!(rr.values().all(|&n| (180..=220).contains(&n)), "{rr:?}");
 
     // Consistent hash on the source address: one client, one endpoint.
-    put_web(&mesh, &servers, &[("edgemesh.io/lb-policy", "consistent-hash")]);
+    put_web(
+        &mesh,
+        &servers,
+        &[("edgemesh.io/lb-policy", "consistent-hash")],
+    );
     wait_policy(&mesh, &ip, "ConsistentHash");
     for client in [&c1, &c2] {
         let c = spread(&mesh, client, &ip, 60);
@@ -141,8 +160,11 @@ fn cluster_ip_reaches_pods_with_every_policy() {
         assert_eq!(c.len(), 1, "affinity for {}: {c:?}", client.role);
     }
     assert!(
-        mesh.metric(0, "edgemesh_proxy_connections_total", &["service=\"default/web\"", "result=\"forwarded\""])
-            >= 1_000.0
+        mesh.metric(
+            0,
+            "edgemesh_proxy_connections_total",
+            &["service=\"default/web\"", "result=\"forwarded\""]
+        ) >= 1_000.0
     );
 }
 
@@ -161,7 +183,11 @@ fn a_stopped_endpoint_is_ejected_and_used_again_when_back() {
     let failures_before = mesh.metric(0, "edgemesh_proxy_connect_failures_total", &[]);
     let c = spread(&mesh, &client, &ip, 60);
     assert_eq!(c.get("s2"), None, "{c:?}");
-    assert_eq!(c.values().sum::<usize>(), 60, "every request answered: {c:?}");
+    assert_eq!(
+        c.values().sum::<usize>(),
+        60,
+        "every request answered: {c:?}"
+    );
     let failures = mesh.metric(0, "edgemesh_proxy_connect_failures_total", &[]) - failures_before;
     assert!(
         (1.0..=3.0).contains(&failures),
@@ -180,7 +206,9 @@ fn a_stopped_endpoint_is_ejected_and_used_again_when_back() {
     // Back: once its ejection ends it takes connections again.
     mesh.serve(&s2, "http", TARGET, "s2");
     wait_for("s2 used again", Duration::from_secs(30), || {
-        spread(&mesh, &client, &ip, 6).contains_key("s2").then_some(())
+        spread(&mesh, &client, &ip, 6)
+            .contains_key("s2")
+            .then_some(())
     });
 }
 
@@ -246,24 +274,68 @@ fn server_first_protocols_and_large_transfers() {
     let echo = mesh.add_pod(0, "echo");
     mesh.serve(&echo, "echo", TARGET, "");
     let client = mesh.add_pod(0, "c1");
-    let bip = mesh.put_service("banner", 25, TARGET, &[], &[(&banner.ip.to_string(), "edge-0")]);
+    let bip = mesh.put_service(
+        "banner",
+        25,
+        TARGET,
+        &[],
+        &[(&banner.ip.to_string(), "edge-0")],
+    );
     let eip = mesh.put_service("echo", 7, TARGET, &[], &[(&echo.ip.to_string(), "edge-0")]);
 
     // The server speaks first: the client reads without having sent a byte.
     let addr: SocketAddr = format!("{bip}:25").parse().expect("addr");
     let greeting = edgemesh_e2e::mesh::in_netns(&client.ns, move || {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         let mut buf = [0u8; 64];
         let n = s.read(&mut buf).expect("banner");
         String::from_utf8_lossy(&buf[..n]).into_owned()
     });
     assert_eq!(greeting, "220 edge smtp ready\n");
 
+    // An established connection survives an update of its Service's endpoints.
+    let addr: SocketAddr = format!("{eip}:7").parse().expect("addr");
+    let ns = client.ns.clone();
+    let held = edgemesh_e2e::mesh::in_netns(&ns, move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(b"before").expect("write");
+        let mut buf = [0u8; 6];
+        s.read_exact(&mut buf).expect("echo");
+        assert_eq!(&buf, b"before");
+        s
+    });
+    mesh.put_service(
+        "echo",
+        7,
+        TARGET,
+        &[("edgemesh.io/lb-policy", "random")],
+        &[(&echo.ip.to_string(), "edge-0"), ("10.244.9.9", "edge-0")],
+    );
+    wait_for("echo has two endpoints", Duration::from_secs(10), || {
+        let r = mesh.route(0, &format!("{eip}:7"))?;
+        (r["endpoints"].as_array()?.len() == 2).then_some(())
+    });
+    edgemesh_e2e::mesh::in_netns(&ns, move || {
+        let mut s = held;
+        s.write_all(b"after!").expect("write after the update");
+        let mut buf = [0u8; 6];
+        s.read_exact(&mut buf).expect("echo after the update");
+        assert_eq!(&buf, b"after!");
+    });
+    mesh.put_service("echo", 7, TARGET, &[], &[(&echo.ip.to_string(), "edge-0")]);
+
     // 200 MB each way, byte for byte, with the half-close passed through.
     let addr: SocketAddr = format!("{eip}:7").parse().expect("addr");
     echo_transfer(&client.ns, addr, 200 * 1024 * 1024);
-    let sent = mesh.metric(0, "edgemesh_proxy_bytes_total", &["service=\"default/echo\"", "direction=\"sent\""]);
+    let sent = mesh.metric(
+        0,
+        "edgemesh_proxy_bytes_total",
+        &["service=\"default/echo\"", "direction=\"sent\""],
+    );
     assert!(sent >= 200.0 * 1024.0 * 1024.0, "bytes counted: {sent}");
 }
 
@@ -316,10 +388,14 @@ fn assert_one_copy(mesh: &Mesh) {
 }
 
 fn wait_one_copy(mesh: &Mesh) {
-    wait_for("one copy of edgemesh's rules", Duration::from_secs(15), || {
-        let n = edgemesh_rules(mesh).len();
-        (n == 7).then_some(())
-    });
+    wait_for(
+        "one copy of edgemesh's rules",
+        Duration::from_secs(15),
+        || {
+            let n = edgemesh_rules(mesh).len();
+            (n == 7).then_some(())
+        },
+    );
     assert_one_copy(mesh);
 }
 
@@ -329,8 +405,34 @@ fn rules_are_reconciled_across_restarts_and_cleaned_up() {
     mesh.nodes[0].extra = vec!["proxy.reconcile_interval=\"1s\"".into()];
     // An operator's (or kube-proxy's) rules, there before edgemesh.
     iptables(&mesh, &["-N", "KUBE-SERVICES"]);
-    iptables(&mesh, &["-A", "PREROUTING", "-m", "comment", "--comment", "foreign", "-j", "KUBE-SERVICES"]);
-    iptables(&mesh, &["-A", "POSTROUTING", "-s", "10.244.0.0/16", "-m", "comment", "--comment", "foreign", "-j", "MASQUERADE"]);
+    iptables(
+        &mesh,
+        &[
+            "-A",
+            "PREROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "foreign",
+            "-j",
+            "KUBE-SERVICES",
+        ],
+    );
+    iptables(
+        &mesh,
+        &[
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "10.244.0.0/16",
+            "-m",
+            "comment",
+            "--comment",
+            "foreign",
+            "-j",
+            "MASQUERADE",
+        ],
+    );
     let foreign: Vec<String> = nat_table(&mesh)
         .lines()
         .filter(|l| l.contains("foreign") || l.starts_with(":KUBE"))
@@ -362,19 +464,51 @@ fn rules_are_reconciled_across_restarts_and_cleaned_up() {
     assert_eq!(mesh.topo.curl(&client, &[&format!("http://{ip}/")]).0, 200);
 
     // Rules removed or changed by hand come back.
-    iptables(&mesh, &["-D", "PREROUTING", "-m", "comment", "--comment", "edgemesh", "-j", "EDGEMESH-PREROUTING"]);
+    iptables(
+        &mesh,
+        &[
+            "-D",
+            "PREROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "edgemesh",
+            "-j",
+            "EDGEMESH-PREROUTING",
+        ],
+    );
     iptables(&mesh, &["-F", "EDGEMESH-OUTPUT"]);
-    iptables(&mesh, &["-I", "OUTPUT", "-m", "comment", "--comment", "edgemesh", "-j", "EDGEMESH-OUTPUT"]);
+    iptables(
+        &mesh,
+        &[
+            "-I",
+            "OUTPUT",
+            "-m",
+            "comment",
+            "--comment",
+            "edgemesh",
+            "-j",
+            "EDGEMESH-OUTPUT",
+        ],
+    );
     wait_one_copy(&mesh);
     assert_eq!(mesh.topo.curl(&client, &[&format!("http://{ip}/")]).0, 200);
 
     // `edgemesh cleanup` after a crash removes all of ours and nothing else.
     mesh.stop_node(0, libc::SIGKILL);
     let node = mesh.nodes[0].host.clone();
-    let out = mesh
-        .topo
-        .exec(&node, &[edgemesh_e2e::bin("edgemesh").to_str().expect("path"), "cleanup"]);
-    assert!(out.status.success(), "cleanup: {}", String::from_utf8_lossy(&out.stderr));
+    let out = mesh.topo.exec(
+        &node,
+        &[
+            edgemesh_e2e::bin("edgemesh").to_str().expect("path"),
+            "cleanup",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(edgemesh_rules(&mesh), Vec::<String>::new());
     let after: Vec<String> = nat_table(&mesh)
         .lines()
@@ -411,13 +545,23 @@ fn a_thousand_services_need_no_new_rule() {
     let body = json!({"apiVersion":"v1","kind":"List","items":items}).to_string();
     let file = mesh.topo.write_file("bulk.json", &body);
     let started = Instant::now();
-    let (s, v) = mesh.api("POST", "/api/v1/apply", Some(&format!("@{}", file.display())));
+    let (s, v) = mesh.api(
+        "POST",
+        "/api/v1/apply",
+        Some(&format!("@{}", file.display())),
+    );
     assert_eq!(s, 200, "{v}");
     let ip = mesh.cluster_ip("bulk-999");
-    let (s, _) = wait_for("the last new service answers", Duration::from_secs(10), || {
-        let r = mesh.topo.curl(&client, &["--max-time", "1", &format!("http://{ip}/")]);
-        (r.0 == 200).then_some(r)
-    });
+    let (s, _) = wait_for(
+        "the last new service answers",
+        Duration::from_secs(10),
+        || {
+            let r = mesh
+                .topo
+                .curl(&client, &["--max-time", "1", &format!("http://{ip}/")]);
+            (r.0 == 200).then_some(r)
+        },
+    );
     assert_eq!(s, 200);
     eprintln!(
         "1,000 services: last one reachable {:?} after the apply was sent",
@@ -437,7 +581,10 @@ fn garbage_and_half_open_connections_do_not_hurt_others() {
     let ip = put_web(&mesh, &server, &[]);
     let eip = mesh.put_service("echo", 7, TARGET, &[], &[(&echo.ip.to_string(), "edge-0")]);
     // A Service without endpoints, and an address in the service range that is no Service.
-    mesh.put(&svc_path("empty"), &edgemesh_e2e::mesh::service_json("empty", 80, TARGET));
+    mesh.put(
+        &svc_path("empty"),
+        &edgemesh_e2e::mesh::service_json("empty", 80, TARGET),
+    );
     let v = mesh.put(&ep_path("empty"), r#"{"apiVersion":"v1","kind":"Endpoints","metadata":{"name":"empty","namespace":"default"},"subsets":[]}"#);
     mesh.wait_version(0, v, Duration::from_secs(10));
     let empty_ip = mesh.cluster_ip("empty");
@@ -458,26 +605,35 @@ fn garbage_and_half_open_connections_do_not_hurt_others() {
         let mut junk = vec![0u8; 4096];
         rng.fill_bytes(&mut junk);
         let mut s = TcpStream::connect_timeout(&echo_addr, Duration::from_secs(5)).expect("echo");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         s.write_all(&junk).expect("junk");
         s.shutdown(Shutdown::Write).expect("fin");
         let mut back = Vec::new();
         s.read_to_end(&mut back).expect("echo back");
         assert!(back == junk, "garbage echoed intact");
         // No Service, no endpoints, or the proxy port itself: reset, never proxied elsewhere.
-        for (what, addr) in [("no service", nowhere), ("no endpoints", empty), ("proxy port", direct)] {
+        for (what, addr) in [
+            ("no service", nowhere),
+            ("no endpoints", empty),
+            ("proxy port", direct),
+        ] {
             for _ in 0..20 {
                 let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
                     Ok(s) => s,
                     Err(e) => {
                         assert!(
-                            matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset),
+                            matches!(
+                                e.kind(),
+                                ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset
+                            ),
                             "{what}: {e}"
                         );
                         continue;
                     }
                 };
-                s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+                s.set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
                 let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
                 let mut buf = [0u8; 16];
                 match s.read(&mut buf) {
@@ -497,7 +653,11 @@ fn garbage_and_half_open_connections_do_not_hurt_others() {
     assert_eq!(held.len(), 200);
     assert!(mesh.metric(0, "edgemesh_proxy_unmatched_connections_total", &[]) >= 40.0);
     assert!(
-        mesh.metric(0, "edgemesh_proxy_connections_total", &["result=\"no_endpoints\""]) >= 20.0
+        mesh.metric(
+            0,
+            "edgemesh_proxy_connections_total",
+            &["result=\"no_endpoints\""]
+        ) >= 20.0
     );
     drop(held);
     let p = mesh.nodes[0].proc.expect("running");
