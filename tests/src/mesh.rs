@@ -422,7 +422,11 @@ impl Mesh {
 
     /// Starts `edgemesh-testserver MODE IP:PORT TEXT` in `pod` and waits until it accepts.
     pub fn serve(&mut self, pod: &Host, mode: &str, port: u16, text: &str) -> ProcId {
-        let args = vec![mode.to_string(), format!("{}:{port}", pod.ip), text.to_string()];
+        let args = vec![
+            mode.to_string(),
+            format!("{}:{port}", pod.ip),
+            text.to_string(),
+        ];
         let p = self.topo.spawn(
             pod,
             &format!("{mode}-{}", pod.role),
@@ -477,7 +481,10 @@ impl Mesh {
     pub fn cluster_ip(&self, name: &str) -> String {
         let (s, v) = self.api("GET", &svc_path(name), None);
         assert_eq!(s, 200, "GET service {name}: {v}");
-        v["spec"]["clusterIP"].as_str().expect("clusterIP").to_string()
+        v["spec"]["clusterIP"]
+            .as_str()
+            .expect("clusterIP")
+            .to_string()
     }
 
     /// Node `i`'s route for `addr` (`ip:port`) from `/debug/routes`, when it has one.

@@ -223,9 +223,26 @@ impl Topology {
         if on_node == 0 {
             let n = node.ns.as_str();
             run_checked(&["ip", "-n", n, "link", "add", "cbr0", "type", "bridge"]);
-            run_checked(&["ip", "-n", n, "addr", "add", &format!("{gateway}/24"), "dev", "cbr0"]);
+            run_checked(&[
+                "ip",
+                "-n",
+                n,
+                "addr",
+                "add",
+                &format!("{gateway}/24"),
+                "dev",
+                "cbr0",
+            ]);
             run_checked(&["ip", "-n", n, "link", "set", "cbr0", "up"]);
-            run_checked(&["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            run_checked(&[
+                "ip",
+                "netns",
+                "exec",
+                n,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ]);
         }
         let ns = format!("{}-{role}", self.base);
         self.create_ns(&ns);
@@ -237,9 +254,27 @@ impl Topology {
         run_checked(&["ip", "-n", &node.ns, "link", "set", &port, "master", "cbr0"]);
         run_checked(&["ip", "-n", &node.ns, "link", "set", &port, "up"]);
         run_checked(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        run_checked(&["ip", "-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        run_checked(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ]);
         run_checked(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-        run_checked(&["ip", "-n", &ns, "route", "add", "default", "via", &gateway.to_string()]);
+        run_checked(&[
+            "ip",
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &gateway.to_string(),
+        ]);
         let pod = Host {
             ns,
             ip,
