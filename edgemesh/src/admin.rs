@@ -15,7 +15,17 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::balance::HealthRegistry;
+use crate::iptables::Rules;
 use crate::proxy::RouteTable;
+
+/// What `/debug/proxy` reports besides the route table.
+#[derive(Clone)]
+pub struct ProxySummary {
+    pub listen: std::net::SocketAddr,
+    pub rules: Option<Rules>,
+    pub health: Arc<HealthRegistry>,
+}
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -26,6 +36,8 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     /// The proxy's route table, once the proxy runs.
     pub routes: Option<watch::Receiver<Arc<RouteTable>>>,
+    /// The proxy's settings and endpoint health, once the proxy runs.
+    pub proxy: Option<ProxySummary>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -38,6 +50,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/nodes", get(nodes))
         .route("/debug/sync", get(sync))
         .route("/debug/routes", get(routes))
+        .route("/debug/proxy", get(proxy))
         .with_state(state)
 }
 
@@ -142,4 +155,35 @@ async fn routes(State(state): State<AdminState>) -> Response {
         .collect();
     list.sort_by(|a, b| a["address"].as_str().cmp(&b["address"].as_str()));
     Json(json!({ "version": table.version, "routes": list })).into_response()
+}
+
+/// The proxy at a glance (for `edgemesh status`): listener, iptables state, route count and
+/// ejected endpoints.
+async fn proxy(State(state): State<AdminState>) -> Response {
+    let (Some(summary), Some(tables)) = (&state.proxy, &state.routes) else {
+        return (StatusCode::NOT_FOUND, "the proxy is not running\n").into_response();
+    };
+    let iptables = match &summary.rules {
+        None => json!("off (proxy.intercept = false)"),
+        Some(rules) => match rules.installed().await {
+            Ok(true) => json!("installed"),
+            Ok(false) => json!("incomplete (being repaired)"),
+            Err(e) => json!(format!("unknown: {e}")),
+        },
+    };
+    let table = tables.borrow().clone();
+    let ejected: Vec<String> = summary
+        .health
+        .ejected()
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    Json(json!({
+        "listen": summary.listen.to_string(),
+        "iptables": iptables,
+        "routes": table.len(),
+        "version": table.version,
+        "ejected": ejected,
+    }))
+    .into_response()
 }

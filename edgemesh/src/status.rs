@@ -28,7 +28,22 @@ pub async fn run(cfg: &Config, json: bool) -> anyhow::Result<()> {
     let url = format!("http://{}/debug/sync", cfg.admin.listen);
     match http_client::request(Method::GET, &url, None, None, None, Duration::from_secs(5)).await {
         Ok(resp) if resp.status == 200 => {
-            let v: Value = serde_json::from_slice(&resp.body)?;
+            let mut v: Value = serde_json::from_slice(&resp.body)?;
+            let proxy_url = format!("http://{}/debug/proxy", cfg.admin.listen);
+            let proxy = match http_client::request(
+                Method::GET,
+                &proxy_url,
+                None,
+                None,
+                None,
+                Duration::from_secs(5),
+            )
+            .await
+            {
+                Ok(r) if r.status == 200 => serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+                _ => Value::Null,
+            };
+            v["proxy"] = proxy;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -113,4 +128,17 @@ fn print_running(v: &Value) {
         s["connects"], s["changesApplied"], s["snapshots"], s["deltas"], s["ackedVersion"]
     );
     println!("store:       {}", text(&st["path"]));
+    let p = &v["proxy"];
+    if p.is_object() {
+        let ejected = p["ejected"].as_array().map_or(0, Vec::len);
+        println!(
+            "proxy:       listening on {}, {} routes, {} endpoints ejected",
+            text(&p["listen"]),
+            p["routes"],
+            ejected
+        );
+        println!("iptables:    {}", text(&p["iptables"]));
+    } else {
+        println!("proxy:       not running");
+    }
 }

@@ -449,6 +449,17 @@ fn rules_are_reconciled_across_restarts_and_cleaned_up() {
     let client = mesh.add_pod(0, "c1");
     let ip = put_web(&mesh, &server, &[]);
     assert_eq!(mesh.topo.curl(&client, &[&format!("http://{ip}/")]).0, 200);
+    let node = mesh.nodes[0].host.clone();
+    let edgemesh = edgemesh_e2e::bin("edgemesh");
+    let status = mesh
+        .topo
+        .exec(&node, &[edgemesh.to_str().expect("path"), "status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("iptables:    installed"), "{text}");
+    assert!(
+        text.contains("listening on 0.0.0.0:40001, 1 routes"),
+        "{text}"
+    );
 
     // A clean stop removes everything; a start puts one copy back.
     mesh.stop_node(0, libc::SIGTERM);

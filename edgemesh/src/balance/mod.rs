@@ -223,7 +223,6 @@ impl Drop for InFlight {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,7 +250,12 @@ mod tests {
         }
     }
 
-    fn counts(b: &ServiceBalancer, eps: &[Endpoint], n: usize, client: impl Fn(usize) -> String) -> Vec<usize> {
+    fn counts(
+        b: &ServiceBalancer,
+        eps: &[Endpoint],
+        n: usize,
+        client: impl Fn(usize) -> String,
+    ) -> Vec<usize> {
         let mut c = vec![0; eps.len()];
         for i in 0..n {
             let e = b.pick(eps, &ctx(&client(i)), &[]).expect("pick");
@@ -264,9 +268,14 @@ mod tests {
     async fn round_robin_is_even_and_random_reaches_all() {
         let eps = endpoints(3, &[]);
         let rr = ServiceBalancer::new(LbPolicy::RoundRobin, None);
-        assert_eq!(counts(&rr, &eps, 300, |_| "10.0.0.1".into()), vec![100, 100, 100]);
+        assert_eq!(
+            counts(&rr, &eps, 300, |_| "10.0.0.1".into()),
+            vec![100, 100, 100]
+        );
         let random = ServiceBalancer::new(LbPolicy::Random, None);
-        assert!(counts(&random, &eps, 300, |_| "10.0.0.1".into()).iter().all(|&c| c > 50));
+        assert!(counts(&random, &eps, 300, |_| "10.0.0.1".into())
+            .iter()
+            .all(|&c| c > 50));
     }
 
     #[tokio::test]
@@ -293,17 +302,26 @@ mod tests {
         ] {
             let c = counts(&b, &eps, 50, |_| "10.0.0.7".into());
             assert_eq!(c.iter().filter(|&&n| n > 0).count(), 1, "{c:?}");
-            let spread = counts(&b, &eps, 300, |i| format!("10.0.{}.{}", i / 200, i % 200 + 1));
+            let spread = counts(&b, &eps, 300, |i| {
+                format!("10.0.{}.{}", i / 200, i % 200 + 1)
+            });
             assert!(spread.iter().all(|&n| n > 40), "{spread:?}");
         }
         // Removing an endpoint moves only the clients that were on it.
         let hash = ServiceBalancer::new(LbPolicy::ConsistentHash, None);
         let before: Vec<SocketAddr> = (0..100)
-            .map(|i| hash.pick(&eps, &ctx(&format!("10.1.0.{i}")), &[]).expect("p").addr)
+            .map(|i| {
+                hash.pick(&eps, &ctx(&format!("10.1.0.{i}")), &[])
+                    .expect("p")
+                    .addr
+            })
             .collect();
         let fewer = &eps[..2];
         for (i, was) in before.iter().enumerate() {
-            let now = hash.pick(fewer, &ctx(&format!("10.1.0.{i}")), &[]).expect("p").addr;
+            let now = hash
+                .pick(fewer, &ctx(&format!("10.1.0.{i}")), &[])
+                .expect("p")
+                .addr;
             if *was != eps[2].addr {
                 assert_eq!(now, *was);
             }
@@ -316,7 +334,10 @@ mod tests {
         let rr = ServiceBalancer::new(LbPolicy::RoundRobin, None);
         assert_eq!(counts(&rr, &eps, 10, |_| "10.0.0.1".into()), vec![0, 10, 0]);
         let c = ctx("10.0.0.1");
-        assert_eq!(rr.pick(&eps, &c, &[eps[1].addr]).expect("p").addr, eps[2].addr);
+        assert_eq!(
+            rr.pick(&eps, &c, &[eps[1].addr]).expect("p").addr,
+            eps[2].addr
+        );
         let all: Vec<SocketAddr> = eps.iter().map(|e| e.addr).collect();
         assert!(rr.pick(&eps, &c, &all).is_none());
     }

@@ -173,7 +173,10 @@ mod tests {
         h.record_failure();
         assert!(h.record_failure());
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(!h.is_ejected(Instant::now()), "back to the base period after a success");
+        assert!(
+            !h.is_ejected(Instant::now()),
+            "back to the base period after a success"
+        );
         assert!(Arc::ptr_eq(&h, &reg.get(addr)));
         reg.retain(&HashSet::new());
         assert!(!Arc::ptr_eq(&h, &reg.get(addr)));

@@ -104,7 +104,15 @@ impl Rules {
             // The agent's own upstream sockets carry the mark; never capture them again.
             let mark = format!("{:#x}/{:#x}", self.mark, self.mark);
             let own = args(&[
-                "-m", "mark", "--mark", &mark, "-m", "comment", "--comment", COMMENT, "-j",
+                "-m",
+                "mark",
+                "--mark",
+                &mark,
+                "-m",
+                "comment",
+                "--comment",
+                COMMENT,
+                "-j",
                 "RETURN",
             ]);
             vec![own, redirect]
@@ -280,7 +288,10 @@ impl Rules {
                 Ok(0) => {}
                 Ok(n) => {
                     metrics::counter!("edgemesh_iptables_repairs_total").increment(n as u64);
-                    warn!(changes = n, "iptables rules were missing or changed; repaired");
+                    warn!(
+                        changes = n,
+                        "iptables rules were missing or changed; repaired"
+                    );
                 }
                 Err(e) => warn!(error = %e, "iptables reconcile failed"),
             }
@@ -354,7 +365,8 @@ mod tests {
     #[test]
     fn rules_compare_with_what_iptables_prints() {
         let r = Rules::new("10.96.0.0/12".parse().expect("cidr"), 40001, 0x1e5);
-        let printed = "-d 10.96.0.0/12 -p tcp -m comment --comment edgemesh -j REDIRECT --to-ports 40001";
+        let printed =
+            "-d 10.96.0.0/12 -p tcp -m comment --comment edgemesh -j REDIRECT --to-ports 40001";
         assert_eq!(vec![split_rule(printed)], r.chain_rules(&CHAINS[0]));
         let out = r.chain_rules(&CHAINS[1]);
         assert_eq!(
@@ -365,6 +377,9 @@ mod tests {
             split_rule(r#"-m comment --comment "two words" -j X"#),
             vec!["-m", "comment", "--comment", "two words", "-j", "X"]
         );
-        assert_eq!(Rules::new("fd00::/108".parse().expect("v6"), 1, 1).program, "ip6tables");
+        assert_eq!(
+            Rules::new("fd00::/108".parse().expect("v6"), 1, 1).program,
+            "ip6tables"
+        );
     }
 }

@@ -93,7 +93,10 @@ impl ProxyConfig {
         if service_cidr.contains(&self.listen_address) {
             return Err(ConfigError::key(
                 "proxy.listen_address",
-                format!("{} is inside service_cidr {service_cidr}", self.listen_address),
+                format!(
+                    "{} is inside service_cidr {service_cidr}",
+                    self.listen_address
+                ),
             ));
         }
         if service_cidr.addr().is_ipv6() && self.listen_address.is_ipv4() {
@@ -115,13 +118,19 @@ impl ProxyConfig {
             return Err(ConfigError::key("proxy.connect_timeout", "must not be 0"));
         }
         if self.connect_attempts == 0 {
-            return Err(ConfigError::key("proxy.connect_attempts", "must be at least 1"));
+            return Err(ConfigError::key(
+                "proxy.connect_attempts",
+                "must be at least 1",
+            ));
         }
         if self.idle_timeout.is_zero() {
             return Err(ConfigError::key("proxy.idle_timeout", "must not be 0"));
         }
         if self.max_connections == 0 {
-            return Err(ConfigError::key("proxy.max_connections", "must be at least 1"));
+            return Err(ConfigError::key(
+                "proxy.max_connections",
+                "must be at least 1",
+            ));
         }
         if self.outlier.consecutive_failures == 0 {
             return Err(ConfigError::key(
@@ -130,7 +139,10 @@ impl ProxyConfig {
             ));
         }
         if self.outlier.base_ejection.is_zero() {
-            return Err(ConfigError::key("proxy.outlier.base_ejection", "must not be 0"));
+            return Err(ConfigError::key(
+                "proxy.outlier.base_ejection",
+                "must not be 0",
+            ));
         }
         if self.outlier.max_ejection < self.outlier.base_ejection {
             return Err(ConfigError::key(
@@ -151,13 +163,40 @@ mod tests {
         let cidr: IpNet = "10.96.0.0/12".parse().expect("cidr");
         assert!(ProxyConfig::default().validate(&cidr).is_ok());
         let cases: Vec<(ProxyConfig, &str)> = vec![
-            (ProxyConfig { port: 0, ..Default::default() }, "proxy.port"),
-            (ProxyConfig { mark: 0, ..Default::default() }, "proxy.mark"),
-            (ProxyConfig { listen_address: "10.96.0.1".parse().expect("ip"), ..Default::default() }, "proxy.listen_address"),
-            (ProxyConfig { connect_attempts: 0, ..Default::default() }, "proxy.connect_attempts"),
             (
                 ProxyConfig {
-                    outlier: OutlierConfig { max_ejection: Duration::from_secs(1), ..Default::default() },
+                    port: 0,
+                    ..Default::default()
+                },
+                "proxy.port",
+            ),
+            (
+                ProxyConfig {
+                    mark: 0,
+                    ..Default::default()
+                },
+                "proxy.mark",
+            ),
+            (
+                ProxyConfig {
+                    listen_address: "10.96.0.1".parse().expect("ip"),
+                    ..Default::default()
+                },
+                "proxy.listen_address",
+            ),
+            (
+                ProxyConfig {
+                    connect_attempts: 0,
+                    ..Default::default()
+                },
+                "proxy.connect_attempts",
+            ),
+            (
+                ProxyConfig {
+                    outlier: OutlierConfig {
+                        max_ejection: Duration::from_secs(1),
+                        ..Default::default()
+                    },
                     ..Default::default()
                 },
                 "proxy.outlier.max_ejection",
@@ -168,7 +207,10 @@ mod tests {
             assert!(e.contains(&format!("`{key}`")), "{key}: {e}");
         }
         let v6: IpNet = "fd00::/108".parse().expect("cidr");
-        let e = ProxyConfig::default().validate(&v6).expect_err("v4 listener").to_string();
+        let e = ProxyConfig::default()
+            .validate(&v6)
+            .expect_err("v4 listener")
+            .to_string();
         assert!(e.contains("`proxy.listen_address`"), "{e}");
     }
 }

@@ -28,9 +28,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-pub use config::{OutlierConfig, ProxyConfig};
 use crate::balance::HealthRegistry;
 use crate::iptables::Rules;
+pub use config::{OutlierConfig, ProxyConfig};
 use connect::Connector;
 pub use table::{LocalNode, RouteTable};
 
@@ -82,8 +82,14 @@ impl Proxy {
         if open > 0 {
             info!(open, "waiting for proxied connections to finish");
         }
-        if tokio::time::timeout(DRAIN_GRACE, tracker.wait()).await.is_err() {
-            warn!(open = tracker.len(), "closing proxied connections still open");
+        if tokio::time::timeout(DRAIN_GRACE, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = tracker.len(),
+                "closing proxied connections still open"
+            );
         }
     }
 
@@ -122,7 +128,8 @@ impl Proxy {
 
 async fn tcp_session(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, route: &table::Route) {
     let stats = route.stats.get();
-    let (mut upstream, endpoint, _in_flight) = match proxy.connector.connect(route, peer.ip()).await {
+    let (mut upstream, endpoint, _in_flight) = match proxy.connector.connect(route, peer.ip()).await
+    {
         Ok(c) => c,
         Err(e @ connect::ConnectError::NoEndpoints { .. }) => {
             // Counted; not logged one by one, so a client looping on an empty Service cannot
@@ -145,7 +152,14 @@ async fn tcp_session(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, rou
         sent: stats.bytes_sent.clone(),
         received: stats.bytes_received.clone(),
     };
-    match tcp::forward(&mut client, &mut upstream, proxy.cfg.idle_timeout, &counters).await {
+    match tcp::forward(
+        &mut client,
+        &mut upstream,
+        proxy.cfg.idle_timeout,
+        &counters,
+    )
+    .await
+    {
         Ok(t) => debug!(%endpoint, sent = t.sent, received = t.received, "closed"),
         Err(e) => debug!(%endpoint, error = %e, "aborted"),
     }
@@ -209,7 +223,9 @@ pub async fn start(
         }
         info!(%service_cidr, port = cfg.port, "iptables rules installed");
         tasks.push(tokio::spawn(
-            rules.clone().keep_installed(cfg.reconcile_interval, shutdown),
+            rules
+                .clone()
+                .keep_installed(cfg.reconcile_interval, shutdown),
         ));
         Some(rules)
     } else {

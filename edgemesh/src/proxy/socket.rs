@@ -37,7 +37,10 @@ fn original_v4(fd: libc::c_int) -> io::Result<SocketAddr> {
             return Err(io::Error::last_os_error());
         }
         let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
-        Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(addr.sin_port))))
+        Ok(SocketAddr::V4(SocketAddrV4::new(
+            ip,
+            u16::from_be(addr.sin_port),
+        )))
     }
 }
 
@@ -91,7 +94,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_that_was_not_redirected_reports_its_own_address() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let (server, _) = listener.accept().await.expect("accept");

@@ -58,6 +58,8 @@ impl ServiceStats {
 
 impl std::fmt::Debug for ServiceStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServiceStats").field("label", &self.label).finish()
+        f.debug_struct("ServiceStats")
+            .field("label", &self.label)
+            .finish()
     }
 }

@@ -144,7 +144,9 @@ impl RouteTable {
                 let stats = stats
                     .get_or_insert_with(|| match previous_route {
                         Some(r) => r.stats.clone(),
-                        None => Arc::new(ServiceStats::new(Arc::from(format!("{namespace}/{name}")))),
+                        None => {
+                            Arc::new(ServiceStats::new(Arc::from(format!("{namespace}/{name}"))))
+                        }
                     })
                     .clone();
                 let route = Arc::new(Route {
@@ -199,9 +201,10 @@ fn affinity_timeout(service: &Service) -> Duration {
 /// with the same name (what the endpoints controller resolved `targetPort` to), else a numeric
 /// `targetPort`, else the Service port itself.
 fn target_port(port: &ServicePort, subset: &EndpointSubset) -> Option<u16> {
-    let by_name = subset.ports.iter().find(|p| {
-        p.name == port.name && p.protocol.eq_ignore_ascii_case(&port.protocol)
-    });
+    let by_name = subset
+        .ports
+        .iter()
+        .find(|p| p.name == port.name && p.protocol.eq_ignore_ascii_case(&port.protocol));
     let only = (subset.ports.len() == 1 && port.name.is_empty()).then(|| &subset.ports[0]);
     if let Some(p) = by_name.or(only) {
         return u16::try_from(p.port).ok();
@@ -247,7 +250,12 @@ fn resolve_endpoints(
 
 /// 0 on this node; `1 + i` when the endpoint's node shares this node's value of
 /// `topologyKeys[i]` (the first such key); after all keys, any other endpoint.
-fn tier_of(endpoint_node: Option<&str>, node: &LocalNode, view: &MeshView, keys: &[String]) -> Tier {
+fn tier_of(
+    endpoint_node: Option<&str>,
+    node: &LocalNode,
+    view: &MeshView,
+    keys: &[String],
+) -> Tier {
     let any = Tier(keys.len().min(250) as u8 + 1);
     let Some(endpoint_node) = endpoint_node else {
         return any;
@@ -283,7 +291,11 @@ pub async fn follow_view(
         let view = views.borrow_and_update().clone();
         let previous = tables.borrow().clone();
         let table = RouteTable::build(&view, &node, &health, &previous);
-        debug!(version = table.version, routes = table.len(), "route table rebuilt");
+        debug!(
+            version = table.version,
+            routes = table.len(),
+            "route table rebuilt"
+        );
         metrics::gauge!("edgemesh_proxy_routes").set(table.len() as f64);
         tables.send_replace(Arc::new(table));
         tokio::select! {
@@ -326,8 +338,10 @@ mod tests {
                "ports":[{"name":"http","port":8081},{"name":"admin","port":9001}]}]}"#)));
         v.services.insert(key("headless"), Arc::new(service(r#"{"metadata":{"name":"headless","namespace":"default"},"spec":{"clusterIP":"None","ports":[{"port":80}]}}"#)));
         let zone = |z: &str| [("zone".to_string(), z.to_string())].into_iter().collect();
-        v.nodes.insert("b".into(), Arc::new(Node::new("b", zone("z1"))));
-        v.nodes.insert("c".into(), Arc::new(Node::new("c", zone("z2"))));
+        v.nodes
+            .insert("b".into(), Arc::new(Node::new("b", zone("z1"))));
+        v.nodes
+            .insert("c".into(), Arc::new(Node::new("c", zone("z2"))));
         v
     }
 
@@ -335,12 +349,16 @@ mod tests {
     async fn routes_map_cluster_ports_to_endpoint_ports_with_tiers() {
         let node = LocalNode {
             name: "a".into(),
-            labels: [("zone".to_string(), "z1".to_string())].into_iter().collect(),
+            labels: [("zone".to_string(), "z1".to_string())]
+                .into_iter()
+                .collect(),
         };
         let health = HealthRegistry::new(OutlierConfig::default());
         let table = RouteTable::build(&view(), &node, &health, &RouteTable::default());
         assert_eq!(table.len(), 2, "TCP ports of the ClusterIP service only");
-        let web = table.lookup("10.96.0.10:80".parse().expect("a")).expect("route");
+        let web = table
+            .lookup("10.96.0.10:80".parse().expect("a"))
+            .expect("route");
         assert_eq!(web.service.to_string(), "default/web:80");
         let eps: Vec<(String, u8)> = web
             .endpoints
@@ -356,22 +374,36 @@ mod tests {
                 ("10.244.3.2:8081".into(), 2),
             ]
         );
-        let admin = table.lookup("10.96.0.10:9000".parse().expect("a")).expect("route");
+        let admin = table
+            .lookup("10.96.0.10:9000".parse().expect("a"))
+            .expect("route");
         assert_eq!(admin.endpoints[0].addr.port(), 9001, "named targetPort");
         assert!(table.lookup("10.96.0.10:53".parse().expect("a")).is_none());
 
         // A rebuild keeps the balancer (round-robin position, affinity) of an unchanged Service.
         let again = RouteTable::build(&view(), &node, &health, &table);
-        let web2 = again.lookup("10.96.0.10:80".parse().expect("a")).expect("route");
+        let web2 = again
+            .lookup("10.96.0.10:80".parse().expect("a"))
+            .expect("route");
         assert!(Arc::ptr_eq(&web.balancer, &web2.balancer));
-        assert!(Arc::ptr_eq(&web.endpoints[0].health, &web2.endpoints[0].health));
+        assert!(Arc::ptr_eq(
+            &web.endpoints[0].health,
+            &web2.endpoints[0].health
+        ));
     }
 
     #[test]
     fn target_port_falls_back_to_numbers() {
-        let svc = service(r#"{"metadata":{"name":"x"},"spec":{"ports":[{"name":"a","port":80,"targetPort":8080},{"name":"b","port":81},{"name":"c","port":82,"targetPort":"named"}]}}"#);
+        let svc = service(
+            r#"{"metadata":{"name":"x"},"spec":{"ports":[{"name":"a","port":80,"targetPort":8080},{"name":"b","port":81},{"name":"c","port":82,"targetPort":"named"}]}}"#,
+        );
         let subset = EndpointSubset::default();
-        let ports: Vec<Option<u16>> = svc.spec.ports.iter().map(|p| target_port(p, &subset)).collect();
+        let ports: Vec<Option<u16>> = svc
+            .spec
+            .ports
+            .iter()
+            .map(|p| target_port(p, &subset))
+            .collect();
         assert_eq!(ports, vec![Some(8080), Some(81), None]);
     }
 }

@@ -170,22 +170,40 @@ mod tests {
         let (mut client, mut proxy_in) = pair().await;
         let (mut proxy_out, mut server) = pair().await;
         let fwd = tokio::spawn(async move {
-            forward(&mut proxy_in, &mut proxy_out, Duration::from_secs(5), &counters()).await
+            forward(
+                &mut proxy_in,
+                &mut proxy_out,
+                Duration::from_secs(5),
+                &counters(),
+            )
+            .await
         });
         let payload = vec![7u8; 300_000];
         client.write_all(&payload).await.expect("write");
         client.shutdown().await.expect("half-close");
         let mut got = Vec::new();
-        server.read_to_end(&mut got).await.expect("server reads to EOF");
+        server
+            .read_to_end(&mut got)
+            .await
+            .expect("server reads to EOF");
         assert_eq!(got, payload);
         // The server answers after the client's FIN: the other direction is still open.
-        server.write_all(b"answer after FIN").await.expect("write back");
+        server
+            .write_all(b"answer after FIN")
+            .await
+            .expect("write back");
         server.shutdown().await.expect("fin");
         let mut back = Vec::new();
         client.read_to_end(&mut back).await.expect("client reads");
         assert_eq!(back, b"answer after FIN");
         let t = fwd.await.expect("join").expect("forward");
-        assert_eq!(t, Transfer { sent: 300_000, received: 16 });
+        assert_eq!(
+            t,
+            Transfer {
+                sent: 300_000,
+                received: 16
+            }
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -193,7 +211,13 @@ mod tests {
         let (mut client, mut proxy_in) = pair().await;
         let (mut proxy_out, _server) = pair().await;
         let fwd = tokio::spawn(async move {
-            forward(&mut proxy_in, &mut proxy_out, Duration::from_secs(30), &counters()).await
+            forward(
+                &mut proxy_in,
+                &mut proxy_out,
+                Duration::from_secs(30),
+                &counters(),
+            )
+            .await
         });
         client.write_all(b"x").await.expect("write");
         let err = fwd.await.expect("join").expect_err("times out");
