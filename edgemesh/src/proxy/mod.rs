@@ -43,6 +43,8 @@ pub struct Proxy {
     tables: watch::Receiver<Arc<RouteTable>>,
     connector: Connector,
     connections: Arc<Semaphore>,
+    active: metrics::Gauge,
+    unmatched: metrics::Counter,
 }
 
 impl Proxy {
@@ -50,6 +52,8 @@ impl Proxy {
         Proxy {
             connector: Connector::new(&cfg),
             connections: Arc::new(Semaphore::new(cfg.max_connections)),
+            active: metrics::gauge!("edgemesh_proxy_active_connections"),
+            unmatched: counter!("edgemesh_proxy_unmatched_connections_total"),
             cfg,
             tables,
         }
@@ -101,7 +105,7 @@ impl Proxy {
         let table = self.tables.borrow().clone();
         let Some(route) = table.lookup(dst).cloned() else {
             // Never guess: a destination that is no Service is refused, not sent elsewhere.
-            counter!("edgemesh_proxy_unmatched_connections_total").increment(1);
+            self.unmatched.increment(1);
             debug!(%peer, %dst, "no Service at this destination; resetting");
             reset(client);
             return;
@@ -116,10 +120,9 @@ impl Proxy {
         let span = info_span!("conn", %peer, service = %route.service);
         async move {
             let _ = client.set_nodelay(true);
-            let active = metrics::gauge!("edgemesh_proxy_active_connections");
-            active.increment(1.0);
+            self.active.increment(1.0);
             tcp_session(&self, client, peer, &route).await;
-            active.decrement(1.0);
+            self.active.decrement(1.0);
         }
         .instrument(span)
         .await
@@ -149,17 +152,10 @@ async fn tcp_session(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, rou
     stats.forwarded.increment(1);
     debug!(%endpoint, "forwarding");
     let counters = tcp::ByteCounters {
-        sent: stats.bytes_sent.clone(),
-        received: stats.bytes_received.clone(),
+        sent: &stats.bytes_sent,
+        received: &stats.bytes_received,
     };
-    match tcp::forward(
-        &mut client,
-        &mut upstream,
-        proxy.cfg.idle_timeout,
-        &counters,
-    )
-    .await
-    {
+    match tcp::forward(&mut client, &mut upstream, proxy.cfg.idle_timeout, counters).await {
         Ok(t) => debug!(%endpoint, sent = t.sent, received = t.received, "closed"),
         Err(e) => debug!(%endpoint, error = %e, "aborted"),
     }

@@ -2,18 +2,19 @@
 //! idle timeout.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::Counter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Bytes read per system call. Large enough that a bulk transfer is not syscall-bound, small
-/// enough that thousands of idle connections stay cheap (the buffer is only allocated once a
-/// direction carries data).
-const BUFFER: usize = 32 * 1024;
+/// First buffer of a direction: most connections (a request, an answer) never need more.
+const SMALL_BUFFER: usize = 8 * 1024;
+/// A direction whose reads fill the small buffer is a bulk transfer; it gets this much, so it
+/// is not bound by system calls.
+const LARGE_BUFFER: usize = 64 * 1024;
 
 /// Bytes moved by a finished forward.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -25,9 +26,9 @@ pub struct Transfer {
 }
 
 /// Byte counters to move as data flows (not only at the end, so long connections show up).
-pub struct ByteCounters {
-    pub sent: Counter,
-    pub received: Counter,
+pub struct ByteCounters<'a> {
+    pub sent: &'a Counter,
+    pub received: &'a Counter,
 }
 
 /// Copies both ways between `client` and `upstream`. When one side finishes sending, its peer
@@ -38,26 +39,31 @@ pub async fn forward(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     idle: Duration,
-    counters: &ByteCounters,
+    counters: ByteCounters<'_>,
 ) -> io::Result<Transfer> {
     let start = Instant::now();
     let last_activity = AtomicU64::new(0);
+    // Set by the direction that finishes first; the second one then leaves the FIN to close().
+    let one_done = AtomicBool::new(false);
     let result = {
-        let (mut client_read, mut client_write) = client.split();
-        let (mut upstream_read, mut upstream_write) = upstream.split();
-        let up = copy_half(
-            &mut client_read,
-            &mut upstream_write,
-            &last_activity,
+        let (client_read, mut client_write) = client.split();
+        let (upstream_read, mut upstream_write) = upstream.split();
+        let activity = Activity {
+            last: &last_activity,
             start,
-            &counters.sent,
+            one_done: &one_done,
+        };
+        let up = copy_half(
+            client_read.as_ref(),
+            &mut upstream_write,
+            &activity,
+            counters.sent,
         );
         let down = copy_half(
-            &mut upstream_read,
+            upstream_read.as_ref(),
             &mut client_write,
-            &last_activity,
-            start,
-            &counters.received,
+            &activity,
+            counters.received,
         );
         let both = async { tokio::try_join!(up, down) };
         tokio::pin!(both);
@@ -82,73 +88,64 @@ pub async fn forward(
     result
 }
 
-async fn copy_half<R, W>(
-    reader: &mut R,
-    writer: &mut W,
-    last_activity: &AtomicU64,
+/// What the two directions of one forward share.
+struct Activity<'a> {
+    /// Milliseconds after `start` of the last byte moved, for the idle timeout.
+    last: &'a AtomicU64,
     start: Instant,
+    one_done: &'a AtomicBool,
+}
+
+/// One direction. Reads with `try_read_buf` after waiting for readiness, so no read is spent
+/// on probing and the buffer is neither zeroed nor allocated before data arrives.
+async fn copy_half<W>(
+    reader: &TcpStream,
+    writer: &mut W,
+    activity: &Activity<'_>,
     counter: &Counter,
 ) -> io::Result<u64>
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf: Vec<u8> = Vec::new();
     let mut total = 0u64;
     loop {
-        if buf.is_empty() {
-            // Wait for the first byte before allocating, so idle connections cost no buffer.
-            let mut first = [0u8; 1];
-            if reader.read(&mut first).await? == 0 {
-                break;
-            }
-            buf = vec![0; BUFFER];
-            buf[0] = first[0];
-            let n = 1 + read_now(reader, &mut buf[1..]).await?;
-            writer.write_all(&buf[..n]).await?;
-            total += n as u64;
-            counter.increment(n as u64);
-            last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-            continue;
+        reader.readable().await?;
+        if buf.capacity() == 0 {
+            buf.reserve_exact(SMALL_BUFFER);
         }
-        let n = reader.read(&mut buf).await?;
-        if n == 0 {
-            break;
+        let n = match reader.try_read_buf(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        writer.write_all(&buf).await?;
+        if n == buf.capacity() && n < LARGE_BUFFER {
+            buf = Vec::with_capacity(LARGE_BUFFER);
+        } else {
+            buf.clear();
         }
-        writer.write_all(&buf[..n]).await?;
         total += n as u64;
         counter.increment(n as u64);
-        last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        activity
+            .last
+            .store(activity.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
-    // Pass the FIN on; the other direction may still be running.
-    writer.shutdown().await?;
+    // Pass the FIN on while the other direction may still be running (half-close). When it has
+    // already finished, closing the sockets sends the FIN without a system call of its own.
+    if activity.one_done.swap(true, Ordering::AcqRel) {
+        writer.flush().await?;
+    } else {
+        writer.shutdown().await?;
+    }
     Ok(total)
-}
-
-/// Reads what is already available without waiting for more.
-async fn read_now<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut [u8]) -> io::Result<usize> {
-    use std::future::Future;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-    struct Now<'a, R>(&'a mut R, &'a mut [u8]);
-    impl<R: AsyncRead + Unpin> Future for Now<'_, R> {
-        type Output = io::Result<usize>;
-        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-            let this = self.get_mut();
-            let mut rb = tokio::io::ReadBuf::new(this.1);
-            match Pin::new(&mut *this.0).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Ready(Ok(0)),
-            }
-        }
-    }
-    Now(reader, buf).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
     async fn pair() -> (TcpStream, TcpStream) {
@@ -158,11 +155,10 @@ mod tests {
         (a.expect("connect"), b.expect("accept").0)
     }
 
-    fn counters() -> ByteCounters {
-        ByteCounters {
-            sent: Counter::noop(),
-            received: Counter::noop(),
-        }
+    fn counters() -> ByteCounters<'static> {
+        static NOOP: std::sync::OnceLock<Counter> = std::sync::OnceLock::new();
+        let c = NOOP.get_or_init(Counter::noop);
+        ByteCounters { sent: c, received: c }
     }
 
     #[tokio::test]
@@ -174,7 +170,7 @@ mod tests {
                 &mut proxy_in,
                 &mut proxy_out,
                 Duration::from_secs(5),
-                &counters(),
+                counters(),
             )
             .await
         });
@@ -215,7 +211,7 @@ mod tests {
                 &mut proxy_in,
                 &mut proxy_out,
                 Duration::from_secs(30),
-                &counters(),
+                counters(),
             )
             .await
         });
