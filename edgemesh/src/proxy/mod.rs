@@ -26,7 +26,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, debug_span, info, warn, Instrument};
 
 use crate::balance::HealthRegistry;
 use crate::iptables::Rules;
@@ -98,10 +98,13 @@ impl Proxy {
     }
 
     async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
-        let Ok(local) = client.local_addr() else {
-            return;
+        let dst = match socket::original_destination(&client) {
+            Some(dst) => dst,
+            None => match client.local_addr() {
+                Ok(local) => local,
+                Err(_) => return,
+            },
         };
-        let dst = socket::original_destination(&client, local);
         let table = self.tables.borrow().clone();
         let Some(route) = table.lookup(dst).cloned() else {
             // Never guess: a destination that is no Service is refused, not sent elsewhere.
@@ -117,7 +120,10 @@ impl Proxy {
             reset(client);
             return;
         };
-        let span = info_span!("conn", %peer, service = %route.service);
+        // A debug span: at the default level it costs nothing per connection, and with
+        // `RUST_LOG=edgemesh::proxy=debug` every line of a connection carries its peer and
+        // Service. Warnings inside it still name the Service themselves.
+        let span = debug_span!("conn", %peer, service = %route.service);
         async move {
             let _ = client.set_nodelay(true);
             self.active.increment(1.0);

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::Counter;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -46,21 +47,21 @@ pub async fn forward(
     // Set by the direction that finishes first; the second one then leaves the FIN to close().
     let one_done = AtomicBool::new(false);
     let result = {
-        let (client_read, mut client_write) = client.split();
-        let (upstream_read, mut upstream_write) = upstream.split();
+        let (mut client_read, mut client_write) = client.split();
+        let (mut upstream_read, mut upstream_write) = upstream.split();
         let activity = Activity {
             last: &last_activity,
             start,
             one_done: &one_done,
         };
         let up = copy_half(
-            client_read.as_ref(),
+            &mut client_read,
             &mut upstream_write,
             &activity,
             counters.sent,
         );
         let down = copy_half(
-            upstream_read.as_ref(),
+            &mut upstream_read,
             &mut client_write,
             &activity,
             counters.received,
@@ -96,10 +97,11 @@ struct Activity<'a> {
     one_done: &'a AtomicBool,
 }
 
-/// One direction. Reads with `try_read_buf` after waiting for readiness, so no read is spent
-/// on probing and the buffer is neither zeroed nor allocated before data arrives.
+/// One direction. The buffer is allocated only once data is there (idle connections cost
+/// none) and read into uninitialised; `read_buf` also lets tokio skip the read that would only
+/// report "empty" after a short one.
 async fn copy_half<W>(
-    reader: &TcpStream,
+    reader: &mut ReadHalf<'_>,
     writer: &mut W,
     activity: &Activity<'_>,
     counter: &Counter,
@@ -110,16 +112,14 @@ where
     let mut buf: Vec<u8> = Vec::new();
     let mut total = 0u64;
     loop {
-        reader.readable().await?;
         if buf.capacity() == 0 {
+            reader.as_ref().readable().await?;
             buf.reserve_exact(SMALL_BUFFER);
         }
-        let n = match reader.try_read_buf(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
+        let n = reader.read_buf(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
         writer.write_all(&buf).await?;
         if n == buf.capacity() && n < LARGE_BUFFER {
             buf = Vec::with_capacity(LARGE_BUFFER);
@@ -145,7 +145,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
     async fn pair() -> (TcpStream, TcpStream) {
