@@ -105,10 +105,20 @@ impl MeshView {
     fn set(&mut self, key: &ObjectKey, object: Option<Object>) {
         let nk = (key.namespace.clone(), key.name.clone());
         match (key.kind, object) {
-            (Kind::Service, Some(Object::Service(s))) => {
+            (Kind::Service, Some(Object::Service(mut s))) => {
+                // The view lives as long as the agent: give back what deserialising left
+                // spare (a Vec grows to 4 slots for one port, ~360 bytes per Service).
+                s.spec.ports.shrink_to_fit();
+                s.spec.topology_keys.shrink_to_fit();
                 self.services.insert(nk, Arc::new(s));
             }
-            (Kind::Endpoints, Some(Object::Endpoints(e))) => {
+            (Kind::Endpoints, Some(Object::Endpoints(mut e))) => {
+                e.subsets.shrink_to_fit();
+                for subset in &mut e.subsets {
+                    subset.addresses.shrink_to_fit();
+                    subset.not_ready_addresses.shrink_to_fit();
+                    subset.ports.shrink_to_fit();
+                }
                 self.endpoints.insert(nk, Arc::new(e));
             }
             (Kind::Node, Some(Object::Node(n))) => {
@@ -189,6 +199,9 @@ impl MetaManager {
             .map_err(sql)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sql)?;
+        // The store is read in full once at startup and otherwise only written; SQLite's
+        // default 2 MiB page cache would be resident memory that buys nothing on an edge box.
+        conn.pragma_update(None, "cache_size", -256).map_err(sql)?;
         // The schema version lets a later edgemesh migrate this file, and an older one refuse
         // a file it would misread (rather than lose the node's offline copy).
         let found: i64 = conn

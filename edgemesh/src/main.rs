@@ -50,8 +50,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove every iptables rule and chain edgemesh installed (the agent does this itself on
-    /// a clean shutdown; run it after a crash or from ExecStopPost).
+    /// Remove every iptables rule and chain edgemesh installed, and the DNS address it added
+    /// to `lo` (the agent does this itself on a clean shutdown; run it after a crash or from
+    /// ExecStopPost).
     Cleanup,
 }
 
@@ -100,7 +101,15 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
             edgemesh::agent::run(cfg).await
         }
         Some(Command::Status { json }) => edgemesh::status::run(&cfg, json).await,
-        Some(Command::Cleanup) => edgemesh::iptables::cleanup_all().await,
+        Some(Command::Cleanup) => {
+            edgemesh::iptables::cleanup_all().await?;
+            match edgemesh::dns::cleanup(&cfg.dns) {
+                Ok(true) => println!("edgemesh DNS address {} removed", cfg.dns.listen.ip()),
+                Ok(false) => {}
+                Err(e) => anyhow::bail!("cannot remove the DNS address: {e}"),
+            }
+            Ok(())
+        }
     }
 }
 

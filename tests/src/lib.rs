@@ -32,4 +32,5 @@ pub mod harness;
 
 pub use harness::*;
 
+pub mod dns;
 pub mod mesh;

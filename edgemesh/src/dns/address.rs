@@ -19,10 +19,12 @@ pub struct AddressError {
     reason: String,
 }
 
-/// An address the agent put on `lo`; [`ManagedAddress::remove`] takes it away again.
+/// An address the agent put on `lo`; [`ManagedAddress::remove`] takes it away again, and so
+/// does dropping it (when the agent stops on an error before the DNS task could finish).
 #[derive(Debug)]
 pub struct ManagedAddress {
     ip: IpAddr,
+    armed: bool,
 }
 
 fn prefix(ip: IpAddr) -> String {
@@ -67,7 +69,7 @@ pub fn ensure(ip: IpAddr) -> Result<Option<ManagedAddress>, AddressError> {
         return Ok(None);
     }
     if labelled(ip) {
-        return Ok(Some(ManagedAddress { ip }));
+        return Ok(Some(ManagedAddress { ip, armed: true }));
     }
     if is_local(ip) {
         return Ok(None);
@@ -81,7 +83,7 @@ pub fn ensure(ip: IpAddr) -> Result<Option<ManagedAddress>, AddressError> {
         args.push("nodad");
     }
     ip_cmd(&args).map_err(|reason| AddressError { ip, reason })?;
-    Ok(Some(ManagedAddress { ip }))
+    Ok(Some(ManagedAddress { ip, armed: true }))
 }
 
 impl ManagedAddress {
@@ -90,8 +92,17 @@ impl ManagedAddress {
     }
 
     /// Takes the address off `lo`.
-    pub fn remove(self) -> Result<(), String> {
+    pub fn remove(mut self) -> Result<(), String> {
+        self.armed = false;
         ip_cmd(&["addr", "del", &prefix(self.ip), "dev", "lo"]).map(|_| ())
+    }
+}
+
+impl Drop for ManagedAddress {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = ip_cmd(&["addr", "del", &prefix(self.ip), "dev", "lo"]);
+        }
     }
 }
 
@@ -100,5 +111,5 @@ pub fn cleanup(ip: IpAddr) -> Result<bool, String> {
     if !labelled(ip) {
         return Ok(false);
     }
-    ManagedAddress { ip }.remove().map(|_| true)
+    ManagedAddress { ip, armed: true }.remove().map(|_| true)
 }

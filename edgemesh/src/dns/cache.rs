@@ -200,15 +200,7 @@ mod tests {
         let soa = Record::from_rdata(
             Name::from_str("example.").unwrap(),
             300,
-            RData::SOA(SOA::new(
-                Name::root(),
-                Name::root(),
-                1,
-                1,
-                1,
-                1,
-                60,
-            )),
+            RData::SOA(SOA::new(Name::root(), Name::root(), 1, 1, 1, 1, 60)),
         );
         let negative = Answer {
             rcode: ResponseCode::NXDomain,

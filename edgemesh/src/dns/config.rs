@@ -82,7 +82,9 @@ impl DnsConfig {
                 if points_at_listen(addr, self.listen) {
                     return Err(ConfigError::key(
                         "dns.upstreams",
-                        format!("{s:?} is this server itself (dns.listen); it would forward to itself"),
+                        format!(
+                            "{s:?} is this server itself (dns.listen); it would forward to itself"
+                        ),
                     ));
                 }
             }
@@ -115,12 +117,7 @@ impl DnsConfig {
         }
         let text = match std::fs::read_to_string(resolv_conf) {
             Ok(t) => t,
-            Err(e) => {
-                return (
-                    Vec::new(),
-                    vec![format!("{}: {e}", resolv_conf.display())],
-                )
-            }
+            Err(e) => return (Vec::new(), vec![format!("{}: {e}", resolv_conf.display())]),
         };
         let mut addrs = Vec::new();
         let mut skipped = Vec::new();

@@ -33,7 +33,10 @@ pub enum ForwardError {
     #[error("no upstream answered within {0:?}")]
     Timeout(Duration),
     #[error("upstream {upstream}: {reason}")]
-    Upstream { upstream: SocketAddr, reason: String },
+    Upstream {
+        upstream: SocketAddr,
+        reason: String,
+    },
 }
 
 /// Where a forwarded answer came from.
@@ -139,7 +142,9 @@ async fn exchange(
     edns.set_max_payload(UDP_PAYLOAD);
     msg.set_edns(edns);
     let id = msg.metadata.id;
-    let bytes = msg.to_vec().map_err(|e| format!("cannot encode the query: {e}"))?;
+    let bytes = msg
+        .to_vec()
+        .map_err(|e| format!("cannot encode the query: {e}"))?;
     let reply = match timeout_at(deadline, udp(upstream, &bytes, id, query)).await {
         Ok(r) => r?,
         Err(_) => return Err("timed out".into()),
@@ -153,6 +158,20 @@ async fn exchange(
     }
 }
 
+/// Parses a reply, refusing one whose header claims more records than its bytes could hold
+/// (the parser would reserve room for all of them first).
+fn parse(bytes: &[u8]) -> Option<Message> {
+    if bytes.len() < 12 {
+        return None;
+    }
+    let count = |i: usize| usize::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
+    // A question takes at least 5 bytes, a record at least 11.
+    if count(4) * 5 + (count(6) + count(8) + count(10)) * 11 > bytes.len() - 12 {
+        return None;
+    }
+    Message::from_vec(bytes).ok()
+}
+
 fn matches(reply: &Message, id: u16, query: &Query) -> bool {
     reply.metadata.id == id
         && reply.metadata.message_type == MessageType::Response
@@ -162,7 +181,12 @@ fn matches(reply: &Message, id: u16, query: &Query) -> bool {
         && LowerName::new(reply.queries[0].name()) == LowerName::new(query.name())
 }
 
-async fn udp(upstream: SocketAddr, bytes: &[u8], id: u16, query: &Query) -> Result<Message, String> {
+async fn udp(
+    upstream: SocketAddr,
+    bytes: &[u8],
+    id: u16,
+    query: &Query,
+) -> Result<Message, String> {
     let local: SocketAddr = if upstream.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
@@ -177,7 +201,7 @@ async fn udp(upstream: SocketAddr, bytes: &[u8], id: u16, query: &Query) -> Resu
         let n = socket.recv(&mut buf).await.map_err(|e| e.to_string())?;
         // Anything that is not the reply (late answers to an earlier query, garbage) is
         // ignored; the deadline bounds the wait.
-        if let Ok(reply) = Message::from_vec(&buf[..n]) {
+        if let Some(reply) = parse(&buf[..n]) {
             if matches(&reply, id, query) {
                 return Ok(reply);
             }
@@ -185,7 +209,12 @@ async fn udp(upstream: SocketAddr, bytes: &[u8], id: u16, query: &Query) -> Resu
     }
 }
 
-async fn tcp(upstream: SocketAddr, bytes: &[u8], id: u16, query: &Query) -> Result<Message, String> {
+async fn tcp(
+    upstream: SocketAddr,
+    bytes: &[u8],
+    id: u16,
+    query: &Query,
+) -> Result<Message, String> {
     let mut stream = TcpStream::connect(upstream)
         .await
         .map_err(|e| e.to_string())?;
@@ -197,8 +226,11 @@ async fn tcp(upstream: SocketAddr, bytes: &[u8], id: u16, query: &Query) -> Resu
     loop {
         let len = stream.read_u16().await.map_err(|e| e.to_string())?;
         let mut buf = vec![0u8; usize::from(len)];
-        stream.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-        let reply = Message::from_vec(&buf).map_err(|e| format!("bad reply: {e}"))?;
+        stream
+            .read_exact(&mut buf)
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply = parse(&buf).ok_or_else(|| "unreadable reply".to_string())?;
         if matches(&reply, id, query) {
             return Ok(reply);
         }
@@ -214,7 +246,9 @@ mod tests {
 
     /// A tiny upstream on loopback: answers every A query with 192.0.2.1 (TTL 60), truncating
     /// over UDP when `truncate` is set, and counts the queries it got.
-    async fn upstream(truncate: bool) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    async fn upstream(
+        truncate: bool,
+    ) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = udp.local_addr().unwrap();
@@ -248,7 +282,9 @@ mod tests {
                 let mut buf = vec![0u8; len as usize];
                 s.read_exact(&mut buf).await.unwrap();
                 let out = reply(&buf, false);
-                s.write_all(&(out.len() as u16).to_be_bytes()).await.unwrap();
+                s.write_all(&(out.len() as u16).to_be_bytes())
+                    .await
+                    .unwrap();
                 s.write_all(&out).await.unwrap();
             }
         });
@@ -311,7 +347,8 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(2));
         let none = Forwarder::new(vec![], Duration::from_secs(1), 10);
         assert!(matches!(
-            none.resolve(&name("y.example."), RecordType::A, DNSClass::IN).await,
+            none.resolve(&name("y.example."), RecordType::A, DNSClass::IN)
+                .await,
             Err(ForwardError::NoUpstreams)
         ));
     }

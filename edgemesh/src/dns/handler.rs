@@ -163,11 +163,7 @@ impl RequestHandler for DnsHandler {
                 })
             }
         };
-        let qtype = request
-            .queries
-            .queries()
-            .first()
-            .map(|q| q.query_type());
+        let qtype = request.queries.queries().first().map(|q| q.query_type());
         record(qtype, info.response_code, reply.source, started);
         info
     }
@@ -250,11 +246,13 @@ fn record(qtype: Option<RecordType>, code: ResponseCode, origin: Origin, started
         Origin::Local => (3, "local"),
     };
     DURATIONS[i]
-        .get_or_init(|| metrics::histogram!("edgemesh_dns_query_duration_seconds", "source" => source))
+        .get_or_init(
+            || metrics::histogram!("edgemesh_dns_query_duration_seconds", "source" => source),
+        )
         .record(started.elapsed().as_secs_f64());
 }
 
-/// Counts a message that could not even be parsed as a query.
-pub fn record_malformed(started: Instant) {
-    record(None, ResponseCode::FormErr, Origin::Local, started);
+/// Counts a message turned away before it reached the handler (FORMERR, NOTIMP).
+pub fn record_rejected(code: ResponseCode, started: Instant) {
+    record(None, code, Origin::Local, started);
 }

@@ -60,12 +60,80 @@ impl Proto {
     }
 }
 
+/// A port name, lower case: Kubernetes allows at most 15 characters (IANA service names), so
+/// it is kept inline. Empty for unnamed ports, which have no SRV record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PortName {
+    len: u8,
+    bytes: [u8; 15],
+}
+
+impl PortName {
+    /// `None` for names that cannot be a port name (too long): such ports get no SRV record.
+    fn new(name: &str) -> Option<PortName> {
+        let mut bytes = [0u8; 15];
+        bytes
+            .get_mut(..name.len())?
+            .copy_from_slice(name.as_bytes());
+        bytes.make_ascii_lowercase();
+        Some(PortName {
+            len: u8::try_from(name.len()).ok()?,
+            bytes,
+        })
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 #[derive(Debug, PartialEq)]
 struct Port {
-    /// Lower-case port name; unnamed ports have no SRV record.
-    name: Box<str>,
+    name: PortName,
     proto: Proto,
     port: u16,
+}
+
+impl Port {
+    fn parse(name: &str, protocol: &str, port: i64) -> Option<Port> {
+        Some(Port {
+            name: PortName::new(name).unwrap_or(PortName {
+                len: 0,
+                bytes: [0; 15],
+            }),
+            proto: Proto::parse(protocol)?,
+            port: u16::try_from(port).ok()?,
+        })
+    }
+}
+
+/// Addresses, inline when there is one (a service's cluster IP, the common case).
+#[derive(Debug)]
+enum Addrs {
+    One(IpAddr),
+    Many(Box<[IpAddr]>),
+}
+
+impl Addrs {
+    fn new(mut list: Vec<IpAddr>) -> Addrs {
+        if list.len() == 1 {
+            Addrs::One(list[0])
+        } else {
+            list.shrink_to_fit();
+            Addrs::Many(list.into())
+        }
+    }
+
+    fn as_slice(&self) -> &[IpAddr] {
+        match self {
+            Addrs::One(ip) => std::slice::from_ref(ip),
+            Addrs::Many(list) => list,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -84,14 +152,13 @@ struct Entry {
     service: Arc<Service>,
     endpoints_of: Option<Arc<Endpoints>>,
     headless: bool,
-    /// Cluster IPs (none when headless).
-    cluster_ips: Box<[IpAddr]>,
+    /// What `<svc>.<ns>.svc.<domain>` resolves to: the cluster IPs, or for a headless service
+    /// the distinct endpoint addresses.
+    addresses: Addrs,
     ports: Box<[Port]>,
     /// Headless: every ready endpoint (and the not-ready ones with `publishNotReadyAddresses`);
     /// otherwise only those with a hostname.
     endpoints: Box<[Endpoint]>,
-    /// Headless: the distinct endpoint addresses, in order.
-    addresses: Box<[IpAddr]>,
 }
 
 impl Entry {
@@ -112,13 +179,7 @@ impl Entry {
             .spec
             .ports
             .iter()
-            .filter_map(|p| {
-                Some(Port {
-                    name: p.name.to_ascii_lowercase().into(),
-                    proto: Proto::parse(&p.protocol)?,
-                    port: u16::try_from(p.port).ok()?,
-                })
-            })
+            .filter_map(|p| Port::parse(&p.name, &p.protocol, p.port))
             .collect();
         let publish_not_ready = service.spec.publish_not_ready_addresses == Some(true);
         let mut endpoints = Vec::new();
@@ -126,13 +187,7 @@ impl Entry {
             let subset_ports: Arc<[Port]> = subset
                 .ports
                 .iter()
-                .filter_map(|p| {
-                    Some(Port {
-                        name: p.name.to_ascii_lowercase().into(),
-                        proto: Proto::parse(&p.protocol)?,
-                        port: u16::try_from(p.port).ok()?,
-                    })
-                })
+                .filter_map(|p| Port::parse(&p.name, &p.protocol, p.port))
                 .collect();
             let not_ready = subset
                 .not_ready_addresses
@@ -156,19 +211,24 @@ impl Entry {
                 }
             }
         }
-        let mut addresses = Vec::new();
-        if headless {
+        let addresses = if headless {
             let mut seen = HashSet::with_capacity(endpoints.len());
-            addresses.extend(endpoints.iter().map(|e| e.ip).filter(|ip| seen.insert(*ip)));
-        }
+            endpoints
+                .iter()
+                .map(|e| e.ip)
+                .filter(|ip| seen.insert(*ip))
+                .collect()
+        } else {
+            cluster_ips
+        };
+        endpoints.shrink_to_fit();
         Entry {
             service: service.clone(),
             endpoints_of: endpoints_of.cloned(),
             headless,
-            cluster_ips: cluster_ips.into(),
+            addresses: Addrs::new(addresses),
             ports: ports.into(),
             endpoints: endpoints.into(),
-            addresses: addresses.into(),
         }
     }
 
@@ -183,10 +243,15 @@ impl Entry {
 
     /// The addresses `<svc>.<ns>.svc.<domain>` resolves to.
     fn service_addresses(&self) -> &[IpAddr] {
+        self.addresses.as_slice()
+    }
+
+    /// The cluster IPs (none when headless).
+    fn cluster_ips(&self) -> &[IpAddr] {
         if self.headless {
-            &self.addresses
+            &[]
         } else {
-            &self.cluster_ips
+            self.addresses.as_slice()
         }
     }
 }
@@ -213,59 +278,75 @@ fn undashed(label: &str) -> Option<IpAddr> {
     if let Ok(v4) = label.replace('-', ".").parse::<Ipv4Addr>() {
         return Some(IpAddr::V4(v4));
     }
-    label.replace('-', ":").parse::<Ipv6Addr>().ok().map(IpAddr::V6)
+    label
+        .replace('-', ":")
+        .parse::<Ipv6Addr>()
+        .ok()
+        .map(IpAddr::V6)
 }
 
 #[derive(Default)]
 struct Zone {
     version: u64,
-    services: usize,
-    namespaces: HashMap<Arc<str>, HashMap<Arc<str>, Entry>>,
-    /// Cluster IP → (namespace, name).
-    reverse: HashMap<IpAddr, (Arc<str>, Arc<str>)>,
+    /// By `<name>.<namespace>`, which is how a query spells it.
+    services: HashMap<Arc<str>, Entry>,
+    /// Services per namespace (a namespace name exists while it has one).
+    namespaces: HashMap<Box<str>, u32>,
+    /// Cluster IP → the service's key.
+    reverse: HashMap<IpAddr, Arc<str>>,
+}
+
+/// `<name>.<namespace>`.
+fn service_key(namespace: &str, name: &str) -> String {
+    let mut key = String::with_capacity(name.len() + 1 + namespace.len());
+    key.push_str(name);
+    key.push('.');
+    key.push_str(namespace);
+    key
+}
+
+/// (namespace, name) of a key.
+fn split_key(key: &str) -> (&str, &str) {
+    let (name, namespace) = key.split_once('.').unwrap_or((key, ""));
+    (namespace, name)
 }
 
 impl Zone {
-    fn get(&self, namespace: &str, name: &str) -> Option<&Entry> {
-        self.namespaces.get(namespace)?.get(name)
+    fn get(&self, key: &str) -> Option<&Entry> {
+        self.services.get(key)
     }
 
-    fn remove(&mut self, namespace: &str, name: &str) {
-        let Some(services) = self.namespaces.get_mut(namespace) else {
+    fn remove(&mut self, key: &str) {
+        let Some((key, old)) = self.services.remove_entry(key) else {
             return;
         };
-        let Some(old) = services.remove(name) else {
-            return;
-        };
-        if services.is_empty() {
-            self.namespaces.remove(namespace);
+        let (namespace, _) = split_key(&key);
+        if let Some(count) = self.namespaces.get_mut(namespace) {
+            *count -= 1;
+            if *count == 0 {
+                self.namespaces.remove(namespace);
+            }
         }
-        self.services -= 1;
-        for ip in old.cluster_ips.iter() {
-            if let Some((ns, n)) = self.reverse.get(ip) {
-                if &**ns == namespace && &**n == name {
-                    self.reverse.remove(ip);
-                }
+        for ip in old.cluster_ips() {
+            if self.reverse.get(ip).is_some_and(|k| *k == key) {
+                self.reverse.remove(ip);
             }
         }
     }
 
     fn insert(&mut self, namespace: &str, name: &str, entry: Entry) {
-        self.remove(namespace, name);
-        let ns_key = match self.namespaces.get_key_value(namespace) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(namespace),
-        };
-        let name_key: Arc<str> = Arc::from(name);
-        for ip in entry.cluster_ips.iter() {
-            self.reverse
-                .insert(*ip, (ns_key.clone(), name_key.clone()));
+        let key: Arc<str> = service_key(namespace, name).into();
+        self.remove(&key);
+        for ip in entry.cluster_ips() {
+            self.reverse.insert(*ip, key.clone());
         }
-        self.namespaces
-            .entry(ns_key)
-            .or_default()
-            .insert(name_key, entry);
-        self.services += 1;
+        match self.namespaces.get_mut(namespace) {
+            Some(count) => *count += 1,
+            None => {
+                self.namespaces.insert(namespace.into(), 1);
+            }
+        }
+        self.services.insert(key, entry);
     }
 }
 
@@ -312,7 +393,7 @@ impl ClusterIndex {
 
     /// Number of services indexed.
     pub fn len(&self) -> usize {
-        self.read().services
+        self.read().services.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -321,50 +402,69 @@ impl ClusterIndex {
 
     /// Brings the index to `view`, rebuilding only the entries whose objects changed.
     pub fn update(&self, view: &MeshView) -> Updated {
-        let mut upserts = Vec::new();
+        let mut stale = Vec::new();
         let mut removals = Vec::new();
+        let mut added = 0usize;
         let version_changed;
         {
             let zone = self.read();
             version_changed = zone.version != view.version;
             let mut endpoints = view.endpoints.iter().peekable();
-            let mut added = 0usize;
-            for (key, service) in &view.services {
+            let mut key = String::new();
+            for (k, service) in &view.services {
                 // Both maps are ordered by (namespace, name): walk them together.
-                while endpoints.next_if(|(k, _)| *k < key).is_some() {}
-                let eps = endpoints.peek().filter(|(k, _)| *k == key).map(|(_, e)| *e);
-                let current = zone.get(&key.0, &key.1);
+                while endpoints.next_if(|(e, _)| *e < k).is_some() {}
+                let eps = endpoints.peek().filter(|(e, _)| *e == k).map(|(_, e)| *e);
+                key.clear();
+                key.push_str(&k.1);
+                key.push('.');
+                key.push_str(&k.0);
+                let current = zone.get(&key);
                 if current.is_some_and(|c| c.built_from(service, eps)) {
                     continue;
                 }
                 added += usize::from(current.is_none());
-                upserts.push((key, Entry::build(service, eps)));
+                stale.push((k, service, eps));
             }
-            if zone.services + added > view.services.len() {
-                for (ns, services) in &zone.namespaces {
-                    for name in services.keys() {
-                        if view.service(ns, name).is_none() {
-                            removals.push((ns.clone(), name.clone()));
-                        }
+            if zone.services.len() + added > view.services.len() {
+                for key in zone.services.keys() {
+                    let (ns, name) = split_key(key);
+                    if view.service(ns, name).is_none() {
+                        removals.push(key.clone());
                     }
                 }
             }
         }
         let updated = Updated {
-            changed: upserts.len(),
+            changed: stale.len(),
             removed: removals.len(),
         };
-        if upserts.is_empty() && removals.is_empty() && !version_changed {
+        if stale.is_empty() && removals.is_empty() && !version_changed {
             return updated;
         }
-        let mut zone = self.zone.write().unwrap_or_else(|p| p.into_inner());
-        for (ns, name) in removals {
-            zone.remove(&ns, &name);
+        let write = || self.zone.write().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut zone = write();
+            for key in removals {
+                zone.remove(&key);
+            }
+            // Grown once, not by doubling while inserting.
+            zone.services.reserve(added);
+            zone.reverse.reserve(added);
         }
-        for ((ns, name), entry) in upserts {
-            zone.insert(ns, name, entry);
+        // Entries are built outside the lock, a slice at a time, so queries keep being
+        // answered during a large snapshot and little is held besides the index itself.
+        for chunk in stale.chunks(256) {
+            let entries: Vec<Entry> = chunk
+                .iter()
+                .map(|(_, service, eps)| Entry::build(service, *eps))
+                .collect();
+            let mut zone = write();
+            for ((k, _, _), entry) in chunk.iter().zip(entries) {
+                zone.insert(&k.0, &k.1, entry);
+            }
         }
-        zone.version = view.version;
+        write().version = view.version;
         updated
     }
 
@@ -376,15 +476,7 @@ impl ClusterIndex {
         let rname = Name::from_ascii("hostmaster")
             .and_then(|n| n.append_domain(&self.domain))
             .unwrap_or_else(|_| self.domain.clone());
-        let soa = SOA::new(
-            mname,
-            rname,
-            serial as u32,
-            7200,
-            1800,
-            86400,
-            self.ttl,
-        );
+        let soa = SOA::new(mname, rname, serial as u32, 7200, 1800, 86400, self.ttl);
         Record::from_rdata(owner, self.ttl, RData::SOA(soa))
     }
 
@@ -461,7 +553,15 @@ impl ClusterIndex {
                 }
                 if qtype == RecordType::SRV {
                     for port in entry.ports.iter().filter(|p| !p.name.is_empty()) {
-                        self.srv(entry, ns, service, &owner, port, &mut answers, &mut additionals);
+                        self.srv(
+                            entry,
+                            ns,
+                            service,
+                            &owner,
+                            port,
+                            &mut answers,
+                            &mut additionals,
+                        );
                     }
                 }
                 if answers.is_empty() {
@@ -519,11 +619,11 @@ impl ClusterIndex {
                 let Some(port_name) = port.strip_prefix(b"_") else {
                     return nxdomain();
                 };
-                let Some(port) = entry
-                    .ports
-                    .iter()
-                    .find(|p| !p.name.is_empty() && p.name.as_bytes() == port_name && p.proto.label() == *proto)
-                else {
+                let Some(port) = entry.ports.iter().find(|p| {
+                    !p.name.is_empty()
+                        && p.name.as_bytes() == port_name
+                        && p.proto.label() == *proto
+                }) else {
                     return nxdomain();
                 };
                 if !matches!(qtype, RecordType::SRV | RecordType::ANY) {
@@ -531,7 +631,15 @@ impl ClusterIndex {
                 }
                 let mut answers = Vec::new();
                 let mut additionals = Vec::new();
-                self.srv(entry, ns, service, &owner, port, &mut answers, &mut additionals);
+                self.srv(
+                    entry,
+                    ns,
+                    service,
+                    &owner,
+                    port,
+                    &mut answers,
+                    &mut additionals,
+                );
                 if answers.is_empty() {
                     return nodata();
                 }
@@ -561,12 +669,12 @@ impl ClusterIndex {
             return;
         };
         if !entry.headless {
-            if entry.cluster_ips.is_empty() {
+            if entry.cluster_ips().is_empty() {
                 return;
             }
             let srv = SRV::new(0, 100, port.port, service_name.clone());
             answers.push(self.record(owner, RData::SRV(srv)));
-            for ip in entry.cluster_ips.iter() {
+            for ip in entry.cluster_ips() {
                 additionals.push(self.address_record(&service_name, *ip));
             }
             return;
@@ -587,8 +695,8 @@ impl ClusterIndex {
                 Some(h) => h.to_string(),
                 None => dashed(e.ip),
             };
-            let Ok(target) = Name::from_labels([label.as_bytes()])
-                .and_then(|n| n.append_domain(&service_name))
+            let Ok(target) =
+                Name::from_labels([label.as_bytes()]).and_then(|n| n.append_domain(&service_name))
             else {
                 continue;
             };
@@ -615,9 +723,10 @@ impl ClusterIndex {
             // A name between the zone and the addresses: it exists only to hold them.
             return Some(Lookup::NoData(soa));
         }
-        let Some((ns, svc)) = zone.reverse.get(&net.addr()) else {
+        let Some(key) = zone.reverse.get(&net.addr()) else {
             return Some(Lookup::NxDomain(soa));
         };
+        let (ns, svc) = split_key(key);
         if !matches!(qtype, RecordType::PTR | RecordType::ANY) {
             return Some(Lookup::NoData(soa));
         }
@@ -631,12 +740,22 @@ impl ClusterIndex {
     }
 }
 
+/// The entry of `<service>.<ns>`, with its namespace and name.
 fn find<'z>(zone: &'z Zone, ns: &[u8], service: &[u8]) -> Option<(&'z Entry, &'z str, &'z str)> {
-    let ns = std::str::from_utf8(ns).ok()?;
-    let service = std::str::from_utf8(service).ok()?;
-    let (ns_key, services) = zone.namespaces.get_key_value(ns)?;
-    let (name_key, entry) = services.get_key_value(service)?;
-    Some((entry, ns_key, name_key))
+    if ns.contains(&b'.') || service.contains(&b'.') {
+        return None;
+    }
+    // Labels are at most 63 bytes: the key fits on the stack.
+    let mut buf = [0u8; 128];
+    let len = service.len() + 1 + ns.len();
+    let key = buf.get_mut(..len)?;
+    key[..service.len()].copy_from_slice(service);
+    key[service.len()] = b'.';
+    key[service.len() + 1..].copy_from_slice(ns);
+    let key = std::str::from_utf8(key).ok()?;
+    let (key, entry) = zone.services.get_key_value(key)?;
+    let (ns, name) = split_key(key);
+    Some((entry, ns, name))
 }
 
 fn wants(qtype: RecordType, ip: IpAddr) -> bool {
@@ -701,7 +820,12 @@ mod tests {
         };
         v.services.insert(
             key("default", "hello"),
-            service("default", "hello", "10.96.0.10", &[("http", "TCP", 80), ("dns", "UDP", 53)]),
+            service(
+                "default",
+                "hello",
+                "10.96.0.10",
+                &[("http", "TCP", 80), ("dns", "UDP", 53)],
+            ),
         );
         v.services.insert(
             key("default", "db"),
@@ -712,14 +836,16 @@ mod tests {
             endpoints(
                 "default",
                 "db",
-                &[("10.1.0.5", Some("db-0")), ("10.1.0.6", Some("db-1")), ("10.1.0.7", None)],
+                &[
+                    ("10.1.0.5", Some("db-0")),
+                    ("10.1.0.6", Some("db-1")),
+                    ("10.1.0.7", None),
+                ],
                 &[("pg", "TCP", 15432)],
             ),
         );
-        v.services.insert(
-            key("other", "v6"),
-            service("other", "v6", "fd00::a", &[]),
-        );
+        v.services
+            .insert(key("other", "v6"), service("other", "v6", "fd00::a", &[]));
         v
     }
 
@@ -754,23 +880,40 @@ mod tests {
     fn answers_every_record_kind() {
         let i = index();
         let a = RecordType::A;
-        assert_eq!(answers(q(&i, "hello.default.svc.cluster.local.", a)), ["10.96.0.10"]);
+        assert_eq!(
+            answers(q(&i, "hello.default.svc.cluster.local.", a)),
+            ["10.96.0.10"]
+        );
         assert_eq!(
             answers(q(&i, "db.default.svc.cluster.local.", a)),
             ["10.1.0.5", "10.1.0.6", "10.1.0.7"]
         );
-        assert_eq!(answers(q(&i, "db-1.db.default.svc.cluster.local.", a)), ["10.1.0.6"]);
-        assert_eq!(answers(q(&i, "10-1-0-7.db.default.svc.cluster.local.", a)), ["10.1.0.7"]);
+        assert_eq!(
+            answers(q(&i, "db-1.db.default.svc.cluster.local.", a)),
+            ["10.1.0.6"]
+        );
+        assert_eq!(
+            answers(q(&i, "10-1-0-7.db.default.svc.cluster.local.", a)),
+            ["10.1.0.7"]
+        );
         assert_eq!(
             answers(q(&i, "v6.other.svc.cluster.local.", RecordType::AAAA)),
             ["fd00::a"]
         );
         assert_eq!(
-            answers(q(&i, "_http._tcp.hello.default.svc.cluster.local.", RecordType::SRV)),
+            answers(q(
+                &i,
+                "_http._tcp.hello.default.svc.cluster.local.",
+                RecordType::SRV
+            )),
             ["0 100 80 hello.default.svc.cluster.local."]
         );
         assert_eq!(
-            answers(q(&i, "_pg._tcp.db.default.svc.cluster.local.", RecordType::SRV)),
+            answers(q(
+                &i,
+                "_pg._tcp.db.default.svc.cluster.local.",
+                RecordType::SRV
+            )),
             [
                 "0 33 15432 db-0.db.default.svc.cluster.local.",
                 "0 33 15432 db-1.db.default.svc.cluster.local.",
@@ -795,18 +938,38 @@ mod tests {
         assert!(is_nx(q(&i, "nope.default.svc.cluster.local.", a)));
         assert!(is_nx(q(&i, "hello.nons.svc.cluster.local.", a)));
         assert!(is_nx(q(&i, "db-9.db.default.svc.cluster.local.", a)));
-        assert!(is_nx(q(&i, "_nope._tcp.hello.default.svc.cluster.local.", RecordType::SRV)));
-        assert!(is_nx(q(&i, "_http._udp.hello.default.svc.cluster.local.", RecordType::SRV)));
+        assert!(is_nx(q(
+            &i,
+            "_nope._tcp.hello.default.svc.cluster.local.",
+            RecordType::SRV
+        )));
+        assert!(is_nx(q(
+            &i,
+            "_http._udp.hello.default.svc.cluster.local.",
+            RecordType::SRV
+        )));
         assert!(is_nx(q(&i, "a.b.c.d.e.f.cluster.local.", a)));
         assert!(is_nx(q(&i, "x.pod.cluster.local.", a)));
         assert!(is_nx(q(&i, "11.0.96.10.in-addr.arpa.", RecordType::PTR)));
-        assert!(is_nodata(q(&i, "hello.default.svc.cluster.local.", RecordType::AAAA)));
-        assert!(is_nodata(q(&i, "hello.default.svc.cluster.local.", RecordType::TXT)));
+        assert!(is_nodata(q(
+            &i,
+            "hello.default.svc.cluster.local.",
+            RecordType::AAAA
+        )));
+        assert!(is_nodata(q(
+            &i,
+            "hello.default.svc.cluster.local.",
+            RecordType::TXT
+        )));
         assert!(is_nodata(q(&i, "_tcp.hello.default.svc.cluster.local.", a)));
         assert!(is_nodata(q(&i, "default.svc.cluster.local.", a)));
         assert!(is_nodata(q(&i, "svc.cluster.local.", a)));
         assert!(is_nodata(q(&i, "cluster.local.", a)));
-        assert!(is_nodata(q(&i, "_http._tcp.hello.default.svc.cluster.local.", a)));
+        assert!(is_nodata(q(
+            &i,
+            "_http._tcp.hello.default.svc.cluster.local.",
+            a
+        )));
         // Not the zone's: forwarded.
         assert!(q(&i, "example.com.", a).is_none());
         assert!(q(&i, "cluster.local.example.com.", a).is_none());
@@ -848,16 +1011,28 @@ mod tests {
             ["10.96.0.11"]
         );
         assert!(is_nx(q(&i, "10.0.96.10.in-addr.arpa.", RecordType::PTR)));
-        assert!(is_nx(q(&i, "v6.other.svc.cluster.local.", RecordType::AAAA)));
+        assert!(is_nx(q(
+            &i,
+            "v6.other.svc.cluster.local.",
+            RecordType::AAAA
+        )));
         assert!(is_nx(q(&i, "other.svc.cluster.local.", RecordType::A)));
         assert_eq!(
-            answers(q(&i, "_http._tcp.hello.default.svc.cluster.local.", RecordType::SRV)),
+            answers(q(
+                &i,
+                "_http._tcp.hello.default.svc.cluster.local.",
+                RecordType::SRV
+            )),
             ["0 100 8080 hello.default.svc.cluster.local."]
         );
         // Endpoints going away empty a headless service but keep its name.
         v.endpoints.clear();
         i.update(&v);
-        assert!(is_nodata(q(&i, "db.default.svc.cluster.local.", RecordType::A)));
+        assert!(is_nodata(q(
+            &i,
+            "db.default.svc.cluster.local.",
+            RecordType::A
+        )));
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! Over UDP an answer larger than the client's EDNS payload size (512 without EDNS, at most
 //! 1232) is replaced by an empty one with TC set, and the client asks again over TCP, where
 //! answers are complete. Input that is not a query never reaches the handler: shorter than a
-//! header or flagged as a response, it is dropped; otherwise unparsable, it gets FORMERR.
+//! header or flagged as a response, it is dropped; another opcode gets NOTIMP; anything but
+//! one question (and at most OPT and a signature), or unparsable, gets FORMERR.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -31,12 +33,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::forward::UDP_PAYLOAD;
-use super::handler::record_malformed;
+use super::handler::record_rejected;
 
 /// DNS header length.
 const HEADER: usize = 12;
-/// Largest UDP query read; anything longer is cut and then fails to parse.
-const UDP_BUFFER: usize = 4096;
+/// Largest query accepted: a UDP datagram longer than this is cut (and then fails to parse), a
+/// TCP connection announcing one is closed.
+const MAX_QUERY: usize = 4096;
 /// TCP connections served at once; more are closed at once.
 const MAX_TCP_CONNECTIONS: usize = 256;
 /// A TCP connection with no complete query for this long is closed.
@@ -152,8 +155,9 @@ impl ResponseHandler for Captured {
 /// What to do with a datagram or TCP message.
 enum Incoming {
     Query(Box<Request>),
-    /// Not parsable, but the header is: answer FORMERR with these bytes.
-    Malformed(Vec<u8>),
+    /// Not a query this server handles, but the header is readable: answer with these bytes
+    /// (a bare header with this code).
+    Reject(Vec<u8>, ResponseCode),
     /// Too short, or a response: say nothing.
     Ignore,
 }
@@ -162,19 +166,30 @@ fn classify(data: &[u8], src: SocketAddr, protocol: Protocol) -> Incoming {
     if data.len() < HEADER || data[2] & 0x80 != 0 {
         return Incoming::Ignore;
     }
+    let count = |i: usize| u16::from_be_bytes([data[i], data[i + 1]]);
+    let opcode = (data[2] >> 3) & 0x0f;
+    if opcode != 0 {
+        return Incoming::Reject(bare(data, ResponseCode::NotImp), ResponseCode::NotImp);
+    }
+    // A query asks one question and carries no records but OPT (and a signature). Checked
+    // before parsing, so a header that claims thousands of records costs nothing.
+    if count(4) != 1 || count(6) != 0 || count(8) != 0 || count(10) > 2 {
+        return Incoming::Reject(bare(data, ResponseCode::FormErr), ResponseCode::FormErr);
+    }
     match Request::from_bytes(data.to_vec(), src, protocol) {
         Ok(request) => Incoming::Query(Box::new(request)),
-        Err(_) => Incoming::Malformed(formerr(data)),
+        Err(_) => Incoming::Reject(bare(data, ResponseCode::FormErr), ResponseCode::FormErr),
     }
 }
 
-/// A bare FORMERR for the query whose header is `data[..12]`: same ID, opcode and RD.
-fn formerr(data: &[u8]) -> Vec<u8> {
+/// A bare response header with `code` for the query whose header is `data[..12]`: same ID,
+/// opcode and RD.
+fn bare(data: &[u8], code: ResponseCode) -> Vec<u8> {
     let mut out = vec![0u8; HEADER];
     out[0] = data[0];
     out[1] = data[1];
     out[2] = 0x80 | (data[2] & 0x79); // QR, opcode, RD
-    out[3] = 0x01; // FORMERR
+    out[3] = code.low();
     out
 }
 
@@ -227,7 +242,7 @@ async fn udp_worker<H: RequestHandler>(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let mut buf = vec![0u8; UDP_BUFFER];
+    let mut buf = vec![0u8; MAX_QUERY];
     loop {
         let received = tokio::select! {
             biased;
@@ -249,25 +264,50 @@ async fn udp_worker<H: RequestHandler>(
         let started = Instant::now();
         match classify(&buf[..n], src, Protocol::Udp) {
             Incoming::Ignore => {}
-            Incoming::Malformed(reply) => {
-                record_malformed(started);
-                let _ = socket.send_to(&reply, src).await;
+            Incoming::Reject(reply, code) => {
+                record_rejected(code, started);
+                send(&socket, reply, src, &tracker);
             }
             Incoming::Query(request) => {
-                let (socket, handler) = (socket.clone(), handler.clone());
-                let shutdown = shutdown.clone();
-                tracker.spawn(async move {
-                    let reply = shutdown
-                        .run_until_cancelled(answer(&*handler, &request))
-                        .await;
-                    if let Some(Some(bytes)) = reply {
-                        if let Err(e) = socket.send_to(&bytes, src).await {
-                            debug!(%src, error = %e, "cannot send a DNS answer");
-                        }
+                // Most queries (cluster names, cached names) are answered without waiting on
+                // anything: poll the answer once here and only hand it to a task of its own
+                // when it has to wait (for an upstream). Polling with a no-op waker is fine:
+                // whatever it registered with is registered again by the task's first poll.
+                let handler = handler.clone();
+                let mut reply = Box::pin(async move { answer(&*handler, &request).await });
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                match reply.as_mut().poll(&mut cx) {
+                    std::task::Poll::Ready(Some(bytes)) => send(&socket, bytes, src, &tracker),
+                    std::task::Poll::Ready(None) => {}
+                    std::task::Poll::Pending => {
+                        let (socket, shutdown) = (socket.clone(), shutdown.clone());
+                        let spawner = tracker.clone();
+                        tracker.spawn(async move {
+                            if let Some(Some(bytes)) = shutdown.run_until_cancelled(reply).await {
+                                send(&socket, bytes, src, &spawner);
+                            }
+                        });
                     }
-                });
+                }
             }
         }
+    }
+}
+
+/// Sends an answer without waiting when the socket can take it (almost always), else from a
+/// task of its own.
+fn send(socket: &Arc<UdpSocket>, bytes: Vec<u8>, src: SocketAddr, tracker: &TaskTracker) {
+    match socket.try_send_to(&bytes, src) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            let socket = socket.clone();
+            tracker.spawn(async move {
+                if let Err(e) = socket.send_to(&bytes, src).await {
+                    debug!(%src, error = %e, "cannot send a DNS answer");
+                }
+            });
+        }
+        Err(e) => debug!(%src, error = %e, "cannot send a DNS answer"),
     }
 }
 
@@ -313,7 +353,8 @@ async fn tcp_connection<H: RequestHandler>(mut stream: TcpStream, src: SocketAdd
     let mut buf = Vec::new();
     loop {
         let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
-            Ok(Ok(len)) => usize::from(len),
+            // No query is that long; a client announcing more is not speaking DNS.
+            Ok(Ok(len)) if usize::from(len) <= MAX_QUERY => usize::from(len),
             _ => return,
         };
         buf.resize(len, 0);
@@ -324,8 +365,8 @@ async fn tcp_connection<H: RequestHandler>(mut stream: TcpStream, src: SocketAdd
         let started = Instant::now();
         let reply = match classify(&buf, src, Protocol::Tcp) {
             Incoming::Ignore => return,
-            Incoming::Malformed(reply) => {
-                record_malformed(started);
+            Incoming::Reject(reply, code) => {
+                record_rejected(code, started);
                 reply
             }
             Incoming::Query(request) => match answer(handler, &request).await {
@@ -343,5 +384,152 @@ async fn tcp_connection<H: RequestHandler>(mut stream: TcpStream, src: SocketAdd
             Ok(Ok(())) => {}
             _ => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::{ClusterIndex, DnsHandler, Forwarder};
+    use edgehub::metamanager::MeshView;
+    use hickory_proto::op::{Edns, Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+
+    /// A server on loopback whose zone has `hello` (cluster IP) and `many` (headless, 200
+    /// endpoints), and no upstreams.
+    async fn server() -> (SocketAddr, CancellationToken) {
+        let mut view = MeshView::default();
+        let svc = |name: &str, ip: &str| {
+            serde_json::from_str(&format!(
+                r#"{{"metadata":{{"name":"{name}","namespace":"default"}},"spec":{{"clusterIP":"{ip}","ports":[{{"name":"http","port":80}}]}}}}"#
+            ))
+            .map(Arc::new)
+            .expect("service")
+        };
+        let key = |n: &str| ("default".to_string(), n.to_string());
+        view.services
+            .insert(key("hello"), svc("hello", "10.96.0.10"));
+        view.services.insert(key("many"), svc("many", "None"));
+        let addrs: Vec<String> = (0..200)
+            .map(|i| format!(r#"{{"ip":"10.1.{}.{}"}}"#, i / 250, i % 250 + 1))
+            .collect();
+        let eps = format!(
+            r#"{{"metadata":{{"name":"many","namespace":"default"}},"subsets":[{{"addresses":[{}],"ports":[{{"name":"http","port":8080}}]}}]}}"#,
+            addrs.join(",")
+        );
+        view.endpoints.insert(
+            key("many"),
+            Arc::new(serde_json::from_str(&eps).expect("eps")),
+        );
+        let index = ClusterIndex::new("cluster.local", "10.96.0.0/12".parse().unwrap(), 5).unwrap();
+        index.update(&view);
+        let handler = DnsHandler::new(
+            Arc::new(index),
+            Forwarder::new(Vec::new(), Duration::from_secs(1), 0),
+        );
+        let (udp, tcp) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let udp_addr = udp.local_addr().unwrap();
+        let tcp = {
+            // The same port for TCP.
+            drop(tcp);
+            TcpListener::bind(udp_addr).await.unwrap()
+        };
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        serve(Arc::new(handler), udp, tcp, 2, &shutdown, &tracker);
+        (udp_addr, shutdown)
+    }
+
+    fn query(name: &str, qtype: RecordType, edns: bool) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+        if edns {
+            let mut e = Edns::new();
+            e.set_max_payload(4096);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    async fn udp_exchange(server: SocketAddr, bytes: &[u8]) -> Option<Vec<u8>> {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.send_to(bytes, server).await.unwrap();
+        let mut buf = vec![0u8; 65535];
+        match tokio::time::timeout(Duration::from_millis(500), s.recv(&mut buf)).await {
+            Ok(Ok(n)) => Some(buf[..n].to_vec()),
+            _ => None,
+        }
+    }
+
+    async fn tcp_exchange(server: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+        let mut s = TcpStream::connect(server).await.unwrap();
+        s.write_all(&(bytes.len() as u16).to_be_bytes())
+            .await
+            .unwrap();
+        s.write_all(bytes).await.unwrap();
+        let len = s.read_u16().await.unwrap();
+        let mut buf = vec![0u8; len as usize];
+        s.read_exact(&mut buf).await.unwrap();
+        buf
+    }
+
+    #[tokio::test]
+    async fn answers_truncates_over_udp_completes_over_tcp_and_survives_garbage() {
+        let (addr, shutdown) = server().await;
+        let q = query("HELLO.default.svc.cluster.local.", RecordType::A, true);
+        let r = Message::from_vec(&udp_exchange(addr, &q).await.expect("answer")).unwrap();
+        assert_eq!(r.answers.len(), 1);
+        assert!(r.metadata.authoritative);
+        assert!(r.edns.is_some(), "EDNS answered with EDNS");
+        // The question comes back as it was asked.
+        assert_eq!(
+            r.queries[0].name().to_string(),
+            "HELLO.default.svc.cluster.local."
+        );
+
+        let q = query("many.default.svc.cluster.local.", RecordType::A, true);
+        let raw = udp_exchange(addr, &q).await.expect("answer");
+        assert!(raw.len() <= usize::from(UDP_PAYLOAD));
+        let r = Message::from_vec(&raw).unwrap();
+        assert!(r.metadata.truncation);
+        assert!(r.answers.is_empty());
+        assert_eq!(r.edns.map(|e| e.max_payload()), Some(UDP_PAYLOAD));
+        let r = Message::from_vec(&tcp_exchange(addr, &q).await).unwrap();
+        assert!(!r.metadata.truncation);
+        assert_eq!(r.answers.len(), 200);
+        // Without EDNS the limit is 512 bytes.
+        let q = query(
+            "_http._tcp.many.default.svc.cluster.local.",
+            RecordType::SRV,
+            false,
+        );
+        let raw = udp_exchange(addr, &q).await.expect("answer");
+        assert!(raw.len() <= 512);
+        assert!(Message::from_vec(&raw).unwrap().metadata.truncation);
+
+        // Garbage: short packets and responses are ignored, the rest gets FORMERR.
+        assert!(udp_exchange(addr, &[1, 2, 3]).await.is_none());
+        let mut response = q.clone();
+        response[2] |= 0x80;
+        assert!(udp_exchange(addr, &response).await.is_none());
+        for cut in [13, 20, q.len() - 1] {
+            let raw = udp_exchange(addr, &q[..cut]).await.expect("formerr");
+            assert_eq!(raw.len(), 12);
+            assert_eq!(raw[3] & 0x0f, 1, "FORMERR");
+            assert_eq!(raw[..2], q[..2], "same id");
+        }
+        let mut huge_label = q[..12].to_vec();
+        huge_label.extend_from_slice(&[0x3f; 300]);
+        let raw = udp_exchange(addr, &huge_label).await.expect("formerr");
+        assert_eq!(raw[3] & 0x0f, 1);
+        // No upstreams: other names are refused.
+        let q = query("example.com.", RecordType::A, false);
+        let r = Message::from_vec(&udp_exchange(addr, &q).await.expect("answer")).unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+        // Still serving.
+        let q = query("hello.default.svc.cluster.local.", RecordType::A, false);
+        assert!(udp_exchange(addr, &q).await.is_some());
+        shutdown.cancel();
     }
 }

@@ -10,7 +10,8 @@ use metrics::{counter, Counter};
 pub struct ServiceStats {
     /// `namespace/name`.
     label: Arc<str>,
-    counters: OnceLock<Counters>,
+    /// Boxed: most Services of a large mesh never see a connection on a given node.
+    counters: OnceLock<Box<Counters>>,
 }
 
 pub struct Counters {
@@ -44,14 +45,14 @@ impl ServiceStats {
             let bytes = |d: &'static str| {
                 counter!("edgemesh_proxy_bytes_total", "service" => service.clone(), "direction" => d)
             };
-            Counters {
+            Box::new(Counters {
                 forwarded: result("forwarded"),
                 no_endpoints: result("no_endpoints"),
                 connect_failed: result("connect_failed"),
                 endpoint_failures: counter!("edgemesh_proxy_connect_failures_total", "service" => service.clone()),
                 bytes_sent: bytes("sent"),
                 bytes_received: bytes("received"),
-            }
+            })
         })
     }
 }

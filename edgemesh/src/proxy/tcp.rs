@@ -128,9 +128,10 @@ where
         }
         total += n as u64;
         counter.increment(n as u64);
-        activity
-            .last
-            .store(activity.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        activity.last.store(
+            activity.start.elapsed().as_millis() as u64,
+            Ordering::Relaxed,
+        );
     }
     // Pass the FIN on while the other direction may still be running (half-close). When it has
     // already finished, closing the sockets sends the FIN without a system call of its own.
@@ -157,7 +158,10 @@ mod tests {
     fn counters() -> ByteCounters<'static> {
         static NOOP: std::sync::OnceLock<Counter> = std::sync::OnceLock::new();
         let c = NOOP.get_or_init(Counter::noop);
-        ByteCounters { sent: c, received: c }
+        ByteCounters {
+            sent: c,
+            received: c,
+        }
     }
 
     #[tokio::test]
