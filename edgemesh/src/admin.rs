@@ -150,6 +150,7 @@ async fn routes(State(state): State<AdminState>) -> Response {
                     "inFlight": e.health.in_flight(),
                     "ejected": e.health.is_ejected(now),
                 })).collect::<Vec<_>>(),
+                "endpointsElsewhere": r.elsewhere,
             })
         })
         .collect();

@@ -160,6 +160,16 @@ impl Config {
                 "must be longer than cloud.keepalive_interval",
             ));
         }
+        if self.service_cidr != self.service_cidr.trunc() {
+            return Err(ConfigError::key(
+                "service_cidr",
+                format!(
+                    "{} has host bits set; did you mean {}?",
+                    self.service_cidr,
+                    self.service_cidr.trunc()
+                ),
+            ));
+        }
         self.proxy.validate(&self.service_cidr)?;
         self.dns.validate()?;
         Ok(())
@@ -232,6 +242,10 @@ mod tests {
                 "cloud.keepalive_timeout",
             ),
             ("node_name = \"e\"\nservice_cidr = \"x\"", "service_cidr"),
+            (
+                "node_name = \"e\"\nservice_cidr = \"10.96.0.10/12\"",
+                "service_cidr",
+            ),
             (
                 "node_name = \"e\"\nlabels = { \"bad key\" = \"a\" }",
                 "labels[\"bad key\"]",

@@ -89,7 +89,31 @@ fn load_config(args: &Args, validate: bool) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
+/// `edgemesh cleanup`: the iptables rules first, which needs no configuration (it runs from
+/// `ExecStopPost`, also when a bad config file is what stopped the agent), then the DNS address
+/// named by the configuration (the default one when the file does not load).
+async fn cleanup(args: &Args) -> anyhow::Result<()> {
+    edgemesh::iptables::cleanup_all().await?;
+    let dns = match load_config(args, false) {
+        Ok(cfg) => cfg.dns,
+        Err(e) => {
+            eprintln!("edgemesh cleanup: {e:#}; removing the default DNS address only");
+            edgemesh::dns::DnsConfig::default()
+        }
+    };
+    match edgemesh::dns::cleanup(&dns) {
+        Ok(true) => println!("edgemesh DNS address {} removed", dns.listen.ip()),
+        Ok(false) => {}
+        Err(e) => anyhow::bail!("cannot remove the DNS address {}: {e}", dns.listen.ip()),
+    }
+    Ok(())
+}
+
 async fn main_inner(args: Args) -> anyhow::Result<()> {
+    if matches!(args.command, Some(Command::Cleanup)) {
+        logging::quiet_on_closed_stdout();
+        return cleanup(&args).await;
+    }
     let run = matches!(args.command, None | Some(Command::Run));
     let cfg = load_config(&args, run)?;
     if !run {
@@ -101,15 +125,7 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
             edgemesh::agent::run(cfg).await
         }
         Some(Command::Status { json }) => edgemesh::status::run(&cfg, json).await,
-        Some(Command::Cleanup) => {
-            edgemesh::iptables::cleanup_all().await?;
-            match edgemesh::dns::cleanup(&cfg.dns) {
-                Ok(true) => println!("edgemesh DNS address {} removed", cfg.dns.listen.ip()),
-                Ok(false) => {}
-                Err(e) => anyhow::bail!("cannot remove the DNS address: {e}"),
-            }
-            Ok(())
-        }
+        Some(Command::Cleanup) => cleanup(&args).await,
     }
 }
 

@@ -599,12 +599,25 @@ fn garbage_and_half_open_connections_do_not_hurt_others() {
     let v = mesh.put(&ep_path("empty"), r#"{"apiVersion":"v1","kind":"Endpoints","metadata":{"name":"empty","namespace":"default"},"subsets":[]}"#);
     mesh.wait_version(0, v, Duration::from_secs(10));
     let empty_ip = mesh.cluster_ip("empty");
+    // A Service whose only endpoint is on another node: not dialled from here (that address
+    // belongs to another site; tunnels reach it), so the connection is reset at once.
+    let remote_ip = mesh.put_service(
+        "remote",
+        80,
+        TARGET,
+        &[],
+        &[(&server[0].ip.to_string(), "edge-9")],
+    );
+    let route = mesh.route(0, &format!("{remote_ip}:80")).expect("route");
+    assert_eq!(route["endpoints"], json!([]), "{route}");
+    assert_eq!(route["endpointsElsewhere"], 1, "{route}");
     let node_ip = mesh.nodes[0].host.ip;
 
     let web: SocketAddr = format!("{ip}:80").parse().expect("addr");
     let echo_addr: SocketAddr = format!("{eip}:7").parse().expect("addr");
     let nowhere: SocketAddr = "10.111.222.33:80".parse().expect("addr");
     let empty: SocketAddr = format!("{empty_ip}:80").parse().expect("addr");
+    let remote: SocketAddr = format!("{remote_ip}:80").parse().expect("addr");
     let direct: SocketAddr = SocketAddr::from((node_ip, 40001));
     let held = edgemesh_e2e::mesh::in_netns(&client.ns, move || {
         // 200 half-open connections that never send a byte, held while the others run.
@@ -627,6 +640,7 @@ fn garbage_and_half_open_connections_do_not_hurt_others() {
         for (what, addr) in [
             ("no service", nowhere),
             ("no endpoints", empty),
+            ("endpoint on another node", remote),
             ("proxy port", direct),
         ] {
             for _ in 0..20 {
@@ -668,7 +682,7 @@ fn garbage_and_half_open_connections_do_not_hurt_others() {
             0,
             "edgemesh_proxy_connections_total",
             &["result=\"no_endpoints\""]
-        ) >= 20.0
+        ) >= 40.0
     );
     drop(held);
     let p = mesh.nodes[0].proc.expect("running");

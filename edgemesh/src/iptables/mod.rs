@@ -102,7 +102,13 @@ impl Rules {
         ]);
         if chain.hook == "OUTPUT" {
             // The agent's own upstream sockets carry the mark; never capture them again.
-            let mark = format!("{:#x}/{:#x}", self.mark, self.mark);
+            // As `iptables -S` prints it, so that the comparison in `reconcile` holds: a full
+            // mask is left out.
+            let mark = if self.mark == u32::MAX {
+                format!("{:#x}", self.mark)
+            } else {
+                format!("{:#x}/{:#x}", self.mark, self.mark)
+            };
             let own = args(&[
                 "-m",
                 "mark",
@@ -125,14 +131,16 @@ impl Rules {
     /// changes were made (0 when everything was already in place).
     pub async fn reconcile(&self) -> Result<usize, IptablesError> {
         let mut changes = 0;
-        let existing = self.list_chains().await?;
         for chain in &CHAINS {
-            if !existing.iter().any(|c| c == chain.name) {
-                self.run(&["-t", TABLE, "-N", chain.name]).await?;
-                changes += 1;
-            }
+            let have = match self.owned_chain(chain.name).await? {
+                Some(rules) => rules,
+                None => {
+                    self.run(&["-t", TABLE, "-N", chain.name]).await?;
+                    changes += 1;
+                    Vec::new()
+                }
+            };
             let want = self.chain_rules(chain);
-            let have = self.rules_of(chain.name).await?;
             if have != want {
                 // Our own chain: rewrite it whole rather than patch it rule by rule.
                 self.run(&["-t", TABLE, "-F", chain.name]).await?;
@@ -168,7 +176,6 @@ impl Rules {
     /// Removes every rule and chain edgemesh made; leaves everything else alone. Safe to run
     /// when nothing is installed.
     pub async fn cleanup(&self) -> Result<(), IptablesError> {
-        let existing = self.list_chains().await?;
         for chain in &CHAINS {
             let jump = self.jump(chain);
             let jumps = self
@@ -182,7 +189,7 @@ impl Rules {
             }
         }
         for chain in &CHAINS {
-            if existing.iter().any(|c| c == chain.name) {
+            if self.owned_chain(chain.name).await?.is_some() {
                 self.run(&["-t", TABLE, "-F", chain.name]).await?;
                 self.run(&["-t", TABLE, "-X", chain.name]).await?;
             }
@@ -192,11 +199,8 @@ impl Rules {
 
     /// Whether every rule is in place exactly once (for `/readyz` and `edgemesh status`).
     pub async fn installed(&self) -> Result<bool, IptablesError> {
-        let existing = self.list_chains().await?;
         for chain in &CHAINS {
-            if !existing.iter().any(|c| c == chain.name)
-                || self.rules_of(chain.name).await? != self.chain_rules(chain)
-            {
+            if self.owned_chain(chain.name).await? != Some(self.chain_rules(chain)) {
                 return Ok(false);
             }
             let jump = self.jump(chain);
@@ -219,14 +223,16 @@ impl Rules {
         self.run(&argv).await.map(drop)
     }
 
-    /// Names of the user-defined chains of the nat table.
-    async fn list_chains(&self) -> Result<Vec<String>, IptablesError> {
-        let out = self.run(&["-t", TABLE, "-S"]).await?;
-        Ok(out
-            .lines()
-            .filter_map(|l| l.strip_prefix("-N "))
-            .map(|c| c.trim().to_string())
-            .collect())
+    /// The rules of one of our chains, or `None` when it does not exist. Only that chain is
+    /// listed: the nat table of a kube-proxy node can hold tens of thousands of rules.
+    async fn owned_chain(&self, chain: &str) -> Result<Option<Vec<Vec<String>>>, IptablesError> {
+        match self.rules_of(chain).await {
+            Ok(rules) => Ok(Some(rules)),
+            // iptables' wording for a missing chain differs between its backends; if the
+            // chain does exist after all, the `-N` that follows says so.
+            Err(IptablesError::Failed { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The rules of `chain` as argument lists, without the leading `-A CHAIN`.

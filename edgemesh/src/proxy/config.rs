@@ -32,6 +32,10 @@ pub struct ProxyConfig {
     /// A proxied connection with no byte in either direction for this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Once one side has sent its FIN, the connection is closed after this long without a
+    /// byte (a peer that vanished must not hold a slot for the whole idle timeout).
+    #[serde(with = "humantime_serde")]
+    pub half_close_timeout: Duration,
     /// Proxied connections open at once; more are refused (reset) until some close.
     pub max_connections: usize,
     pub outlier: OutlierConfig,
@@ -48,6 +52,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(3),
             connect_attempts: 3,
             idle_timeout: Duration::from_secs(3600),
+            half_close_timeout: Duration::from_secs(60),
             max_connections: 16_384,
             outlier: OutlierConfig::default(),
         }
@@ -125,6 +130,12 @@ impl ProxyConfig {
         }
         if self.idle_timeout.is_zero() {
             return Err(ConfigError::key("proxy.idle_timeout", "must not be 0"));
+        }
+        if self.half_close_timeout.is_zero() {
+            return Err(ConfigError::key(
+                "proxy.half_close_timeout",
+                "must not be 0",
+            ));
         }
         if self.max_connections == 0 {
             return Err(ConfigError::key(

@@ -15,6 +15,7 @@ pub mod table;
 pub mod tcp;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +35,9 @@ pub use config::{OutlierConfig, ProxyConfig};
 use connect::Connector;
 pub use table::{LocalNode, RouteTable};
 
+/// Silence after which an accepted connection's peer is probed (TCP keepalive).
+const KEEPALIVE_IDLE_SECS: u32 = 60;
+
 /// How long open connections may go on after shutdown begins before they are cut.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
@@ -45,6 +49,49 @@ pub struct Proxy {
     connections: Arc<Semaphore>,
     active: metrics::Gauge,
     unmatched: metrics::Counter,
+    warn_limit: WarnThrottle,
+    warn_failed: WarnThrottle,
+}
+
+/// At most one warning a second for events that can happen thousands of times a second (a
+/// client retrying against a dead Service): the ones in between are only counted, and the
+/// count goes with the next warning. Metrics count every event.
+struct WarnThrottle {
+    start: std::time::Instant,
+    /// Milliseconds after `start` before which nothing is logged.
+    quiet_until: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl WarnThrottle {
+    fn new() -> WarnThrottle {
+        WarnThrottle {
+            start: std::time::Instant::now(),
+            quiet_until: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(events suppressed since the last warning)` when this one may be logged.
+    fn allow(&self) -> Option<u64> {
+        let now = self.start.elapsed().as_millis() as u64;
+        let quiet_until = self.quiet_until.load(Ordering::Relaxed);
+        if now < quiet_until
+            || self
+                .quiet_until
+                .compare_exchange(
+                    quiet_until,
+                    now + 1000,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
 }
 
 impl Proxy {
@@ -54,6 +101,8 @@ impl Proxy {
             connections: Arc::new(Semaphore::new(cfg.max_connections)),
             active: metrics::gauge!("edgemesh_proxy_active_connections"),
             unmatched: counter!("edgemesh_proxy_unmatched_connections_total"),
+            warn_limit: WarnThrottle::new(),
+            warn_failed: WarnThrottle::new(),
             cfg,
             tables,
         }
@@ -116,7 +165,9 @@ impl Proxy {
         let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
             counter!("edgemesh_proxy_refused_connections_total", "reason" => "max_connections")
                 .increment(1);
-            warn!(%peer, %dst, limit = self.cfg.max_connections, "too many proxied connections; resetting");
+            if let Some(suppressed) = self.warn_limit.allow() {
+                warn!(%peer, %dst, limit = self.cfg.max_connections, suppressed, "too many proxied connections; resetting");
+            }
             reset(client);
             return;
         };
@@ -149,7 +200,9 @@ async fn tcp_session(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, rou
             return;
         }
         Err(e) => {
-            warn!(error = %e, "connection not forwarded");
+            if let Some(suppressed) = proxy.warn_failed.allow() {
+                warn!(error = %e, suppressed, "connection not forwarded");
+            }
             stats.connect_failed.increment(1);
             reset(client);
             return;
@@ -161,7 +214,11 @@ async fn tcp_session(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, rou
         sent: &stats.bytes_sent,
         received: &stats.bytes_received,
     };
-    match tcp::forward(&mut client, &mut upstream, proxy.cfg.idle_timeout, counters).await {
+    let timeouts = tcp::Timeouts {
+        idle: proxy.cfg.idle_timeout,
+        half_closed: proxy.cfg.half_close_timeout,
+    };
+    match tcp::forward(&mut client, &mut upstream, timeouts, counters).await {
         Ok(t) => debug!(%endpoint, sent = t.sent, received = t.received, "closed"),
         Err(e) => debug!(%endpoint, error = %e, "aborted"),
     }
@@ -202,7 +259,15 @@ pub async fn start(
 ) -> anyhow::Result<RunningProxy> {
     let listener = bind(cfg).await?;
     let health = Arc::new(HealthRegistry::new(cfg.outlier.clone()));
-    let (table_tx, tables) = watch::channel(Arc::new(RouteTable::default()));
+    // The first table is complete before iptables sends anything here, so connections right
+    // after a restart are not reset as matching no Service.
+    let mut views = views;
+    let first = {
+        let view = views.borrow_and_update().clone();
+        RouteTable::build(&view, &node, &health, &RouteTable::default())
+    };
+    metrics::gauge!("edgemesh_proxy_routes").set(first.len() as f64);
+    let (table_tx, tables) = watch::channel(Arc::new(first));
     let mut tasks = vec![tokio::spawn(table::follow_view(
         views,
         node,
@@ -215,6 +280,11 @@ pub async fn start(
     let rules = if cfg.intercept {
         let rules = Rules::new(service_cidr, cfg.port, cfg.mark);
         if let Err(e) = rules.reconcile().await {
+            // Part of the rules may be in: take them out rather than leave the service range
+            // redirected to a port nobody will serve.
+            if let Err(c) = rules.cleanup().await {
+                warn!(error = %c, "cannot remove partly installed iptables rules; run `edgemesh cleanup`");
+            }
             shutdown.cancel();
             for task in tasks {
                 let _ = task.await;
@@ -251,8 +321,25 @@ pub async fn bind(cfg: &ProxyConfig) -> anyhow::Result<TcpListener> {
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
+    socket::set_keepalive(&socket, KEEPALIVE_IDLE_SECS)?;
     socket
         .bind(addr)
         .map_err(|e| anyhow::anyhow!("config key `proxy.port`: cannot listen on {addr}: {e}"))?;
     Ok(socket.listen(4096)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_are_throttled_and_counted() {
+        let t = WarnThrottle::new();
+        assert_eq!(t.allow(), Some(0));
+        for _ in 0..5 {
+            assert_eq!(t.allow(), None);
+        }
+        t.quiet_until.store(0, Ordering::Relaxed);
+        assert_eq!(t.allow(), Some(5));
+    }
 }

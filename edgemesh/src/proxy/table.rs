@@ -16,7 +16,7 @@ use edgehub::model::{
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::stats::ServiceStats;
 use crate::balance::{
@@ -52,7 +52,10 @@ pub struct Route {
     pub stats: Arc<ServiceStats>,
     /// `edgemesh.io/protocol`, when set.
     pub protocol: Option<String>,
+    /// Endpoints this node dials itself.
     pub endpoints: Vec<Endpoint>,
+    /// Endpoints on other nodes or in the cloud: reachable only through tunnels, not dialled.
+    pub elsewhere: usize,
     pub balancer: Arc<ServiceBalancer>,
 }
 
@@ -96,8 +99,9 @@ impl RouteTable {
             let annotations = match ServiceAnnotations::parse(&service.metadata) {
                 Ok(a) => a,
                 Err(e) => {
-                    // The cloud validates annotations; this only happens with an older cloud.
-                    warn!(service = %format!("{namespace}/{name}"), error = %e.message, field = %e.field, "ignoring bad annotations");
+                    // The cloud validates annotations; this only happens with an older cloud. Not a
+                    // warning: it would repeat on every rebuild of the table.
+                    debug!(service = %format!("{namespace}/{name}"), error = %e.message, field = %e.field, "ignoring bad annotations");
                     ServiceAnnotations::default()
                 }
             };
@@ -116,7 +120,7 @@ impl RouteTable {
                 if !port.protocol.eq_ignore_ascii_case("TCP") {
                     continue;
                 }
-                let list = endpoints
+                let (list, elsewhere) = endpoints
                     .map(|e| resolve_endpoints(e, port, node, view, service, health))
                     .unwrap_or_default();
                 live.extend(list.iter().map(|e| e.addr));
@@ -154,6 +158,7 @@ impl RouteTable {
                     stats,
                     protocol: annotations.protocol.clone(),
                     endpoints: list,
+                    elsewhere,
                     balancer,
                 });
                 for ip in &ips {
@@ -215,6 +220,13 @@ fn target_port(port: &ServicePort, subset: &EndpointSubset) -> Option<u16> {
     }
 }
 
+/// The endpoints of one Service port that this node can dial, and how many others there are.
+///
+/// Only endpoints on this node are dialled directly. An endpoint on another node, or in the
+/// cloud (no `nodeName`), is reached through a tunnel (SPEC §4.4), never by dialling its
+/// address from here: that address belongs to another site's network, and the same private
+/// address on this node's network would be an unrelated host. Until tunnels exist those
+/// endpoints are counted (for `/debug/routes`) but not used.
 fn resolve_endpoints(
     endpoints: &Endpoints,
     port: &ServicePort,
@@ -222,8 +234,10 @@ fn resolve_endpoints(
     view: &MeshView,
     service: &Service,
     health: &HealthRegistry,
-) -> Vec<Endpoint> {
+) -> (Vec<Endpoint>, usize) {
     let mut out: Vec<Endpoint> = Vec::new();
+    let mut seen: HashSet<SocketAddr> = HashSet::new();
+    let mut elsewhere = 0;
     for subset in &endpoints.subsets {
         let Some(target) = target_port(port, subset) else {
             continue;
@@ -233,10 +247,14 @@ fn resolve_endpoints(
                 continue;
             };
             let addr = SocketAddr::new(ip, target);
-            if out.iter().any(|e| e.addr == addr) {
+            if !seen.insert(addr) {
                 continue;
             }
             let endpoint_node = address.node_name.as_deref();
+            if endpoint_node != Some(node.name.as_str()) {
+                elsewhere += 1;
+                continue;
+            }
             out.push(Endpoint {
                 addr,
                 node: endpoint_node.map(Arc::from),
@@ -245,7 +263,7 @@ fn resolve_endpoints(
             });
         }
     }
-    out
+    (out, elsewhere)
 }
 
 /// 0 on this node; `1 + i` when the endpoint's node shares this node's value of
@@ -257,19 +275,18 @@ fn tier_of(
     keys: &[String],
 ) -> Tier {
     let any = Tier(keys.len().min(250) as u8 + 1);
-    let Some(endpoint_node) = endpoint_node else {
-        return any;
-    };
-    if endpoint_node == node.name {
+    if endpoint_node == Some(node.name.as_str()) {
         return Tier::LOCAL;
     }
-    let Some(labels) = view.nodes.get(endpoint_node).map(|n| &n.metadata.labels) else {
-        return any;
-    };
+    let labels = endpoint_node
+        .and_then(|n| view.nodes.get(n))
+        .map(|n| &n.metadata.labels);
     for (i, key) in keys.iter().enumerate().take(250) {
+        // `*` matches every endpoint, also cloud ones and those on nodes not (yet) known.
         if key == "*" {
             return Tier(i as u8 + 1);
         }
+        let Some(labels) = labels else { continue };
         if let (Some(mine), Some(theirs)) = (node.labels.get(key), labels.get(key)) {
             if mine == theirs {
                 return Tier(i as u8 + 1);
@@ -279,7 +296,8 @@ fn tier_of(
     any
 }
 
-/// Rebuilds the table whenever the metadata changes, until `shutdown`.
+/// Rebuilds the table whenever the metadata changes, until `shutdown`. The table for the
+/// current view is built by the caller, before anything is served.
 pub async fn follow_view(
     mut views: watch::Receiver<Arc<MeshView>>,
     node: LocalNode,
@@ -288,6 +306,10 @@ pub async fn follow_view(
     shutdown: CancellationToken,
 ) {
     loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = views.changed() => if changed.is_err() { return },
+        }
         let view = views.borrow_and_update().clone();
         let previous = tables.borrow().clone();
         let table = RouteTable::build(&view, &node, &health, &previous);
@@ -298,10 +320,6 @@ pub async fn follow_view(
         );
         metrics::gauge!("edgemesh_proxy_routes").set(table.len() as f64);
         tables.send_replace(Arc::new(table));
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = views.changed() => if changed.is_err() { return },
-        }
     }
 }
 
@@ -365,14 +383,23 @@ mod tests {
             .iter()
             .map(|e| (e.addr.to_string(), e.tier.0))
             .collect();
+        // Only this node's endpoint is dialled; the others wait for tunnels.
+        assert_eq!(eps, vec![("10.244.0.2:8081".into(), 0)]);
+        assert_eq!(web.elsewhere, 3);
+        let keys = ["zone".to_string(), "*".to_string()];
+        let v = view();
+        assert_eq!(tier_of(Some("a"), &node, &v, &keys), Tier(0));
+        assert_eq!(tier_of(Some("b"), &node, &v, &keys), Tier(1), "same zone");
+        assert_eq!(tier_of(Some("c"), &node, &v, &keys), Tier(2), "`*`");
         assert_eq!(
-            eps,
-            vec![
-                ("10.244.0.2:8081".into(), 0),
-                ("10.244.1.2:8081".into(), 1),
-                ("10.244.2.2:8081".into(), 2),
-                ("10.244.3.2:8081".into(), 2),
-            ]
+            tier_of(None, &node, &v, &keys),
+            Tier(2),
+            "`*` covers cloud endpoints"
+        );
+        assert_eq!(
+            tier_of(None, &node, &v, &keys[..1]),
+            Tier(2),
+            "after all keys"
         );
         let admin = table
             .lookup("10.96.0.10:9000".parse().expect("a"))

@@ -32,6 +32,16 @@ pub struct ByteCounters<'a> {
     pub received: &'a Counter,
 }
 
+/// How long a forward may go without moving a byte.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// While both directions are open.
+    pub idle: Duration,
+    /// Once one side has finished sending: a peer that vanished after its FIN must not hold
+    /// the connection for the whole idle timeout.
+    pub half_closed: Duration,
+}
+
 /// Copies both ways between `client` and `upstream`. When one side finishes sending, its peer
 /// gets a FIN and the other direction goes on (half-close); the forward ends when both
 /// directions have, when either side fails, or when nothing moved for `idle`. On failure both
@@ -39,9 +49,10 @@ pub struct ByteCounters<'a> {
 pub async fn forward(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
-    idle: Duration,
+    timeouts: Timeouts,
     counters: ByteCounters<'_>,
 ) -> io::Result<Transfer> {
+    let Timeouts { idle, half_closed } = timeouts;
     let start = Instant::now();
     let last_activity = AtomicU64::new(0);
     // Set by the direction that finishes first; the second one then leaves the FIN to close().
@@ -68,16 +79,20 @@ pub async fn forward(
         );
         let both = async { tokio::try_join!(up, down) };
         tokio::pin!(both);
-        let mut deadline = start + idle;
+        // The watchdog wakes at least every `half_closed`, so a FIN that shortens the allowed
+        // silence is noticed without the copy loops having to tell it.
+        let mut deadline = start + idle.min(half_closed);
         loop {
             tokio::select! {
                 r = &mut both => break r.map(|(sent, received)| Transfer { sent, received }),
                 _ = tokio::time::sleep_until(deadline) => {
+                    let allowed = if one_done.load(Ordering::Acquire) { idle.min(half_closed) } else { idle };
                     let last = start + Duration::from_millis(last_activity.load(Ordering::Relaxed));
-                    if last + idle <= Instant::now() {
-                        break Err(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {idle:?}")));
+                    let now = Instant::now();
+                    if last + allowed <= now {
+                        break Err(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {allowed:?}")));
                     }
-                    deadline = last + idle;
+                    deadline = (last + allowed).min(now + half_closed);
                 }
             }
         }
@@ -121,10 +136,17 @@ where
             break;
         }
         writer.write_all(&buf).await?;
-        if n == buf.capacity() && n < LARGE_BUFFER {
-            buf = Vec::with_capacity(LARGE_BUFFER);
+        if n == buf.capacity() {
+            // The read filled the buffer: a bulk transfer; keep (or grow) the buffer.
+            if n < LARGE_BUFFER {
+                buf = Vec::with_capacity(LARGE_BUFFER);
+            } else {
+                buf.clear();
+            }
         } else {
-            buf.clear();
+            // A short read drained the socket: the connection may now sit idle for hours, so
+            // give the buffer back (thousands of idle keep-alive connections must cost nothing).
+            buf = Vec::new();
         }
         total += n as u64;
         counter.increment(n as u64);
@@ -155,6 +177,13 @@ mod tests {
         (a.expect("connect"), b.expect("accept").0)
     }
 
+    fn timeouts(idle: u64, half_closed: u64) -> Timeouts {
+        Timeouts {
+            idle: Duration::from_secs(idle),
+            half_closed: Duration::from_secs(half_closed),
+        }
+    }
+
     fn counters() -> ByteCounters<'static> {
         static NOOP: std::sync::OnceLock<Counter> = std::sync::OnceLock::new();
         let c = NOOP.get_or_init(Counter::noop);
@@ -169,13 +198,7 @@ mod tests {
         let (mut client, mut proxy_in) = pair().await;
         let (mut proxy_out, mut server) = pair().await;
         let fwd = tokio::spawn(async move {
-            forward(
-                &mut proxy_in,
-                &mut proxy_out,
-                Duration::from_secs(5),
-                counters(),
-            )
-            .await
+            forward(&mut proxy_in, &mut proxy_out, timeouts(5, 5), counters()).await
         });
         let payload = vec![7u8; 300_000];
         client.write_all(&payload).await.expect("write");
@@ -206,17 +229,32 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_half_closed_connection_gets_the_shorter_timeout() {
+        let (mut client, mut proxy_in) = pair().await;
+        let (mut proxy_out, _server) = pair().await;
+        let fwd = tokio::spawn(async move {
+            let started = Instant::now();
+            let r = forward(
+                &mut proxy_in,
+                &mut proxy_out,
+                timeouts(3600, 60),
+                counters(),
+            )
+            .await;
+            (r, started.elapsed())
+        });
+        client.shutdown().await.expect("half-close");
+        let (r, took) = fwd.await.expect("join");
+        assert_eq!(r.expect_err("times out").kind(), io::ErrorKind::TimedOut);
+        assert!(took < Duration::from_secs(3600), "{took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_idle_connection_is_closed() {
         let (mut client, mut proxy_in) = pair().await;
         let (mut proxy_out, _server) = pair().await;
         let fwd = tokio::spawn(async move {
-            forward(
-                &mut proxy_in,
-                &mut proxy_out,
-                Duration::from_secs(30),
-                counters(),
-            )
-            .await
+            forward(&mut proxy_in, &mut proxy_out, timeouts(30, 60), counters()).await
         });
         client.write_all(b"x").await.expect("write");
         let err = fwd.await.expect("join").expect_err("times out");
