@@ -152,12 +152,7 @@ impl Rules {
                 changes += 1;
             }
             let jump = self.jump(chain);
-            let jumps = self
-                .rules_of(chain.hook)
-                .await?
-                .into_iter()
-                .filter(|r| *r == jump)
-                .count();
+            let jumps = self.count_jumps(chain, &jump).await?;
             if jumps == 0 {
                 // First in the chain, so a foreign rule cannot divert service traffic first.
                 let mut argv = vec!["-t", TABLE, "-I", chain.hook, "1"];
@@ -178,12 +173,7 @@ impl Rules {
     pub async fn cleanup(&self) -> Result<(), IptablesError> {
         for chain in &CHAINS {
             let jump = self.jump(chain);
-            let jumps = self
-                .rules_of(chain.hook)
-                .await?
-                .into_iter()
-                .filter(|r| *r == jump)
-                .count();
+            let jumps = self.count_jumps(chain, &jump).await?;
             for _ in 0..jumps {
                 self.delete_rule(chain.hook, &jump).await?;
             }
@@ -204,17 +194,27 @@ impl Rules {
                 return Ok(false);
             }
             let jump = self.jump(chain);
-            let jumps = self
-                .rules_of(chain.hook)
-                .await?
-                .into_iter()
-                .filter(|r| *r == jump)
-                .count();
+            let jumps = self.count_jumps(chain, &jump).await?;
             if jumps != 1 {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    /// How many copies of our `jump` the built-in chain holds (more than one after a crash
+    /// between two installs of an older version, or a hand-made copy).
+    async fn count_jumps(
+        &self,
+        chain: &OwnedChain,
+        jump: &[String],
+    ) -> Result<usize, IptablesError> {
+        Ok(self
+            .rules_of(chain.hook)
+            .await?
+            .iter()
+            .filter(|r| r.as_slice() == jump)
+            .count())
     }
 
     async fn delete_rule(&self, chain: &str, rule: &[String]) -> Result<(), IptablesError> {
