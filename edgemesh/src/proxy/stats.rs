@@ -32,10 +32,6 @@ impl ServiceStats {
         }
     }
 
-    pub fn label(&self) -> &Arc<str> {
-        &self.label
-    }
-
     pub fn get(&self) -> &Counters {
         self.counters.get_or_init(|| {
             let service = self.label.to_string();
