@@ -17,7 +17,11 @@
 #      a client pod that calls Service hello by its cluster IP; edgemesh's iptables rules send the
 #      connection to its proxy, which picks hello-0 (this node's endpoint comes first);
 #   7. offline autonomy: stop the cloud, restart node-a, see it serve from its SQLite copy (the
-#      client pod still reaches hello), start the cloud again and see node-a reconnect and sync.
+#      client pod still reaches hello), start the cloud again and see node-a reconnect and sync;
+#   8. tunnels: the nodes cannot reach each other, yet client-a calls Service world (its pod on
+#      node-b) and cloud-hello (an endpoint in the cloud) through streams relayed by cloudcore; a
+#      cloud client calls world through a router rule on :9443; a QPS limit on world answers
+#      429 beyond its burst; hello-0 stops and hello falls over to hello-1 on node-b.
 #
 # Everything the demo creates (processes, namespaces, a temp dir) is removed on exit, also on
 # error or Ctrl-C. On failure the logs are kept and their last lines printed.
@@ -81,6 +85,9 @@ NS_CLIENT="$PREFIX-client-a"
 HELLO_IP=10.244.1.10    # hello-0's address in examples/hello.yaml
 CLIENT_IP=10.244.1.20
 POD_GATEWAY=10.244.1.1  # node-a's address on its pod bridge
+NS_HELLO1="$PREFIX-hello-1"
+HELLO1_IP=10.244.2.10   # hello-1's address in examples/hello.yaml (on node-b)
+POD_GATEWAY_B=10.244.2.1
 CLOUDCORE=""            # binaries, set by step_build
 EDGEMESH=""
 NAMESPACES=()           # created so far, in order
@@ -519,7 +526,15 @@ step_topology() {
             die "namespace $ns has a default route"
         fi
     done
+    # Edge nodes sit behind separate NATs: their bridge ports are isolated from each other, so
+    # each reaches the cloud but not the other node (tunnels go through the cloud).
+    local p
+    for p in $(seq 1 $((port - 1))); do
+        ip -n "$NS_SWITCH" link set dev "p$p" type bridge_slave isolated on ||
+            die "cannot isolate bridge port p$p"
+    done
     ok "switch $NS_SWITCH bridges cloud, node-a and node-b; no default route anywhere"
+    ok "node-a and node-b reach the cloud but not each other (isolated bridge ports)"
     info "commands below are shown as '[where] \$ command': they run inside that namespace with"
     info "'ip netns exec' (the cloudcore CLI also gets --config and --server of this demo)"
 }
@@ -743,6 +758,154 @@ step_offline() {
     run_shown cloud "cloudcore get nodes -o wide" cloudctl get nodes -o wide
 }
 
+# The Services the tunnel step adds: world (its only pod, hello-1, runs on node-b) and
+# cloud-hello (its endpoint has no nodeName: cloudcore dials it). $1: world's annotations.
+tunnel_manifests() {
+    local annotations=$1
+    cat <<EOF
+apiVersion: v1
+kind: Service
+metadata:
+  name: world
+  namespace: default
+  annotations: {$annotations}
+spec:
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: world, namespace: default}
+subsets:
+  - addresses: [{ip: $HELLO1_IP, nodeName: node-b}]
+    ports: [{name: http, port: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cloud-hello, namespace: default}
+spec:
+  ports: [{name: http, port: 80, targetPort: 8090}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: cloud-hello, namespace: default}
+subsets:
+  - addresses: [{ip: $CLOUD_IP}]
+    ports: [{name: http, port: 8090}]
+EOF
+}
+
+# service_ip NAME: a Service's cluster IP, from the API.
+service_ip() {
+    local token
+    token=$(cat "$WORK/cloud/data/api-token")
+    in_ns "$NS_CLOUD" curl -fsS --max-time 2 -H "Authorization: Bearer $token" \
+        "$API_URL/api/v1/namespaces/default/services/$1" |
+        sed -n 's/.*"clusterIP":"\([0-9.]*\)".*/\1/p'
+}
+
+# api_post PATH JSON: a POST to the cloud API; prints the answer.
+api_post() {
+    local token
+    token=$(cat "$WORK/cloud/data/api-token")
+    in_ns "$NS_CLOUD" curl -fsS --max-time 5 -H "Authorization: Bearer $token" \
+        -H 'Content-Type: application/json' -d "$2" "$API_URL$1"
+}
+
+step_tunnels() {
+    header "Across nodes: a pod on node-a calls a Service whose pod runs on node-b"
+    if in_ns "${NODE_NS[node-a]}" ping -c 1 -W 1 "${NODE_IP[node-b]}" >/dev/null 2>&1; then
+        die "node-a can reach node-b directly; the topology should isolate them"
+    fi
+    ok "node-a cannot reach node-b (ping ${NODE_IP[node-b]} fails): the call must go through the cloud"
+    NAMESPACES+=("$NS_HELLO1")
+    netns_add_pod "${NODE_NS[node-b]}" "$NS_HELLO1" pod0 "$POD_GATEWAY_B" "$HELLO1_IP/24" ||
+        die "cannot create pod hello-1 behind node-b"
+    start_proc hello-1 "$NS_HELLO1" "$HELLO_SERVER" http "$HELLO1_IP:8080" "hello from hello-1 on node-b"
+    wait_until "$START_TIMEOUT" "hello-1 answers on $HELLO1_IP:8080" \
+        in_ns "${NODE_NS[node-b]}" curl -fsS --max-time 1 "http://$HELLO1_IP:8080/"
+    start_proc cloud-hello "$NS_CLOUD" "$HELLO_SERVER" http "$CLOUD_IP:8090" "hello from a server in the cloud"
+    wait_until "$START_TIMEOUT" "the cloud server answers on $CLOUD_IP:8090" \
+        in_ns "$NS_CLOUD" curl -fsS --max-time 1 "http://$CLOUD_IP:8090/"
+    ok "hello-1 ($HELLO1_IP) serves behind node-b; a plain HTTP server runs in the cloud namespace"
+
+    tunnel_manifests "" >"$WORK/tunnel.yaml"
+    run_shown cloud "cloudcore apply -f tunnel.yaml   (world -> hello-1 on node-b; cloud-hello -> $CLOUD_IP, no nodeName)" \
+        cloudctl apply -f "$WORK/tunnel.yaml"
+    wait_until "$SYNC_TIMEOUT" "Service world is on node-a" node_has_service node-a world 80
+    wait_until "$SYNC_TIMEOUT" "Service cloud-hello is on node-a" node_has_service node-a cloud-hello 80
+    local world cloud_hello answer
+    world=$(service_ip world)
+    cloud_hello=$(service_ip cloud-hello)
+    [ -n "$world" ] && [ -n "$cloud_hello" ] || die "cannot read the cluster IPs of world and cloud-hello"
+
+    show client-a "curl http://$world/   (world: its only pod is on node-b)"
+    answer=$(in_ns "$NS_CLIENT" curl -fsS --max-time 5 "http://$world/") ||
+        die "client-a could not reach world on node-b through the cloud"
+    printf '%s\n' "$answer" | indent
+    [ "$answer" = "hello from hello-1 on node-b" ] || die "unexpected answer from world: $answer"
+    ok "node-a -> cloudcore (relay by stream id) -> node-b -> hello-1"
+
+    show client-a "curl http://$cloud_hello/   (cloud-hello: its endpoint is in the cloud)"
+    answer=$(in_ns "$NS_CLIENT" curl -fsS --max-time 5 "http://$cloud_hello/") ||
+        die "client-a could not reach the cloud service"
+    printf '%s\n' "$answer" | indent
+    [ "$answer" = "hello from a server in the cloud" ] || die "unexpected answer from cloud-hello: $answer"
+    ok "node-a -> cloudcore, which dials the cloud endpoint itself"
+    run_shown cloud "curl /metrics | grep cloudcore_tunnel_streams_total" \
+        bash -c "ip netns exec '$NS_CLOUD' curl -fsS '$API_URL/metrics' | grep '^cloudcore_tunnel_streams_total'"
+    run_shown node-a "edgemesh status" nodectl node-a status
+
+    header "Router: a cloud client calls an edge Service through a rule (cloudcore :9443)"
+    run_shown cloud "POST /api/v1/router/endpoints {type: rest, name: cloud-rest}" \
+        api_post /api/v1/router/endpoints '{"type":"rest","name":"cloud-rest"}'
+    run_shown cloud "POST /api/v1/router/endpoints {type: service, name: mesh}" \
+        api_post /api/v1/router/endpoints '{"type":"service","name":"mesh"}'
+    local rule rule_id
+    rule=$(api_post /api/v1/router/rules '{"name":"to-world","source":"cloud-rest","source_resource":{"path":"/world"},"target":"mesh","target_resource":{"namespace":"default","name":"world","port":80}}') ||
+        die "cannot create the router rule"
+    rule_id=$(printf '%s' "$rule" | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
+    [ -n "$rule_id" ] || die "the rule has no id: $rule"
+    ok "rule to-world ($rule_id): rest /world -> Service default/world port 80"
+    show cloud "curl http://$CLOUD_IP:9443/world/greet"
+    answer=$(in_ns "$NS_CLOUD" curl -fsS --max-time 5 "http://$CLOUD_IP:9443/world/greet") ||
+        die "the router did not reach world"
+    printf '%s\n' "$answer" | indent
+    [ "$answer" = "hello from hello-1 on node-b" ] || die "unexpected answer through the router: $answer"
+    local token
+    token=$(cat "$WORK/cloud/data/api-token")
+    run_shown cloud "GET /api/v1/router/rules/$rule_id   (success_messages, fail_messages)" \
+        bash -c "ip netns exec '$NS_CLOUD' curl -fsS -H 'Authorization: Bearer $token' '$API_URL/api/v1/router/rules/$rule_id' | tr ',' '\n' | grep -E 'success_messages|fail_messages'"
+    ok "cloud client -> router -> stream to node-b -> hello-1"
+
+    header "QPS limit: edgemesh.io/qps: \"5\" on world, enforced on node-b where hello-1 is dialled"
+    tunnel_manifests '"edgemesh.io/qps": "5"' >"$WORK/tunnel.yaml"
+    run_shown cloud "cloudcore apply -f tunnel.yaml   (world now has edgemesh.io/qps: \"5\")" \
+        cloudctl apply -f "$WORK/tunnel.yaml"
+    wait_until "$SYNC_TIMEOUT" "node-b has world's limit" bash -c \
+        "ip netns exec '${NODE_NS[node-b]}' curl -fsS http://$ADMIN_ADDR/debug/services | grep -q 'edgemesh.io/qps'"
+    show client-a "curl: 20 requests at once to http://$world/ (one keep-alive connection)"
+    local codes ok_count limited
+    codes=$(in_ns "$NS_CLIENT" curl -sS --max-time 10 -o /dev/null -w '%{http_code}\n' "http://$world/?n=[1-20]") ||
+        die "the burst of requests failed"
+    ok_count=$(printf '%s\n' "$codes" | grep -c '^200$' || true)
+    limited=$(printf '%s\n' "$codes" | grep -c '^429$' || true)
+    info "200: $ok_count   429: $limited"
+    [ "$ok_count" -ge 1 ] && [ "$ok_count" -le 8 ] && [ $((ok_count + limited)) -eq 20 ] ||
+        die "expected about 5 answers and the rest 429, got 200 x $ok_count, 429 x $limited"
+    run_shown node-b "curl /metrics | grep edgemesh_limit_rejected_total" \
+        bash -c "ip netns exec '${NODE_NS[node-b]}' curl -fsS http://$ADMIN_ADDR/metrics | grep '^edgemesh_limit_rejected_total'"
+    ok "the burst of 5 passed, the rest got 429 Too Many Requests with Retry-After"
+
+    header "Fall-over across nodes: hello-0 on node-a stops, hello moves to hello-1 on node-b"
+    stop_proc hello-0 >/dev/null 2>&1 || true
+    show client-a "curl http://$CLUSTER_IP:8000/   (hello-0 is down)"
+    answer=$(in_ns "$NS_CLIENT" curl -fsS --max-time 10 "http://$CLUSTER_IP:8000/") ||
+        die "client-a could not reach hello after hello-0 stopped"
+    printf '%s\n' "$answer" | indent
+    [ "$answer" = "hello from hello-1 on node-b" ] || die "unexpected answer from hello: $answer"
+    ok "node-a's proxy ejected its own endpoint and fell over to node-b's, through the cloud"
+}
+
 step_explore() {
     [ "$KEEP" = 1 ] || return 0
     header "KEEP=1: the topology stays up for exploration"
@@ -779,13 +942,13 @@ main() {
     step_update
     step_pods
     step_offline
-    # Later steps go here as the mesh grows: tunnels
-    # (node-a -> pod on node-b through the cloud), router rules and QPS limits.
+    step_tunnels
 
     FINISHED=1
     header "Summary"
     info "metadata plane: apply -> sync to both nodes -> live update -> offline restart -> resync"
     info "data plane: pod -> cluster IP -> node-a's proxy -> hello-0, also while the cloud is down"
+    info "tunnels: node-a -> cloud -> node-b, node-a -> cloud endpoint, router -> node-b, QPS 429s, fall-over"
     info "demo ran in $(($(date +%s) - DEMO_STARTED))s after the build"
     step_explore
     # cleanup (the EXIT trap) tears everything down and prints the final "demo finished OK".

@@ -33,6 +33,7 @@ pub struct ApiState {
     pub api_token: Arc<str>,
     pub metrics: Option<PrometheusHandle>,
     pub ready: Arc<AtomicBool>,
+    pub router: Arc<crate::router::Router>,
 }
 
 /// An API error: status, message and (for bad input) the field it is about.
@@ -59,7 +60,7 @@ impl ApiError {
         }
     }
 
-    fn field(status: StatusCode, err: FieldError) -> Self {
+    pub fn field(status: StatusCode, err: FieldError) -> Self {
         ApiError {
             status,
             error: err.message,
@@ -192,6 +193,7 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
             post(create_token).delete(revoke_token),
         )
         .route("/api/v1/apply", post(apply))
+        .merge(crate::router::api::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API path") })
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -266,7 +268,7 @@ async fn metrics_text(State(state): State<ApiState>) -> Response {
     }
 }
 
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         ApiError::new(
             e.status(),
@@ -275,7 +277,7 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     })
 }
 
-fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+pub(crate) fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "empty request body"));
     }
@@ -736,16 +738,23 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.path().join("c.db"), 100, 1 << 20).expect("open"));
+        let objects = Arc::new(
+            Objects::new(store.clone(), "10.96.0.0/12".parse().expect("cidr")).expect("objects"),
+        );
+        let rules = crate::router::Router::new(
+            Default::default(),
+            objects.clone(),
+            Arc::new(crate::router::NoLinks),
+        )
+        .expect("router");
         let state = ApiState {
-            objects: Arc::new(
-                Objects::new(store.clone(), "10.96.0.0/12".parse().expect("cidr"))
-                    .expect("objects"),
-            ),
+            objects,
             tokens: Arc::new(NodeTokens::load(store.clone()).expect("tokens")),
             nodes: Arc::new(NodeRegistry::default()),
             api_token: TOKEN.into(),
             metrics: None,
             ready: Arc::new(AtomicBool::new(true)),
+            router: Arc::new(rules),
         };
         (dir, router(state, 1 << 20), store)
     }

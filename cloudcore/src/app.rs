@@ -15,8 +15,10 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::nodes::NodeRegistry;
 use crate::objects::Objects;
+use crate::router::Router;
 use crate::store::sqlite::{SqliteStore, DB_FILE};
 use crate::store::Store;
+use crate::tunnel::Tunnels;
 
 async fn bind(key: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
@@ -75,6 +77,13 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
 
     let hub_listener = bind("hub.listen", cfg.hub.listen).await?;
     let api_listener = bind("api.listen", cfg.api.listen).await?;
+    let router_listener = bind("router.listen", cfg.router.listen).await?;
+    let tunnels = Arc::new(Tunnels::new(cfg.tunnel.clone(), store.clone()));
+    let router = Arc::new(
+        Router::new(cfg.router.clone(), objects.clone(), tunnels.clone())
+            .context("cannot load the router's rules from the store")?,
+    );
+    tunnels.set_virtual_services(Arc::new(crate::router::RouterStreams(router.clone())));
     let ready = Arc::new(AtomicBool::new(false));
     let state = ApiState {
         objects: objects.clone(),
@@ -83,6 +92,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         api_token: api_token.into(),
         metrics,
         ready: ready.clone(),
+        router: router.clone(),
     };
     let hub = Arc::new(Hub::new(
         cfg.hub.clone(),
@@ -90,7 +100,9 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         objects,
         tokens,
         nodes,
+        tunnels.clone(),
     ));
+    tokio::spawn(tunnels.clone().follow_limits(shutdown.clone()));
     let hub_task = tokio::spawn(hub.serve(hub_listener, tls.clone(), shutdown.clone()));
     let api_task = tokio::spawn(crate::serve::serve(
         api_listener,
@@ -98,13 +110,16 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         api::router(state, cfg.api.max_body_size),
         shutdown.clone(),
     ));
+    let router_task = tokio::spawn(router.serve_ingress(router_listener, shutdown.clone()));
     ready.store(true, Ordering::Release);
-    info!(hub = %cfg.hub.listen, api = %cfg.api.listen, "cloudcore ready");
+    info!(hub = %cfg.hub.listen, api = %cfg.api.listen, router = %cfg.router.listen, "cloudcore ready");
 
     shutdown.cancelled().await;
     ready.store(false, Ordering::Release);
     let _ = hub_task.await;
+    tunnels.shutdown().await;
     let _ = api_task.await;
+    let _ = router_task.await;
     info!("cloudcore stopped");
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! cloudcore configuration (`/etc/cloudcore/cloudcore.toml`); every key has a default.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ pub struct Config {
     pub hub: HubConfig,
     pub api: ApiConfig,
     pub router: RouterConfig,
+    pub tunnel: crate::tunnel::TunnelConfig,
     pub store: StoreConfig,
     pub log: LogConfig,
 }
@@ -33,6 +34,7 @@ impl Default for Config {
             hub: HubConfig::default(),
             api: ApiConfig::default(),
             router: RouterConfig::default(),
+            tunnel: crate::tunnel::TunnelConfig::default(),
             store: StoreConfig::default(),
             log: LogConfig::default(),
         }
@@ -102,13 +104,48 @@ impl Default for ApiConfig {
 pub struct RouterConfig {
     /// The router's REST ingress (cloud clients calling edge services by rule).
     pub listen: SocketAddr,
+    /// Budget of one routed request up to the target's response head (opening the stream or
+    /// connection included); the body then streams for as long as it takes. Over it: 504.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// The address written into the Endpoints of a `service` → `rest` rule's virtual Service.
+    /// Edge nodes never dial it (an address without `nodeName` makes them open a stream to
+    /// cloudcore, which hands it to the router), but it must pass endpoint validation, so not
+    /// loopback or unspecified. Default: `listen`'s IP when it is such an address, else
+    /// 192.0.2.1 (TEST-NET-1, routed nowhere).
+    pub advertise_ip: Option<IpAddr>,
 }
 
 impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 9443)),
+            request_timeout: Duration::from_secs(30),
+            advertise_ip: None,
         }
+    }
+}
+
+/// The documentation address used when nothing better is known (see `advertise_ip`).
+const PLACEHOLDER_ADVERTISE_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+
+/// Whether edge nodes could be told to reach `ip` (the checks endpoint validation makes).
+fn advertisable(ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || link_local)
+}
+
+impl RouterConfig {
+    /// The IP for virtual Endpoints: `advertise_ip`, else `listen`'s IP when usable, else the
+    /// placeholder.
+    pub fn virtual_endpoint_ip(&self) -> IpAddr {
+        self.advertise_ip
+            .or_else(|| Some(self.listen.ip()).filter(|ip| advertisable(*ip)))
+            .unwrap_or(PLACEHOLDER_ADVERTISE_IP)
     }
 }
 
@@ -187,6 +224,29 @@ impl Config {
                 "is too small to hold cluster IPs",
             ));
         }
+        if self.router.request_timeout.is_zero() {
+            return Err(ConfigError::key(
+                "router.request_timeout",
+                "must be longer than zero",
+            ));
+        }
+        if let Some(ip) = self.router.advertise_ip {
+            if !advertisable(ip) {
+                return Err(ConfigError::key(
+                    "router.advertise_ip",
+                    format!("{ip} cannot be an endpoint address: not loopback, unspecified, multicast or link-local"),
+                ));
+            }
+            if self.service_cidr.contains(&ip) {
+                return Err(ConfigError::key(
+                    "router.advertise_ip",
+                    format!("{ip} is inside service_cidr {}", self.service_cidr),
+                ));
+            }
+        }
+        if let Err((key, why)) = self.tunnel.validate() {
+            return Err(ConfigError::key(&key, why));
+        }
         if let Some(t) = &self.api.token {
             if t.len() < 16 {
                 return Err(ConfigError::key(
@@ -217,6 +277,15 @@ mod tests {
         assert_eq!(c.hub.listen.port(), 10000);
         assert_eq!(c.api.listen.port(), 10002);
         assert_eq!(c.router.listen.port(), 9443);
+        assert_eq!(c.router.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.router.virtual_endpoint_ip().to_string(), "192.0.2.1");
+        let c = parse("[router]\nlisten = \"127.0.0.1:9443\"").expect("loopback listen");
+        assert_eq!(c.router.virtual_endpoint_ip().to_string(), "192.0.2.1");
+        let c = parse("[router]\nlisten = \"172.20.0.2:9443\"").expect("specific listen");
+        assert_eq!(c.router.virtual_endpoint_ip().to_string(), "172.20.0.2");
+        let c = parse("[router]\nlisten = \"172.20.0.2:9443\"\nadvertise_ip = \"172.20.0.9\"")
+            .expect("advertise_ip");
+        assert_eq!(c.router.virtual_endpoint_ip().to_string(), "172.20.0.9");
         let c =
             parse("[hub]\nkeepalive_interval = \"2s\"\nnode_timeout = \"5s\"").expect("durations");
         assert_eq!(c.hub.node_timeout, Duration::from_secs(5));
@@ -227,6 +296,23 @@ mod tests {
             ("[store]\nbackend = \"etcd\"", "store.backend"),
             ("[api]\ntokn = \"x\"", "api.tokn"),
             ("[hub]\nnode_timeout = \"soon\"", "hub.node_timeout"),
+            (
+                "[router]\nrequest_timeout = \"0s\"",
+                "router.request_timeout",
+            ),
+            (
+                "[router]\nrequest_timeout = \"x\"",
+                "router.request_timeout",
+            ),
+            (
+                "[router]\nadvertise_ip = \"127.0.0.1\"",
+                "router.advertise_ip",
+            ),
+            (
+                "[router]\nadvertise_ip = \"10.96.0.1\"",
+                "router.advertise_ip",
+            ),
+            ("[router]\nadvertise_ip = \"nope\"", "router.advertise_ip"),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(&format!("`{key}`")), "{text}: {e}");

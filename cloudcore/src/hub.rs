@@ -41,6 +41,8 @@ use crate::config::HubConfig;
 use crate::nodes::{NodeRegistry, Session};
 use crate::objects::{ApplyError, Objects};
 use crate::store::{Change, ChangeOp, Since, Store};
+use crate::tunnel::Tunnels;
+use edgehub::tunnel::{Mux, Outgoing};
 
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
@@ -74,6 +76,7 @@ pub struct Hub {
     objects: Arc<Objects>,
     tokens: Arc<NodeTokens>,
     nodes: Arc<NodeRegistry>,
+    tunnels: Arc<Tunnels>,
     /// Held while building, so a thousand fresh nodes build one snapshot, not a thousand.
     snapshot: tokio::sync::Mutex<Option<Arc<EncodedSnapshot>>>,
 }
@@ -93,6 +96,9 @@ impl End {
         End { code, reason }
     }
 }
+
+/// Stream messages written in one go before a flush.
+const MAX_WRITE_BATCH: usize = 64;
 
 const KICKED: &str = "node removed, revoked or connected again";
 
@@ -128,6 +134,8 @@ async fn read_loop<S>(
     seen: Arc<AtomicI64>,
     nodes: Arc<NodeRegistry>,
     session: Session,
+    tunnels: Arc<Tunnels>,
+    mux: Mux,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -140,6 +148,13 @@ async fn read_loop<S>(
                 match frame {
                     WsMessage::Text(t) => match Message::from_json(t.as_str()) {
                         Ok(m) if m.operation() == op::KEEPALIVE => continue,
+                        // Stream messages are handled here, never queued behind a long write.
+                        Ok(m) if m.route.group == group::STREAM => {
+                            match tunnels.on_message(&session.node, &mux, &m) {
+                                Ok(()) => continue,
+                                Err(e) => Inbound::Failed(SessionError::Protocol(e.to_string())),
+                            }
+                        }
                         Ok(m) if m.operation() == op::RESPONSE && m.resource() == resource::ACK => {
                             match m.content_as::<Ack>() {
                                 Ok(ack) => {
@@ -156,10 +171,10 @@ async fn read_loop<S>(
                         Err(e) => Inbound::Failed(SessionError::Protocol(e.to_string())),
                     },
                     WsMessage::Close(_) => Inbound::Closed("closed by node"),
-                    WsMessage::Binary(_) => {
-                        debug!("ignoring a binary frame: no streams are open");
-                        continue;
-                    }
+                    WsMessage::Binary(raw) => match mux.on_binary(raw) {
+                        Ok(()) => continue,
+                        Err(e) => Inbound::Failed(SessionError::Protocol(e.to_string())),
+                    },
                     _ => continue, // ping/pong: answered by tungstenite, counted as a sign of life
                 }
             }
@@ -304,6 +319,7 @@ impl Hub {
         objects: Arc<Objects>,
         tokens: Arc<NodeTokens>,
         nodes: Arc<NodeRegistry>,
+        tunnels: Arc<Tunnels>,
     ) -> Self {
         Hub {
             cfg,
@@ -311,6 +327,7 @@ impl Hub {
             objects,
             tokens,
             nodes,
+            tunnels,
             snapshot: tokio::sync::Mutex::new(None),
         }
     }
@@ -506,12 +523,15 @@ impl Hub {
         // (a snapshot over a slow link) is in progress, so a healthy node is never timed out.
         let seen = Arc::new(AtomicI64::new(mono_ms()));
         let (tx, mut inbound) = mpsc::channel(4);
+        let (mux, mut link_out) = self.tunnels.attach(&session.node);
         let mut reader = tokio::spawn(read_loop(
             stream,
             tx,
             seen.clone(),
             self.nodes.clone(),
             session.clone(),
+            self.tunnels.clone(),
+            mux.clone(),
         ));
         let mut out = Outbound {
             sink,
@@ -520,8 +540,17 @@ impl Hub {
             shutdown,
         };
         let result = self
-            .converse(&mut out, &mut inbound, &seen, session, shutdown)
+            .converse(
+                &mut out,
+                &mut inbound,
+                &mut link_out,
+                &seen,
+                session,
+                shutdown,
+            )
             .await;
+        self.tunnels
+            .detach(&session.node, &mux, "the node's link closed");
         let (code, reason, outcome) = match result {
             Ok(end) | Err(SessionError::Stopped(end)) => {
                 (end.code, end.reason.to_string(), Ok(end.reason))
@@ -551,6 +580,7 @@ impl Hub {
         &self,
         out: &mut Outbound<'_, S>,
         inbound: &mut mpsc::Receiver<Inbound>,
+        link_out: &mut mpsc::UnboundedReceiver<Outgoing>,
         seen: &AtomicI64,
         session: &Session,
         shutdown: &CancellationToken,
@@ -627,6 +657,20 @@ impl Hub {
                     Some(Inbound::Failed(e)) => return Err(e),
                     Some(Inbound::Message(m)) => self.on_message(out, session, *m, &mut sent, &mut last_query).await?,
                 },
+                Some(first) = link_out.recv() => {
+                    // Stream frames and answers: write what is queued, then flush once.
+                    let mut budget = Vec::new();
+                    let mut next = Some(first);
+                    while let Some(o) = next.take() {
+                        let (message, permit) = o.into_parts();
+                        out.feed(message).await?;
+                        budget.push(permit);
+                        if budget.len() < MAX_WRITE_BATCH {
+                            next = link_out.try_recv().ok();
+                        }
+                    }
+                    out.flush().await?;
+                }
                 changed = versions.changed() => {
                     if changed.is_err() {
                         return Ok(End::new(CloseCode::Away, "store closed"));

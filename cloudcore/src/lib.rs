@@ -5,6 +5,7 @@
 //! - [`api`]: the REST API; [`serve`]: HTTP(S) serving;
 //! - [`hub`]: the websocket server that keeps every edge node in sync;
 //! - [`auth`]: API and node tokens; [`nodes`]: which nodes are online;
+//! - [`router`]: rules between cloud REST services and edge Services, with QPS limits;
 //! - [`cli`]: `cloudcore apply|get|delete|token`.
 
 pub mod api;
@@ -15,5 +16,7 @@ pub mod config;
 pub mod hub;
 pub mod nodes;
 pub mod objects;
+pub mod router;
 pub mod serve;
 pub mod store;
+pub mod tunnel;

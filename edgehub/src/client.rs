@@ -28,6 +28,7 @@ use crate::message::{
 use crate::metamanager::{EdgeChange, MetaError, MetaManager};
 use crate::model::ObjectKey;
 use crate::tls::{self, TlsError};
+use crate::tunnel::{Mux, Outgoing, RefusalKind, Side, TunnelHandle};
 
 /// The hub's default port, used when a cloud URL names none.
 pub const DEFAULT_HUB_PORT: u16 = 10000;
@@ -218,6 +219,32 @@ pub struct HubClient {
     /// Set when this node's copy turned out not to be the cloud's history: the next sync
     /// request presents no store, so the cloud answers with a snapshot.
     force_snapshot: std::sync::atomic::AtomicBool,
+    /// Streams over the hub link, when this agent tunnels traffic.
+    tunnel: Option<TunnelHandle>,
+}
+
+/// Messages of the link's stream queue written in one go before a flush.
+const MAX_WRITE_BATCH: usize = 64;
+
+/// Closes the link's streams when the session ends, however it ends.
+struct LinkGuard<'a>(&'a Option<TunnelHandle>);
+
+impl Drop for LinkGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(tunnel) = self.0 {
+            tunnel.install(None);
+        }
+    }
+}
+
+/// The next message of the stream queue, or never when this link carries no streams.
+async fn next_outgoing(
+    rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Outgoing>>,
+) -> Option<Outgoing> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl HubClient {
@@ -231,7 +258,15 @@ impl HubClient {
             meta,
             status: Arc::new(Mutex::new(status)),
             force_snapshot: std::sync::atomic::AtomicBool::new(false),
+            tunnel: None,
         }
+    }
+
+    /// Carries tunnelled streams over the hub link: opened through `tunnel`, accepted by its
+    /// acceptor.
+    pub fn with_tunnel(mut self, tunnel: TunnelHandle) -> Self {
+        self.tunnel = Some(tunnel);
+        self
     }
 
     /// Shared status, updated as the client works.
@@ -441,11 +476,38 @@ impl HubClient {
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut deadline = Instant::now() + self.cfg.keepalive_timeout;
 
+        let (mux, mut link_out) = match &self.tunnel {
+            Some(tunnel) => {
+                let (mux, out) = Mux::new(tunnel.config().clone(), Side::Edge);
+                tunnel.install(Some(mux.clone()));
+                (Some(mux), Some(out))
+            }
+            None => (None, None),
+        };
+        let _link = LinkGuard(&self.tunnel);
+
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => {
                     let _ = sink.send(WsMessage::Close(None)).await;
                     return Ok(SessionEnd::Shutdown);
+                }
+                Some(out) = next_outgoing(&mut link_out) => {
+                    // Stream frames: write what is queued, then flush once.
+                    let mut budget = Vec::new();
+                    let (message, permit) = out.into_parts();
+                    sink.feed(message).await?;
+                    budget.push(permit);
+                    if let Some(rx) = link_out.as_mut() {
+                        while budget.len() < MAX_WRITE_BATCH {
+                            let Ok(out) = rx.try_recv() else { break };
+                            let (message, permit) = out.into_parts();
+                            sink.feed(message).await?;
+                            budget.push(permit);
+                        }
+                    }
+                    sink.flush().await?;
+                    continue;
                 }
                 _ = keepalive.tick() => {
                     let ka = Message::new(module::EDGEHUB, module::CLOUDHUB, group::HUB, op::KEEPALIVE,
@@ -475,7 +537,9 @@ impl HubClient {
                     }
                     Some(Ok(WsMessage::Text(text))) => {
                         let msg = Message::from_json(text.as_str())?;
-                        if let Some(snapshot) = self.handle(&mut state, msg, &mut batch)? {
+                        if msg.route.group == group::STREAM {
+                            self.on_stream_message(mux.as_ref(), &msg)?;
+                        } else if let Some(snapshot) = self.handle(&mut state, msg, &mut batch)? {
                             // A snapshot replaces everything, so earlier changes are moot.
                             batch.clear();
                             self.apply_snapshot(&mut state, snapshot, &mut sink).await?;
@@ -488,9 +552,12 @@ impl HubClient {
                         ended = Some(HubError::Closed(reason));
                         break;
                     }
-                    Some(Ok(WsMessage::Binary(_))) => {
-                        debug!("ignoring a binary frame: no streams are open");
-                    }
+                    Some(Ok(WsMessage::Binary(raw))) => match &mux {
+                        Some(mux) => mux
+                            .on_binary(raw)
+                            .map_err(|e| HubError::Protocol(e.to_string()))?,
+                        None => debug!("ignoring a binary frame: this agent tunnels nothing"),
+                    },
                     Some(Ok(_)) => {} // ping/pong are answered by tungstenite
                 }
                 if batch.len() < MAX_BATCH {
@@ -507,6 +574,28 @@ impl HubClient {
                 return Err(e);
             }
         }
+    }
+
+    /// A stream open from the cloud goes to the acceptor; an answer to one of ours completes it.
+    fn on_stream_message(&self, mux: Option<&Mux>, msg: &Message) -> Result<(), HubError> {
+        let Some(mux) = mux else {
+            debug!("ignoring a stream message: this agent tunnels nothing");
+            return Ok(());
+        };
+        let incoming = mux
+            .on_message(msg)
+            .map_err(|e| HubError::Protocol(e.to_string()))?;
+        if let Some(incoming) = incoming {
+            match self.tunnel.as_ref().and_then(|t| t.acceptor()) {
+                Some(acceptor) => acceptor.incoming(mux, incoming),
+                None => mux.refuse(
+                    incoming,
+                    RefusalKind::Forbidden,
+                    "this node accepts no streams",
+                ),
+            }
+        }
+        Ok(())
     }
 
     /// Handles one message. Changes go into `batch`; a completed snapshot is returned.

@@ -31,6 +31,8 @@ pub mod module {
 pub mod group {
     pub const META: &str = "meta";
     pub const HUB: &str = "hub";
+    /// Tunnelled streams (open and its answer; data travel in binary frames).
+    pub const STREAM: &str = "stream";
 }
 
 /// Resources of control messages (metadata changes use `<namespace>/<type>/<name>`).

@@ -25,6 +25,8 @@ pub struct ProxySummary {
     pub listen: std::net::SocketAddr,
     pub rules: Option<Rules>,
     pub health: Arc<HealthRegistry>,
+    /// Streams through the cloud, when the agent tunnels.
+    pub tunnel: Option<edgehub::tunnel::TunnelHandle>,
 }
 
 #[derive(Clone)]
@@ -185,6 +187,12 @@ async fn proxy(State(state): State<AdminState>) -> Response {
         "routes": table.len(),
         "version": table.version,
         "ejected": ejected,
+        "tunnel": summary.tunnel.as_ref().map(|t| json!({
+            "linkUp": t.is_up(),
+            "openStreams": t.open_streams(),
+            "window": t.config().window,
+            "maxStreams": t.config().max_streams,
+        })),
     }))
     .into_response()
 }

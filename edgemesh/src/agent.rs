@@ -14,7 +14,11 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
-use crate::proxy::LocalNode;
+use crate::proxy::connect::Dialer;
+use crate::proxy::{LocalNode, ProxyDeps};
+use crate::tunnel::EdgeAcceptor;
+use edgehub::limits::Limiters;
+use tokio_util::task::TaskTracker;
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     run_until(cfg, edgehub::process::shutdown_on_signal()).await
@@ -51,7 +55,27 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         )
     })?;
 
-    let client = HubClient::new(hub_cfg, meta.clone());
+    // Tunnels: the acceptor dials this node's endpoints for streams from the cloud; the proxy
+    // opens streams for endpoints elsewhere. Both enforce QPS limits where they dial.
+    let limiters = Arc::new(Limiters::new());
+    tokio::spawn(follow_limits(
+        meta.subscribe(),
+        limiters.clone(),
+        shutdown.clone(),
+    ));
+    let dialer = Arc::new(Dialer::new(&cfg.proxy));
+    let stream_tasks = TaskTracker::new();
+    let acceptor = Arc::new(EdgeAcceptor::new(
+        cfg.node_name.clone(),
+        meta.subscribe(),
+        dialer.clone(),
+        limiters.clone(),
+        cfg.proxy.idle_timeout,
+        cfg.proxy.detect_timeout,
+        stream_tasks.clone(),
+    ));
+    let tunnel = crate::tunnel::handle(&cfg.tunnel, acceptor);
+    let client = HubClient::new(hub_cfg, meta.clone()).with_tunnel(tunnel.clone());
     let sync = client.status();
     let ready = Arc::new(AtomicBool::new(false));
     if cfg.cloud_urls().is_empty() {
@@ -72,6 +96,11 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
             labels: cfg.labels.clone(),
         },
         meta.subscribe(),
+        ProxyDeps {
+            dialer,
+            tunnel: Some(tunnel.clone()),
+            limiters: limiters.clone(),
+        },
         shutdown.clone(),
     )
     .await?;
@@ -85,6 +114,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
             listen: std::net::SocketAddr::new(cfg.proxy.listen_address, cfg.proxy.port),
             rules: proxy.rules.clone(),
             health: proxy.health.clone(),
+            tunnel: Some(tunnel.clone()),
         }),
     };
     let admin_task = tokio::spawn({
@@ -109,8 +139,27 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     }
     let _ = admin_task.await;
     proxy.join().await;
+    // The hub link is closed by now, which reset every stream; their tasks end promptly.
+    stream_tasks.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), stream_tasks.wait()).await;
     info!("edgemesh stopped");
     Ok(())
+}
+
+/// Keeps the QPS limits in step with the Services' annotations.
+async fn follow_limits(
+    mut views: tokio::sync::watch::Receiver<Arc<edgehub::metamanager::MeshView>>,
+    limiters: Arc<Limiters>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let view = views.borrow_and_update().clone();
+        limiters.follow(&view);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = views.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// Folds recorded histogram samples (DNS and proxy latencies) into their summaries every

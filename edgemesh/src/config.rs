@@ -31,6 +31,7 @@ pub struct Config {
     pub cloud: CloudConfig,
     pub proxy: ProxyConfig,
     pub dns: DnsConfig,
+    pub tunnel: crate::tunnel::TunnelConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
 }
@@ -46,6 +47,7 @@ impl Default for Config {
             cloud: CloudConfig::default(),
             proxy: ProxyConfig::default(),
             dns: DnsConfig::default(),
+            tunnel: crate::tunnel::TunnelConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
         }
@@ -172,6 +174,7 @@ impl Config {
         }
         self.proxy.validate(&self.service_cidr)?;
         self.dns.validate()?;
+        self.tunnel.validate()?;
         Ok(())
     }
 

@@ -17,3 +17,4 @@ pub mod dns;
 pub mod iptables;
 pub mod proxy;
 pub mod status;
+pub mod tunnel;

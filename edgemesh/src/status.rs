@@ -138,6 +138,15 @@ fn print_running(v: &Value) {
             ejected
         );
         println!("iptables:    {}", text(&p["iptables"]));
+        let t = &p["tunnel"];
+        if t.is_object() {
+            let link = if t["linkUp"] == true {
+                "up"
+            } else {
+                "down (cloud unreachable)"
+            };
+            println!("tunnel:      {link}, {} streams open", t["openStreams"]);
+        }
     } else {
         println!("proxy:       not running");
     }

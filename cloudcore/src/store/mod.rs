@@ -175,4 +175,31 @@ pub trait Store: Send + Sync + 'static {
     fn put_token_hash(&self, node: &str, hash: &str) -> Result<(), StoreError>;
     fn delete_token_hash(&self, node: &str) -> Result<bool, StoreError>;
     fn token_hashes(&self) -> Result<Vec<(String, String)>, StoreError>;
+
+    /// Router records (rule endpoints and rules) as JSON by kind and id. Like tokens they live
+    /// outside the versioned objects: nodes are never sent them, and writing them makes no
+    /// change in the log.
+    fn put_router(&self, kind: RouterKind, id: &str, json: &str) -> Result<(), StoreError>;
+    fn get_router(&self, kind: RouterKind, id: &str) -> Result<Option<String>, StoreError>;
+    /// Every record of one kind as `(id, json)`, ordered by id.
+    fn list_router(&self, kind: RouterKind) -> Result<Vec<(String, String)>, StoreError>;
+    /// Whether a record was there to delete.
+    fn delete_router(&self, kind: RouterKind, id: &str) -> Result<bool, StoreError>;
+}
+
+/// The kinds of router records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RouterKind {
+    Endpoint,
+    Rule,
+}
+
+impl RouterKind {
+    /// The stored name of the kind (the `kind` column).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouterKind::Endpoint => "endpoint",
+            RouterKind::Rule => "rule",
+        }
+    }
 }

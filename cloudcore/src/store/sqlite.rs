@@ -13,7 +13,7 @@ use edgehub::model::{Kind, Object, ObjectKey};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::watch;
 
-use super::{Change, ChangeOp, Record, Since, Snapshot, Store, StoreError, Write};
+use super::{Change, ChangeOp, Record, RouterKind, Since, Snapshot, Store, StoreError, Write};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS objects (
@@ -44,8 +44,21 @@ CREATE TABLE IF NOT EXISTS node_tokens (
 );
 ";
 
-/// Version of the layout above, kept in SQLite's `user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Steps that take the layout from one version to the next: `MIGRATIONS[i]` goes from version
+/// `i + 1` to `i + 2`. Steps only add tables: data already stored is never rewritten, so a
+/// store from an older cloudcore opens with everything it held.
+const MIGRATIONS: &[&str] = &[
+    // 2: router records (rule endpoints and rules), kept apart from the synced objects.
+    "CREATE TABLE IF NOT EXISTS router (
+        kind TEXT NOT NULL,
+        id   TEXT NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (kind, id)
+    );",
+];
+
+/// Version of the layout (`SCHEMA` plus every migration), kept in SQLite's `user_version`.
+pub const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
 
 /// File name of the cloud database inside `data_dir`.
 pub const DB_FILE: &str = "cloudcore.db";
@@ -106,21 +119,16 @@ impl SqliteStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
         }
-        let conn = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        let mut conn = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL, not NORMAL: the version counter must never go backwards after a power cut, or a
         // node that already saw version N would take a different change N as a duplicate.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        // A store written by a newer cloudcore is refused rather than misread.
-        let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if found > SCHEMA_VERSION {
-            return Err(open_err(format!(
-                "written by a newer cloudcore (schema {found}; this one knows {SCHEMA_VERSION})"
-            )));
-        }
-        conn.execute_batch(SCHEMA)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        migrate(&mut conn).map_err(|e| match e {
+            StoreError::Open { reason, .. } => open_err(reason),
+            other => other,
+        })?;
         let store_id: String = match conn
             .query_row(
                 "SELECT value FROM store_meta WHERE key = 'store_id'",
@@ -203,6 +211,35 @@ impl SqliteStore {
         // consistent database and can be reused.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Brings the layout to [`SCHEMA_VERSION`] in one transaction: a crash part-way leaves the
+/// store at its old version, and the next start runs the same steps again.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let found: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    // A store written by a newer cloudcore is refused rather than misread.
+    if !(0..=SCHEMA_VERSION).contains(&found) {
+        return Err(StoreError::Open {
+            path: String::new(),
+            reason: format!(
+                "written by a newer cloudcore (schema {found}; this one knows {SCHEMA_VERSION})"
+            ),
+        });
+    }
+    if found == SCHEMA_VERSION {
+        return Ok(());
+    }
+    // Version 0 is a new file (or one from before versions were kept); the base layout's
+    // statements leave existing tables alone, so running it on any older store is safe.
+    tx.execute_batch(SCHEMA)?;
+    let done = usize::try_from(found.max(1) - 1).unwrap_or(0);
+    for step in &MIGRATIONS[done..] {
+        tx.execute_batch(step)?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(())
 }
 
 fn read_version(conn: &Connection) -> Result<u64, StoreError> {
@@ -495,6 +532,41 @@ impl Store for SqliteStore {
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
+
+    fn put_router(&self, kind: RouterKind, id: &str, json: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO router (kind, id, body) VALUES (?1, ?2, ?3)
+             ON CONFLICT(kind, id) DO UPDATE SET body = excluded.body",
+            params![kind.as_str(), id, json],
+        )?;
+        Ok(())
+    }
+
+    fn get_router(&self, kind: RouterKind, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT body FROM router WHERE kind = ?1 AND id = ?2",
+                params![kind.as_str(), id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    fn list_router(&self, kind: RouterKind) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT id, body FROM router WHERE kind = ?1 ORDER BY id")?;
+        let rows = stmt.query_map(params![kind.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn delete_router(&self, kind: RouterKind, id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "DELETE FROM router WHERE kind = ?1 AND id = ?2",
+            params![kind.as_str(), id],
+        )? > 0)
+    }
 }
 
 #[cfg(test)]
@@ -670,6 +742,94 @@ mod tests {
         assert!((1..50).contains(&kept), "{kept}");
         assert!(matches!(store.changes_since(1, None), Since::Gone));
         assert!(matches!(store.changes_since(49, None), Since::Changes(c) if c.len() == 1));
+    }
+
+    #[test]
+    fn router_records_round_trip_outside_the_change_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DB_FILE);
+        let store = SqliteStore::open(&path, 100, 1 << 20).expect("open");
+        store
+            .put_router(RouterKind::Rule, "r1", r#"{"id":"r1"}"#)
+            .expect("put");
+        store
+            .put_router(RouterKind::Rule, "r1", r#"{"id":"r1","x":1}"#)
+            .expect("replace");
+        store
+            .put_router(RouterKind::Endpoint, "r1", r#"{"e":1}"#)
+            .expect("same id, other kind");
+        assert_eq!(store.version(), 0, "router records make no changes");
+        assert!(matches!(store.changes_since(0, None), Since::Current));
+        drop(store);
+        let store = SqliteStore::open(&path, 100, 1 << 20).expect("reopen");
+        assert_eq!(
+            store.get_router(RouterKind::Rule, "r1").expect("get"),
+            Some(r#"{"id":"r1","x":1}"#.to_string())
+        );
+        assert_eq!(
+            store.list_router(RouterKind::Endpoint).expect("list"),
+            vec![("r1".to_string(), r#"{"e":1}"#.to_string())]
+        );
+        assert!(store.delete_router(RouterKind::Rule, "r1").expect("delete"));
+        assert!(!store.delete_router(RouterKind::Rule, "r1").expect("again"));
+        assert_eq!(store.get_router(RouterKind::Rule, "r1").expect("get"), None);
+        assert_eq!(
+            store.list_router(RouterKind::Endpoint).expect("list").len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_schema_1_store_is_migrated_with_its_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DB_FILE);
+        let store = SqliteStore::open(&path, 100, 1 << 20).expect("open");
+        store.write(vec![put(node("a", "1"))]).expect("write");
+        store.put_token_hash("a", "h").expect("token");
+        let (id, chain) = (
+            store.store_id().to_string(),
+            store.snapshot().expect("snap").chain,
+        );
+        drop(store);
+        {
+            // Exactly what a cloudcore with schema 1 left behind: no router table.
+            let conn = Connection::open(&path).expect("raw open");
+            conn.execute_batch("DROP TABLE router; PRAGMA user_version = 1;")
+                .expect("downgrade");
+        }
+        let store = SqliteStore::open(&path, 100, 1 << 20).expect("migrated");
+        assert_eq!(store.store_id(), id);
+        assert_eq!(store.version(), 1);
+        assert_eq!(store.snapshot().expect("snap").chain, chain);
+        assert!(store
+            .get(&ObjectKey::new(Kind::Node, "", "a"))
+            .expect("get")
+            .is_some());
+        assert_eq!(store.token_hashes().expect("tokens").len(), 1);
+        store
+            .put_router(RouterKind::Endpoint, "e", "{}")
+            .expect("router table exists");
+        let v: i64 = store
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("user_version");
+        assert_eq!(v, SCHEMA_VERSION);
+        drop(store);
+
+        // A store from a newer cloudcore is refused, and left as it was.
+        Connection::open(&path)
+            .expect("raw open")
+            .pragma_update(None, "user_version", 99)
+            .expect("bump");
+        let err = SqliteStore::open(&path, 100, 1 << 20)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("newer cloudcore"), "{err}");
+        let v: i64 = Connection::open(&path)
+            .expect("raw open")
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("user_version");
+        assert_eq!(v, 99);
     }
 
     #[test]

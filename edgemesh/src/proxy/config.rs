@@ -36,6 +36,11 @@ pub struct ProxyConfig {
     /// byte (a peer that vanished must not hold a slot for the whole idle timeout).
     #[serde(with = "humantime_serde")]
     pub half_close_timeout: Duration,
+    /// How long the first bytes of a connection to a rate-limited Service may take to show
+    /// whether it is HTTP/1 (limited per request) or not (limited per connection);
+    /// server-speaks-first protocols wait this long.
+    #[serde(with = "humantime_serde")]
+    pub detect_timeout: Duration,
     /// Proxied connections open at once; more are refused (reset) until some close.
     pub max_connections: usize,
     pub outlier: OutlierConfig,
@@ -53,6 +58,7 @@ impl Default for ProxyConfig {
             connect_attempts: 3,
             idle_timeout: Duration::from_secs(3600),
             half_close_timeout: Duration::from_secs(60),
+            detect_timeout: Duration::from_millis(300),
             max_connections: 16_384,
             outlier: OutlierConfig::default(),
         }
@@ -130,6 +136,9 @@ impl ProxyConfig {
         }
         if self.idle_timeout.is_zero() {
             return Err(ConfigError::key("proxy.idle_timeout", "must not be 0"));
+        }
+        if self.detect_timeout.is_zero() {
+            return Err(ConfigError::key("proxy.detect_timeout", "must not be 0"));
         }
         if self.half_close_timeout.is_zero() {
             return Err(ConfigError::key(

@@ -1,11 +1,16 @@
-//! Dialling an endpoint of a route: pick, connect with a timeout, and on failure record it
-//! (outlier detection) and fall over to another endpoint.
+//! Reaching an endpoint of a route: pick, then dial it (an endpoint on this node) or open a
+//! stream to it through the cloud (an endpoint on another node or in the cloud), and on
+//! failure record it (outlier detection) and fall over to another endpoint.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use edgehub::tunnel::{
+    OpenError, OpenRequest, RefusalKind, StreamProtocol, TunnelHandle, TunnelStream,
+};
 use thiserror::Error;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, warn};
@@ -13,7 +18,7 @@ use tracing::{debug, warn};
 use super::socket;
 use super::table::Route;
 use super::ProxyConfig;
-use crate::balance::{InFlight, PickContext};
+use crate::balance::{Endpoint, InFlight, PickContext};
 
 #[derive(Debug, Error)]
 pub enum ConnectError {
@@ -26,33 +31,115 @@ pub enum ConnectError {
         endpoint: SocketAddr,
         source: io::Error,
     },
+    /// The side that dials the endpoint refused the connection: the Service is over its QPS
+    /// limit. Another endpoint is not tried, or the limit would mean nothing.
+    #[error("service {service} is over its QPS limit")]
+    RateLimited { service: String },
 }
 
-pub struct Connector {
+/// The connection to an endpoint: a socket of this node's, or a stream through the cloud.
+pub enum Upstream {
+    Local(TcpStream),
+    Tunnel(TunnelStream),
+}
+
+/// Dials endpoints on this node: marked sockets (so iptables lets them pass) with a timeout.
+pub struct Dialer {
     mark: u32,
     timeout: Duration,
-    attempts: u32,
     /// Marking needs CAP_NET_ADMIN; without it, say so once rather than on every connection.
     mark_warned: AtomicBool,
 }
 
-impl Connector {
-    pub fn new(cfg: &ProxyConfig) -> Connector {
-        Connector {
+impl Dialer {
+    pub fn new(cfg: &ProxyConfig) -> Dialer {
+        Dialer {
             mark: cfg.mark,
             timeout: cfg.connect_timeout,
-            attempts: cfg.connect_attempts,
             mark_warned: AtomicBool::new(false),
         }
     }
 
-    /// Connects to an endpoint of `route` for a client at `client_ip`. Returns the stream, the
-    /// endpoint and its in-flight guard (held for as long as the connection is open).
+    pub async fn dial(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        if let Err(e) = socket::set_mark(&socket, self.mark) {
+            if !self.mark_warned.swap(true, Ordering::Relaxed) {
+                warn!(error = %e, "cannot mark upstream sockets (CAP_NET_ADMIN missing?); \
+                    connections to cluster IPs from this host could loop");
+            }
+        }
+        let stream = tokio::time::timeout(self.timeout, socket.connect(addr))
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {:?}", self.timeout),
+                )
+            })??;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+pub struct Connector {
+    dialer: Arc<Dialer>,
+    attempts: u32,
+    /// This node's name: endpoints hosted elsewhere are reached through `tunnel`.
+    node: Arc<str>,
+    tunnel: Option<TunnelHandle>,
+}
+
+/// What the far side of a tunnel said, as an I/O error for logs and `AllFailed`.
+fn open_error(e: OpenError) -> io::Error {
+    let kind = match &e {
+        OpenError::Timeout(_) => io::ErrorKind::TimedOut,
+        OpenError::Refused {
+            kind: RefusalKind::Unreachable,
+            ..
+        } => io::ErrorKind::ConnectionRefused,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, format!("tunnel: {e}"))
+}
+
+fn stream_protocol(annotation: Option<&str>) -> StreamProtocol {
+    match annotation {
+        Some("http") => StreamProtocol::Http,
+        Some("h2") | Some("grpc") => StreamProtocol::H2,
+        _ => StreamProtocol::Tcp,
+    }
+}
+
+impl Connector {
+    pub fn new(
+        cfg: &ProxyConfig,
+        dialer: Arc<Dialer>,
+        node: &str,
+        tunnel: Option<TunnelHandle>,
+    ) -> Connector {
+        Connector {
+            dialer,
+            attempts: cfg.connect_attempts,
+            node: Arc::from(node),
+            tunnel,
+        }
+    }
+
+    /// Whether this node dials `endpoint` itself.
+    pub fn is_local(&self, endpoint: &Endpoint) -> bool {
+        endpoint.node.as_deref() == Some(&*self.node)
+    }
+
+    /// Connects to an endpoint of `route` for a client at `client_ip`. Returns the connection,
+    /// the endpoint and its in-flight guard (held for as long as the connection is open).
     pub async fn connect(
         &self,
         route: &Route,
         client_ip: IpAddr,
-    ) -> Result<(TcpStream, SocketAddr, InFlight), ConnectError> {
+    ) -> Result<(Upstream, SocketAddr, InFlight), ConnectError> {
         let ctx = PickContext {
             client_ip,
             hash_key: None,
@@ -65,10 +152,36 @@ impl Connector {
             };
             tried.push(endpoint.addr);
             let in_flight = InFlight::start(&endpoint.health);
-            match self.dial(endpoint.addr).await {
-                Ok(stream) => {
+            let attempt = if self.is_local(endpoint) {
+                self.dialer.dial(endpoint.addr).await.map(Upstream::Local)
+            } else {
+                match self.open(route, endpoint).await {
+                    Ok(stream) => Ok(Upstream::Tunnel(stream)),
+                    Err(OpenError::Refused {
+                        kind: RefusalKind::RateLimited,
+                        ..
+                    }) => {
+                        return Err(ConnectError::RateLimited {
+                            service: route.service.to_string(),
+                        })
+                    }
+                    Err(e) => {
+                        // Only the endpoint's own failures eject it; a refusal for a missing
+                        // link or a full link says nothing about the endpoint.
+                        if !e.endpoint_failed() {
+                            route.stats.get().endpoint_failures.increment(1);
+                            debug!(endpoint = %endpoint.addr, error = %e, "tunnel open failed; trying another endpoint");
+                            last_error = Some((endpoint.addr, open_error(e)));
+                            continue;
+                        }
+                        Err(open_error(e))
+                    }
+                }
+            };
+            match attempt {
+                Ok(upstream) => {
                     endpoint.health.record_success();
-                    return Ok((stream, endpoint.addr, in_flight));
+                    return Ok((upstream, endpoint.addr, in_flight));
                 }
                 Err(e) => {
                     route.stats.get().endpoint_failures.increment(1);
@@ -91,26 +204,21 @@ impl Connector {
         }
     }
 
-    async fn dial(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        let socket = match addr {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    async fn open(&self, route: &Route, endpoint: &Endpoint) -> Result<TunnelStream, OpenError> {
+        let Some(tunnel) = &self.tunnel else {
+            return Err(OpenError::LinkDown);
         };
-        if let Err(e) = socket::set_mark(&socket, self.mark) {
-            if !self.mark_warned.swap(true, Ordering::Relaxed) {
-                warn!(error = %e, "cannot mark upstream sockets (CAP_NET_ADMIN missing?); \
-                    connections to cluster IPs from this host could loop");
-            }
-        }
-        let stream = tokio::time::timeout(self.timeout, socket.connect(addr))
+        tunnel
+            .open(OpenRequest {
+                stream: 0,
+                namespace: route.service.namespace.to_string(),
+                service: route.service.name.to_string(),
+                endpoint: endpoint.addr,
+                node: endpoint.node.as_deref().map(str::to_string),
+                protocol: stream_protocol(route.protocol.as_deref()),
+                source: String::new(),
+                window: 0,
+            })
             .await
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no answer within {:?}", self.timeout),
-                )
-            })??;
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
     }
 }

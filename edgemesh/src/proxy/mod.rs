@@ -32,7 +32,10 @@ use tracing::{debug, debug_span, info, warn, Instrument};
 use crate::balance::HealthRegistry;
 use crate::iptables::Rules;
 pub use config::{OutlierConfig, ProxyConfig};
-use connect::Connector;
+use connect::{Connector, Dialer, Upstream};
+use edgehub::limits::{serve_endpoint, EndpointTimeouts, Limiters, Served};
+use edgehub::tunnel::bridge::bridge;
+use edgehub::tunnel::{StreamProtocol, TunnelHandle};
 pub use table::{LocalNode, RouteTable};
 
 /// Silence after which an accepted connection's peer is probed (TCP keepalive).
@@ -46,6 +49,7 @@ pub struct Proxy {
     cfg: ProxyConfig,
     tables: watch::Receiver<Arc<RouteTable>>,
     connector: Connector,
+    limiters: Arc<Limiters>,
     connections: Arc<Semaphore>,
     active: metrics::Gauge,
     unmatched: metrics::Counter,
@@ -95,9 +99,15 @@ impl WarnThrottle {
 }
 
 impl Proxy {
-    pub fn new(cfg: ProxyConfig, tables: watch::Receiver<Arc<RouteTable>>) -> Proxy {
+    pub fn new(
+        cfg: ProxyConfig,
+        tables: watch::Receiver<Arc<RouteTable>>,
+        connector: Connector,
+        limiters: Arc<Limiters>,
+    ) -> Proxy {
         Proxy {
-            connector: Connector::new(&cfg),
+            connector,
+            limiters,
             connections: Arc::new(Semaphore::new(cfg.max_connections)),
             active: metrics::gauge!("edgemesh_proxy_active_connections"),
             unmatched: counter!("edgemesh_proxy_unmatched_connections_total"),
@@ -188,14 +198,18 @@ impl Proxy {
 
 async fn tcp_session(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, route: &table::Route) {
     let stats = route.stats.get();
-    let (mut upstream, endpoint, _in_flight) = match proxy.connector.connect(route, peer.ip()).await
-    {
+    let (upstream, endpoint, _in_flight) = match proxy.connector.connect(route, peer.ip()).await {
         Ok(c) => c,
         Err(e @ connect::ConnectError::NoEndpoints { .. }) => {
             // Counted; not logged one by one, so a client looping on an empty Service cannot
             // flood the log.
             debug!(error = %e, "connection not forwarded");
             stats.no_endpoints.increment(1);
+            reset(client);
+            return;
+        }
+        Err(e @ connect::ConnectError::RateLimited { .. }) => {
+            debug!(error = %e, "connection not forwarded");
             reset(client);
             return;
         }
@@ -218,9 +232,48 @@ async fn tcp_session(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, rou
         idle: proxy.cfg.idle_timeout,
         half_closed: proxy.cfg.half_close_timeout,
     };
-    match tcp::forward(&mut client, &mut upstream, timeouts, counters).await {
-        Ok(t) => debug!(%endpoint, sent = t.sent, received = t.received, "closed"),
-        Err(e) => debug!(%endpoint, error = %e, "aborted"),
+    let ns = &route.service.namespace;
+    let name = &route.service.name;
+    let limited = proxy.limiters.limit(ns, name).is_some();
+    match upstream {
+        // The Service's limit is enforced where the endpoint is dialled: here, for this
+        // node's endpoints.
+        Upstream::Local(upstream) if limited => {
+            let hint = match route.protocol.as_deref() {
+                Some("http") => StreamProtocol::Http,
+                Some("h2") | Some("grpc") => StreamProtocol::H2,
+                _ => StreamProtocol::Tcp,
+            };
+            let t = EndpointTimeouts {
+                detect: proxy.cfg.detect_timeout,
+                idle: proxy.cfg.idle_timeout,
+            };
+            match serve_endpoint(client, upstream, &proxy.limiters, ns, name, hint, t).await {
+                Ok(Served::Refused) => debug!(%endpoint, "over the Service's limit: closed"),
+                Ok(_) => debug!(%endpoint, "closed"),
+                Err(e) => debug!(%endpoint, error = %e, "aborted"),
+            }
+        }
+        Upstream::Local(mut upstream) => {
+            match tcp::forward(&mut client, &mut upstream, timeouts, counters).await {
+                Ok(t) => debug!(%endpoint, sent = t.sent, received = t.received, "closed"),
+                Err(e) => debug!(%endpoint, error = %e, "aborted"),
+            }
+        }
+        Upstream::Tunnel(mut stream) => {
+            match bridge(&mut client, &mut stream, proxy.cfg.idle_timeout).await {
+                Ok(moved) => {
+                    counters.sent.increment(moved.a_to_b);
+                    counters.received.increment(moved.b_to_a);
+                    debug!(%endpoint, sent = moved.a_to_b, received = moved.b_to_a, "closed");
+                }
+                Err(e) => {
+                    // The client learns of an aborted stream as a reset, like a direct one.
+                    let _ = client.set_zero_linger();
+                    debug!(%endpoint, error = %e, "aborted");
+                }
+            }
+        }
     }
 }
 
@@ -250,11 +303,19 @@ impl RunningProxy {
 
 /// Starts the route table, the listener and (with `proxy.intercept`) the iptables rules, in
 /// that order, so that traffic is captured only once something is there to take it.
+/// What the proxy shares with the rest of the agent.
+pub struct ProxyDeps {
+    pub dialer: Arc<Dialer>,
+    pub tunnel: Option<TunnelHandle>,
+    pub limiters: Arc<Limiters>,
+}
+
 pub async fn start(
     cfg: &ProxyConfig,
     service_cidr: IpNet,
     node: LocalNode,
     views: watch::Receiver<Arc<MeshView>>,
+    deps: ProxyDeps,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningProxy> {
     let listener = bind(cfg).await?;
@@ -268,6 +329,7 @@ pub async fn start(
     };
     metrics::gauge!("edgemesh_proxy_routes").set(first.len() as f64);
     let (table_tx, tables) = watch::channel(Arc::new(first));
+    let connector = Connector::new(cfg, deps.dialer, &node.name, deps.tunnel);
     let mut tasks = vec![tokio::spawn(table::follow_view(
         views,
         node,
@@ -275,7 +337,7 @@ pub async fn start(
         table_tx,
         shutdown.clone(),
     ))];
-    let proxy = Proxy::new(cfg.clone(), tables.clone());
+    let proxy = Proxy::new(cfg.clone(), tables.clone(), connector, deps.limiters);
     tasks.push(tokio::spawn(proxy.serve(listener, shutdown.clone())));
     let rules = if cfg.intercept {
         let rules = Rules::new(service_cidr, cfg.port, cfg.mark);

@@ -52,9 +52,9 @@ pub struct Route {
     pub stats: Arc<ServiceStats>,
     /// `edgemesh.io/protocol`, when set.
     pub protocol: Option<String>,
-    /// Endpoints this node dials itself.
+    /// Every ready endpoint, this node's and those reached through the cloud.
     pub endpoints: Vec<Endpoint>,
-    /// Endpoints on other nodes or in the cloud: reachable only through tunnels, not dialled.
+    /// How many of `endpoints` are on other nodes or in the cloud (reached through streams).
     pub elsewhere: usize,
     pub balancer: Arc<ServiceBalancer>,
 }
@@ -220,13 +220,13 @@ fn target_port(port: &ServicePort, subset: &EndpointSubset) -> Option<u16> {
     }
 }
 
-/// The endpoints of one Service port that this node can dial, and how many others there are.
+/// The endpoints of one Service port, and how many of them are reached through the cloud.
 ///
-/// Only endpoints on this node are dialled directly. An endpoint on another node, or in the
-/// cloud (no `nodeName`), is reached through a tunnel (SPEC §4.4), never by dialling its
-/// address from here: that address belongs to another site's network, and the same private
-/// address on this node's network would be an unrelated host. Until tunnels exist those
-/// endpoints are counted (for `/debug/routes`) but not used.
+/// Endpoints on this node are dialled directly. An endpoint on another node, or in the cloud
+/// (no `nodeName`), is reached through a stream to the side that hosts it (SPEC §4.4), never by
+/// dialling its address from here: that address belongs to another site's network, and the
+/// same private address on this node's network would be an unrelated host. The balancer's
+/// tiers prefer this node's endpoints, then those the topology keys bring close.
 fn resolve_endpoints(
     endpoints: &Endpoints,
     port: &ServicePort,
@@ -250,10 +250,9 @@ fn resolve_endpoints(
             if !seen.insert(addr) {
                 continue;
             }
-            let endpoint_node = address.node_name.as_deref();
+            let endpoint_node = edgehub::tunnel::authorise::host_of(address);
             if endpoint_node != Some(node.name.as_str()) {
                 elsewhere += 1;
-                continue;
             }
             out.push(Endpoint {
                 addr,
@@ -383,9 +382,19 @@ mod tests {
             .iter()
             .map(|e| (e.addr.to_string(), e.tier.0))
             .collect();
-        // Only this node's endpoint is dialled; the others wait for tunnels.
-        assert_eq!(eps, vec![("10.244.0.2:8081".into(), 0)]);
+        // Every ready endpoint, by tier: this node, the same zone, then the rest (another
+        // zone, the cloud); the last three are reached through the cloud.
+        assert_eq!(
+            eps,
+            vec![
+                ("10.244.0.2:8081".into(), 0),
+                ("10.244.1.2:8081".into(), 1),
+                ("10.244.2.2:8081".into(), 2),
+                ("10.244.3.2:8081".into(), 2),
+            ]
+        );
         assert_eq!(web.elsewhere, 3);
+        assert_eq!(web.endpoints[3].node, None, "no nodeName: the cloud");
         let keys = ["zone".to_string(), "*".to_string()];
         let v = view();
         assert_eq!(tier_of(Some("a"), &node, &v, &keys), Tier(0));

@@ -196,6 +196,32 @@ impl Topology {
         run_checked(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
     }
 
+    /// Cuts `hosts` off from each other while each still reaches every other host (the
+    /// cloud): their switch ports become isolated bridge ports, like nodes behind separate NATs.
+    pub fn isolate(&self, hosts: &[&Host]) {
+        for host in hosts {
+            let index = self
+                .hosts
+                .iter()
+                .position(|h| h.ns == host.ns)
+                .expect("a host of this topology");
+            let port = format!("p{index}");
+            run_checked(&[
+                "ip",
+                "-n",
+                &self.switch_ns,
+                "link",
+                "set",
+                "dev",
+                &port,
+                "type",
+                "bridge_slave",
+                "isolated",
+                "on",
+            ]);
+        }
+    }
+
     /// Adds a pod namespace behind `node`: the node gets bridge `cbr0` at 10.244.I.1/24 (I = the
     /// node's host index) the first time, and the pod gets `eth0` at 10.244.I.K/24 (K = 2, 3, ...)
     /// with its default route through the node, so anything the pod sends outside its subnet

@@ -1,0 +1,139 @@
+//! Whether a stream may be opened: the side that dials the endpoint checks this against its
+//! own copy of the metadata, whatever the opener (or a relay) claims.
+
+use std::net::IpAddr;
+
+use super::open::{OpenRefusal, OpenRequest, RefusalKind};
+use crate::model::{EndpointAddress, Endpoints, Service};
+
+/// The `nodeName` that marks an endpoint reachable from cloudcore, besides none at all.
+pub const CLOUD_NODE: &str = "cloud";
+
+/// Who hosts an endpoint address: `Some(node)`, or `None` for cloudcore.
+pub fn host_of(address: &EndpointAddress) -> Option<&str> {
+    address
+        .node_name
+        .as_deref()
+        .filter(|n| !n.is_empty() && *n != CLOUD_NODE)
+}
+
+fn forbidden(message: String) -> OpenRefusal {
+    OpenRefusal {
+        kind: RefusalKind::Forbidden,
+        message,
+    }
+}
+
+/// Checks that `request` names a ready endpoint of an existing Service, on a port that
+/// Service exposes, hosted by `host` (a node name, or `None` for cloudcore).
+pub fn authorise(
+    service: Option<&Service>,
+    endpoints: Option<&Endpoints>,
+    request: &OpenRequest,
+    host: Option<&str>,
+) -> Result<(), OpenRefusal> {
+    let name = format!("{}/{}", request.namespace, request.service);
+    let service = service.ok_or_else(|| forbidden(format!("no service {name}")))?;
+    let endpoints =
+        endpoints.ok_or_else(|| forbidden(format!("service {name} has no endpoints")))?;
+    let ip: IpAddr = request.endpoint.ip();
+    let port = i64::from(request.endpoint.port());
+    let exposed = |subset_ports: &[crate::model::EndpointPort]| {
+        if subset_ports.is_empty() {
+            // No Endpoints ports: the Service's numeric target ports are what gets dialled.
+            service
+                .spec
+                .ports
+                .iter()
+                .any(|p| p.target_port_number().map(i64::from).unwrap_or(p.port) == port)
+        } else {
+            subset_ports.iter().any(|p| p.port == port)
+        }
+    };
+    for subset in &endpoints.subsets {
+        if !exposed(&subset.ports) {
+            continue;
+        }
+        for address in &subset.addresses {
+            if address.ip.parse::<IpAddr>().ok() != Some(ip) {
+                continue;
+            }
+            if host_of(address) == host {
+                return Ok(());
+            }
+            return Err(forbidden(format!(
+                "endpoint {} of {name} is hosted by {}, not {}",
+                request.endpoint,
+                host_of(address).unwrap_or("the cloud"),
+                host.unwrap_or("the cloud"),
+            )));
+        }
+    }
+    Err(forbidden(format!(
+        "{} is not a ready endpoint of {name}",
+        request.endpoint
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Object;
+    use crate::tunnel::StreamProtocol;
+
+    fn objects() -> (Service, Endpoints) {
+        let svc = serde_json::json!({"apiVersion":"v1","kind":"Service",
+            "metadata":{"name":"hello","namespace":"default"},
+            "spec":{"clusterIP":"10.96.0.10","ports":[{"name":"http","port":80,"targetPort":8080}]}});
+        let eps = serde_json::json!({"apiVersion":"v1","kind":"Endpoints",
+            "metadata":{"name":"hello","namespace":"default"},
+            "subsets":[{"addresses":[{"ip":"10.244.2.10","nodeName":"node-b"},{"ip":"192.0.2.7"},
+                {"ip":"192.0.2.8","nodeName":"cloud"}],
+                "notReadyAddresses":[{"ip":"10.244.2.11","nodeName":"node-b"}],
+                "ports":[{"name":"http","port":8080}]}]});
+        let (Ok(Object::Service(s)), Ok(Object::Endpoints(e))) =
+            (Object::from_value(svc), Object::from_value(eps))
+        else {
+            panic!("fixtures")
+        };
+        (s, e)
+    }
+
+    fn req(endpoint: &str) -> OpenRequest {
+        OpenRequest {
+            stream: 2,
+            namespace: "default".into(),
+            service: "hello".into(),
+            endpoint: endpoint.parse().expect("addr"),
+            node: None,
+            protocol: StreamProtocol::Tcp,
+            source: "node-a".into(),
+            window: 0,
+        }
+    }
+
+    #[test]
+    fn only_the_hosting_side_and_exposed_ports_pass() {
+        let (s, e) = objects();
+        let ok = |ep: &str, host: Option<&str>| authorise(Some(&s), Some(&e), &req(ep), host);
+        assert!(ok("10.244.2.10:8080", Some("node-b")).is_ok());
+        assert!(ok("192.0.2.7:8080", None).is_ok());
+        assert!(
+            ok("192.0.2.8:8080", None).is_ok(),
+            "nodeName cloud is the cloud"
+        );
+        let refused = |r: Result<(), OpenRefusal>| r.expect_err("refused").message;
+        assert!(refused(ok("10.244.2.10:8080", Some("node-a"))).contains("hosted by node-b"));
+        assert!(refused(ok("10.244.2.10:8080", None)).contains("hosted by node-b"));
+        assert!(refused(ok("10.244.2.10:22", Some("node-b"))).contains("not a ready endpoint"));
+        assert!(refused(ok("10.244.2.11:8080", Some("node-b"))).contains("not a ready endpoint"));
+        assert!(refused(ok("10.0.0.1:8080", Some("node-b"))).contains("not a ready endpoint"));
+        assert!(
+            authorise(None, Some(&e), &req("10.244.2.10:8080"), Some("node-b"))
+                .expect_err("no service")
+                .message
+                .contains("no service default/hello")
+        );
+        assert!(authorise(Some(&s), None, &req("10.244.2.10:8080"), Some("node-b")).is_err());
+    }
+}
