@@ -37,6 +37,16 @@ pub enum ConnectError {
     RateLimited { service: String },
 }
 
+/// Why one attempt at one endpoint failed.
+#[derive(Debug, Error)]
+pub enum ReachError {
+    /// The side that dials the endpoint refused: the Service is over its limit.
+    #[error("over the Service's QPS limit")]
+    RateLimited,
+    #[error(transparent)]
+    Failed(io::Error),
+}
+
 /// The connection to an endpoint: a socket of this node's, or a stream through the cloud.
 pub enum Upstream {
     Local(TcpStream),
@@ -105,7 +115,7 @@ fn open_error(e: OpenError) -> io::Error {
     io::Error::new(kind, format!("tunnel: {e}"))
 }
 
-fn stream_protocol(annotation: Option<&str>) -> StreamProtocol {
+pub fn stream_protocol(annotation: Option<&str>) -> StreamProtocol {
     match annotation {
         Some("http") => StreamProtocol::Http,
         Some("h2") | Some("grpc") => StreamProtocol::H2,
@@ -144,51 +154,34 @@ impl Connector {
             client_ip,
             hash_key: None,
         };
+        self.connect_with(route, &ctx, stream_protocol(route.protocol.as_deref()))
+            .await
+    }
+
+    /// [`Connector::connect`] with a full pick context (a hash key taken from a request) and
+    /// the protocol the caller will speak (told to the far side of a tunnel).
+    pub async fn connect_with(
+        &self,
+        route: &Route,
+        ctx: &PickContext<'_>,
+        protocol: StreamProtocol,
+    ) -> Result<(Upstream, SocketAddr, InFlight), ConnectError> {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_error = None;
         while tried.len() < self.attempts as usize {
-            let Some(endpoint) = route.balancer.pick(&route.endpoints, &ctx, &tried) else {
+            let Some(endpoint) = route.balancer.pick(&route.endpoints, ctx, &tried) else {
                 break;
             };
             tried.push(endpoint.addr);
             let in_flight = InFlight::start(&endpoint.health);
-            let attempt = if self.is_local(endpoint) {
-                self.dialer.dial(endpoint.addr).await.map(Upstream::Local)
-            } else {
-                match self.open(route, endpoint).await {
-                    Ok(stream) => Ok(Upstream::Tunnel(stream)),
-                    Err(OpenError::Refused {
-                        kind: RefusalKind::RateLimited,
-                        ..
-                    }) => {
-                        return Err(ConnectError::RateLimited {
-                            service: route.service.to_string(),
-                        })
-                    }
-                    Err(e) => {
-                        // Only the endpoint's own failures eject it; a refusal for a missing
-                        // link or a full link says nothing about the endpoint.
-                        if !e.endpoint_failed() {
-                            route.stats.get().endpoint_failures.increment(1);
-                            debug!(endpoint = %endpoint.addr, error = %e, "tunnel open failed; trying another endpoint");
-                            last_error = Some((endpoint.addr, open_error(e)));
-                            continue;
-                        }
-                        Err(open_error(e))
-                    }
+            match self.reach(route, endpoint, protocol).await {
+                Ok(upstream) => return Ok((upstream, endpoint.addr, in_flight)),
+                Err(ReachError::RateLimited) => {
+                    return Err(ConnectError::RateLimited {
+                        service: route.service.to_string(),
+                    })
                 }
-            };
-            match attempt {
-                Ok(upstream) => {
-                    endpoint.health.record_success();
-                    return Ok((upstream, endpoint.addr, in_flight));
-                }
-                Err(e) => {
-                    route.stats.get().endpoint_failures.increment(1);
-                    debug!(endpoint = %endpoint.addr, error = %e, "connect failed; trying another endpoint");
-                    endpoint.health.record_failure();
-                    last_error = Some((endpoint.addr, e));
-                }
+                Err(ReachError::Failed(e)) => last_error = Some((endpoint.addr, e)),
             }
         }
         match last_error {
@@ -204,7 +197,53 @@ impl Connector {
         }
     }
 
-    async fn open(&self, route: &Route, endpoint: &Endpoint) -> Result<TunnelStream, OpenError> {
+    /// One attempt at one endpoint: dialled when it is on this node, else a stream through the
+    /// cloud. Records the outcome in the endpoint's health (outlier detection) and the route's
+    /// counters; only the endpoint's own failures count against it.
+    pub async fn reach(
+        &self,
+        route: &Route,
+        endpoint: &Endpoint,
+        protocol: StreamProtocol,
+    ) -> Result<Upstream, ReachError> {
+        let attempt = if self.is_local(endpoint) {
+            self.dialer.dial(endpoint.addr).await.map(Upstream::Local)
+        } else {
+            match self.open(route, endpoint, protocol).await {
+                Ok(stream) => Ok(Upstream::Tunnel(stream)),
+                Err(OpenError::Refused {
+                    kind: RefusalKind::RateLimited,
+                    ..
+                }) => return Err(ReachError::RateLimited),
+                Err(e) if !e.endpoint_failed() => {
+                    // A missing or full link says nothing about the endpoint.
+                    route.stats.get().endpoint_failures.increment(1);
+                    debug!(endpoint = %endpoint.addr, error = %e, "tunnel open failed");
+                    return Err(ReachError::Failed(open_error(e)));
+                }
+                Err(e) => Err(open_error(e)),
+            }
+        };
+        match attempt {
+            Ok(upstream) => {
+                endpoint.health.record_success();
+                Ok(upstream)
+            }
+            Err(e) => {
+                route.stats.get().endpoint_failures.increment(1);
+                debug!(endpoint = %endpoint.addr, error = %e, "connect failed");
+                endpoint.health.record_failure();
+                Err(ReachError::Failed(e))
+            }
+        }
+    }
+
+    async fn open(
+        &self,
+        route: &Route,
+        endpoint: &Endpoint,
+        protocol: StreamProtocol,
+    ) -> Result<TunnelStream, OpenError> {
         let Some(tunnel) = &self.tunnel else {
             return Err(OpenError::LinkDown);
         };
@@ -215,10 +254,56 @@ impl Connector {
                 service: route.service.name.to_string(),
                 endpoint: endpoint.addr,
                 node: endpoint.node.as_deref().map(str::to_string),
-                protocol: stream_protocol(route.protocol.as_deref()),
+                protocol,
                 source: String::new(),
                 window: 0,
             })
             .await
+    }
+}
+
+impl tokio::io::AsyncRead for Upstream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Local(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Upstream::Tunnel(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Upstream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Local(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Upstream::Tunnel(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Local(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Upstream::Tunnel(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Local(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Upstream::Tunnel(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
     }
 }
