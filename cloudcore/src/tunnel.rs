@@ -17,6 +17,7 @@ use edgehub::limits::{self, serve_endpoint, EndpointTimeouts, Limiters, Served};
 use edgehub::message::Message;
 use edgehub::model::{Kind, Object, ObjectKey};
 use edgehub::tunnel::authorise::{authorise, host_of};
+use edgehub::tunnel::bridge::Timeouts;
 use edgehub::tunnel::{
     Incoming, Mux, MuxConfig, MuxError, OpenError, OpenRefusal, OpenRequest, Outgoing, RefusalKind,
     Side, TunnelStream,
@@ -57,6 +58,9 @@ pub struct TunnelConfig {
     /// A stream cloudcore ends is closed after this long without a byte either way.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// ... and after this long without a byte once one side has finished sending.
+    #[serde(with = "humantime_serde")]
+    pub half_close_timeout: Duration,
 }
 
 impl Default for TunnelConfig {
@@ -67,6 +71,7 @@ impl Default for TunnelConfig {
             open_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(3600),
+            half_close_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -84,6 +89,7 @@ impl TunnelConfig {
             ("open_timeout", self.open_timeout),
             ("connect_timeout", self.connect_timeout),
             ("idle_timeout", self.idle_timeout),
+            ("half_close_timeout", self.half_close_timeout),
         ] {
             if d.is_zero() {
                 return err(key, "must be more than 0s");
@@ -363,7 +369,10 @@ impl Tunnels {
         metrics::counter!("cloudcore_tunnel_streams_total", "kind" => "cloud").increment(1);
         let timeouts = EndpointTimeouts {
             detect: DETECT_TIMEOUT,
-            idle: self.cfg.idle_timeout,
+            bridge: Timeouts {
+                idle: self.cfg.idle_timeout,
+                half_closed: self.cfg.half_close_timeout,
+            },
         };
         // The Service's limit applies here, where the endpoint is dialled.
         let served = serve_endpoint(
@@ -379,9 +388,9 @@ impl Tunnels {
         match served {
             Ok(Served::Bridged(moved)) => {
                 metrics::counter!("cloudcore_tunnel_bytes_total", "direction" => "to_endpoint")
-                    .increment(moved.a_to_b);
+                    .increment(moved.to_tcp);
                 metrics::counter!("cloudcore_tunnel_bytes_total", "direction" => "from_endpoint")
-                    .increment(moved.b_to_a);
+                    .increment(moved.from_tcp);
             }
             Ok(Served::Refused) => debug!("over the Service's limit: stream closed"),
             Ok(Served::Http) => {}

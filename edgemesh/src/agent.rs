@@ -17,7 +17,8 @@ use crate::config::Config;
 use crate::proxy::connect::Dialer;
 use crate::proxy::{LocalNode, ProxyDeps};
 use crate::tunnel::EdgeAcceptor;
-use edgehub::limits::Limiters;
+use edgehub::limits::{EndpointTimeouts, Limiters};
+use edgehub::tunnel::bridge::Timeouts;
 use tokio_util::task::TaskTracker;
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -70,8 +71,13 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         meta.subscribe(),
         dialer.clone(),
         limiters.clone(),
-        cfg.proxy.idle_timeout,
-        cfg.proxy.detect_timeout,
+        EndpointTimeouts {
+            detect: cfg.proxy.detect_timeout,
+            bridge: Timeouts {
+                idle: cfg.proxy.idle_timeout,
+                half_closed: cfg.proxy.half_close_timeout,
+            },
+        },
         stream_tasks.clone(),
     ));
     let tunnel = crate::tunnel::handle(&cfg.tunnel, acceptor);

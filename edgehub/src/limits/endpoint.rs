@@ -6,9 +6,10 @@ use std::io;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 
 use super::{peek_http1, serve_http1, Decision, Detection, Limiters, Protocol, Rewind};
-use crate::tunnel::bridge::{bridge, Moved};
+use crate::tunnel::bridge::{bridge, AbortSignal, Moved, Timeouts};
 use crate::tunnel::StreamProtocol;
 
 /// Longest prefix read to recognise an HTTP/1 request line.
@@ -17,7 +18,8 @@ const DETECT_BYTES: usize = 1024;
 /// How [`serve_endpoint`] ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Served {
-    /// Bytes both ways (no limit, or a connection within it).
+    /// Bytes both ways (no limit, or a connection within it); `from_tcp` is what the endpoint
+    /// sent.
     Bridged(Moved),
     /// HTTP/1 requests, each checked against the limit.
     Http,
@@ -29,16 +31,17 @@ pub enum Served {
 pub struct EndpointTimeouts {
     /// How long the first bytes may take to show whether a connection is HTTP/1.
     pub detect: Duration,
-    /// How long a bridged connection may go without a byte.
-    pub idle: Duration,
+    /// How long a bridged connection may go without a byte, and once one side finished.
+    pub bridge: Timeouts,
 }
 
-/// Serves `client` over `upstream` (already dialled) for Service `namespace/name`.
+/// Serves `client` over `upstream` (the endpoint's socket, already dialled) for Service
+/// `namespace/name`.
 /// `hint` is what the caller knows of the protocol (a Service's `edgemesh.io/protocol`, or
 /// what the opener of a stream said).
-pub async fn serve_endpoint<C, U>(
+pub async fn serve_endpoint<C>(
     mut client: C,
-    mut upstream: U,
+    mut upstream: TcpStream,
     limiters: &Limiters,
     namespace: &str,
     name: &str,
@@ -46,11 +49,10 @@ pub async fn serve_endpoint<C, U>(
     timeouts: EndpointTimeouts,
 ) -> io::Result<Served>
 where
-    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    C: AsyncRead + AsyncWrite + AbortSignal + Unpin + Send + 'static,
 {
     if limiters.limit(namespace, name).is_none() {
-        return bridge(&mut client, &mut upstream, timeouts.idle)
+        return bridge(&mut upstream, &mut client, timeouts.bridge)
             .await
             .map(Served::Bridged);
     }
@@ -73,7 +75,7 @@ where
     if let Decision::Limited { .. } = limiters.admit(namespace, name, Protocol::Tcp) {
         return Ok(Served::Refused);
     }
-    bridge(&mut client, &mut upstream, timeouts.idle)
+    bridge(&mut upstream, &mut client, timeouts.bridge)
         .await
         .map(Served::Bridged)
 }

@@ -124,6 +124,11 @@ impl<T> Rewind<T> {
         Rewind { prefix, inner }
     }
 
+    /// The inner IO.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
     /// The prefix not yet read, and the inner IO.
     pub fn into_inner(self) -> (Bytes, T) {
         (self.prefix, self.inner)

@@ -132,6 +132,8 @@ struct SendCredit {
     bytes: AtomicI64,
     reset: AtomicBool,
     waker: AtomicWaker,
+    /// Wakes whoever waits for the stream to be aborted (see [`TunnelStream::abort_signal`]).
+    aborted: tokio::sync::Notify,
 }
 
 impl SendCredit {
@@ -143,6 +145,7 @@ impl SendCredit {
     fn reset(&self) {
         self.reset.store(true, Ordering::Release);
         self.waker.wake();
+        self.aborted.notify_waiters();
     }
 }
 
@@ -862,6 +865,24 @@ impl AsyncWrite for TunnelStream {
             self.shared.send_frame(Frame::Fin(self.id).encode());
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+impl super::bridge::AbortSignal for TunnelStream {
+    fn abort_signal(&self) -> Option<super::bridge::Aborted> {
+        let send = self.send.clone();
+        Some(Box::pin(async move {
+            loop {
+                let notified = send.aborted.notified();
+                tokio::pin!(notified);
+                // Registered before the flag is checked, so a reset in between is not missed.
+                notified.as_mut().enable();
+                if send.reset.load(Ordering::Acquire) {
+                    return "reset by the far side".to_string();
+                }
+                notified.await;
+            }
+        }))
     }
 }
 

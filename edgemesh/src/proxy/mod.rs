@@ -34,7 +34,7 @@ use crate::iptables::Rules;
 pub use config::{OutlierConfig, ProxyConfig};
 use connect::{Connector, Dialer, Upstream};
 use edgehub::limits::{serve_endpoint, EndpointTimeouts, Limiters, Served};
-use edgehub::tunnel::bridge::bridge;
+use edgehub::tunnel::bridge::{bridge, Timeouts as BridgeTimeouts};
 use edgehub::tunnel::{StreamProtocol, TunnelHandle};
 pub use table::{LocalNode, RouteTable};
 
@@ -246,7 +246,10 @@ async fn tcp_session(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, rou
             };
             let t = EndpointTimeouts {
                 detect: proxy.cfg.detect_timeout,
-                idle: proxy.cfg.idle_timeout,
+                bridge: BridgeTimeouts {
+                    idle: timeouts.idle,
+                    half_closed: timeouts.half_closed,
+                },
             };
             match serve_endpoint(client, upstream, &proxy.limiters, ns, name, hint, t).await {
                 Ok(Served::Refused) => debug!(%endpoint, "over the Service's limit: closed"),
@@ -261,17 +264,18 @@ async fn tcp_session(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, rou
             }
         }
         Upstream::Tunnel(mut stream) => {
-            match bridge(&mut client, &mut stream, proxy.cfg.idle_timeout).await {
+            let t = BridgeTimeouts {
+                idle: timeouts.idle,
+                half_closed: timeouts.half_closed,
+            };
+            // An aborted stream reaches the client as a reset, like a direct one.
+            match bridge(&mut client, &mut stream, t).await {
                 Ok(moved) => {
-                    counters.sent.increment(moved.a_to_b);
-                    counters.received.increment(moved.b_to_a);
-                    debug!(%endpoint, sent = moved.a_to_b, received = moved.b_to_a, "closed");
+                    counters.sent.increment(moved.from_tcp);
+                    counters.received.increment(moved.to_tcp);
+                    debug!(%endpoint, sent = moved.from_tcp, received = moved.to_tcp, "closed");
                 }
-                Err(e) => {
-                    // The client learns of an aborted stream as a reset, like a direct one.
-                    let _ = client.set_zero_linger();
-                    debug!(%endpoint, error = %e, "aborted");
-                }
+                Err(e) => debug!(%endpoint, error = %e, "aborted"),
             }
         }
     }

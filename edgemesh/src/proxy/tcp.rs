@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::Counter;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -135,7 +135,10 @@ where
         if n == 0 {
             break;
         }
-        writer.write_all(&buf).await?;
+        // While the peer holds back, nothing reads this side; a RST from it must still end the
+        // pair (a client giving up on a stuck endpoint) instead of waiting for the idle timeout.
+        // `biased`: a write that completes at once costs no readiness check.
+        write_watching(writer, &buf, reader.as_ref()).await?;
         if n == buf.capacity() {
             // The read filled the buffer: a bulk transfer; keep (or grow) the buffer.
             if n < LARGE_BUFFER {
@@ -165,6 +168,36 @@ where
     Ok(total)
 }
 
+/// Writes all of `buf`, but gives up with `ConnectionReset` as soon as `source` (the socket the
+/// bytes came from) is reset. Written piece by piece: a pending `write` has written nothing, so
+/// dropping it for the reset loses nothing that was sent.
+pub(crate) async fn write_watching<W>(
+    writer: &mut W,
+    buf: &[u8],
+    source: &TcpStream,
+) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut written = 0;
+    while written < buf.len() {
+        tokio::select! {
+            // A write that completes at once costs no readiness check.
+            biased;
+            w = writer.write(&buf[written..]) => match w? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                k => written += k,
+            },
+            ready = source.ready(Interest::ERROR) => {
+                if ready?.is_error() {
+                    return Err(io::Error::new(io::ErrorKind::ConnectionReset, "the peer reset the connection"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,6 +224,42 @@ mod tests {
             sent: c,
             received: c,
         }
+    }
+
+    #[tokio::test]
+    async fn a_reset_client_ends_the_forward_while_the_endpoint_does_not_read() {
+        let (client, mut proxy_in) = pair().await;
+        let (mut proxy_out, _server) = pair().await; // never reads
+        let fwd = tokio::spawn(async move {
+            forward(
+                &mut proxy_in,
+                &mut proxy_out,
+                timeouts(3600, 60),
+                counters(),
+            )
+            .await
+        });
+        // Fill every buffer on the way, so the forward is stuck writing to the endpoint.
+        let chunk = [1u8; 65536];
+        let mut stalled = 0;
+        while stalled < 20 {
+            match client.try_write(&chunk) {
+                Ok(_) => stalled = 0,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    stalled += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        client.set_zero_linger().expect("linger");
+        drop(client);
+        let err = tokio::time::timeout(Duration::from_secs(5), fwd)
+            .await
+            .expect("ended promptly, not at the idle timeout")
+            .expect("task")
+            .expect_err("reset");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
     }
 
     #[tokio::test]

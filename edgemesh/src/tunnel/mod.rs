@@ -78,8 +78,7 @@ pub struct EdgeAcceptor {
     view: watch::Receiver<Arc<MeshView>>,
     dialer: Arc<Dialer>,
     limiters: Arc<Limiters>,
-    idle_timeout: Duration,
-    detect_timeout: Duration,
+    timeouts: EndpointTimeouts,
     tasks: TaskTracker,
 }
 
@@ -89,8 +88,7 @@ impl EdgeAcceptor {
         view: watch::Receiver<Arc<MeshView>>,
         dialer: Arc<Dialer>,
         limiters: Arc<Limiters>,
-        idle_timeout: Duration,
-        detect_timeout: Duration,
+        timeouts: EndpointTimeouts,
         tasks: TaskTracker,
     ) -> EdgeAcceptor {
         EdgeAcceptor {
@@ -98,8 +96,7 @@ impl EdgeAcceptor {
             view,
             dialer,
             limiters,
-            idle_timeout,
-            detect_timeout,
+            timeouts,
             tasks,
         }
     }
@@ -136,10 +133,7 @@ impl Acceptor for EdgeAcceptor {
         let mux = mux.clone();
         let dialer = self.dialer.clone();
         let limiters = self.limiters.clone();
-        let timeouts = EndpointTimeouts {
-            detect: self.detect_timeout,
-            idle: self.idle_timeout,
-        };
+        let timeouts = self.timeouts;
         let span = tracing::debug_span!("stream", from = %request.source, service = %format!("{ns}/{name}"), endpoint = %request.endpoint);
         self.tasks.spawn(
             async move {

@@ -5,7 +5,9 @@
 //! - `edgemesh-testserver banner ADDR TEXT`: writes `TEXT\n` as soon as a client connects
 //!   (a server-speaks-first protocol), then echoes;
 //! - `edgemesh-testserver echo ADDR`: echoes until the client half-closes, then closes its
-//!   side too.
+//!   side too;
+//! - `edgemesh-testserver stall ADDR`: accepts and then neither reads nor writes, holding the
+//!   connection open (a stuck application: whatever is sent piles up in front of it).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -17,7 +19,7 @@ fn main() -> ExitCode {
     let (mode, addr) = match (args.first(), args.get(1)) {
         (Some(m), Some(a)) => (m.as_str(), a.as_str()),
         _ => {
-            eprintln!("usage: edgemesh-testserver http|banner|echo ADDR [NAME|TEXT]");
+            eprintln!("usage: edgemesh-testserver http|banner|echo|stall ADDR [NAME|TEXT]");
             return ExitCode::from(2);
         }
     };
@@ -41,11 +43,20 @@ fn main() -> ExitCode {
                     .try_clone()
                     .and_then(|mut w| w.write_all(format!("{text}\n").as_bytes()))
                     .and_then(|_| echo(stream)),
+                "stall" => stall(stream),
                 _ => echo(stream),
             };
         });
     }
     ExitCode::SUCCESS
+}
+
+fn stall(stream: TcpStream) -> io::Result<()> {
+    // Held, never touched, until the process ends.
+    let _held = stream;
+    loop {
+        thread::park();
+    }
 }
 
 fn echo(mut stream: TcpStream) -> io::Result<()> {
