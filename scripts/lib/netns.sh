@@ -111,3 +111,15 @@ netns_remove_stale() {
         netns_destroy "$ns" || echo "    warning: could not delete namespace $ns" >&2
     done
 }
+
+# netns_shape NS DEV RATE BURST LATENCY: token-bucket shaping (tc tbf) of what DEV in NS sends,
+# replacing DEV's root qdisc; RATE, BURST and LATENCY in tc's units (e.g. 1gbit 512kb 50ms).
+# Shape both ends of a veth pair to limit both directions of a link.
+netns_shape() {
+    tc -n "$1" qdisc replace dev "$2" root tbf rate "$3" burst "$4" latency "$5"
+}
+
+# netns_unshape NS DEV: removes DEV's root qdisc (back to the device's default). Never fails.
+netns_unshape() {
+    tc -n "$1" qdisc del dev "$2" root 2>/dev/null || true
+}
