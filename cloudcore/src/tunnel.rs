@@ -261,7 +261,7 @@ impl Tunnels {
         let target = request
             .node
             .clone()
-            .filter(|n| n != edgehub::tunnel::authorise::CLOUD_NODE);
+            .filter(|n| n != edgehub::model::CLOUD_NODE);
         let checked = self.check(&request, target.as_deref()).await;
         if let Err(refusal) = checked {
             count_refusal(refusal.kind);
@@ -417,7 +417,7 @@ impl Tunnels {
         match req
             .node
             .as_deref()
-            .filter(|n| *n != edgehub::tunnel::authorise::CLOUD_NODE)
+            .filter(|n| *n != edgehub::model::CLOUD_NODE)
         {
             Some(node) => {
                 let link = self.links().get(node).cloned();

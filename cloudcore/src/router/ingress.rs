@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
-use edgehub::model::{
-    EndpointSubset, IntOrString, Kind, Object, ObjectKey, ServicePort, CLOUD_NODE,
-};
+use edgehub::model::{Kind, Object, ObjectKey, CLOUD_NODE};
 use edgehub::tunnel::{OpenError, OpenRequest, RefusalKind, StreamProtocol};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -293,7 +291,7 @@ impl Router {
         };
         let mut out: Vec<(SocketAddr, Option<String>)> = Vec::new();
         for subset in &subsets {
-            let Some(target) = target_port(svc_port, subset) else {
+            let Some(target) = svc_port.endpoint_port(subset) else {
                 continue;
             };
             for address in &subset.addresses {
@@ -301,10 +299,7 @@ impl Router {
                     continue;
                 };
                 let addr = SocketAddr::new(ip, target);
-                let node = address
-                    .node_name
-                    .clone()
-                    .filter(|n| n != CLOUD_NODE && !n.is_empty());
+                let node = edgehub::tunnel::authorise::host_of(address).map(str::to_string);
                 if !out.iter().any(|(a, _)| *a == addr) {
                     out.push((addr, node));
                 }
@@ -316,24 +311,6 @@ impl Router {
             )));
         }
         Ok(out)
-    }
-}
-
-/// The port to dial on the endpoints of `subset` for Service port `port`, as edgemesh's proxy
-/// resolves it: the Endpoints port with the same name (what `targetPort` was resolved to),
-/// else a numeric `targetPort`, else the Service port itself.
-fn target_port(port: &ServicePort, subset: &EndpointSubset) -> Option<u16> {
-    let by_name = subset
-        .ports
-        .iter()
-        .find(|p| p.name == port.name && p.protocol.eq_ignore_ascii_case(&port.protocol));
-    let only = (subset.ports.len() == 1 && port.name.is_empty()).then(|| &subset.ports[0]);
-    if let Some(p) = by_name.or(only) {
-        return u16::try_from(p.port).ok();
-    }
-    match &port.target_port {
-        Some(IntOrString::String(_)) => None,
-        _ => port.target_port_number(),
     }
 }
 

@@ -6,8 +6,7 @@ use std::net::IpAddr;
 use super::open::{OpenRefusal, OpenRequest, RefusalKind};
 use crate::model::{EndpointAddress, Endpoints, Service};
 
-/// The `nodeName` that marks an endpoint reachable from cloudcore, besides none at all.
-pub const CLOUD_NODE: &str = "cloud";
+pub use crate::model::CLOUD_NODE;
 
 /// Who hosts an endpoint address: `Some(node)`, or `None` for cloudcore.
 pub fn host_of(address: &EndpointAddress) -> Option<&str> {

@@ -11,9 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgehub::metamanager::MeshView;
-use edgehub::model::{
-    EndpointSubset, Endpoints, IntOrString, Service, ServiceAnnotations, ServicePort,
-};
+use edgehub::model::{Endpoints, Service, ServiceAnnotations, ServicePort};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -202,24 +200,6 @@ fn affinity_timeout(service: &Service) -> Duration {
         .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
 }
 
-/// The port to dial on the endpoints of `subset` for Service port `port`: the Endpoints port
-/// with the same name (what the endpoints controller resolved `targetPort` to), else a numeric
-/// `targetPort`, else the Service port itself.
-fn target_port(port: &ServicePort, subset: &EndpointSubset) -> Option<u16> {
-    let by_name = subset
-        .ports
-        .iter()
-        .find(|p| p.name == port.name && p.protocol.eq_ignore_ascii_case(&port.protocol));
-    let only = (subset.ports.len() == 1 && port.name.is_empty()).then(|| &subset.ports[0]);
-    if let Some(p) = by_name.or(only) {
-        return u16::try_from(p.port).ok();
-    }
-    match &port.target_port {
-        Some(IntOrString::String(_)) => None,
-        _ => port.target_port_number(),
-    }
-}
-
 /// The endpoints of one Service port, and how many of them are reached through the cloud.
 ///
 /// Endpoints on this node are dialled directly. An endpoint on another node, or in the cloud
@@ -239,7 +219,7 @@ fn resolve_endpoints(
     let mut seen: HashSet<SocketAddr> = HashSet::new();
     let mut elsewhere = 0;
     for subset in &endpoints.subsets {
-        let Some(target) = target_port(port, subset) else {
+        let Some(target) = port.endpoint_port(subset) else {
             continue;
         };
         for address in &subset.addresses {
@@ -433,12 +413,12 @@ mod tests {
         let svc = service(
             r#"{"metadata":{"name":"x"},"spec":{"ports":[{"name":"a","port":80,"targetPort":8080},{"name":"b","port":81},{"name":"c","port":82,"targetPort":"named"}]}}"#,
         );
-        let subset = EndpointSubset::default();
+        let subset = edgehub::model::EndpointSubset::default();
         let ports: Vec<Option<u16>> = svc
             .spec
             .ports
             .iter()
-            .map(|p| target_port(p, &subset))
+            .map(|p| p.endpoint_port(&subset))
             .collect();
         assert_eq!(ports, vec![Some(8080), Some(81), None]);
     }
