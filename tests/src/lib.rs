@@ -34,3 +34,4 @@ pub use harness::*;
 
 pub mod dns;
 pub mod mesh;
+pub mod servers;

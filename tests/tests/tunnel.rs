@@ -600,9 +600,10 @@ fn local_endpoints_are_preferred_and_remote_ones_take_over() {
         only("b", 60),
         "with A's endpoint gone, B answers"
     );
+    // Through the cloud: HTTP requests share pooled streams, so at least one, not one each.
     let relayed = mesh.metric(1, "edgemesh_tunnel_streams_accepted_total", &[]) - accepted;
     assert!(
-        relayed >= 60.0,
+        relayed >= 1.0,
         "B accepted {relayed} streams for 60 requests"
     );
 }

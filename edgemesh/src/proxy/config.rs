@@ -36,14 +36,15 @@ pub struct ProxyConfig {
     /// byte (a peer that vanished must not hold a slot for the whole idle timeout).
     #[serde(with = "humantime_serde")]
     pub half_close_timeout: Duration,
-    /// How long the first bytes of a connection to a rate-limited Service may take to show
-    /// whether it is HTTP/1 (limited per request) or not (limited per connection);
-    /// server-speaks-first protocols wait this long.
+    /// How long the first bytes of a connection may take to show its protocol (HTTP/2,
+    /// HTTP/1, TLS or other); server-speaks-first protocols wait this long before their
+    /// connection is forwarded as opaque TCP. A Service's `edgemesh.io/protocol` skips the wait.
     #[serde(with = "humantime_serde")]
     pub detect_timeout: Duration,
     /// Proxied connections open at once; more are refused (reset) until some close.
     pub max_connections: usize,
     pub outlier: OutlierConfig,
+    pub http: HttpConfig,
 }
 
 impl Default for ProxyConfig {
@@ -61,6 +62,42 @@ impl Default for ProxyConfig {
             detect_timeout: Duration::from_millis(300),
             max_connections: 16_384,
             outlier: OutlierConfig::default(),
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+/// `[proxy.http]`: requests of HTTP/1 and HTTP/2 connections, balanced one by one.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// A request without a response head this long after it arrived gets `504`. Only the head
+    /// is waited for: bodies (uploads, downloads, gRPC streams) may then take as long as they
+    /// need.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// An HTTP/1 client has this long to send a request head, counted from the start of the
+    /// connection or the end of the previous response: it closes idle keep-alive connections
+    /// and frees the slots of clients that send their headers a byte at a time.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// An idle connection to an endpoint is closed after this long unused.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// Idle HTTP/1 connections kept per endpoint for the next requests; more are closed as
+    /// they come back. Connections are only made on demand, so this bounds what a burst
+    /// leaves behind; below the usual number of concurrent requests it churns connections.
+    /// 0 disables reuse. (HTTP/2 uses one connection per endpoint.)
+    pub pool_max_idle_per_endpoint: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            request_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(30),
+            pool_idle_timeout: Duration::from_secs(30),
+            pool_max_idle_per_endpoint: 256,
         }
     }
 }
@@ -164,6 +201,24 @@ impl ProxyConfig {
                 "must not be 0",
             ));
         }
+        if self.http.request_timeout.is_zero() {
+            return Err(ConfigError::key(
+                "proxy.http.request_timeout",
+                "must not be 0",
+            ));
+        }
+        if self.http.header_read_timeout.is_zero() {
+            return Err(ConfigError::key(
+                "proxy.http.header_read_timeout",
+                "must not be 0",
+            ));
+        }
+        if self.http.pool_idle_timeout < Duration::from_millis(100) {
+            return Err(ConfigError::key(
+                "proxy.http.pool_idle_timeout",
+                "must be at least 100ms",
+            ));
+        }
         if self.outlier.max_ejection < self.outlier.base_ejection {
             return Err(ConfigError::key(
                 "proxy.outlier.max_ejection",
@@ -220,6 +275,26 @@ mod tests {
                     ..Default::default()
                 },
                 "proxy.outlier.max_ejection",
+            ),
+            (
+                ProxyConfig {
+                    http: HttpConfig {
+                        request_timeout: Duration::ZERO,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                "proxy.http.request_timeout",
+            ),
+            (
+                ProxyConfig {
+                    http: HttpConfig {
+                        pool_idle_timeout: Duration::from_millis(10),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                "proxy.http.pool_idle_timeout",
             ),
         ];
         for (cfg, key) in cases {

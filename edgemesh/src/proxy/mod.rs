@@ -4,24 +4,31 @@
 //! Layers, each in its own module:
 //! - [`socket`]: original destination and socket marks;
 //! - [`table`]: cluster IP and port → Service port and endpoints, following the metadata;
+//! - [`sniff`]: what the connection carries (HTTP/2, HTTP/1, TLS, other), from its first bytes;
+//! - [`http`]: HTTP/1 and HTTP/2, balanced per request;
 //! - [`connect`]: dialling an endpoint, falling over to another when one fails;
-//! - [`tcp`]: moving bytes.
+//! - [`tcp`]: moving bytes (opaque TCP, TLS).
 
 mod config;
 pub mod connect;
+pub mod http;
+pub mod sniff;
 pub mod socket;
 pub mod stats;
 pub mod table;
 pub mod tcp;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use edgehub::metamanager::MeshView;
 use ipnet::IpNet;
 use metrics::counter;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -31,11 +38,12 @@ use tracing::{debug, debug_span, info, warn, Instrument};
 
 use crate::balance::HealthRegistry;
 use crate::iptables::Rules;
-pub use config::{OutlierConfig, ProxyConfig};
+pub use config::{HttpConfig, OutlierConfig, ProxyConfig};
 use connect::{Connector, Dialer, Upstream};
-use edgehub::limits::{serve_endpoint, EndpointTimeouts, Limiters, Served};
+use edgehub::limits::{Decision, Limiters, Protocol as LimitProtocol, Rewind};
 use edgehub::tunnel::bridge::{bridge, Timeouts as BridgeTimeouts};
-use edgehub::tunnel::{StreamProtocol, TunnelHandle};
+use edgehub::tunnel::TunnelHandle;
+use sniff::{Detected, Protocol};
 pub use table::{LocalNode, RouteTable};
 
 /// Silence after which an accepted connection's peer is probed (TCP keepalive).
@@ -44,17 +52,23 @@ const KEEPALIVE_IDLE_SECS: u32 = 60;
 /// How long open connections may go on after shutdown begins before they are cut.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
+/// Distinct server names recorded in `edgemesh_proxy_tls_connections_total`; later ones are
+/// counted as `other`, so clients cannot grow `/metrics` without bound.
+const MAX_SNI_LABELS: usize = 256;
+
 /// The listener's shared state.
 pub struct Proxy {
     cfg: ProxyConfig,
     tables: watch::Receiver<Arc<RouteTable>>,
-    connector: Connector,
+    connector: Arc<Connector>,
     limiters: Arc<Limiters>,
+    http: Arc<http::Http>,
     connections: Arc<Semaphore>,
     active: metrics::Gauge,
     unmatched: metrics::Counter,
     warn_limit: WarnThrottle,
     warn_failed: WarnThrottle,
+    sni_labels: Mutex<HashSet<String>>,
 }
 
 /// At most one warning a second for events that can happen thousands of times a second (a
@@ -105,23 +119,35 @@ impl Proxy {
         connector: Connector,
         limiters: Arc<Limiters>,
     ) -> Proxy {
+        let connector = Arc::new(connector);
+        let http = Arc::new(http::Http::new(
+            cfg.http.clone(),
+            cfg.idle_timeout,
+            cfg.connect_attempts,
+            connector.clone(),
+            limiters.clone(),
+        ));
         Proxy {
             connector,
             limiters,
+            http,
             connections: Arc::new(Semaphore::new(cfg.max_connections)),
             active: metrics::gauge!("edgemesh_proxy_active_connections"),
             unmatched: counter!("edgemesh_proxy_unmatched_connections_total"),
             warn_limit: WarnThrottle::new(),
             warn_failed: WarnThrottle::new(),
+            sni_labels: Mutex::new(HashSet::new()),
             cfg,
             tables,
         }
     }
 
-    /// Accepts until `shutdown`, then gives open connections [`DRAIN_GRACE`] to finish.
+    /// Accepts until `shutdown`, then gives open connections [`DRAIN_GRACE`] to finish (HTTP
+    /// connections are closed after the response in progress).
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
         let proxy = Arc::new(self);
         let tracker = TaskTracker::new();
+        tracker.spawn(proxy.http.clone().sweep_pool(shutdown.clone()));
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -130,7 +156,8 @@ impl Proxy {
             match accepted {
                 Ok((stream, peer)) => {
                     let proxy = proxy.clone();
-                    tracker.spawn(async move { proxy.handle(stream, peer).await });
+                    let shutdown = shutdown.clone();
+                    tracker.spawn(async move { proxy.handle(stream, peer, shutdown).await });
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -156,7 +183,12 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+    async fn handle(
+        self: Arc<Self>,
+        client: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) {
         let dst = match socket::original_destination(&client) {
             Some(dst) => dst,
             None => match client.local_addr() {
@@ -188,15 +220,107 @@ impl Proxy {
         async move {
             let _ = client.set_nodelay(true);
             self.active.increment(1.0);
-            tcp_session(&self, client, peer, &route).await;
+            self.session(client, peer, route, &shutdown).await;
             self.active.decrement(1.0);
         }
         .instrument(span)
         .await
     }
+
+    /// Finds out what the connection carries (unless the Service says), then serves it as
+    /// HTTP or forwards it as bytes.
+    async fn session(
+        self: &Arc<Self>,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        route: Arc<table::Route>,
+        shutdown: &CancellationToken,
+    ) {
+        let forced = route
+            .protocol
+            .as_deref()
+            .and_then(Protocol::from_annotation);
+        let detected = match forced {
+            Some(protocol) => Detected {
+                protocol,
+                sni: None,
+                prefix: Bytes::new(),
+            },
+            None => match sniff::detect(&mut client, self.cfg.detect_timeout).await {
+                Ok(d) => d,
+                Err(e) => {
+                    debug!(error = %e, "connection failed before its protocol was known");
+                    return;
+                }
+            },
+        };
+        if forced.is_none() {
+            route.stats.get().detected(detected.protocol).increment(1);
+        }
+        debug!(
+            protocol = detected.protocol.as_str(),
+            sni = detected.sni.as_deref(),
+            annotated = forced.is_some(),
+            "protocol"
+        );
+        match detected.protocol {
+            Protocol::Http1 | Protocol::H2 => {
+                // Counted as forwarded once: its requests are counted one by one in
+                // `edgemesh_proxy_http_requests_total`.
+                route.stats.get().forwarded.increment(1);
+                let io = Rewind::new(detected.prefix, client);
+                let served = http::serve(
+                    self.http.clone(),
+                    io,
+                    detected.protocol,
+                    route,
+                    peer,
+                    shutdown,
+                )
+                .await;
+                match served {
+                    Ok(()) => debug!("closed"),
+                    Err(e) => debug!(error = %e, "closed"),
+                }
+            }
+            Protocol::Tls => {
+                self.count_tls(&route, detected.sni.as_deref());
+                tcp_session(self, client, peer, &route, detected.prefix).await;
+            }
+            Protocol::Opaque => tcp_session(self, client, peer, &route, detected.prefix).await,
+        }
+    }
+
+    /// Counts a TLS connection under its server name, within [`MAX_SNI_LABELS`] names.
+    fn count_tls(&self, route: &table::Route, sni: Option<&str>) {
+        let label = match sni {
+            None => "none".to_string(),
+            Some(name) => {
+                let mut seen = self.sni_labels.lock().unwrap_or_else(|p| p.into_inner());
+                if seen.contains(name) {
+                    name.to_string()
+                } else if seen.len() < MAX_SNI_LABELS {
+                    seen.insert(name.to_string());
+                    name.to_string()
+                } else {
+                    "other".to_string()
+                }
+            }
+        };
+        counter!("edgemesh_proxy_tls_connections_total", "service" => route.stats.label().to_string(), "sni" => label)
+            .increment(1);
+    }
 }
 
-async fn tcp_session(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, route: &table::Route) {
+/// Forwards a connection as bytes to one endpoint (picked per connection), `prefix` (the
+/// bytes read to detect the protocol) first.
+async fn tcp_session(
+    proxy: &Proxy,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    route: &table::Route,
+    prefix: Bytes,
+) {
     let stats = route.stats.get();
     let (upstream, endpoint, _in_flight) = match proxy.connector.connect(route, peer.ip()).await {
         Ok(c) => c,
@@ -232,38 +356,39 @@ async fn tcp_session(proxy: &Proxy, mut client: TcpStream, peer: SocketAddr, rou
         idle: proxy.cfg.idle_timeout,
         half_closed: proxy.cfg.half_close_timeout,
     };
-    let ns = &route.service.namespace;
-    let name = &route.service.name;
-    let limited = proxy.limiters.limit(ns, name).is_some();
-    match upstream {
-        // The Service's limit is enforced where the endpoint is dialled: here, for this
-        // node's endpoints.
-        Upstream::Local(upstream) if limited => {
-            let hint = match route.protocol.as_deref() {
-                Some("http") => StreamProtocol::Http,
-                Some("h2") | Some("grpc") => StreamProtocol::H2,
-                _ => StreamProtocol::Tcp,
-            };
-            let t = EndpointTimeouts {
-                detect: proxy.cfg.detect_timeout,
-                bridge: BridgeTimeouts {
-                    idle: timeouts.idle,
-                    half_closed: timeouts.half_closed,
-                },
-            };
-            match serve_endpoint(client, upstream, &proxy.limiters, ns, name, hint, t).await {
-                Ok(Served::Refused) => debug!(%endpoint, "over the Service's limit: closed"),
-                Ok(_) => debug!(%endpoint, "closed"),
-                Err(e) => debug!(%endpoint, error = %e, "aborted"),
-            }
+    // The Service's limit is enforced where the endpoint is dialled: here for this node's
+    // endpoints, per connection (HTTP never comes this way: it is limited per request).
+    if let Upstream::Local(_) = upstream {
+        let (ns, name) = (&route.service.namespace, &route.service.name);
+        if let Decision::Limited { .. } = proxy.limiters.admit(ns, name, LimitProtocol::Tcp) {
+            debug!(%endpoint, "over the Service's limit: closed");
+            return;
         }
+    }
+    match upstream {
         Upstream::Local(mut upstream) => {
+            if !prefix.is_empty() {
+                if let Err(e) = upstream.write_all(&prefix).await {
+                    debug!(%endpoint, error = %e, "aborted");
+                    reset(client);
+                    return;
+                }
+                counters.sent.increment(prefix.len() as u64);
+            }
             match tcp::forward(&mut client, &mut upstream, timeouts, counters).await {
                 Ok(t) => debug!(%endpoint, sent = t.sent, received = t.received, "closed"),
                 Err(e) => debug!(%endpoint, error = %e, "aborted"),
             }
         }
         Upstream::Tunnel(mut stream) => {
+            if !prefix.is_empty() {
+                if let Err(e) = stream.write_all(&prefix).await {
+                    debug!(%endpoint, error = %e, "aborted");
+                    reset(client);
+                    return;
+                }
+                counters.sent.increment(prefix.len() as u64);
+            }
             let t = BridgeTimeouts {
                 idle: timeouts.idle,
                 half_closed: timeouts.half_closed,

@@ -5,13 +5,34 @@
 
 use std::sync::{Arc, OnceLock};
 
-use metrics::{counter, Counter};
+use hyper::StatusCode;
+use metrics::{counter, histogram, Counter, Histogram};
+
+use super::sniff::Protocol;
 
 pub struct ServiceStats {
     /// `namespace/name`.
     label: Arc<str>,
     /// Boxed: most Services of a large mesh never see a connection on a given node.
     counters: OnceLock<Box<Counters>>,
+    /// Per protocol (`http1`, `h2`): only Services that see HTTP get these series.
+    http: [OnceLock<Box<HttpStats>>; 2],
+}
+
+/// Requests of one Service over one HTTP version.
+pub struct HttpStats {
+    /// By status class: 1xx to 5xx.
+    classes: [Counter; 5],
+    /// Time from the request to the response head (what the caller waits before anything
+    /// comes back; bodies can stream for hours).
+    pub duration: Histogram,
+}
+
+impl HttpStats {
+    pub fn count(&self, status: StatusCode) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.classes[class].increment(1);
+    }
 }
 
 pub struct Counters {
@@ -22,6 +43,15 @@ pub struct Counters {
     pub endpoint_failures: Counter,
     pub bytes_sent: Counter,
     pub bytes_received: Counter,
+    /// Connections by the protocol detection found (those whose Service's annotation set it
+    /// are not counted), in the order of [`Protocol::ALL`].
+    detected: [Counter; 4],
+}
+
+impl Counters {
+    pub fn detected(&self, protocol: Protocol) -> &Counter {
+        &self.detected[protocol as usize]
+    }
 }
 
 impl ServiceStats {
@@ -29,7 +59,35 @@ impl ServiceStats {
         ServiceStats {
             label,
             counters: OnceLock::new(),
+            http: Default::default(),
         }
+    }
+
+    /// The request metrics of `protocol` ([`Protocol::Http1`] or [`Protocol::H2`]).
+    pub fn http(&self, protocol: Protocol) -> &HttpStats {
+        let i = usize::from(protocol == Protocol::H2);
+        self.http[i].get_or_init(|| {
+            let service = self.label.to_string();
+            let p = protocol.as_str();
+            let class = |c: &'static str| {
+                counter!("edgemesh_proxy_http_requests_total", "service" => service.clone(), "protocol" => p, "class" => c)
+            };
+            Box::new(HttpStats {
+                classes: [
+                    class("1xx"),
+                    class("2xx"),
+                    class("3xx"),
+                    class("4xx"),
+                    class("5xx"),
+                ],
+                duration: histogram!("edgemesh_proxy_http_request_duration_seconds", "service" => service.clone(), "protocol" => p),
+            })
+        })
+    }
+
+    /// `namespace/name`, for metrics recorded outside the cached handles.
+    pub fn label(&self) -> &str {
+        &self.label
     }
 
     pub fn get(&self) -> &Counters {
@@ -48,6 +106,9 @@ impl ServiceStats {
                 endpoint_failures: counter!("edgemesh_proxy_connect_failures_total", "service" => service.clone()),
                 bytes_sent: bytes("sent"),
                 bytes_received: bytes("received"),
+                detected: Protocol::ALL.map(|p| {
+                    counter!("edgemesh_proxy_detected_total", "service" => service.clone(), "protocol" => p.as_str())
+                }),
             })
         })
     }

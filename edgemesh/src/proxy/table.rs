@@ -50,6 +50,10 @@ pub struct Route {
     pub stats: Arc<ServiceStats>,
     /// `edgemesh.io/protocol`, when set.
     pub protocol: Option<String>,
+    /// The request header whose value `consistent-hash` hashes (`edgemesh.io/hash-key:
+    /// header:NAME`); the client address when `None`. Only HTTP requests have headers: TCP
+    /// connections always hash the client address.
+    pub hash_header: Option<hyper::header::HeaderName>,
     /// Every ready endpoint, this node's and those reached through the cloud.
     pub endpoints: Vec<Endpoint>,
     /// How many of `endpoints` are on other nodes or in the cloud (reached through streams).
@@ -155,6 +159,11 @@ impl RouteTable {
                     service: service_ref,
                     stats,
                     protocol: annotations.protocol.clone(),
+                    hash_header: annotations
+                        .hash_key
+                        .as_deref()
+                        .and_then(|k| k.strip_prefix("header:"))
+                        .and_then(|h| hyper::header::HeaderName::from_bytes(h.as_bytes()).ok()),
                     endpoints: list,
                     elsewhere,
                     balancer,

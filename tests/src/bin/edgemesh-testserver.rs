@@ -7,7 +7,9 @@
 //! - `edgemesh-testserver echo ADDR`: echoes until the client half-closes, then closes its
 //!   side too;
 //! - `edgemesh-testserver stall ADDR`: accepts and then neither reads nor writes, holding the
-//!   connection open (a stuck application: whatever is sent piles up in front of it).
+//!   connection open (a stuck application: whatever is sent piles up in front of it);
+//! - `web`, `grpc`, `https`: real HTTP/1.1 + HTTP/2, gRPC and HTTPS servers, see
+//!   `edgemesh_e2e::servers`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -23,6 +25,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(code) = edgemesh_e2e::servers::run(mode, addr, &args[2..]) {
+        return code;
+    }
     let text = args.get(2).cloned().unwrap_or_default();
     let listener = match TcpListener::bind(addr) {
         Ok(l) => l,
@@ -100,11 +105,14 @@ fn serve_http(stream: TcpStream, name: &str) -> io::Result<()> {
         io::copy(&mut (&mut reader).take(body_len as u64), &mut io::sink())?;
         let body = format!("{name}\n");
         let connection = if close { "close" } else { "keep-alive" };
-        write!(
-            writer,
+        // One write: `write!` on a socket is a system call per piece, and with Nagle's
+        // algorithm the pieces after the first wait for the client's (delayed) ACK, 40 ms on a
+        // reused connection.
+        let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
             body.len()
-        )?;
+        );
+        writer.write_all(response.as_bytes())?;
         if close {
             return writer.shutdown(Shutdown::Write);
         }

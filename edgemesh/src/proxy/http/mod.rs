@@ -1,0 +1,103 @@
+//! HTTP/1.1 and HTTP/2 (gRPC) through the proxy (SPEC §4.3–4.5): requests are balanced one by
+//! one over the Service's endpoints, so the calls of one long-lived client connection spread
+//! like separate connections would.
+//!
+//! Layers, outermost first, each in its own module:
+//! - [`server`]: the client's connection (hyper, keep-alive, graceful shutdown, upgrades);
+//! - [`service`]: one request: its span and metrics, the request timeout, header rewriting,
+//!   failures turned into answers ([`answer`]);
+//! - [`dispatch`]: the endpoint for a request (balancing), the Service's QPS limit for this
+//!   node's endpoints, retries while nothing of the request has reached an endpoint;
+//! - [`upstream`]: sending to one endpoint over a pooled connection ([`pool`]), opened through
+//!   [`Connector::reach`] (dialled, or a tunnel to another node or the cloud);
+//! - [`upgrade`]: after a `101` (WebSocket), bytes both ways.
+
+mod answer;
+mod body;
+mod dispatch;
+mod exec;
+pub mod headers;
+pub mod pool;
+mod server;
+mod service;
+#[cfg(test)]
+mod tests;
+mod upgrade;
+mod upstream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgehub::limits::Limiters;
+use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
+
+use super::config::HttpConfig;
+use super::connect::Connector;
+use super::sniff::Protocol;
+use pool::Pool;
+
+pub use answer::HttpError;
+pub use server::{serve, ServeError};
+
+type H1Sender = hyper::client::conn::http1::SendRequest<Incoming>;
+type H2Sender = hyper::client::conn::http2::SendRequest<Incoming>;
+
+/// What every HTTP connection of the proxy shares: settings, the way to endpoints, the
+/// Services' limits and the pooled connections.
+pub struct Http {
+    cfg: HttpConfig,
+    /// `proxy.idle_timeout`: upgraded connections (WebSocket) are byte streams like TCP.
+    idle_timeout: Duration,
+    /// `proxy.connect_attempts`: endpoints tried for one request.
+    attempts: u32,
+    connector: Arc<Connector>,
+    limiters: Arc<Limiters>,
+    pool: Pool<H1Sender, H2Sender>,
+    /// Open client connections, `http1` and `h2`.
+    active: [metrics::Gauge; 2],
+}
+
+impl Http {
+    pub fn new(
+        cfg: HttpConfig,
+        idle_timeout: Duration,
+        attempts: u32,
+        connector: Arc<Connector>,
+        limiters: Arc<Limiters>,
+    ) -> Http {
+        let active = [Protocol::Http1, Protocol::H2].map(
+            |p| metrics::gauge!("edgemesh_proxy_http_active_connections", "protocol" => p.as_str()),
+        );
+        Http {
+            pool: Pool::new(cfg.pool_max_idle_per_endpoint, cfg.pool_idle_timeout),
+            cfg,
+            idle_timeout,
+            attempts,
+            connector,
+            limiters,
+            active,
+        }
+    }
+
+    fn active(&self, protocol: Protocol) -> &metrics::Gauge {
+        &self.active[usize::from(protocol == Protocol::H2)]
+    }
+
+    /// Closes expired pooled connections every little while, until `shutdown`.
+    pub async fn sweep_pool(self: Arc<Self>, shutdown: CancellationToken) {
+        let every = self.pool.sweep_interval();
+        while shutdown
+            .run_until_cancelled(tokio::time::sleep(every))
+            .await
+            .is_some()
+        {
+            self.pool.sweep();
+        }
+    }
+
+    /// Idle HTTP/1 and shared HTTP/2 connections to endpoints.
+    pub fn pooled(&self) -> (usize, usize) {
+        self.pool.len()
+    }
+}

@@ -1,0 +1,275 @@
+//! Sending one request to one endpoint: over an idle pooled HTTP/1 connection or the shared
+//! HTTP/2 one, else over a new connection opened through [`Connector::reach`] (so endpoints
+//! on other nodes and in the cloud are reached through tunnels like any other).
+//!
+//! hyper hands a request back when it failed before any of it was written
+//! (`try_send_request`); only such requests may go elsewhere. A pooled connection that turns
+//! out to be closed (the endpoint's keep-alive timeout raced the request) is replaced by
+//! another before the endpoint is blamed.
+
+use std::sync::Arc;
+
+use edgehub::tunnel::StreamProtocol;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tracing::debug;
+
+use super::exec::ConnTasks;
+use super::pool::PoolKey;
+use super::{H1Sender, H2Sender, Http};
+use crate::balance::Endpoint;
+use crate::proxy::connect::{ReachError, Upstream};
+use crate::proxy::sniff::Protocol;
+use crate::proxy::table::Route;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Pooled connections found closed that are replaced before a request counts as failed at
+/// an endpoint.
+const STALE_RETRIES: usize = 2;
+
+/// How long an HTTP/2 connection may be silent while calls are open before it is pinged, and
+/// how long the ping may take: a dead endpoint (or tunnel) fails its calls instead of hanging
+/// them.
+const H2_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Why a request did not get a response from an endpoint.
+pub enum SendError {
+    /// Nothing of the request reached the endpoint; here it is back, for another endpoint.
+    NotSent {
+        /// Boxed: this is the rare path, and the common ones should not move 280 bytes.
+        request: Box<Request<Incoming>>,
+        error: BoxError,
+    },
+    /// The side that dials the endpoint refused: the Service is over its limit.
+    RateLimited,
+    /// The request went out, at least in part, and failed: it is never sent again.
+    Failed(hyper::Error),
+}
+
+/// An HTTP/1 connection that goes back to the pool when its response body is done with
+/// (sent to the client, or dropped).
+pub struct Recycle(Option<(Arc<Http>, PoolKey, H1Sender)>);
+
+impl Drop for Recycle {
+    fn drop(&mut self) {
+        let Some((http, key, mut conn)) = self.0.take() else {
+            return;
+        };
+        // A connection that has read its response to the end is ready for the next request
+        // almost always by now: back at once, without a task. One that is not (its endpoint is
+        // still sending, or it is closing) is waited for by a task of its own.
+        if conn.is_ready() {
+            http.pool.put_h1(key, conn);
+        } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if conn.ready().await.is_ok() {
+                    http.pool.put_h1(key, conn);
+                }
+            });
+        }
+    }
+}
+
+impl Http {
+    /// Sends `req` to `endpoint` of `route` and waits for the response head. `upgrade`: the
+    /// request asks for a protocol upgrade; its connection is not reused. `client`: the
+    /// client connection's id. For HTTP/1, also the connection to put back once the response
+    /// body is done with.
+    pub(super) async fn send(
+        self: &Arc<Self>,
+        route: &Route,
+        endpoint: &Endpoint,
+        req: Request<Incoming>,
+        protocol: Protocol,
+        upgrade: bool,
+        client: u64,
+    ) -> Result<(Response<Incoming>, Option<Recycle>), SendError> {
+        let limited = self
+            .limiters
+            .limit(&route.service.namespace, &route.service.name)
+            .is_some();
+        let own = limited && protocol == Protocol::H2 && !self.connector.is_local(endpoint);
+        let key = PoolKey::new(route, endpoint.addr, limited, if own { client } else { 0 });
+        match protocol {
+            Protocol::H2 => Ok((self.send_h2(route, endpoint, key, req).await?, None)),
+            _ => self.send_h1(route, endpoint, key, req, upgrade).await,
+        }
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        route: &Route,
+        endpoint: &Endpoint,
+        key: PoolKey,
+        mut req: Request<Incoming>,
+        upgrade: bool,
+    ) -> Result<(Response<Incoming>, Option<Recycle>), SendError> {
+        *req.version_mut() = hyper::Version::HTTP_11;
+        let mut stale = 0;
+        loop {
+            let (mut conn, reused) = match self.pool.take_h1(&key) {
+                Some(conn) => (conn, true),
+                None => match self.open_h1(route, endpoint).await {
+                    Ok(conn) => (conn, false),
+                    Err(e) => return Err(e.with_request(req)),
+                },
+            };
+            match conn.try_send_request(req).await {
+                Ok(response) => {
+                    let recycle = (!upgrade && self.pool.keeps_h1())
+                        .then(|| Recycle(Some((Arc::clone(self), key, conn))));
+                    return Ok((response, recycle));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(back) if reused && stale < STALE_RETRIES => {
+                        debug!(endpoint = %endpoint.addr, error = %e.error(), "pooled connection was closed; another one");
+                        stale += 1;
+                        req = back;
+                    }
+                    Some(back) => {
+                        endpoint.health.record_failure();
+                        return Err(SendError::NotSent {
+                            request: Box::new(back),
+                            error: Box::new(e.into_error()),
+                        });
+                    }
+                    None => return Err(SendError::Failed(e.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn open_h1(&self, route: &Route, endpoint: &Endpoint) -> Result<H1Sender, Unsent> {
+        let io = self.reach(route, endpoint, StreamProtocol::Http).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| Unsent::Failed(Box::new(e)))?;
+        tokio::spawn(async move {
+            // Upgrades hand the connection over to the bytes of the new protocol.
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(error = %e, "endpoint connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn send_h2(
+        &self,
+        route: &Route,
+        endpoint: &Endpoint,
+        key: PoolKey,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, SendError> {
+        *req.version_mut() = hyper::Version::HTTP_2;
+        let mut stale = 0;
+        loop {
+            let (mut conn, reused) = match self.pool.get_h2(&key) {
+                Some(conn) => (conn, true),
+                None => match self.shared_h2(route, endpoint, &key).await {
+                    Ok(found) => found,
+                    Err(e) => return Err(e.with_request(req)),
+                },
+            };
+            match conn.try_send_request(req).await {
+                Ok(response) => return Ok(response),
+                Err(mut e) => {
+                    self.pool.discard_h2(&key);
+                    match e.take_message() {
+                        Some(back) if reused && stale < STALE_RETRIES => {
+                            debug!(endpoint = %endpoint.addr, error = %e.error(), "shared connection was closed; a new one");
+                            stale += 1;
+                            req = back;
+                        }
+                        Some(back) => {
+                            endpoint.health.record_failure();
+                            return Err(SendError::NotSent {
+                                request: Box::new(back),
+                                error: Box::new(e.into_error()),
+                            });
+                        }
+                        None => return Err(SendError::Failed(e.into_error())),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The HTTP/2 connection to `endpoint`: the one another call just made, or a new one.
+    /// Returns whether it was made by someone else (then it may already be closed).
+    async fn shared_h2(
+        &self,
+        route: &Route,
+        endpoint: &Endpoint,
+        key: &PoolKey,
+    ) -> Result<(H2Sender, bool), Unsent> {
+        let dialing = self.pool.h2_dialing(key);
+        let (_dialing, waited) = match dialing.try_lock() {
+            Ok(guard) => (guard, false),
+            Err(_) => (dialing.lock().await, true),
+        };
+        if let Some(conn) = self.pool.get_h2(key) {
+            return Ok((conn, true));
+        }
+        if waited && endpoint.health.is_ejected(tokio::time::Instant::now()) {
+            // The call that dialled while this one waited failed and ejected the endpoint:
+            // another endpoint, rather than every waiting call dialling a dead one in turn.
+            return Err(Unsent::Failed(
+                "the endpoint failed while this call waited for it".into(),
+            ));
+        }
+        let io = self.reach(route, endpoint, StreamProtocol::H2).await?;
+        let (exec, mut tasks) = ConnTasks::new();
+        let (sender, conn) = http2::Builder::new(exec)
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_KEEPALIVE)
+            .keep_alive_timeout(H2_KEEPALIVE)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| Unsent::Failed(Box::new(e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = tasks.run(conn).await {
+                debug!(error = %e, "endpoint connection ended");
+            }
+            tasks.finish().await;
+        });
+        self.pool.set_h2(key, sender.clone());
+        Ok((sender, false))
+    }
+
+    async fn reach(
+        &self,
+        route: &Route,
+        endpoint: &Endpoint,
+        protocol: StreamProtocol,
+    ) -> Result<Upstream, Unsent> {
+        self.connector
+            .reach(route, endpoint, protocol)
+            .await
+            .map_err(|e| match e {
+                ReachError::RateLimited => Unsent::RateLimited,
+                ReachError::Failed(e) => Unsent::Failed(Box::new(e)),
+            })
+    }
+}
+
+/// No connection for the request.
+enum Unsent {
+    RateLimited,
+    Failed(BoxError),
+}
+
+impl Unsent {
+    fn with_request(self, request: Request<Incoming>) -> SendError {
+        match self {
+            Unsent::RateLimited => SendError::RateLimited,
+            Unsent::Failed(error) => SendError::NotSent {
+                request: Box::new(request),
+                error,
+            },
+        }
+    }
+}
