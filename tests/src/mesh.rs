@@ -514,4 +514,35 @@ impl Mesh {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
+
+    /// `n` requests from `client` to `http://ip/`, each on a new connection; how many each
+    /// server answered (the servers answer with their names).
+    pub fn spread(&self, client: &Host, ip: &str, n: usize) -> BTreeMap<String, usize> {
+        let url = format!("http://{ip}/?n=[1-{n}]");
+        let out = self.topo.exec(
+            client,
+            &[
+                "curl",
+                "-sS",
+                "--noproxy",
+                "*",
+                "--max-time",
+                "120",
+                "-H",
+                "Connection: close",
+                &url,
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut counts = BTreeMap::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            *counts.entry(line.to_string()).or_default() += 1;
+        }
+        assert_eq!(counts.values().sum::<usize>(), n, "{counts:?}");
+        counts
+    }
 }

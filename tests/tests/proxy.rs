@@ -1,7 +1,6 @@
 //! The node's transparent proxy, end to end: real iptables rules in node namespaces, real
 //! servers in pod namespaces behind the node, real `curl` from client pods to cluster IPs.
 
-use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -51,36 +50,6 @@ fn put_web(mesh: &Mesh, pods: &[Host], annotations: &[(&str, &str)]) -> String {
     mesh.put_service("web", 80, TARGET, annotations, &refs)
 }
 
-/// `n` requests from `client`, each on a new connection; returns how many each server answered.
-fn spread(mesh: &Mesh, client: &Host, ip: &str, n: usize) -> BTreeMap<String, usize> {
-    let url = format!("http://{ip}/?n=[1-{n}]");
-    let out = mesh.topo.exec(
-        client,
-        &[
-            "curl",
-            "-sS",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "120",
-            "-H",
-            "Connection: close",
-            &url,
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut counts = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        *counts.entry(line.to_string()).or_default() += 1;
-    }
-    assert_eq!(counts.values().sum::<usize>(), n, "{counts:?}");
-    counts
-}
-
 /// Waits until node 0's route for `ip:80` shows `policy`.
 fn wait_policy(mesh: &Mesh, ip: &str, policy: &str) {
     wait_for(
@@ -122,7 +91,7 @@ fn cluster_ip_reaches_pods_with_every_policy() {
     assert_eq!(s, 200, "from the node itself: {body}");
 
     // Round robin: 600 new connections spread within ±10% of even.
-    let rr = spread(&mesh, &c1, &ip, 600);
+    let rr = mesh.spread(&c1, &ip, 600);
     assert_eq!(rr.len(), 3, "{rr:?}");
     assert!(rr.values().all(|&n| (180..=220).contains(&n)), "{rr:?}");
 
@@ -134,7 +103,7 @@ fn cluster_ip_reaches_pods_with_every_policy() {
     );
     wait_policy(&mesh, &ip, "ConsistentHash");
     for client in [&c1, &c2] {
-        let c = spread(&mesh, client, &ip, 60);
+        let c = mesh.spread(client, &ip, 60);
         assert_eq!(c.len(), 1, "{}: {c:?}", client.role);
     }
 
@@ -142,7 +111,7 @@ fn cluster_ip_reaches_pods_with_every_policy() {
     for (policy, shown) in [("random", "Random"), ("least-request", "LeastRequest")] {
         put_web(&mesh, &servers, &[("edgemesh.io/lb-policy", policy)]);
         wait_policy(&mesh, &ip, shown);
-        let c = spread(&mesh, &c1, &ip, 150);
+        let c = mesh.spread(&c1, &ip, 150);
         assert_eq!(c.len(), 3, "{policy}: {c:?}");
     }
 
@@ -156,7 +125,7 @@ fn cluster_ip_reaches_pods_with_every_policy() {
         (r["policy"] == "RoundRobin" && r["sessionAffinity"].is_number()).then_some(())
     });
     for client in [&c1, &c2] {
-        let c = spread(&mesh, client, &ip, 60);
+        let c = mesh.spread(client, &ip, 60);
         assert_eq!(c.len(), 1, "affinity for {}: {c:?}", client.role);
     }
     assert!(
@@ -174,14 +143,14 @@ fn a_stopped_endpoint_is_ejected_and_used_again_when_back() {
     let (servers, procs) = http_pods(&mut mesh, 3);
     let client = mesh.add_pod(0, "c1");
     let ip = put_web(&mesh, &servers, &[]);
-    assert_eq!(spread(&mesh, &client, &ip, 30).len(), 3);
+    assert_eq!(mesh.spread(&client, &ip, 30).len(), 3);
 
     // Stop s2's server: connections fall over to the others and s2 is ejected after its
     // first failure, not tried for every connection.
     let s2 = servers[2].clone();
     mesh.topo.stop(procs[2]);
     let failures_before = mesh.metric(0, "edgemesh_proxy_connect_failures_total", &[]);
-    let c = spread(&mesh, &client, &ip, 60);
+    let c = mesh.spread(&client, &ip, 60);
     assert_eq!(c.get("s2"), None, "{c:?}");
     assert_eq!(
         c.values().sum::<usize>(),
@@ -206,7 +175,7 @@ fn a_stopped_endpoint_is_ejected_and_used_again_when_back() {
     // Back: once its ejection ends it takes connections again.
     mesh.serve(&s2, "http", TARGET, "s2");
     wait_for("s2 used again", Duration::from_secs(30), || {
-        spread(&mesh, &client, &ip, 6)
+        mesh.spread(&client, &ip, 6)
             .contains_key("s2")
             .then_some(())
     });

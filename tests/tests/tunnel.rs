@@ -90,36 +90,6 @@ fn a_pod_on_one_node_reaches_a_service_on_another_through_the_cloud() {
     });
 }
 
-/// `n` requests from `client`, each on a new connection; how many each server answered.
-fn spread(mesh: &Mesh, client: &Host, ip: &str, n: usize) -> BTreeMap<String, usize> {
-    let url = format!("http://{ip}/?n=[1-{n}]");
-    let out = mesh.topo.exec(
-        client,
-        &[
-            "curl",
-            "-sS",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "120",
-            "-H",
-            "Connection: close",
-            &url,
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut counts = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        *counts.entry(line.to_string()).or_default() += 1;
-    }
-    assert_eq!(counts.values().sum::<usize>(), n, "{counts:?}");
-    counts
-}
-
 /// Sends `total` pseudo-random bytes through `addr` to an echo server and checks that exactly
 /// the same bytes come back, the echo server closing only after our half-close.
 fn echo_transfer(ns: &str, addr: SocketAddr, total: usize) {
@@ -176,6 +146,14 @@ fn echo_transfer(ns: &str, addr: SocketAddr, total: usize) {
 
 /// One short echo exchange that reports failure instead of panicking (for `wait_for`). A
 /// read that gets nothing for 15 s fails with `WouldBlock`/`TimedOut`: a hang, not a refusal.
+/// An echo server pod on node B behind Service `echo` (port 7); the address to call.
+fn echo_on_node_b(mesh: &mut Mesh) -> SocketAddr {
+    let echo = mesh.add_pod(1, "echo");
+    mesh.serve(&echo, "echo", TARGET, "");
+    let ip = mesh.put_service("echo", 7, TARGET, &[], &[(&echo.ip.to_string(), "edge-1")]);
+    format!("{ip}:7").parse().expect("addr")
+}
+
 fn try_echo(ns: &str, addr: SocketAddr) -> std::io::Result<()> {
     in_netns(ns, move || {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
@@ -266,10 +244,7 @@ fn cloud_metric(mesh: &Mesh, name: &str, labels: &[&str]) -> f64 {
 fn two_hundred_megabytes_each_way_cross_the_relay_intact() {
     let mut mesh = mesh("tun-bulk");
     let client = mesh.add_pod(0, "client");
-    let echo = mesh.add_pod(1, "echo");
-    mesh.serve(&echo, "echo", TARGET, "");
-    let ip = mesh.put_service("echo", 7, TARGET, &[], &[(&echo.ip.to_string(), "edge-1")]);
-    let addr: SocketAddr = format!("{ip}:7").parse().expect("addr");
+    let addr = echo_on_node_b(&mut mesh);
     // A server that speaks first is heard through the tunnel before the client says anything.
     let banner = mesh.add_pod(1, "banner");
     mesh.serve(&banner, "banner", TARGET, "220 smtp on b");
@@ -582,12 +557,12 @@ fn local_endpoints_are_preferred_and_remote_ones_take_over() {
     );
     let only = |name: &str, n: usize| BTreeMap::from([(name.to_string(), n)]);
     assert_eq!(
-        spread(&mesh, &client_a, &ip, 60),
+        mesh.spread(&client_a, &ip, 60),
         only("a", 60),
         "a pod on A is answered by A's endpoint"
     );
     assert_eq!(
-        spread(&mesh, &client_b, &ip, 60),
+        mesh.spread(&client_b, &ip, 60),
         only("b", 60),
         "a pod on B is answered by B's endpoint"
     );
@@ -596,7 +571,7 @@ fn local_endpoints_are_preferred_and_remote_ones_take_over() {
     let accepted = mesh.metric(1, "edgemesh_tunnel_streams_accepted_total", &[]);
     mesh.topo.stop(server_a);
     assert_eq!(
-        spread(&mesh, &client_a, &ip, 60),
+        mesh.spread(&client_a, &ip, 60),
         only("b", 60),
         "with A's endpoint gone, B answers"
     );
@@ -721,10 +696,7 @@ fn assert_turned_away_promptly(what: &str, ns: &str, addr: SocketAddr) {
 fn streams_to_a_node_that_goes_away_fail_promptly_and_work_once_it_is_back() {
     let mut mesh = mesh("tun-gone");
     let client = mesh.add_pod(0, "client");
-    let echo = mesh.add_pod(1, "echo");
-    mesh.serve(&echo, "echo", TARGET, "");
-    let ip = mesh.put_service("echo", 7, TARGET, &[], &[(&echo.ip.to_string(), "edge-1")]);
-    let addr: SocketAddr = format!("{ip}:7").parse().expect("addr");
+    let addr = echo_on_node_b(&mut mesh);
     try_echo(&client.ns, addr).expect("echo through B");
 
     // B's agent crashes mid-transfer.
@@ -1731,10 +1703,7 @@ fn half_close_timeout_applies_to_tunnelled_connections() {
 fn streams_through_a_crashing_cloud_fail_promptly_and_work_once_it_is_back() {
     let mut mesh = mesh("tun-cloudko");
     let client = mesh.add_pod(0, "client");
-    let echo = mesh.add_pod(1, "echo");
-    mesh.serve(&echo, "echo", TARGET, "");
-    let ip = mesh.put_service("echo", 7, TARGET, &[], &[(&echo.ip.to_string(), "edge-1")]);
-    let addr: SocketAddr = format!("{ip}:7").parse().expect("addr");
+    let addr = echo_on_node_b(&mut mesh);
     try_echo(&client.ns, addr).expect("echo through the cloud");
 
     let flow = Flow::start(&client.ns, addr);
@@ -1760,10 +1729,7 @@ fn streams_through_a_crashing_cloud_fail_promptly_and_work_once_it_is_back() {
 fn a_full_link_turns_new_streams_away_promptly() {
     let mut mesh = mesh_with("tun-full", &["tunnel.max_streams=8"]);
     let client = mesh.add_pod(0, "client");
-    let echo = mesh.add_pod(1, "echo");
-    mesh.serve(&echo, "echo", TARGET, "");
-    let ip = mesh.put_service("echo", 7, TARGET, &[], &[(&echo.ip.to_string(), "edge-1")]);
-    let addr: SocketAddr = format!("{ip}:7").parse().expect("addr");
+    let addr = echo_on_node_b(&mut mesh);
     // Eight open echo connections fill A's link.
     let held = in_netns(&client.ns, move || {
         (0..8)
