@@ -5,7 +5,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use edgemesh_e2e::mesh::{ep_path, svc_path, Mesh};
+use edgemesh_e2e::mesh::{echo_transfer, ep_path, svc_path, Mesh};
 use edgemesh_e2e::{wait_for, Host, ProcId};
 use rand::{RngCore, SeedableRng};
 use serde_json::{json, Value};
@@ -178,60 +178,6 @@ fn a_stopped_endpoint_is_ejected_and_used_again_when_back() {
         mesh.spread(&client, &ip, 6)
             .contains_key("s2")
             .then_some(())
-    });
-}
-
-/// Sends `total` pseudo-random bytes through `addr` to an echo server and checks that exactly
-/// the same bytes come back, the echo server closing only after our half-close.
-fn echo_transfer(ns: &str, addr: SocketAddr, total: usize) {
-    edgemesh_e2e::mesh::in_netns(ns, move || {
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        let mut writer = stream.try_clone().expect("clone");
-        let sender = std::thread::spawn(move || {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-            let mut chunk = vec![0u8; 64 * 1024];
-            let mut sent = 0;
-            while sent < total {
-                let n = chunk.len().min(total - sent);
-                rng.fill_bytes(&mut chunk[..n]);
-                writer.write_all(&chunk[..n]).expect("send");
-                sent += n;
-            }
-            // Half-close: the echo server sees EOF only now, and answers the rest after it.
-            writer.shutdown(Shutdown::Write).expect("half-close");
-        });
-        let mut reader = stream;
-        let mut expect = rand::rngs::StdRng::seed_from_u64(7);
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut want = vec![0u8; 64 * 1024];
-        let mut received = 0usize;
-        loop {
-            let n = reader.read(&mut buf).expect("receive");
-            if n == 0 {
-                break;
-            }
-            // Regenerate the same stream in the same chunking as it was sent.
-            let mut off = 0;
-            while off < n {
-                let pos = received % want.len();
-                if pos == 0 {
-                    let len = want.len().min(total - received);
-                    expect.fill_bytes(&mut want[..len]);
-                }
-                let take = (n - off).min(want.len() - pos);
-                assert!(
-                    buf[off..off + take] == want[pos..pos + take],
-                    "corrupt data at byte {received}"
-                );
-                off += take;
-                received += take;
-            }
-        }
-        sender.join().expect("sender");
-        assert_eq!(received, total, "bytes echoed");
     });
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use edgehub::message::{group, module, op, resource, Message, SyncRequest};
 use edgehub::tunnel::frame::Frame;
 use edgehub::tunnel::{OpenRequest, OpenResponse, RefusalKind, StreamProtocol, OPEN};
-use edgemesh_e2e::mesh::{in_netns, Mesh, API_PORT, HUB_PORT};
+use edgemesh_e2e::mesh::{echo_transfer, in_netns, Mesh, API_PORT, HUB_PORT};
 use edgemesh_e2e::{wait_for, Host};
 use futures_util::{SinkExt, StreamExt};
 use rand::rngs::StdRng;
@@ -87,60 +87,6 @@ fn a_pod_on_one_node_reaches_a_service_on_another_through_the_cloud() {
     assert_eq!(body.trim(), "hello from b");
     wait_for("relay counted", Duration::from_secs(5), || {
         (mesh.metric(1, "edgemesh_tunnel_streams_accepted_total", &[]) >= 1.0).then_some(())
-    });
-}
-
-/// Sends `total` pseudo-random bytes through `addr` to an echo server and checks that exactly
-/// the same bytes come back, the echo server closing only after our half-close.
-fn echo_transfer(ns: &str, addr: SocketAddr, total: usize) {
-    in_netns(ns, move || {
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        let mut writer = stream.try_clone().expect("clone");
-        let sender = std::thread::spawn(move || {
-            let mut rng = StdRng::seed_from_u64(7);
-            let mut chunk = vec![0u8; 64 * 1024];
-            let mut sent = 0;
-            while sent < total {
-                let n = chunk.len().min(total - sent);
-                rng.fill_bytes(&mut chunk[..n]);
-                writer.write_all(&chunk[..n]).expect("send");
-                sent += n;
-            }
-            // Half-close: the echo server sees EOF only now, and answers the rest after it.
-            writer.shutdown(Shutdown::Write).expect("half-close");
-        });
-        let mut reader = stream;
-        let mut expect = StdRng::seed_from_u64(7);
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut want = vec![0u8; 64 * 1024];
-        let mut received = 0usize;
-        loop {
-            let n = reader.read(&mut buf).expect("receive");
-            if n == 0 {
-                break;
-            }
-            // Regenerate the same stream in the same chunking as it was sent.
-            let mut off = 0;
-            while off < n {
-                let pos = received % want.len();
-                if pos == 0 {
-                    let len = want.len().min(total - received);
-                    expect.fill_bytes(&mut want[..len]);
-                }
-                let take = (n - off).min(want.len() - pos);
-                assert!(
-                    buf[off..off + take] == want[pos..pos + take],
-                    "corrupt data at byte {received}"
-                );
-                off += take;
-                received += take;
-            }
-        }
-        sender.join().expect("sender");
-        assert_eq!(received, total, "bytes echoed");
     });
 }
 
