@@ -45,6 +45,8 @@ fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source-path=SCRIPTDIR source=lib/netns.sh
 . "$REPO/scripts/lib/netns.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/rust.sh
+. "$REPO/scripts/lib/rust.sh"
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -404,11 +406,6 @@ teardown() {
 # Steps. To extend the demo, add a step_* function and call it from main.
 # ---------------------------------------------------------------------------------------------
 
-# Compares dotted versions: version_ge 1.89.0 1.89 -> true.
-version_ge() {
-    [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]
-}
-
 step_prepare_host() {
     header "Preparing the host"
     [ "$(id -u)" -eq 0 ] || die "the demo creates network namespaces and must run as root: sudo $0"
@@ -439,31 +436,8 @@ step_prepare_host() {
 
     [ -n "${BIN_DIR:-}" ] && return 0
 
-    # Rust: rustup's env file puts ~/.cargo/bin on PATH (sudo resets PATH).
-    # shellcheck source=/dev/null
-    [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
-    local need have
-    need=$(sed -n 's/^rust-version *= *"\([0-9.]*\)".*/\1/p' "$REPO/Cargo.toml" | head -n1)
-    need=${need:-1.0}
-    have=$(rustc --version 2>/dev/null | awk '{print $2}') || true
-    if ! command -v cargo >/dev/null 2>&1 || [ -z "$have" ]; then
-        info "installing Rust with rustup (cargo not found)"
-        curl https://sh.rustup.rs -sSf | sh -s -- -y --profile minimal ||
-            die "installing Rust with rustup failed (no internet access?); install Rust $need or newer (https://rustup.rs) and rerun"
-        # shellcheck source=/dev/null
-        . "$HOME/.cargo/env"
-    elif ! version_ge "$have" "$need"; then
-        if command -v rustup >/dev/null 2>&1; then
-            info "Rust $have is older than the required $need: updating the stable toolchain"
-            rustup toolchain install stable --profile minimal
-            rustup default stable
-        else
-            die "Rust $have (not managed by rustup) is older than the required $need; remove it or install rustup (https://rustup.rs) and rerun"
-        fi
-    fi
-    have=$(rustc --version | awk '{print $2}')
-    version_ge "$have" "$need" || die "Rust $have is older than the required $need"
-    ok "Rust $have (workspace needs $need or newer)"
+    ensure_rust "$REPO"
+    ok "Rust $RUST_VERSION"
 }
 
 step_build() {

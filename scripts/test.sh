@@ -23,6 +23,8 @@ command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
 command -v dig >/dev/null 2>&1 || need+=(dnsutils)
 command -v dnsmasq >/dev/null 2>&1 || need+=(dnsmasq-base)
+# systemd-analyze verifies the units (the tests never start systemd itself).
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 dpkg -s ca-certificates >/dev/null 2>&1 || need+=(ca-certificates)
 if [ "${#need[@]}" -gt 0 ]; then
   log "installing ${need[*]}"

@@ -113,8 +113,14 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     let router_task = tokio::spawn(router.serve_ingress(router_listener, shutdown.clone()));
     ready.store(true, Ordering::Release);
     info!(hub = %cfg.hub.listen, api = %cfg.api.listen, router = %cfg.router.listen, "cloudcore ready");
+    edgehub::systemd::ready(&format!(
+        "serving: hub {}, API {}, router {}",
+        cfg.hub.listen, cfg.api.listen, cfg.router.listen
+    ));
+    edgehub::systemd::watchdog(shutdown.clone());
 
     shutdown.cancelled().await;
+    edgehub::systemd::stopping();
     ready.store(false, Ordering::Release);
     let _ = hub_task.await;
     tunnels.shutdown().await;

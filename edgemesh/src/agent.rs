@@ -2,10 +2,10 @@
 //! a node that restarts while the cloud is unreachable comes up with everything it knew.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use edgehub::client::HubClient;
+use edgehub::client::{HubClient, SyncStatus};
 use edgehub::metamanager::MetaManager;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
@@ -112,7 +112,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     .await?;
     let state = AdminState {
         meta: meta.clone(),
-        sync,
+        sync: sync.clone(),
         metrics,
         ready: ready.clone(),
         routes: Some(proxy.tables.clone()),
@@ -136,8 +136,12 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     });
     ready.store(true, Ordering::Release);
     info!(admin = %cfg.admin.listen, "edgemesh ready");
+    edgehub::systemd::ready(&service_status(&sync, &meta));
+    edgehub::systemd::watchdog(shutdown.clone());
+    tokio::spawn(report_status(sync.clone(), meta.clone(), shutdown.clone()));
 
     shutdown.cancelled().await;
+    edgehub::systemd::stopping();
     ready.store(false, Ordering::Release);
     let _ = hub_task.await;
     if let Some(dns) = dns_task {
@@ -150,6 +154,45 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), stream_tasks.wait()).await;
     info!("edgemesh stopped");
     Ok(())
+}
+
+/// The one-line state `systemctl status edgemesh` shows.
+fn service_status(sync: &Mutex<SyncStatus>, meta: &MetaManager) -> String {
+    let view = meta.view();
+    let s = sync.lock().unwrap_or_else(|p| p.into_inner());
+    let link = match (s.connected, &s.cloud_url) {
+        (true, Some(url)) => format!("connected to {url}"),
+        (true, None) => "connected".to_string(),
+        (false, _) if s.connects == 0 && s.last_error.is_none() => "connecting".to_string(),
+        (false, _) => "cloud unreachable, serving from the local store".to_string(),
+    };
+    format!(
+        "{link}; metadata version {}, {} services, {} endpoints",
+        view.version,
+        view.services.len(),
+        view.endpoints.len()
+    )
+}
+
+/// Keeps the systemd status line current (it changes with the cloud link and the metadata).
+async fn report_status(
+    sync: Arc<Mutex<SyncStatus>>,
+    meta: Arc<MetaManager>,
+    shutdown: CancellationToken,
+) {
+    let mut last = String::new();
+    let period = std::time::Duration::from_secs(2);
+    while shutdown
+        .run_until_cancelled(tokio::time::sleep(period))
+        .await
+        .is_some()
+    {
+        let now = service_status(&sync, &meta);
+        if now != last {
+            edgehub::systemd::status(&now);
+            last = now;
+        }
+    }
 }
 
 /// Keeps the QPS limits in step with the Services' annotations.

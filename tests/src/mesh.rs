@@ -24,6 +24,8 @@ pub struct EdgeNode {
     pub proc: Option<ProcId>,
     /// Extra `--set` overrides for this node.
     pub extra: Vec<String>,
+    /// Extra environment for this node's process.
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Mesh {
@@ -33,6 +35,8 @@ pub struct Mesh {
     pub cloud_proc: Option<ProcId>,
     /// Extra `--set` overrides for cloudcore.
     pub cloud_extra: Vec<String>,
+    /// Extra environment for cloudcore's process.
+    pub cloud_env: Vec<(String, String)>,
     pub api_token: String,
     pub nodes: Vec<EdgeNode>,
     /// `http` or `https`.
@@ -72,6 +76,7 @@ impl Mesh {
                 labels: format!("{{zone=\"z{i}\"}}"),
                 proc: None,
                 extra: Vec::new(),
+                env: Vec::new(),
             });
         }
         Mesh {
@@ -80,6 +85,7 @@ impl Mesh {
             cloud_dir,
             cloud_proc: None,
             cloud_extra,
+            cloud_env: Vec::new(),
             api_token: String::new(),
             nodes: list,
             api_scheme: "http",
@@ -101,6 +107,12 @@ impl Mesh {
     }
 
     pub fn start_cloud(&mut self) {
+        self.spawn_cloud();
+        self.wait_cloud_ready();
+    }
+
+    /// Starts cloudcore without waiting for it.
+    pub fn spawn_cloud(&mut self) {
         assert!(self.cloud_proc.is_none(), "cloudcore already running");
         let mut args = vec![
             "--data-dir".to_string(),
@@ -118,14 +130,20 @@ impl Mesh {
             args.push("--set".into());
             args.push(e.clone());
         }
+        let mut env = vec![("RUST_LOG", "info")];
+        env.extend(self.cloud_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let p = self.topo.spawn(
             &self.cloud.clone(),
             "cloudcore",
             &bin("cloudcore"),
             &args,
-            &[("RUST_LOG", "info")],
+            &env,
         );
         self.cloud_proc = Some(p);
+    }
+
+    /// Waits until cloudcore's `/readyz` answers 200, then reads the API token it generated.
+    pub fn wait_cloud_ready(&mut self) {
         let url = self.api_url("/readyz");
         let cacert = self.ca_cert.clone();
         wait_for("cloudcore ready", Duration::from_secs(20), || {
@@ -170,6 +188,12 @@ impl Mesh {
     }
 
     pub fn start_node(&mut self, i: usize) {
+        self.spawn_node(i);
+        self.wait_node_alive(i);
+    }
+
+    /// Starts node `i`'s agent without waiting for it.
+    pub fn spawn_node(&mut self, i: usize) {
         assert!(self.nodes[i].proc.is_none(), "node {i} already running");
         let n = &self.nodes[i];
         let mut args = vec![
@@ -202,14 +226,16 @@ impl Mesh {
         }
         let host = n.host.clone();
         let name = n.name.clone();
-        let p = self.topo.spawn(
-            &host,
-            &name,
-            &bin("edgemesh"),
-            &args,
-            &[("RUST_LOG", "info")],
-        );
+        let mut env = vec![("RUST_LOG", "info")];
+        env.extend(n.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let p = self.topo.spawn(&host, &name, &bin("edgemesh"), &args, &env);
         self.nodes[i].proc = Some(p);
+    }
+
+    /// Waits until node `i`'s admin API answers `/healthz`.
+    pub fn wait_node_alive(&mut self, i: usize) {
+        let host = self.nodes[i].host.clone();
+        let name = self.nodes[i].name.clone();
         wait_for(
             &format!("{name} admin API"),
             Duration::from_secs(20),
