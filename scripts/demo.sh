@@ -15,7 +15,9 @@
 #   5. change the Service and watch the change reach both nodes;
 #   6. pods behind node-a: the hello-0 server pod (the address examples/hello.yaml gives it) and
 #      a client pod that calls Service hello by its cluster IP; edgemesh's iptables rules send the
-#      connection to its proxy, which picks hello-0 (this node's endpoint comes first);
+#      connection to its proxy, which picks hello-0 (this node's endpoint comes first); then by
+#      name: node-a's cluster DNS answers hello.default.svc.cluster.local (A, SRV, headless) and
+#      `curl http://hello:8000/` works through the pod's search path;
 #   7. offline autonomy: stop the cloud, restart node-a, see it serve from its SQLite copy (the
 #      client pod still reaches hello), start the cloud again and see node-a reconnect and sync;
 #   8. tunnels: the nodes cannot reach each other, yet client-a calls Service world (its pod on
@@ -84,6 +86,7 @@ HELLO_SERVER=""         # the small HTTP server run in pods, set by step_build
 CLUSTER_IP=""           # hello's cluster IP, set by step_pods
 NS_HELLO="$PREFIX-hello-0"
 NS_CLIENT="$PREFIX-client-a"
+NODE_DNS=169.254.96.16    # edgemesh's default dns.listen address, added to each node's lo
 HELLO_IP=10.244.1.10    # hello-0's address in examples/hello.yaml
 CLIENT_IP=10.244.1.20
 POD_GATEWAY=10.244.1.1  # node-a's address on its pod bridge
@@ -410,7 +413,7 @@ step_prepare_host() {
     header "Preparing the host"
     [ "$(id -u)" -eq 0 ] || die "the demo creates network namespaces and must run as root: sudo $0"
 
-    local pkgs=(iproute2 iptables curl ca-certificates)
+    local pkgs=(iproute2 iptables curl ca-certificates dnsutils)
     [ -n "${BIN_DIR:-}" ] || pkgs+=(build-essential pkg-config)
     if command -v dpkg >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
         local missing=() p
@@ -690,6 +693,27 @@ step_pods() {
     ok "client-a reached hello-0 through its node's proxy (the endpoint on this node comes first)"
     run_shown node-a "curl http://$ADMIN_ADDR/metrics | grep edgemesh_proxy_connections_total" \
         bash -c "ip netns exec '${NODE_NS[node-a]}' curl -fsS http://$ADMIN_ADDR/metrics | grep '^edgemesh_proxy_connections_total'"
+
+    header "Cluster DNS: client-a calls hello by name"
+    # Like a pod's resolv.conf: node-a's cluster DNS, the Kubernetes search path.
+    netns_resolv_conf "$NS_CLIENT" "$NODE_DNS" default.svc.cluster.local svc.cluster.local cluster.local
+    info "client-a's /etc/resolv.conf: nameserver $NODE_DNS (node-a's edgemesh), search default.svc.cluster.local ..."
+    run_shown client-a "dig +short hello.default.svc.cluster.local   (answered by node-a's edgemesh)" \
+        in_ns "$NS_CLIENT" dig +short +time=2 +tries=1 hello.default.svc.cluster.local
+    local named
+    named=$(in_ns "$NS_CLIENT" dig +short +time=2 +tries=1 hello.default.svc.cluster.local) ||
+        die "node-a's cluster DNS did not answer"
+    [ "$named" = "$CLUSTER_IP" ] || die "hello.default.svc.cluster.local resolved to '$named', not $CLUSTER_IP"
+    run_shown client-a "dig +short SRV _http._tcp.hello.default.svc.cluster.local" \
+        in_ns "$NS_CLIENT" dig +short +time=2 +tries=1 SRV _http._tcp.hello.default.svc.cluster.local
+    run_shown client-a "dig +short hello-headless.default.svc.cluster.local   (headless: the pod addresses)" \
+        in_ns "$NS_CLIENT" dig +short +time=2 +tries=1 hello-headless.default.svc.cluster.local
+    show client-a "curl http://hello:8000/   (short name, through the search path)"
+    answer=$(in_ns "$NS_CLIENT" curl -fsS --max-time 3 "http://hello:8000/") ||
+        die "client-a could not call hello by name"
+    printf '%s\n' "$answer" | indent
+    [ "$answer" = "hello from hello-0 on node-a" ] || die "unexpected answer from hello: $answer"
+    ok "names resolve on the node itself (no cloud round trip): A, SRV, headless"
 }
 
 step_offline() {

@@ -79,6 +79,8 @@ netns_pids() {
 # destroys its veth ends and bridge). Never fails; returns 1 if the namespace is still there.
 netns_destroy() {
     local ns=$1 pids
+    # Per-namespace /etc files (`ip netns exec` bind-mounts /etc/netns/NS/* over /etc).
+    [ -n "$ns" ] && rm -rf "/etc/netns/$ns"
     netns_exists "$ns" || return 0
     for _ in $(seq 50); do
         pids=$(netns_pids "$ns")
@@ -89,6 +91,19 @@ netns_destroy() {
     done
     ip netns del "$ns" 2>/dev/null || true
     ! netns_exists "$ns"
+}
+
+# netns_resolv_conf NS NAMESERVER SEARCH...: the resolv.conf programs in NS see (as a pod's,
+# pointing at its node's cluster DNS). Removed by netns_destroy.
+netns_resolv_conf() {
+    local ns=$1 server=$2
+    shift 2
+    mkdir -p "/etc/netns/$ns"
+    {
+        printf 'nameserver %s\n' "$server"
+        [ $# -eq 0 ] || printf 'search %s\n' "$*"
+        printf 'options ndots:5\n'
+    } >"/etc/netns/$ns/resolv.conf"
 }
 
 # netns_list_prefix PREFIX: namespaces whose name starts with PREFIX.
