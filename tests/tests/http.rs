@@ -399,6 +399,32 @@ fn grpc_calls(ns: &str, addr: SocketAddr, calls: usize) -> BTreeMap<String, usiz
     })
 }
 
+/// One unary gRPC call on a new channel; its status when it fails.
+fn grpc_call(ns: &str, addr: SocketAddr) -> Result<(), tonic::Status> {
+    in_netns(ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .expect("endpoint")
+                .connect()
+                .await
+                .expect("gRPC channel to the proxy");
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await.expect("ready");
+            grpc.unary(
+                tonic::Request::new(Bytes::from_static(b"call")),
+                hyper::http::uri::PathAndQuery::from_static(ECHO_METHOD),
+                RawCodec,
+            )
+            .await
+            .map(|_| ())
+        })
+    })
+}
+
 #[test]
 fn h2c_and_grpc_calls_on_one_connection_spread_over_the_endpoints() {
     let mut mesh = mesh("h2");
@@ -467,6 +493,51 @@ fn h2c_and_grpc_calls_on_one_connection_spread_over_the_endpoints() {
     );
     let served = grpc_calls(&client.ns, gaddr, 30);
     assert_even(&served, 3, 30);
+
+    // What the proxy answers itself reaches gRPC clients as gRPC status codes, not as HTTP
+    // errors their library turns into UNKNOWN: no endpoints -> UNAVAILABLE naming the Service,
+    // over the QPS limit -> RESOURCE_EXHAUSTED.
+    service(
+        &mesh,
+        "echo",
+        50051,
+        &[],
+        0,
+        &[("edgemesh.io/protocol", "h2")],
+    );
+    let status = wait_for(
+        "the Service without endpoints in the route",
+        Duration::from_secs(10),
+        || {
+            grpc_call(&client.ns, gaddr)
+                .err()
+                .filter(|s| s.code() == tonic::Code::Unavailable)
+        },
+    );
+    assert_eq!(status.message(), "no endpoints for service default/echo");
+    service(
+        &mesh,
+        "echo",
+        50051,
+        &grpc_pods,
+        0,
+        &[
+            ("edgemesh.io/protocol", "h2"),
+            ("edgemesh.io/qps", "1"),
+            ("edgemesh.io/burst", "1"),
+        ],
+    );
+    let status = wait_for("the QPS limit in force", Duration::from_secs(10), || {
+        // Two calls back to back: the second is over a burst of 1 once the limit is in force.
+        let _ = grpc_call(&client.ns, gaddr);
+        grpc_call(&client.ns, gaddr)
+            .err()
+            .filter(|s| s.code() == tonic::Code::ResourceExhausted)
+    });
+    assert_eq!(
+        status.message(),
+        "service default/echo is over its rate limit"
+    );
 
     assert!(
         mesh.metric(

@@ -1,6 +1,8 @@
 //! Requests the proxy answers itself, because no endpoint could: each failure is an error
 //! whose message says what happened, and becomes a short `text/plain` response with the
-//! status a client (or a gRPC library) acts on.
+//! status a client acts on — or, for a gRPC request, a trailers-only gRPC answer whose
+//! `grpc-status` a gRPC library turns into the right error code (an HTTP 503 would reach the
+//! application as a bare "UNAVAILABLE: HTTP status code 503" or worse, "UNKNOWN").
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -56,12 +58,55 @@ impl HttpError {
         }
     }
 
-    /// The answer to the client. The body names the Service but not the endpoint or the
-    /// cause (those are in the proxy's debug log): callers learn what failed, not the
-    /// cluster's addresses.
-    pub fn into_response(self) -> Response<ProxyBody> {
-        let status = self.status();
-        let text = match &self {
+    /// The gRPC status code for this failure (the codes of grpc/doc/statuscodes.md).
+    pub fn grpc_code(&self) -> u32 {
+        const RESOURCE_EXHAUSTED: u32 = 8;
+        const DEADLINE_EXCEEDED: u32 = 4;
+        const UNAVAILABLE: u32 = 14;
+        const INTERNAL: u32 = 13;
+        match self {
+            HttpError::NoEndpoints { .. }
+            | HttpError::Unreachable { .. }
+            | HttpError::Failed { .. } => UNAVAILABLE,
+            HttpError::RateLimited { .. } => RESOURCE_EXHAUSTED,
+            HttpError::Timeout { .. } => DEADLINE_EXCEEDED,
+            HttpError::BadRequest(_) => INTERNAL,
+        }
+    }
+
+    /// The answer to a client: a gRPC one when the request was gRPC (`grpc`), else HTTP.
+    pub fn answer(self, grpc: bool) -> Response<ProxyBody> {
+        if grpc {
+            self.into_grpc_response()
+        } else {
+            self.into_response()
+        }
+    }
+
+    /// A trailers-only gRPC response: HTTP 200 whose headers carry `grpc-status` and
+    /// `grpc-message`, as gRPC servers and proxies send an error with no message body.
+    pub fn into_grpc_response(self) -> Response<ProxyBody> {
+        let code = self.grpc_code();
+        let text = self.public_text();
+        let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from(code));
+        if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(&text)) {
+            headers.insert("grpc-message", v);
+        }
+        if let HttpError::RateLimited { retry_after, .. } = self {
+            // gRPC's retry policy reads this instead of Retry-After.
+            let ms = retry_after.as_millis().max(1) as u64;
+            headers.insert("grpc-retry-pushback-ms", HeaderValue::from(ms));
+        }
+        response
+    }
+
+    /// What the client is told: the Service, not the endpoint or the cause (those are in the
+    /// proxy's debug log).
+    fn public_text(&self) -> String {
+        match self {
             HttpError::NoEndpoints { .. }
             | HttpError::RateLimited { .. }
             | HttpError::Timeout { .. }
@@ -72,7 +117,15 @@ impl HttpError {
             HttpError::Failed { service, .. } => {
                 format!("the endpoint of service {service} failed the request")
             }
-        };
+        }
+    }
+
+    /// The answer to the client. The body names the Service but not the endpoint or the
+    /// cause (those are in the proxy's debug log): callers learn what failed, not the
+    /// cluster's addresses.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let status = self.status();
+        let text = self.public_text();
         let mut response = text_response(status, text);
         if let HttpError::RateLimited { retry_after, .. } = self {
             // Whole seconds; rounding down would invite a retry that is refused again.
@@ -83,6 +136,31 @@ impl HttpError {
         }
         response
     }
+}
+
+/// `grpc-message` is percent-encoded: bytes outside printable ASCII, and `%` itself.
+fn grpc_percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether a request is gRPC (`application/grpc`, `application/grpc+proto`, ...).
+pub fn is_grpc(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.get(..16)
+                .is_some_and(|p| p.eq_ignore_ascii_case("application/grpc"))
+                && matches!(v.as_bytes().get(16), None | Some(b'+' | b';'))
+        })
 }
 
 fn text_response(status: StatusCode, mut text: String) -> Response<ProxyBody> {
@@ -158,5 +236,72 @@ mod tests {
         .await;
         assert_eq!(status, StatusCode::BAD_GATEWAY);
         assert!(!body.contains("10.244"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn grpc_requests_get_grpc_status_codes() {
+        let grpc = |e: HttpError| {
+            let r = e.answer(true);
+            let h = r.headers();
+            let get = |k: &str| h.get(k).map(|v| v.to_str().expect("ascii").to_string());
+            (
+                r.status(),
+                get("content-type"),
+                get("grpc-status"),
+                get("grpc-message"),
+                get("grpc-retry-pushback-ms"),
+            )
+        };
+        let service = "default/greeter".to_string();
+        assert_eq!(
+            grpc(HttpError::NoEndpoints {
+                service: service.clone()
+            }),
+            (
+                StatusCode::OK,
+                Some("application/grpc".into()),
+                Some("14".into()),
+                Some("no endpoints for service default/greeter".into()),
+                None
+            )
+        );
+        let limited = grpc(HttpError::RateLimited {
+            service: service.clone(),
+            retry_after: Duration::from_millis(1200),
+        });
+        assert_eq!(limited.2.as_deref(), Some("8"));
+        assert_eq!(limited.4.as_deref(), Some("1200"));
+        let timeout = grpc(HttpError::Timeout {
+            service,
+            timeout: Duration::from_secs(30),
+        });
+        assert_eq!(timeout.2.as_deref(), Some("4"));
+        let body = HttpError::NoEndpoints {
+            service: "x".into(),
+        }
+        .answer(true)
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+        assert!(body.is_empty(), "trailers-only: no message");
+    }
+
+    #[test]
+    fn grpc_detection_and_message_encoding() {
+        let mut h = hyper::HeaderMap::new();
+        assert!(!is_grpc(&h));
+        for (ct, want) in [
+            ("application/grpc", true),
+            ("application/grpc+proto", true),
+            ("Application/GRPC; charset=utf-8", true),
+            ("application/grpc-web", false),
+            ("application/json", false),
+        ] {
+            h.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+            assert_eq!(is_grpc(&h), want, "{ct}");
+        }
+        assert_eq!(grpc_percent_encode("50% done\nö"), "50%25 done%0A%C3%B6");
     }
 }

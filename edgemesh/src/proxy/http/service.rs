@@ -12,7 +12,7 @@ use hyper::{Request, Response};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::answer::HttpError;
+use super::answer::{is_grpc, HttpError};
 use super::body::{Guarded, ProxyBody};
 use super::headers;
 use super::Http;
@@ -43,24 +43,29 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let timeout = conn.http.cfg.request_timeout;
+    let grpc = is_grpc(req.headers());
     // Only the response head is waited for: a body then streams for as long as it needs.
-    let response = match tokio::time::timeout(timeout, forward(&conn, req)).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => {
-            debug!(error = %e, "answered by the proxy");
-            e.into_response()
+    let outcome = match tokio::time::timeout(timeout, forward(&conn, req)).await {
+        Ok(result) => result,
+        Err(_) => Err(HttpError::Timeout {
+            service: conn.route.stats.label().to_string(),
+            timeout,
+        }),
+    };
+    // A gRPC answer from the proxy is an HTTP 200; the metrics count the failure it stands for.
+    let (response, counted) = match outcome {
+        Ok(response) => {
+            let status = response.status();
+            (response, status)
         }
-        Err(_) => {
-            let e = HttpError::Timeout {
-                service: conn.route.stats.label().to_string(),
-                timeout,
-            };
-            debug!(error = %e, "answered by the proxy");
-            e.into_response()
+        Err(e) => {
+            debug!(error = %e, grpc, "answered by the proxy");
+            let status = e.status();
+            (e.answer(grpc), status)
         }
     };
     let stats = conn.route.stats.http(conn.protocol);
-    stats.count(response.status());
+    stats.count(counted);
     stats.duration.record(started.elapsed().as_secs_f64());
     debug!(status = response.status().as_u16(), "response");
     Ok(response)
