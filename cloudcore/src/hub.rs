@@ -233,6 +233,18 @@ where
         .await
     }
 
+    /// Writes `messages` and flushes, all within one `write_timeout`.
+    async fn write_batch(&mut self, messages: Vec<WsMessage>) -> Result<(), SessionError> {
+        let sink = &mut self.sink;
+        Self::guarded(self.kicked, self.shutdown, self.write_timeout, async move {
+            for m in messages {
+                sink.feed(m).await?;
+            }
+            sink.flush().await
+        })
+        .await
+    }
+
     /// Waits for `fut` unless the session is kicked or cloudcore shuts down first.
     async fn interruptible<T>(
         &self,
@@ -658,18 +670,20 @@ impl Hub {
                     Some(Inbound::Message(m)) => self.on_message(out, session, *m, &mut sent, &mut last_query).await?,
                 },
                 Some(first) = link_out.recv() => {
-                    // Stream frames and answers: write what is queued, then flush once.
+                    // Stream frames and answers: write what is queued, then flush once, all
+                    // under one guard (a timer per 32 KiB frame costs more than it buys).
                     let mut budget = Vec::new();
+                    let mut messages = Vec::new();
                     let mut next = Some(first);
                     while let Some(o) = next.take() {
                         let (message, permit) = o.into_parts();
-                        out.feed(message).await?;
+                        messages.push(message);
                         budget.push(permit);
                         if budget.len() < MAX_WRITE_BATCH {
                             next = link_out.try_recv().ok();
                         }
                     }
-                    out.flush().await?;
+                    out.write_batch(messages).await?;
                 }
                 changed = versions.changed() => {
                     if changed.is_err() {
