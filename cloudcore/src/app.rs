@@ -99,7 +99,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         store.clone(),
         objects,
         tokens,
-        nodes,
+        nodes.clone(),
         tunnels.clone(),
     ));
     tokio::spawn(tunnels.clone().follow_limits(shutdown.clone()));
@@ -118,6 +118,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         cfg.hub.listen, cfg.api.listen, cfg.router.listen
     ));
     edgehub::systemd::watchdog(shutdown.clone());
+    tokio::spawn(report_status(cfg.clone(), nodes, shutdown.clone()));
 
     shutdown.cancelled().await;
     edgehub::systemd::stopping();
@@ -128,4 +129,24 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     let _ = router_task.await;
     info!("cloudcore stopped");
     Ok(())
+}
+
+/// Keeps the systemd status line current: how many nodes are online.
+async fn report_status(cfg: Config, nodes: Arc<NodeRegistry>, shutdown: CancellationToken) {
+    let mut last = 0usize;
+    let period = std::time::Duration::from_secs(5);
+    while shutdown
+        .run_until_cancelled(tokio::time::sleep(period))
+        .await
+        .is_some()
+    {
+        let online = nodes.online_count();
+        if online != last {
+            edgehub::systemd::status(&format!(
+                "serving: hub {}, API {}, router {}; nodes online: {online}",
+                cfg.hub.listen, cfg.api.listen, cfg.router.listen
+            ));
+            last = online;
+        }
+    }
 }

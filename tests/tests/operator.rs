@@ -375,6 +375,9 @@ fn daemons_tell_systemd_they_are_ready_only_when_serving() {
     let line = node_notes.wait_for("STATUS=connected to ws://", Duration::from_secs(15));
     assert!(line.contains("services"), "{line}");
 
+    // cloudcore's status line counts the nodes online.
+    cloud_notes.wait_for("nodes online: 1", Duration::from_secs(15));
+
     // A clean stop says so before the drain.
     mesh.stop_node(0, libc::SIGTERM);
     node_notes.wait_for("STOPPING=1", Duration::from_secs(5));
