@@ -25,6 +25,7 @@ command -v dig >/dev/null 2>&1 || need+=(dnsutils)
 command -v dnsmasq >/dev/null 2>&1 || need+=(dnsmasq-base)
 # systemd-analyze verifies the units (the tests never start systemd itself).
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 dpkg -s ca-certificates >/dev/null 2>&1 || need+=(ca-certificates)
 if [ "${#need[@]}" -gt 0 ]; then
   log "installing ${need[*]}"
@@ -53,6 +54,9 @@ done
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
+
+log "shellcheck (the demo, the installer, the benchmarks)"
+shellcheck -x -S warning scripts/*.sh scripts/bench/* scripts/lib/*.sh .ci/run
 
 log "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
