@@ -515,3 +515,79 @@ fn client_settings_come_from_flag_env_file_or_default_and_tokens_work() {
     );
     mesh.stop_node(0, libc::SIGTERM);
 }
+
+/// Makes a CA and a certificate for `ip` signed by it in `dir`, and a second, unrelated CA.
+fn certificates(dir: &Path, ip: std::net::Ipv4Addr) {
+    let sh = format!(
+        "set -e; cd {d}; \
+         openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=edgemesh-test-ca 2>/dev/null; \
+         openssl req -x509 -newkey rsa:2048 -nodes -keyout other-ca.key -out other-ca.pem -days 1 -subj /CN=other-ca 2>/dev/null; \
+         openssl req -newkey rsa:2048 -nodes -keyout cloud.key -out cloud.csr -subj /CN=cloudcore 2>/dev/null; \
+         printf 'subjectAltName=IP:{ip}\\n' > ext.cnf; \
+         openssl x509 -req -in cloud.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cloud.pem -days 1 -extfile ext.cnf 2>/dev/null",
+        d = dir.display()
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &sh])
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_ca_certificate_comes_from_flag_env_or_client_config() {
+    let mut mesh = Mesh::new("clitls", 0, Vec::new());
+    let dir = mesh.topo.dir().to_path_buf();
+    certificates(&dir, mesh.cloud.ip);
+    mesh.cloud_extra = vec![
+        format!("hub.tls_cert=\"{}\"", dir.join("cloud.pem").display()),
+        format!("hub.tls_key=\"{}\"", dir.join("cloud.key").display()),
+    ];
+    mesh.api_scheme = "https";
+    mesh.ca_cert = Some(dir.join("ca.pem"));
+    mesh.start_cloud();
+    let cli = Cli::new(&mesh);
+    let server = cli.server.clone();
+    assert!(server.starts_with("https://"), "{server}");
+    let get = ["get", "nodes", "-o", "json"];
+
+    // No CA anywhere: said so, with where to set one.
+    let r = cli.run(&get);
+    assert!(
+        !r.ok && r.stderr.contains("no CA certificate") && r.stderr.contains("CLOUDCORE_CA_CERT"),
+        "{}",
+        r.stderr
+    );
+    // The client config's ca_cert, relative to the file.
+    let config = cli.home.join("xdg/cloudcore/client.toml");
+    std::fs::create_dir_all(config.parent().expect("dir")).expect("mkdir");
+    std::fs::copy(dir.join("ca.pem"), config.with_file_name("ca.pem")).expect("copy ca");
+    std::fs::write(
+        &config,
+        format!("server = \"{server}\"\nca_cert = \"ca.pem\"\n"),
+    )
+    .expect("write config");
+    let r = cli.run_env(&get, &[]);
+    assert!(r.ok, "{}", r.stderr);
+    // The environment's CA (one that did not sign the server's certificate) beats the file.
+    let other = dir.join("other-ca.pem").display().to_string();
+    let r = cli.run_env(&get, &[("CLOUDCORE_CA_CERT", &other)]);
+    assert!(!r.ok, "a CA that did not sign the certificate was accepted");
+    assert!(
+        r.stderr.contains("TLS handshake")
+            && r.stderr.contains("environment variable CLOUDCORE_CA_CERT")
+            && !r.stderr.contains("cannot reach"),
+        "{}",
+        r.stderr
+    );
+    // A flag beats the environment.
+    let good = dir.join("ca.pem").display().to_string();
+    let mut args = get.to_vec();
+    args.extend(["--ca-cert", &good]);
+    let r = cli.run_env(&args, &[("CLOUDCORE_CA_CERT", &other)]);
+    assert!(r.ok, "{}", r.stderr);
+}

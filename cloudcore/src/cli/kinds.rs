@@ -22,6 +22,8 @@ pub enum KindError {
          or ruleendpoints (re)"
     )]
     Unknown(String),
+    #[error("an object cannot be fetched by name across all namespaces: give -n NAMESPACE")]
+    AllNamespacesByName,
     #[error("{kind} {name:?} not found")]
     NotFound { kind: &'static str, name: String },
 }
@@ -107,7 +109,8 @@ impl ResourceKind {
         }
         let ns = match scope {
             Scope::Namespace(ns) => ns,
-            Scope::All => "default",
+            Scope::All if self.namespaced() => return Err(KindError::AllNamespacesByName.into()),
+            Scope::All => "",
         };
         let path = self.object_path(client, name, ns).await?;
         Ok(client.call(Method::GET, &path, None).await?)

@@ -49,8 +49,17 @@ pub enum CallError {
         message: String,
         field: Option<String>,
     },
-    #[error("{0}")]
-    Client(HttpClientError),
+    #[error(
+        "{server} is https:// and no CA certificate is set: give --ca-cert, {} or `ca_cert` in \
+         the client config",
+        config::ENV_CA_CERT
+    )]
+    NeedCa { server: String },
+    #[error("{error}{ca_cert}")]
+    Client {
+        error: HttpClientError,
+        ca_cert: String,
+    },
 }
 
 /// Where the API is and how to authenticate.
@@ -98,7 +107,18 @@ impl Client {
                     },
                 }
             }
-            e => CallError::Client(e),
+            HttpClientError::NeedCa => CallError::NeedCa {
+                server: s.server.clone(),
+            },
+            e => CallError::Client {
+                error: e,
+                ca_cert: match (&s.ca_cert, &s.ca_cert_source) {
+                    (Some(p), Some(from)) => {
+                        format!(" (CA certificate {} from {from})", p.display())
+                    }
+                    _ => String::new(),
+                },
+            },
         })?;
         let value: Value =
             serde_json::from_slice(&resp.body).unwrap_or_else(|_| Value::String(resp.text()));
