@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use cloudcore::cli::{self, Client};
+use cloudcore::cli::{self, config as client_config, Client};
 use cloudcore::config::{Config, DEFAULT_CONFIG};
 use edgehub::logging::{self, LogFormat};
 
@@ -29,50 +29,63 @@ struct Args {
     command: Option<Command>,
 }
 
+/// Where the API is and how to authenticate; each setting: flag, else environment variable,
+/// else the client config file, else the default.
 #[derive(clap::Args)]
 struct ClientArgs {
-    /// REST API address.
-    #[arg(
-        long,
-        env = "CLOUDCORE_SERVER",
-        default_value = "http://127.0.0.1:10002"
-    )]
-    server: String,
-    /// API token (default: <data_dir>/api-token).
-    #[arg(long, env = "CLOUDCORE_TOKEN", hide_env_values = true)]
+    /// REST API address [env: CLOUDCORE_SERVER] [default: http://127.0.0.1:10002].
+    #[arg(long)]
+    server: Option<String>,
+    /// API token [env: CLOUDCORE_TOKEN] [default: <data_dir>/api-token].
+    #[arg(long)]
     token: Option<String>,
-    /// CA certificate for an https:// server.
-    #[arg(long, env = "CLOUDCORE_CA_CERT")]
+    /// CA certificate for an https:// server [env: CLOUDCORE_CA_CERT].
+    #[arg(long)]
     ca_cert: Option<PathBuf>,
+    /// Client config file (TOML: server, token or token_file, ca_cert) [env:
+    /// CLOUDCORE_CLIENT_CONFIG] [default: $XDG_CONFIG_HOME/cloudcore/client.toml or
+    /// ~/.config/cloudcore/client.toml].
+    #[arg(long, value_name = "PATH")]
+    client_config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run cloudcore (the default).
     Run,
-    /// Create or update objects from a YAML/JSON file, a directory of them, or - for stdin.
+    /// Create or update objects (Services, Endpoints, Nodes, RuleEndpoints, Rules) from YAML or
+    /// JSON files, directories of them, or - for stdin.
     Apply {
-        #[arg(short = 'f', long = "filename")]
-        file: String,
+        /// A file, a directory (its *.yaml, *.yml and *.json files) or - (repeatable).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+        /// Also read the directories' subdirectories.
+        #[arg(short = 'R', long)]
+        recursive: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// List or show services, endpoints or nodes.
+    /// List or show services (svc), endpoints (ep), nodes (no), rules or ruleendpoints (re).
     Get {
+        /// The kind, or KIND/NAME.
         kind: String,
         name: Option<String>,
+        /// Namespace of services and endpoints.
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
-        /// table, wide, json or yaml.
-        #[arg(short = 'o', long, default_value = "table")]
-        output: String,
+        /// List services and endpoints of every namespace.
+        #[arg(short = 'A', long, conflicts_with = "namespace")]
+        all_namespaces: bool,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: cli::Output,
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Delete a service, endpoints or node.
+    /// Delete a service, endpoints, node, rule or rule endpoint.
     Delete {
+        /// The kind, or KIND/NAME.
         kind: String,
-        name: String,
+        name: Option<String>,
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
         #[command(flatten)]
@@ -127,26 +140,56 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
     if !matches!(args.command, None | Some(Command::Run)) {
         logging::quiet_on_closed_stdout();
     }
-    let client = |c: ClientArgs| Client::new(c.server, c.token, c.ca_cert, &cfg.data_dir);
+    let client = |c: ClientArgs| -> anyhow::Result<Client> {
+        let flags = client_config::Flags {
+            server: c.server,
+            token: c.token,
+            ca_cert: c.ca_cert,
+            client_config: c.client_config,
+        };
+        let env = client_config::Env::from_process();
+        Ok(Client::new(client_config::resolve(
+            &flags,
+            &env,
+            &cfg.data_dir,
+        )?))
+    };
     match args.command {
         None | Some(Command::Run) => {
             cfg.log.init(args.log_level.as_deref(), args.log_format);
             cloudcore::app::run(cfg).await
         }
-        Some(Command::Apply { file, client: c }) => cli::apply(&client(c)?, &file).await,
+        Some(Command::Apply {
+            files,
+            recursive,
+            client: c,
+        }) => cli::apply(&client(c)?, &files, recursive).await,
         Some(Command::Get {
             kind,
             name,
             namespace,
+            all_namespaces,
             output,
             client: c,
-        }) => cli::get(&client(c)?, &kind, name.as_deref(), &namespace, &output).await,
+        }) => {
+            let (kind, name) = cli::kind_and_name(&kind, name.as_deref())?;
+            let scope = if all_namespaces {
+                cli::Scope::All
+            } else {
+                cli::Scope::Namespace(&namespace)
+            };
+            cli::get(&client(c)?, kind, name.as_deref(), scope, output).await
+        }
         Some(Command::Delete {
             kind,
             name,
             namespace,
             client: c,
-        }) => cli::delete(&client(c)?, &kind, &name, &namespace).await,
+        }) => {
+            let (kind, name) = cli::kind_and_name(&kind, name.as_deref())?;
+            let name = name.ok_or_else(|| anyhow::anyhow!("delete needs a NAME (or KIND/NAME)"))?;
+            cli::delete(&client(c)?, kind, &name, &namespace).await
+        }
         Some(Command::Token {
             action: TokenAction::Create { node, client: c },
         }) => cli::token_create(&client(c)?, &node).await,

@@ -21,6 +21,9 @@ pub enum HttpClientError {
     Connect { addr: String, reason: String },
     #[error("request to {url} timed out after {timeout:?}")]
     Timeout { url: String, timeout: Duration },
+    /// TCP connected but the TLS handshake failed (e.g. a certificate the CA did not sign).
+    #[error("TLS handshake with {addr}: {reason}")]
+    TlsHandshake { addr: String, reason: String },
     #[error("https:// needs a CA certificate (--ca-cert)")]
     NeedCa,
     #[error(transparent)]
@@ -110,13 +113,14 @@ async fn send(
         let connector = tokio_rustls::TlsConnector::from(tls::client_config("--ca-cert", ca)?);
         let name = rustls::pki_types::ServerName::try_from(host.clone())
             .map_err(|_| HttpClientError::BadUrl(url.to_string()))?;
-        let stream = connector
-            .connect(name, tcp)
-            .await
-            .map_err(|e| HttpClientError::Connect {
-                addr,
-                reason: e.to_string(),
-            })?;
+        let stream =
+            connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| HttpClientError::TlsHandshake {
+                    addr,
+                    reason: e.to_string(),
+                })?;
         exchange(stream, req).await
     } else {
         exchange(tcp, req).await
