@@ -4,6 +4,7 @@
 //! - [`message`]: the beehive-style Message and the sync payloads on the hub websocket;
 //! - [`metamanager`]: the node's SQLite copy of the metadata and its in-memory view;
 //! - [`client`]: the edge side of the hub (connect, authenticate, resume, keepalive, reconnect);
+//! - [`telemetry`]: the Prometheus recorder and metric naming;
 //! - [`tls`], [`backoff`], [`http_client`], [`config_file`], [`logging`], [`process`]: small
 //!   pieces both binaries need.
 
@@ -17,5 +18,6 @@ pub mod message;
 pub mod metamanager;
 pub mod model;
 pub mod process;
+pub mod telemetry;
 pub mod tls;
 pub mod tunnel;

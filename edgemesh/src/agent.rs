@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use edgehub::client::HubClient;
 use edgehub::metamanager::MetaManager;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -26,10 +26,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let metrics = PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|e| warn!(error = %e, "metrics recorder not installed"))
-        .ok();
+    let metrics = crate::telemetry::install();
     let hub_cfg = cfg.hub_client()?;
 
     let meta = {
@@ -115,6 +112,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         sync,
         metrics,
         ready: ready.clone(),
+        dns: cfg.dns.enabled.then_some(cfg.dns.listen),
         routes: Some(proxy.tables.clone()),
         proxy: Some(admin::ProxySummary {
             listen: std::net::SocketAddr::new(cfg.proxy.listen_address, cfg.proxy.port),
