@@ -284,6 +284,8 @@ async fn readyz(State(state): State<ApiState>) -> Response {
 
 async fn metrics_text(State(state): State<ApiState>) -> Response {
     metrics::gauge!("cloudcore_store_version").set(state.objects.store().version() as f64);
+    // Also set as nodes come and go; here so that it reads 0 before the first node.
+    metrics::gauge!("cloudcore_hub_online_nodes").set(state.nodes.online_count() as f64);
     match &state.metrics {
         Some(h) => (
             [(

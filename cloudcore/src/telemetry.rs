@@ -33,7 +33,7 @@ pub const METRICS: &[Metric] = &[
     ),
     Metric::counter(
         "hub_syncs_total",
-        "Node (re)connections by how they caught up (delta or snapshot).",
+        "Node (re)connections by how they caught up (current, delta or snapshot).",
     ),
     Metric::counter(
         "hub_snapshots_sent_total",
@@ -80,11 +80,27 @@ pub const METRICS: &[Metric] = &[
     ),
 ];
 
-/// Installs the recorder; `None` (logged) when another one is installed already.
+/// Installs the recorder; `None` (logged) when another one is installed already. Called
+/// inside the runtime, it also starts the upkeep task.
 pub fn install() -> Option<PrometheusHandle> {
-    edgehub::telemetry::install(PROCESS, env!("CARGO_PKG_VERSION"), METRICS)
+    let handle = edgehub::telemetry::install(PROCESS, env!("CARGO_PKG_VERSION"), METRICS)
         .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
-        .ok()
+        .ok()?;
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(upkeep(handle.clone()));
+    }
+    Some(handle)
+}
+
+/// Folds recorded latencies (API and router requests) into their histogram buckets every
+/// second: without it the samples pile up until the next scrape, however long that takes.
+/// Runs as long as the runtime: the recorder is global, like the process it measures.
+async fn upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
 }
 
 #[cfg(test)]

@@ -166,7 +166,7 @@ async fn follow_limits(
     }
 }
 
-/// Folds recorded histogram samples (DNS and proxy latencies) into their summaries every
+/// Folds recorded histogram samples (DNS and proxy latencies) into their buckets every
 /// second; without it they pile up until the next scrape of `/metrics`, however long that takes
 /// (megabytes at tens of thousands of queries per second).
 async fn metrics_upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
