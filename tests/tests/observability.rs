@@ -214,6 +214,12 @@ fn metrics_parse_and_move_with_traffic_and_the_node_reports_itself() {
     assert_eq!(node1.sum("edgemesh_proxy_routes", &[]), 1.0);
     assert_eq!(node1.sum("edgemesh_meta_services", &[]), 1.0);
 
+    // Alive: both answer /healthz.
+    let (s, body) = mesh.topo.curl(&mesh.cloud, &[&mesh.api_url("/healthz")]);
+    assert_eq!((s, body.trim()), (200, "ok"), "cloudcore /healthz");
+    let (s, body) = mesh.admin(0, "/healthz");
+    assert_eq!(s, 200, "edgemesh /healthz: {body}");
+
     // Ready, with each check named; the cloud's too.
     let (s, ready) = mesh.api("GET", "/readyz", None);
     assert_eq!(s, 200, "cloudcore /readyz: {ready}");
