@@ -18,7 +18,7 @@ use edgehub::model::{FieldError, Kind, Object, ObjectKey};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::auth::{constant_time_eq, NodeTokens};
 use crate::nodes::NodeRegistry;
@@ -244,16 +244,47 @@ async fn require_token(State(state): State<ApiState>, req: Request, next: Next) 
     }
 }
 
+/// Ready when the store answers a read and the hub, API and router listeners are bound (the
+/// flag `app` sets once they are, and clears on shutdown). The body names each check; a failed
+/// one makes it 503. `/healthz` only says the process answers.
 async fn readyz(State(state): State<ApiState>) -> Response {
-    if state.ready.load(Ordering::Acquire) {
-        "ready\n".into_response()
+    let store = state.objects.store().clone();
+    // A read of a key that cannot exist: cheap, and it goes through the database.
+    let probe = tokio::task::spawn_blocking(move || {
+        store
+            .get(&ObjectKey::new(Kind::Node, "", "readyz.probe"))
+            .map(|_| store.version())
+    })
+    .await;
+    let store_check = match probe {
+        Ok(Ok(version)) => json!({ "ok": true, "detail": format!("open at version {version}") }),
+        Ok(Err(e)) => json!({ "ok": false, "detail": format!("read failed: {e}") }),
+        Err(e) => json!({ "ok": false, "detail": format!("read task failed: {e}") }),
+    };
+    let up = state.ready.load(Ordering::Acquire);
+    let listeners = if up {
+        json!({ "ok": true, "detail": "hub, API and router listening" })
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
-    }
+        json!({ "ok": false, "detail": "not all listeners are up (starting or stopping)" })
+    };
+    let checks = json!({ "store": store_check, "listeners": listeners });
+    let failed: Vec<&str> = ["store", "listeners"]
+        .into_iter()
+        .filter(|c| checks[c]["ok"] != true)
+        .collect();
+    let ready = failed.is_empty();
+    let body = json!({ "ready": ready, "failed": failed, "checks": checks });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
 }
 
 async fn metrics_text(State(state): State<ApiState>) -> Response {
     metrics::gauge!("cloudcore_store_version").set(state.objects.store().version() as f64);
+    // Also set as nodes come and go; here so that it reads 0 before the first node.
     metrics::gauge!("cloudcore_hub_online_nodes").set(state.nodes.online_count() as f64);
     match &state.metrics {
         Some(h) => (

@@ -4,7 +4,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
-use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -32,10 +31,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let metrics = PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|e| warn!(error = %e, "metrics recorder not installed"))
-        .ok();
+    let metrics = crate::telemetry::install();
 
     let db = cfg.data_dir.join(DB_FILE);
     let store: Arc<dyn Store> = {

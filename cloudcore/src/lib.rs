@@ -6,7 +6,8 @@
 //! - [`hub`]: the websocket server that keeps every edge node in sync;
 //! - [`auth`]: API and node tokens; [`nodes`]: which nodes are online;
 //! - [`router`]: rules between cloud REST services and edge Services, with QPS limits;
-//! - [`cli`]: `cloudcore apply|get|delete|token`.
+//! - [`cli`]: `cloudcore apply|get|delete|token`;
+//! - [`telemetry`]: the metrics `/metrics` shows.
 
 pub mod api;
 pub mod app;
@@ -19,4 +20,5 @@ pub mod objects;
 pub mod router;
 pub mod serve;
 pub mod store;
+pub mod telemetry;
 pub mod tunnel;

@@ -120,7 +120,7 @@ impl NodeRegistry {
     }
 
     fn publish_online(&self) {
-        metrics::gauge!("cloudcore_hub_connected_nodes")
+        metrics::gauge!("cloudcore_hub_online_nodes")
             .set(self.online.load(Ordering::Relaxed) as f64);
     }
 

@@ -5,6 +5,7 @@
 //! - [`metamanager`]: the node's SQLite copy of the metadata and its in-memory view;
 //! - [`client`]: the edge side of the hub (connect, authenticate, resume, keepalive, reconnect);
 //! - [`systemd`]: readiness, status and watchdog pings for `Type=notify` units;
+//! - [`telemetry`]: the Prometheus recorder and metric naming;
 //! - [`tls`], [`backoff`], [`http_client`], [`config_file`], [`logging`], [`process`]: small
 //!   pieces both binaries need.
 
@@ -19,5 +20,6 @@ pub mod metamanager;
 pub mod model;
 pub mod process;
 pub mod systemd;
+pub mod telemetry;
 pub mod tls;
 pub mod tunnel;

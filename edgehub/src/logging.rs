@@ -1,5 +1,6 @@
 //! Log setup shared by both binaries: `RUST_LOG`-style filters, text or JSON lines on stderr.
 
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize)]
@@ -25,7 +26,7 @@ impl std::str::FromStr for LogFormat {
 #[derive(Clone, Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// A `RUST_LOG`-style filter; the environment variable wins.
+    /// A `RUST_LOG`-style filter; `RUST_LOG` and `--log-level` win over it.
     pub level: String,
     /// `text` or `json`.
     pub format: LogFormat,
@@ -43,36 +44,84 @@ impl Default for LogConfig {
 impl LogConfig {
     /// Installs logging from the config, with command-line flags taking precedence.
     pub fn init(&self, level_flag: Option<&str>, format_flag: Option<LogFormat>) {
-        init(
-            level_flag.unwrap_or(&self.level),
-            format_flag.unwrap_or(self.format),
-        );
+        let env = std::env::var("RUST_LOG").ok();
+        let (filter, rejected) = choose_filter(level_flag, env.as_deref(), &self.level);
+        let format = format_flag.unwrap_or(self.format);
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        // Already initialised (tests): keep the first subscriber.
+        let _ = subscriber(filter, format, ansi, std::io::stderr).try_init();
+        for r in rejected {
+            tracing::warn!("{r}");
+        }
     }
+}
+
+/// The filter to log with: the most explicit source that parses wins, `--log-level` over the
+/// `RUST_LOG` environment variable over `log.level`, then `info`. Also returns what was
+/// skipped and why, to be logged once logging is up.
+pub fn choose_filter(
+    flag: Option<&str>,
+    env: Option<&str>,
+    config: &str,
+) -> (EnvFilter, Vec<String>) {
+    let mut rejected = Vec::new();
+    let sources = [
+        ("--log-level", flag),
+        ("RUST_LOG", env.filter(|e| !e.trim().is_empty())),
+        ("log.level", Some(config)),
+    ];
+    for (source, value) in sources {
+        let Some(value) = value else { continue };
+        match EnvFilter::try_new(value) {
+            Ok(filter) => return (filter, rejected),
+            Err(e) => rejected.push(format!(
+                "{source}: {value:?} is not a valid log filter ({e}); ignored"
+            )),
+        }
+    }
+    (EnvFilter::new("info"), rejected)
 }
 
 /// Installs the global subscriber. `level` is a filter such as `info` or
 /// `edgemesh=debug,edgehub=info`; `RUST_LOG`, when set, wins.
 pub fn init(level: &str, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    LogConfig {
+        level: level.to_string(),
+        format,
+    }
+    .init(None, None);
+}
+
+/// Log lines to `writer`: text (coloured only on a terminal) or JSON objects, one a line,
+/// with `timestamp`, `level`, `target`, the event's fields (`message` among them) flattened,
+/// the current `span` and the list of enclosing `spans` with their fields.
+fn subscriber<W>(
+    filter: EnvFilter,
+    format: LogFormat,
+    ansi: bool,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(ansi)
         // A closed stderr (a pipe whose reader went away) must not take the agent down:
         // reporting the failed write is itself a write to stderr, which would panic.
         .log_internal_errors(false)
-        .with_writer(std::io::stderr);
-    let result = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .try_init(),
-    };
-    // Already initialised (tests): keep the first subscriber.
-    let _ = result;
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => Box::new(builder.finish()),
+        LogFormat::Json => Box::new(
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(true)
+                .finish(),
+        ),
+    }
 }
 
 /// For one-shot commands that print (`get`, `status`): die quietly on a closed stdout, like
@@ -82,5 +131,98 @@ pub fn quiet_on_closed_stdout() {
     // SAFETY: setting a signal's disposition to the default has no preconditions.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// A writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("buffer").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for Buffer {
+        type Writer = Buffer;
+        fn make_writer(&'w self) -> Buffer {
+            self.clone()
+        }
+    }
+
+    fn capture(format: LogFormat, ansi: bool, filter: &str) -> String {
+        let buf = Buffer::default();
+        let sub = subscriber(EnvFilter::new(filter), format, ansi, buf.clone());
+        tracing::subscriber::with_default(sub, || {
+            let span = tracing::info_span!("conn", peer = "10.0.0.1:4000", service = "default/web");
+            let _g = span.enter();
+            tracing::info!(endpoint = "10.1.0.2:80", "forwarded");
+            tracing::debug!("hidden at info");
+        });
+        let out = buf.0.lock().expect("buffer").clone();
+        String::from_utf8(out).expect("utf-8 logs")
+    }
+
+    #[test]
+    fn json_lines_carry_timestamp_level_target_span_and_message() {
+        let out = capture(LogFormat::Json, false, "info");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 1, "one event at info: {out}");
+        let v: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON line");
+        assert!(
+            v["timestamp"].as_str().is_some_and(|t| !t.is_empty()),
+            "{v}"
+        );
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["target"], "edgehub::logging::tests");
+        assert_eq!(v["message"], "forwarded");
+        assert_eq!(v["endpoint"], "10.1.0.2:80");
+        assert_eq!(v["span"]["name"], "conn");
+        assert_eq!(v["span"]["peer"], "10.0.0.1:4000");
+        assert_eq!(v["spans"][0]["service"], "default/web");
+    }
+
+    #[test]
+    fn text_has_no_colour_codes_off_a_terminal() {
+        let out = capture(LogFormat::Text, false, "info");
+        assert!(out.contains("forwarded"), "{out}");
+        assert!(out.contains("conn{"), "the span is named: {out}");
+        assert!(!out.contains('\u{1b}'), "no ANSI escapes: {out:?}");
+    }
+
+    #[test]
+    fn the_most_explicit_filter_wins() {
+        let (f, rejected) = choose_filter(Some("debug"), Some("warn"), "error");
+        assert_eq!(f.to_string(), "debug");
+        assert!(rejected.is_empty());
+        let (f, _) = choose_filter(None, Some("warn"), "error");
+        assert_eq!(f.to_string(), "warn");
+        let (f, _) = choose_filter(None, None, "edgemesh=debug");
+        assert_eq!(f.to_string(), "edgemesh=debug");
+        let (f, _) = choose_filter(None, Some(""), "error");
+        assert_eq!(f.to_string(), "error", "an empty RUST_LOG is unset");
+    }
+
+    #[test]
+    fn a_bad_filter_is_reported_by_its_source() {
+        let (f, rejected) = choose_filter(None, Some("edgemesh=loud"), "info");
+        assert_eq!(f.to_string(), "info");
+        assert_eq!(rejected.len(), 1);
+        assert!(rejected[0].starts_with("RUST_LOG: "), "{rejected:?}");
+        let (f, rejected) = choose_filter(Some("=="), None, "nope=nope");
+        assert_eq!(f.to_string(), "info");
+        assert!(rejected[0].starts_with("--log-level"), "{rejected:?}");
+        assert!(rejected[1].starts_with("log.level"), "{rejected:?}");
     }
 }

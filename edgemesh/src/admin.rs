@@ -1,5 +1,10 @@
 //! The admin API on 127.0.0.1:10550: health, readiness, metrics and debug views of what the
 //! node knows. Loopback only by default: it shows the mesh's metadata.
+//!
+//! `/healthz` says the process and its runtime answer. `/readyz` says the node serves: its
+//! store is loaded, every listener is bound and the iptables rules are in place. Being
+//! connected to the cloud is not part of it: a node that lost the cloud keeps serving from its
+//! store (offline autonomy), so it stays ready; `connected` in the body says which it is.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,8 +39,11 @@ pub struct AdminState {
     pub meta: Arc<MetaManager>,
     pub sync: Arc<Mutex<SyncStatus>>,
     pub metrics: Option<PrometheusHandle>,
-    /// Set once the store is loaded and every listener is up.
+    /// Set once the store is loaded and every listener (admin, proxy, DNS) is up; cleared
+    /// when the agent stops.
     pub ready: Arc<AtomicBool>,
+    /// The DNS listener, when `dns.enabled`.
+    pub dns: Option<std::net::SocketAddr>,
     /// The proxy's route table, once the proxy runs.
     pub routes: Option<watch::Receiver<Arc<RouteTable>>>,
     /// The proxy's settings and endpoint health, once the proxy runs.
@@ -60,11 +68,86 @@ fn sync_status(state: &AdminState) -> SyncStatus {
     state.sync.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
+/// One readiness check and what it found.
+struct Check {
+    name: &'static str,
+    ok: bool,
+    detail: String,
+}
+
+async fn readiness(state: &AdminState) -> Vec<Check> {
+    let view = state.meta.view();
+    let mut checks = vec![Check {
+        name: "store",
+        // The admin API is built on the loaded store: answering at all means it is there.
+        ok: true,
+        detail: format!(
+            "loaded at version {} (store {})",
+            view.version,
+            view.store_id.as_deref().unwrap_or("-")
+        ),
+    }];
+    let up = state.ready.load(Ordering::Acquire);
+    let mut listeners = Vec::new();
+    if let Some(p) = &state.proxy {
+        listeners.push(format!("proxy {}", p.listen));
+    }
+    if let Some(dns) = state.dns {
+        listeners.push(format!("dns {dns}"));
+    }
+    checks.push(Check {
+        name: "listeners",
+        ok: up,
+        detail: if up {
+            format!("admin, {}", listeners.join(", "))
+        } else {
+            "not all listeners are up (starting or stopping)".into()
+        },
+    });
+    if let Some(rules) = state.proxy.as_ref().and_then(|p| p.rules.as_ref()) {
+        let (ok, detail) = match rules.count().await {
+            Ok(c) if c.complete => (true, format!("{} of {} rules installed", c.present, c.expected)),
+            Ok(c) => (
+                false,
+                format!(
+                    "{} of {} rules installed; incomplete until the next repair (proxy.reconcile_interval)",
+                    c.present, c.expected
+                ),
+            ),
+            Err(e) => (false, format!("cannot read the rules: {e}")),
+        };
+        checks.push(Check {
+            name: "iptables",
+            ok,
+            detail,
+        });
+    }
+    checks
+}
+
 async fn readyz(State(state): State<AdminState>) -> Response {
     let s = sync_status(&state);
-    // Ready does not require the cloud: a node serves from its own store while offline.
-    let ready = state.ready.load(Ordering::Acquire);
-    let body = json!({ "ready": ready, "connected": s.connected, "synced": s.synced, "version": state.meta.view().version });
+    let checks = readiness(&state).await;
+    let ready = checks.iter().all(|c| c.ok);
+    let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
+    let details: serde_json::Map<String, serde_json::Value> = checks
+        .iter()
+        .map(|c| {
+            (
+                c.name.to_string(),
+                json!({ "ok": c.ok, "detail": c.detail }),
+            )
+        })
+        .collect();
+    let body = json!({
+        "ready": ready,
+        "failed": failed,
+        "checks": details,
+        // Not part of readiness: an offline node still serves from its store.
+        "connected": s.connected,
+        "synced": s.synced,
+        "version": state.meta.view().version,
+    });
     let status = if ready {
         StatusCode::OK
     } else {
@@ -78,6 +161,7 @@ async fn metrics_text(State(state): State<AdminState>) -> Response {
     metrics::gauge!("edgemesh_meta_version").set(view.version as f64);
     metrics::gauge!("edgemesh_meta_services").set(view.services.len() as f64);
     metrics::gauge!("edgemesh_meta_endpoints").set(view.endpoints.len() as f64);
+    metrics::gauge!("edgemesh_meta_nodes").set(view.nodes.len() as f64);
     metrics::gauge!("edgemesh_hub_connected").set(if sync_status(&state).connected {
         1.0
     } else {
@@ -117,7 +201,9 @@ async fn nodes(State(state): State<AdminState>) -> Response {
 async fn sync(State(state): State<AdminState>) -> Response {
     let view = state.meta.view();
     Json(json!({
+        "agentVersion": env!("CARGO_PKG_VERSION"),
         "status": sync_status(&state),
+        "dns": state.dns.map(|a| a.to_string()),
         "store": {
             "path": state.meta.path().display().to_string(),
             "storeId": view.store_id,
@@ -166,12 +252,12 @@ async fn proxy(State(state): State<AdminState>) -> Response {
     let (Some(summary), Some(tables)) = (&state.proxy, &state.routes) else {
         return (StatusCode::NOT_FOUND, "the proxy is not running\n").into_response();
     };
-    let iptables = match &summary.rules {
-        None => json!("off (proxy.intercept = false)"),
-        Some(rules) => match rules.installed().await {
-            Ok(true) => json!("installed"),
-            Ok(false) => json!("incomplete (being repaired)"),
-            Err(e) => json!(format!("unknown: {e}")),
+    let (iptables, rules) = match &summary.rules {
+        None => (json!("off (proxy.intercept = false)"), json!(null)),
+        Some(rules) => match rules.count().await {
+            Ok(c) if c.complete => (json!("installed"), json!(c)),
+            Ok(c) => (json!("incomplete (being repaired)"), json!(c)),
+            Err(e) => (json!(format!("unknown: {e}")), json!(null)),
         },
     };
     let table = tables.borrow().clone();
@@ -184,6 +270,7 @@ async fn proxy(State(state): State<AdminState>) -> Response {
     Json(json!({
         "listen": summary.listen.to_string(),
         "iptables": iptables,
+        "iptablesRules": rules,
         "routes": table.len(),
         "version": table.version,
         "ejected": ejected,

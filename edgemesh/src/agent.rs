@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use edgehub::client::{HubClient, SyncStatus};
 use edgehub::metamanager::MetaManager;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -26,10 +26,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let metrics = PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|e| warn!(error = %e, "metrics recorder not installed"))
-        .ok();
+    let metrics = crate::telemetry::install();
     let hub_cfg = cfg.hub_client()?;
 
     let meta = {
@@ -115,6 +112,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         sync: sync.clone(),
         metrics,
         ready: ready.clone(),
+        dns: cfg.dns.enabled.then_some(cfg.dns.listen),
         routes: Some(proxy.tables.clone()),
         proxy: Some(admin::ProxySummary {
             listen: std::net::SocketAddr::new(cfg.proxy.listen_address, cfg.proxy.port),
@@ -211,7 +209,7 @@ async fn follow_limits(
     }
 }
 
-/// Folds recorded histogram samples (DNS and proxy latencies) into their summaries every
+/// Folds recorded histogram samples (DNS and proxy latencies) into their buckets every
 /// second; without it they pile up until the next scrape of `/metrics`, however long that takes
 /// (megabytes at tens of thousands of queries per second).
 async fn metrics_upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {

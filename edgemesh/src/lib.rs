@@ -7,7 +7,8 @@
 //! - [`balance`]: endpoint choice (policies, topology, outlier detection);
 //! - [`dns`]: cluster DNS;
 //! - [`admin`]: health, readiness, metrics and debug views;
-//! - [`status`]: `edgemesh status`.
+//! - [`status`]: `edgemesh status`;
+//! - [`telemetry`]: the metrics `/metrics` shows.
 
 pub mod admin;
 pub mod agent;
@@ -17,4 +18,5 @@ pub mod dns;
 pub mod iptables;
 pub mod proxy;
 pub mod status;
+pub mod telemetry;
 pub mod tunnel;

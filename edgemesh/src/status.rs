@@ -24,26 +24,25 @@ fn ago(ms: Option<i64>) -> String {
     }
 }
 
+/// A JSON document from the admin API, `Null` when it has none (the proxy is off) or a 503
+/// (`/readyz` of a node that is not ready still has a body).
+async fn admin_json(cfg: &Config, path: &str) -> Value {
+    let url = format!("http://{}{path}", cfg.admin.listen);
+    match http_client::request(Method::GET, &url, None, None, None, Duration::from_secs(5)).await {
+        Ok(r) if r.status == 200 || r.status == 503 => {
+            serde_json::from_slice(&r.body).unwrap_or(Value::Null)
+        }
+        _ => Value::Null,
+    }
+}
+
 pub async fn run(cfg: &Config, json: bool) -> anyhow::Result<()> {
     let url = format!("http://{}/debug/sync", cfg.admin.listen);
     match http_client::request(Method::GET, &url, None, None, None, Duration::from_secs(5)).await {
         Ok(resp) if resp.status == 200 => {
             let mut v: Value = serde_json::from_slice(&resp.body)?;
-            let proxy_url = format!("http://{}/debug/proxy", cfg.admin.listen);
-            let proxy = match http_client::request(
-                Method::GET,
-                &proxy_url,
-                None,
-                None,
-                None,
-                Duration::from_secs(5),
-            )
-            .await
-            {
-                Ok(r) if r.status == 200 => serde_json::from_slice(&r.body).unwrap_or(Value::Null),
-                _ => Value::Null,
-            };
-            v["proxy"] = proxy;
+            v["proxy"] = admin_json(cfg, "/debug/proxy").await;
+            v["readiness"] = admin_json(cfg, "/readyz").await;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -102,7 +101,27 @@ fn print_running(v: &Value) {
     } else {
         format!("disconnected (last error: {})", text(&s["lastError"]))
     };
+    let r = &v["readiness"];
+    let ready = match r["ready"].as_bool() {
+        Some(true) => "ready".to_string(),
+        Some(false) => {
+            let failed: Vec<String> = r["failed"]
+                .as_array()
+                .map(|f| f.iter().map(text).collect())
+                .unwrap_or_default();
+            let details: Vec<String> = failed
+                .iter()
+                .map(|name| format!("{name}: {}", text(&r["checks"][name]["detail"])))
+                .collect();
+            format!("NOT READY ({})", details.join("; "))
+        }
+        None => "readiness unknown".to_string(),
+    };
     println!("node:        {}", text(&s["nodeName"]));
+    println!(
+        "agent:       edgemesh {}, {ready}",
+        text(&v["agentVersion"])
+    );
     println!("cloud:       {connection}");
     println!(
         "version:     {} (store {})",
@@ -128,6 +147,10 @@ fn print_running(v: &Value) {
         s["connects"], s["changesApplied"], s["snapshots"], s["deltas"], s["ackedVersion"]
     );
     println!("store:       {}", text(&st["path"]));
+    match v["dns"].as_str() {
+        Some(addr) => println!("dns:         listening on {addr}"),
+        None => println!("dns:         off (dns.enabled = false)"),
+    }
     let p = &v["proxy"];
     if p.is_object() {
         let ejected = p["ejected"].as_array().map_or(0, Vec::len);
@@ -137,7 +160,17 @@ fn print_running(v: &Value) {
             p["routes"],
             ejected
         );
-        println!("iptables:    {}", text(&p["iptables"]));
+        let rules = &p["iptablesRules"];
+        if rules.is_object() {
+            println!(
+                "iptables:    {} ({} of {} rules)",
+                text(&p["iptables"]),
+                rules["present"],
+                rules["expected"]
+            );
+        } else {
+            println!("iptables:    {}", text(&p["iptables"]));
+        }
         let t = &p["tunnel"];
         if t.is_object() {
             let link = if t["linkUp"] == true {

@@ -34,4 +34,5 @@ pub use harness::*;
 
 pub mod dns;
 pub mod mesh;
+pub mod prometheus;
 pub mod servers;

@@ -1411,7 +1411,7 @@ fn a_pod_reaches_a_cloud_endpoint_and_cloudcore_enforces_its_limit() {
     let rejected = |mesh: &Mesh| {
         cloud_metric(
             mesh,
-            "edgemesh_limit_rejected_total",
+            "cloudcore_limit_rejected_total",
             &["service=\"cloudsvc\""],
         )
     };
@@ -1444,7 +1444,7 @@ fn a_pod_reaches_a_cloud_endpoint_and_cloudcore_enforces_its_limit() {
     assert_eq!(
         rejected(&mesh) - before,
         load.limited as f64,
-        "edgemesh_limit_rejected_total in cloudcore counts every 429"
+        "cloudcore_limit_rejected_total counts every 429"
     );
 }
 

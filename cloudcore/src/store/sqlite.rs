@@ -211,6 +211,115 @@ impl SqliteStore {
         // consistent database and can be reused.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The write path of [`Store::write`], which counts its failures.
+    fn commit(&self, writes: Vec<Write>) -> Result<Vec<Arc<Change>>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut version = read_version(&tx)?;
+        let mut chain = self
+            .recent
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .head()
+            .1
+            .to_string();
+        let mut changes: Vec<Change> = Vec::with_capacity(writes.len());
+        for write in writes {
+            match write {
+                Write::Put {
+                    mut object,
+                    expect_version,
+                } => {
+                    let key = object.key();
+                    let existing = get_row(&tx, &key)?;
+                    if let Some(expected) = expect_version {
+                        let actual = existing.as_ref().map(|r| r.version).unwrap_or(0);
+                        if actual != expected {
+                            return Err(StoreError::Conflict {
+                                key,
+                                expected,
+                                actual,
+                            });
+                        }
+                    }
+                    if let Some(old) = &existing {
+                        if same_content(&old.json, &object) {
+                            continue;
+                        }
+                    }
+                    version += 1;
+                    object.meta_mut().resource_version = version.to_string();
+                    let json = object.to_json();
+                    let op = if existing.is_some() {
+                        ChangeOp::Update
+                    } else {
+                        ChangeOp::Insert
+                    };
+                    tx.execute(
+                        "INSERT INTO objects (kind, namespace, name, version, body) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT(kind, namespace, name) DO UPDATE SET version = excluded.version, body = excluded.body",
+                        params![key.kind.resource_type(), key.namespace, key.name, version as i64, json],
+                    )?;
+                    let change = Change::new(version, op, key, json.into(), &chain);
+                    chain.clone_from(&change.chain);
+                    changes.push(change);
+                }
+                Write::Delete { key } => {
+                    let existing =
+                        get_row(&tx, &key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
+                    version += 1;
+                    tx.execute(
+                        "DELETE FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
+                        params![key.kind.resource_type(), key.namespace, key.name],
+                    )?;
+                    let change = Change::new(version, ChangeOp::Delete, key, existing.json, &chain);
+                    chain.clone_from(&change.chain);
+                    changes.push(change);
+                }
+            }
+        }
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO changelog (version, op, kind, namespace, name, body, chain) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for c in &changes {
+                stmt.execute(params![
+                    c.version as i64,
+                    c.op.as_str(),
+                    c.key.kind.resource_type(),
+                    c.key.namespace,
+                    c.key.name,
+                    &*c.json,
+                    c.chain
+                ])?;
+            }
+        }
+        let floor = version.saturating_sub(self.history as u64);
+        tx.execute(
+            "DELETE FROM changelog WHERE version <= ?1",
+            params![floor as i64],
+        )?;
+        tx.execute(
+            "UPDATE store_meta SET value = ?1 WHERE key = 'version'",
+            params![version.to_string()],
+        )?;
+        tx.commit()?;
+        let changes: Vec<Arc<Change>> = changes.into_iter().map(Arc::new).collect();
+        {
+            let mut recent = self.recent.write().unwrap_or_else(|p| p.into_inner());
+            for c in &changes {
+                recent.push(c.clone(), self.history, self.history_bytes);
+            }
+        }
+        // Still under the connection lock: subscribers see versions in commit order.
+        self.version.send_replace(version);
+        drop(conn);
+        Ok(changes)
+    }
 }
 
 /// Brings the layout to [`SCHEMA_VERSION`] in one transaction: a crash part-way leaves the
@@ -320,111 +429,11 @@ impl Store for SqliteStore {
     }
 
     fn write(&self, writes: Vec<Write>) -> Result<Vec<Arc<Change>>, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut version = read_version(&tx)?;
-        let mut chain = self
-            .recent
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .head()
-            .1
-            .to_string();
-        let mut changes: Vec<Change> = Vec::with_capacity(writes.len());
-        for write in writes {
-            match write {
-                Write::Put {
-                    mut object,
-                    expect_version,
-                } => {
-                    let key = object.key();
-                    let existing = get_row(&tx, &key)?;
-                    if let Some(expected) = expect_version {
-                        let actual = existing.as_ref().map(|r| r.version).unwrap_or(0);
-                        if actual != expected {
-                            return Err(StoreError::Conflict {
-                                key,
-                                expected,
-                                actual,
-                            });
-                        }
-                    }
-                    if let Some(old) = &existing {
-                        if same_content(&old.json, &object) {
-                            continue;
-                        }
-                    }
-                    version += 1;
-                    object.meta_mut().resource_version = version.to_string();
-                    let json = object.to_json();
-                    let op = if existing.is_some() {
-                        ChangeOp::Update
-                    } else {
-                        ChangeOp::Insert
-                    };
-                    tx.execute(
-                        "INSERT INTO objects (kind, namespace, name, version, body) VALUES (?1, ?2, ?3, ?4, ?5)
-                         ON CONFLICT(kind, namespace, name) DO UPDATE SET version = excluded.version, body = excluded.body",
-                        params![key.kind.resource_type(), key.namespace, key.name, version as i64, json],
-                    )?;
-                    let change = Change::new(version, op, key, json.into(), &chain);
-                    chain.clone_from(&change.chain);
-                    changes.push(change);
-                }
-                Write::Delete { key } => {
-                    let existing =
-                        get_row(&tx, &key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
-                    version += 1;
-                    tx.execute(
-                        "DELETE FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
-                        params![key.kind.resource_type(), key.namespace, key.name],
-                    )?;
-                    let change = Change::new(version, ChangeOp::Delete, key, existing.json, &chain);
-                    chain.clone_from(&change.chain);
-                    changes.push(change);
-                }
-            }
+        let result = self.commit(writes);
+        if let Err(StoreError::Sqlite(_) | StoreError::Corrupt { .. }) = &result {
+            metrics::counter!("cloudcore_store_write_errors_total").increment(1);
         }
-        if changes.is_empty() {
-            return Ok(Vec::new());
-        }
-        {
-            let mut stmt = tx.prepare_cached(
-                "INSERT INTO changelog (version, op, kind, namespace, name, body, chain) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?;
-            for c in &changes {
-                stmt.execute(params![
-                    c.version as i64,
-                    c.op.as_str(),
-                    c.key.kind.resource_type(),
-                    c.key.namespace,
-                    c.key.name,
-                    &*c.json,
-                    c.chain
-                ])?;
-            }
-        }
-        let floor = version.saturating_sub(self.history as u64);
-        tx.execute(
-            "DELETE FROM changelog WHERE version <= ?1",
-            params![floor as i64],
-        )?;
-        tx.execute(
-            "UPDATE store_meta SET value = ?1 WHERE key = 'version'",
-            params![version.to_string()],
-        )?;
-        tx.commit()?;
-        let changes: Vec<Arc<Change>> = changes.into_iter().map(Arc::new).collect();
-        {
-            let mut recent = self.recent.write().unwrap_or_else(|p| p.into_inner());
-            for c in &changes {
-                recent.push(c.clone(), self.history, self.history_bytes);
-            }
-        }
-        // Still under the connection lock: subscribers see versions in commit order.
-        self.version.send_replace(version);
-        drop(conn);
-        Ok(changes)
+        result
     }
 
     fn changes_since(&self, since: u64, chain: Option<&str>) -> Since {

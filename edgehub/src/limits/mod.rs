@@ -34,8 +34,10 @@ pub use endpoint::{serve_endpoint, EndpointTimeouts, Served};
 pub use http1::{serve_http1, Http1Error};
 pub use sniff::{looks_like_http1, peek_http1, Detection, Rewind};
 
-/// Name of the counter of requests and connections refused by a limit.
-pub const REJECTED_TOTAL: &str = "edgemesh_limit_rejected_total";
+/// Name of the counter of requests and connections refused by a limit, without the process
+/// prefix: `edgemesh_limit_rejected_total` in the agent, `cloudcore_limit_rejected_total` in
+/// cloudcore (see [`crate::telemetry::name`]).
+pub const REJECTED_TOTAL: &str = "limit_rejected_total";
 
 /// A Service's limit: `qps` requests (or new connections) per second on average, up to `burst`
 /// at once.
@@ -341,7 +343,7 @@ impl Limiters {
         if matches!(decision, Decision::Limited { .. }) {
             entry.rejected[protocol as usize]
                 .get_or_init(|| {
-                    metrics::counter!(REJECTED_TOTAL,
+                    metrics::counter!(crate::telemetry::name(REJECTED_TOTAL),
                         "namespace" => namespace.to_string(),
                         "service" => name.to_string(),
                         "protocol" => protocol.as_str())

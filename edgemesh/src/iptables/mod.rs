@@ -39,6 +39,15 @@ pub enum IptablesError {
     Timeout { command: String },
 }
 
+/// What [`Rules::count`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RuleCount {
+    pub present: usize,
+    pub expected: usize,
+    /// Every rule in place exactly once, and nothing else in our chains.
+    pub complete: bool,
+}
+
 /// One of our chains and the built-in chain that jumps to it.
 struct OwnedChain {
     name: &'static str,
@@ -200,6 +209,25 @@ impl Rules {
             }
         }
         Ok(true)
+    }
+
+    /// Which of the rules that should be in place are (for `/readyz` and `edgemesh status`):
+    /// the rules of our chains plus one jump into each.
+    pub async fn count(&self) -> Result<RuleCount, IptablesError> {
+        let mut count = RuleCount {
+            present: 0,
+            expected: 0,
+            complete: true,
+        };
+        for chain in &CHAINS {
+            let want = self.chain_rules(chain);
+            let have = self.owned_chain(chain.name).await?.unwrap_or_default();
+            let jumps = self.count_jumps(chain, &self.jump(chain)).await?;
+            count.expected += want.len() + 1;
+            count.present += want.iter().filter(|r| have.contains(r)).count() + jumps.min(1);
+            count.complete &= have == want && jumps == 1;
+        }
+        Ok(count)
     }
 
     /// How many copies of our `jump` the built-in chain holds (more than one after a crash

@@ -1,0 +1,149 @@
+//! The agent's metrics: every `edgemesh_…` series `/metrics` can show, described once here
+//! (help text and unit), and the recorder that renders them.
+//!
+//! Label values are bounded: Services come from the mesh's metadata, everything else from a
+//! fixed set (result, reason, protocol, class), and TLS server names beyond a small set count
+//! as `other`.
+
+use edgehub::telemetry::Metric;
+use metrics::Unit;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+pub const PROCESS: &str = "edgemesh";
+
+pub const METRICS: &[Metric] = &[
+    // Sync with the cloud (edgehub's hub client and metamanager, run by the agent only).
+    Metric::gauge(
+        "hub_connected",
+        Unit::Count,
+        "1 while the agent holds a connection to cloudcore's hub, else 0.",
+    ),
+    Metric::counter("hub_connects_total", "Connections to the hub that were accepted."),
+    Metric::counter("hub_disconnects_total", "Hub connections that ended."),
+    Metric::counter(
+        "hub_changes_applied_total",
+        "Metadata changes committed to the local store.",
+    ),
+    Metric::gauge(
+        "meta_version",
+        Unit::Count,
+        "Resource version of the local metadata store.",
+    ),
+    Metric::gauge("meta_services", Unit::Count, "Services in the local store."),
+    Metric::gauge(
+        "meta_endpoints",
+        Unit::Count,
+        "Endpoints objects in the local store.",
+    ),
+    Metric::gauge("meta_nodes", Unit::Count, "Nodes in the local store."),
+    Metric::counter(
+        "meta_uninterpreted_objects_total",
+        "Stored objects this agent could not interpret (written by a newer cloudcore); kept, not served.",
+    ),
+    // Proxy.
+    Metric::gauge(
+        "proxy_routes",
+        Unit::Count,
+        "Service ports in the proxy's route table.",
+    ),
+    Metric::gauge(
+        "proxy_active_connections",
+        Unit::Count,
+        "Connections the proxy holds open now.",
+    ),
+    Metric::counter(
+        "proxy_connections_total",
+        "Intercepted connections by Service and result (forwarded, no_endpoints, connect_failed).",
+    ),
+    Metric::counter(
+        "proxy_connect_failures_total",
+        "Failed attempts to connect to an endpoint, by Service (a connection may retry another endpoint).",
+    ),
+    Metric::bytes(
+        "proxy_bytes_total",
+        "Bytes proxied by Service and direction (sent to the endpoint, received from it).",
+    ),
+    Metric::counter(
+        "proxy_detected_total",
+        "Connections by Service and the protocol sniffed from their first bytes.",
+    ),
+    Metric::counter(
+        "proxy_tls_connections_total",
+        "TLS connections by Service and server name (SNI; names beyond a bounded set count as other).",
+    ),
+    Metric::counter(
+        "proxy_unmatched_connections_total",
+        "Intercepted connections to an address with no Service port.",
+    ),
+    Metric::counter(
+        "proxy_refused_connections_total",
+        "Connections refused before routing, by reason (max_connections).",
+    ),
+    Metric::counter(
+        "proxy_endpoint_ejections_total",
+        "Endpoints taken out of balancing by outlier detection.",
+    ),
+    Metric::gauge(
+        "proxy_http_active_connections",
+        Unit::Count,
+        "HTTP connections (by protocol http1, h2) the L7 proxy holds open now.",
+    ),
+    Metric::counter(
+        "proxy_http_requests_total",
+        "HTTP requests by Service, protocol and status class (1xx to 5xx).",
+    ),
+    Metric::seconds(
+        "proxy_http_request_duration_seconds",
+        "Time from a request's arrival to its response headers, by Service and protocol.",
+    ),
+    Metric::counter(
+        "iptables_repairs_total",
+        "iptables rules found missing or changed and put back.",
+    ),
+    // Tunnel.
+    Metric::counter(
+        "tunnel_streams_accepted_total",
+        "Streams from the cloud accepted for an endpoint on this node.",
+    ),
+    Metric::counter(
+        "tunnel_refused_total",
+        "Streams from the cloud refused, by reason.",
+    ),
+    // DNS.
+    Metric::counter(
+        "dns_queries_total",
+        "DNS queries answered, by query type and result code.",
+    ),
+    Metric::seconds(
+        "dns_query_duration_seconds",
+        "Time to answer a DNS query, by where the answer came from (cluster, cache, upstream, local).",
+    ),
+    Metric::counter(
+        "dns_cache_hits_total",
+        "Queries outside the cluster domain answered from the cache.",
+    ),
+    Metric::counter(
+        "dns_upstream_failures_total",
+        "Forwarded queries that no upstream answered.",
+    ),
+];
+
+/// Installs the recorder; `None` (logged) when another one is installed already.
+pub fn install() -> Option<PrometheusHandle> {
+    edgehub::telemetry::install(PROCESS, env!("CARGO_PKG_VERSION"), METRICS)
+        .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_follow_the_naming_rules() {
+        assert_eq!(
+            edgehub::telemetry::naming_errors(METRICS),
+            Vec::<String>::new()
+        );
+    }
+}
