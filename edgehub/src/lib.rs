@@ -4,11 +4,12 @@
 //! - [`message`]: the beehive-style Message and the sync payloads on the hub websocket;
 //! - [`metamanager`]: the node's SQLite copy of the metadata and its in-memory view;
 //! - [`client`]: the edge side of the hub (connect, authenticate, resume, keepalive, reconnect);
-//! - [`tls`], [`backoff`], [`http_client`], [`config_file`], [`logging`], [`process`]: small
-//!   pieces both binaries need.
+//! - [`tls`], [`backoff`], [`http_client`], [`config_file`], [`config_doc`], [`logging`],
+//!   [`process`]: small pieces both binaries need.
 
 pub mod backoff;
 pub mod client;
+pub mod config_doc;
 pub mod config_file;
 pub mod http_client;
 pub mod limits;
