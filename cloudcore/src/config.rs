@@ -4,14 +4,36 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use edgehub::config_doc::{self, KeyDoc};
 use edgehub::config_file::ConfigError;
 use edgehub::logging::LogConfig;
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CONFIG: &str = "/etc/cloudcore/cloudcore.toml";
 
-#[derive(Clone, Debug, Deserialize)]
+/// The operations guide, whose `cloudcore` table says what every key means.
+const REFERENCE: &str = include_str!("../../docs/operations.md");
+
+/// Keys whose values `cloudcore config show` does not print.
+const SECRETS: &[&str] = &["api.token"];
+
+/// Every key of cloudcore.toml with its documented default and meaning.
+pub fn reference() -> Vec<KeyDoc> {
+    config_doc::reference(REFERENCE, "cloudcore")
+}
+
+/// `cloudcore config defaults`: every key at its default, with its meaning.
+pub fn defaults_toml() -> Result<String, String> {
+    config_doc::render::<Config>(
+        "cloudcore.toml with every key at its default (`cloudcore config defaults`).\n\
+         Keys shown as `# key = ... (unset)` have no default value. Every key may be left\n\
+         out. See docs/operations.md.",
+        &reference(),
+    )
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where the SQLite store and the generated API token live.
@@ -41,7 +63,7 @@ impl Default for Config {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HubConfig {
     pub listen: SocketAddr,
@@ -79,7 +101,7 @@ impl Default for HubConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
@@ -99,7 +121,7 @@ impl Default for ApiConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouterConfig {
     /// The router's REST ingress (cloud clients calling edge services by rule).
@@ -149,7 +171,7 @@ impl RouterConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// `sqlite` (embedded, the default).
@@ -171,6 +193,11 @@ impl Default for StoreConfig {
 }
 
 impl Config {
+    /// `cloudcore config show`: the effective configuration, the API token left out.
+    pub fn to_toml_redacted(&self) -> Result<String, String> {
+        config_doc::to_toml_redacted(self, SECRETS)
+    }
+
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         match (&self.hub.tls_cert, &self.hub.tls_key) {
@@ -317,5 +344,51 @@ mod tests {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(&format!("`{key}`")), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn the_reference_in_docs_operations_md_matches_the_code() {
+        let rows = reference();
+        assert!(
+            rows.len() > 25,
+            "the cloudcore table was not found: {rows:?}"
+        );
+        let problems = config_doc::check::<Config>(&rows);
+        assert!(
+            problems.is_empty(),
+            "docs/operations.md (cloudcore table) and the code disagree:\n{}",
+            problems.join("\n")
+        );
+    }
+
+    #[test]
+    fn config_defaults_prints_a_file_that_loads_as_the_defaults() {
+        let text = defaults_toml().expect("render");
+        let c = parse(&text).expect("loads and validates");
+        assert_eq!(
+            config_doc::to_table(&c).expect("table"),
+            config_doc::to_table(&Config::default()).expect("table")
+        );
+        assert!(text.contains("\n[hub]\n"), "{text}");
+        assert!(text.contains("\n# tls_cert = ... (unset"), "{text}");
+    }
+
+    #[test]
+    fn the_example_config_loads_and_validates() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/config/cloudcore.toml"
+        );
+        let text = std::fs::read_to_string(path).expect("examples/config/cloudcore.toml");
+        let c = parse(&text).expect("examples/config/cloudcore.toml is valid");
+        assert_eq!(c.hub.listen.port(), 10000);
+    }
+
+    #[test]
+    fn config_show_leaves_the_api_token_out() {
+        let c = parse("[api]\ntoken = \"0123456789abcdef-secret\"").expect("valid");
+        let text = c.to_toml_redacted().expect("toml");
+        assert!(!text.contains("0123456789abcdef-secret"), "{text}");
+        assert!(text.contains("token = \"<redacted>\""), "{text}");
     }
 }

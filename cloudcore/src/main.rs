@@ -53,6 +53,9 @@ struct ClientArgs {
 enum Command {
     /// Run cloudcore (the default).
     Run,
+    /// Print every key with its default, or check or show the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Create or update objects (Services, Endpoints, Nodes, RuleEndpoints, Rules) from YAML or
     /// JSON files, directories of them, or - for stdin.
     Apply {
@@ -135,7 +138,54 @@ fn toml_string(s: &str) -> String {
     format!("{s:?}")
 }
 
-async fn main_inner(args: Args) -> anyhow::Result<()> {
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print every key at its default, with what it means, as a TOML file.
+    Defaults,
+    /// Load and validate the configuration (FILE, else --config, else the default file).
+    Check { file: Option<PathBuf> },
+    /// Print the configuration in effect after the file and --set; the API token is redacted.
+    Show,
+}
+
+/// `cloudcore config ...`.
+fn config_command(args: &Args, command: &ConfigCommand) -> anyhow::Result<()> {
+    match command {
+        ConfigCommand::Defaults => {
+            print!(
+                "{}",
+                cloudcore::config::defaults_toml().map_err(anyhow::Error::msg)?
+            )
+        }
+        ConfigCommand::Check { .. } => {
+            load_config(args)?;
+            match &args.config {
+                Some(file) => println!("{}: ok", file.display()),
+                None if std::path::Path::new(DEFAULT_CONFIG).exists() => {
+                    println!("{DEFAULT_CONFIG}: ok")
+                }
+                None => println!("ok ({DEFAULT_CONFIG} does not exist: defaults and flags only)"),
+            }
+        }
+        ConfigCommand::Show => print!(
+            "{}",
+            load_config(args)?
+                .to_toml_redacted()
+                .map_err(anyhow::Error::msg)?
+        ),
+    }
+    Ok(())
+}
+
+async fn main_inner(mut args: Args) -> anyhow::Result<()> {
+    if let Some(Command::Config(ConfigCommand::Check { file: Some(f) })) = &args.command {
+        args.config = Some(f.clone());
+    }
+    // Before the config is loaded: `config defaults` must work whatever the file holds.
+    if let Some(Command::Config(command)) = &args.command {
+        logging::quiet_on_closed_stdout();
+        return config_command(&args, command);
+    }
     let cfg = load_config(&args)?;
     if !matches!(args.command, None | Some(Command::Run)) {
         logging::quiet_on_closed_stdout();
@@ -196,6 +246,7 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
         Some(Command::Token {
             action: TokenAction::Revoke { node, client: c },
         }) => cli::token_revoke(&client(c)?, &node).await,
+        Some(Command::Config(_)) => Ok(()), // answered above
     }
 }
 

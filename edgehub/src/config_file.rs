@@ -115,7 +115,7 @@ fn parse_value(raw: &str) -> toml::Value {
 }
 
 /// A string or a list of strings (`cloud.url = "ws://a"` or `["ws://a", "ws://b"]`).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(untagged)]
 pub enum OneOrMany {
     One(String),

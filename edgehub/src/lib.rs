@@ -6,11 +6,12 @@
 //! - [`client`]: the edge side of the hub (connect, authenticate, resume, keepalive, reconnect);
 //! - [`systemd`]: readiness, status and watchdog pings for `Type=notify` units;
 //! - [`telemetry`]: the Prometheus recorder and metric naming;
-//! - [`tls`], [`backoff`], [`http_client`], [`config_file`], [`logging`], [`process`]: small
-//!   pieces both binaries need.
+//! - [`tls`], [`backoff`], [`http_client`], [`config_file`], [`config_doc`], [`logging`],
+//!   [`process`]: small pieces both binaries need.
 
 pub mod backoff;
 pub mod client;
+pub mod config_doc;
 pub mod config_file;
 pub mod http_client;
 pub mod limits;

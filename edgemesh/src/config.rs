@@ -7,17 +7,39 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use edgehub::client::{CloudUrl, HubClientConfig};
+use edgehub::config_doc::{self, KeyDoc};
 use edgehub::config_file::{ConfigError, OneOrMany};
 use edgehub::logging::LogConfig;
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::dns::DnsConfig;
 use crate::proxy::ProxyConfig;
 
 pub const DEFAULT_CONFIG: &str = "/etc/edgemesh/edgemesh.toml";
 
-#[derive(Clone, Debug, Deserialize)]
+/// The operations guide, whose `edgemesh` table says what every key means.
+const REFERENCE: &str = include_str!("../../docs/operations.md");
+
+/// Keys whose values `edgemesh config show` does not print.
+const SECRETS: &[&str] = &["cloud.token"];
+
+/// Every key of edgemesh.toml with its documented default and meaning.
+pub fn reference() -> Vec<KeyDoc> {
+    config_doc::reference(REFERENCE, "edgemesh")
+}
+
+/// `edgemesh config defaults`: every key at its default, with its meaning.
+pub fn defaults_toml() -> Result<String, String> {
+    config_doc::render::<Config>(
+        "edgemesh.toml with every key at its default (`edgemesh config defaults`).\n\
+         Keys shown as `# key = ... (unset)` have no default value. node_name and cloud.url\n\
+         must be set; everything else may be left out. See docs/operations.md.",
+        &reference(),
+    )
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// This node's name; it must match the name its token was issued for.
@@ -54,7 +76,7 @@ impl Default for Config {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CloudConfig {
     /// One or more `ws://host:port` / `wss://host:port`, tried in turn.
@@ -90,7 +112,7 @@ impl Default for CloudConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
@@ -176,6 +198,11 @@ impl Config {
         self.dns.validate()?;
         self.tunnel.validate()?;
         Ok(())
+    }
+
+    /// `edgemesh config show`: the effective configuration, the token left out.
+    pub fn to_toml_redacted(&self) -> Result<String, String> {
+        config_doc::to_toml_redacted(self, SECRETS)
     }
 
     pub fn cloud_urls(&self) -> Vec<String> {
@@ -264,5 +291,62 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("`cloud.token`"));
+    }
+
+    #[test]
+    fn the_reference_in_docs_operations_md_matches_the_code() {
+        let rows = reference();
+        assert!(
+            rows.len() > 40,
+            "the edgemesh table was not found: {rows:?}"
+        );
+        let problems = config_doc::check::<Config>(&rows);
+        assert!(
+            problems.is_empty(),
+            "docs/operations.md (edgemesh table) and the code disagree:\n{}",
+            problems.join("\n")
+        );
+    }
+
+    #[test]
+    fn config_defaults_prints_a_file_that_loads_as_the_defaults() {
+        let text = defaults_toml().expect("render");
+        let c: Config = config_file::from_table(text.parse().expect("toml")).expect("loads");
+        assert_eq!(
+            config_doc::to_table(&c).expect("table"),
+            config_doc::to_table(&Config::default()).expect("table")
+        );
+        assert!(text.contains("\n[proxy.http]\n"), "{text}");
+        assert!(text.contains("\n# token = ... (unset)\n"), "{text}");
+    }
+
+    #[test]
+    fn the_example_config_loads_and_validates() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/config/edgemesh.toml"
+        );
+        let c: Config = config_file::load(
+            Some(std::path::Path::new(path)),
+            std::path::Path::new(""),
+            &[],
+        )
+        .expect("examples/config/edgemesh.toml loads");
+        c.validate()
+            .expect("examples/config/edgemesh.toml is valid");
+        assert_eq!(
+            c.cloud.token_file.as_deref(),
+            Some(std::path::Path::new("/etc/edgemesh/token"))
+        );
+    }
+
+    #[test]
+    fn config_show_leaves_the_token_out() {
+        let c = parse("node_name = \"e\"\n[cloud]\nurl = \"ws://x\"\ntoken = \"s3cret-token\"")
+            .expect("valid");
+        let text = c.to_toml_redacted().expect("toml");
+        assert!(!text.contains("s3cret-token"), "{text}");
+        assert!(text.contains("token = \"<redacted>\""), "{text}");
+        assert!(text.contains("url = \"ws://x\""), "{text}");
     }
 }

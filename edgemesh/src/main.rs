@@ -54,6 +54,50 @@ enum Command {
     /// to `lo` (the agent does this itself on a clean shutdown; run it after a crash or from
     /// ExecStopPost).
     Cleanup,
+    /// Print every key with its default, or check or show the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print every key at its default, with what it means, as a TOML file.
+    Defaults,
+    /// Load and validate the configuration (FILE, else --config, else the default file).
+    Check { file: Option<PathBuf> },
+    /// Print the configuration in effect after the file and --set; the token is redacted.
+    Show,
+}
+
+/// `edgemesh config ...`.
+fn config_command(args: &Args, command: &ConfigCommand) -> anyhow::Result<()> {
+    match command {
+        ConfigCommand::Defaults => {
+            print!(
+                "{}",
+                edgemesh::config::defaults_toml().map_err(anyhow::Error::msg)?
+            )
+        }
+        ConfigCommand::Check { .. } => {
+            let cfg = load_config(args, true)?;
+            // The token file is read at startup; a missing one should show up here too.
+            cfg.hub_client()?;
+            match &args.config {
+                Some(file) => println!("{}: ok", file.display()),
+                None if std::path::Path::new(DEFAULT_CONFIG).exists() => {
+                    println!("{DEFAULT_CONFIG}: ok")
+                }
+                None => println!("ok ({DEFAULT_CONFIG} does not exist: defaults and flags only)"),
+            }
+        }
+        ConfigCommand::Show => print!(
+            "{}",
+            load_config(args, false)?
+                .to_toml_redacted()
+                .map_err(anyhow::Error::msg)?
+        ),
+    }
+    Ok(())
 }
 
 fn quoted(s: &str) -> String {
@@ -109,7 +153,15 @@ async fn cleanup(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn main_inner(args: Args) -> anyhow::Result<()> {
+async fn main_inner(mut args: Args) -> anyhow::Result<()> {
+    if let Some(Command::Config(ConfigCommand::Check { file: Some(f) })) = &args.command {
+        args.config = Some(f.clone());
+    }
+    // Before the config is loaded: `config defaults` must work whatever the file holds.
+    if let Some(Command::Config(command)) = &args.command {
+        logging::quiet_on_closed_stdout();
+        return config_command(&args, command);
+    }
     if matches!(args.command, Some(Command::Cleanup)) {
         logging::quiet_on_closed_stdout();
         return cleanup(&args).await;
@@ -126,6 +178,7 @@ async fn main_inner(args: Args) -> anyhow::Result<()> {
         }
         Some(Command::Status { json }) => edgemesh::status::run(&cfg, json).await,
         Some(Command::Cleanup) => cleanup(&args).await,
+        Some(Command::Config(_)) => Ok(()), // answered above
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use edgehub::config_file::ConfigError;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The address node-local DNS caches conventionally use (and SPEC §2 names).
 pub const DEFAULT_LISTEN: SocketAddr =
@@ -14,7 +14,7 @@ pub const DEFAULT_LISTEN: SocketAddr =
 /// Where the default upstreams are read from.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Serve cluster DNS at all.

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use edgehub::config_file::ConfigError;
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
     /// Port of the transparent listener that iptables redirects the service CIDR to.
@@ -68,7 +68,7 @@ impl Default for ProxyConfig {
 }
 
 /// `[proxy.http]`: requests of HTTP/1 and HTTP/2 connections, balanced one by one.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// A request without a response head this long after it arrived gets `504`. Only the head
@@ -103,7 +103,7 @@ impl Default for HttpConfig {
 }
 
 /// Outlier detection: an endpoint that fails connections is left out for a while.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutlierConfig {
     /// Consecutive failed connection attempts that eject an endpoint.

@@ -11,7 +11,7 @@ use edgehub::limits::{serve_endpoint, EndpointTimeouts, Limiters, Served};
 use edgehub::metamanager::MeshView;
 use edgehub::tunnel::authorise::authorise;
 use edgehub::tunnel::{Acceptor, Incoming, Mux, MuxConfig, OpenRequest, RefusalKind, TunnelHandle};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, Instrument};
@@ -19,7 +19,7 @@ use tracing::{debug, Instrument};
 use crate::proxy::connect::Dialer;
 
 /// `[tunnel]` keys of edgemesh.toml.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TunnelConfig {
     /// Bytes the far end may send on one stream before this node grants more: with the link's
