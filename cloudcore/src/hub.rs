@@ -233,18 +233,6 @@ where
         .await
     }
 
-    /// Writes `messages` and flushes, all within one `write_timeout`.
-    async fn write_batch(&mut self, messages: Vec<WsMessage>) -> Result<(), SessionError> {
-        let sink = &mut self.sink;
-        Self::guarded(self.kicked, self.shutdown, self.write_timeout, async move {
-            for m in messages {
-                sink.feed(m).await?;
-            }
-            sink.flush().await
-        })
-        .await
-    }
-
     /// Waits for `fut` unless the session is kicked or cloudcore shuts down first.
     async fn interruptible<T>(
         &self,
@@ -670,20 +658,18 @@ impl Hub {
                     Some(Inbound::Message(m)) => self.on_message(out, session, *m, &mut sent, &mut last_query).await?,
                 },
                 Some(first) = link_out.recv() => {
-                    // Stream frames and answers: write what is queued, then flush once, all
-                    // under one guard (a timer per 32 KiB frame costs more than it buys).
+                    // Stream frames and answers: write what is queued, then flush once.
                     let mut budget = Vec::new();
-                    let mut messages = Vec::new();
                     let mut next = Some(first);
                     while let Some(o) = next.take() {
                         let (message, permit) = o.into_parts();
-                        messages.push(message);
+                        out.feed(message).await?;
                         budget.push(permit);
                         if budget.len() < MAX_WRITE_BATCH {
                             next = link_out.try_recv().ok();
                         }
                     }
-                    out.write_batch(messages).await?;
+                    out.flush().await?;
                 }
                 changed = versions.changed() => {
                     if changed.is_err() {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::{FutureExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -28,19 +28,13 @@ use crate::message::{
 use crate::metamanager::{EdgeChange, MetaError, MetaManager};
 use crate::model::ObjectKey;
 use crate::tls::{self, TlsError};
-use crate::tunnel::{Mux, RefusalKind, Side, TunnelHandle};
-
-mod writer;
-use writer::LinkWriter;
+use crate::tunnel::{Mux, Outgoing, RefusalKind, Side, TunnelHandle};
 
 /// The hub's default port, used when a cloud URL names none.
 pub const DEFAULT_HUB_PORT: u16 = 10000;
 
 /// How many received messages are committed in one SQLite transaction at most.
 const MAX_BATCH: usize = 1024;
-
-/// How long a clean shutdown waits for its websocket Close to be written.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug)]
 pub struct HubClientConfig {
@@ -229,6 +223,9 @@ pub struct HubClient {
     tunnel: Option<TunnelHandle>,
 }
 
+/// Messages of the link's stream queue written in one go before a flush.
+const MAX_WRITE_BATCH: usize = 64;
+
 /// Closes the link's streams when the session ends, however it ends.
 struct LinkGuard<'a>(&'a Option<TunnelHandle>);
 
@@ -237,6 +234,16 @@ impl Drop for LinkGuard<'_> {
         if let Some(tunnel) = self.0 {
             tunnel.install(None);
         }
+    }
+}
+
+/// The next message of the stream queue, or never when this link carries no streams.
+async fn next_outgoing(
+    rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Outgoing>>,
+) -> Option<Outgoing> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -394,7 +401,7 @@ impl HubClient {
         shutdown: &CancellationToken,
     ) -> Result<SessionEnd, HubError>
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
         let url = cloud.events_url(&self.cfg.node_name);
         let mut request = url.as_str().into_client_request()?;
@@ -440,9 +447,9 @@ impl HubClient {
         shutdown: &CancellationToken,
     ) -> Result<SessionEnd, HubError>
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
-        let (sink, mut stream) = ws.split();
+        let (mut sink, mut stream) = ws.split();
         let point = self.with_store(|meta| meta.sync_point()).await?;
         let fresh = self
             .force_snapshot
@@ -454,17 +461,6 @@ impl HubClient {
             labels: self.cfg.labels.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
         };
-
-        let (mux, link_out) = match &self.tunnel {
-            Some(tunnel) => {
-                let (mux, out) = Mux::new(tunnel.config().clone(), Side::Edge);
-                tunnel.install(Some(mux.clone()));
-                (Some(mux), Some(out))
-            }
-            None => (None, None),
-        };
-        let _link = LinkGuard(&self.tunnel);
-        let mut sink = LinkWriter::spawn(sink, link_out);
         sink.send(WsMessage::text(request.message().to_json()))
             .await?;
         debug!(version = point.version, store_id = ?point.store_id, "sync requested");
@@ -480,13 +476,39 @@ impl HubClient {
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut deadline = Instant::now() + self.cfg.keepalive_timeout;
 
+        let (mux, mut link_out) = match &self.tunnel {
+            Some(tunnel) => {
+                let (mux, out) = Mux::new(tunnel.config().clone(), Side::Edge);
+                tunnel.install(Some(mux.clone()));
+                (Some(mux), Some(out))
+            }
+            None => (None, None),
+        };
+        let _link = LinkGuard(&self.tunnel);
+
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => {
-                    sink.close(CLOSE_WAIT).await;
+                    let _ = sink.send(WsMessage::Close(None)).await;
                     return Ok(SessionEnd::Shutdown);
                 }
-                e = sink.stopped() => return Err(e),
+                Some(out) = next_outgoing(&mut link_out) => {
+                    // Stream frames: write what is queued, then flush once.
+                    let mut budget = Vec::new();
+                    let (message, permit) = out.into_parts();
+                    sink.feed(message).await?;
+                    budget.push(permit);
+                    if let Some(rx) = link_out.as_mut() {
+                        while budget.len() < MAX_WRITE_BATCH {
+                            let Ok(out) = rx.try_recv() else { break };
+                            let (message, permit) = out.into_parts();
+                            sink.feed(message).await?;
+                            budget.push(permit);
+                        }
+                    }
+                    sink.flush().await?;
+                    continue;
+                }
                 _ = keepalive.tick() => {
                     let ka = Message::new(module::EDGEHUB, module::CLOUDHUB, group::HUB, op::KEEPALIVE,
                         &format!("{}/node/{}", crate::model::CLUSTER_SCOPE, self.cfg.node_name));
@@ -681,12 +703,15 @@ impl HubClient {
         }
     }
 
-    async fn commit(
+    async fn commit<S>(
         &self,
         state: &mut SessionState,
         batch: Vec<EdgeChange>,
-        sink: &mut LinkWriter,
-    ) -> Result<(), HubError> {
+        sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
+    ) -> Result<(), HubError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let store_id = state
             .store_id
             .clone()
@@ -720,12 +745,15 @@ impl HubClient {
         self.ack(state.committed, sink).await
     }
 
-    async fn apply_snapshot(
+    async fn apply_snapshot<S>(
         &self,
         state: &mut SessionState,
         snapshot: StagedSnapshot,
-        sink: &mut LinkWriter,
-    ) -> Result<(), HubError> {
+        sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
+    ) -> Result<(), HubError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let store_id = state
             .store_id
             .clone()
@@ -763,7 +791,14 @@ impl HubClient {
             .map_err(HubError::from)
     }
 
-    async fn ack(&self, version: u64, sink: &mut LinkWriter) -> Result<(), HubError> {
+    async fn ack<S>(
+        &self,
+        version: u64,
+        sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
+    ) -> Result<(), HubError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let msg = Ack::message(version);
         sink.send(WsMessage::text(msg.to_json())).await?;
         self.update(|s| s.acked_version = version);
