@@ -363,8 +363,15 @@ fn h2_calls(
     })
 }
 
-/// `calls` unary gRPC calls over one tonic channel; returns who answered each.
-fn grpc_calls(ns: &str, addr: SocketAddr, calls: usize) -> BTreeMap<String, usize> {
+type GrpcClient = tonic::client::Grpc<tonic::transport::Channel>;
+
+/// Runs `calls` on a runtime of its own inside `ns`, with one tonic channel to `addr`.
+fn with_grpc<T, F, Fut>(ns: &str, addr: SocketAddr, calls: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce(GrpcClient) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
     in_netns(ns, move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -376,52 +383,45 @@ fn grpc_calls(ns: &str, addr: SocketAddr, calls: usize) -> BTreeMap<String, usiz
                 .connect()
                 .await
                 .expect("gRPC channel through the mesh");
-            let mut grpc = tonic::client::Grpc::new(channel);
-            let mut served = Vec::new();
-            for i in 0..calls {
-                grpc.ready().await.expect("ready");
-                let message = format!("call-{i}");
-                let response = grpc
-                    .unary(
-                        tonic::Request::new(Bytes::from(message.clone())),
-                        hyper::http::uri::PathAndQuery::from_static(ECHO_METHOD),
-                        RawCodec,
-                    )
-                    .await
-                    .unwrap_or_else(|e| panic!("call {i}: {e}"));
-                let text = String::from_utf8(response.into_inner().to_vec()).expect("utf-8");
-                let (who, echoed) = text.split_once(':').expect("NAME:message");
-                assert_eq!(echoed, message);
-                served.push(who.to_string());
-            }
-            tally(served.iter().map(String::as_str))
+            calls(tonic::client::Grpc::new(channel)).await
         })
+    })
+}
+
+/// One unary call of the echo method with `message`.
+async fn echo(grpc: &mut GrpcClient, message: String) -> Result<String, tonic::Status> {
+    grpc.ready().await.expect("ready");
+    let response = grpc
+        .unary(
+            tonic::Request::new(Bytes::from(message)),
+            hyper::http::uri::PathAndQuery::from_static(ECHO_METHOD),
+            RawCodec,
+        )
+        .await?;
+    Ok(String::from_utf8(response.into_inner().to_vec()).expect("utf-8"))
+}
+
+/// `calls` unary gRPC calls over one tonic channel; returns who answered each.
+fn grpc_calls(ns: &str, addr: SocketAddr, calls: usize) -> BTreeMap<String, usize> {
+    with_grpc(ns, addr, move |mut grpc| async move {
+        let mut served = Vec::new();
+        for i in 0..calls {
+            let message = format!("call-{i}");
+            let text = echo(&mut grpc, message.clone())
+                .await
+                .unwrap_or_else(|e| panic!("call {i}: {e}"));
+            let (who, echoed) = text.split_once(':').expect("NAME:message");
+            assert_eq!(echoed, message);
+            served.push(who.to_string());
+        }
+        tally(served.iter().map(String::as_str))
     })
 }
 
 /// One unary gRPC call on a new channel; its status when it fails.
 fn grpc_call(ns: &str, addr: SocketAddr) -> Result<(), tonic::Status> {
-    in_netns(ns, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                .expect("endpoint")
-                .connect()
-                .await
-                .expect("gRPC channel to the proxy");
-            let mut grpc = tonic::client::Grpc::new(channel);
-            grpc.ready().await.expect("ready");
-            grpc.unary(
-                tonic::Request::new(Bytes::from_static(b"call")),
-                hyper::http::uri::PathAndQuery::from_static(ECHO_METHOD),
-                RawCodec,
-            )
-            .await
-            .map(|_| ())
-        })
+    with_grpc(ns, addr, |mut grpc| async move {
+        echo(&mut grpc, "call".into()).await.map(|_| ())
     })
 }
 
