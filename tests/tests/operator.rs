@@ -143,8 +143,6 @@ fn install_verifies_units_and_uninstall_leaves_nothing_behind() {
         .output()
         .expect("installed edgemesh runs");
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("edgemesh "));
-    // The default config loads as installed (validation aside: node_name and cloud.url are the
-    // operator's to set).
     let unit =
         std::fs::read_to_string(root.join("etc/systemd/system/edgemesh.service")).expect("unit");
     for line in [
