@@ -17,7 +17,7 @@ use edgehub::limits::{self, serve_endpoint, EndpointTimeouts, Limiters, Served};
 use edgehub::message::Message;
 use edgehub::model::{Kind, Object, ObjectKey};
 use edgehub::tunnel::authorise::{authorise, host_of};
-use edgehub::tunnel::bridge::Timeouts;
+use edgehub::io::Timeouts;
 use edgehub::tunnel::{
     Incoming, Mux, MuxConfig, MuxError, OpenError, OpenRefusal, OpenRequest, Outgoing, RefusalKind,
     Side, TunnelStream,
@@ -388,9 +388,9 @@ impl Tunnels {
         match served {
             Ok(Served::Bridged(moved)) => {
                 metrics::counter!("cloudcore_tunnel_bytes_total", "direction" => "to_endpoint")
-                    .increment(moved.to_tcp);
+                    .increment(moved.a_to_b);
                 metrics::counter!("cloudcore_tunnel_bytes_total", "direction" => "from_endpoint")
-                    .increment(moved.from_tcp);
+                    .increment(moved.b_to_a);
             }
             Ok(Served::Refused) => debug!("over the Service's limit: stream closed"),
             Ok(Served::Http) => {}

@@ -4,6 +4,7 @@
 //! - [`message`]: the beehive-style Message and the sync payloads on the hub websocket;
 //! - [`metamanager`]: the node's SQLite copy of the metadata and its in-memory view;
 //! - [`client`]: the edge side of the hub (connect, authenticate, resume, keepalive, reconnect);
+//! - [`io`]: the byte-moving core of every data path (detection, replay, the copier);
 //! - [`systemd`]: readiness, status and watchdog pings for `Type=notify` units;
 //! - [`telemetry`]: the Prometheus recorder and metric naming;
 //! - [`tls`], [`backoff`], [`http_client`], [`config_file`], [`config_doc`], [`logging`],
@@ -14,6 +15,7 @@ pub mod client;
 pub mod config_doc;
 pub mod config_file;
 pub mod http_client;
+pub mod io;
 pub mod limits;
 pub mod logging;
 pub mod message;

@@ -18,7 +18,7 @@ use crate::proxy::connect::Dialer;
 use crate::proxy::{LocalNode, ProxyDeps};
 use crate::tunnel::EdgeAcceptor;
 use edgehub::limits::{EndpointTimeouts, Limiters};
-use edgehub::tunnel::bridge::Timeouts;
+use edgehub::io::Timeouts;
 use tokio_util::task::TaskTracker;
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {

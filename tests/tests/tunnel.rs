@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use edgehub::io::Protocol;
 use edgehub::message::{group, module, op, resource, Message, SyncRequest};
 use edgehub::tunnel::frame::Frame;
-use edgehub::tunnel::{OpenRequest, OpenResponse, RefusalKind, StreamProtocol, OPEN};
+use edgehub::tunnel::{OpenRequest, OpenResponse, RefusalKind, OPEN};
 use edgemesh_e2e::mesh::{echo_transfer, in_netns, Mesh, API_PORT, HUB_PORT};
 use edgemesh_e2e::{wait_for, Host};
 use futures_util::{SinkExt, StreamExt};
@@ -1133,7 +1134,7 @@ fn open_request(id: u32, service: &str, endpoint: SocketAddr, node: Option<&str>
         service: service.into(),
         endpoint,
         node: node.map(str::to_string),
-        protocol: StreamProtocol::Tcp,
+        protocol: Protocol::Opaque,
         source: String::new(),
         window: 256 * 1024,
     }

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
+use edgehub::io::Protocol;
 use edgehub::model::{Kind, Object, ObjectKey, CLOUD_NODE};
-use edgehub::tunnel::{OpenError, OpenRequest, RefusalKind, StreamProtocol};
+use edgehub::tunnel::{OpenError, OpenRequest, RefusalKind};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -214,7 +215,7 @@ impl Router {
                 service: name.to_string(),
                 endpoint,
                 node: node.clone(),
-                protocol: StreamProtocol::Http,
+                protocol: Protocol::Http1,
                 source: String::new(),
                 window: 0,
             };

@@ -12,8 +12,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use axum::body::{Body, Bytes};
 use axum::http::{Request, Response, StatusCode};
+use edgehub::io::Protocol;
 use edgehub::model::{Kind, Object, ObjectKey};
-use edgehub::tunnel::{OpenError, OpenRequest, RefusalKind, StreamProtocol};
+use edgehub::tunnel::{OpenError, OpenRequest, RefusalKind};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -516,7 +517,7 @@ async fn ingress_streams_a_post_to_the_edge_pod_and_back() {
         (opened[0].namespace.as_str(), opened[0].service.as_str()),
         ("default", "hello")
     );
-    assert_eq!(opened[0].protocol, StreamProtocol::Http);
+    assert_eq!(opened[0].protocol, Protocol::Http1);
     assert_eq!(opened[0].source, "");
 
     // Exactly the prefix: the target path alone.

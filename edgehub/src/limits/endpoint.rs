@@ -1,24 +1,18 @@
 //! Serving a connection at the side that dialled the endpoint, under the Service's limit:
-//! unlimited Services are bridged as bytes; limited ones are told apart (HTTP/1 or not) from
+//! unlimited Services are joined as bytes; limited ones are told apart (HTTP/1 or not) from
 //! the first bytes, then limited per request (HTTP/1) or per connection (anything else).
 
-use std::io;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::{peek_http1, serve_http1, Decision, Detection, Limiters, Protocol, Rewind};
-use crate::tunnel::bridge::{bridge, AbortSignal, Moved, Timeouts};
-use crate::tunnel::StreamProtocol;
-
-/// Longest prefix read to recognise an HTTP/1 request line.
-const DETECT_BYTES: usize = 1024;
+use super::{serve_http1, Decision, Limiters, Protocol as Admission};
+use crate::io::{self, Counters, Duplex, Moved, Protocol, Rewind, Timeouts};
 
 /// How [`serve_endpoint`] ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Served {
-    /// Bytes both ways (no limit, or a connection within it); `from_tcp` is what the endpoint
+    /// Bytes both ways (no limit, or a connection within it); `b_to_a` is what the endpoint
     /// sent.
     Bridged(Moved),
     /// HTTP/1 requests, each checked against the limit.
@@ -31,7 +25,7 @@ pub enum Served {
 pub struct EndpointTimeouts {
     /// How long the first bytes may take to show whether a connection is HTTP/1.
     pub detect: Duration,
-    /// How long a bridged connection may go without a byte, and once one side finished.
+    /// How long a joined connection may go without a byte, and once one side finished.
     pub bridge: Timeouts,
 }
 
@@ -45,37 +39,56 @@ pub async fn serve_endpoint<C>(
     limiters: &Limiters,
     namespace: &str,
     name: &str,
-    hint: StreamProtocol,
+    hint: Protocol,
     timeouts: EndpointTimeouts,
-) -> io::Result<Served>
+) -> std::io::Result<Served>
 where
-    C: AsyncRead + AsyncWrite + AbortSignal + Unpin + Send + 'static,
+    C: Duplex + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     if limiters.limit(namespace, name).is_none() {
-        return bridge(&mut upstream, &mut client, timeouts.bridge)
-            .await
-            .map(Served::Bridged);
+        return io::join(
+            &mut client,
+            &mut upstream,
+            timeouts.bridge,
+            Counters::default(),
+        )
+        .await
+        .map(Served::Bridged);
     }
-    let (prefix, detection) = match hint {
-        StreamProtocol::Http => (bytes::Bytes::new(), Detection::Http1),
+    let (prefix, protocol) = match hint {
+        Protocol::Http1 => (bytes::Bytes::new(), Protocol::Http1),
         // HTTP/2 is limited per connection until requests are seen one by one.
-        StreamProtocol::H2 => (bytes::Bytes::new(), Detection::NotHttp),
-        StreamProtocol::Tcp => peek_http1(&mut client, timeouts.detect, DETECT_BYTES).await?,
+        Protocol::H2 => (bytes::Bytes::new(), Protocol::H2),
+        Protocol::Tls | Protocol::Opaque => {
+            let d = io::detect(&mut client, timeouts.detect).await?;
+            (d.prefix, d.protocol)
+        }
     };
     let mut client = Rewind::new(prefix, client);
-    if detection == Detection::Http1 {
+    if protocol == Protocol::Http1 {
         let gate_limiters = limiters.clone();
         let (ns, nm) = (namespace.to_string(), name.to_string());
-        let gate = move || gate_limiters.admit(&ns, &nm, Protocol::Http);
-        return serve_http1(client, upstream, gate, &format!("{namespace}/{name}"))
-            .await
-            .map(|()| Served::Http)
-            .map_err(|e| io::Error::other(e.to_string()));
+        let gate = move || gate_limiters.admit(&ns, &nm, Admission::Http);
+        return serve_http1(
+            client,
+            upstream,
+            gate,
+            &format!("{namespace}/{name}"),
+            timeouts.bridge,
+        )
+        .await
+        .map(|()| Served::Http)
+        .map_err(|e| std::io::Error::other(e.to_string()));
     }
-    if let Decision::Limited { .. } = limiters.admit(namespace, name, Protocol::Tcp) {
+    if let Decision::Limited { .. } = limiters.admit(namespace, name, Admission::Tcp) {
         return Ok(Served::Refused);
     }
-    bridge(&mut upstream, &mut client, timeouts.bridge)
-        .await
-        .map(Served::Bridged)
+    io::join(
+        &mut client,
+        &mut upstream,
+        timeouts.bridge,
+        Counters::default(),
+    )
+    .await
+    .map(Served::Bridged)
 }

@@ -77,6 +77,7 @@ pub async fn serve_http1<C, U, G>(
     upstream: U,
     gate: G,
     service: &str,
+    upgraded: crate::io::Timeouts,
 ) -> Result<(), Http1Error>
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -139,9 +140,14 @@ where
     }
     let (client_io, upstream_io) =
         tokio::try_join!(client_side, upstream_side).map_err(Http1Error::Upgrade)?;
-    tokio::io::copy_bidirectional(&mut TokioIo::new(client_io), &mut TokioIo::new(upstream_io))
-        .await
-        .map_err(Http1Error::Upgraded)?;
+    crate::io::join(
+        &mut crate::io::Whole(TokioIo::new(client_io)),
+        &mut crate::io::Whole(TokioIo::new(upstream_io)),
+        upgraded,
+        crate::io::Counters::default(),
+    )
+    .await
+    .map_err(Http1Error::Upgraded)?;
     Ok(())
 }
 
@@ -240,6 +246,10 @@ mod tests {
     type ClientBody = UnsyncBoxBody<Bytes, Infallible>;
 
     const SERVICE: &str = "default/web";
+    const UPGRADED: crate::io::Timeouts = crate::io::Timeouts {
+        idle: Duration::from_secs(3600),
+        half_closed: Duration::from_secs(60),
+    };
 
     /// A gate that answers from a script, then allows everything.
     fn scripted(decisions: &[Decision]) -> impl Fn() -> Decision + Send + Sync + 'static {
@@ -257,10 +267,9 @@ mod tests {
     ) {
         let (client, proxy_client) = tokio::io::duplex(64 * 1024);
         let (proxy_upstream, upstream) = tokio::io::duplex(64 * 1024);
-        let task =
-            tokio::spawn(
-                async move { serve_http1(proxy_client, proxy_upstream, gate, SERVICE).await },
-            );
+        let task = tokio::spawn(async move {
+            serve_http1(proxy_client, proxy_upstream, gate, SERVICE, UPGRADED).await
+        });
         (client, upstream, task)
     }
 

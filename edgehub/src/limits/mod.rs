@@ -4,16 +4,14 @@
 //! - [`limit_of`] reads the annotations of a Service;
 //! - [`Limiters`] keeps one GCRA bucket per limited Service and answers [`Decision`]s;
 //! - [`serve_http1`] enforces a limit per HTTP/1 request (`429` + `Retry-After`);
-//! - [`peek_http1`], [`looks_like_http1`] and [`Rewind`] tell HTTP/1 from anything else without
-//!   losing the peeked bytes. A connection that is not HTTP is limited as a whole: over the
-//!   limit, the caller refuses (closes) it.
+//! A connection that is not HTTP is limited as a whole: over the limit, the caller refuses
+//! (closes) it.
 //!
 //! Rejections are counted as `edgemesh_limit_rejected_total{namespace,service,protocol}`, by
 //! [`Limiters::admit`], under the same name on nodes and in the cloud.
 
 mod endpoint;
 mod http1;
-mod sniff;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -32,7 +30,6 @@ use crate::model::{Service, ANNOTATION_BURST, ANNOTATION_QPS};
 
 pub use endpoint::{serve_endpoint, EndpointTimeouts, Served};
 pub use http1::{serve_http1, Http1Error};
-pub use sniff::{looks_like_http1, peek_http1, Detection, Rewind};
 
 /// Name of the counter of requests and connections refused by a limit, without the process
 /// prefix: `edgemesh_limit_rejected_total` in the agent, `cloudcore_limit_rejected_total` in

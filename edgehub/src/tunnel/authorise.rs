@@ -77,8 +77,8 @@ pub fn authorise(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::Protocol;
     use crate::model::Object;
-    use crate::tunnel::StreamProtocol;
 
     fn objects() -> (Service, Endpoints) {
         let svc = serde_json::json!({"apiVersion":"v1","kind":"Service",
@@ -105,7 +105,7 @@ mod tests {
             service: "hello".into(),
             endpoint: endpoint.parse().expect("addr"),
             node: None,
-            protocol: StreamProtocol::Tcp,
+            protocol: Protocol::Opaque,
             source: "node-a".into(),
             window: 0,
         }

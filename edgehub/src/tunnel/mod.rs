@@ -3,15 +3,15 @@
 
 pub mod open;
 
-pub use open::{
-    OpenError, OpenRefusal, OpenRequest, OpenResponse, RefusalKind, StreamProtocol, OPEN,
-};
+pub use open::{OpenError, OpenRefusal, OpenRequest, OpenResponse, RefusalKind, OPEN};
 pub mod authorise;
-pub mod bridge;
 pub mod frame;
 mod mux;
 
-pub use mux::{BudgetPermit, Incoming, Mux, MuxConfig, MuxError, Outgoing, Side, TunnelStream};
+pub use mux::{
+    BudgetPermit, Incoming, Mux, MuxConfig, MuxError, Outgoing, Side, TunnelReader, TunnelStream,
+    TunnelWriter,
+};
 
 use std::sync::Arc;
 

@@ -132,7 +132,7 @@ struct SendCredit {
     bytes: AtomicI64,
     reset: AtomicBool,
     waker: AtomicWaker,
-    /// Wakes whoever waits for the stream to be aborted (see [`TunnelStream::abort_signal`]).
+    /// Wakes whoever waits for the stream to be aborted (see [`TunnelReader`]).
     aborted: tokio::sync::Notify,
 }
 
@@ -714,11 +714,21 @@ impl Drop for OpenGuard {
 pub struct TunnelStream {
     shared: Arc<Shared>,
     id: u32,
+    reading: Reading,
+    writing: Writing,
+}
+
+/// The receiving half's state.
+struct Reading {
     inbound: mpsc::UnboundedReceiver<Inbound>,
     current: Bytes,
     /// Consumed bytes not yet granted back to the peer.
     consumed: u32,
-    read_state: ReadState,
+    state: ReadState,
+}
+
+/// The sending half's state.
+struct Writing {
     send: Arc<SendCredit>,
     budget: PollSemaphore,
     fin_sent: bool,
@@ -741,31 +751,22 @@ impl TunnelStream {
         TunnelStream {
             shared,
             id,
-            inbound,
-            current: Bytes::new(),
-            consumed: 0,
-            read_state: ReadState::Open,
-            send,
-            budget,
-            fin_sent: false,
+            reading: Reading {
+                inbound,
+                current: Bytes::new(),
+                consumed: 0,
+                state: ReadState::Open,
+            },
+            writing: Writing {
+                send,
+                budget,
+                fin_sent: false,
+            },
         }
     }
 
     pub fn id(&self) -> u32 {
         self.id
-    }
-
-    fn grant_consumed(&mut self, force: bool) {
-        // Granting in quarter-window steps keeps WINDOW frames rare without letting the
-        // sender run dry while the reader keeps up.
-        if self.consumed > 0 && (force || self.consumed >= self.shared.cfg.window / 4) {
-            if let Some(Entry::Local(local)) = self.shared.lock().get_mut(&self.id) {
-                local.receivable += i64::from(self.consumed);
-            }
-            self.shared
-                .send_frame(Frame::Window(self.id, self.consumed).encode());
-            self.consumed = 0;
-        }
     }
 }
 
@@ -776,9 +777,11 @@ fn reset_error(reason: &str) -> io::Error {
     )
 }
 
-impl AsyncRead for TunnelStream {
+impl Reading {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        &mut self,
+        shared: &Shared,
+        id: u32,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
@@ -787,10 +790,10 @@ impl AsyncRead for TunnelStream {
                 let n = self.current.len().min(buf.remaining());
                 buf.put_slice(&self.current.split_to(n));
                 self.consumed += n as u32;
-                self.grant_consumed(false);
+                self.grant_consumed(shared, id);
                 return Poll::Ready(Ok(()));
             }
-            match &self.read_state {
+            match &self.state {
                 ReadState::Eof => return Poll::Ready(Ok(())),
                 ReadState::Reset(reason) => return Poll::Ready(Err(reset_error(reason))),
                 ReadState::Open => {}
@@ -798,19 +801,35 @@ impl AsyncRead for TunnelStream {
             match self.inbound.poll_recv(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Inbound::Data(data))) => self.current = data,
-                Poll::Ready(Some(Inbound::Fin)) => self.read_state = ReadState::Eof,
-                Poll::Ready(Some(Inbound::Reset(reason))) => {
-                    self.read_state = ReadState::Reset(reason)
-                }
-                Poll::Ready(None) => self.read_state = ReadState::Reset("link closed".into()),
+                Poll::Ready(Some(Inbound::Fin)) => self.state = ReadState::Eof,
+                Poll::Ready(Some(Inbound::Reset(reason))) => self.state = ReadState::Reset(reason),
+                Poll::Ready(None) => self.state = ReadState::Reset("link closed".into()),
             }
         }
     }
+
+    fn grant_consumed(&mut self, shared: &Shared, id: u32) {
+        // Granting in quarter-window steps keeps WINDOW frames rare without letting the
+        // sender run dry while the reader keeps up.
+        if self.consumed > 0 && self.consumed >= shared.cfg.window / 4 {
+            if let Some(Entry::Local(local)) = shared.lock().get_mut(&id) {
+                local.receivable += i64::from(self.consumed);
+            }
+            shared.send_frame(Frame::Window(id, self.consumed).encode());
+            self.consumed = 0;
+        }
+    }
+
+    fn ended_cleanly(&self) -> bool {
+        matches!(self.state, ReadState::Eof) && self.current.is_empty()
+    }
 }
 
-impl AsyncWrite for TunnelStream {
+impl Writing {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        &mut self,
+        shared: &Shared,
+        id: u32,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
@@ -844,8 +863,8 @@ impl AsyncWrite for TunnelStream {
             Poll::Ready(Some(p)) => p,
         };
         self.send.bytes.fetch_sub(n as i64, Ordering::AcqRel);
-        let sent = self.shared.out.send(Outgoing {
-            message: WsMessage::Binary(Frame::encode_data(self.id, &buf[..n])),
+        let sent = shared.out.send(Outgoing {
+            message: WsMessage::Binary(Frame::encode_data(id, &buf[..n])),
             permit: Some(permit),
         });
         if sent.is_err() {
@@ -854,36 +873,136 @@ impl AsyncWrite for TunnelStream {
         Poll::Ready(Ok(n))
     }
 
+    fn shutdown(&mut self, shared: &Shared, id: u32) {
+        if !self.fin_sent {
+            self.fin_sent = true;
+            shared.send_frame(Frame::Fin(id).encode());
+        }
+    }
+}
+
+/// Resolves once the far side reset the stream (while nobody needs to read it).
+async fn aborted(send: &SendCredit) -> io::Error {
+    loop {
+        let notified = send.aborted.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is checked, so a reset in between is not missed.
+        notified.as_mut().enable();
+        if send.reset.load(Ordering::Acquire) {
+            return reset_error("by the far side");
+        }
+        notified.await;
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.reading.poll_read(&this.shared, this.id, cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.writing.poll_write(&this.shared, this.id, cx, buf)
+    }
+
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Written data is queued for the link's writer, which flushes as it goes.
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.fin_sent {
-            self.fin_sent = true;
-            self.shared.send_frame(Frame::Fin(self.id).encode());
-        }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.writing.shutdown(&this.shared, this.id);
         Poll::Ready(Ok(()))
     }
 }
 
-impl super::bridge::AbortSignal for TunnelStream {
-    fn abort_signal(&self) -> Option<super::bridge::Aborted> {
-        let send = self.send.clone();
-        Some(Box::pin(async move {
-            loop {
-                let notified = send.aborted.notified();
-                tokio::pin!(notified);
-                // Registered before the flag is checked, so a reset in between is not missed.
-                notified.as_mut().enable();
-                if send.reset.load(Ordering::Acquire) {
-                    return "reset by the far side".to_string();
-                }
-                notified.await;
-            }
-        }))
+/// The receiving half of a [`TunnelStream`], for [`crate::io::join`].
+pub struct TunnelReader<'a> {
+    shared: &'a Shared,
+    id: u32,
+    reading: &'a mut Reading,
+    send: Arc<SendCredit>,
+}
+
+/// The sending half of a [`TunnelStream`].
+pub struct TunnelWriter<'a> {
+    shared: &'a Shared,
+    id: u32,
+    writing: &'a mut Writing,
+}
+
+impl AsyncRead for TunnelReader<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.reading.poll_read(this.shared, this.id, cx, buf)
     }
+}
+
+impl AsyncWrite for TunnelWriter<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.writing.poll_write(this.shared, this.id, cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.writing.shutdown(this.shared, this.id);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl crate::io::Source for TunnelReader<'_> {
+    fn aborted(&self) -> impl std::future::Future<Output = io::Error> + Send + '_ {
+        aborted(&self.send)
+    }
+}
+
+impl crate::io::Duplex for TunnelStream {
+    type Reader<'a> = TunnelReader<'a>;
+    type Writer<'a> = TunnelWriter<'a>;
+
+    fn halves(&mut self) -> (TunnelReader<'_>, TunnelWriter<'_>) {
+        let send = self.writing.send.clone();
+        (
+            TunnelReader {
+                shared: &self.shared,
+                id: self.id,
+                reading: &mut self.reading,
+                send,
+            },
+            TunnelWriter {
+                shared: &self.shared,
+                id: self.id,
+                writing: &mut self.writing,
+            },
+        )
+    }
+
+    // Dropping a stream that did not end cleanly both ways resets it at the peer already.
 }
 
 impl Drop for TunnelStream {
@@ -891,8 +1010,7 @@ impl Drop for TunnelStream {
         let entry = self.shared.lock().remove(&self.id);
         // A stream that ended cleanly both ways needs no reset; any other end does, so the
         // peer stops sending and releases its side.
-        let clean =
-            self.fin_sent && matches!(self.read_state, ReadState::Eof) && self.current.is_empty();
+        let clean = self.writing.fin_sent && self.reading.ended_cleanly();
         if entry.is_some() && !clean {
             self.shared.reset(self.id, "closed");
         }

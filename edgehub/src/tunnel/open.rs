@@ -9,32 +9,11 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::io::Protocol;
 use crate::message::{group, module, op, Message};
 
 /// Resource of the stream open request and of its answer.
 pub const OPEN: &str = "stream/open";
-
-/// Which application protocol the opener will speak on the stream (what it sniffed, or the
-/// Service's `edgemesh.io/protocol`). The side that dials the endpoint uses it to enforce
-/// per-request limits on HTTP.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StreamProtocol {
-    #[default]
-    Tcp,
-    Http,
-    H2,
-}
-
-impl StreamProtocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StreamProtocol::Tcp => "tcp",
-            StreamProtocol::Http => "http",
-            StreamProtocol::H2 => "h2",
-        }
-    }
-}
 
 /// What a stream is for. The receiving side checks every field against its own metadata
 /// before it dials anything: the opener's word is never enough.
@@ -52,8 +31,11 @@ pub struct OpenRequest {
     /// The node that hosts the endpoint; `None` for an endpoint that cloudcore dials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// Which application protocol the opener will speak on the stream (what it detected, or
+    /// the Service's `edgemesh.io/protocol`): the side that dials the endpoint limits HTTP/1
+    /// per request.
     #[serde(default)]
-    pub protocol: StreamProtocol,
+    pub protocol: Protocol,
     /// The node the stream comes from. The cloud fills it in from the authenticated session
     /// (a node cannot claim another's name); empty when cloudcore itself opens the stream.
     #[serde(default, skip_serializing_if = "String::is_empty")]

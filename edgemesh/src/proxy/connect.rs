@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgehub::io::Protocol;
 use edgehub::tunnel::{
-    OpenError, OpenRequest, RefusalKind, StreamProtocol, TunnelHandle, TunnelStream,
+    OpenError, OpenRequest, RefusalKind, TunnelHandle, TunnelStream,
 };
 use thiserror::Error;
 use tokio::net::{TcpSocket, TcpStream};
@@ -115,12 +116,10 @@ fn open_error(e: OpenError) -> io::Error {
     io::Error::new(kind, format!("tunnel: {e}"))
 }
 
-pub fn stream_protocol(annotation: Option<&str>) -> StreamProtocol {
-    match annotation {
-        Some("http") => StreamProtocol::Http,
-        Some("h2") | Some("grpc") => StreamProtocol::H2,
-        _ => StreamProtocol::Tcp,
-    }
+pub fn stream_protocol(annotation: Option<&str>) -> Protocol {
+    annotation
+        .and_then(Protocol::from_annotation)
+        .unwrap_or_default()
 }
 
 impl Connector {
@@ -164,7 +163,7 @@ impl Connector {
         &self,
         route: &Route,
         ctx: &PickContext<'_>,
-        protocol: StreamProtocol,
+        protocol: Protocol,
     ) -> Result<(Upstream, SocketAddr, InFlight), ConnectError> {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_error = None;
@@ -204,7 +203,7 @@ impl Connector {
         &self,
         route: &Route,
         endpoint: &Endpoint,
-        protocol: StreamProtocol,
+        protocol: Protocol,
     ) -> Result<Upstream, ReachError> {
         let attempt = if self.is_local(endpoint) {
             self.dialer.dial(endpoint.addr).await.map(Upstream::Local)
@@ -242,7 +241,7 @@ impl Connector {
         &self,
         route: &Route,
         endpoint: &Endpoint,
-        protocol: StreamProtocol,
+        protocol: Protocol,
     ) -> Result<TunnelStream, OpenError> {
         let Some(tunnel) = &self.tunnel else {
             return Err(OpenError::LinkDown);
@@ -304,6 +303,107 @@ impl tokio::io::AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Local(s) => std::pin::Pin::new(s).poll_shutdown(cx),
             Upstream::Tunnel(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The reading half of an [`Upstream`].
+pub enum UpstreamReader<'a> {
+    Local(tokio::net::tcp::ReadHalf<'a>),
+    Tunnel(edgehub::tunnel::TunnelReader<'a>),
+}
+
+/// The writing half of an [`Upstream`].
+pub enum UpstreamWriter<'a> {
+    Local(tokio::net::tcp::WriteHalf<'a>),
+    Tunnel(edgehub::tunnel::TunnelWriter<'a>),
+}
+
+impl edgehub::io::Duplex for Upstream {
+    type Reader<'a> = UpstreamReader<'a>;
+    type Writer<'a> = UpstreamWriter<'a>;
+
+    fn halves(&mut self) -> (UpstreamReader<'_>, UpstreamWriter<'_>) {
+        match self {
+            Upstream::Local(s) => {
+                let (r, w) = s.halves();
+                (UpstreamReader::Local(r), UpstreamWriter::Local(w))
+            }
+            Upstream::Tunnel(s) => {
+                let (r, w) = s.halves();
+                (UpstreamReader::Tunnel(r), UpstreamWriter::Tunnel(w))
+            }
+        }
+    }
+
+    fn abort(&mut self) {
+        match self {
+            Upstream::Local(s) => s.abort(),
+            Upstream::Tunnel(s) => s.abort(),
+        }
+    }
+}
+
+impl edgehub::io::Source for UpstreamReader<'_> {
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send + '_ {
+        use futures_util::future::Either;
+        match self {
+            UpstreamReader::Local(r) => Either::Left(r.readable()),
+            UpstreamReader::Tunnel(r) => Either::Right(r.readable()),
+        }
+    }
+
+    fn aborted(&self) -> impl std::future::Future<Output = io::Error> + Send + '_ {
+        use futures_util::future::Either;
+        match self {
+            UpstreamReader::Local(r) => Either::Left(r.aborted()),
+            UpstreamReader::Tunnel(r) => Either::Right(r.aborted()),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for UpstreamReader<'_> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamReader::Local(r) => std::pin::Pin::new(r).poll_read(cx, buf),
+            UpstreamReader::Tunnel(r) => std::pin::Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamWriter<'_> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamWriter::Local(w) => std::pin::Pin::new(w).poll_write(cx, buf),
+            UpstreamWriter::Tunnel(w) => std::pin::Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamWriter::Local(w) => std::pin::Pin::new(w).poll_flush(cx),
+            UpstreamWriter::Tunnel(w) => std::pin::Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamWriter::Local(w) => std::pin::Pin::new(w).poll_shutdown(cx),
+            UpstreamWriter::Tunnel(w) => std::pin::Pin::new(w).poll_shutdown(cx),
         }
     }
 }

@@ -4,19 +4,18 @@
 //! Layers, each in its own module:
 //! - [`socket`]: original destination and socket marks;
 //! - [`table`]: cluster IP and port → Service port and endpoints, following the metadata;
-//! - [`sniff`]: what the connection carries (HTTP/2, HTTP/1, TLS, other), from its first bytes;
+//! - [`edgehub::io::detect`]: what the connection carries (HTTP/2, HTTP/1, TLS, other), from
+//!   its first bytes;
 //! - [`http`]: HTTP/1 and HTTP/2, balanced per request;
 //! - [`connect`]: dialling an endpoint, falling over to another when one fails;
-//! - [`tcp`]: moving bytes (opaque TCP, TLS).
+//! - [`edgehub::io::join`]: moving bytes (opaque TCP, TLS).
 
 mod config;
 pub mod connect;
 pub mod http;
-pub mod sniff;
 pub mod socket;
 pub mod stats;
 pub mod table;
-pub mod tcp;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -28,7 +27,6 @@ use bytes::Bytes;
 use edgehub::metamanager::MeshView;
 use ipnet::IpNet;
 use metrics::counter;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -40,10 +38,9 @@ use crate::balance::HealthRegistry;
 use crate::iptables::Rules;
 pub use config::{HttpConfig, OutlierConfig, ProxyConfig};
 use connect::{Connector, Dialer, Upstream};
-use edgehub::limits::{Decision, Limiters, Protocol as LimitProtocol, Rewind};
-use edgehub::tunnel::bridge::{bridge, Timeouts as BridgeTimeouts};
+use edgehub::io::{self, Detected, Protocol, Rewind};
+use edgehub::limits::{Decision, Limiters, Protocol as LimitProtocol};
 use edgehub::tunnel::TunnelHandle;
-use sniff::{Detected, Protocol};
 pub use table::{LocalNode, RouteTable};
 
 /// Silence after which an accepted connection's peer is probed (TCP keepalive).
@@ -122,7 +119,10 @@ impl Proxy {
         let connector = Arc::new(connector);
         let http = Arc::new(http::Http::new(
             cfg.http.clone(),
-            cfg.idle_timeout,
+            io::Timeouts {
+                idle: cfg.idle_timeout,
+                half_closed: cfg.half_close_timeout,
+            },
             cfg.connect_attempts,
             connector.clone(),
             limiters.clone(),
@@ -246,7 +246,7 @@ impl Proxy {
                 sni: None,
                 prefix: Bytes::new(),
             },
-            None => match sniff::detect(&mut client, self.cfg.detect_timeout).await {
+            None => match io::detect(&mut client, self.cfg.detect_timeout).await {
                 Ok(d) => d,
                 Err(e) => {
                     debug!(error = %e, "connection failed before its protocol was known");
@@ -316,7 +316,7 @@ impl Proxy {
 /// bytes read to detect the protocol) first.
 async fn tcp_session(
     proxy: &Proxy,
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     route: &table::Route,
     prefix: Bytes,
@@ -348,14 +348,6 @@ async fn tcp_session(
     };
     stats.forwarded.increment(1);
     debug!(%endpoint, "forwarding");
-    let counters = tcp::ByteCounters {
-        sent: &stats.bytes_sent,
-        received: &stats.bytes_received,
-    };
-    let timeouts = tcp::Timeouts {
-        idle: proxy.cfg.idle_timeout,
-        half_closed: proxy.cfg.half_close_timeout,
-    };
     // The Service's limit is enforced where the endpoint is dialled: here for this node's
     // endpoints, per connection (HTTP never comes this way: it is limited per request).
     if let Upstream::Local(_) = upstream {
@@ -365,44 +357,21 @@ async fn tcp_session(
             return;
         }
     }
-    match upstream {
-        Upstream::Local(mut upstream) => {
-            if !prefix.is_empty() {
-                if let Err(e) = upstream.write_all(&prefix).await {
-                    debug!(%endpoint, error = %e, "aborted");
-                    reset(client);
-                    return;
-                }
-                counters.sent.increment(prefix.len() as u64);
-            }
-            match tcp::forward(&mut client, &mut upstream, timeouts, counters).await {
-                Ok(t) => debug!(%endpoint, sent = t.sent, received = t.received, "closed"),
-                Err(e) => debug!(%endpoint, error = %e, "aborted"),
-            }
-        }
-        Upstream::Tunnel(mut stream) => {
-            if !prefix.is_empty() {
-                if let Err(e) = stream.write_all(&prefix).await {
-                    debug!(%endpoint, error = %e, "aborted");
-                    reset(client);
-                    return;
-                }
-                counters.sent.increment(prefix.len() as u64);
-            }
-            let t = BridgeTimeouts {
-                idle: timeouts.idle,
-                half_closed: timeouts.half_closed,
-            };
-            // An aborted stream reaches the client as a reset, like a direct one.
-            match bridge(&mut client, &mut stream, t).await {
-                Ok(moved) => {
-                    counters.sent.increment(moved.from_tcp);
-                    counters.received.increment(moved.to_tcp);
-                    debug!(%endpoint, sent = moved.from_tcp, received = moved.to_tcp, "closed");
-                }
-                Err(e) => debug!(%endpoint, error = %e, "aborted"),
-            }
-        }
+    let timeouts = io::Timeouts {
+        idle: proxy.cfg.idle_timeout,
+        half_closed: proxy.cfg.half_close_timeout,
+    };
+    let counters = io::Counters {
+        a_to_b: Some(&stats.bytes_sent),
+        b_to_a: Some(&stats.bytes_received),
+    };
+    // The bytes read to detect the protocol go first; an aborted stream reaches the client as
+    // a reset, like a direct one.
+    let mut client = Rewind::new(prefix, client);
+    let mut upstream = upstream;
+    match io::join(&mut client, &mut upstream, timeouts, counters).await {
+        Ok(moved) => debug!(%endpoint, sent = moved.a_to_b, received = moved.b_to_a, "closed"),
+        Err(e) => debug!(%endpoint, error = %e, "aborted"),
     }
 }
 

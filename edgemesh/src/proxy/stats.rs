@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use hyper::StatusCode;
 use metrics::{counter, histogram, Counter, Histogram};
 
-use super::sniff::Protocol;
+use edgehub::io::Protocol;
 
 pub struct ServiceStats {
     /// `namespace/name`.

@@ -3,7 +3,7 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
-use crate::tunnel::StreamProtocol;
+use crate::io::Protocol;
 
 fn request(node: Option<&str>) -> OpenRequest {
     OpenRequest {
@@ -12,7 +12,7 @@ fn request(node: Option<&str>) -> OpenRequest {
         service: "hello".into(),
         endpoint: SocketAddr::from(([10, 244, 2, 10], 8080)),
         node: node.map(str::to_string),
-        protocol: StreamProtocol::Tcp,
+        protocol: Protocol::Opaque,
         source: String::new(),
         window: 0,
     }

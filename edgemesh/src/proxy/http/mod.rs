@@ -10,7 +10,7 @@
 //!   node's endpoints, retries while nothing of the request has reached an endpoint;
 //! - [`upstream`]: sending to one endpoint over a pooled connection ([`pool`]), opened through
 //!   [`Connector::reach`] (dialled, or a tunnel to another node or the cloud);
-//! - [`upgrade`]: after a `101` (WebSocket), bytes both ways.
+//! - after a `101` (WebSocket), bytes both ways through [`edgehub::io::join`].
 
 mod answer;
 mod body;
@@ -22,11 +22,9 @@ mod server;
 mod service;
 #[cfg(test)]
 mod tests;
-mod upgrade;
 mod upstream;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use edgehub::limits::Limiters;
 use hyper::body::Incoming;
@@ -34,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::HttpConfig;
 use super::connect::Connector;
-use super::sniff::Protocol;
+use edgehub::io::Protocol;
 use pool::Pool;
 
 pub use answer::HttpError;
@@ -47,8 +45,9 @@ type H2Sender = hyper::client::conn::http2::SendRequest<Incoming>;
 /// Services' limits and the pooled connections.
 pub struct Http {
     cfg: HttpConfig,
-    /// `proxy.idle_timeout`: upgraded connections (WebSocket) are byte streams like TCP.
-    idle_timeout: Duration,
+    /// `proxy.idle_timeout` and `proxy.half_close_timeout`: upgraded connections (WebSocket)
+    /// are byte streams like TCP.
+    upgraded: edgehub::io::Timeouts,
     /// `proxy.connect_attempts`: endpoints tried for one request.
     attempts: u32,
     connector: Arc<Connector>,
@@ -61,7 +60,7 @@ pub struct Http {
 impl Http {
     pub fn new(
         cfg: HttpConfig,
-        idle_timeout: Duration,
+        upgraded: edgehub::io::Timeouts,
         attempts: u32,
         connector: Arc<Connector>,
         limiters: Arc<Limiters>,
@@ -72,7 +71,7 @@ impl Http {
         Http {
             pool: Pool::new(cfg.pool_max_idle_per_endpoint, cfg.pool_idle_timeout),
             cfg,
-            idle_timeout,
+            upgraded,
             attempts,
             connector,
             limiters,

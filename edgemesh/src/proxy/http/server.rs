@@ -17,7 +17,7 @@ use tracing::{debug_span, Instrument};
 use super::exec::ConnTasks;
 use super::service::{handle, Conn};
 use super::Http;
-use crate::proxy::sniff::Protocol;
+use edgehub::io::Protocol;
 use crate::proxy::table::Route;
 
 /// Largest request head (request line and headers) accepted; larger ones get `431`. It also
@@ -136,10 +136,11 @@ async fn join_upgrade(conn: &Conn, http: &Http) -> Result<(), ServeError> {
     };
     let (client, endpoint) =
         tokio::try_join!(client_side, endpoint_side).map_err(ServeError::Upgrade)?;
-    super::upgrade::join(
-        TokioIo::new(client),
-        TokioIo::new(endpoint),
-        http.idle_timeout,
+    edgehub::io::join(
+        &mut edgehub::io::Whole(TokioIo::new(client)),
+        &mut edgehub::io::Whole(TokioIo::new(endpoint)),
+        http.upgraded,
+        edgehub::io::Counters::default(),
     )
     .await
     .map(drop)

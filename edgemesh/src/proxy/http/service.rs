@@ -17,7 +17,7 @@ use super::body::{Guarded, ProxyBody};
 use super::headers;
 use super::Http;
 use crate::balance::PickContext;
-use crate::proxy::sniff::Protocol;
+use edgehub::io::Protocol;
 use crate::proxy::table::Route;
 
 /// What the requests of one client connection share.

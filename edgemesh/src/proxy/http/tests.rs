@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::{serve, Http};
 use crate::balance::{Endpoint, HealthRegistry, ServiceBalancer, Tier};
 use crate::proxy::connect::{Connector, Dialer};
-use crate::proxy::sniff::Protocol;
+use edgehub::io::Protocol;
 use crate::proxy::stats::ServiceStats;
 use crate::proxy::table::{Route, ServiceRef};
 use crate::proxy::{HttpConfig, OutlierConfig, ProxyConfig};
@@ -149,7 +149,10 @@ fn http(cfg: HttpConfig, limiters: Arc<Limiters>) -> Arc<Http> {
     let connector = Connector::new(&proxy, Arc::new(Dialer::new(&proxy)), NODE, None);
     Arc::new(Http::new(
         cfg,
-        proxy.idle_timeout,
+        edgehub::io::Timeouts {
+            idle: proxy.idle_timeout,
+            half_closed: proxy.half_close_timeout,
+        },
         proxy.connect_attempts,
         Arc::new(connector),
         limiters,

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use edgehub::tunnel::StreamProtocol;
+use edgehub::io::Protocol;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
@@ -21,7 +21,6 @@ use super::pool::PoolKey;
 use super::{H1Sender, H2Sender, Http};
 use crate::balance::Endpoint;
 use crate::proxy::connect::{ReachError, Upstream};
-use crate::proxy::sniff::Protocol;
 use crate::proxy::table::Route;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -143,7 +142,7 @@ impl Http {
     }
 
     async fn open_h1(&self, route: &Route, endpoint: &Endpoint) -> Result<H1Sender, Unsent> {
-        let io = self.reach(route, endpoint, StreamProtocol::Http).await?;
+        let io = self.reach(route, endpoint, Protocol::Http1).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -221,7 +220,7 @@ impl Http {
                 "the endpoint failed while this call waited for it".into(),
             ));
         }
-        let io = self.reach(route, endpoint, StreamProtocol::H2).await?;
+        let io = self.reach(route, endpoint, Protocol::H2).await?;
         let (exec, mut tasks) = ConnTasks::new();
         let (sender, conn) = http2::Builder::new(exec)
             .timer(TokioTimer::new())
@@ -244,7 +243,7 @@ impl Http {
         &self,
         route: &Route,
         endpoint: &Endpoint,
-        protocol: StreamProtocol,
+        protocol: Protocol,
     ) -> Result<Upstream, Unsent> {
         self.connector
             .reach(route, endpoint, protocol)

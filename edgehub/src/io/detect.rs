@@ -1,6 +1,6 @@
 //! Protocol detection (SPEC §4.2): what a connection carries, from one bounded read of its
 //! first bytes (at most [`DETECT_BYTES`], within a short timeout). The bytes read are handed
-//! back with the verdict, to be replayed (with [`edgehub::limits::Rewind`], or written to the
+//! back with the verdict, to be replayed (with [`super::Rewind`], or written to the
 //! endpoint first): nothing is lost.
 //!
 //! - `PRI * HTTP/2.0` (the HTTP/2 connection preface, prior knowledge) → HTTP/2;
@@ -19,12 +19,11 @@ use std::io;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use edgehub::limits::{looks_like_http1, Detection};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Largest first read. A request line and its first headers, or a whole ClientHello (about
 /// 500 bytes from curl, up to 2 KiB with post-quantum key shares), fit.
-pub const DETECT_BYTES: usize = 4096;
+const DETECT_BYTES: usize = 4096;
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -33,14 +32,17 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// server, which closes the connection when it is wrong.
 const H2_PREFACE_LINE: usize = b"PRI * HTTP/2.0".len();
 
-/// What a connection carries, as far as the proxy cares.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a connection or stream carries: what detection found, what a Service's
+/// `edgemesh.io/protocol` annotation says, and what the opener of a tunnelled stream tells the
+/// side that dials the endpoint (which limits HTTP/1 per request).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Protocol {
     Http1,
     H2,
     /// A TLS ClientHello: forwarded untouched, as opaque TCP.
     Tls,
     /// Anything else: forwarded as bytes.
+    #[default]
     Opaque,
 }
 
@@ -52,7 +54,7 @@ impl Protocol {
         Protocol::Opaque,
     ];
 
-    /// The `protocol` label of the proxy's metrics.
+    /// The `protocol` label of metrics.
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Http1 => "http1",
@@ -69,6 +71,44 @@ impl Protocol {
             "h2" | "grpc" => Some(Protocol::H2),
             "tcp" => Some(Protocol::Opaque),
             _ => None,
+        }
+    }
+
+    /// The name in a stream's open request (`protocol`). TLS travels as `tcp`: to the side
+    /// that dials the endpoint it is bytes like any other, and older agents know only `tcp`,
+    /// `http` and `h2`.
+    pub fn wire_name(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http",
+            Protocol::H2 => "h2",
+            Protocol::Tls | Protocol::Opaque => "tcp",
+        }
+    }
+
+    /// Whether requests are seen one by one (so that limits and balancing apply per request).
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http1 | Protocol::H2)
+    }
+}
+
+impl serde::Serialize for Protocol {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.wire_name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Protocol {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Protocol, D::Error> {
+        let name = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        match &*name {
+            "http" => Ok(Protocol::Http1),
+            "h2" => Ok(Protocol::H2),
+            "tcp" => Ok(Protocol::Opaque),
+            "tls" => Ok(Protocol::Tls),
+            other => Err(serde::de::Error::unknown_variant(
+                other,
+                &["http", "h2", "tcp", "tls"],
+            )),
         }
     }
 }
@@ -116,7 +156,7 @@ pub async fn detect<T: AsyncRead + Unpin>(io: &mut T, timeout: Duration) -> io::
 /// The verdict on the first bytes of a connection when they are all there is (or all that
 /// fits). `full` says they filled [`DETECT_BYTES`]: a request line that is still unfinished
 /// then is a long one (a long URL), not a client that stopped.
-pub fn classify(bytes: &[u8], full: bool) -> (Protocol, Option<String>) {
+fn classify(bytes: &[u8], full: bool) -> (Protocol, Option<String>) {
     let n = bytes.len().min(H2_PREFACE.len());
     if n >= H2_PREFACE_LINE && bytes[..n] == H2_PREFACE[..n] {
         return (Protocol::H2, None);
@@ -125,8 +165,8 @@ pub fn classify(bytes: &[u8], full: bool) -> (Protocol, Option<String>) {
         return (Protocol::Tls, client_hello_sni(bytes));
     }
     match looks_like_http1(bytes) {
-        Detection::Http1 => (Protocol::Http1, None),
-        Detection::NeedMore if full => (Protocol::Http1, None),
+        RequestLine::Http1 => (Protocol::Http1, None),
+        RequestLine::NeedMore if full => (Protocol::Http1, None),
         _ => (Protocol::Opaque, None),
     }
 }
@@ -147,17 +187,87 @@ fn decided(bytes: &[u8]) -> Option<(Protocol, Option<String>)> {
             return None;
         }
     }
-    if looks_like_http1(bytes) == Detection::NeedMore {
+    if looks_like_http1(bytes) == RequestLine::NeedMore {
         return None;
     }
     Some(classify(bytes, false))
+}
+
+/// What the first bytes say about an HTTP/1 request line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RequestLine {
+    /// A complete HTTP/1 request line up to the version (`GET /x HTTP/1.1`).
+    Http1,
+    /// Not HTTP/1 (this includes the HTTP/2 preface `PRI * HTTP/2.0`, which callers that
+    /// speak HTTP/2 recognise on their own).
+    NotHttp,
+    /// A valid beginning of a request line; more bytes are needed.
+    NeedMore,
+}
+
+/// Longest method accepted. The standard ones have at most 7 letters and WebDAV's at most 16
+/// (`BASELINE-CONTROL`); without a bound a long run of capitals would keep a binary protocol
+/// waiting for more.
+const MAX_METHOD: usize = 20;
+
+/// Whether `prefix` starts with an HTTP/1 request line: `METHOD SP target SP HTTP/1.x`.
+///
+/// The method is upper-case letters (and `-` after the first, for WebDAV's), which covers the
+/// standard methods and extension ones such as `PROPFIND`. A TLS ClientHello (`0x16 0x03`), an
+/// SSH banner or a lower-case method are `NotHttp` at the first byte that cannot belong to a
+/// request line.
+fn looks_like_http1(prefix: &[u8]) -> RequestLine {
+    let method = prefix
+        .iter()
+        .enumerate()
+        .take_while(|&(i, &b)| b.is_ascii_uppercase() || (i > 0 && b == b'-'))
+        .count();
+    if method > MAX_METHOD {
+        return RequestLine::NotHttp;
+    }
+    let Some(rest) = after_space(prefix, method) else {
+        return RequestLine::NeedMore;
+    };
+    let Some(rest) = rest else {
+        return RequestLine::NotHttp;
+    };
+    // The target: visible ASCII and, as httparse allows, bytes above 0x7f.
+    let target = rest.iter().take_while(|&&b| b > b' ' && b != 0x7f).count();
+    let Some(rest) = after_space(rest, target) else {
+        return RequestLine::NeedMore;
+    };
+    let Some(version) = rest else {
+        return RequestLine::NotHttp;
+    };
+    const HTTP1: &[u8] = b"HTTP/1.";
+    let n = version.len().min(HTTP1.len());
+    if version[..n] != HTTP1[..n] {
+        RequestLine::NotHttp
+    } else {
+        match version.get(HTTP1.len()) {
+            None => RequestLine::NeedMore,
+            Some(b) if b.is_ascii_digit() => RequestLine::Http1,
+            Some(_) => RequestLine::NotHttp,
+        }
+    }
+}
+
+/// After a field of `len` bytes that must be followed by one space: `None` when the input
+/// ends inside the field (need more), `Some(None)` when the field is empty or not followed by
+/// a space, else what follows the space.
+fn after_space(input: &[u8], len: usize) -> Option<Option<&[u8]>> {
+    match input.get(len) {
+        None => None,
+        Some(b' ') if len > 0 => Some(Some(&input[len + 1..])),
+        Some(_) => Some(None),
+    }
 }
 
 /// The server name (SNI) of a TLS ClientHello, when the bytes hold one with a valid DNS name.
 /// Only the first record is looked at; a ClientHello cut short, malformed or without the
 /// extension gives `None`. Every length is checked against what is there, so any input is
 /// safe.
-pub fn client_hello_sni(bytes: &[u8]) -> Option<String> {
+fn client_hello_sni(bytes: &[u8]) -> Option<String> {
     let mut record = Reader::new(bytes);
     if record.u8()? != 0x16 {
         return None;
@@ -266,7 +376,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edgehub::limits::Rewind;
+    use crate::io::Rewind;
     use tokio::io::AsyncWriteExt;
 
     /// A TLS 1.2/1.3-style ClientHello with the given extensions.
@@ -302,6 +412,72 @@ mod tests {
         let mut data = (entry.len() as u16).to_be_bytes().to_vec();
         data.extend_from_slice(&entry);
         (0, data)
+    }
+
+    #[test]
+    fn request_lines() {
+        for line in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"POST /api/v1?x=1 HTTP/1.0\r\n",
+            b"OPTIONS * HTTP/1.1\r\n",
+            b"CONNECT example.com:443 HTTP/1.1\r\n",
+            b"PROPFIND /dav HTTP/1.1\r\n",
+            b"VERSION-CONTROL /dav HTTP/1.1\r\n",
+            b"GET http://example.com/ HTTP/1.1",
+        ] {
+            assert_eq!(
+                looks_like_http1(line),
+                RequestLine::Http1,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[test]
+    fn every_prefix_of_a_request_line_needs_more() {
+        let line = b"GET /index.html HTTP/1.1\r\n";
+        let complete = b"GET /index.html HTTP/1.1".len();
+        for end in 0..complete {
+            assert_eq!(
+                looks_like_http1(&line[..end]),
+                RequestLine::NeedMore,
+                "{:?}",
+                String::from_utf8_lossy(&line[..end])
+            );
+        }
+        for end in complete..=line.len() {
+            assert_eq!(looks_like_http1(&line[..end]), RequestLine::Http1);
+        }
+    }
+
+    #[test]
+    fn other_protocols() {
+        let client_hello = [
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ];
+        for bytes in [
+            &client_hello[..],
+            &client_hello[..1],
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"SSH-2.0-OpenSSH_9.2\r\n",
+            b"get / HTTP/1.1\r\n",
+            b" GET / HTTP/1.1\r\n",
+            b"GET  / HTTP/1.1\r\n",
+            b"GET / HTTP/1.x\r\n",
+            b"GET / FTP/1.1\r\n",
+            b"GET /\r\n",
+            b"-GET / HTTP/1.1\r\n",
+            b"\x00\x00\x00\x01",
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+        ] {
+            assert_eq!(
+                looks_like_http1(bytes),
+                RequestLine::NotHttp,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
     }
 
     #[test]
