@@ -29,13 +29,8 @@ use tokio::time::Instant;
 
 pub use outlier::{EndpointHealth, HealthRegistry};
 
-/// Where an endpoint is, relative to this node. Lower is preferred.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Tier(pub u8);
-
-impl Tier {
-    pub const LOCAL: Tier = Tier(0);
-}
+/// Where an endpoint is, relative to this node: the one definition the proxy and DNS share.
+pub use edgehub::topology::Tier;
 
 /// One endpoint as the balancer sees it.
 #[derive(Clone, Debug)]

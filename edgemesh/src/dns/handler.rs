@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::{DNSClass, Record, RecordType};
+use hickory_proto::rr::{DNSClass, LowerName, Name, Record, RecordType};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -15,7 +15,7 @@ use metrics::{Counter, Histogram};
 use tracing::{debug, Instrument};
 
 use super::forward::{ForwardError, Forwarder, Source, UDP_PAYLOAD};
-use super::index::{ClusterIndex, Lookup};
+use super::index::ClusterIndex;
 
 pub struct DnsHandler {
     index: Arc<ClusterIndex>,
@@ -81,19 +81,14 @@ impl DnsHandler {
         if let Some(lookup) = self.index.lookup(name, qtype) {
             reply.source = Origin::Cluster;
             reply.metadata.authoritative = true;
-            match lookup {
-                Lookup::Answer {
-                    answers,
-                    additionals,
-                } => {
-                    reply.answers = answers;
-                    reply.additionals = additionals;
-                }
-                Lookup::NoData(soa) => reply.authorities.push(soa),
-                Lookup::NxDomain(soa) => {
-                    reply.metadata.response_code = ResponseCode::NXDomain;
-                    reply.authorities.push(soa);
-                }
+            if lookup.nxdomain {
+                reply.metadata.response_code = ResponseCode::NXDomain;
+            }
+            reply.answers = lookup.answers;
+            reply.authorities.extend(lookup.authority);
+            reply.additionals = lookup.additionals;
+            if let Some(target) = lookup.chase {
+                self.chase(&mut reply, &target, qtype, class).await;
             }
             return reply;
         }
@@ -123,6 +118,42 @@ impl DnsHandler {
                 debug!(name = %name, qtype = %qtype, error = %e, "forwarding failed");
                 reply.source = Origin::Upstream;
                 fail(reply, ResponseCode::ServFail)
+            }
+        }
+    }
+}
+
+impl DnsHandler {
+    /// Completes a CNAME (an ExternalName Service) whose target is outside the cluster: what
+    /// the upstreams say about the target follows the CNAME, as a recursive server answers.
+    /// Without upstreams the CNAME stands alone; when none answers, SERVFAIL.
+    async fn chase(&self, reply: &mut Reply, target: &Name, qtype: RecordType, class: DNSClass) {
+        let span = tracing::debug_span!("forward", name = %target, qtype = %qtype);
+        match self
+            .forwarder
+            .resolve(&LowerName::new(target), qtype, class)
+            .instrument(span)
+            .await
+        {
+            Ok((answer, source)) => {
+                reply.source = match source {
+                    Source::Cache => {
+                        cache_hits().increment(1);
+                        Origin::Cache
+                    }
+                    Source::Upstream => Origin::Upstream,
+                };
+                reply.metadata.response_code = answer.rcode;
+                reply.answers.extend(answer.answers);
+                reply.authorities = answer.authorities;
+                reply.additionals.extend(answer.additionals);
+            }
+            Err(ForwardError::NoUpstreams) => {}
+            Err(e) => {
+                debug!(name = %target, qtype = %qtype, error = %e, "resolving a CNAME target failed");
+                reply.source = Origin::Upstream;
+                reply.metadata.response_code = ResponseCode::ServFail;
+                reply.answers.clear();
             }
         }
     }

@@ -61,7 +61,8 @@ pub async fn start(
     }
     let ttl = u32::try_from(dns.ttl.as_secs()).unwrap_or(u32::MAX);
     let index = ClusterIndex::new(&cfg.cluster_domain, cfg.service_cidr, ttl)
-        .map_err(|e| ConfigError::key("cluster_domain", e))?;
+        .map_err(|e| ConfigError::key("cluster_domain", e))?
+        .for_node(&cfg.node_name, cfg.labels.clone());
     let index = Arc::new(index);
     let mut views = meta.subscribe();
     let view = views.borrow_and_update().clone();
