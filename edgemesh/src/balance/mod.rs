@@ -6,7 +6,8 @@
 //! 2. ejected endpoints ([`outlier`]) are left out, unless that leaves none: then all are
 //!    tried, since a possibly-bad endpoint beats a certain failure;
 //! 3. only the best topology tier remains: this node, then nodes sharing the Service's
-//!    `topologyKeys` labels with this node (in the order of the keys), then any.
+//!    `topologyKeys` labels with this node (in the order of the keys), then any when `*` is
+//!    listed (the route table leaves out endpoints no key admits; `edgehub::topology`).
 //!
 //! Then `sessionAffinity: ClientIP` or the Service's policy picks one.
 //!
