@@ -202,33 +202,35 @@ mod tests {
 
     #[test]
     fn traffic_distribution_means_this_node_then_the_unit_then_any() {
-        let s = service(r#"{"clusterIP":"None","topologyKeys":["location"]}"#, "");
-        assert_eq!(&*keys_of(&s), keys(&["location"]).as_slice());
-        let s = service(
-            r#"{"clusterIP":"None","trafficDistribution":"PreferClose"}"#,
-            "",
-        );
-        assert_eq!(&*keys_of(&s), keys(&[ZONE_LABEL, "*"]).as_slice());
-        let s = service(
-            r#"{"clusterIP":"None","trafficDistribution":"PreferClose"}"#,
-            r#""edgemesh.io/unit-key":"location""#,
-        );
-        assert_eq!(&*keys_of(&s), keys(&["location", "*"]).as_slice());
-        let s = service(
-            r#"{"clusterIP":"None","trafficDistribution":"PreferSameZone"}"#,
-            "",
-        );
-        assert_eq!(&*keys_of(&s), keys(&[ZONE_LABEL, "*"]).as_slice());
-        let s = service(
-            r#"{"clusterIP":"None","trafficDistribution":"PreferSameNode"}"#,
-            "",
-        );
-        assert_eq!(&*keys_of(&s), keys(&["*"]).as_slice());
-        let s = service(
-            r#"{"clusterIP":"None"}"#,
-            r#""edgemesh.io/unit-key":"location""#,
-        );
-        assert!(keys_of(&s).is_empty(), "a unit key alone is no topology");
+        let unit = r#""edgemesh.io/unit-key":"location""#;
+        for (spec, annotations, want) in [
+            (r#""topologyKeys":["location"]"#, "", &["location"][..]),
+            (
+                r#""trafficDistribution":"PreferClose""#,
+                "",
+                &[ZONE_LABEL, "*"],
+            ),
+            (
+                r#""trafficDistribution":"PreferClose""#,
+                unit,
+                &["location", "*"],
+            ),
+            (
+                r#""trafficDistribution":"PreferSameZone""#,
+                "",
+                &[ZONE_LABEL, "*"],
+            ),
+            (r#""trafficDistribution":"PreferSameNode""#, "", &["*"]),
+            // A unit key alone is no topology.
+            ("", unit, &[]),
+        ] {
+            let comma = if spec.is_empty() { "" } else { "," };
+            let s = service(
+                &format!(r#"{{"clusterIP":"None"{comma}{spec}}}"#),
+                annotations,
+            );
+            assert_eq!(&*keys_of(&s), keys(want).as_slice(), "{spec} {annotations}");
+        }
     }
 
     #[test]

@@ -28,6 +28,16 @@ fn until(m: &DnsMesh, what: &str, args: &[&str], ok: impl Fn(&Dig) -> bool) -> (
     (d, took)
 }
 
+/// Creates `hello` (10.96.0.10) and waits until the node answers it.
+fn put_hello(m: &DnsMesh) {
+    let v = m.put_service(
+        "hello",
+        &service("hello", "10.96.0.10", &[("http", "TCP", 80)]),
+    );
+    m.mesh.wait_version(0, v, Duration::from_secs(10));
+    until(m, "hello", &[HELLO], |d| d.data("A") == ["10.96.0.10"]);
+}
+
 fn sorted(v: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
     v.sort();
@@ -585,12 +595,7 @@ fn garbage_gets_no_crash_no_stray_bytes_and_the_server_keeps_answering() {
     let mut m = DnsMesh::new("dnsjunk");
     m.mesh.nodes[0].extra.push("dns.upstreams=[]".into());
     m.start();
-    let v = m.put_service(
-        "hello",
-        &service("hello", "10.96.0.10", &[("http", "TCP", 80)]),
-    );
-    m.mesh.wait_version(0, v, Duration::from_secs(10));
-    until(&m, "hello", &[HELLO], |d| d.data("A") == ["10.96.0.10"]);
+    put_hello(&m);
     let pid = m.mesh.topo.pid(m.node_proc());
     let rss = || -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
@@ -781,20 +786,14 @@ fn kubernetes_conformance_dns_version_pod_ptr_external_names_and_unready_endpoin
     assert!(d.has_flag("aa"), "{}", d.output);
 
     // PTR for headless endpoints with a hostname, IPv4 and IPv6; not for the others.
-    m.put_service("db", &service("db", "None", &[("pg", "TCP", 5432)]));
-    let v = m.put_endpoints(
-        "db",
-        &endpoints(
-            "db",
-            &[
-                ("10.244.1.21", Some("db-0")),
-                ("fd00::21", Some("db-1")),
-                ("10.244.1.22", None),
-            ],
-            &["10.244.1.23"],
-            &[("pg", "TCP", 5432)],
-        ),
-    );
+    let pg = [("pg", "TCP", 5432)];
+    m.put_service("db", &service("db", "None", &pg));
+    let named = [
+        ("10.244.1.21", Some("db-0")),
+        ("fd00::21", Some("db-1")),
+        ("10.244.1.22", None),
+    ];
+    let v = m.put_endpoints("db", &endpoints("db", &named, &["10.244.1.23"], &pg));
     m.mesh.wait_version(0, v, Duration::from_secs(10));
     let d = m.dig(&["-x", "10.244.1.21"]);
     assert_eq!(
@@ -817,7 +816,7 @@ fn kubernetes_conformance_dns_version_pod_ptr_external_names_and_unready_endpoin
     let d = m.dig(&[DB]);
     assert_eq!(d.answers.len(), 2, "ready only: {}", d.output);
     let mut warm: serde_json::Value =
-        serde_json::from_str(&service("db", "None", &[("pg", "TCP", 5432)])).expect("json");
+        serde_json::from_str(&service("db", "None", &pg)).expect("json");
     warm["metadata"]["annotations"]["service.alpha.kubernetes.io/tolerate-unready-endpoints"] =
         "true".into();
     m.put_service("db", &warm.to_string());
@@ -844,7 +843,7 @@ fn kubernetes_conformance_dns_version_pod_ptr_external_names_and_unready_endpoin
     let (d, _) = until(&m, "ExternalName", &[ext_name], |d| !d.answers.is_empty());
     assert_eq!(d.status, "NOERROR", "{}", d.output);
     assert_eq!(d.data("CNAME"), ["api.example.test."], "{}", d.output);
-    assert_eq!(d.data("A"), [srv_ip.clone()], "{}", d.output);
+    assert_eq!(d.data("A"), [srv_ip.as_str()], "{}", d.output);
     let d = m.dig(&[ext_name, "CNAME"]);
     assert_eq!(d.data("CNAME"), ["api.example.test."], "{}", d.output);
     assert!(d.data("A").is_empty(), "{}", d.output);
@@ -911,12 +910,7 @@ fn dns_over_tcp_keeps_answering_while_a_pod_holds_hundreds_of_idle_connections()
     let node = m.mesh.nodes[0].host.clone();
     let other = m.mesh.topo.add_pod(&node, "other");
     m.start();
-    let v = m.put_service(
-        "hello",
-        &service("hello", "10.96.0.10", &[("http", "TCP", 80)]),
-    );
-    m.mesh.wait_version(0, v, Duration::from_secs(10));
-    until(&m, "hello", &[HELLO], |d| d.data("A") == ["10.96.0.10"]);
+    put_hello(&m);
     let server: SocketAddr = format!("{}:53", m.server).parse().expect("addr");
 
     // A pod opens 300 connections and sends nothing.

@@ -92,6 +92,30 @@ impl DnsHandler {
             }
             return reply;
         }
+        if self.forward(&mut reply, name, qtype, class).await.is_err() {
+            return fail(reply, ResponseCode::Refused);
+        }
+        reply
+    }
+
+    /// Completes a CNAME (an ExternalName Service) whose target is outside the cluster: what
+    /// the upstreams say about the target follows the CNAME, as a recursive server answers.
+    /// Without upstreams the CNAME stands alone.
+    async fn chase(&self, reply: &mut Reply, target: &Name, qtype: RecordType, class: DNSClass) {
+        let _ = self
+            .forward(reply, &LowerName::new(target), qtype, class)
+            .await;
+    }
+
+    /// Asks the upstreams (or the cache) about `name` and adds their answer to `reply`, after
+    /// what it holds; SERVFAIL (and nothing else) when none answers. `Err` without upstreams.
+    async fn forward(
+        &self,
+        reply: &mut Reply,
+        name: &LowerName,
+        qtype: RecordType,
+        class: DNSClass,
+    ) -> Result<(), NoUpstreams> {
         let span = tracing::debug_span!("forward", name = %name, qtype = %qtype);
         match self
             .forwarder
@@ -108,56 +132,25 @@ impl DnsHandler {
                     Source::Upstream => Origin::Upstream,
                 };
                 reply.metadata.response_code = answer.rcode;
-                reply.answers = answer.answers;
-                reply.authorities = answer.authorities;
-                reply.additionals = answer.additionals;
-                reply
-            }
-            Err(ForwardError::NoUpstreams) => fail(reply, ResponseCode::Refused),
-            Err(e) => {
-                debug!(name = %name, qtype = %qtype, error = %e, "forwarding failed");
-                reply.source = Origin::Upstream;
-                fail(reply, ResponseCode::ServFail)
-            }
-        }
-    }
-}
-
-impl DnsHandler {
-    /// Completes a CNAME (an ExternalName Service) whose target is outside the cluster: what
-    /// the upstreams say about the target follows the CNAME, as a recursive server answers.
-    /// Without upstreams the CNAME stands alone; when none answers, SERVFAIL.
-    async fn chase(&self, reply: &mut Reply, target: &Name, qtype: RecordType, class: DNSClass) {
-        let span = tracing::debug_span!("forward", name = %target, qtype = %qtype);
-        match self
-            .forwarder
-            .resolve(&LowerName::new(target), qtype, class)
-            .instrument(span)
-            .await
-        {
-            Ok((answer, source)) => {
-                reply.source = match source {
-                    Source::Cache => {
-                        cache_hits().increment(1);
-                        Origin::Cache
-                    }
-                    Source::Upstream => Origin::Upstream,
-                };
-                reply.metadata.response_code = answer.rcode;
                 reply.answers.extend(answer.answers);
                 reply.authorities = answer.authorities;
                 reply.additionals.extend(answer.additionals);
             }
-            Err(ForwardError::NoUpstreams) => {}
+            Err(ForwardError::NoUpstreams) => return Err(NoUpstreams),
             Err(e) => {
-                debug!(name = %target, qtype = %qtype, error = %e, "resolving a CNAME target failed");
+                debug!(name = %name, qtype = %qtype, error = %e, "forwarding failed");
                 reply.source = Origin::Upstream;
                 reply.metadata.response_code = ResponseCode::ServFail;
                 reply.answers.clear();
+                reply.additionals.clear();
             }
         }
+        Ok(())
     }
 }
+
+/// Forwarding is off (`dns.upstreams = []`).
+struct NoUpstreams;
 
 #[async_trait::async_trait]
 impl RequestHandler for DnsHandler {
