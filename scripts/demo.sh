@@ -630,6 +630,7 @@ spec:
   sessionAffinity: None
   topologyKeys:
     - zone
+    - "*"
 EOF
         die "applying the updated Service failed"
     fi

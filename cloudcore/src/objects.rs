@@ -127,7 +127,8 @@ impl Objects {
                 Object::Service(svc) => {
                     validate_service(svc, &self.service_cidr).map_err(invalid)?;
                     let key = (svc.metadata.namespace.clone(), svc.metadata.name.clone());
-                    let existing = self.existing_service_ip(&key)?;
+                    // An ExternalName Service stored before has no IP to keep.
+                    let existing = self.existing_service_ip(&key)?.filter(|ip| !ip.is_empty());
                     self.settle_cluster_ip(svc, existing, &ips.by_ip, &claimed)
                         .map_err(|e| match e {
                             IpProblem::Invalid(err) => invalid(err),
@@ -256,6 +257,10 @@ impl Objects {
         taken: &HashMap<IpAddr, (String, String)>,
         claimed: &HashMap<IpAddr, (String, String)>,
     ) -> Result<(), IpProblem> {
+        if svc.is_external_name() {
+            // A DNS alias: no cluster IP, and the one it had as another type is released.
+            return Ok(());
+        }
         let me = (svc.metadata.namespace.clone(), svc.metadata.name.clone());
         if let Some(old) = existing {
             if svc.spec.cluster_ip.is_empty() {
@@ -430,6 +435,36 @@ mod tests {
         o.delete(&ObjectKey::new(Kind::Service, "default", "a"))
             .expect("delete");
         o.apply(vec![svc("b", &ip)], false).expect("free now");
+    }
+
+    #[test]
+    fn external_name_services_get_no_cluster_ip_and_release_theirs() {
+        let (_dir, o) = objects();
+        let ext = Object::from_json(
+            Kind::Service,
+            r#"{"kind":"Service","metadata":{"name":"a","namespace":"default"},"spec":{"type":"ExternalName","externalName":"db.example.com"}}"#,
+        )
+        .expect("valid");
+        let ip_of = |o: &Objects| {
+            let rec = o
+                .get(&ObjectKey::new(Kind::Service, "default", "a"))
+                .expect("get")
+                .expect("a");
+            match Object::from_json(Kind::Service, &rec.json) {
+                Ok(Object::Service(s)) => s.spec.cluster_ip,
+                _ => panic!("not a service"),
+            }
+        };
+        o.apply(vec![svc("a", "")], false).expect("cluster IP");
+        let ip = ip_of(&o);
+        assert!(!ip.is_empty());
+        // Becoming an alias drops the IP (another Service may take it); back again gets one.
+        o.apply(vec![ext.clone()], false).expect("alias");
+        assert_eq!(ip_of(&o), "");
+        o.apply(vec![svc("b", &ip)], false).expect("released");
+        o.apply(vec![svc("a", "")], false)
+            .expect("a cluster IP again");
+        assert!(!ip_of(&o).is_empty() && ip_of(&o) != ip);
     }
 
     #[test]

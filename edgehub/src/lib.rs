@@ -5,6 +5,7 @@
 //! - [`metamanager`]: the node's SQLite copy of the metadata and its in-memory view;
 //! - [`client`]: the edge side of the hub (connect, authenticate, resume, keepalive, reconnect);
 //! - [`io`]: the byte-moving core of every data path (detection, replay, the copier);
+//! - [`topology`]: topology tiers, shared by the proxy and cluster DNS;
 //! - [`systemd`]: readiness, status and watchdog pings for `Type=notify` units;
 //! - [`telemetry`]: the Prometheus recorder and metric naming;
 //! - [`tls`], [`backoff`], [`http_client`], [`config_file`], [`config_doc`], [`logging`],
@@ -25,4 +26,5 @@ pub mod process;
 pub mod systemd;
 pub mod telemetry;
 pub mod tls;
+pub mod topology;
 pub mod tunnel;

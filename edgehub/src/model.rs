@@ -16,8 +16,8 @@ use serde_json::Value;
 mod validate;
 
 pub use validate::{
-    error_path, validate_endpoints, validate_labels, validate_node, validate_service, FieldError,
-    LbPolicy, ServiceAnnotations, CLOUD_NODE,
+    error_path, is_qualified_name, validate_endpoints, validate_labels, validate_node,
+    validate_service, FieldError, LbPolicy, ServiceAnnotations, CLOUD_NODE,
 };
 
 /// Annotation that selects the load-balancing policy of a Service.
@@ -30,6 +30,14 @@ pub const ANNOTATION_QPS: &str = "edgemesh.io/qps";
 pub const ANNOTATION_BURST: &str = "edgemesh.io/burst";
 /// Annotation that forces the protocol of a Service and skips sniffing.
 pub const ANNOTATION_PROTOCOL: &str = "edgemesh.io/protocol";
+/// Annotation naming the node label that divides the fleet into units: StatefulSet-per-unit
+/// names in DNS, and the unit `trafficDistribution` prefers.
+pub const ANNOTATION_UNIT_KEY: &str = "edgemesh.io/unit-key";
+/// Kubernetes' legacy spelling of `spec.publishNotReadyAddresses: true`.
+pub const ANNOTATION_TOLERATE_UNREADY: &str =
+    "service.alpha.kubernetes.io/tolerate-unready-endpoints";
+/// `spec.type` of a Service that is only a DNS alias (`spec.externalName`).
+pub const TYPE_EXTERNAL_NAME: &str = "ExternalName";
 
 /// Which kind of object a key or record refers to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -261,6 +269,13 @@ pub struct ServiceSpec {
     pub internal_traffic_policy: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publish_not_ready_addresses: Option<bool>,
+    /// The DNS name an `ExternalName` Service aliases (a CNAME in cluster DNS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_name: Option<String>,
+    /// Kubernetes' `PreferClose` (and `PreferSameZone`, `PreferSameNode`): topology preference
+    /// without `topologyKeys`; see [`crate::topology::keys_of`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_distribution: Option<String>,
 }
 
 fn default_affinity() -> String {
@@ -303,6 +318,23 @@ impl Service {
     /// The cluster IP, when the Service has one.
     pub fn cluster_ip(&self) -> Option<IpAddr> {
         self.spec.cluster_ip.parse().ok()
+    }
+
+    /// `type: ExternalName`: a DNS alias with no cluster IP and no endpoints.
+    pub fn is_external_name(&self) -> bool {
+        self.spec.service_type.as_deref() == Some(TYPE_EXTERNAL_NAME)
+    }
+
+    /// Whether not-ready addresses are published too: `spec.publishNotReadyAddresses`, or the
+    /// legacy annotation `service.alpha.kubernetes.io/tolerate-unready-endpoints`.
+    pub fn publishes_not_ready(&self) -> bool {
+        self.spec.publish_not_ready_addresses == Some(true)
+            || self
+                .metadata
+                .annotations
+                .get(ANNOTATION_TOLERATE_UNREADY)
+                .and_then(|v| validate::parse_bool(v))
+                .unwrap_or(false)
     }
 }
 

@@ -126,6 +126,10 @@ pub const METRICS: &[Metric] = &[
         "dns_upstream_failures_total",
         "Forwarded queries that no upstream answered.",
     ),
+    Metric::counter(
+        "dns_limit_hits_total",
+        "Times a bound of the DNS server was reached, by limit (tcp_idle, tcp_per_client, tcp_total, message_size, forward_in_flight).",
+    ),
 ];
 
 /// Installs the recorder; `None` (logged) when another one is installed already.

@@ -3,7 +3,7 @@
 //! the topology, and manifest builders.
 
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::harness::{wait_for, Host, ProcId, Topology};
@@ -199,6 +199,151 @@ impl DnsMesh {
     pub fn node_proc(&self) -> ProcId {
         self.mesh.nodes[0].proc.expect("node running")
     }
+}
+
+/// The pod's `/etc/resolv.conf` as `ip netns exec` shows it to programs in the pod
+/// (`/etc/netns/<ns>/resolv.conf`): the node's DNS and Kubernetes' search path, as kubelet
+/// writes it. Removed on drop (`ip netns del` leaves it behind).
+pub struct PodResolvConf {
+    dir: PathBuf,
+}
+
+impl PodResolvConf {
+    pub fn new(pod: &Host, server: &str) -> PodResolvConf {
+        let dir = Path::new("/etc/netns").join(&pod.ns);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let text = format!(
+            "nameserver {server}\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
+        );
+        std::fs::write(dir.join("resolv.conf"), text).expect("resolv.conf");
+        PodResolvConf { dir }
+    }
+}
+
+impl Drop for PodResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A mesh of nodes in units: node `i` is `edge-i` labelled `location=<locations[i]>`, the
+/// nodes reach the cloud but not each other, pods sit behind each node, and each node's DNS
+/// listens on its pod bridge, where its pods send their queries (also through resolv.conf).
+pub struct UnitMesh {
+    pub mesh: Mesh,
+    /// Every pod with the index of its node.
+    pods: Vec<(Host, usize)>,
+    _resolv: Vec<PodResolvConf>,
+}
+
+impl UnitMesh {
+    /// Starts the cloud and the nodes, `pods[i]` (roles) behind node `i`, and waits until
+    /// every node is synced.
+    pub fn start(tag: &str, locations: &[&str], pods: &[&[&str]]) -> UnitMesh {
+        assert_eq!(locations.len(), pods.len(), "pods for every node");
+        let mut mesh = Mesh::new(tag, locations.len(), Vec::new());
+        let hosts: Vec<Host> = mesh.nodes.iter().map(|n| n.host.clone()).collect();
+        mesh.topo.isolate(&hosts.iter().collect::<Vec<_>>());
+        mesh.start_cloud();
+        mesh.create_tokens();
+        let mut all = Vec::new();
+        let mut resolv = Vec::new();
+        for (i, roles) in pods.iter().enumerate() {
+            assert!(
+                !roles.is_empty(),
+                "node {i} needs a pod for its DNS address"
+            );
+            mesh.nodes[i].labels = format!("{{location=\"{}\"}}", locations[i]);
+            for role in roles.iter() {
+                let pod = mesh.add_pod(i, role);
+                all.push((pod, i));
+            }
+            let server = gateway(&all.last().expect("a pod").0);
+            mesh.nodes[i]
+                .extra
+                .push(format!("dns.listen=\"{server}:53\""));
+        }
+        for (pod, _) in &all {
+            resolv.push(PodResolvConf::new(pod, &gateway(pod).to_string()));
+        }
+        for i in 0..locations.len() {
+            mesh.start_node(i);
+        }
+        for i in 0..locations.len() {
+            mesh.wait_synced(i);
+        }
+        UnitMesh {
+            mesh,
+            pods: all,
+            _resolv: resolv,
+        }
+    }
+
+    fn find(&self, role: &str) -> &(Host, usize) {
+        self.pods
+            .iter()
+            .find(|(p, _)| p.role == role)
+            .unwrap_or_else(|| panic!("no pod {role}"))
+    }
+
+    pub fn pod(&self, role: &str) -> Host {
+        self.find(role).0.clone()
+    }
+
+    pub fn node_of(&self, role: &str) -> usize {
+        self.find(role).1
+    }
+
+    /// `dig` from pod `role` to its node's DNS.
+    pub fn dig(&self, role: &str, args: &[&str]) -> Dig {
+        let pod = &self.find(role).0;
+        dig(&self.mesh.topo, pod, &gateway(pod).to_string(), args)
+    }
+
+    /// `curl URL` from pod `role`: status (0 when it failed) and body.
+    pub fn curl(&self, role: &str, url: &str) -> (u16, String) {
+        self.mesh
+            .topo
+            .curl(&self.find(role).0, &["--max-time", "5", url])
+    }
+
+    /// Applies a Service or Endpoints manifest (JSON) and waits until every node has it.
+    pub fn apply(&self, json: &str) -> u64 {
+        let (s, v) = self.mesh.api("POST", "/api/v1/apply", Some(json));
+        assert_eq!(s, 200, "apply: {v}");
+        let version = v["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["resourceVersion"].as_str()?.parse::<u64>().ok())
+            .max()
+            .expect("a version");
+        for i in 0..self.mesh.nodes.len() {
+            self.mesh.wait_version(i, version, Duration::from_secs(10));
+        }
+        version
+    }
+
+    /// Gives node `i` the label `location=<location>` through the API (as an operator would);
+    /// returns the version, without waiting for the nodes.
+    pub fn relabel(&self, i: usize, location: &str) -> u64 {
+        let node = format!(
+            r#"{{"apiVersion":"v1","kind":"Node","metadata":{{"name":"{}","labels":{{"location":"{location}"}}}}}}"#,
+            self.mesh.nodes[i].name
+        );
+        let (s, v) = self.mesh.api("POST", "/api/v1/apply", Some(&node));
+        assert_eq!(s, 200, "relabel: {v}");
+        v["results"][0]["resourceVersion"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .expect("version")
+    }
+}
+
+/// The node's address on a pod's bridge (`10.244.I.1`): its gateway and DNS server.
+fn gateway(pod: &Host) -> Ipv4Addr {
+    let o = pod.ip.octets();
+    Ipv4Addr::new(o[0], o[1], o[2], 1)
 }
 
 /// Sum of a metric's samples whose labels include every `key="value"` in `labels`.

@@ -377,6 +377,10 @@ fn apply_examples_get_every_kind_delete_and_refuse_malformed_manifests() {
     cli.ok(&["delete", "ep/hello-headless"]);
     cli.ok(&["delete", "rule", "billing-from-edge"]);
     cli.ok(&["delete", "re", "cloud-rest"]);
+    // What examples/units.yaml added.
+    for object in ["svc/web", "ep/web", "svc/api", "ep/api", "svc/cloud-db"] {
+        cli.ok(&["delete", object]);
+    }
     assert_eq!(cli.names("rules"), Vec::<String>::new());
     assert_eq!(cli.names("re"), ["mesh"]);
     assert_eq!(

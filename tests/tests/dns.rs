@@ -6,7 +6,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use edgemesh_e2e::dns::{endpoints, metric_sum, service, start_dnsmasq, Dig, DnsMesh};
+use edgemesh_e2e::dns::{
+    endpoints, metric_sum, service, start_dnsmasq, Dig, DnsMesh, PodResolvConf,
+};
 use edgemesh_e2e::mesh::in_netns;
 use edgemesh_e2e::wait_for;
 use rand::{Rng, SeedableRng};
@@ -24,6 +26,16 @@ fn until(m: &DnsMesh, what: &str, args: &[&str], ok: impl Fn(&Dig) -> bool) -> (
     let took = start.elapsed();
     eprintln!("{what}: answered after {took:?}");
     (d, took)
+}
+
+/// Creates `hello` (10.96.0.10) and waits until the node answers it.
+fn put_hello(m: &DnsMesh) {
+    let v = m.put_service(
+        "hello",
+        &service("hello", "10.96.0.10", &[("http", "TCP", 80)]),
+    );
+    m.mesh.wait_version(0, v, Duration::from_secs(10));
+    until(m, "hello", &[HELLO], |d| d.data("A") == ["10.96.0.10"]);
 }
 
 fn sorted(v: &[&str]) -> Vec<String> {
@@ -583,12 +595,7 @@ fn garbage_gets_no_crash_no_stray_bytes_and_the_server_keeps_answering() {
     let mut m = DnsMesh::new("dnsjunk");
     m.mesh.nodes[0].extra.push("dns.upstreams=[]".into());
     m.start();
-    let v = m.put_service(
-        "hello",
-        &service("hello", "10.96.0.10", &[("http", "TCP", 80)]),
-    );
-    m.mesh.wait_version(0, v, Duration::from_secs(10));
-    until(&m, "hello", &[HELLO], |d| d.data("A") == ["10.96.0.10"]);
+    put_hello(&m);
     let pid = m.mesh.topo.pid(m.node_proc());
     let rss = || -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
@@ -745,4 +752,215 @@ fn garbage_gets_no_crash_no_stray_bytes_and_the_server_keeps_answering() {
         metric_sum(&text, "edgemesh_dns_queries_total", &["result=\"FORMERR\""]) >= 1.0,
         "{text}"
     );
+}
+
+#[test]
+fn kubernetes_conformance_dns_version_pod_ptr_external_names_and_unready_endpoints() {
+    let mut m = DnsMesh::new("dnsk8s");
+    // A server pod beside the client, and an upstream that names it api.example.test.
+    let node = m.mesh.nodes[0].host.clone();
+    let srv = m.mesh.topo.add_pod(&node, "srv");
+    let up = m.mesh.topo.add_host("up");
+    let srv_ip = srv.ip.to_string();
+    start_dnsmasq(
+        &mut m.mesh.topo,
+        &up,
+        "example.test",
+        &[("api.example.test", &srv_ip)],
+        300,
+    );
+    m.mesh.nodes[0]
+        .extra
+        .push(format!("dns.upstreams=[\"{}\"]", up.ip));
+    m.start();
+    m.mesh.serve(&srv, "http", 8080, "api");
+    let _resolv = PodResolvConf::new(&m.pod, &m.server);
+    m.put_service(
+        "hello",
+        &service("hello", "10.96.0.10", &[("http", "TCP", 80)]),
+    );
+
+    // dns-version TXT.
+    let d = m.dig(&["dns-version.cluster.local", "TXT"]);
+    assert_eq!(d.data("TXT"), ["\"1.1.0\""], "{}", d.output);
+    assert!(d.has_flag("aa"), "{}", d.output);
+
+    // PTR for headless endpoints with a hostname, IPv4 and IPv6; not for the others.
+    let pg = [("pg", "TCP", 5432)];
+    m.put_service("db", &service("db", "None", &pg));
+    let named = [
+        ("10.244.1.21", Some("db-0")),
+        ("fd00::21", Some("db-1")),
+        ("10.244.1.22", None),
+    ];
+    let v = m.put_endpoints("db", &endpoints("db", &named, &["10.244.1.23"], &pg));
+    m.mesh.wait_version(0, v, Duration::from_secs(10));
+    let d = m.dig(&["-x", "10.244.1.21"]);
+    assert_eq!(
+        d.data("PTR"),
+        ["db-0.db.default.svc.cluster.local."],
+        "{}",
+        d.output
+    );
+    assert!(d.has_flag("aa"), "{}", d.output);
+    let d = m.dig(&["-x", "fd00::21"]);
+    assert_eq!(
+        d.data("PTR"),
+        ["db-1.db.default.svc.cluster.local."],
+        "{}",
+        d.output
+    );
+
+    // The legacy tolerate-unready annotation publishes not-ready addresses, like
+    // publishNotReadyAddresses; without either they stay out.
+    let d = m.dig(&[DB]);
+    assert_eq!(d.answers.len(), 2, "ready only: {}", d.output);
+    let mut warm: serde_json::Value =
+        serde_json::from_str(&service("db", "None", &pg)).expect("json");
+    warm["metadata"]["annotations"]["service.alpha.kubernetes.io/tolerate-unready-endpoints"] =
+        "true".into();
+    m.put_service("db", &warm.to_string());
+    let (d, _) = until(&m, "not-ready published", &[DB], |d| d.answers.len() == 3);
+    assert!(
+        d.data("A").contains(&"10.244.1.23".to_string()),
+        "{}",
+        d.output
+    );
+
+    // ExternalName: no cluster IP, no route in the proxy; DNS answers a CNAME and the
+    // target's address (asked of the upstream), and a real client reaches the target.
+    let ext = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"ext","namespace":"default"},"spec":{"type":"ExternalName","externalName":"api.example.test","ports":[{"port":8080}]}}"#;
+    m.put_service("ext", ext);
+    let (s, v) = m
+        .mesh
+        .api("GET", "/api/v1/namespaces/default/services/ext", None);
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        v["spec"]["clusterIP"].as_str().unwrap_or("").is_empty(),
+        "{v}"
+    );
+    let ext_name = "ext.default.svc.cluster.local";
+    let (d, _) = until(&m, "ExternalName", &[ext_name], |d| !d.answers.is_empty());
+    assert_eq!(d.status, "NOERROR", "{}", d.output);
+    assert_eq!(d.data("CNAME"), ["api.example.test."], "{}", d.output);
+    assert_eq!(d.data("A"), [srv_ip.as_str()], "{}", d.output);
+    let d = m.dig(&[ext_name, "CNAME"]);
+    assert_eq!(d.data("CNAME"), ["api.example.test."], "{}", d.output);
+    assert!(d.data("A").is_empty(), "{}", d.output);
+    let (s, routes) = m.mesh.admin(0, "/debug/routes");
+    assert_eq!(s, 200);
+    assert!(
+        routes["routes"]
+            .as_array()
+            .is_some_and(|r| r.iter().all(|r| r["service"] != "default/ext:8080")),
+        "{routes}"
+    );
+    let (status, body) = m
+        .mesh
+        .topo
+        .curl(&m.pod, &["--max-time", "5", "http://ext:8080/"]);
+    assert_eq!((status, body.trim()), (200, "api"), "curl http://ext:8080/");
+    // An ExternalName naming a cluster Service is followed inside the zone.
+    let alias = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"alias","namespace":"default"},"spec":{"type":"ExternalName","externalName":"hello.default.svc.cluster.local"}}"#;
+    m.put_service("alias", alias);
+    let (d, _) = until(
+        &m,
+        "in-cluster alias",
+        &["alias.default.svc.cluster.local"],
+        |d| !d.answers.is_empty(),
+    );
+    assert_eq!(
+        d.data("CNAME"),
+        ["hello.default.svc.cluster.local."],
+        "{}",
+        d.output
+    );
+    assert_eq!(d.data("A"), ["10.96.0.10"], "{}", d.output);
+
+    // A dual-stack manifest on this single-stack cluster is refused, naming the field, through
+    // the API and through `apply`; nothing is stored.
+    let dual = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"dual","namespace":"default"},"spec":{"ipFamilyPolicy":"RequireDualStack","ipFamilies":["IPv6","IPv4"],"ports":[{"port":80}]}}"#;
+    let (s, v) = m.mesh.api(
+        "PUT",
+        "/api/v1/namespaces/default/services/dual",
+        Some(dual),
+    );
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(v["field"], "spec.ipFamilyPolicy", "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not configured for dual-stack")),
+        "{v}"
+    );
+    let v6 = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"dual","namespace":"default"},"spec":{"ipFamilies":["IPv6"],"ports":[{"port":80}]}}"#;
+    let (s, v) = m.mesh.api("POST", "/api/v1/apply", Some(v6));
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(v["field"], "spec.ipFamilies[0]", "{v}");
+    let (s, _) = m
+        .mesh
+        .api("GET", "/api/v1/namespaces/default/services/dual", None);
+    assert_eq!(s, 404);
+}
+
+#[test]
+fn dns_over_tcp_keeps_answering_while_a_pod_holds_hundreds_of_idle_connections() {
+    let mut m = DnsMesh::new("dnsidle");
+    m.mesh.nodes[0].extra.push("dns.upstreams=[]".into());
+    let node = m.mesh.nodes[0].host.clone();
+    let other = m.mesh.topo.add_pod(&node, "other");
+    m.start();
+    put_hello(&m);
+    let server: SocketAddr = format!("{}:53", m.server).parse().expect("addr");
+
+    // A pod opens 300 connections and sends nothing.
+    let mut idle: Vec<TcpStream> = in_netns(&m.pod.ns.clone(), move || {
+        (0..300)
+            .map(|_| TcpStream::connect_timeout(&server, Duration::from_secs(2)).expect("connect"))
+            .collect()
+    });
+    // TCP queries still get answers: from that pod, from another, and UDP is unaffected.
+    for (who, pod) in [("the same pod", &m.pod), ("another pod", &other)] {
+        for args in [&["+tcp", HELLO][..], &[HELLO][..]] {
+            let d = edgemesh_e2e::dns::dig(&m.mesh.topo, pod, &m.server, args);
+            assert_eq!(d.data("A"), ["10.96.0.10"], "{who} {args:?}: {}", d.output);
+        }
+    }
+    // Every one of the idle connections is closed by the server (to make room, or idle).
+    let start = Instant::now();
+    let mut open = idle.len();
+    while open > 0 && start.elapsed() < Duration::from_secs(20) {
+        open = 0;
+        for s in &mut idle {
+            s.set_read_timeout(Some(Duration::from_millis(20)))
+                .expect("timeout");
+            let mut b = [0u8; 1];
+            if let Err(e) = s.read(&mut b) {
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) {
+                    open += 1;
+                }
+            }
+        }
+    }
+    eprintln!(
+        "all idle DNS/TCP connections closed after {:?}",
+        start.elapsed()
+    );
+    assert_eq!(open, 0, "idle connections left open");
+    let text = m.metrics();
+    let hits = |limit: &str| {
+        metric_sum(
+            &text,
+            "edgemesh_dns_limit_hits_total",
+            &[&format!("limit=\"{limit}\"")],
+        )
+    };
+    assert!(hits("tcp_per_client") >= 268.0, "{text}");
+    assert!(hits("tcp_idle") >= 1.0, "{text}");
+    // And the server is still there for the next one.
+    let d = m.dig(&["+tcp", HELLO]);
+    assert_eq!(d.data("A"), ["10.96.0.10"], "{}", d.output);
 }

@@ -10,7 +10,9 @@ use ipnet::IpNet;
 use super::{
     EndpointAddress, Endpoints, IntOrString, Node, ObjectMeta, Service, ANNOTATION_BURST,
     ANNOTATION_HASH_KEY, ANNOTATION_LB_POLICY, ANNOTATION_PROTOCOL, ANNOTATION_QPS,
+    ANNOTATION_TOLERATE_UNREADY, ANNOTATION_UNIT_KEY, TYPE_EXTERNAL_NAME,
 };
+use crate::topology::TRAFFIC_DISTRIBUTIONS;
 
 /// A validation or parse error about one field.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -96,6 +98,8 @@ pub struct ServiceAnnotations {
     pub burst: Option<u32>,
     /// `http`, `h2` or `tcp`.
     pub protocol: Option<String>,
+    /// `edgemesh.io/unit-key`: the node label whose values are the units.
+    pub unit_key: Option<String>,
 }
 
 impl ServiceAnnotations {
@@ -152,7 +156,33 @@ impl ServiceAnnotations {
             }
             out.protocol = Some(v.clone());
         }
+        if let Some(v) = meta.annotations.get(ANNOTATION_UNIT_KEY) {
+            if !is_qualified_name(v) {
+                return Err(FieldError::new(
+                    field(ANNOTATION_UNIT_KEY),
+                    format!("invalid unit key {v:?}: a node label key such as location"),
+                ));
+            }
+            out.unit_key = Some(v.clone());
+        }
+        if let Some(v) = meta.annotations.get(ANNOTATION_TOLERATE_UNREADY) {
+            if parse_bool(v).is_none() {
+                return Err(FieldError::new(
+                    field(ANNOTATION_TOLERATE_UNREADY),
+                    format!("{v:?} is not a boolean: expected true or false"),
+                ));
+            }
+        }
         Ok(out)
+    }
+}
+
+/// A boolean as Kubernetes reads annotation values (Go's `strconv.ParseBool`).
+pub(crate) fn parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
     }
 }
 
@@ -205,7 +235,7 @@ fn is_label_value(s: &str) -> bool {
 }
 
 /// A label key: an optional DNS-subdomain prefix and '/', then a non-empty label value.
-fn is_qualified_name(s: &str) -> bool {
+pub fn is_qualified_name(s: &str) -> bool {
     let (prefix, name) = match s.split_once('/') {
         Some((p, n)) => (Some(p), n),
         None => (None, s),
@@ -351,6 +381,9 @@ pub fn validate_service(svc: &Service, service_cidr: &IpNet) -> Result<(), Field
     check_kind(&svc.kind, "Service")?;
     check_meta(&svc.metadata, true, true)?;
     ServiceAnnotations::parse(&svc.metadata)?;
+    check_type(svc)?;
+    check_ip_families(svc, service_cidr)?;
+    check_traffic_distribution(svc)?;
     let ip = &svc.spec.cluster_ip;
     if !ip.is_empty() && ip != "None" {
         let addr: IpAddr = ip.parse().map_err(|_| {
@@ -379,15 +412,18 @@ pub fn validate_service(svc: &Service, service_cidr: &IpNet) -> Result<(), Field
                 "clusterIPs[0] must equal clusterIP",
             ));
         }
-        // One address family for now: a second cluster IP would be stored but never served.
+        // One address family: a second cluster IP would be stored but never served.
         if ips.len() > 1 {
             return Err(FieldError::new(
-                "spec.clusterIPs",
-                "dual-stack Services (more than one cluster IP) are not supported",
+                "spec.clusterIPs[1]",
+                format!(
+                    "{:?}: this cluster is not configured for dual-stack services (service_cidr {service_cidr}): one cluster IP only",
+                    ips[1]
+                ),
             ));
         }
     }
-    if svc.spec.ports.is_empty() && !svc.is_headless() {
+    if svc.spec.ports.is_empty() && !svc.is_headless() && !svc.is_external_name() {
         return Err(FieldError::new(
             "spec.ports",
             "a Service with a cluster IP needs at least one port",
@@ -461,6 +497,144 @@ pub fn validate_service(svc: &Service, service_cidr: &IpNet) -> Result<(), Field
                 format!("invalid topology key {key:?}: a label key or \"*\""),
             ));
         }
+    }
+    Ok(())
+}
+
+/// The Service types Kubernetes knows. Only `ExternalName` changes what edgemesh does; the
+/// others are kept as written (every Service gets a cluster IP here, none a node port).
+const SERVICE_TYPES: [&str; 4] = ["ClusterIP", "NodePort", "LoadBalancer", TYPE_EXTERNAL_NAME];
+
+/// `spec.type`, and `spec.externalName` with it: an `ExternalName` Service is a CNAME to a DNS
+/// name, so it has that name and no cluster IP; no other type has an external name.
+fn check_type(svc: &Service) -> Result<(), FieldError> {
+    if let Some(t) = &svc.spec.service_type {
+        if !SERVICE_TYPES.contains(&t.as_str()) {
+            return Err(FieldError::new(
+                "spec.type",
+                format!("unsupported type {t:?}: expected ClusterIP, NodePort, LoadBalancer or ExternalName"),
+            ));
+        }
+    }
+    let name = svc.spec.external_name.as_deref();
+    if !svc.is_external_name() {
+        if name.is_some() {
+            return Err(FieldError::new(
+                "spec.externalName",
+                "only a Service of type ExternalName has an external name",
+            ));
+        }
+        return Ok(());
+    }
+    let Some(name) = name.filter(|n| !n.is_empty()) else {
+        return Err(FieldError::new(
+            "spec.externalName",
+            "an ExternalName Service needs spec.externalName (the DNS name it aliases)",
+        ));
+    };
+    // Kubernetes accepts the name with a trailing dot, as a fully qualified name.
+    let bare = name.strip_suffix('.').unwrap_or(name);
+    if !is_dns1123_subdomain(bare) {
+        return Err(FieldError::new(
+            "spec.externalName",
+            format!("invalid external name {name:?}: a lower-case DNS name such as db.example.com"),
+        ));
+    }
+    if bare.parse::<IpAddr>().is_ok() {
+        return Err(FieldError::new(
+            "spec.externalName",
+            format!("{name:?} is an IP address: DNS cannot alias an address (use a Service with Endpoints)"),
+        ));
+    }
+    if !svc.spec.cluster_ip.is_empty()
+        || svc.spec.cluster_ips.as_ref().is_some_and(|v| !v.is_empty())
+    {
+        return Err(FieldError::new(
+            "spec.clusterIP",
+            "may not be set for ExternalName services: they have no cluster IP",
+        ));
+    }
+    for (field, set) in [
+        ("spec.ipFamilies", svc.spec.ip_families.is_some()),
+        ("spec.ipFamilyPolicy", svc.spec.ip_family_policy.is_some()),
+    ] {
+        if set {
+            return Err(FieldError::new(
+                field,
+                "may not be set for ExternalName services",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `spec.ipFamilyPolicy` and `spec.ipFamilies` against the one address family of
+/// `service_cidr`, with Kubernetes' fields and words: a single-stack cluster refuses
+/// `RequireDualStack` and a family it has no range for; `PreferDualStack` is served single-stack.
+fn check_ip_families(svc: &Service, service_cidr: &IpNet) -> Result<(), FieldError> {
+    let cluster_family = match service_cidr {
+        IpNet::V4(_) => "IPv4",
+        IpNet::V6(_) => "IPv6",
+    };
+    if let Some(policy) = &svc.spec.ip_family_policy {
+        match policy.as_str() {
+            "SingleStack" | "PreferDualStack" => {}
+            "RequireDualStack" => {
+                return Err(FieldError::new(
+                    "spec.ipFamilyPolicy",
+                    format!("\"RequireDualStack\": this cluster is not configured for dual-stack services (service_cidr {service_cidr} is {cluster_family} only)"),
+                ))
+            }
+            other => {
+                return Err(FieldError::new(
+                    "spec.ipFamilyPolicy",
+                    format!("unsupported value {other:?}: expected SingleStack, PreferDualStack or RequireDualStack"),
+                ))
+            }
+        }
+    }
+    let families = svc.spec.ip_families.as_deref().unwrap_or_default();
+    for (i, family) in families.iter().enumerate() {
+        let at = format!("spec.ipFamilies[{i}]");
+        if !matches!(family.as_str(), "IPv4" | "IPv6") {
+            return Err(FieldError::new(
+                at,
+                format!("unsupported value {family:?}: expected IPv4 or IPv6"),
+            ));
+        }
+        if families[..i].contains(family) {
+            return Err(FieldError::new(at, format!("duplicate value {family:?}")));
+        }
+        if family != cluster_family {
+            return Err(FieldError::new(
+                at,
+                format!("{family:?}: not configured on this cluster (service_cidr {service_cidr} is {cluster_family} only)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `spec.trafficDistribution`: a value Kubernetes defines, and not together with
+/// `topologyKeys` (which would say the same thing twice, possibly differently).
+fn check_traffic_distribution(svc: &Service) -> Result<(), FieldError> {
+    let Some(value) = &svc.spec.traffic_distribution else {
+        return Ok(());
+    };
+    if !TRAFFIC_DISTRIBUTIONS.contains(&value.as_str()) {
+        return Err(FieldError::new(
+            "spec.trafficDistribution",
+            format!(
+                "unsupported value {value:?}: expected {}",
+                TRAFFIC_DISTRIBUTIONS.join(", ")
+            ),
+        ));
+    }
+    if !svc.spec.topology_keys.is_empty() {
+        return Err(FieldError::new(
+            "spec.trafficDistribution",
+            "cannot be combined with spec.topologyKeys: use one of the two",
+        ));
     }
     Ok(())
 }
@@ -759,6 +933,135 @@ mod tests {
                 .field,
             "metadata.name"
         );
+    }
+
+    #[test]
+    fn external_name_services_alias_a_dns_name_and_have_no_cluster_ip() {
+        let svc = |spec: &str| {
+            service(&format!(
+                r#"{{"kind":"Service","metadata":{{"name":"db","namespace":"default"}},"spec":{spec}}}"#
+            ))
+        };
+        svc(r#"{"type":"ExternalName","externalName":"db.example.com"}"#).expect("valid");
+        svc(r#"{"type":"ExternalName","externalName":"db.example.com.","ports":[{"port":5432}]}"#)
+            .expect("a trailing dot and ports");
+        for (spec, field) in [
+            (r#"{"type":"ExternalName"}"#, "spec.externalName"),
+            (
+                r#"{"type":"ExternalName","externalName":"Bad_Name"}"#,
+                "spec.externalName",
+            ),
+            (
+                r#"{"type":"ExternalName","externalName":"10.1.2.3"}"#,
+                "spec.externalName",
+            ),
+            (
+                r#"{"type":"ExternalName","externalName":"a.b","clusterIP":"None"}"#,
+                "spec.clusterIP",
+            ),
+            (
+                r#"{"type":"ExternalName","externalName":"a.b","ipFamilyPolicy":"SingleStack"}"#,
+                "spec.ipFamilyPolicy",
+            ),
+            (
+                r#"{"externalName":"a.b","ports":[{"port":80}]}"#,
+                "spec.externalName",
+            ),
+            (r#"{"type":"Bogus","ports":[{"port":80}]}"#, "spec.type"),
+        ] {
+            assert_eq!(svc(spec).expect_err(spec).field, field, "{spec}");
+        }
+    }
+
+    #[test]
+    fn dual_stack_is_refused_on_a_single_stack_cluster_naming_the_field() {
+        let svc = |spec: &str| {
+            service(&format!(
+                r#"{{"kind":"Service","metadata":{{"name":"a","namespace":"default"}},"spec":{spec}}}"#
+            ))
+        };
+        svc(r#"{"ports":[{"port":80}],"ipFamilyPolicy":"SingleStack","ipFamilies":["IPv4"]}"#)
+            .expect("single stack");
+        svc(r#"{"ports":[{"port":80}],"ipFamilyPolicy":"PreferDualStack"}"#)
+            .expect("served single-stack, as Kubernetes does");
+        let err = svc(r#"{"ports":[{"port":80}],"ipFamilyPolicy":"RequireDualStack","ipFamilies":["IPv6","IPv4"]}"#)
+            .expect_err("dual stack");
+        assert_eq!(err.field, "spec.ipFamilyPolicy");
+        assert!(
+            err.message
+                .contains("not configured for dual-stack services"),
+            "{err}"
+        );
+        let err = svc(r#"{"ports":[{"port":80}],"ipFamilies":["IPv6","IPv4"]}"#).expect_err("v6");
+        assert_eq!(err.field, "spec.ipFamilies[0]");
+        assert!(
+            err.message.contains("not configured on this cluster"),
+            "{err}"
+        );
+        let err = svc(r#"{"ports":[{"port":80}],"ipFamilies":["IPv4","IPv6"]}"#).expect_err("two");
+        assert_eq!(err.field, "spec.ipFamilies[1]");
+        let err = svc(r#"{"ports":[{"port":80}],"ipFamilies":["IPv4","IPv4"]}"#).expect_err("dup");
+        assert_eq!(err.field, "spec.ipFamilies[1]");
+        let err = svc(r#"{"ports":[{"port":80}],"ipFamilyPolicy":"Both"}"#).expect_err("value");
+        assert_eq!(err.field, "spec.ipFamilyPolicy");
+        let err = svc(r#"{"clusterIP":"10.96.0.5","clusterIPs":["10.96.0.5","fd00::5"],"ports":[{"port":80}]}"#)
+            .expect_err("two IPs");
+        assert_eq!(err.field, "spec.clusterIPs[1]");
+    }
+
+    #[test]
+    fn traffic_distribution_and_unit_key_are_checked() {
+        let svc = |spec: &str, annotations: &str| {
+            service(&format!(
+                r#"{{"kind":"Service","metadata":{{"name":"a","namespace":"default","annotations":{{{annotations}}}}},"spec":{spec}}}"#
+            ))
+        };
+        svc(
+            r#"{"clusterIP":"None","trafficDistribution":"PreferClose"}"#,
+            r#""edgemesh.io/unit-key":"location""#,
+        )
+        .expect("valid");
+        for (spec, annotations, field) in [
+            (
+                r#"{"clusterIP":"None","trafficDistribution":"Nearby"}"#,
+                "",
+                "spec.trafficDistribution",
+            ),
+            (
+                r#"{"clusterIP":"None","trafficDistribution":"PreferClose","topologyKeys":["zone"]}"#,
+                "",
+                "spec.trafficDistribution",
+            ),
+            (
+                r#"{"clusterIP":"None"}"#,
+                r#""edgemesh.io/unit-key":"not a label""#,
+                "metadata.annotations[\"edgemesh.io/unit-key\"]",
+            ),
+            (
+                r#"{"clusterIP":"None"}"#,
+                r#""service.alpha.kubernetes.io/tolerate-unready-endpoints":"yes""#,
+                "metadata.annotations[\"service.alpha.kubernetes.io/tolerate-unready-endpoints\"]",
+            ),
+        ] {
+            assert_eq!(
+                svc(spec, annotations).expect_err(spec).field,
+                field,
+                "{spec} {annotations}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_legacy_annotation_publishes_not_ready_addresses() {
+        let svc = |json: &str| match Object::from_json(Kind::Service, json).expect("json") {
+            Object::Service(s) => s,
+            _ => unreachable!(),
+        };
+        let base = r#"{"kind":"Service","metadata":{"name":"a","namespace":"default"},"spec":{"clusterIP":"None"}}"#;
+        assert!(!svc(base).publishes_not_ready());
+        assert!(svc(r#"{"kind":"Service","metadata":{"name":"a","namespace":"default"},"spec":{"clusterIP":"None","publishNotReadyAddresses":true}}"#).publishes_not_ready());
+        assert!(svc(r#"{"kind":"Service","metadata":{"name":"a","namespace":"default","annotations":{"service.alpha.kubernetes.io/tolerate-unready-endpoints":"true"}},"spec":{"clusterIP":"None"}}"#).publishes_not_ready());
+        assert!(!svc(r#"{"kind":"Service","metadata":{"name":"a","namespace":"default","annotations":{"service.alpha.kubernetes.io/tolerate-unready-endpoints":"false"}},"spec":{"clusterIP":"None"}}"#).publishes_not_ready());
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! 2. ejected endpoints ([`outlier`]) are left out, unless that leaves none: then all are
 //!    tried, since a possibly-bad endpoint beats a certain failure;
 //! 3. only the best topology tier remains: this node, then nodes sharing the Service's
-//!    `topologyKeys` labels with this node (in the order of the keys), then any.
+//!    `topologyKeys` labels with this node (in the order of the keys), then any when `*` is
+//!    listed (the route table leaves out endpoints no key admits; `edgehub::topology`).
 //!
 //! Then `sessionAffinity: ClientIP` or the Service's policy picks one.
 //!
@@ -29,13 +30,8 @@ use tokio::time::Instant;
 
 pub use outlier::{EndpointHealth, HealthRegistry};
 
-/// Where an endpoint is, relative to this node. Lower is preferred.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Tier(pub u8);
-
-impl Tier {
-    pub const LOCAL: Tier = Tier(0);
-}
+/// Where an endpoint is, relative to this node: the one definition the proxy and DNS share.
+pub use edgehub::topology::Tier;
 
 /// One endpoint as the balancer sees it.
 #[derive(Clone, Debug)]

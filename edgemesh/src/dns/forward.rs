@@ -17,6 +17,7 @@ use tokio::time::timeout_at;
 use tracing::debug;
 
 use super::cache::{Answer, Cache, Key};
+use super::limits::{record_limit, Limit};
 
 /// EDNS payload size asked of upstreams (and offered to clients): the DNS flag day value.
 pub const UDP_PAYLOAD: u16 = 1232;
@@ -85,10 +86,10 @@ impl Forwarder {
         if let Some(answer) = self.cache.get(&key, Instant::now()) {
             return Ok((answer, Source::Cache));
         }
-        let _permit = self
-            .in_flight
-            .try_acquire()
-            .map_err(|_| ForwardError::Busy)?;
+        let _permit = self.in_flight.try_acquire().map_err(|_| {
+            record_limit(Limit::ForwardInFlight);
+            ForwardError::Busy
+        })?;
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut query = Query::query(Name::from(name), qtype);
         query.set_query_class(class);

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::{DNSClass, Record, RecordType};
+use hickory_proto::rr::{DNSClass, LowerName, Name, Record, RecordType};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -15,7 +15,7 @@ use metrics::{Counter, Histogram};
 use tracing::{debug, Instrument};
 
 use super::forward::{ForwardError, Forwarder, Source, UDP_PAYLOAD};
-use super::index::{ClusterIndex, Lookup};
+use super::index::ClusterIndex;
 
 pub struct DnsHandler {
     index: Arc<ClusterIndex>,
@@ -81,22 +81,41 @@ impl DnsHandler {
         if let Some(lookup) = self.index.lookup(name, qtype) {
             reply.source = Origin::Cluster;
             reply.metadata.authoritative = true;
-            match lookup {
-                Lookup::Answer {
-                    answers,
-                    additionals,
-                } => {
-                    reply.answers = answers;
-                    reply.additionals = additionals;
-                }
-                Lookup::NoData(soa) => reply.authorities.push(soa),
-                Lookup::NxDomain(soa) => {
-                    reply.metadata.response_code = ResponseCode::NXDomain;
-                    reply.authorities.push(soa);
-                }
+            if lookup.nxdomain {
+                reply.metadata.response_code = ResponseCode::NXDomain;
+            }
+            reply.answers = lookup.answers;
+            reply.authorities.extend(lookup.authority);
+            reply.additionals = lookup.additionals;
+            if let Some(target) = lookup.chase {
+                self.chase(&mut reply, &target, qtype, class).await;
             }
             return reply;
         }
+        if self.forward(&mut reply, name, qtype, class).await.is_err() {
+            return fail(reply, ResponseCode::Refused);
+        }
+        reply
+    }
+
+    /// Completes a CNAME (an ExternalName Service) whose target is outside the cluster: what
+    /// the upstreams say about the target follows the CNAME, as a recursive server answers.
+    /// Without upstreams the CNAME stands alone.
+    async fn chase(&self, reply: &mut Reply, target: &Name, qtype: RecordType, class: DNSClass) {
+        let _ = self
+            .forward(reply, &LowerName::new(target), qtype, class)
+            .await;
+    }
+
+    /// Asks the upstreams (or the cache) about `name` and adds their answer to `reply`, after
+    /// what it holds; SERVFAIL (and nothing else) when none answers. `Err` without upstreams.
+    async fn forward(
+        &self,
+        reply: &mut Reply,
+        name: &LowerName,
+        qtype: RecordType,
+        class: DNSClass,
+    ) -> Result<(), NoUpstreams> {
         let span = tracing::debug_span!("forward", name = %name, qtype = %qtype);
         match self
             .forwarder
@@ -113,20 +132,25 @@ impl DnsHandler {
                     Source::Upstream => Origin::Upstream,
                 };
                 reply.metadata.response_code = answer.rcode;
-                reply.answers = answer.answers;
+                reply.answers.extend(answer.answers);
                 reply.authorities = answer.authorities;
-                reply.additionals = answer.additionals;
-                reply
+                reply.additionals.extend(answer.additionals);
             }
-            Err(ForwardError::NoUpstreams) => fail(reply, ResponseCode::Refused),
+            Err(ForwardError::NoUpstreams) => return Err(NoUpstreams),
             Err(e) => {
                 debug!(name = %name, qtype = %qtype, error = %e, "forwarding failed");
                 reply.source = Origin::Upstream;
-                fail(reply, ResponseCode::ServFail)
+                reply.metadata.response_code = ResponseCode::ServFail;
+                reply.answers.clear();
+                reply.additionals.clear();
             }
         }
+        Ok(())
     }
 }
+
+/// Forwarding is off (`dns.upstreams = []`).
+struct NoUpstreams;
 
 #[async_trait::async_trait]
 impl RequestHandler for DnsHandler {

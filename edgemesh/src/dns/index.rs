@@ -1,35 +1,92 @@
 //! The cluster zone: a compact in-memory index of the node's Services and Endpoints, kept in
 //! step with the metamanager's view, and the answers it gives.
 //!
-//! The index holds only what DNS needs (addresses, port names, hostnames), keyed by namespace
-//! and name, plus a reverse map from cluster IP to service. An update compares the view's
-//! objects with the ones each entry was built from (the view shares unchanged objects between
-//! versions, so a pointer comparison finds what changed) and rebuilds only those entries.
+//! The index holds only what DNS needs (addresses, port names, hostnames, topology tiers),
+//! keyed by namespace and name, plus a reverse map from cluster IPs and named pods to their
+//! Services. An update compares the view's objects with the ones each entry was built from
+//! (the view shares unchanged objects between versions, so a pointer comparison finds what
+//! changed) and rebuilds only those entries; entries that depend on node labels (topology,
+//! unit names) are rebuilt too when the labels of the nodes change.
+//!
+//! What depends on the asking node is decided here, for this node, at update time: the tier of
+//! every endpoint of a headless Service with topology ([`edgehub::topology`], the function the
+//! proxy uses too) and the node's unit for `edgemesh.io/unit-key` names.
 
+use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use edgehub::metamanager::MeshView;
-use edgehub::model::{Endpoints, Service};
-use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA, SRV};
+use edgehub::model::{Endpoints, Service, ANNOTATION_UNIT_KEY};
+use edgehub::topology::{self, Labels, Local, Tier};
+use edgehub::tunnel::authorise::host_of;
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 use ipnet::IpNet;
 
+/// The version of the Kubernetes DNS-Based Service Discovery specification answered, as
+/// `dns-version.<domain>` TXT says.
+pub const SCHEMA_VERSION: &str = "1.1.0";
+
+/// CNAMEs followed inside the cluster zone for one query (ExternalName Services naming each
+/// other); a longer chain, or a loop, ends with the CNAMEs so far.
+const MAX_CHAIN: usize = 8;
+
 /// What the cluster zone says about a name.
-#[derive(Debug)]
-pub enum Lookup {
-    /// The records asked for (and the addresses of SRV targets).
-    Answer {
-        answers: Vec<Record>,
-        additionals: Vec<Record>,
-    },
-    /// The name exists, but has no records of the type asked for; carries the zone's SOA.
-    NoData(Record),
-    /// The name does not exist; carries the zone's SOA.
-    NxDomain(Record),
+#[derive(Debug, Default)]
+pub struct Lookup {
+    /// The name (the last of a CNAME chain) does not exist.
+    pub nxdomain: bool,
+    /// The records asked for, after the CNAMEs that led to them.
+    pub answers: Vec<Record>,
+    /// The zone's SOA, for a negative answer (NXDOMAIN, or NODATA: no record of that type).
+    pub authority: Option<Record>,
+    /// The addresses of SRV targets.
+    pub additionals: Vec<Record>,
+    /// The target of the last CNAME when it lies outside the cluster zone: the caller resolves
+    /// it (for the same type) and appends what it finds.
+    pub chase: Option<Name>,
 }
 
+impl Lookup {
+    fn answer(answers: Vec<Record>, additionals: Vec<Record>) -> Lookup {
+        Lookup {
+            answers,
+            additionals,
+            ..Lookup::default()
+        }
+    }
+
+    fn nodata(soa: Record) -> Lookup {
+        Lookup {
+            authority: Some(soa),
+            ..Lookup::default()
+        }
+    }
+
+    fn nxdomain(soa: Record) -> Lookup {
+        Lookup {
+            nxdomain: true,
+            authority: Some(soa),
+            ..Lookup::default()
+        }
+    }
+
+    /// Positive or negative, from whether `answers` has anything.
+    fn answer_or_nodata(
+        answers: Vec<Record>,
+        additionals: Vec<Record>,
+        soa: impl FnOnce() -> Record,
+    ) -> Lookup {
+        if answers.is_empty() {
+            Lookup::nodata(soa())
+        } else {
+            Lookup::answer(answers, additionals)
+        }
+    }
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Proto {
     Tcp,
@@ -143,6 +200,20 @@ struct Endpoint {
     host: Option<Box<str>>,
     /// The ports of the endpoint's subset (shared by its addresses).
     ports: Arc<[Port]>,
+    /// Its tier for this node; `None` when the Service's topology keys do not admit it. Without
+    /// topology every endpoint is in tier 0: all are answered.
+    tier: Option<Tier>,
+}
+
+/// What few Services have: kept behind one pointer so the common entry stays small.
+#[derive(Debug, Default)]
+struct Extra {
+    /// `ExternalName`: the name `<svc>.<ns>.svc.<domain>` is a CNAME to.
+    alias: Option<Name>,
+    /// `edgemesh.io/unit-key` is set: `<prefix>-<ordinal>` names the endpoint
+    /// `<prefix>-<unit>-<ordinal>`, `unit` being this node's value of that label (lower case);
+    /// `None` inside when this node has no value (such names then do not exist).
+    unit: Option<Option<Box<str>>>,
 }
 
 /// One Service as DNS sees it.
@@ -152,18 +223,54 @@ struct Entry {
     service: Arc<Service>,
     endpoints_of: Option<Arc<Endpoints>>,
     headless: bool,
+    /// Built from node labels (topology tiers, the unit): rebuilt when they change.
+    by_node: bool,
     /// What `<svc>.<ns>.svc.<domain>` resolves to: the cluster IPs, or for a headless service
-    /// the distinct endpoint addresses.
+    /// the distinct addresses of the endpoints in the best tier.
     addresses: Addrs,
     ports: Box<[Port]>,
-    /// Headless: every ready endpoint (and the not-ready ones with `publishNotReadyAddresses`);
-    /// otherwise only those with a hostname.
+    /// Headless: every ready endpoint (and the not-ready ones when the Service publishes
+    /// them); otherwise only those with a hostname.
     endpoints: Box<[Endpoint]>,
+    extra: Option<Box<Extra>>,
+}
+
+/// What an entry is built with besides its objects.
+struct BuildContext<'a> {
+    view: &'a MeshView,
+    local: Local<'a>,
 }
 
 impl Entry {
-    fn build(service: &Arc<Service>, endpoints_of: Option<&Arc<Endpoints>>) -> Entry {
+    fn build(
+        service: &Arc<Service>,
+        endpoints_of: Option<&Arc<Endpoints>>,
+        cx: &BuildContext<'_>,
+    ) -> Entry {
         let headless = service.is_headless();
+        let mut extra = Extra::default();
+        if service.is_external_name() {
+            extra.alias = service
+                .spec
+                .external_name
+                .as_deref()
+                .and_then(|n| Name::from_ascii(n.to_ascii_lowercase()).ok())
+                .map(|mut n| {
+                    n.set_fqdn(true);
+                    n
+                });
+        }
+        if let Some(key) = service.metadata.annotations.get(ANNOTATION_UNIT_KEY) {
+            let unit = cx
+                .local
+                .labels
+                .get(key)
+                .filter(|v| !v.is_empty())
+                .map(|v| v.to_ascii_lowercase().into_boxed_str());
+            extra.unit = Some(unit);
+        }
+        let keys = topology::keys_of(service);
+        let topology = headless && !keys.is_empty();
         let mut cluster_ips = Vec::new();
         if !headless {
             let listed = service.spec.cluster_ips.iter().flatten();
@@ -181,7 +288,7 @@ impl Entry {
             .iter()
             .filter_map(|p| Port::parse(&p.name, &p.protocol, p.port))
             .collect();
-        let publish_not_ready = service.spec.publish_not_ready_addresses == Some(true);
+        let publish_not_ready = service.publishes_not_ready();
         let mut endpoints = Vec::new();
         for subset in endpoints_of.iter().flat_map(|e| e.subsets.iter()) {
             let subset_ports: Arc<[Port]> = subset
@@ -192,7 +299,7 @@ impl Entry {
             let not_ready = subset
                 .not_ready_addresses
                 .iter()
-                .filter(|_| headless && publish_not_ready);
+                .filter(|_| publish_not_ready);
             for address in subset.addresses.iter().chain(not_ready) {
                 let Ok(ip) = address.ip.parse::<IpAddr>() else {
                     continue;
@@ -202,19 +309,28 @@ impl Entry {
                     .as_deref()
                     .filter(|h| is_label(h))
                     .map(|h| h.to_ascii_lowercase().into_boxed_str());
-                if headless || host.is_some() {
-                    endpoints.push(Endpoint {
-                        ip,
-                        host,
-                        ports: subset_ports.clone(),
-                    });
+                if !headless && host.is_none() {
+                    continue;
                 }
+                let tier = if topology {
+                    topology::tier_in(cx.view, host_of(address), &cx.local, &keys)
+                } else {
+                    Some(Tier::LOCAL)
+                };
+                endpoints.push(Endpoint {
+                    ip,
+                    host,
+                    ports: subset_ports.clone(),
+                    tier,
+                });
             }
         }
         let addresses = if headless {
+            let best = best_tier(endpoints.iter());
             let mut seen = HashSet::with_capacity(endpoints.len());
             endpoints
                 .iter()
+                .filter(|e| e.tier.is_some() && e.tier == best)
                 .map(|e| e.ip)
                 .filter(|ip| seen.insert(*ip))
                 .collect()
@@ -222,13 +338,17 @@ impl Entry {
             cluster_ips
         };
         endpoints.shrink_to_fit();
+        let by_node = topology || extra.unit.is_some();
+        let extra = (extra.alias.is_some() || extra.unit.is_some()).then(|| Box::new(extra));
         Entry {
             service: service.clone(),
             endpoints_of: endpoints_of.cloned(),
             headless,
+            by_node,
             addresses: Addrs::new(addresses),
             ports: ports.into(),
             endpoints: endpoints.into(),
+            extra,
         }
     }
 
@@ -254,6 +374,68 @@ impl Entry {
             self.addresses.as_slice()
         }
     }
+
+    fn alias(&self) -> Option<&Name> {
+        self.extra.as_ref()?.alias.as_ref()
+    }
+
+    /// `Some(unit)` when the Service has `edgemesh.io/unit-key`.
+    fn unit(&self) -> Option<Option<&str>> {
+        self.extra.as_ref()?.unit.as_ref().map(|u| u.as_deref())
+    }
+
+    /// Addresses that own a PTR record pointing into this entry.
+    fn reverse_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        let named = self.endpoints.iter().filter(|e| e.host.is_some());
+        self.cluster_ips()
+            .iter()
+            .copied()
+            .chain(named.map(|e| e.ip))
+    }
+
+    /// The endpoints a host label names: its hostname (or dashed address), else for a unit
+    /// Service `<prefix>-<ordinal>` the endpoint `<prefix>-<unit>-<ordinal>` of this node's
+    /// unit. Every endpoint resolves by its own name, wherever it is.
+    fn named<'e>(&'e self, label: &str) -> Vec<&'e Endpoint> {
+        let by_ip = undashed(label);
+        let exact: Vec<&Endpoint> = self
+            .endpoints
+            .iter()
+            .filter(|e| match &e.host {
+                Some(h) => &**h == label,
+                None => by_ip == Some(e.ip),
+            })
+            .collect();
+        if !exact.is_empty() {
+            return exact;
+        }
+        let (Some(Some(unit)), Some((prefix, ordinal))) = (self.unit(), split_ordinal(label))
+        else {
+            return exact;
+        };
+        let mut host = String::with_capacity(label.len() + unit.len() + 1);
+        host.push_str(prefix);
+        host.push('-');
+        host.push_str(unit);
+        host.push('-');
+        host.push_str(ordinal);
+        self.endpoints
+            .iter()
+            .filter(|e| e.host.as_deref() == Some(host.as_str()))
+            .collect()
+    }
+}
+
+/// The best (lowest) tier among `endpoints`; `None` when none is admitted.
+fn best_tier<'e>(endpoints: impl Iterator<Item = &'e Endpoint>) -> Option<Tier> {
+    endpoints.filter_map(|e| e.tier).min()
+}
+
+/// `web-0` → (`web`, `0`): a StatefulSet pod name split at its ordinal.
+fn split_ordinal(label: &str) -> Option<(&str, &str)> {
+    let (prefix, ordinal) = label.rsplit_once('-')?;
+    let digits = !ordinal.is_empty() && ordinal.bytes().all(|b| b.is_ascii_digit());
+    (digits && !prefix.is_empty()).then_some((prefix, ordinal))
 }
 
 /// A DNS label as Kubernetes allows it for hostnames: 1-63 of `[a-z0-9-]`, not starting or
@@ -285,6 +467,23 @@ fn undashed(label: &str) -> Option<IpAddr> {
         .map(IpAddr::V6)
 }
 
+/// The Services an address has PTR records into: one for a cluster IP, possibly several for a
+/// pod that several Services name.
+#[derive(Debug)]
+enum Owners {
+    One(Arc<str>),
+    Many(Vec<Arc<str>>),
+}
+
+impl Owners {
+    fn as_slice(&self) -> &[Arc<str>] {
+        match self {
+            Owners::One(k) => std::slice::from_ref(k),
+            Owners::Many(v) => v,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Zone {
     version: u64,
@@ -292,8 +491,11 @@ struct Zone {
     services: HashMap<Arc<str>, Entry>,
     /// Services per namespace (a namespace name exists while it has one).
     namespaces: HashMap<Box<str>, u32>,
-    /// Cluster IP → the service's key.
-    reverse: HashMap<IpAddr, Arc<str>>,
+    /// Cluster IP or named endpoint → the services' keys.
+    reverse: HashMap<IpAddr, Owners>,
+    /// Entries built from node labels, and a fingerprint of the labels they were built with.
+    by_node: usize,
+    nodes_fingerprint: Option<u64>,
 }
 
 /// `<name>.<namespace>`.
@@ -327,9 +529,23 @@ impl Zone {
                 self.namespaces.remove(namespace);
             }
         }
-        for ip in old.cluster_ips() {
-            if self.reverse.get(ip).is_some_and(|k| *k == key) {
-                self.reverse.remove(ip);
+        self.by_node -= usize::from(old.by_node);
+        for ip in old.reverse_ips() {
+            let MapEntry::Occupied(mut slot) = self.reverse.entry(ip) else {
+                continue;
+            };
+            match slot.get_mut() {
+                Owners::One(k) if *k == key => {
+                    slot.remove();
+                }
+                Owners::One(_) => {}
+                Owners::Many(list) => {
+                    list.retain(|k| *k != key);
+                    if let [only] = list.as_slice() {
+                        let only = only.clone();
+                        slot.insert(Owners::One(only));
+                    }
+                }
             }
         }
     }
@@ -337,8 +553,24 @@ impl Zone {
     fn insert(&mut self, namespace: &str, name: &str, entry: Entry) {
         let key: Arc<str> = service_key(namespace, name).into();
         self.remove(&key);
-        for ip in entry.cluster_ips() {
-            self.reverse.insert(*ip, key.clone());
+        for ip in entry.reverse_ips() {
+            match self.reverse.entry(ip) {
+                MapEntry::Vacant(slot) => {
+                    slot.insert(Owners::One(key.clone()));
+                }
+                MapEntry::Occupied(mut slot) => match slot.get_mut() {
+                    Owners::One(k) if *k == key => {}
+                    Owners::One(k) => {
+                        let list = vec![k.clone(), key.clone()];
+                        slot.insert(Owners::Many(list));
+                    }
+                    Owners::Many(list) => {
+                        if !list.contains(&key) {
+                            list.push(key.clone());
+                        }
+                    }
+                },
+            }
         }
         match self.namespaces.get_mut(namespace) {
             Some(count) => *count += 1,
@@ -346,8 +578,21 @@ impl Zone {
                 self.namespaces.insert(namespace.into(), 1);
             }
         }
+        self.by_node += usize::from(entry.by_node);
         self.services.insert(key, entry);
     }
+}
+
+/// A fingerprint of every node's name and labels and of this node's labels: when it changes,
+/// entries built from node labels are rebuilt.
+fn nodes_fingerprint(view: &MeshView, local: &Local<'_>) -> u64 {
+    let mut h = DefaultHasher::new();
+    local.labels.hash(&mut h);
+    for (name, node) in &view.nodes {
+        name.hash(&mut h);
+        node.metadata.labels.hash(&mut h);
+    }
+    h.finish()
 }
 
 /// What an update changed.
@@ -364,6 +609,9 @@ pub struct ClusterIndex {
     domain_lower: LowerName,
     service_cidr: IpNet,
     ttl: u32,
+    /// This node: its name, and its configured labels (used until the view has its Node).
+    node: String,
+    labels: Labels,
     zone: RwLock<Zone>,
 }
 
@@ -381,8 +629,18 @@ impl ClusterIndex {
             domain,
             service_cidr,
             ttl,
+            node: String::new(),
+            labels: Labels::new(),
             zone: RwLock::new(Zone::default()),
         })
+    }
+
+    /// The zone as node `name` (configured with `labels`) sees it: topology tiers and unit
+    /// names are decided for this node.
+    pub fn for_node(mut self, name: &str, labels: Labels) -> Self {
+        self.node = name.to_string();
+        self.labels = labels;
+        self
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Zone> {
@@ -400,15 +658,23 @@ impl ClusterIndex {
         self.len() == 0
     }
 
-    /// Brings the index to `view`, rebuilding only the entries whose objects changed.
+    /// Brings the index to `view`, rebuilding only the entries whose objects changed (and
+    /// those built from node labels, when the labels changed).
     pub fn update(&self, view: &MeshView) -> Updated {
+        let local = Local::in_view(view, &self.node, &self.labels);
         let mut stale = Vec::new();
         let mut removals = Vec::new();
         let mut added = 0usize;
         let version_changed;
+        let mut fingerprint = None;
         {
             let zone = self.read();
             version_changed = zone.version != view.version;
+            let nodes_changed = zone.by_node > 0 && {
+                let now = nodes_fingerprint(view, &local);
+                fingerprint = Some(now);
+                zone.nodes_fingerprint != Some(now)
+            };
             let mut endpoints = view.endpoints.iter().peekable();
             let mut key = String::new();
             for (k, service) in &view.services {
@@ -420,7 +686,9 @@ impl ClusterIndex {
                 key.push('.');
                 key.push_str(&k.0);
                 let current = zone.get(&key);
-                if current.is_some_and(|c| c.built_from(service, eps)) {
+                if current
+                    .is_some_and(|c| c.built_from(service, eps) && !(nodes_changed && c.by_node))
+                {
                     continue;
                 }
                 added += usize::from(current.is_none());
@@ -452,19 +720,23 @@ impl ClusterIndex {
             zone.services.reserve(added);
             zone.reverse.reserve(added);
         }
+        let cx = BuildContext { view, local };
         // Entries are built outside the lock, a slice at a time, so queries keep being
         // answered during a large snapshot and little is held besides the index itself.
         for chunk in stale.chunks(256) {
             let entries: Vec<Entry> = chunk
                 .iter()
-                .map(|(_, service, eps)| Entry::build(service, *eps))
+                .map(|(_, service, eps)| Entry::build(service, *eps, &cx))
                 .collect();
             let mut zone = write();
             for ((k, _, _), entry) in chunk.iter().zip(entries) {
                 zone.insert(&k.0, &k.1, entry);
             }
         }
-        write().version = view.version;
+        let mut zone = write();
+        zone.nodes_fingerprint = (zone.by_node > 0)
+            .then(|| fingerprint.unwrap_or_else(|| nodes_fingerprint(view, &cx.local)));
+        zone.version = view.version;
         updated
     }
 
@@ -503,15 +775,22 @@ impl ClusterIndex {
     pub fn lookup(&self, name: &LowerName, qtype: RecordType) -> Option<Lookup> {
         if self.domain_lower.zone_of(name) {
             let zone = self.read();
-            return Some(self.lookup_cluster(&zone, name, qtype));
+            return Some(self.lookup_cluster(&zone, name, qtype, 0));
         }
         self.lookup_reverse(name, qtype)
     }
 
-    fn lookup_cluster(&self, zone: &Zone, name: &LowerName, qtype: RecordType) -> Lookup {
+    fn lookup_cluster(
+        &self,
+        zone: &Zone,
+        name: &LowerName,
+        qtype: RecordType,
+        chain: usize,
+    ) -> Lookup {
         let owner = Name::from(name);
-        let nxdomain = || Lookup::NxDomain(self.soa(self.domain.clone(), zone.version));
-        let nodata = || Lookup::NoData(self.soa(self.domain.clone(), zone.version));
+        let soa = || self.soa(self.domain.clone(), zone.version);
+        let nxdomain = || Lookup::nxdomain(soa());
+        let nodata = || Lookup::nodata(soa());
         let depth = usize::from(name.num_labels())
             .saturating_sub(usize::from(self.domain_lower.num_labels()));
         // At most `_port._proto.<svc>.<ns>.svc` sits in front of the domain.
@@ -526,11 +805,14 @@ impl ClusterIndex {
         match labels {
             [] => {
                 if matches!(qtype, RecordType::SOA | RecordType::ANY) {
-                    let soa = self.soa(self.domain.clone(), zone.version);
-                    return Lookup::Answer {
-                        answers: vec![soa],
-                        additionals: Vec::new(),
-                    };
+                    return Lookup::answer(vec![soa()], Vec::new());
+                }
+                nodata()
+            }
+            [b"dns-version"] => {
+                if matches!(qtype, RecordType::TXT | RecordType::ANY) {
+                    let txt = TXT::new(vec![SCHEMA_VERSION.to_string()]);
+                    return Lookup::answer(vec![self.record(&owner, RData::TXT(txt))], Vec::new());
                 }
                 nodata()
             }
@@ -544,6 +826,9 @@ impl ClusterIndex {
                 let Some((entry, ns, service)) = find(zone, ns, service) else {
                     return nxdomain();
                 };
+                if let Some(target) = entry.alias() {
+                    return self.alias(zone, &owner, target, qtype, chain);
+                }
                 let mut answers = Vec::new();
                 let mut additionals = Vec::new();
                 for ip in entry.service_addresses() {
@@ -564,13 +849,7 @@ impl ClusterIndex {
                         );
                     }
                 }
-                if answers.is_empty() {
-                    return nodata();
-                }
-                Lookup::Answer {
-                    answers,
-                    additionals,
-                }
+                Lookup::answer_or_nodata(answers, additionals, soa)
             }
             [first, service, ns, _] => {
                 let Some((entry, _, _)) = find(zone, ns, service) else {
@@ -587,30 +866,17 @@ impl ClusterIndex {
                 let Ok(first) = std::str::from_utf8(first) else {
                     return nxdomain();
                 };
-                let by_ip = undashed(first);
-                let mut found = false;
-                let mut answers = Vec::new();
+                let named = entry.named(first);
+                if named.is_empty() {
+                    return nxdomain();
+                }
                 let mut seen = HashSet::new();
-                for e in entry.endpoints.iter() {
-                    let hit = match &e.host {
-                        Some(h) => &**h == first,
-                        None => by_ip == Some(e.ip),
-                    };
-                    if hit && seen.insert(e.ip) {
-                        found = true;
-                        if wants(qtype, e.ip) {
-                            answers.push(self.address_record(&owner, e.ip));
-                        }
-                    }
-                }
-                match (found, answers.is_empty()) {
-                    (false, _) => nxdomain(),
-                    (true, true) => nodata(),
-                    (true, false) => Lookup::Answer {
-                        answers,
-                        additionals: Vec::new(),
-                    },
-                }
+                let answers = named
+                    .iter()
+                    .filter(|e| seen.insert(e.ip) && wants(qtype, e.ip))
+                    .map(|e| self.address_record(&owner, e.ip))
+                    .collect();
+                Lookup::answer_or_nodata(answers, Vec::new(), soa)
             }
             [port, proto, service, ns, _] => {
                 let Some((entry, ns, service)) = find(zone, ns, service) else {
@@ -640,20 +906,43 @@ impl ClusterIndex {
                     &mut answers,
                     &mut additionals,
                 );
-                if answers.is_empty() {
-                    return nodata();
-                }
-                Lookup::Answer {
-                    answers,
-                    additionals,
-                }
+                Lookup::answer_or_nodata(answers, additionals, soa)
             }
             _ => nxdomain(),
         }
     }
 
+    /// An ExternalName Service: a CNAME to `target`, then what the target has of `qtype`,
+    /// looked up here when it is a cluster name, else left for the caller to resolve.
+    fn alias(
+        &self,
+        zone: &Zone,
+        owner: &Name,
+        target: &Name,
+        qtype: RecordType,
+        chain: usize,
+    ) -> Lookup {
+        let cname = self.record(owner, RData::CNAME(CNAME(target.clone())));
+        if matches!(qtype, RecordType::CNAME | RecordType::ANY) {
+            return Lookup::answer(vec![cname], Vec::new());
+        }
+        let target_lower = LowerName::new(target);
+        if !self.domain_lower.zone_of(&target_lower) {
+            let mut l = Lookup::answer(vec![cname], Vec::new());
+            l.chase = Some(target.clone());
+            return l;
+        }
+        if chain + 1 >= MAX_CHAIN {
+            return Lookup::answer(vec![cname], Vec::new());
+        }
+        let mut rest = self.lookup_cluster(zone, &target_lower, qtype, chain + 1);
+        rest.answers.insert(0, cname);
+        rest
+    }
+
     /// SRV records of one service port: the service itself for a cluster IP, each endpoint
-    /// serving the port for a headless service; the targets' addresses go to `additionals`.
+    /// serving the port for a headless service (those of the best tier, with topology); the
+    /// targets' addresses go to `additionals`.
     #[allow(clippy::too_many_arguments)]
     fn srv(
         &self,
@@ -679,7 +968,7 @@ impl ClusterIndex {
             }
             return;
         }
-        let serving: Vec<(&Endpoint, u16)> = entry
+        let mut serving: Vec<(&Endpoint, u16)> = entry
             .endpoints
             .iter()
             .filter_map(|e| {
@@ -689,15 +978,11 @@ impl ClusterIndex {
                     .map(|p| (e, p.port))
             })
             .collect();
+        let best = best_tier(serving.iter().map(|(e, _)| *e));
+        serving.retain(|(e, _)| e.tier.is_some() && e.tier == best);
         let weight = u16::try_from((100 / serving.len().max(1)).max(1)).unwrap_or(1);
         for (e, p) in serving {
-            let label = match &e.host {
-                Some(h) => h.to_string(),
-                None => dashed(e.ip),
-            };
-            let Ok(target) =
-                Name::from_labels([label.as_bytes()]).and_then(|n| n.append_domain(&service_name))
-            else {
+            let Some(target) = self.endpoint_name(e, &service_name) else {
                 continue;
             };
             additionals.push(self.address_record(&target, e.ip));
@@ -705,38 +990,102 @@ impl ClusterIndex {
         }
     }
 
-    /// PTR records for cluster IPs; the reverse names of the service CIDR are this zone's.
+    /// `<hostname>.<svc>.<ns>.svc.<domain>.`, or the dashed address for an endpoint without
+    /// a hostname.
+    fn endpoint_name(&self, e: &Endpoint, service_name: &Name) -> Option<Name> {
+        let label = match &e.host {
+            Some(h) => h.to_string(),
+            None => dashed(e.ip),
+        };
+        Name::from_labels([label.as_bytes()])
+            .and_then(|n| n.append_domain(service_name))
+            .ok()
+    }
+
+    /// The PTR targets of `ip`: the Service of a cluster IP, and `<hostname>.<svc>...` of
+    /// every named endpoint at that address.
+    fn ptr_targets(&self, zone: &Zone, ip: IpAddr) -> Vec<Name> {
+        let mut out = Vec::new();
+        for key in zone
+            .reverse
+            .get(&ip)
+            .map(Owners::as_slice)
+            .unwrap_or_default()
+        {
+            let Some(entry) = zone.services.get(key) else {
+                continue;
+            };
+            let (ns, svc) = split_key(key);
+            let Some(service_name) = self.service_name(ns, svc) else {
+                continue;
+            };
+            if entry.cluster_ips().contains(&ip) {
+                out.push(service_name.clone());
+            }
+            for e in entry
+                .endpoints
+                .iter()
+                .filter(|e| e.ip == ip && e.host.is_some())
+            {
+                if let Some(name) = self.endpoint_name(e, &service_name) {
+                    if !out.contains(&name) {
+                        out.push(name);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// PTR records: the reverse names of the service CIDR are this zone's (NXDOMAIN when no
+    /// Service holds the address); elsewhere the addresses of named endpoints (Kubernetes'
+    /// PTR for headless pods with a hostname) are answered, and every other name forwarded.
     fn lookup_reverse(&self, name: &LowerName, qtype: RecordType) -> Option<Lookup> {
         let net = Name::from(name).parse_arpa_name().ok()?;
-        if !self.service_cidr.contains(&net) {
-            return None;
-        }
+        let complete = net.prefix_len() == net.max_prefix_len();
+        let owner = Name::from(name);
         let zone = self.read();
+        if !self.service_cidr.contains(&net) {
+            if !complete {
+                return None;
+            }
+            let targets = self.ptr_targets(&zone, net.addr());
+            if targets.is_empty() {
+                return None;
+            }
+            if !matches!(qtype, RecordType::PTR | RecordType::ANY) {
+                // `in-addr.arpa.` or `ip6.arpa.`: the apex above the address.
+                let apex = owner.trim_to(IN_ADDR_ARPA_LABELS);
+                return Some(Lookup::nodata(self.soa(apex, zone.version)));
+            }
+            return Some(self.ptr_answer(&owner, targets));
+        }
         // The SOA of the reverse zone: the whole octets (nibbles) of the service CIDR.
         let zone_labels = match self.service_cidr {
             IpNet::V4(n) => IN_ADDR_ARPA_LABELS + usize::from(n.prefix_len() / 8),
             IpNet::V6(n) => IN_ADDR_ARPA_LABELS + usize::from(n.prefix_len() / 4),
         };
-        let owner = Name::from(name);
         let soa = self.soa(owner.trim_to(zone_labels), zone.version);
-        if net.prefix_len() != net.max_prefix_len() {
+        if !complete {
             // A name between the zone and the addresses: it exists only to hold them.
-            return Some(Lookup::NoData(soa));
+            return Some(Lookup::nodata(soa));
         }
-        let Some(key) = zone.reverse.get(&net.addr()) else {
-            return Some(Lookup::NxDomain(soa));
-        };
-        let (ns, svc) = split_key(key);
+        let targets = self.ptr_targets(&zone, net.addr());
+        if targets.is_empty() {
+            return Some(Lookup::nxdomain(soa));
+        }
         if !matches!(qtype, RecordType::PTR | RecordType::ANY) {
-            return Some(Lookup::NoData(soa));
+            return Some(Lookup::nodata(soa));
         }
-        let Some(target) = self.service_name(ns, svc) else {
-            return Some(Lookup::NxDomain(soa));
-        };
-        Some(Lookup::Answer {
-            answers: vec![self.record(&owner, RData::PTR(PTR(target)))],
-            additionals: Vec::new(),
-        })
+        Some(self.ptr_answer(&owner, targets))
+    }
+
+    fn ptr_answer(&self, owner: &Name, targets: Vec<Name>) -> Lookup {
+        let answers = targets
+            .into_iter()
+            .map(|t| self.record(owner, RData::PTR(PTR(t))))
+            .collect();
+        Lookup::answer(answers, Vec::new())
     }
 }
 
@@ -861,19 +1210,26 @@ mod tests {
 
     fn answers(l: Option<Lookup>) -> Vec<String> {
         match l {
-            Some(Lookup::Answer { answers, .. }) => {
-                answers.iter().map(|r| r.data.to_string()).collect()
+            Some(l) if !l.nxdomain && l.authority.is_none() && !l.answers.is_empty() => {
+                l.answers.iter().map(|r| r.data.to_string()).collect()
             }
             other => panic!("expected an answer, got {other:?}"),
         }
     }
 
+    /// The SOA of a negative answer: (NXDOMAIN?, the SOA's owner).
+    fn negative(l: Option<Lookup>) -> Option<(bool, Record)> {
+        let l = l?;
+        let soa = l.authority.filter(|r| r.record_type() == RecordType::SOA)?;
+        Some((l.nxdomain, soa))
+    }
+
     fn is_nx(l: Option<Lookup>) -> bool {
-        matches!(l, Some(Lookup::NxDomain(soa)) if soa.record_type() == RecordType::SOA)
+        negative(l).is_some_and(|(nx, _)| nx)
     }
 
     fn is_nodata(l: Option<Lookup>) -> bool {
-        matches!(l, Some(Lookup::NoData(soa)) if soa.record_type() == RecordType::SOA)
+        matches!(&l, Some(l) if l.answers.is_empty()) && negative(l).is_some_and(|(nx, _)| !nx)
     }
 
     #[test]
@@ -975,17 +1331,11 @@ mod tests {
         assert!(q(&i, "cluster.local.example.com.", a).is_none());
         assert!(q(&i, "5.0.244.10.in-addr.arpa.", RecordType::PTR).is_none());
         // SOA serial is the metadata version.
-        match q(&i, "nope.default.svc.cluster.local.", a) {
-            Some(Lookup::NxDomain(soa)) => {
-                assert_eq!(soa.name.to_string(), "cluster.local.");
-                assert!(soa.data.to_string().contains(" 7 "), "{}", soa.data);
-            }
-            other => panic!("{other:?}"),
-        }
-        match q(&i, "11.0.96.10.in-addr.arpa.", RecordType::PTR) {
-            Some(Lookup::NxDomain(soa)) => assert_eq!(soa.name.to_string(), "10.in-addr.arpa."),
-            other => panic!("{other:?}"),
-        }
+        let (_, soa) = negative(q(&i, "nope.default.svc.cluster.local.", a)).expect("soa");
+        assert_eq!(soa.name.to_string(), "cluster.local.");
+        assert!(soa.data.to_string().contains(" 7 "), "{}", soa.data);
+        let (_, soa) = negative(q(&i, "11.0.96.10.in-addr.arpa.", RecordType::PTR)).expect("soa");
+        assert_eq!(soa.name.to_string(), "10.in-addr.arpa.");
     }
 
     #[test]
@@ -1031,6 +1381,309 @@ mod tests {
         assert!(is_nodata(q(
             &i,
             "db.default.svc.cluster.local.",
+            RecordType::A
+        )));
+    }
+
+    fn obj<T: serde::de::DeserializeOwned>(json: &str) -> Arc<T> {
+        Arc::new(serde_json::from_str(json).expect("json"))
+    }
+
+    fn node(name: &str, location: &str) -> Arc<edgehub::model::Node> {
+        let labels = [("location".to_string(), location.to_string())]
+            .into_iter()
+            .collect();
+        Arc::new(edgehub::model::Node::new(name, labels))
+    }
+
+    /// Nodes a, b (beijing) and c (guangzhou); `web` (headless, `spec` as given, unit key
+    /// `location`) with pods web-beijing-0 on a, web-beijing-1 on b, web-guangzhou-0 on c.
+    fn units_view(spec: &str) -> MeshView {
+        let mut v = MeshView {
+            version: 3,
+            ..MeshView::default()
+        };
+        v.nodes.insert("a".into(), node("a", "beijing"));
+        v.nodes.insert("b".into(), node("b", "beijing"));
+        v.nodes.insert("c".into(), node("c", "guangzhou"));
+        v.services.insert(
+            key("default", "web"),
+            obj(&format!(
+                r#"{{"metadata":{{"name":"web","namespace":"default","annotations":{{"edgemesh.io/unit-key":"location"}}}},"spec":{spec}}}"#
+            )),
+        );
+        v.endpoints.insert(
+            key("default", "web"),
+            obj(
+                r#"{"metadata":{"name":"web","namespace":"default"},"subsets":[{"addresses":[
+                {"ip":"10.244.1.10","nodeName":"a","hostname":"web-beijing-0"},
+                {"ip":"10.244.2.10","nodeName":"b","hostname":"web-beijing-1"},
+                {"ip":"10.244.3.10","nodeName":"c","hostname":"web-guangzhou-0"}],
+                "ports":[{"name":"http","port":8080}]}]}"#,
+            ),
+        );
+        v
+    }
+
+    fn index_for(node: &str, v: &MeshView) -> ClusterIndex {
+        let i = ClusterIndex::new("cluster.local", "10.96.0.0/12".parse().unwrap(), 5)
+            .unwrap()
+            .for_node(node, Labels::new());
+        i.update(v);
+        i
+    }
+
+    const WEB: &str = "web.default.svc.cluster.local.";
+
+    #[test]
+    fn headless_services_with_topology_answer_the_best_tier_for_this_node() {
+        let v = units_view(
+            r#"{"clusterIP":"None","topologyKeys":["location"],"ports":[{"name":"http","port":8080}]}"#,
+        );
+        let a = RecordType::A;
+        // This node first, then its unit; never another unit without `*`.
+        assert_eq!(answers(q(&index_for("a", &v), WEB, a)), ["10.244.1.10"]);
+        assert_eq!(answers(q(&index_for("c", &v), WEB, a)), ["10.244.3.10"]);
+        let d = index_for("d", &{
+            let mut v = v.clone();
+            v.nodes.insert("d".into(), node("d", "beijing"));
+            v
+        });
+        assert_eq!(answers(q(&d, WEB, a)), ["10.244.1.10", "10.244.2.10"]);
+        assert_eq!(
+            answers(q(
+                &d,
+                "_http._tcp.web.default.svc.cluster.local.",
+                RecordType::SRV
+            )),
+            [
+                "0 50 8080 web-beijing-0.web.default.svc.cluster.local.",
+                "0 50 8080 web-beijing-1.web.default.svc.cluster.local."
+            ]
+        );
+        // Every pod keeps its own name everywhere.
+        assert_eq!(
+            answers(q(&d, "web-guangzhou-0.web.default.svc.cluster.local.", a)),
+            ["10.244.3.10"]
+        );
+        // A node in a unit without pods, or without the label: the name exists, no address.
+        let mut lonely = v.clone();
+        lonely.nodes.insert("e".into(), node("e", "shanghai"));
+        assert!(is_nodata(q(&index_for("e", &lonely), WEB, a)));
+        assert!(is_nodata(q(&index_for("nobody", &v), WEB, a)));
+        // With `*`, the rest of the fleet is the last tier.
+        let star = units_view(r#"{"clusterIP":"None","topologyKeys":["location","*"]}"#);
+        let mut star = star;
+        star.nodes.insert("e".into(), node("e", "shanghai"));
+        assert_eq!(
+            answers(q(&index_for("e", &star), WEB, a)),
+            ["10.244.1.10", "10.244.2.10", "10.244.3.10"]
+        );
+        // Without topology nothing is filtered.
+        let plain = units_view(r#"{"clusterIP":"None"}"#);
+        assert_eq!(answers(q(&index_for("a", &plain), WEB, a)).len(), 3);
+        // PreferClose: this node, then its unit (the unit key), then any.
+        let close = units_view(r#"{"clusterIP":"None","trafficDistribution":"PreferClose"}"#);
+        assert_eq!(answers(q(&index_for("c", &close), WEB, a)), ["10.244.3.10"]);
+        let mut close_e = close.clone();
+        close_e.nodes.insert("e".into(), node("e", "shanghai"));
+        assert_eq!(answers(q(&index_for("e", &close_e), WEB, a)).len(), 3);
+    }
+
+    #[test]
+    fn unit_names_resolve_to_this_units_pod_and_nothing_else() {
+        let v = units_view(r#"{"clusterIP":"None"}"#);
+        let a = RecordType::A;
+        let name = "web-0.web.default.svc.cluster.local.";
+        assert_eq!(answers(q(&index_for("a", &v), name, a)), ["10.244.1.10"]);
+        assert_eq!(answers(q(&index_for("c", &v), name, a)), ["10.244.3.10"]);
+        assert_eq!(
+            answers(q(
+                &index_for("b", &v),
+                "web-1.web.default.svc.cluster.local.",
+                a
+            )),
+            ["10.244.2.10"]
+        );
+        // No such ordinal in guangzhou; a node without the label: never another unit's pod.
+        assert!(is_nx(q(
+            &index_for("c", &v),
+            "web-1.web.default.svc.cluster.local.",
+            a
+        )));
+        assert!(is_nx(q(&index_for("nobody", &v), name, a)));
+        assert!(is_nodata(q(&index_for("a", &v), name, RecordType::AAAA)));
+        // The per-unit names resolve from every unit; PTR names them.
+        let c = index_for("c", &v);
+        assert_eq!(
+            answers(q(&c, "web-beijing-0.web.default.svc.cluster.local.", a)),
+            ["10.244.1.10"]
+        );
+        assert_eq!(
+            answers(q(&c, "10.1.244.10.in-addr.arpa.", RecordType::PTR)),
+            ["web-beijing-0.web.default.svc.cluster.local."]
+        );
+        // Without the annotation the short name does not exist.
+        let mut plain = v.clone();
+        plain.services.insert(
+            key("default", "web"),
+            obj(r#"{"metadata":{"name":"web","namespace":"default"},"spec":{"clusterIP":"None"}}"#),
+        );
+        assert!(is_nx(q(&index_for("a", &plain), name, a)));
+    }
+
+    #[test]
+    fn relabelling_a_node_rebuilds_what_depends_on_labels() {
+        let mut v = units_view(r#"{"clusterIP":"None","topologyKeys":["location"]}"#);
+        v.services.insert(
+            key("default", "hello"),
+            service("default", "hello", "10.96.0.10", &[]),
+        );
+        let i = index_for("a", &v);
+        let name = "web-0.web.default.svc.cluster.local.";
+        assert_eq!(answers(q(&i, name, RecordType::A)), ["10.244.1.10"]);
+        // Node a moves to guangzhou: its unit name and (once its own pod is gone) tier change.
+        v.nodes.insert("a".into(), node("a", "guangzhou"));
+        v.version += 1;
+        assert_eq!(i.update(&v).changed, 1, "only the entry built from labels");
+        assert_eq!(answers(q(&i, name, RecordType::A)), ["10.244.3.10"]);
+        // A change elsewhere that leaves labels as they were rebuilds nothing.
+        v.nodes.insert("b".into(), node("b", "beijing"));
+        v.version += 1;
+        assert_eq!(i.update(&v).changed, 0);
+        v.endpoints.insert(
+            key("default", "web"),
+            obj(
+                r#"{"metadata":{"name":"web","namespace":"default"},"subsets":[{"addresses":[
+                {"ip":"10.244.2.10","nodeName":"b","hostname":"web-beijing-1"},
+                {"ip":"10.244.3.10","nodeName":"c","hostname":"web-guangzhou-0"}]}]}"#,
+            ),
+        );
+        v.version += 1;
+        i.update(&v);
+        assert_eq!(answers(q(&i, WEB, RecordType::A)), ["10.244.3.10"]);
+    }
+
+    #[test]
+    fn conformance_records_dns_version_pod_ptr_and_unready_endpoints() {
+        let mut v = view();
+        v.endpoints.insert(
+            key("default", "db"),
+            obj(r#"{"metadata":{"name":"db","namespace":"default"},"subsets":[{"addresses":[
+                {"ip":"10.244.1.21","hostname":"db-0"},{"ip":"fd00::21","hostname":"db-1"},{"ip":"10.244.1.22"}],
+                "notReadyAddresses":[{"ip":"10.244.1.23","hostname":"db-2"}]}]}"#),
+        );
+        let i = ClusterIndex::new("cluster.local", "10.96.0.0/12".parse().unwrap(), 5).unwrap();
+        i.update(&v);
+        assert_eq!(
+            answers(q(&i, "dns-version.cluster.local.", RecordType::TXT)),
+            ["1.1.0"]
+        );
+        assert!(is_nodata(q(
+            &i,
+            "dns-version.cluster.local.",
+            RecordType::A
+        )));
+        assert_eq!(
+            answers(q(&i, "21.1.244.10.in-addr.arpa.", RecordType::PTR)),
+            ["db-0.db.default.svc.cluster.local."]
+        );
+        let v6 = "1.2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.";
+        assert_eq!(
+            answers(q(&i, v6, RecordType::PTR)),
+            ["db-1.db.default.svc.cluster.local."]
+        );
+        let (nx, soa) = negative(q(&i, v6, RecordType::A)).expect("nodata");
+        assert!(!nx);
+        assert_eq!(soa.name.to_string(), "ip6.arpa.");
+        // A pod without hostname, or not ready, has no PTR here: forwarded.
+        assert!(q(&i, "22.1.244.10.in-addr.arpa.", RecordType::PTR).is_none());
+        assert!(q(&i, "23.1.244.10.in-addr.arpa.", RecordType::PTR).is_none());
+        assert!(is_nx(q(
+            &i,
+            "db-2.db.default.svc.cluster.local.",
+            RecordType::A
+        )));
+        // The legacy annotation publishes the not-ready one.
+        v.services.insert(
+            key("default", "db"),
+            obj(r#"{"metadata":{"name":"db","namespace":"default","annotations":{"service.alpha.kubernetes.io/tolerate-unready-endpoints":"true"}},"spec":{"clusterIP":"None"}}"#),
+        );
+        v.version += 1;
+        i.update(&v);
+        assert_eq!(
+            answers(q(&i, "db-2.db.default.svc.cluster.local.", RecordType::A)),
+            ["10.244.1.23"]
+        );
+        assert_eq!(
+            answers(q(&i, "db.default.svc.cluster.local.", RecordType::A)).len(),
+            3
+        );
+        assert_eq!(
+            answers(q(&i, "23.1.244.10.in-addr.arpa.", RecordType::PTR)),
+            ["db-2.db.default.svc.cluster.local."]
+        );
+        // Its PTR goes with the Service.
+        v.services.remove(&key("default", "db"));
+        i.update(&v);
+        assert!(q(&i, "21.1.244.10.in-addr.arpa.", RecordType::PTR).is_none());
+    }
+
+    #[test]
+    fn external_names_are_cnames_followed_inside_the_cluster_only() {
+        let mut v = view();
+        let ext = |name: &str, target: &str| -> Arc<Service> {
+            obj(&format!(
+                r#"{{"metadata":{{"name":"{name}","namespace":"default"}},"spec":{{"type":"ExternalName","externalName":"{target}"}}}}"#
+            ))
+        };
+        v.services.insert(
+            key("default", "cloud-db"),
+            ext("cloud-db", "DB.Example.com"),
+        );
+        v.services.insert(
+            key("default", "alias"),
+            ext("alias", "hello.default.svc.cluster.local"),
+        );
+        v.services.insert(
+            key("default", "gone"),
+            ext("gone", "nope.default.svc.cluster.local."),
+        );
+        v.services.insert(
+            key("default", "loop1"),
+            ext("loop1", "loop2.default.svc.cluster.local"),
+        );
+        v.services.insert(
+            key("default", "loop2"),
+            ext("loop2", "loop1.default.svc.cluster.local"),
+        );
+        let i = ClusterIndex::new("cluster.local", "10.96.0.0/12".parse().unwrap(), 5).unwrap();
+        i.update(&v);
+        let l = q(&i, "cloud-db.default.svc.cluster.local.", RecordType::A).expect("ours");
+        assert_eq!(l.answers.len(), 1);
+        assert_eq!(l.answers[0].data.to_string(), "db.example.com.");
+        assert_eq!(
+            l.chase.map(|n| n.to_string()).as_deref(),
+            Some("db.example.com.")
+        );
+        let l = q(&i, "cloud-db.default.svc.cluster.local.", RecordType::CNAME).expect("ours");
+        assert!(l.chase.is_none() && l.answers.len() == 1);
+        assert_eq!(
+            answers(q(&i, "alias.default.svc.cluster.local.", RecordType::A)),
+            ["hello.default.svc.cluster.local.", "10.96.0.10"]
+        );
+        let l = q(&i, "gone.default.svc.cluster.local.", RecordType::A).expect("ours");
+        assert!(
+            l.nxdomain && l.answers.len() == 1 && l.authority.is_some(),
+            "{l:?}"
+        );
+        let l = q(&i, "loop1.default.svc.cluster.local.", RecordType::A).expect("ours");
+        assert_eq!(l.answers.len(), MAX_CHAIN, "a loop ends");
+        assert!(l.chase.is_none());
+        // No cluster IP, so no PTR and nothing below the name.
+        assert!(is_nx(q(
+            &i,
+            "x.cloud-db.default.svc.cluster.local.",
             RecordType::A
         )));
     }

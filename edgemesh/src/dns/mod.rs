@@ -4,7 +4,7 @@
 //!   follows the metamanager's view, and the answers it gives (protocol types only);
 //! - [`forward`] and [`cache`]: every other name, sent to the upstreams and cached;
 //! - [`handler`]: hickory's `RequestHandler` that puts the two together, with metrics;
-//! - [`server`]: the UDP and TCP transports;
+//! - [`server`]: the UDP and TCP transports, within the bounds of [`limits`];
 //! - [`address`]: adding `dns.listen` to `lo` when the node does not have it.
 //!
 //! [`start`] binds the sockets (so a bad `dns.listen` stops startup with an error naming the
@@ -16,6 +16,7 @@ mod config;
 pub mod forward;
 pub mod handler;
 pub mod index;
+pub mod limits;
 pub mod server;
 
 use std::path::Path;
@@ -61,7 +62,8 @@ pub async fn start(
     }
     let ttl = u32::try_from(dns.ttl.as_secs()).unwrap_or(u32::MAX);
     let index = ClusterIndex::new(&cfg.cluster_domain, cfg.service_cidr, ttl)
-        .map_err(|e| ConfigError::key("cluster_domain", e))?;
+        .map_err(|e| ConfigError::key("cluster_domain", e))?
+        .for_node(&cfg.node_name, cfg.labels.clone());
     let index = Arc::new(index);
     let mut views = meta.subscribe();
     let view = views.borrow_and_update().clone();
@@ -98,7 +100,15 @@ pub async fn start(
     let handler = Arc::new(DnsHandler::new(index.clone(), forwarder));
     let tracker = TaskTracker::new();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
-    server::serve(handler, udp, tcp, workers, &shutdown, &tracker);
+    server::serve(
+        handler,
+        udp,
+        tcp,
+        workers,
+        limits::TcpLimits::default(),
+        &shutdown,
+        &tracker,
+    );
     tracker.spawn(follow(index.clone(), views, shutdown.clone()));
     tracker.close();
     info!(

@@ -27,23 +27,19 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponse;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
 use super::forward::UDP_PAYLOAD;
 use super::handler::record_rejected;
+use super::limits::{record_limit, Limit, Slot, TcpLimits, TcpSlots};
 
 /// DNS header length.
 const HEADER: usize = 12;
 /// Largest query accepted: a UDP datagram longer than this is cut (and then fails to parse), a
 /// TCP connection announcing one is closed.
 const MAX_QUERY: usize = 4096;
-/// TCP connections served at once; more are closed at once.
-const MAX_TCP_CONNECTIONS: usize = 256;
-/// A TCP connection with no complete query for this long is closed.
-const TCP_IDLE: Duration = Duration::from_secs(10);
 
 /// A [`ResponseHandler`] that encodes the response into bytes for the transport to send.
 #[derive(Clone)]
@@ -209,13 +205,14 @@ pub async fn bind(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
     Ok((udp, tcp))
 }
 
-/// Serves `udp` and `tcp` with `handler` until `shutdown`; every task it starts is tracked by
-/// `tracker`.
+/// Serves `udp` and `tcp` with `handler` until `shutdown`, TCP within `limits`; every task it
+/// starts is tracked by `tracker`.
 pub fn serve<H: RequestHandler>(
     handler: Arc<H>,
     udp: UdpSocket,
     tcp: TcpListener,
     workers: usize,
+    limits: TcpLimits,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) {
@@ -231,6 +228,7 @@ pub fn serve<H: RequestHandler>(
     tracker.spawn(tcp_acceptor(
         tcp,
         handler,
+        TcpSlots::new(limits),
         shutdown.clone(),
         tracker.clone(),
     ));
@@ -314,10 +312,10 @@ fn send(socket: &Arc<UdpSocket>, bytes: Vec<u8>, src: SocketAddr, tracker: &Task
 async fn tcp_acceptor<H: RequestHandler>(
     listener: TcpListener,
     handler: Arc<H>,
+    slots: Arc<TcpSlots>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             biased;
@@ -333,35 +331,64 @@ async fn tcp_acceptor<H: RequestHandler>(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            debug!(%src, "too many DNS TCP connections; closing");
-            continue;
+        let slot = match slots.admit(src.ip()) {
+            Ok(slot) => slot,
+            Err(limit) => {
+                debug!(%src, limit = limit.as_str(), "DNS TCP connections at their cap, all busy; closing the new one");
+                continue;
+            }
         };
         let (handler, shutdown) = (handler.clone(), shutdown.clone());
+        let idle = slots.limits().idle;
         tracker.spawn(async move {
-            let _slot = slot;
-            shutdown
-                .run_until_cancelled(tcp_connection(stream, src, &*handler))
-                .await;
+            let span = tracing::debug_span!("dns_tcp", %src);
+            let served = tcp_connection(stream, src, &*handler, &slot, idle).instrument(span);
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = slot.closed() => debug!(%src, "idle DNS TCP connection closed to make room"),
+                _ = served => {}
+            }
         });
     }
 }
 
+/// Waits for the client (a read or a write) at most `idle`, counting a timeout.
+async fn client_io<T>(idle: Duration, io: impl Future<Output = io::Result<T>>) -> Option<T> {
+    match tokio::time::timeout(idle, io).await {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(_)) => None,
+        Err(_) => {
+            record_limit(Limit::TcpIdle);
+            None
+        }
+    }
+}
+
 /// Serves length-prefixed queries on one connection, one after the other, until the client
-/// closes, sends garbage, or stays idle for [`TCP_IDLE`].
-async fn tcp_connection<H: RequestHandler>(mut stream: TcpStream, src: SocketAddr, handler: &H) {
+/// closes, sends garbage, or keeps the connection waiting for `idle`.
+async fn tcp_connection<H: RequestHandler>(
+    mut stream: TcpStream,
+    src: SocketAddr,
+    handler: &H,
+    slot: &Slot,
+    idle: Duration,
+) {
     let mut buf = Vec::new();
     loop {
-        let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
-            // No query is that long; a client announcing more is not speaking DNS.
-            Ok(Ok(len)) if usize::from(len) <= MAX_QUERY => usize::from(len),
-            _ => return,
+        slot.waiting();
+        let Some(len) = client_io(idle, stream.read_u16()).await else {
+            return;
         };
-        buf.resize(len, 0);
-        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut buf)).await {
-            Ok(Ok(_)) => {}
-            _ => return,
+        // No query is that long; a client announcing more is not speaking DNS.
+        if usize::from(len) > MAX_QUERY {
+            record_limit(Limit::MessageSize);
+            return;
         }
+        buf.resize(usize::from(len), 0);
+        if client_io(idle, stream.read_exact(&mut buf)).await.is_none() {
+            return;
+        }
+        slot.busy();
         let started = Instant::now();
         let reply = match classify(&buf, src, Protocol::Tcp) {
             Incoming::Ignore => return,
@@ -380,9 +407,9 @@ async fn tcp_connection<H: RequestHandler>(mut stream: TcpStream, src: SocketAdd
         let mut framed = Vec::with_capacity(reply.len() + 2);
         framed.extend_from_slice(&len.to_be_bytes());
         framed.extend_from_slice(&reply);
-        match tokio::time::timeout(TCP_IDLE, stream.write_all(&framed)).await {
-            Ok(Ok(())) => {}
-            _ => return,
+        slot.waiting();
+        if client_io(idle, stream.write_all(&framed)).await.is_none() {
+            return;
         }
     }
 }
@@ -397,7 +424,7 @@ mod tests {
 
     /// A server on loopback whose zone has `hello` (cluster IP) and `many` (headless, 200
     /// endpoints), and no upstreams.
-    async fn server() -> (SocketAddr, CancellationToken) {
+    async fn server(limits: TcpLimits) -> (SocketAddr, CancellationToken) {
         let mut view = MeshView::default();
         let svc = |name: &str, ip: &str| {
             serde_json::from_str(&format!(
@@ -436,7 +463,7 @@ mod tests {
         };
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        serve(Arc::new(handler), udp, tcp, 2, &shutdown, &tracker);
+        serve(Arc::new(handler), udp, tcp, 2, limits, &shutdown, &tracker);
         (udp_addr, shutdown)
     }
 
@@ -476,7 +503,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_truncates_over_udp_completes_over_tcp_and_survives_garbage() {
-        let (addr, shutdown) = server().await;
+        let (addr, shutdown) = server(TcpLimits::default()).await;
         let q = query("HELLO.default.svc.cluster.local.", RecordType::A, true);
         let r = Message::from_vec(&udp_exchange(addr, &q).await.expect("answer")).unwrap();
         assert_eq!(r.answers.len(), 1);
@@ -530,6 +557,59 @@ mod tests {
         // Still serving.
         let q = query("hello.default.svc.cluster.local.", RecordType::A, false);
         assert!(udp_exchange(addr, &q).await.is_some());
+        shutdown.cancel();
+    }
+
+    /// Whether the server closed `s` (EOF or reset) within a moment.
+    async fn is_closed(s: &mut TcpStream) -> bool {
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_millis(300), s.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn idle_tcp_connections_make_room_and_are_closed_while_udp_answers() {
+        let limits = TcpLimits {
+            idle: Duration::from_millis(800),
+            per_client: 8,
+            total: 12,
+        };
+        let (addr, shutdown) = server(limits).await;
+        let q = query("hello.default.svc.cluster.local.", RecordType::A, false);
+        // One client holds far more idle connections than it may.
+        let mut idle = Vec::new();
+        for _ in 0..30 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // A query over TCP from the same client is still answered, and so is UDP.
+        let r = Message::from_vec(&tcp_exchange(addr, &q).await).unwrap();
+        assert_eq!(r.answers.len(), 1);
+        assert!(udp_exchange(addr, &q).await.is_some());
+        let mut closed = 0;
+        for s in &mut idle {
+            closed += usize::from(is_closed(s).await);
+        }
+        assert!(closed >= 30 + 1 - 8, "{closed} of 30 closed");
+        // Another client (another loopback address) has room of its own.
+        let other = tokio::net::TcpSocket::new_v4().unwrap();
+        other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut s = other.connect(addr).await.unwrap();
+        s.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+        s.write_all(&q).await.unwrap();
+        let len = s.read_u16().await.unwrap();
+        let mut buf = vec![0u8; len as usize];
+        s.read_exact(&mut buf).await.unwrap();
+        // Then every connection left waiting is closed after the idle time.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        for s in idle.iter_mut().chain(std::iter::once(&mut s)) {
+            assert!(is_closed(s).await, "an idle connection stayed open");
+        }
+        // A message longer than any query closes the connection at once.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&60000u16.to_be_bytes()).await.unwrap();
+        assert!(is_closed(&mut s).await);
         shutdown.cancel();
     }
 }

@@ -227,6 +227,7 @@ fn resolve_endpoints(
     let mut out: Vec<Endpoint> = Vec::new();
     let mut seen: HashSet<SocketAddr> = HashSet::new();
     let mut elsewhere = 0;
+    let keys = edgehub::topology::keys_of(service);
     for subset in &endpoints.subsets {
         let Some(target) = port.endpoint_port(subset) else {
             continue;
@@ -236,17 +237,21 @@ fn resolve_endpoints(
                 continue;
             };
             let addr = SocketAddr::new(ip, target);
+            let endpoint_node = edgehub::tunnel::authorise::host_of(address);
+            // An endpoint no topology key admits is not used (nor answered by DNS).
+            let Some(tier) = tier_of(endpoint_node, node, view, &keys) else {
+                continue;
+            };
             if !seen.insert(addr) {
                 continue;
             }
-            let endpoint_node = edgehub::tunnel::authorise::host_of(address);
             if endpoint_node != Some(node.name.as_str()) {
                 elsewhere += 1;
             }
             out.push(Endpoint {
                 addr,
                 node: endpoint_node.map(Arc::from),
-                tier: tier_of(endpoint_node, node, view, &service.spec.topology_keys),
+                tier,
                 health: health.get(addr),
             });
         }
@@ -254,34 +259,16 @@ fn resolve_endpoints(
     (out, elsewhere)
 }
 
-/// 0 on this node; `1 + i` when the endpoint's node shares this node's value of
-/// `topologyKeys[i]` (the first such key); after all keys, any other endpoint.
+/// The endpoint's tier for this node (`edgehub::topology`, which DNS uses too); `None` when
+/// no topology key admits it.
 fn tier_of(
     endpoint_node: Option<&str>,
     node: &LocalNode,
     view: &MeshView,
     keys: &[String],
-) -> Tier {
-    let any = Tier(keys.len().min(250) as u8 + 1);
-    if endpoint_node == Some(node.name.as_str()) {
-        return Tier::LOCAL;
-    }
-    let labels = endpoint_node
-        .and_then(|n| view.nodes.get(n))
-        .map(|n| &n.metadata.labels);
-    for (i, key) in keys.iter().enumerate().take(250) {
-        // `*` matches every endpoint, also cloud ones and those on nodes not (yet) known.
-        if key == "*" {
-            return Tier(i as u8 + 1);
-        }
-        let Some(labels) = labels else { continue };
-        if let (Some(mine), Some(theirs)) = (node.labels.get(key), labels.get(key)) {
-            if mine == theirs {
-                return Tier(i as u8 + 1);
-            }
-        }
-    }
-    any
+) -> Option<Tier> {
+    let local = edgehub::topology::Local::in_view(view, &node.name, &node.labels);
+    edgehub::topology::tier_in(view, endpoint_node, &local, keys)
 }
 
 /// Rebuilds the table whenever the metadata changes, until `shutdown`. The table for the
@@ -371,34 +358,33 @@ mod tests {
             .iter()
             .map(|e| (e.addr.to_string(), e.tier.0))
             .collect();
-        // Every ready endpoint, by tier: this node, the same zone, then the rest (another
-        // zone, the cloud); the last three are reached through the cloud.
+        // The ready endpoints the keys admit, by tier: this node, then the same zone; another
+        // zone and the cloud are left out (no `*`). The second is reached through the cloud.
         assert_eq!(
             eps,
-            vec![
-                ("10.244.0.2:8081".into(), 0),
-                ("10.244.1.2:8081".into(), 1),
-                ("10.244.2.2:8081".into(), 2),
-                ("10.244.3.2:8081".into(), 2),
-            ]
+            vec![("10.244.0.2:8081".into(), 0), ("10.244.1.2:8081".into(), 1),]
         );
-        assert_eq!(web.elsewhere, 3);
-        assert_eq!(web.endpoints[3].node, None, "no nodeName: the cloud");
+        assert_eq!(web.elsewhere, 1);
         let keys = ["zone".to_string(), "*".to_string()];
         let v = view();
-        assert_eq!(tier_of(Some("a"), &node, &v, &keys), Tier(0));
-        assert_eq!(tier_of(Some("b"), &node, &v, &keys), Tier(1), "same zone");
-        assert_eq!(tier_of(Some("c"), &node, &v, &keys), Tier(2), "`*`");
+        assert_eq!(tier_of(Some("a"), &node, &v, &keys), Some(Tier(0)));
+        assert_eq!(
+            tier_of(Some("b"), &node, &v, &keys),
+            Some(Tier(1)),
+            "same zone"
+        );
+        assert_eq!(tier_of(Some("c"), &node, &v, &keys), Some(Tier(2)), "`*`");
         assert_eq!(
             tier_of(None, &node, &v, &keys),
-            Tier(2),
+            Some(Tier(2)),
             "`*` covers cloud endpoints"
         );
         assert_eq!(
             tier_of(None, &node, &v, &keys[..1]),
-            Tier(2),
-            "after all keys"
+            None,
+            "no key admits it"
         );
+        assert_eq!(tier_of(None, &node, &v, &[]), Some(Tier(1)), "no topology");
         let admin = table
             .lookup("10.96.0.10:9000".parse().expect("a"))
             .expect("route");
