@@ -4,6 +4,7 @@
 //! - [`message`]: the beehive-style Message and the sync payloads on the hub websocket;
 //! - [`metamanager`]: the node's SQLite copy of the metadata and its in-memory view;
 //! - [`client`]: the edge side of the hub (connect, authenticate, resume, keepalive, reconnect);
+//! - [`balance`]: endpoint choice (policies, affinity, topology tiers, outlier ejection);
 //! - [`io`]: the byte-moving core of every data path (detection, replay, the copier);
 //! - [`topology`]: topology tiers, shared by the proxy and cluster DNS;
 //! - [`systemd`]: readiness, status and watchdog pings for `Type=notify` units;
@@ -12,6 +13,7 @@
 //!   [`process`]: small pieces both binaries need.
 
 pub mod backoff;
+pub mod balance;
 pub mod client;
 pub mod config_doc;
 pub mod config_file;

@@ -20,7 +20,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::balance::HealthRegistry;
+use edgehub::balance::HealthRegistry;
 use crate::iptables::Rules;
 use crate::proxy::RouteTable;
 

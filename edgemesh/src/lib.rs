@@ -4,7 +4,6 @@
 //! - [`agent`]: startup and shutdown (metadata store, hub client, proxy, DNS, admin API);
 //! - [`iptables`]: the nat rules that send the service CIDR to the proxy;
 //! - [`proxy`]: the transparent listener and forwarding;
-//! - [`balance`]: endpoint choice (policies, topology, outlier detection);
 //! - [`dns`]: cluster DNS;
 //! - [`admin`]: health, readiness, metrics and debug views;
 //! - [`status`]: `edgemesh status`;
@@ -12,7 +11,7 @@
 
 pub mod admin;
 pub mod agent;
-pub mod balance;
+
 pub mod config;
 pub mod dns;
 pub mod iptables;

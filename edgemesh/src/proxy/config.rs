@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use edgehub::config_file::ConfigError;
 use ipnet::IpNet;
+use edgehub::balance::OutlierConfig;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -98,30 +99,6 @@ impl Default for HttpConfig {
             header_read_timeout: Duration::from_secs(30),
             pool_idle_timeout: Duration::from_secs(30),
             pool_max_idle_per_endpoint: 256,
-        }
-    }
-}
-
-/// Outlier detection: an endpoint that fails connections is left out for a while.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OutlierConfig {
-    /// Consecutive failed connection attempts that eject an endpoint.
-    pub consecutive_failures: u32,
-    /// First ejection period; each further ejection without a success in between doubles it.
-    #[serde(with = "humantime_serde")]
-    pub base_ejection: Duration,
-    /// Longest ejection period.
-    #[serde(with = "humantime_serde")]
-    pub max_ejection: Duration,
-}
-
-impl Default for OutlierConfig {
-    fn default() -> Self {
-        OutlierConfig {
-            consecutive_failures: 1,
-            base_ejection: Duration::from_secs(5),
-            max_ejection: Duration::from_secs(60),
         }
     }
 }

@@ -34,9 +34,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, debug_span, info, warn, Instrument};
 
-use crate::balance::HealthRegistry;
+use edgehub::balance::HealthRegistry;
 use crate::iptables::Rules;
-pub use config::{HttpConfig, OutlierConfig, ProxyConfig};
+pub use config::{HttpConfig, ProxyConfig};
 use connect::{Connector, Dialer, Upstream};
 use edgehub::io::{self, Detected, Protocol, Rewind};
 use edgehub::limits::{Decision, Limiters, Protocol as LimitProtocol};

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::proxy::table::Route;
+use crate::routes::Route;
 
 /// Which Service's requests to which endpoint a connection carries.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

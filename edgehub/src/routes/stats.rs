@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use hyper::StatusCode;
 use metrics::{counter, histogram, Counter, Histogram};
 
-use edgehub::io::Protocol;
+use crate::io::Protocol;
 
 pub struct ServiceStats {
     /// `namespace/name`.
@@ -70,7 +70,7 @@ impl ServiceStats {
             let service = self.label.to_string();
             let p = protocol.as_str();
             let class = |c: &'static str| {
-                counter!("edgemesh_proxy_http_requests_total", "service" => service.clone(), "protocol" => p, "class" => c)
+                counter!(crate::telemetry::name("proxy_http_requests_total"), "service" => service.clone(), "protocol" => p, "class" => c)
             };
             Box::new(HttpStats {
                 classes: [
@@ -80,7 +80,7 @@ impl ServiceStats {
                     class("4xx"),
                     class("5xx"),
                 ],
-                duration: histogram!("edgemesh_proxy_http_request_duration_seconds", "service" => service.clone(), "protocol" => p),
+                duration: histogram!(crate::telemetry::name("proxy_http_request_duration_seconds"), "service" => service.clone(), "protocol" => p),
             })
         })
     }
@@ -94,20 +94,20 @@ impl ServiceStats {
         self.counters.get_or_init(|| {
             let service = self.label.to_string();
             let result = |r: &'static str| {
-                counter!("edgemesh_proxy_connections_total", "service" => service.clone(), "result" => r)
+                counter!(crate::telemetry::name("proxy_connections_total"), "service" => service.clone(), "result" => r)
             };
             let bytes = |d: &'static str| {
-                counter!("edgemesh_proxy_bytes_total", "service" => service.clone(), "direction" => d)
+                counter!(crate::telemetry::name("proxy_bytes_total"), "service" => service.clone(), "direction" => d)
             };
             Box::new(Counters {
                 forwarded: result("forwarded"),
                 no_endpoints: result("no_endpoints"),
                 connect_failed: result("connect_failed"),
-                endpoint_failures: counter!("edgemesh_proxy_connect_failures_total", "service" => service.clone()),
+                endpoint_failures: counter!(crate::telemetry::name("proxy_connect_failures_total"), "service" => service.clone()),
                 bytes_sent: bytes("sent"),
                 bytes_received: bytes("received"),
                 detected: Protocol::ALL.map(|p| {
-                    counter!("edgemesh_proxy_detected_total", "service" => service.clone(), "protocol" => p.as_str())
+                    counter!(crate::telemetry::name("proxy_detected_total"), "service" => service.clone(), "protocol" => p.as_str())
                 }),
             })
         })

@@ -6,11 +6,36 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::proxy::OutlierConfig;
+use serde::{Deserialize, Serialize};
+
+/// Outlier detection: an endpoint that fails connections is left out for a while.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    /// Consecutive failed connection attempts that eject an endpoint.
+    pub consecutive_failures: u32,
+    /// First ejection period; each further ejection without a success in between doubles it.
+    #[serde(with = "humantime_serde")]
+    pub base_ejection: Duration,
+    /// Longest ejection period.
+    #[serde(with = "humantime_serde")]
+    pub max_ejection: Duration,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: 1,
+            base_ejection: Duration::from_secs(5),
+            max_ejection: Duration::from_secs(60),
+        }
+    }
+}
 
 /// Health and load of one endpoint address, shared by every Service port that uses it.
 #[derive(Debug)]

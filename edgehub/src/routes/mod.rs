@@ -1,31 +1,59 @@
-//! The route table: which Service port a cluster IP and port belong to, and its endpoints.
+//! Endpoint resolution: the route table, which Service port a cluster IP and port (or, in the
+//! cloud, a Service's name and port) belong to, and its endpoints with their tiers.
 //!
-//! Built from the metamanager's [`MeshView`] every time the view changes and published on a
-//! watch channel; a connection takes the table current when it arrives and keeps its route to
-//! the end, so updates never disturb established connections. Balancing and health state is
-//! carried from one table to the next.
+//! Built from a [`MeshView`] every time the view changes and published on a watch channel; a
+//! connection takes the table current when it arrives and keeps its route to the end, so
+//! updates never disturb established connections. Balancing and health state is carried from
+//! one table to the next. The proxy on nodes and the router in cloudcore both use it.
+
+pub mod stats;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgehub::metamanager::MeshView;
-use edgehub::model::{Endpoints, Service, ServiceAnnotations, ServicePort};
+use crate::metamanager::MeshView;
+use crate::model::{Endpoints, Service, ServiceAnnotations, ServicePort};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::stats::ServiceStats;
+use stats::ServiceStats;
+
 use crate::balance::{
     Affinity, Endpoint, HealthRegistry, ServiceBalancer, Tier, DEFAULT_AFFINITY_TIMEOUT,
 };
 
-/// Who this node is, for topology preference.
+/// Who this side is: a node (its name and configured labels, for topology preference), or
+/// cloudcore ([`LocalNode::cloud`]).
 #[derive(Clone, Debug, Default)]
 pub struct LocalNode {
     pub name: String,
     pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl LocalNode {
+    /// cloudcore: it hosts the endpoints without a node, and belongs to no unit, so topology
+    /// keys do not narrow what it calls (the router reaches every endpoint of a Service).
+    pub fn cloud() -> LocalNode {
+        LocalNode {
+            name: crate::model::CLOUD_NODE.to_string(),
+            labels: Default::default(),
+        }
+    }
+
+    pub fn is_cloud(&self) -> bool {
+        self.name == crate::model::CLOUD_NODE
+    }
+
+    /// Whether an endpoint on `endpoint_node` (`None`: the cloud) is hosted here.
+    pub fn hosts(&self, endpoint_node: Option<&str>) -> bool {
+        match endpoint_node {
+            None => self.is_cloud(),
+            Some(n) => n == self.name,
+        }
+    }
 }
 
 /// `namespace/name:port` of a Service port, for logs and metrics.
@@ -65,11 +93,34 @@ pub struct Route {
 pub struct RouteTable {
     pub version: u64,
     routes: HashMap<SocketAddr, Arc<Route>>,
+    /// By Service name and port, headless Services included: only where callers name the
+    /// Service (the router), so nodes do not pay for a second index.
+    by_name: Option<HashMap<ServiceRef, Arc<Route>>>,
+}
+
+/// Which indexes a [`RouteTable`] keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Index {
+    /// Cluster IP and port (the proxy).
+    ClusterIp,
+    /// Also Service name and port (the router).
+    AlsoByName,
 }
 
 impl RouteTable {
     pub fn lookup(&self, dst: SocketAddr) -> Option<&Arc<Route>> {
         self.routes.get(&dst)
+    }
+
+    /// The route of Service port `namespace/name:port`; only in tables built with
+    /// [`Index::AlsoByName`].
+    pub fn by_name(&self, namespace: &str, name: &str, port: u16) -> Option<&Arc<Route>> {
+        let key = ServiceRef {
+            namespace: Arc::from(namespace),
+            name: Arc::from(name),
+            port,
+        };
+        self.by_name.as_ref()?.get(&key)
     }
 
     pub fn len(&self) -> usize {
@@ -91,13 +142,16 @@ impl RouteTable {
         node: &LocalNode,
         health: &HealthRegistry,
         previous: &RouteTable,
+        index: Index,
     ) -> RouteTable {
         let mut routes = HashMap::new();
+        let mut by_name = (index == Index::AlsoByName).then(HashMap::new);
         let mut live = HashSet::new();
         for ((namespace, name), service) in &view.services {
-            let Some(ips) = cluster_ips(service) else {
+            let ips = cluster_ips(service).unwrap_or_default();
+            if ips.is_empty() && by_name.is_none() {
                 continue;
-            };
+            }
             let annotations = match ServiceAnnotations::parse(&service.metadata) {
                 Ok(a) => a,
                 Err(e) => {
@@ -131,9 +185,12 @@ impl RouteTable {
                     name: nm.clone(),
                     port: number,
                 };
-                let balancer = previous
-                    .routes
-                    .get(&SocketAddr::new(ips[0], number))
+                let previous_route = ips
+                    .iter()
+                    .find_map(|ip| previous.routes.get(&SocketAddr::new(*ip, number)))
+                    .or_else(|| previous.by_name.as_ref()?.get(&service_ref))
+                    .filter(|r| r.service.namespace == ns && r.service.name == nm);
+                let balancer = previous_route
                     .filter(|r| {
                         r.service == service_ref
                             && r.balancer.policy() == annotations.lb_policy
@@ -143,10 +200,6 @@ impl RouteTable {
                     .unwrap_or_else(|| {
                         Arc::new(ServiceBalancer::new(annotations.lb_policy, affinity))
                     });
-                let previous_route = ips
-                    .iter()
-                    .find_map(|ip| previous.routes.get(&SocketAddr::new(*ip, number)))
-                    .filter(|r| r.service.namespace == ns && r.service.name == nm);
                 let stats = stats
                     .get_or_insert_with(|| match previous_route {
                         Some(r) => r.stats.clone(),
@@ -156,7 +209,7 @@ impl RouteTable {
                     })
                     .clone();
                 let route = Arc::new(Route {
-                    service: service_ref,
+                    service: service_ref.clone(),
                     stats,
                     protocol: annotations.protocol.clone(),
                     hash_header: annotations
@@ -171,12 +224,16 @@ impl RouteTable {
                 for ip in &ips {
                     routes.insert(SocketAddr::new(*ip, number), route.clone());
                 }
+                if let Some(by_name) = &mut by_name {
+                    by_name.insert(service_ref, route);
+                }
             }
         }
         health.retain(&live);
         RouteTable {
             version: view.version,
             routes,
+            by_name,
         }
     }
 }
@@ -227,7 +284,7 @@ fn resolve_endpoints(
     let mut out: Vec<Endpoint> = Vec::new();
     let mut seen: HashSet<SocketAddr> = HashSet::new();
     let mut elsewhere = 0;
-    let keys = edgehub::topology::keys_of(service);
+    let keys = crate::topology::keys_of(service);
     for subset in &endpoints.subsets {
         let Some(target) = port.endpoint_port(subset) else {
             continue;
@@ -237,7 +294,7 @@ fn resolve_endpoints(
                 continue;
             };
             let addr = SocketAddr::new(ip, target);
-            let endpoint_node = edgehub::tunnel::authorise::host_of(address);
+            let endpoint_node = crate::tunnel::authorise::host_of(address);
             // An endpoint no topology key admits is not used (nor answered by DNS).
             let Some(tier) = tier_of(endpoint_node, node, view, &keys) else {
                 continue;
@@ -245,7 +302,7 @@ fn resolve_endpoints(
             if !seen.insert(addr) {
                 continue;
             }
-            if endpoint_node != Some(node.name.as_str()) {
+            if !node.hosts(endpoint_node) {
                 elsewhere += 1;
             }
             out.push(Endpoint {
@@ -259,7 +316,7 @@ fn resolve_endpoints(
     (out, elsewhere)
 }
 
-/// The endpoint's tier for this node (`edgehub::topology`, which DNS uses too); `None` when
+/// The endpoint's tier for this node (`crate::topology`, which DNS uses too); `None` when
 /// no topology key admits it.
 fn tier_of(
     endpoint_node: Option<&str>,
@@ -267,8 +324,15 @@ fn tier_of(
     view: &MeshView,
     keys: &[String],
 ) -> Option<Tier> {
-    let local = edgehub::topology::Local::in_view(view, &node.name, &node.labels);
-    edgehub::topology::tier_in(view, endpoint_node, &local, keys)
+    if node.is_cloud() {
+        return Some(if endpoint_node.is_none() {
+            Tier::LOCAL
+        } else {
+            Tier(1)
+        });
+    }
+    let local = crate::topology::Local::in_view(view, &node.name, &node.labels);
+    crate::topology::tier_in(view, endpoint_node, &local, keys)
 }
 
 /// Rebuilds the table whenever the metadata changes, until `shutdown`. The table for the
@@ -278,6 +342,7 @@ pub async fn follow_view(
     node: LocalNode,
     health: Arc<HealthRegistry>,
     tables: watch::Sender<Arc<RouteTable>>,
+    index: Index,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -287,13 +352,13 @@ pub async fn follow_view(
         }
         let view = views.borrow_and_update().clone();
         let previous = tables.borrow().clone();
-        let table = RouteTable::build(&view, &node, &health, &previous);
+        let table = RouteTable::build(&view, &node, &health, &previous, index);
         debug!(
             version = table.version,
             routes = table.len(),
             "route table rebuilt"
         );
-        metrics::gauge!("edgemesh_proxy_routes").set(table.len() as f64);
+        metrics::gauge!(crate::telemetry::name("proxy_routes")).set(table.len() as f64);
         tables.send_replace(Arc::new(table));
     }
 }
@@ -301,8 +366,8 @@ pub async fn follow_view(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::OutlierConfig;
-    use edgehub::model::{Kind, Node, Object};
+    use crate::balance::OutlierConfig;
+    use crate::model::{Kind, Node, Object};
 
     fn service(json: &str) -> Service {
         match Object::from_json(Kind::Service, json).expect("service") {
@@ -347,7 +412,7 @@ mod tests {
                 .collect(),
         };
         let health = HealthRegistry::new(OutlierConfig::default());
-        let table = RouteTable::build(&view(), &node, &health, &RouteTable::default());
+        let table = RouteTable::build(&view(), &node, &health, &RouteTable::default(), Index::ClusterIp);
         assert_eq!(table.len(), 2, "TCP ports of the ClusterIP service only");
         let web = table
             .lookup("10.96.0.10:80".parse().expect("a"))
@@ -392,7 +457,7 @@ mod tests {
         assert!(table.lookup("10.96.0.10:53".parse().expect("a")).is_none());
 
         // A rebuild keeps the balancer (round-robin position, affinity) of an unchanged Service.
-        let again = RouteTable::build(&view(), &node, &health, &table);
+        let again = RouteTable::build(&view(), &node, &health, &table, Index::ClusterIp);
         let web2 = again
             .lookup("10.96.0.10:80".parse().expect("a"))
             .expect("route");
@@ -408,7 +473,7 @@ mod tests {
         let svc = service(
             r#"{"metadata":{"name":"x"},"spec":{"ports":[{"name":"a","port":80,"targetPort":8080},{"name":"b","port":81},{"name":"c","port":82,"targetPort":"named"}]}}"#,
         );
-        let subset = edgehub::model::EndpointSubset::default();
+        let subset = crate::model::EndpointSubset::default();
         let ports: Vec<Option<u16>> = svc
             .spec
             .ports

@@ -10,7 +10,7 @@
 //!   node's endpoints, retries while nothing of the request has reached an endpoint;
 //! - [`upstream`]: sending to one endpoint over a pooled connection ([`pool`]), opened through
 //!   [`Connector::reach`] (dialled, or a tunnel to another node or the cloud);
-//! - after a `101` (WebSocket), bytes both ways through [`edgehub::io::join`].
+//! - after a `101` (WebSocket), bytes both ways through [`crate::io::join`].
 
 mod answer;
 mod body;
@@ -26,13 +26,12 @@ mod upstream;
 
 use std::sync::Arc;
 
-use edgehub::limits::Limiters;
+use crate::limits::Limiters;
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
-use super::config::HttpConfig;
-use super::connect::Connector;
-use edgehub::io::Protocol;
+use crate::connect::Connector;
+use crate::io::Protocol;
 use pool::Pool;
 
 pub use answer::HttpError;
@@ -47,7 +46,7 @@ pub struct Http {
     cfg: HttpConfig,
     /// `proxy.idle_timeout` and `proxy.half_close_timeout`: upgraded connections (WebSocket)
     /// are byte streams like TCP.
-    upgraded: edgehub::io::Timeouts,
+    upgraded: crate::io::Timeouts,
     /// `proxy.connect_attempts`: endpoints tried for one request.
     attempts: u32,
     connector: Arc<Connector>,
@@ -60,13 +59,13 @@ pub struct Http {
 impl Http {
     pub fn new(
         cfg: HttpConfig,
-        upgraded: edgehub::io::Timeouts,
+        upgraded: crate::io::Timeouts,
         attempts: u32,
         connector: Arc<Connector>,
         limiters: Arc<Limiters>,
     ) -> Http {
         let active = [Protocol::Http1, Protocol::H2].map(
-            |p| metrics::gauge!("edgemesh_proxy_http_active_connections", "protocol" => p.as_str()),
+            |p| metrics::gauge!(crate::telemetry::name("proxy_http_active_connections"), "protocol" => p.as_str()),
         );
         Http {
             pool: Pool::new(cfg.pool_max_idle_per_endpoint, cfg.pool_idle_timeout),

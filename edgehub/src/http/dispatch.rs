@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use edgehub::limits::{Decision, Protocol as LimitProtocol};
+use crate::limits::{Decision, Protocol as LimitProtocol};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 
@@ -14,8 +14,8 @@ use super::answer::HttpError;
 use super::upstream::{Recycle, SendError};
 use super::Http;
 use crate::balance::{InFlight, PickContext};
-use edgehub::io::Protocol;
-use crate::proxy::table::Route;
+use crate::io::Protocol;
+use crate::routes::Route;
 
 /// A response head from an endpoint, that endpoint's in-flight count and the connection to
 /// reuse (both held until the body has been sent).

@@ -24,14 +24,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use edgehub::model::LbPolicy;
+use crate::model::LbPolicy;
 use rand::Rng;
 use tokio::time::Instant;
 
-pub use outlier::{EndpointHealth, HealthRegistry};
+pub use outlier::{EndpointHealth, HealthRegistry, OutlierConfig};
 
 /// Where an endpoint is, relative to this node: the one definition the proxy and DNS share.
-pub use edgehub::topology::Tier;
+pub use crate::topology::Tier;
 
 /// One endpoint as the balancer sees it.
 #[derive(Clone, Debug)]
@@ -222,7 +222,6 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::OutlierConfig;
 
     fn endpoints(n: usize, tiers: &[u8]) -> Vec<Endpoint> {
         let reg = HealthRegistry::new(OutlierConfig::default());

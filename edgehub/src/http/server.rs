@@ -17,8 +17,8 @@ use tracing::{debug_span, Instrument};
 use super::exec::ConnTasks;
 use super::service::{handle, Conn};
 use super::Http;
-use edgehub::io::Protocol;
-use crate::proxy::table::Route;
+use crate::io::Protocol;
+use crate::routes::Route;
 
 /// Largest request head (request line and headers) accepted; larger ones get `431`. It also
 /// caps what a client sending endless headers can make the proxy hold.
@@ -136,11 +136,11 @@ async fn join_upgrade(conn: &Conn, http: &Http) -> Result<(), ServeError> {
     };
     let (client, endpoint) =
         tokio::try_join!(client_side, endpoint_side).map_err(ServeError::Upgrade)?;
-    edgehub::io::join(
-        &mut edgehub::io::Whole(TokioIo::new(client)),
-        &mut edgehub::io::Whole(TokioIo::new(endpoint)),
+    crate::io::join(
+        &mut crate::io::Whole(TokioIo::new(client)),
+        &mut crate::io::Whole(TokioIo::new(endpoint)),
         http.upgraded,
-        edgehub::io::Counters::default(),
+        crate::io::Counters::default(),
     )
     .await
     .map(drop)

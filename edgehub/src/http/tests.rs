@@ -12,8 +12,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use edgehub::limits::{Limit, Limiters};
-use edgehub::model::LbPolicy;
+use crate::limits::{Limit, Limiters};
+use crate::model::LbPolicy;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::header::{HeaderMap, HeaderValue};
@@ -26,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{serve, Http};
 use crate::balance::{Endpoint, HealthRegistry, ServiceBalancer, Tier};
-use crate::proxy::connect::{Connector, Dialer};
-use edgehub::io::Protocol;
-use crate::proxy::stats::ServiceStats;
-use crate::proxy::table::{Route, ServiceRef};
+use crate::connect::{Connector, Dialer};
+use crate::io::Protocol;
+use crate::routes::stats::ServiceStats;
+use crate::routes::{Route, ServiceRef};
 use crate::proxy::{HttpConfig, OutlierConfig, ProxyConfig};
 
 const NODE: &str = "here";
@@ -149,7 +149,7 @@ fn http(cfg: HttpConfig, limiters: Arc<Limiters>) -> Arc<Http> {
     let connector = Connector::new(&proxy, Arc::new(Dialer::new(&proxy)), NODE, None);
     Arc::new(Http::new(
         cfg,
-        edgehub::io::Timeouts {
+        crate::io::Timeouts {
             idle: proxy.idle_timeout,
             half_closed: proxy.half_close_timeout,
         },

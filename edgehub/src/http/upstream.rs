@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use edgehub::io::Protocol;
+use crate::io::Protocol;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
@@ -20,8 +20,8 @@ use super::exec::ConnTasks;
 use super::pool::PoolKey;
 use super::{H1Sender, H2Sender, Http};
 use crate::balance::Endpoint;
-use crate::proxy::connect::{ReachError, Upstream};
-use crate::proxy::table::Route;
+use crate::connect::{ReachError, Upstream};
+use crate::routes::Route;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

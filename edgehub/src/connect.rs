@@ -2,24 +2,31 @@
 //! stream to it through the cloud (an endpoint on another node or in the cloud), and on
 //! failure record it (outlier detection) and fall over to another endpoint.
 
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgehub::io::Protocol;
-use edgehub::tunnel::{
-    OpenError, OpenRequest, RefusalKind, TunnelHandle, TunnelStream,
-};
 use thiserror::Error;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
-use super::socket;
-use super::table::Route;
-use super::ProxyConfig;
 use crate::balance::{Endpoint, InFlight, PickContext};
+use crate::io::{Duplex, Protocol, Source};
+use crate::routes::Route;
+use crate::tunnel::{OpenError, OpenRequest, RefusalKind, TunnelStream};
+
+/// Opens streams to endpoints this side does not dial itself: through the hub link on a
+/// node, through the hosting node's link in the cloud.
+pub trait Opener: Send + Sync + 'static {
+    fn open(
+        &self,
+        request: OpenRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<TunnelStream, OpenError>> + Send + '_>>;
+}
 
 #[derive(Debug, Error)]
 pub enum ConnectError {
@@ -54,21 +61,26 @@ pub enum Upstream {
     Tunnel(TunnelStream),
 }
 
-/// Dials endpoints on this node: marked sockets (so iptables lets them pass) with a timeout.
+/// Dials endpoints this side hosts, with a timeout. On nodes the sockets carry the agent's
+/// mark, so that iptables lets them pass instead of capturing them again.
 pub struct Dialer {
-    mark: u32,
+    mark: Option<u32>,
     timeout: Duration,
     /// Marking needs CAP_NET_ADMIN; without it, say so once rather than on every connection.
     mark_warned: AtomicBool,
 }
 
 impl Dialer {
-    pub fn new(cfg: &ProxyConfig) -> Dialer {
+    pub fn new(mark: Option<u32>, timeout: Duration) -> Dialer {
         Dialer {
-            mark: cfg.mark,
-            timeout: cfg.connect_timeout,
+            mark,
+            timeout,
             mark_warned: AtomicBool::new(false),
         }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     pub async fn dial(&self, addr: SocketAddr) -> io::Result<TcpStream> {
@@ -76,10 +88,12 @@ impl Dialer {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
-        if let Err(e) = socket::set_mark(&socket, self.mark) {
-            if !self.mark_warned.swap(true, Ordering::Relaxed) {
-                warn!(error = %e, "cannot mark upstream sockets (CAP_NET_ADMIN missing?); \
-                    connections to cluster IPs from this host could loop");
+        if let Some(mark) = self.mark {
+            if let Err(e) = crate::socket::set_mark(&socket, mark) {
+                if !self.mark_warned.swap(true, Ordering::Relaxed) {
+                    warn!(error = %e, "cannot mark upstream sockets (CAP_NET_ADMIN missing?); \
+                        connections to cluster IPs from this host could loop");
+                }
             }
         }
         let stream = tokio::time::timeout(self.timeout, socket.connect(addr))
@@ -95,12 +109,15 @@ impl Dialer {
     }
 }
 
+/// Picks endpoints of a route and reaches them: dialled when this side hosts them, else a
+/// stream through [`Opener`]; falls over to another endpoint when one fails.
 pub struct Connector {
     dialer: Arc<Dialer>,
     attempts: u32,
-    /// This node's name: endpoints hosted elsewhere are reached through `tunnel`.
-    node: Arc<str>,
-    tunnel: Option<TunnelHandle>,
+    /// Who this side is: a node's name, or `None` for cloudcore. Endpoints hosted elsewhere
+    /// are reached through `opener`.
+    here: Option<Arc<str>>,
+    opener: Option<Arc<dyn Opener>>,
 }
 
 /// What the far side of a tunnel said, as an I/O error for logs and `AllFailed`.
@@ -123,23 +140,29 @@ pub fn stream_protocol(annotation: Option<&str>) -> Protocol {
 }
 
 impl Connector {
+    /// `here`: this node's name, or `None` in cloudcore; `attempts`: endpoints tried for one
+    /// connection.
     pub fn new(
-        cfg: &ProxyConfig,
         dialer: Arc<Dialer>,
-        node: &str,
-        tunnel: Option<TunnelHandle>,
+        attempts: u32,
+        here: Option<&str>,
+        opener: Option<Arc<dyn Opener>>,
     ) -> Connector {
         Connector {
             dialer,
-            attempts: cfg.connect_attempts,
-            node: Arc::from(node),
-            tunnel,
+            attempts,
+            here: here.map(Arc::from),
+            opener,
         }
     }
 
-    /// Whether this node dials `endpoint` itself.
+    /// Whether this side dials `endpoint` itself.
     pub fn is_local(&self, endpoint: &Endpoint) -> bool {
-        endpoint.node.as_deref() == Some(&*self.node)
+        endpoint.node.as_deref() == self.here.as_deref()
+    }
+
+    pub fn attempts(&self) -> u32 {
+        self.attempts
     }
 
     /// Connects to an endpoint of `route` for a client at `client_ip`. Returns the connection,
@@ -243,10 +266,10 @@ impl Connector {
         endpoint: &Endpoint,
         protocol: Protocol,
     ) -> Result<TunnelStream, OpenError> {
-        let Some(tunnel) = &self.tunnel else {
+        let Some(opener) = &self.opener else {
             return Err(OpenError::LinkDown);
         };
-        tunnel
+        opener
             .open(OpenRequest {
                 stream: 0,
                 namespace: route.service.namespace.to_string(),
@@ -310,16 +333,16 @@ impl tokio::io::AsyncWrite for Upstream {
 /// The reading half of an [`Upstream`].
 pub enum UpstreamReader<'a> {
     Local(tokio::net::tcp::ReadHalf<'a>),
-    Tunnel(edgehub::tunnel::TunnelReader<'a>),
+    Tunnel(crate::tunnel::TunnelReader<'a>),
 }
 
 /// The writing half of an [`Upstream`].
 pub enum UpstreamWriter<'a> {
     Local(tokio::net::tcp::WriteHalf<'a>),
-    Tunnel(edgehub::tunnel::TunnelWriter<'a>),
+    Tunnel(crate::tunnel::TunnelWriter<'a>),
 }
 
-impl edgehub::io::Duplex for Upstream {
+impl crate::io::Duplex for Upstream {
     type Reader<'a> = UpstreamReader<'a>;
     type Writer<'a> = UpstreamWriter<'a>;
 
@@ -344,7 +367,7 @@ impl edgehub::io::Duplex for Upstream {
     }
 }
 
-impl edgehub::io::Source for UpstreamReader<'_> {
+impl crate::io::Source for UpstreamReader<'_> {
     fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send + '_ {
         use futures_util::future::Either;
         match self {
