@@ -50,8 +50,13 @@ pub enum SessionError {
     #[error("protocol error: {0}")]
     Unexpected(String),
     #[error("protocol error: {what} with invalid resource {resource:?}")]
-    BadResource { what: &'static str, resource: String },
-    #[error("change {resource} has version {version}, but the node is at {at}: a change is missing")]
+    BadResource {
+        what: &'static str,
+        resource: String,
+    },
+    #[error(
+        "change {resource} has version {version}, but the node is at {at}: a change is missing"
+    )]
     Gap {
         resource: String,
         version: u64,
@@ -121,7 +126,10 @@ pub enum SessionEvent {
         applied: usize,
         duplicates: usize,
     },
-    SnapshotCommitted { version: u64, objects: u64 },
+    SnapshotCommitted {
+        version: u64,
+        objects: u64,
+    },
     /// An ack of this version was queued.
     Acked(u64),
 }
@@ -696,7 +704,10 @@ mod tests {
         assert!(matches!(ev[0], SessionEvent::Answered(ref a) if a.mode == SyncMode::Current));
         assert_eq!(
             ev[1..],
-            [SessionEvent::Synced(SyncMode::Current), SessionEvent::Acked(7)]
+            [
+                SessionEvent::Synced(SyncMode::Current),
+                SessionEvent::Acked(7)
+            ]
         );
         assert!(s.take_batch().is_none());
     }
@@ -723,11 +734,18 @@ mod tests {
                 .collect::<Vec<_>>(),
             [(3, op::UPDATE, "a"), (4, op::DELETE, "b")]
         );
-        assert_eq!(batch.changes[1].body, svc("b", 4), "a delete keeps its object");
+        assert_eq!(
+            batch.changes[1].body,
+            svc("b", 4),
+            "a delete keeps its object"
+        );
         assert_eq!((batch.version, batch.chain.as_str()), (4, c4.as_str()));
         assert_eq!(batch.expect, Some((4, c4.clone())));
         assert_eq!(s.pending(), 0);
-        assert!(sent(&mut s).is_empty(), "still nothing acked: the store works");
+        assert!(
+            sent(&mut s).is_empty(),
+            "still nothing acked: the store works"
+        );
         assert!(s.take_batch().is_none(), "one commit at a time");
         assert_eq!(s.version(), 2);
 
@@ -862,7 +880,10 @@ mod tests {
                 objects: 3,
             })
         );
-        assert!(sent(&mut s).is_empty(), "acked only once the store replaced");
+        assert!(
+            sent(&mut s).is_empty(),
+            "acked only once the store replaced"
+        );
         assert!(s.take_batch().is_none());
         assert_eq!(s.version(), 5);
         s.store_committed().expect("in flight");
@@ -965,7 +986,14 @@ mod tests {
             .handle(change(7, op::UPDATE, "a"))
             .expect_err("6 is missing");
         assert!(
-            matches!(err, SessionError::Gap { version: 7, at: 5, .. }),
+            matches!(
+                err,
+                SessionError::Gap {
+                    version: 7,
+                    at: 5,
+                    ..
+                }
+            ),
             "{err}"
         );
         assert_eq!(
@@ -1072,57 +1100,79 @@ mod tests {
         let cases: Vec<(SyncSession, Message, &str)> = vec![
             (
                 started(point(None, 0, "")),
-                raw(r#"{"header":{"msg_id":"1"},"route":{"operation":"response","resource":"sync"}}"#),
+                raw(
+                    r#"{"header":{"msg_id":"1"},"route":{"operation":"response","resource":"sync"}}"#,
+                ),
                 "message response sync has no content",
             ),
             (
                 started(point(None, 0, "")),
-                raw(r#"{"header":{"msg_id":"1"},"route":{"operation":"response","resource":"sync"},"content":{"mode":"sideways","storeId":"s","fromVersion":0,"toVersion":1,"count":1}}"#),
+                raw(
+                    r#"{"header":{"msg_id":"1"},"route":{"operation":"response","resource":"sync"},"content":{"mode":"sideways","storeId":"s","fromVersion":0,"toVersion":1,"count":1}}"#,
+                ),
                 "malformed message: unknown variant `sideways`",
             ),
             (
                 started(point(None, 0, "")),
-                raw(r#"{"header":{"msg_id":"1"},"route":{"operation":"response","resource":"sync"},"content":[]}"#),
+                raw(
+                    r#"{"header":{"msg_id":"1"},"route":{"operation":"response","resource":"sync"},"content":[]}"#,
+                ),
                 "malformed message",
             ),
             (
                 live(5, "c5"),
-                raw(r#"{"header":{"msg_id":"1"},"route":{"operation":"update","resource":"default/service/a"},"content":{}}"#),
+                raw(
+                    r#"{"header":{"msg_id":"1"},"route":{"operation":"update","resource":"default/service/a"},"content":{}}"#,
+                ),
                 "invalid resourceversion \"\"",
             ),
             (
                 live(5, "c5"),
-                raw(r#"{"header":{"msg_id":"1","resourceversion":"-6"},"route":{"operation":"update","resource":"default/service/a"},"content":{}}"#),
+                raw(
+                    r#"{"header":{"msg_id":"1","resourceversion":"-6"},"route":{"operation":"update","resource":"default/service/a"},"content":{}}"#,
+                ),
                 "invalid resourceversion \"-6\"",
             ),
             (
                 live(5, "c5"),
-                raw(r#"{"header":{"msg_id":"1","resourceversion":"6"},"route":{"operation":"update","resource":"default/service/a"}}"#),
+                raw(
+                    r#"{"header":{"msg_id":"1","resourceversion":"6"},"route":{"operation":"update","resource":"default/service/a"}}"#,
+                ),
                 "message update default/service/a has no content",
             ),
             (
                 live(5, "c5"),
-                raw(r#"{"header":{"msg_id":"1","resourceversion":"6"},"route":{"operation":"insert","resource":"default/gadget/a"},"content":{}}"#),
+                raw(
+                    r#"{"header":{"msg_id":"1","resourceversion":"6"},"route":{"operation":"insert","resource":"default/gadget/a"},"content":{}}"#,
+                ),
                 "change with invalid resource \"default/gadget/a\"",
             ),
             (
                 live(5, "c5"),
-                raw(r#"{"header":{"msg_id":"1","resourceversion":"6"},"route":{"operation":"delete","resource":"_/service/a"},"content":{}}"#),
+                raw(
+                    r#"{"header":{"msg_id":"1","resourceversion":"6"},"route":{"operation":"delete","resource":"_/service/a"},"content":{}}"#,
+                ),
                 "change with invalid resource \"_/service/a\"",
             ),
             (
                 in_snapshot(),
-                raw(r#"{"header":{"msg_id":"1","resourceversion":"3"},"route":{"operation":"response","resource":"snapshot"},"content":{"entries":[{"resource":"default/service"}],"last":true}}"#),
+                raw(
+                    r#"{"header":{"msg_id":"1","resourceversion":"3"},"route":{"operation":"response","resource":"snapshot"},"content":{"entries":[{"resource":"default/service"}],"last":true}}"#,
+                ),
                 "malformed message",
             ),
             (
                 in_snapshot(),
-                raw(r#"{"header":{"msg_id":"1","resourceversion":"3"},"route":{"operation":"response","resource":"snapshot"},"content":{"entries":[{"resource":"nope","object":{}}],"last":true}}"#),
+                raw(
+                    r#"{"header":{"msg_id":"1","resourceversion":"3"},"route":{"operation":"response","resource":"snapshot"},"content":{"entries":[{"resource":"nope","object":{}}],"last":true}}"#,
+                ),
                 "snapshot entry with invalid resource \"nope\"",
             ),
             (
                 in_snapshot(),
-                raw(r#"{"header":{"msg_id":"1","resourceversion":"x"},"route":{"operation":"response","resource":"snapshot"},"content":{"entries":[],"last":true}}"#),
+                raw(
+                    r#"{"header":{"msg_id":"1","resourceversion":"x"},"route":{"operation":"response","resource":"snapshot"},"content":{"entries":[],"last":true}}"#,
+                ),
                 "invalid resourceversion \"x\"",
             ),
         ];
@@ -1142,7 +1192,10 @@ mod tests {
             r#"{"header":{"msg_id":"1"},"route":{"operation":"frobnicate","resource":"default/service/a"}}"#,
             r#"{"header":{"msg_id":"1"},"route":{}}"#,
         ] {
-            assert!(matches!(s.handle(raw(json)), Ok(Received::Nothing)), "{json}");
+            assert!(
+                matches!(s.handle(raw(json)), Ok(Received::Nothing)),
+                "{json}"
+            );
         }
         assert!(sent(&mut s).is_empty());
         assert!(events(&mut s).is_empty());
@@ -1150,7 +1203,15 @@ mod tests {
 
     #[test]
     fn no_message_in_any_phase_makes_it_panic() {
-        let operations = ["insert", "update", "delete", "response", "keepalive", "query", ""];
+        let operations = [
+            "insert",
+            "update",
+            "delete",
+            "response",
+            "keepalive",
+            "query",
+            "",
+        ];
         let resources = [
             "sync",
             "snapshot",
@@ -1162,14 +1223,26 @@ mod tests {
             "",
             "//",
         ];
-        let versions = ["", "0", "1", "5", "6", "7", "18446744073709551615", "-1", "x"];
+        let versions = [
+            "",
+            "0",
+            "1",
+            "5",
+            "6",
+            "7",
+            "18446744073709551615",
+            "-1",
+            "x",
+        ];
         let contents = [
             None,
             Some("null"),
             Some("{}"),
             Some("[]"),
             Some(r#"{"mode":"snapshot","storeId":"s","fromVersion":0,"toVersion":9,"count":1}"#),
-            Some(r#"{"mode":"delta","storeId":"store-1","fromVersion":5,"toVersion":18446744073709551615,"count":1}"#),
+            Some(
+                r#"{"mode":"delta","storeId":"store-1","fromVersion":5,"toVersion":18446744073709551615,"count":1}"#,
+            ),
             Some(r#"{"entries":[{"resource":"default/service/a","object":{}}],"last":true}"#),
             Some(r#"{"entries":[],"last":false}"#),
             Some(r#""text""#),
@@ -1197,7 +1270,8 @@ mod tests {
                 for version in versions {
                     for content in contents {
                         for mut s in sessions() {
-                            let mut msg = Message::new("cloudhub", "edgehub", "meta", operation, res);
+                            let mut msg =
+                                Message::new("cloudhub", "edgehub", "meta", operation, res);
                             msg.header.resource_version = version.into();
                             if let Some(c) = content {
                                 msg = msg.with_raw_content(c.into()).expect("json");
@@ -1227,7 +1301,11 @@ mod tests {
         let ka = sent(&mut s);
         assert_eq!(ka.len(), 1);
         assert_eq!(
-            (ka[0].route.group.as_str(), ka[0].operation(), ka[0].resource()),
+            (
+                ka[0].route.group.as_str(),
+                ka[0].operation(),
+                ka[0].resource()
+            ),
             (group::HUB, op::KEEPALIVE, "_/node/edge-1")
         );
         assert_eq!(s.next_timer(), t0 + 2 * s10);
@@ -1302,7 +1380,11 @@ mod tests {
         mm.replace_all(&done.store_id, done.version, &done.chain, &objects)
             .expect("replace");
         s.store_committed().expect("commit");
-        for (v, o, n) in [(3, op::UPDATE, "a"), (4, op::DELETE, "b"), (5, op::INSERT, "c")] {
+        for (v, o, n) in [
+            (3, op::UPDATE, "a"),
+            (4, op::DELETE, "b"),
+            (5, op::INSERT, "c"),
+        ] {
             buffered(&mut s, change(v, o, n));
         }
         let batch = s.take_batch().expect("batch");
