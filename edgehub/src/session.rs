@@ -117,7 +117,7 @@ pub struct ChangeBatch {
 #[derive(Clone, Debug, PartialEq)]
 pub enum SessionEvent {
     /// The cloud's answer to the sync request.
-    Answered(SyncResponse),
+    Answered(Box<SyncResponse>),
     /// The node caught up with the cloud on this connection.
     Synced(SyncMode),
     /// A batch was committed (`applied` may be 0 when everything was a redelivery).
@@ -162,6 +162,14 @@ struct InFlight {
     syncs: Option<SyncMode>,
 }
 
+/// A message waiting to be sent, built when it is taken: thousands of simulated nodes keep
+/// their queues' capacity, so the entries stay small.
+enum Outgoing {
+    Request(Box<SyncRequest>),
+    Ack(u64),
+    Keepalive,
+}
+
 /// One connection's worth of the sync protocol, from the sync request on.
 pub struct SyncSession {
     /// The store id of the node's copy, then the one the cloud answered with.
@@ -177,7 +185,7 @@ pub struct SyncSession {
     /// The delta's end, when the buffered batch reaches it.
     batch_expect: Option<Point>,
     in_flight: Option<InFlight>,
-    outbox: VecDeque<Message>,
+    outbox: VecDeque<Outgoing>,
     events: VecDeque<SessionEvent>,
     keepalive_resource: String,
     keepalive_interval: Duration,
@@ -212,7 +220,7 @@ impl SyncSession {
             duplicates: 0,
             batch_expect: None,
             in_flight: None,
-            outbox: VecDeque::from([request.message()]),
+            outbox: VecDeque::from([Outgoing::Request(Box::new(request))]),
             events: VecDeque::new(),
             keepalive_resource: format!("{CLUSTER_SCOPE}/node/{}", cfg.node_name),
             keepalive_interval,
@@ -244,7 +252,17 @@ impl SyncSession {
     }
 
     pub fn poll_transmit(&mut self) -> Option<Message> {
-        self.outbox.pop_front()
+        Some(match self.outbox.pop_front()? {
+            Outgoing::Request(request) => request.message(),
+            Outgoing::Ack(version) => Ack::message(version),
+            Outgoing::Keepalive => Message::new(
+                module::EDGEHUB,
+                module::CLOUDHUB,
+                group::HUB,
+                op::KEEPALIVE,
+                &self.keepalive_resource,
+            ),
+        })
     }
 
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
@@ -272,13 +290,7 @@ impl SyncSession {
             }
         }
         if now >= self.next_keepalive {
-            self.outbox.push_back(Message::new(
-                module::EDGEHUB,
-                module::CLOUDHUB,
-                group::HUB,
-                op::KEEPALIVE,
-                &self.keepalive_resource,
-            ));
+            self.outbox.push_back(Outgoing::Keepalive);
             self.next_keepalive = now + self.keepalive_interval;
         }
         Ok(())
@@ -320,7 +332,7 @@ impl SyncSession {
             chain: resp.chain.clone(),
         };
         let mode = resp.mode;
-        self.events.push_back(SessionEvent::Answered(resp));
+        self.events.push_back(SessionEvent::Answered(Box::new(resp)));
         match mode {
             SyncMode::Snapshot => {
                 self.phase = Phase::Snapshot {
@@ -517,7 +529,7 @@ impl SyncSession {
     }
 
     fn ack(&mut self, version: u64) {
-        self.outbox.push_back(Ack::message(version));
+        self.outbox.push_back(Outgoing::Ack(version));
         self.events.push_back(SessionEvent::Acked(version));
     }
 }
