@@ -252,7 +252,12 @@ impl SyncSession {
     }
 
     pub fn poll_transmit(&mut self) -> Option<Message> {
-        Some(match self.outbox.pop_front()? {
+        let Some(next) = self.outbox.pop_front() else {
+            // Mostly idle, and there may be thousands of sessions: hold no empty capacity.
+            self.outbox.shrink_to_fit();
+            return None;
+        };
+        Some(match next {
             Outgoing::Request(request) => request.message(),
             Outgoing::Ack(version) => Ack::message(version),
             Outgoing::Keepalive => Message::new(
@@ -266,7 +271,11 @@ impl SyncSession {
     }
 
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
-        self.events.pop_front()
+        let event = self.events.pop_front();
+        if event.is_none() {
+            self.events.shrink_to_fit();
+        }
+        event
     }
 
     /// A frame (of any kind) arrived from the cloud: the link is alive.
@@ -332,7 +341,8 @@ impl SyncSession {
             chain: resp.chain.clone(),
         };
         let mode = resp.mode;
-        self.events.push_back(SessionEvent::Answered(Box::new(resp)));
+        self.events
+            .push_back(SessionEvent::Answered(Box::new(resp)));
         match mode {
             SyncMode::Snapshot => {
                 self.phase = Phase::Snapshot {
