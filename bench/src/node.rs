@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use edgehub::client::transmit;
 use edgehub::message::{op, Message, SyncMode};
 use edgehub::metamanager::SyncPoint;
 use edgehub::model::{Object, ObjectKey};
@@ -86,19 +87,6 @@ fn session_config(node: &str, keepalive: Duration) -> SessionConfig {
         keepalive_interval: keepalive,
         keepalive_timeout: None,
     }
-}
-
-/// Sends what the session queued.
-async fn transmit(sink: &mut Sink, session: &mut SyncSession) -> Result<()> {
-    let mut queued = false;
-    while let Some(msg) = session.poll_transmit() {
-        sink.feed(WsMessage::text(msg.to_json())).await?;
-        queued = true;
-    }
-    if queued {
-        sink.flush().await?;
-    }
-    Ok(())
 }
 
 /// State shared by every node of one fleet and the controller.
@@ -265,7 +253,7 @@ struct Seat<'a> {
 impl Seat<'_> {
     /// Sends what the session queued and takes its events into the fleet.
     async fn flush(&mut self, sink: &mut Sink, session: &mut SyncSession) -> Result<()> {
-        transmit(sink, session).await?;
+        transmit(session, sink).await?;
         while let Some(event) = session.poll_event() {
             match event {
                 SessionEvent::Acked(version) => {
@@ -452,7 +440,7 @@ pub async fn snapshot_once(
     );
     let run = async {
         let start = Instant::now();
-        transmit(&mut sink, &mut session).await?;
+        transmit(&mut session, &mut sink).await?;
         let mut out = SnapshotRun {
             store_id: String::new(),
             version: 0,
@@ -517,7 +505,7 @@ pub async fn snapshot_once(
         out.chain = done.chain;
         // The objects are in memory, which is all this node's store is.
         session.store_committed()?;
-        transmit(&mut sink, &mut session).await?;
+        transmit(&mut session, &mut sink).await?;
         let _ = sink.send(WsMessage::Close(None)).await;
         anyhow::Ok(out)
     };

@@ -207,6 +207,22 @@ impl CloudUrl {
     }
 }
 
+/// Writes what `session` queued to a hub websocket, then flushes once.
+pub async fn transmit<S>(session: &mut SyncSession, sink: &mut S) -> Result<(), tungstenite::Error>
+where
+    S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
+{
+    let mut queued = false;
+    while let Some(msg) = session.poll_transmit() {
+        sink.feed(WsMessage::text(msg.to_json())).await?;
+        queued = true;
+    }
+    if queued {
+        sink.flush().await?;
+    }
+    Ok(())
+}
+
 /// How a session ended without an error.
 enum SessionEnd {
     Shutdown,
@@ -612,14 +628,7 @@ impl HubClient {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let mut queued = false;
-        while let Some(msg) = session.poll_transmit() {
-            sink.feed(WsMessage::text(msg.to_json())).await?;
-            queued = true;
-        }
-        if queued {
-            sink.flush().await?;
-        }
+        transmit(session, sink).await?;
         while let Some(event) = session.poll_event() {
             self.record(event);
         }
@@ -723,10 +732,8 @@ impl HubClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{
-        chain_next, module, op, resource, Ack, SnapshotChunk, SnapshotEntry, SyncRequest,
-        SyncResponse,
-    };
+    use crate::message::{op, resource, Ack, SyncRequest};
+    use crate::session::wire::{answer, chain_after, change, chunk};
 
     #[test]
     fn cloud_urls() {
@@ -807,50 +814,6 @@ mod tests {
         (FakeHub { ws }, session)
     }
 
-    fn svc(name: &str) -> String {
-        format!(
-            r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}","namespace":"default"}},"spec":{{"ports":[{{"port":80}}]}}}}"#
-        )
-    }
-
-    fn cloud_msg(operation: &str, resource: &str) -> Message {
-        Message::new(
-            module::CLOUDHUB,
-            module::EDGEHUB,
-            group::META,
-            operation,
-            resource,
-        )
-    }
-
-    fn answer(mode: SyncMode, from: u64, to: u64, chain: &str) -> Message {
-        cloud_msg(op::RESPONSE, resource::SYNC).with_content(&SyncResponse {
-            mode,
-            store_id: "s1".into(),
-            from_version: from,
-            to_version: to,
-            count: to - from,
-            chain: chain.into(),
-        })
-    }
-
-    fn change(version: u64, name: &str) -> Message {
-        cloud_msg(op::UPDATE, &format!("default/service/{name}"))
-            .with_version(version)
-            .with_raw_content(svc(name))
-            .expect("json")
-    }
-
-    fn chain_of(prev: &str, version: u64, name: &str) -> String {
-        chain_next(
-            prev,
-            version,
-            op::UPDATE,
-            &format!("default/service/{name}"),
-            &svc(name),
-        )
-    }
-
     /// The hub client drives the session: every ack arrives after its commit, a reconnect
     /// resumes from the store and skips redeliveries, and a silent cloud ends the link after
     /// `keepalive_timeout` (on the paused clock).
@@ -866,32 +829,20 @@ mod tests {
         let (mut hub, session) = connect(client.clone()).await;
         let request: SyncRequest = hub.recv().await.content_as().expect("sync request");
         assert_eq!((request.store_id, request.resource_version), (None, 0));
-        let c1 = chain_of("", 1, "a");
-        hub.send(answer(SyncMode::Snapshot, 0, 1, &c1)).await;
-        let entries = vec![SnapshotEntry {
-            resource: "default/service/a".into(),
-            object: serde_json::value::RawValue::from_string(svc("a")).expect("json"),
-        }];
-        hub.send(
-            cloud_msg(op::RESPONSE, resource::SNAPSHOT)
-                .with_version(1)
-                .with_content(&SnapshotChunk {
-                    entries,
-                    last: true,
-                }),
-        )
-        .await;
+        let c1 = chain_after("", &[(1, op::INSERT, "a")]);
+        hub.send(answer(SyncMode::Snapshot, "s1", 0, 1, &c1)).await;
+        hub.send(chunk(1, &["a"], true)).await;
         assert_eq!(hub.ack().await, 1);
         assert_eq!(
             meta.sync_point().expect("point").version,
             1,
             "acked after commit"
         );
-        hub.send(change(2, "b")).await;
+        hub.send(change(2, op::UPDATE, "b")).await;
         assert_eq!(hub.ack().await, 2);
         let point = meta.sync_point().expect("point");
         assert_eq!(point.version, 2);
-        assert_eq!(point.chain, chain_of(&c1, 2, "b"));
+        assert_eq!(point.chain, chain_after(&c1, &[(2, op::UPDATE, "b")]));
         assert!(client.status().lock().expect("status").synced);
 
         // Silence: keepalives go out, then the link is given up after 30 s.
@@ -916,10 +867,10 @@ mod tests {
             (Some("s1"), 2)
         );
         assert_eq!(request.chain, point.chain);
-        let c3 = chain_of(&point.chain, 3, "c");
-        hub.send(answer(SyncMode::Delta, 2, 3, &c3)).await;
-        hub.send(change(2, "b")).await;
-        hub.send(change(3, "c")).await;
+        let c3 = chain_after(&point.chain, &[(3, op::INSERT, "c")]);
+        hub.send(answer(SyncMode::Delta, "s1", 2, 3, &c3)).await;
+        hub.send(change(2, op::UPDATE, "b")).await;
+        hub.send(change(3, op::INSERT, "c")).await;
         assert_eq!(hub.ack().await, 3);
         assert_eq!(meta.sync_point().expect("point").chain, c3);
         let status = client.status().lock().expect("status").clone();
@@ -931,7 +882,7 @@ mod tests {
         assert_eq!(meta.view().services.len(), 3);
 
         // A gap is a protocol error: nothing of it is committed or acked.
-        hub.send(change(5, "e")).await;
+        hub.send(change(5, op::UPDATE, "e")).await;
         let end = session.await.expect("task");
         assert!(
             matches!(end, Err(HubError::Session(SessionError::Gap { .. }))),

@@ -544,10 +544,75 @@ impl SyncSession {
     }
 }
 
+/// Cloud messages for the tests of the session and of its drivers.
 #[cfg(test)]
-mod tests {
+pub(crate) mod wire {
     use super::*;
     use crate::message::SnapshotEntry;
+
+    pub(crate) fn from_cloud(operation: &str, resource: &str) -> Message {
+        Message::new(
+            module::CLOUDHUB,
+            module::EDGEHUB,
+            group::META,
+            operation,
+            resource,
+        )
+    }
+
+    pub(crate) fn answer(mode: SyncMode, store: &str, from: u64, to: u64, chain: &str) -> Message {
+        from_cloud(op::RESPONSE, resource::SYNC).with_content(&SyncResponse {
+            mode,
+            store_id: store.into(),
+            from_version: from,
+            to_version: to,
+            count: to.saturating_sub(from),
+            chain: chain.into(),
+        })
+    }
+
+    pub(crate) fn svc(name: &str, port: u16) -> String {
+        format!(
+            r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}","namespace":"default"}},"spec":{{"ports":[{{"port":{port}}}]}}}}"#
+        )
+    }
+
+    pub(crate) fn resource_of(name: &str) -> String {
+        format!("default/service/{name}")
+    }
+
+    pub(crate) fn change(version: u64, operation: &str, name: &str) -> Message {
+        from_cloud(operation, &resource_of(name))
+            .with_version(version)
+            .with_raw_content(svc(name, version as u16))
+            .expect("valid json")
+    }
+
+    /// The chain the cloud has after `changes` (version, operation, name) from `chain`.
+    pub(crate) fn chain_after(chain: &str, changes: &[(u64, &str, &str)]) -> String {
+        changes.iter().fold(chain.to_string(), |c, (v, o, n)| {
+            chain_next(&c, *v, o, &resource_of(n), &svc(n, *v as u16))
+        })
+    }
+
+    pub(crate) fn chunk(version: u64, names: &[&str], last: bool) -> Message {
+        let entries = names
+            .iter()
+            .map(|n| SnapshotEntry {
+                resource: resource_of(n),
+                object: RawValue::from_string(svc(n, 80)).expect("json"),
+            })
+            .collect();
+        from_cloud(op::RESPONSE, resource::SNAPSHOT)
+            .with_version(version)
+            .with_content(&SnapshotChunk { entries, last })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wire::*;
+    use super::*;
     use crate::metamanager::MetaManager;
 
     const STORE: &str = "store-1";
@@ -579,73 +644,6 @@ mod tests {
             (op::QUERY, resource::SYNC)
         );
         s
-    }
-
-    fn answer(mode: SyncMode, store: &str, from: u64, to: u64, chain: &str) -> Message {
-        Message::new(
-            module::CLOUDHUB,
-            module::EDGEHUB,
-            group::META,
-            op::RESPONSE,
-            resource::SYNC,
-        )
-        .with_content(&SyncResponse {
-            mode,
-            store_id: store.into(),
-            from_version: from,
-            to_version: to,
-            count: to.saturating_sub(from),
-            chain: chain.into(),
-        })
-    }
-
-    fn svc(name: &str, port: u16) -> String {
-        format!(
-            r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}","namespace":"default"}},"spec":{{"ports":[{{"port":{port}}}]}}}}"#
-        )
-    }
-
-    fn resource_of(name: &str) -> String {
-        format!("default/service/{name}")
-    }
-
-    fn change(version: u64, operation: &str, name: &str) -> Message {
-        Message::new(
-            module::CLOUDHUB,
-            module::EDGEHUB,
-            group::META,
-            operation,
-            &resource_of(name),
-        )
-        .with_version(version)
-        .with_raw_content(svc(name, version as u16))
-        .expect("valid json")
-    }
-
-    /// The chain the cloud has after `changes` (version, operation, name) from `chain`.
-    fn chain_after(chain: &str, changes: &[(u64, &str, &str)]) -> String {
-        changes.iter().fold(chain.to_string(), |c, (v, o, n)| {
-            chain_next(&c, *v, o, &resource_of(n), &svc(n, *v as u16))
-        })
-    }
-
-    fn chunk(version: u64, names: &[&str], last: bool) -> Message {
-        let entries = names
-            .iter()
-            .map(|n| SnapshotEntry {
-                resource: resource_of(n),
-                object: RawValue::from_string(svc(n, 80)).expect("json"),
-            })
-            .collect();
-        Message::new(
-            module::CLOUDHUB,
-            module::EDGEHUB,
-            group::META,
-            op::RESPONSE,
-            resource::SNAPSHOT,
-        )
-        .with_version(version)
-        .with_content(&SnapshotChunk { entries, last })
     }
 
     fn sent(s: &mut SyncSession) -> Vec<Message> {
