@@ -1,6 +1,7 @@
 //! A simulated edge node: one real websocket to the hub, authenticated with the node's own
-//! token, speaking the sync protocol the way `edgehub::client` does (sync request, snapshot /
-//! delta / live changes, one ack per received batch), but keeping its copy in memory only.
+//! token, running the same sync session as the real node (`edgehub::session`: sync request,
+//! snapshot / delta / live changes, redeliveries, gaps, the history chain, one ack per
+//! committed batch, keepalives), but keeping its copy in memory only.
 //!
 //! Thousands of these run in one process, so the per-message work is kept small: one JSON parse
 //! of the envelope (the content stays raw), no pretty-printing, no logging.
@@ -12,11 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use edgehub::message::{
-    chain_next, group, module, op, resource, Ack, Message, SnapshotChunk, SyncMode, SyncRequest,
-    SyncResponse,
+use edgehub::client::transmit;
+use edgehub::message::{op, Message, SyncMode};
+use edgehub::metamanager::SyncPoint;
+use edgehub::model::{Object, ObjectKey};
+use edgehub::session::{
+    ChangeBatch, Received, SessionConfig, SessionEvent, SnapshotCommit, SyncSession,
 };
-use edgehub::model::{Object, ObjectKey, CLUSTER_SCOPE};
 use futures_util::stream::SplitSink;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::value::RawValue;
@@ -29,7 +32,7 @@ use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
-/// Most received messages handled (and acked) as one batch, as `edgehub::client` does.
+/// Most received changes committed (and acked) as one batch, as `edgehub::client` does.
 const MAX_BATCH: usize = 1024;
 
 pub type Ws = WebSocketStream<TcpStream>;
@@ -74,20 +77,16 @@ pub async fn connect(hub: SocketAddr, node: &str, token: &str, timeout: Duration
         .map_err(|_| anyhow!("node {node}: connect timed out after {timeout:?}"))?
 }
 
-pub fn sync_request(store_id: Option<String>, version: u64, chain: Option<&str>) -> String {
-    SyncRequest {
-        store_id,
-        resource_version: version,
-        chain: chain.unwrap_or_default().to_string(),
+/// The session settings of a simulated node: no labels, and a silent hub is never given up
+/// (the benchmark's own phase timeouts catch that).
+fn session_config(node: &str, keepalive: Duration) -> SessionConfig {
+    SessionConfig {
+        node_name: node.to_string(),
         labels: BTreeMap::new(),
         agent_version: concat!("edgemesh-bench/", env!("CARGO_PKG_VERSION")).to_string(),
+        keepalive_interval: keepalive,
+        keepalive_timeout: None,
     }
-    .message()
-    .to_json()
-}
-
-pub fn ack_message(version: u64) -> String {
-    Ack::message(version).to_json()
 }
 
 /// State shared by every node of one fleet and the controller.
@@ -150,7 +149,7 @@ pub struct NodeOpts {
     pub hub: SocketAddr,
     /// Record the receive and ack time of every change.
     pub record: bool,
-    /// Keep the objects (resource → raw JSON); otherwise only count them.
+    /// Keep the objects (key → JSON); otherwise only count them.
     pub keep_objects: bool,
     pub keepalive: Duration,
     pub connect_timeout: Duration,
@@ -174,31 +173,55 @@ pub struct NodeReport {
     pub chain: String,
 }
 
-struct Staged {
-    version: u64,
-    chain: String,
-    entries: Vec<(String, Box<RawValue>)>,
+/// The node's copy of the metadata: the objects (or only their count) and a snapshot's
+/// objects until its last chunk.
+struct Replica {
+    keep: bool,
+    objects: HashMap<ObjectKey, String>,
     count: usize,
+    staged: Vec<(ObjectKey, String)>,
 }
 
-struct Change {
-    version: u64,
-    operation: &'static str,
-    resource: String,
-    /// The object; for a delete, the object as it was (it is part of the chain).
-    body: Box<RawValue>,
-}
+impl Replica {
+    fn new(keep: bool) -> Self {
+        Replica {
+            keep,
+            objects: HashMap::new(),
+            count: 0,
+            staged: Vec::new(),
+        }
+    }
 
-struct State {
-    store_id: Option<String>,
-    snapshot: Option<Staged>,
-    /// Version and chain a delta ends at.
-    delta_target: Option<(u64, String)>,
-    committed: u64,
-    chain: String,
-    synced: bool,
-    objects: HashMap<String, Box<RawValue>>,
-    count: usize,
+    fn stage(&mut self, objects: Vec<(ObjectKey, Box<RawValue>)>) {
+        if self.keep {
+            self.staged.extend(
+                objects
+                    .into_iter()
+                    .map(|(key, raw)| (key, String::from(Box::<str>::from(raw)))),
+            );
+        }
+    }
+
+    fn replace(&mut self, done: &SnapshotCommit) {
+        self.objects = std::mem::take(&mut self.staged).into_iter().collect();
+        self.count = done.objects as usize;
+    }
+
+    fn apply(&mut self, batch: ChangeBatch) {
+        for c in batch.changes {
+            if c.is_delete() {
+                if !self.keep || self.objects.remove(&c.key).is_some() {
+                    self.count = self.count.saturating_sub(1);
+                }
+            } else if self.keep {
+                if self.objects.insert(c.key, c.body).is_none() {
+                    self.count += 1;
+                }
+            } else if c.operation == op::INSERT {
+                self.count += 1;
+            }
+        }
+    }
 }
 
 /// Runs one node until the fleet stops; failures are counted in the fleet.
@@ -218,65 +241,97 @@ pub async fn run_node(
     }
 }
 
+/// The node's share of the fleet's bookkeeping.
+struct Seat<'a> {
+    fleet: &'a Fleet,
+    idx: usize,
+    /// Held until the node synced, so at most `connect_concurrency` nodes sync at a time.
+    permit: Option<OwnedSemaphorePermit>,
+    synced: bool,
+}
+
+impl Seat<'_> {
+    /// Sends what the session queued and takes its events into the fleet.
+    async fn flush(&mut self, sink: &mut Sink, session: &mut SyncSession) -> Result<()> {
+        transmit(session, sink).await?;
+        while let Some(event) = session.poll_event() {
+            match event {
+                SessionEvent::Acked(version) => {
+                    if let Some(a) = self.fleet.acked.get(self.idx) {
+                        a.fetch_max(version, Ordering::Release);
+                    }
+                }
+                SessionEvent::Synced(mode) if !self.synced => {
+                    self.synced = true;
+                    let i = match mode {
+                        SyncMode::Current => 0,
+                        SyncMode::Delta => 1,
+                        SyncMode::Snapshot => 2,
+                    };
+                    self.fleet.modes[i].fetch_add(1, Ordering::Relaxed);
+                    self.fleet.synced.fetch_add(1, Ordering::Release);
+                    self.permit.take();
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 async fn session(
     spec: NodeSpec,
     opts: &NodeOpts,
     fleet: &Fleet,
-    mut permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
 ) -> Result<NodeReport> {
     let ws = tokio::select! {
         _ = fleet.stop.cancelled() => return Ok(NodeReport::default()),
         ws = connect(opts.hub, &spec.name, &spec.token, opts.connect_timeout) => ws?,
     };
     let (mut sink, mut stream) = ws.split();
-    sink.send(WsMessage::text(sync_request(
-        spec.store_id.clone(),
-        spec.version,
-        spec.chain.as_deref(),
-    )))
-    .await?;
-    let mut st = State {
-        store_id: None,
-        snapshot: None,
-        delta_target: None,
-        committed: spec.version,
-        chain: spec.chain.clone().unwrap_or_default(),
-        synced: false,
-        objects: HashMap::new(),
-        count: 0,
-    };
-    let mut samples = Vec::new();
-    // Spread keepalives over the interval so a large fleet does not send them in bursts.
     let period = opts.keepalive.max(Duration::from_millis(100));
+    let point = SyncPoint {
+        store_id: spec.store_id,
+        version: spec.version,
+        chain: spec.chain.unwrap_or_default(),
+    };
+    let now = tokio::time::Instant::now();
+    let mut session = SyncSession::new(&session_config(&spec.name, period), point, now);
+    // Spread keepalives over the interval so a large fleet does not send them in bursts.
     let offset =
         Duration::from_millis((spec.idx as u64).wrapping_mul(7919) % period.as_millis() as u64);
-    let mut keepalive =
-        tokio::time::interval_at(tokio::time::Instant::now() + offset + period / 2, period);
-    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let keepalive_msg = Message::new(
-        module::EDGEHUB,
-        module::CLOUDHUB,
-        group::HUB,
-        op::KEEPALIVE,
-        &format!("{CLUSTER_SCOPE}/node/{}", spec.name),
-    )
-    .to_json();
-    let mut batch: Vec<Change> = Vec::new();
+    session.schedule_keepalive(now + offset + period / 2);
+    let mut seat = Seat {
+        fleet,
+        idx: spec.idx,
+        permit,
+        synced: false,
+    };
+    seat.flush(&mut sink, &mut session).await?;
+    let mut replica = Replica::new(opts.keep_objects);
+    let mut samples = Vec::new();
     let mut batch_samples: Vec<Sample> = Vec::new();
+    let timer = tokio::time::sleep_until(session.next_timer());
+    tokio::pin!(timer);
     loop {
+        if timer.deadline() != session.next_timer() {
+            timer.as_mut().reset(session.next_timer());
+        }
         let first = tokio::select! {
             biased;
             _ = fleet.stop.cancelled() => {
                 let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(WsMessage::Close(None))).await;
                 return Ok(NodeReport {
                     samples,
-                    objects: st.count,
-                    version: st.committed,
-                    chain: st.chain,
+                    objects: replica.count,
+                    version: session.version(),
+                    chain: session.chain().to_string(),
                 });
             }
-            _ = keepalive.tick() => {
-                sink.send(WsMessage::text(keepalive_msg.clone())).await?;
+            _ = &mut timer => {
+                session.on_timer(tokio::time::Instant::now())?;
+                seat.flush(&mut sink, &mut session).await?;
                 continue;
             }
             frame = stream.next() => frame,
@@ -297,28 +352,23 @@ async fn session(
                     break;
                 }
                 Some(Ok(WsMessage::Text(text))) => {
-                    let msg = Message::from_json(text.as_str())?;
-                    let before = batch.len();
-                    match handle(&mut st, opts, msg, &mut batch)? {
-                        Handled::Snapshot => {
-                            // A snapshot replaces everything before it.
-                            batch.clear();
-                            batch_samples.clear();
-                            ack(&mut sink, fleet, spec.idx, st.committed).await?;
-                            mark_synced(fleet, &mut st, &mut permit, 2);
+                    match session.handle(Message::from_json(text.as_str())?)? {
+                        Received::Buffered { version } if opts.record => {
+                            batch_samples.push(Sample {
+                                version,
+                                recv_ns,
+                                ack_ns: 0,
+                            })
                         }
-                        Handled::Current => mark_synced(fleet, &mut st, &mut permit, 0),
-                        Handled::Nothing => {
-                            if opts.record && batch.len() > before {
-                                if let Some(c) = batch.last() {
-                                    batch_samples.push(Sample {
-                                        version: c.version,
-                                        recv_ns,
-                                        ack_ns: 0,
-                                    });
-                                }
+                        Received::Snapshot { objects, complete } => {
+                            replica.stage(objects);
+                            if let Some(done) = complete {
+                                replica.replace(&done);
+                                session.store_committed()?;
+                                seat.flush(&mut sink, &mut session).await?;
                             }
                         }
+                        _ => {}
                     }
                 }
                 Some(Ok(WsMessage::Close(cf))) => {
@@ -330,171 +380,24 @@ async fn session(
                 }
                 Some(Ok(_)) => {}
             }
-            if batch.len() < MAX_BATCH {
+            if session.pending() < MAX_BATCH {
                 frame = stream.next().now_or_never();
                 recv_ns = fleet.now_ns();
             }
         }
-        if !batch.is_empty() {
-            let last = commit(&mut st, opts, &mut batch)?;
-            ack(&mut sink, fleet, spec.idx, last).await?;
-            if let Some((target, chain)) = st.delta_target.take_if(|(t, _)| last >= *t) {
-                if last == target && !chain.is_empty() && chain != st.chain {
-                    bail!("history mismatch at version {target}: the delta ended at another chain");
-                }
-                mark_synced(fleet, &mut st, &mut permit, 1);
-            }
-            if !batch_samples.is_empty() {
-                let ack_ns = fleet.now_ns();
-                samples.extend(batch_samples.drain(..).map(|s| Sample { ack_ns, ..s }));
-            }
+        if let Some(batch) = session.take_batch() {
+            replica.apply(batch);
+            session.store_committed()?;
+        }
+        seat.flush(&mut sink, &mut session).await?;
+        if !batch_samples.is_empty() {
+            let ack_ns = fleet.now_ns();
+            samples.extend(batch_samples.drain(..).map(|s| Sample { ack_ns, ..s }));
         }
         if let Some(e) = ended {
             return Err(e);
         }
     }
-}
-
-fn mark_synced(
-    fleet: &Fleet,
-    st: &mut State,
-    permit: &mut Option<OwnedSemaphorePermit>,
-    mode: usize,
-) {
-    if !st.synced {
-        st.synced = true;
-        fleet.modes[mode].fetch_add(1, Ordering::Relaxed);
-        fleet.synced.fetch_add(1, Ordering::Release);
-        permit.take();
-    }
-}
-
-async fn ack(sink: &mut Sink, fleet: &Fleet, idx: usize, version: u64) -> Result<()> {
-    sink.send(WsMessage::text(ack_message(version))).await?;
-    if let Some(a) = fleet.acked.get(idx) {
-        a.fetch_max(version, Ordering::Release);
-    }
-    Ok(())
-}
-
-enum Handled {
-    Nothing,
-    /// The node is up to date (sync answer `current`).
-    Current,
-    /// A snapshot completed and replaced the node's copy.
-    Snapshot,
-}
-
-/// Handles one message; changes go into `batch`.
-fn handle(
-    st: &mut State,
-    opts: &NodeOpts,
-    msg: Message,
-    batch: &mut Vec<Change>,
-) -> Result<Handled> {
-    match (msg.route.operation.as_str(), msg.route.resource.as_str()) {
-        (op::RESPONSE, resource::SYNC) => {
-            let resp: SyncResponse = msg.content_as()?;
-            match resp.mode {
-                SyncMode::Snapshot => {
-                    st.snapshot = Some(Staged {
-                        version: resp.to_version,
-                        chain: resp.chain,
-                        entries: Vec::new(),
-                        count: 0,
-                    })
-                }
-                SyncMode::Delta => st.delta_target = Some((resp.to_version, resp.chain)),
-                SyncMode::Current => {
-                    st.store_id = Some(resp.store_id);
-                    return Ok(Handled::Current);
-                }
-            }
-            st.store_id = Some(resp.store_id);
-            Ok(Handled::Nothing)
-        }
-        (op::RESPONSE, resource::SNAPSHOT) => {
-            let chunk: SnapshotChunk = msg.content_as()?;
-            let staged = st
-                .snapshot
-                .as_mut()
-                .ok_or_else(|| anyhow!("snapshot chunk without a sync answer"))?;
-            staged.count += chunk.entries.len();
-            if opts.keep_objects {
-                staged
-                    .entries
-                    .extend(chunk.entries.into_iter().map(|e| (e.resource, e.object)));
-            }
-            if !chunk.last {
-                return Ok(Handled::Nothing);
-            }
-            let staged = st.snapshot.take().ok_or_else(|| anyhow!("no snapshot"))?;
-            st.objects = staged.entries.into_iter().collect();
-            st.count = staged.count;
-            st.committed = staged.version;
-            st.chain = staged.chain;
-            Ok(Handled::Snapshot)
-        }
-        (op::INSERT | op::UPDATE | op::DELETE, res) => {
-            if st.store_id.is_none() || st.snapshot.is_some() {
-                bail!("change {res} before the sync answer completed");
-            }
-            let version = msg.version()?;
-            let operation = match msg.route.operation.as_str() {
-                op::INSERT => op::INSERT,
-                op::UPDATE => op::UPDATE,
-                _ => op::DELETE,
-            };
-            let body = msg
-                .content
-                .ok_or_else(|| anyhow!("change {} has no content", msg.route.resource))?;
-            batch.push(Change {
-                version,
-                operation,
-                resource: msg.route.resource,
-                body,
-            });
-            Ok(Handled::Nothing)
-        }
-        _ => Ok(Handled::Nothing), // keepalives and anything unknown
-    }
-}
-
-/// Applies a batch to the in-memory copy (skipping redelivered versions); returns the new
-/// committed version.
-fn commit(st: &mut State, opts: &NodeOpts, batch: &mut Vec<Change>) -> Result<u64> {
-    for c in batch.drain(..) {
-        if c.version <= st.committed {
-            continue; // redelivery
-        }
-        if c.version != st.committed + 1 {
-            bail!(
-                "change {} has version {}, but the node is at {}: a change is missing",
-                c.resource,
-                c.version,
-                st.committed
-            );
-        }
-        st.committed = c.version;
-        st.chain = chain_next(&st.chain, c.version, c.operation, &c.resource, c.body.get());
-        if c.operation == op::DELETE {
-            let existed = if opts.keep_objects {
-                st.objects.remove(&c.resource).is_some()
-            } else {
-                true
-            };
-            if existed {
-                st.count = st.count.saturating_sub(1);
-            }
-        } else if opts.keep_objects {
-            if st.objects.insert(c.resource, c.body).is_none() {
-                st.count += 1;
-            }
-        } else if c.operation == op::INSERT {
-            st.count += 1;
-        }
-    }
-    Ok(st.committed)
 }
 
 /// What one fresh node saw of a full snapshot.
@@ -529,12 +432,15 @@ pub async fn snapshot_once(
     let ws = connect(hub, node, token, timeout).await?;
     let connect_time = t0.elapsed();
     let (mut sink, mut stream) = ws.split();
-    let request = sync_request(None, 0, None);
+    // Keepalives are not due within the run's timeout.
+    let mut session = SyncSession::new(
+        &session_config(node, timeout),
+        SyncPoint::default(),
+        tokio::time::Instant::now(),
+    );
     let run = async {
         let start = Instant::now();
-        sink.send(WsMessage::text(request)).await?;
-        let mut store_id = None;
-        let mut version = None;
+        transmit(&mut session, &mut sink).await?;
         let mut out = SnapshotRun {
             store_id: String::new(),
             version: 0,
@@ -548,7 +454,7 @@ pub async fn snapshot_once(
             nodes: 0,
             other: 0,
         };
-        loop {
+        let done = loop {
             let frame = stream
                 .next()
                 .await
@@ -560,10 +466,9 @@ pub async fn snapshot_once(
                 continue;
             };
             out.bytes += text.len();
-            let msg = Message::from_json(text.as_str())?;
-            match (msg.operation(), msg.resource()) {
-                (op::RESPONSE, resource::SYNC) => {
-                    let resp: SyncResponse = msg.content_as()?;
+            let received = session.handle(Message::from_json(text.as_str())?)?;
+            while let Some(event) = session.poll_event() {
+                if let SessionEvent::Answered(resp) = event {
                     if resp.mode != SyncMode::Snapshot {
                         bail!(
                             "a fresh node got a {} answer, not a snapshot",
@@ -571,43 +476,36 @@ pub async fn snapshot_once(
                         );
                     }
                     out.objects.reserve(resp.count.min(1 << 22) as usize);
-                    out.chain = resp.chain;
-                    store_id = Some(resp.store_id);
-                    version = Some(resp.to_version);
                 }
-                (op::RESPONSE, resource::SNAPSHOT) => {
-                    if version.is_none() {
-                        bail!("snapshot chunk before the sync answer");
-                    }
-                    out.chunks += 1;
-                    let chunk: SnapshotChunk = msg.content_as()?;
-                    for entry in chunk.entries {
-                        let key = ObjectKey::parse_resource(&entry.resource).ok_or_else(|| {
-                            anyhow!("snapshot entry with invalid resource {:?}", entry.resource)
-                        })?;
-                        if parse {
-                            Object::from_json(key.kind, entry.object.get()).map_err(|e| {
-                                anyhow!("snapshot object {} does not parse: {e}", entry.resource)
-                            })?;
-                        }
-                        match key.kind {
-                            edgehub::model::Kind::Service => out.services += 1,
-                            edgehub::model::Kind::Node => out.nodes += 1,
-                            _ => out.other += 1,
-                        }
-                        out.objects.push((key, String::from(entry.object.get())));
-                    }
-                    if chunk.last {
-                        out.sync = start.elapsed();
-                        break;
-                    }
-                }
-                _ => {}
             }
-        }
-        out.store_id = store_id.unwrap_or_default();
-        out.version = version.unwrap_or_default();
-        sink.send(WsMessage::text(ack_message(out.version))).await?;
+            let Received::Snapshot { objects, complete } = received else {
+                continue;
+            };
+            out.chunks += 1;
+            for (key, object) in objects {
+                if parse {
+                    Object::from_json(key.kind, object.get())
+                        .map_err(|e| anyhow!("snapshot object {key} does not parse: {e}"))?;
+                }
+                match key.kind {
+                    edgehub::model::Kind::Service => out.services += 1,
+                    edgehub::model::Kind::Node => out.nodes += 1,
+                    _ => out.other += 1,
+                }
+                out.objects
+                    .push((key, String::from(Box::<str>::from(object))));
+            }
+            if let Some(done) = complete {
+                out.sync = start.elapsed();
+                break done;
+            }
+        };
+        out.store_id = done.store_id;
+        out.version = done.version;
+        out.chain = done.chain;
+        // The objects are in memory, which is all this node's store is.
+        session.store_committed()?;
+        transmit(&mut session, &mut sink).await?;
         let _ = sink.send(WsMessage::Close(None)).await;
         anyhow::Ok(out)
     };

@@ -21,12 +21,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::backoff::Backoff;
-use crate::message::{
-    group, module, op, resource, Ack, Message, MessageError, SnapshotChunk, SyncMode, SyncRequest,
-    SyncResponse,
-};
-use crate::metamanager::{EdgeChange, MetaError, MetaManager};
+use crate::message::{group, Message, MessageError, SyncMode};
+use crate::metamanager::{MetaError, MetaManager};
 use crate::model::ObjectKey;
+use crate::session::{
+    ChangeBatch, Received, SessionConfig, SessionError, SessionEvent, SnapshotCommit, SyncSession,
+};
 use crate::tls::{self, TlsError};
 use crate::tunnel::{Mux, Outgoing, RefusalKind, Side, TunnelHandle};
 
@@ -103,8 +103,6 @@ pub enum HubError {
     },
     #[error("websocket: {0}")]
     WebSocket(#[from] tungstenite::Error),
-    #[error("no message from the cloud for {0:?}")]
-    KeepaliveTimeout(Duration),
     #[error("the cloud closed the connection{0}")]
     Closed(String),
     #[error("protocol error: {0}")]
@@ -113,6 +111,8 @@ pub enum HubError {
     Message(#[from] MessageError),
     #[error(transparent)]
     Store(#[from] MetaError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
 }
 
 /// The last sync answer the node got, for `/debug/sync` and `edgemesh status`.
@@ -205,6 +205,22 @@ impl CloudUrl {
         let scheme = if self.tls { "wss" } else { "ws" };
         format!("{scheme}://{}/v1/nodes/{node}/events", self.authority())
     }
+}
+
+/// Writes what `session` queued to a hub websocket, then flushes once.
+pub async fn transmit<S>(session: &mut SyncSession, sink: &mut S) -> Result<(), tungstenite::Error>
+where
+    S: futures_util::Sink<WsMessage, Error = tungstenite::Error> + Unpin,
+{
+    let mut queued = false;
+    while let Some(msg) = session.poll_transmit() {
+        sink.feed(WsMessage::text(msg.to_json())).await?;
+        queued = true;
+    }
+    if queued {
+        sink.flush().await?;
+    }
+    Ok(())
 }
 
 /// How a session ended without an error.
@@ -314,7 +330,11 @@ impl HubClient {
             match result {
                 Ok(SessionEnd::Shutdown) => break,
                 Err(e) => {
-                    if matches!(e, HubError::Store(MetaError::HistoryMismatch { .. })) {
+                    if matches!(
+                        e,
+                        HubError::Store(MetaError::HistoryMismatch { .. })
+                            | HubError::Session(SessionError::HistoryMismatch { .. })
+                    ) {
                         self.force_snapshot
                             .store(true, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -450,31 +470,27 @@ impl HubClient {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let (mut sink, mut stream) = ws.split();
-        let point = self.with_store(|meta| meta.sync_point()).await?;
-        let fresh = self
+        let mut point = self.with_store(|meta| meta.sync_point()).await?;
+        if self
             .force_snapshot
-            .swap(false, std::sync::atomic::Ordering::Relaxed);
-        let request = SyncRequest {
-            store_id: if fresh { None } else { point.store_id.clone() },
-            resource_version: point.version,
-            chain: point.chain.clone(),
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            point.store_id = None;
+        }
+        debug!(version = point.version, store_id = ?point.store_id, "sync requested");
+        let cfg = SessionConfig {
+            node_name: self.cfg.node_name.clone(),
             labels: self.cfg.labels.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            keepalive_interval: self.cfg.keepalive_interval,
+            keepalive_timeout: Some(self.cfg.keepalive_timeout),
         };
-        sink.send(WsMessage::text(request.message().to_json()))
-            .await?;
-        debug!(version = point.version, store_id = ?point.store_id, "sync requested");
-
-        let mut state = SessionState {
-            store_id: None,
-            snapshot: None,
-            delta_target: None,
-            ack_pending: false,
-            committed: point.version,
-        };
-        let mut keepalive = tokio::time::interval(self.cfg.keepalive_interval);
-        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut deadline = Instant::now() + self.cfg.keepalive_timeout;
+        let mut session = SyncSession::new(&cfg, point, Instant::now());
+        self.flush_session(&mut session, &mut sink).await?;
+        // A snapshot's objects, kept until its last chunk.
+        let mut staged: Vec<(ObjectKey, String)> = Vec::new();
+        let timer = sleep_until(session.next_timer());
+        tokio::pin!(timer);
 
         let (mux, mut link_out) = match &self.tunnel {
             Some(tunnel) => {
@@ -487,6 +503,7 @@ impl HubClient {
         let _link = LinkGuard(&self.tunnel);
 
         loop {
+            timer.as_mut().reset(session.next_timer());
             let first = tokio::select! {
                 _ = shutdown.cancelled() => {
                     let _ = sink.send(WsMessage::Close(None)).await;
@@ -509,20 +526,15 @@ impl HubClient {
                     sink.flush().await?;
                     continue;
                 }
-                _ = keepalive.tick() => {
-                    let ka = Message::new(module::EDGEHUB, module::CLOUDHUB, group::HUB, op::KEEPALIVE,
-                        &format!("{}/node/{}", crate::model::CLUSTER_SCOPE, self.cfg.node_name));
-                    sink.send(WsMessage::text(ka.to_json())).await?;
+                _ = &mut timer => {
+                    session.on_timer(Instant::now())?;
+                    self.flush_session(&mut session, &mut sink).await?;
                     continue;
-                }
-                _ = sleep_until(deadline) => {
-                    return Err(HubError::KeepaliveTimeout(self.cfg.keepalive_timeout));
                 }
                 frame = stream.next() => frame,
             };
-            deadline = Instant::now() + self.cfg.keepalive_timeout;
+            session.received(Instant::now());
             // Take everything that is already here, so one transaction commits a whole burst.
-            let mut batch = Vec::new();
             let mut ended: Option<HubError> = None;
             let mut frame = Some(first);
             while let Some(f) = frame.take() {
@@ -539,10 +551,20 @@ impl HubClient {
                         let msg = Message::from_json(text.as_str())?;
                         if msg.route.group == group::STREAM {
                             self.on_stream_message(mux.as_ref(), &msg)?;
-                        } else if let Some(snapshot) = self.handle(&mut state, msg, &mut batch)? {
-                            // A snapshot replaces everything, so earlier changes are moot.
-                            batch.clear();
-                            self.apply_snapshot(&mut state, snapshot, &mut sink).await?;
+                        } else if let Received::Snapshot { objects, complete } =
+                            session.handle(msg)?
+                        {
+                            staged.extend(
+                                objects
+                                    .into_iter()
+                                    .map(|(key, raw)| (key, String::from(Box::<str>::from(raw)))),
+                            );
+                            if let Some(done) = complete {
+                                self.apply_snapshot(done, std::mem::take(&mut staged))
+                                    .await?;
+                                session.store_committed()?;
+                                self.flush_session(&mut session, &mut sink).await?;
+                            }
                         }
                     }
                     Some(Ok(WsMessage::Close(frame))) => {
@@ -560,16 +582,15 @@ impl HubClient {
                     },
                     Some(Ok(_)) => {} // ping/pong are answered by tungstenite
                 }
-                if batch.len() < MAX_BATCH {
+                if session.pending() < MAX_BATCH {
                     frame = stream.next().now_or_never();
                 }
             }
-            if !batch.is_empty() {
-                self.commit(&mut state, batch, &mut sink).await?;
-            } else if state.ack_pending {
-                self.ack(state.committed, &mut sink).await?;
+            if let Some(batch) = session.take_batch() {
+                self.commit(batch).await?;
+                session.store_committed()?;
             }
-            state.ack_pending = false;
+            self.flush_session(&mut session, &mut sink).await?;
             if let Some(e) = ended {
                 return Err(e);
             }
@@ -598,18 +619,25 @@ impl HubClient {
         Ok(())
     }
 
-    /// Handles one message. Changes go into `batch`; a completed snapshot is returned.
-    fn handle(
+    /// Sends what the session queued and takes its events into the status.
+    async fn flush_session<S>(
         &self,
-        state: &mut SessionState,
-        msg: Message,
-        batch: &mut Vec<EdgeChange>,
-    ) -> Result<Option<StagedSnapshot>, HubError> {
-        let operation = msg.route.operation.clone();
-        let res = msg.route.resource.clone();
-        match (operation.as_str(), res.as_str()) {
-            (op::RESPONSE, resource::SYNC) => {
-                let resp: SyncResponse = msg.content_as()?;
+        session: &mut SyncSession,
+        sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
+    ) -> Result<(), HubError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        transmit(session, sink).await?;
+        while let Some(event) = session.poll_event() {
+            self.record(event);
+        }
+        Ok(())
+    }
+
+    fn record(&self, event: SessionEvent) {
+        match event {
+            SessionEvent::Answered(resp) => {
                 info!(
                     mode = resp.mode.as_str(),
                     from = resp.from_version,
@@ -617,166 +645,75 @@ impl HubClient {
                     count = resp.count,
                     "sync answer"
                 );
-                match resp.mode {
-                    SyncMode::Snapshot => {
-                        state.snapshot = Some(StagedSnapshot {
-                            version: resp.to_version,
-                            chain: resp.chain.clone(),
-                            objects: Vec::with_capacity(resp.count.min(1 << 20) as usize),
-                        });
-                        self.update(|s| s.snapshots += 1);
-                    }
-                    SyncMode::Delta => {
-                        state.delta_target = Some((resp.to_version, resp.chain.clone()));
-                        self.update(|s| s.deltas += 1);
-                    }
-                    SyncMode::Current => {
-                        // Nothing to apply: confirm the version the node stands at, so the
-                        // cloud's view of it is right after a reconnect.
-                        state.ack_pending = true;
-                        self.update(|s| s.synced = true);
-                    }
-                }
-                state.store_id = Some(resp.store_id.clone());
                 self.update(|s| {
+                    match resp.mode {
+                        SyncMode::Snapshot => s.snapshots += 1,
+                        SyncMode::Delta => s.deltas += 1,
+                        SyncMode::Current => {}
+                    }
                     s.last_sync = Some(LastSync {
                         mode: resp.mode,
                         from_version: resp.from_version,
                         to_version: resp.to_version,
                         count: resp.count,
                         at_ms: now_ms(),
-                    })
+                    });
                 });
-                Ok(None)
             }
-            (op::RESPONSE, resource::SNAPSHOT) => {
-                let chunk: SnapshotChunk = msg.content_as()?;
-                let staged = state.snapshot.as_mut().ok_or_else(|| {
-                    HubError::Protocol("snapshot chunk without a sync answer".into())
-                })?;
-                for entry in chunk.entries {
-                    let key = ObjectKey::parse_resource(&entry.resource).ok_or_else(|| {
-                        HubError::Protocol(format!(
-                            "snapshot entry with invalid resource {:?}",
-                            entry.resource
-                        ))
-                    })?;
-                    staged.objects.push((key, entry.object.get().to_string()));
-                }
-                if chunk.last {
-                    return Ok(state.snapshot.take());
-                }
-                Ok(None)
-            }
-            (op::INSERT | op::UPDATE | op::DELETE, res) => {
-                if state.store_id.is_none() || state.snapshot.is_some() {
-                    return Err(HubError::Protocol(format!(
-                        "change {res} before the sync answer completed"
-                    )));
-                }
-                let key = ObjectKey::parse_resource(res).ok_or_else(|| {
-                    HubError::Protocol(format!("change with invalid resource {res:?}"))
-                })?;
-                let version = msg.version()?;
-                // A delete carries the object as it was: its bytes are part of the chain.
-                let body = msg
-                    .content
-                    .ok_or_else(|| MessageError::MissingContent {
-                        operation: operation.clone(),
-                        resource: res.to_string(),
-                    })?
-                    .get()
-                    .to_string();
-                batch.push(EdgeChange {
-                    version,
-                    key,
-                    operation: operation.clone(),
-                    body,
+            SessionEvent::Synced(_) => self.update(|s| s.synced = true),
+            SessionEvent::BatchCommitted {
+                applied,
+                duplicates,
+                ..
+            } => {
+                metrics::counter!("edgemesh_hub_changes_applied_total").increment(applied as u64);
+                self.update(|s| {
+                    s.changes_applied += applied as u64;
+                    s.duplicates_skipped += duplicates as u64;
+                    s.batches_committed += 1;
+                    s.last_change_at_ms = Some(now_ms());
                 });
-                Ok(None)
             }
-            (op::KEEPALIVE, _) => Ok(None),
-            (operation, res) => {
-                debug!(operation, resource = res, "ignoring an unknown message");
-                Ok(None)
+            SessionEvent::SnapshotCommitted { version, objects } => {
+                info!(version, objects, "snapshot applied");
+                self.update(|s| {
+                    s.batches_committed += 1;
+                    s.last_change_at_ms = Some(now_ms());
+                });
             }
+            SessionEvent::Acked(version) => self.update(|s| s.acked_version = version),
         }
     }
 
-    async fn commit<S>(
-        &self,
-        state: &mut SessionState,
-        batch: Vec<EdgeChange>,
-        sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
-    ) -> Result<(), HubError>
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
-        let store_id = state
-            .store_id
-            .clone()
-            .ok_or_else(|| HubError::Protocol("changes before the sync answer".into()))?;
-        let expect = state.delta_target.clone();
+    /// Commits a batch and its version in one transaction. The store checks the batch against
+    /// what it holds, so a copy that is not where the session thinks it is never gets acked.
+    async fn commit(&self, batch: ChangeBatch) -> Result<(), HubError> {
+        let (version, chain) = (batch.version, batch.chain.clone());
         let applied = self
             .with_store(move |meta| {
-                let expect = expect.as_ref().map(|(v, c)| (*v, c.as_str()));
-                meta.apply_changes(&store_id, &batch, expect)
+                let expect = batch.expect.as_ref().map(|(v, c)| (*v, c.as_str()));
+                meta.apply_changes(&batch.store_id, &batch.changes, expect)
             })
             .await?;
-        state.committed = applied.version;
-        metrics::counter!("edgemesh_hub_changes_applied_total").increment(applied.applied as u64);
-        // (The chain at the end of a delta was checked inside the transaction.)
-        let caught_up = state
-            .delta_target
-            .as_ref()
-            .is_some_and(|(target, _)| applied.version >= *target);
-        if caught_up {
-            state.delta_target = None;
+        if applied.version != version || applied.chain != chain {
+            return Err(HubError::Protocol(format!(
+                "the store is at version {} but the sync session expected {version}",
+                applied.version
+            )));
         }
-        self.update(|s| {
-            s.changes_applied += applied.applied as u64;
-            s.duplicates_skipped += applied.duplicates as u64;
-            s.batches_committed += 1;
-            s.last_change_at_ms = Some(now_ms());
-            if caught_up {
-                s.synced = true;
-            }
-        });
-        self.ack(state.committed, sink).await
+        Ok(())
     }
 
-    async fn apply_snapshot<S>(
+    async fn apply_snapshot(
         &self,
-        state: &mut SessionState,
-        snapshot: StagedSnapshot,
-        sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
-    ) -> Result<(), HubError>
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
-        let store_id = state
-            .store_id
-            .clone()
-            .ok_or_else(|| HubError::Protocol("snapshot before the sync answer".into()))?;
-        let version = snapshot.version;
-        let count = self
-            .with_store(move |meta| {
-                meta.replace_all(
-                    &store_id,
-                    snapshot.version,
-                    &snapshot.chain,
-                    &snapshot.objects,
-                )
-            })
-            .await?;
-        info!(version, objects = count, "snapshot applied");
-        state.committed = version;
-        self.update(|s| {
-            s.synced = true;
-            s.batches_committed += 1;
-            s.last_change_at_ms = Some(now_ms());
-        });
-        self.ack(version, sink).await
+        done: SnapshotCommit,
+        objects: Vec<(ObjectKey, String)>,
+    ) -> Result<(), HubError> {
+        self.with_store(move |meta| {
+            meta.replace_all(&done.store_id, done.version, &done.chain, &objects)
+        })
+        .await?;
+        Ok(())
     }
 
     /// Runs store work (SQLite, blocking) on the blocking pool.
@@ -790,41 +727,13 @@ impl HubClient {
             .map_err(|e| HubError::Protocol(format!("store task failed: {e}")))?
             .map_err(HubError::from)
     }
-
-    async fn ack<S>(
-        &self,
-        version: u64,
-        sink: &mut futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
-    ) -> Result<(), HubError>
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
-        let msg = Ack::message(version);
-        sink.send(WsMessage::text(msg.to_json())).await?;
-        self.update(|s| s.acked_version = version);
-        Ok(())
-    }
-}
-
-struct StagedSnapshot {
-    version: u64,
-    chain: String,
-    objects: Vec<(ObjectKey, String)>,
-}
-
-struct SessionState {
-    store_id: Option<String>,
-    snapshot: Option<StagedSnapshot>,
-    /// Version and chain a delta ends at.
-    delta_target: Option<(u64, String)>,
-    /// The node owes the cloud an ack of `committed`.
-    ack_pending: bool,
-    committed: u64,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::{op, resource, Ack, SyncRequest};
+    use crate::session::wire::{answer, chain_after, change, chunk};
 
     #[test]
     fn cloud_urls() {
@@ -849,5 +758,137 @@ mod tests {
         for bad in ["", "cloud:10000", "ftp://x", "ws://x/some/path"] {
             assert!(CloudUrl::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// The cloud's end of an in-memory link for the driver tests.
+    struct FakeHub {
+        ws: WebSocketStream<tokio::io::DuplexStream>,
+    }
+
+    impl FakeHub {
+        async fn send(&mut self, msg: Message) {
+            self.ws
+                .send(WsMessage::text(msg.to_json()))
+                .await
+                .expect("send to the node");
+        }
+
+        /// The node's next message that is not a keepalive.
+        async fn recv(&mut self) -> Message {
+            loop {
+                let frame = self.ws.next().await.expect("open").expect("a frame");
+                if let WsMessage::Text(t) = frame {
+                    let msg = Message::from_json(t.as_str()).expect("a message");
+                    if msg.operation() != op::KEEPALIVE {
+                        return msg;
+                    }
+                }
+            }
+        }
+
+        async fn ack(&mut self) -> u64 {
+            let msg = self.recv().await;
+            assert_eq!(msg.resource(), resource::ACK);
+            msg.content_as::<Ack>().expect("an ack").resource_version
+        }
+    }
+
+    /// A client connected to a [`FakeHub`] over an in-memory link; the client's session runs
+    /// in a task and returns how it ended.
+    async fn connect(
+        client: Arc<HubClient>,
+    ) -> (
+        FakeHub,
+        tokio::task::JoinHandle<Result<SessionEnd, HubError>>,
+    ) {
+        let (node_io, hub_io) = tokio::io::duplex(1 << 20);
+        let cloud = CloudUrl::parse("ws://cloud.test").expect("url");
+        let session = tokio::spawn(async move {
+            client
+                .handshake_and_sync(&cloud, node_io, &CancellationToken::new())
+                .await
+        });
+        let ws = tokio_tungstenite::accept_async(hub_io)
+            .await
+            .expect("handshake");
+        (FakeHub { ws }, session)
+    }
+
+    /// The hub client drives the session: every ack arrives after its commit, a reconnect
+    /// resumes from the store and skips redeliveries, and a silent cloud ends the link after
+    /// `keepalive_timeout` (on the paused clock).
+    #[tokio::test(start_paused = true)]
+    async fn the_client_acks_what_it_committed_and_resumes_from_its_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let meta = Arc::new(MetaManager::open(dir.path()).expect("open"));
+        let client = Arc::new(HubClient::new(
+            HubClientConfig::new("edge-1", Vec::new(), "token"),
+            meta.clone(),
+        ));
+
+        let (mut hub, session) = connect(client.clone()).await;
+        let request: SyncRequest = hub.recv().await.content_as().expect("sync request");
+        assert_eq!((request.store_id, request.resource_version), (None, 0));
+        let c1 = chain_after("", &[(1, op::INSERT, "a")]);
+        hub.send(answer(SyncMode::Snapshot, "s1", 0, 1, &c1)).await;
+        hub.send(chunk(1, &["a"], true)).await;
+        assert_eq!(hub.ack().await, 1);
+        assert_eq!(
+            meta.sync_point().expect("point").version,
+            1,
+            "acked after commit"
+        );
+        hub.send(change(2, op::UPDATE, "b")).await;
+        assert_eq!(hub.ack().await, 2);
+        let point = meta.sync_point().expect("point");
+        assert_eq!(point.version, 2);
+        assert_eq!(point.chain, chain_after(&c1, &[(2, op::UPDATE, "b")]));
+        assert!(client.status().lock().expect("status").synced);
+
+        // Silence: keepalives go out, then the link is given up after 30 s.
+        let silent = Instant::now();
+        let end = session.await.expect("task");
+        assert!(
+            matches!(
+                end,
+                Err(HubError::Session(SessionError::KeepaliveTimeout(_)))
+            ),
+            "{:?}",
+            end.err()
+        );
+        assert_eq!(silent.elapsed(), Duration::from_secs(30));
+        drop(hub);
+
+        // Resume: the store's point is presented; a redelivery is skipped.
+        let (mut hub, session) = connect(client.clone()).await;
+        let request: SyncRequest = hub.recv().await.content_as().expect("sync request");
+        assert_eq!(
+            (request.store_id.as_deref(), request.resource_version),
+            (Some("s1"), 2)
+        );
+        assert_eq!(request.chain, point.chain);
+        let c3 = chain_after(&point.chain, &[(3, op::INSERT, "c")]);
+        hub.send(answer(SyncMode::Delta, "s1", 2, 3, &c3)).await;
+        hub.send(change(2, op::UPDATE, "b")).await;
+        hub.send(change(3, op::INSERT, "c")).await;
+        assert_eq!(hub.ack().await, 3);
+        assert_eq!(meta.sync_point().expect("point").chain, c3);
+        let status = client.status().lock().expect("status").clone();
+        assert_eq!(
+            (status.snapshots, status.deltas, status.acked_version),
+            (1, 1, 3)
+        );
+        assert_eq!((status.changes_applied, status.duplicates_skipped), (2, 1));
+        assert_eq!(meta.view().services.len(), 3);
+
+        // A gap is a protocol error: nothing of it is committed or acked.
+        hub.send(change(5, op::UPDATE, "e")).await;
+        let end = session.await.expect("task");
+        assert!(
+            matches!(end, Err(HubError::Session(SessionError::Gap { .. }))),
+            "{:?}",
+            end.err()
+        );
+        assert_eq!(meta.sync_point().expect("point").version, 3);
     }
 }

@@ -3,7 +3,10 @@
 //! - [`model`]: the Service, Endpoints and Node objects and their validation;
 //! - [`message`]: the beehive-style Message and the sync payloads on the hub websocket;
 //! - [`metamanager`]: the node's SQLite copy of the metadata and its in-memory view;
-//! - [`client`]: the edge side of the hub (connect, authenticate, resume, keepalive, reconnect);
+//! - [`session`]: the edge side of the sync protocol without sockets or store (resume point,
+//!   snapshot/delta/live, redeliveries, gaps, the history chain, acks, keepalive timers);
+//! - [`client`]: the hub client: drives a [`session`] over the websocket into the metamanager,
+//!   and reconnects;
 //! - [`balance`]: endpoint choice (policies, affinity, topology tiers, outlier ejection);
 //! - [`io`]: the byte-moving core of every data path (detection, replay, the copier);
 //! - [`topology`]: topology tiers, shared by the proxy and cluster DNS;
@@ -25,6 +28,7 @@ pub mod message;
 pub mod metamanager;
 pub mod model;
 pub mod process;
+pub mod session;
 pub mod systemd;
 pub mod telemetry;
 pub mod tls;
