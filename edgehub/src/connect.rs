@@ -15,7 +15,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
 use crate::balance::{Endpoint, InFlight, PickContext};
-use crate::io::{Duplex, Protocol, Source};
+use crate::io::Protocol;
 use crate::routes::Route;
 use crate::tunnel::{OpenError, OpenRequest, RefusalKind, TunnelStream};
 

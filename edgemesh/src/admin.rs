@@ -20,9 +20,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::sync::watch;
 
-use edgehub::balance::HealthRegistry;
 use crate::iptables::Rules;
-use crate::proxy::RouteTable;
+use edgehub::balance::HealthRegistry;
+use edgehub::routes::RouteTable;
 
 /// What `/debug/proxy` reports besides the route table.
 #[derive(Clone)]

@@ -14,11 +14,13 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
-use crate::proxy::connect::Dialer;
-use crate::proxy::{LocalNode, ProxyDeps};
+use crate::iptables::Rules;
+use crate::proxy::ProxyDeps;
 use crate::tunnel::EdgeAcceptor;
-use edgehub::limits::{EndpointTimeouts, Limiters};
+use edgehub::connect::Dialer;
 use edgehub::io::Timeouts;
+use edgehub::limits::{EndpointTimeouts, Limiters};
+use edgehub::routes::LocalNode;
 use tokio_util::task::TaskTracker;
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -61,7 +63,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         limiters.clone(),
         shutdown.clone(),
     ));
-    let dialer = Arc::new(Dialer::new(&cfg.proxy));
+    let dialer = Arc::new(Dialer::new(Some(cfg.proxy.mark), cfg.proxy.connect_timeout));
     let stream_tasks = TaskTracker::new();
     let acceptor = Arc::new(EdgeAcceptor::new(
         cfg.node_name.clone(),
@@ -93,7 +95,6 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     let dns_task = crate::dns::start(&cfg, &meta, shutdown.clone()).await?;
     let proxy = crate::proxy::start(
         &cfg.proxy,
-        cfg.service_cidr,
         LocalNode {
             name: cfg.node_name.clone(),
             labels: cfg.labels.clone(),
@@ -101,12 +102,21 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         meta.subscribe(),
         ProxyDeps {
             dialer,
-            tunnel: Some(tunnel.clone()),
+            opener: Some(Arc::new(tunnel.clone())),
             limiters: limiters.clone(),
         },
         shutdown.clone(),
     )
     .await?;
+    // Traffic is captured only now that the proxy is there to take it.
+    let (rules, rules_task) = match intercept(&cfg, shutdown.clone()).await {
+        Ok(installed) => installed,
+        Err(e) => {
+            shutdown.cancel();
+            proxy.join().await;
+            return Err(e);
+        }
+    };
     let state = AdminState {
         meta: meta.clone(),
         sync: sync.clone(),
@@ -116,7 +126,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         routes: Some(proxy.tables.clone()),
         proxy: Some(admin::ProxySummary {
             listen: std::net::SocketAddr::new(cfg.proxy.listen_address, cfg.proxy.port),
-            rules: proxy.rules.clone(),
+            rules: rules.clone(),
             health: proxy.health.clone(),
             tunnel: Some(tunnel.clone()),
         }),
@@ -147,11 +157,44 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     }
     let _ = admin_task.await;
     proxy.join().await;
+    if let Some(task) = rules_task {
+        let _ = task.await;
+    }
     // The hub link is closed by now, which reset every stream; their tasks end promptly.
     stream_tasks.close();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), stream_tasks.wait()).await;
     info!("edgemesh stopped");
     Ok(())
+}
+
+/// With `proxy.intercept`, installs the iptables rules that send the service range to the
+/// proxy, and keeps them installed (and removes them) until `shutdown`.
+async fn intercept(
+    cfg: &Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(Option<Rules>, Option<tokio::task::JoinHandle<()>>)> {
+    if !cfg.proxy.intercept {
+        info!("proxy.intercept is off: iptables left alone");
+        return Ok((None, None));
+    }
+    let rules = Rules::new(cfg.service_cidr, cfg.proxy.port, cfg.proxy.mark);
+    if let Err(e) = rules.reconcile().await {
+        // Part of the rules may be in: take them out rather than leave the service range
+        // redirected to a port nobody will serve.
+        if let Err(c) = rules.cleanup().await {
+            warn!(error = %c, "cannot remove partly installed iptables rules; run `edgemesh cleanup`");
+        }
+        return Err(anyhow::anyhow!(
+            "config key `proxy.intercept`: cannot install iptables rules: {e}"
+        ));
+    }
+    info!(service_cidr = %cfg.service_cidr, port = cfg.proxy.port, "iptables rules installed");
+    let task = tokio::spawn(
+        rules
+            .clone()
+            .keep_installed(cfg.proxy.reconcile_interval, shutdown),
+    );
+    Ok((Some(rules), Some(task)))
 }
 
 /// The one-line state `systemctl status edgemesh` shows.

@@ -26,7 +26,7 @@ pub struct Answered {
 }
 
 impl Http {
-    /// Forwards `req` to an endpoint of `route`: at most `proxy.connect_attempts` endpoints are
+    /// Forwards `req` to an endpoint of `route`: at most the connector's attempts (`proxy.connect_attempts`) are
     /// tried, each once, as long as the request has not started on its way to one.
     pub(super) async fn dispatch(
         self: &Arc<Self>,
@@ -46,7 +46,7 @@ impl Http {
         let mut admitted = false;
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_error = None;
-        while tried.len() < self.attempts as usize {
+        while tried.len() < self.connector.attempts() as usize {
             let Some(endpoint) = route.balancer.pick(&route.endpoints, pick, &tried) else {
                 break;
             };

@@ -25,6 +25,9 @@ mod tests;
 mod upstream;
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use crate::limits::Limiters;
 use hyper::body::Incoming;
@@ -40,6 +43,41 @@ pub use server::{serve, ServeError};
 type H1Sender = hyper::client::conn::http1::SendRequest<Incoming>;
 type H2Sender = hyper::client::conn::http2::SendRequest<Incoming>;
 
+/// `[proxy.http]`: requests of HTTP/1 and HTTP/2 connections, balanced one by one.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// A request without a response head this long after it arrived gets `504`. Only the head
+    /// is waited for: bodies (uploads, downloads, gRPC streams) may then take as long as they
+    /// need.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// An HTTP/1 client has this long to send a request head, counted from the start of the
+    /// connection or the end of the previous response: it closes idle keep-alive connections
+    /// and frees the slots of clients that send their headers a byte at a time.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// An idle connection to an endpoint is closed after this long unused.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// Idle HTTP/1 connections kept per endpoint for the next requests; more are closed as
+    /// they come back. Connections are only made on demand, so this bounds what a burst
+    /// leaves behind; below the usual number of concurrent requests it churns connections.
+    /// 0 disables reuse. (HTTP/2 uses one connection per endpoint.)
+    pub pool_max_idle_per_endpoint: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            request_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(30),
+            pool_idle_timeout: Duration::from_secs(30),
+            pool_max_idle_per_endpoint: 256,
+        }
+    }
+}
+
 /// What every HTTP connection of the proxy shares: settings, the way to endpoints, the
 /// Services' limits and the pooled connections.
 pub struct Http {
@@ -47,8 +85,6 @@ pub struct Http {
     /// `proxy.idle_timeout` and `proxy.half_close_timeout`: upgraded connections (WebSocket)
     /// are byte streams like TCP.
     upgraded: crate::io::Timeouts,
-    /// `proxy.connect_attempts`: endpoints tried for one request.
-    attempts: u32,
     connector: Arc<Connector>,
     limiters: Arc<Limiters>,
     pool: Pool<H1Sender, H2Sender>,
@@ -60,7 +96,6 @@ impl Http {
     pub fn new(
         cfg: HttpConfig,
         upgraded: crate::io::Timeouts,
-        attempts: u32,
         connector: Arc<Connector>,
         limiters: Arc<Limiters>,
     ) -> Http {
@@ -71,7 +106,6 @@ impl Http {
             pool: Pool::new(cfg.pool_max_idle_per_endpoint, cfg.pool_idle_timeout),
             cfg,
             upgraded,
-            attempts,
             connector,
             limiters,
             active,

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use crate::limits::{Limit, Limiters};
 use crate::model::LbPolicy;
+use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::header::{HeaderMap, HeaderValue};
@@ -24,13 +24,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::HttpConfig;
 use super::{serve, Http};
+use crate::balance::OutlierConfig;
 use crate::balance::{Endpoint, HealthRegistry, ServiceBalancer, Tier};
 use crate::connect::{Connector, Dialer};
 use crate::io::Protocol;
 use crate::routes::stats::ServiceStats;
 use crate::routes::{Route, ServiceRef};
-use crate::proxy::{HttpConfig, OutlierConfig, ProxyConfig};
 
 const NODE: &str = "here";
 
@@ -145,15 +146,14 @@ fn route(addrs: &[SocketAddr], policy: LbPolicy, hash_header: Option<&'static st
 }
 
 fn http(cfg: HttpConfig, limiters: Arc<Limiters>) -> Arc<Http> {
-    let proxy = ProxyConfig::default();
-    let connector = Connector::new(&proxy, Arc::new(Dialer::new(&proxy)), NODE, None);
+    let dialer = Dialer::new(None, Duration::from_secs(3));
+    let connector = Connector::new(Arc::new(dialer), 3, Some(NODE), None);
     Arc::new(Http::new(
         cfg,
         crate::io::Timeouts {
-            idle: proxy.idle_timeout,
-            half_closed: proxy.half_close_timeout,
+            idle: Duration::from_secs(3600),
+            half_closed: Duration::from_secs(60),
         },
-        proxy.connect_attempts,
         Arc::new(connector),
         limiters,
     ))

@@ -412,7 +412,13 @@ mod tests {
                 .collect(),
         };
         let health = HealthRegistry::new(OutlierConfig::default());
-        let table = RouteTable::build(&view(), &node, &health, &RouteTable::default(), Index::ClusterIp);
+        let table = RouteTable::build(
+            &view(),
+            &node,
+            &health,
+            &RouteTable::default(),
+            Index::ClusterIp,
+        );
         assert_eq!(table.len(), 2, "TCP ports of the ClusterIP service only");
         let web = table
             .lookup("10.96.0.10:80".parse().expect("a"))

@@ -78,3 +78,14 @@ impl TunnelHandle {
         }
     }
 }
+
+impl crate::connect::Opener for TunnelHandle {
+    fn open(
+        &self,
+        request: OpenRequest,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<TunnelStream, OpenError>> + Send + '_>,
+    > {
+        Box::pin(TunnelHandle::open(self, request))
+    }
+}

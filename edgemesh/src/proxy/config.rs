@@ -3,9 +3,10 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use edgehub::config_file::ConfigError;
-use ipnet::IpNet;
 use edgehub::balance::OutlierConfig;
+use edgehub::config_file::ConfigError;
+use edgehub::http::HttpConfig;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -64,41 +65,6 @@ impl Default for ProxyConfig {
             max_connections: 16_384,
             outlier: OutlierConfig::default(),
             http: HttpConfig::default(),
-        }
-    }
-}
-
-/// `[proxy.http]`: requests of HTTP/1 and HTTP/2 connections, balanced one by one.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpConfig {
-    /// A request without a response head this long after it arrived gets `504`. Only the head
-    /// is waited for: bodies (uploads, downloads, gRPC streams) may then take as long as they
-    /// need.
-    #[serde(with = "humantime_serde")]
-    pub request_timeout: Duration,
-    /// An HTTP/1 client has this long to send a request head, counted from the start of the
-    /// connection or the end of the previous response: it closes idle keep-alive connections
-    /// and frees the slots of clients that send their headers a byte at a time.
-    #[serde(with = "humantime_serde")]
-    pub header_read_timeout: Duration,
-    /// An idle connection to an endpoint is closed after this long unused.
-    #[serde(with = "humantime_serde")]
-    pub pool_idle_timeout: Duration,
-    /// Idle HTTP/1 connections kept per endpoint for the next requests; more are closed as
-    /// they come back. Connections are only made on demand, so this bounds what a burst
-    /// leaves behind; below the usual number of concurrent requests it churns connections.
-    /// 0 disables reuse. (HTTP/2 uses one connection per endpoint.)
-    pub pool_max_idle_per_endpoint: usize,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            request_timeout: Duration::from_secs(30),
-            header_read_timeout: Duration::from_secs(30),
-            pool_idle_timeout: Duration::from_secs(30),
-            pool_max_idle_per_endpoint: 256,
         }
     }
 }

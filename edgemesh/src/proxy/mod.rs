@@ -11,11 +11,6 @@
 //! - [`edgehub::io::join`]: moving bytes (opaque TCP, TLS).
 
 mod config;
-pub mod connect;
-pub mod http;
-pub mod socket;
-pub mod stats;
-pub mod table;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -25,7 +20,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use edgehub::metamanager::MeshView;
-use ipnet::IpNet;
 use metrics::counter;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -34,14 +28,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, debug_span, info, warn, Instrument};
 
+pub use config::ProxyConfig;
 use edgehub::balance::HealthRegistry;
-use crate::iptables::Rules;
-pub use config::{HttpConfig, ProxyConfig};
-use connect::{Connector, Dialer, Upstream};
+use edgehub::connect::{self, Connector, Dialer, Opener, Upstream};
+use edgehub::http;
 use edgehub::io::{self, Detected, Protocol, Rewind};
 use edgehub::limits::{Decision, Limiters, Protocol as LimitProtocol};
-use edgehub::tunnel::TunnelHandle;
-pub use table::{LocalNode, RouteTable};
+use edgehub::routes::{self, Index, LocalNode, Route, RouteTable};
+use edgehub::socket;
 
 /// Silence after which an accepted connection's peer is probed (TCP keepalive).
 const KEEPALIVE_IDLE_SECS: u32 = 60;
@@ -123,7 +117,6 @@ impl Proxy {
                 idle: cfg.idle_timeout,
                 half_closed: cfg.half_close_timeout,
             },
-            cfg.connect_attempts,
             connector.clone(),
             limiters.clone(),
         ));
@@ -147,7 +140,8 @@ impl Proxy {
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
         let proxy = Arc::new(self);
         let tracker = TaskTracker::new();
-        tracker.spawn(proxy.http.clone().sweep_pool(shutdown.clone()));
+        // Not in `tracker`: it counts client connections, and the sweeper is none.
+        let sweeper = tokio::spawn(proxy.http.clone().sweep_pool(shutdown.clone()));
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -181,6 +175,7 @@ impl Proxy {
                 "closing proxied connections still open"
             );
         }
+        let _ = sweeper.await;
     }
 
     async fn handle(
@@ -233,7 +228,7 @@ impl Proxy {
         self: &Arc<Self>,
         mut client: TcpStream,
         peer: SocketAddr,
-        route: Arc<table::Route>,
+        route: Arc<Route>,
         shutdown: &CancellationToken,
     ) {
         let forced = route
@@ -292,7 +287,7 @@ impl Proxy {
     }
 
     /// Counts a TLS connection under its server name, within [`MAX_SNI_LABELS`] names.
-    fn count_tls(&self, route: &table::Route, sni: Option<&str>) {
+    fn count_tls(&self, route: &Route, sni: Option<&str>) {
         let label = match sni {
             None => "none".to_string(),
             Some(name) => {
@@ -318,7 +313,7 @@ async fn tcp_session(
     proxy: &Proxy,
     client: TcpStream,
     peer: SocketAddr,
-    route: &table::Route,
+    route: &Route,
     prefix: Bytes,
 ) {
     let stats = route.stats.get();
@@ -385,13 +380,11 @@ fn reset(stream: TcpStream) {
 pub struct RunningProxy {
     pub tables: watch::Receiver<Arc<RouteTable>>,
     pub health: Arc<HealthRegistry>,
-    pub rules: Option<Rules>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl RunningProxy {
-    /// Waits for the tasks to finish after `shutdown` (iptables rules removed, connections
-    /// drained).
+    /// Waits for the tasks to finish after `shutdown` (connections drained).
     pub async fn join(self) {
         for task in self.tasks {
             let _ = task.await;
@@ -399,18 +392,19 @@ impl RunningProxy {
     }
 }
 
-/// Starts the route table, the listener and (with `proxy.intercept`) the iptables rules, in
-/// that order, so that traffic is captured only once something is there to take it.
 /// What the proxy shares with the rest of the agent.
 pub struct ProxyDeps {
     pub dialer: Arc<Dialer>,
-    pub tunnel: Option<TunnelHandle>,
+    /// Streams to endpoints on other nodes and in the cloud.
+    pub opener: Option<Arc<dyn Opener>>,
     pub limiters: Arc<Limiters>,
 }
 
+/// Starts the route table and the listener. The table for the current view is complete before
+/// this returns, so that once the agent sends traffic here (iptables), connections right after
+/// a restart are not reset as matching no Service.
 pub async fn start(
     cfg: &ProxyConfig,
-    service_cidr: IpNet,
     node: LocalNode,
     views: watch::Receiver<Arc<MeshView>>,
     deps: ProxyDeps,
@@ -418,57 +412,39 @@ pub async fn start(
 ) -> anyhow::Result<RunningProxy> {
     let listener = bind(cfg).await?;
     let health = Arc::new(HealthRegistry::new(cfg.outlier.clone()));
-    // The first table is complete before iptables sends anything here, so connections right
-    // after a restart are not reset as matching no Service.
     let mut views = views;
     let first = {
         let view = views.borrow_and_update().clone();
-        RouteTable::build(&view, &node, &health, &RouteTable::default())
+        RouteTable::build(
+            &view,
+            &node,
+            &health,
+            &RouteTable::default(),
+            Index::ClusterIp,
+        )
     };
     metrics::gauge!("edgemesh_proxy_routes").set(first.len() as f64);
     let (table_tx, tables) = watch::channel(Arc::new(first));
-    let connector = Connector::new(cfg, deps.dialer, &node.name, deps.tunnel);
-    let mut tasks = vec![tokio::spawn(table::follow_view(
+    let connector = Connector::new(
+        deps.dialer,
+        cfg.connect_attempts,
+        Some(&node.name),
+        deps.opener,
+    );
+    let mut tasks = vec![tokio::spawn(routes::follow_view(
         views,
         node,
         health.clone(),
         table_tx,
+        Index::ClusterIp,
         shutdown.clone(),
     ))];
     let proxy = Proxy::new(cfg.clone(), tables.clone(), connector, deps.limiters);
-    tasks.push(tokio::spawn(proxy.serve(listener, shutdown.clone())));
-    let rules = if cfg.intercept {
-        let rules = Rules::new(service_cidr, cfg.port, cfg.mark);
-        if let Err(e) = rules.reconcile().await {
-            // Part of the rules may be in: take them out rather than leave the service range
-            // redirected to a port nobody will serve.
-            if let Err(c) = rules.cleanup().await {
-                warn!(error = %c, "cannot remove partly installed iptables rules; run `edgemesh cleanup`");
-            }
-            shutdown.cancel();
-            for task in tasks {
-                let _ = task.await;
-            }
-            return Err(anyhow::anyhow!(
-                "config key `proxy.intercept`: cannot install iptables rules: {e}"
-            ));
-        }
-        info!(%service_cidr, port = cfg.port, "iptables rules installed");
-        tasks.push(tokio::spawn(
-            rules
-                .clone()
-                .keep_installed(cfg.reconcile_interval, shutdown),
-        ));
-        Some(rules)
-    } else {
-        info!("proxy.intercept is off: iptables left alone");
-        None
-    };
+    tasks.push(tokio::spawn(proxy.serve(listener, shutdown)));
     info!(listen = %SocketAddr::new(cfg.listen_address, cfg.port), "proxy listening");
     Ok(RunningProxy {
         tables,
         health,
-        rules,
         tasks,
     })
 }

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, Instrument};
 
-use crate::proxy::connect::Dialer;
+use edgehub::connect::Dialer;
 
 /// `[tunnel]` keys of edgemesh.toml.
 #[derive(Clone, Debug, Deserialize, Serialize)]
