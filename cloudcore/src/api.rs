@@ -775,7 +775,7 @@ mod tests {
         let rules = crate::router::Router::new(
             Default::default(),
             objects.clone(),
-            Arc::new(crate::router::NoLinks),
+            crate::router::DataPath::for_tests(store.clone(), Arc::new(crate::router::NoLinks)),
         )
         .expect("router");
         let state = ApiState {

@@ -4,6 +4,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
+use edgehub::connect::Dialer;
+use edgehub::http::HttpConfig;
+use edgehub::io::Timeouts;
+use edgehub::limits::Limiters;
+use edgehub::serve::{ServeTimeouts, StreamServer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -14,10 +19,14 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::nodes::NodeRegistry;
 use crate::objects::Objects;
-use crate::router::Router;
+use crate::router::{DataPath, Router};
 use crate::store::sqlite::{SqliteStore, DB_FILE};
 use crate::store::Store;
 use crate::tunnel::Tunnels;
+
+/// How long the first bytes of a stream to a rate-limited cloud Service may take to show
+/// whether it is HTTP.
+const DETECT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(300);
 
 async fn bind(key: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
@@ -74,9 +83,62 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     let hub_listener = bind("hub.listen", cfg.hub.listen).await?;
     let api_listener = bind("api.listen", cfg.api.listen).await?;
     let router_listener = bind("router.listen", cfg.router.listen).await?;
-    let tunnels = Arc::new(Tunnels::new(cfg.tunnel.clone(), store.clone()));
+    // What every stream check, QPS limit and route reads: the store as of its last commit.
+    let view = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || crate::mirror::load(&*store))
+            .await?
+            .context("cannot read the store")?
+    };
+    let (views_tx, views) = tokio::sync::watch::channel(Arc::new(view));
+    let mut background = vec![tokio::spawn(crate::mirror::follow(
+        store.clone(),
+        views_tx,
+        shutdown.clone(),
+    ))];
+    let limiters = Arc::new(Limiters::new());
+    background.push(tokio::spawn(edgehub::limits::follow(
+        views.clone(),
+        limiters.clone(),
+        shutdown.clone(),
+    )));
+    let dialer = Arc::new(Dialer::new(None, cfg.tunnel.connect_timeout));
+    let join = Timeouts {
+        idle: cfg.tunnel.idle_timeout,
+        half_closed: cfg.tunnel.half_close_timeout,
+    };
+    let http = HttpConfig {
+        request_timeout: cfg.router.request_timeout,
+        ..HttpConfig::default()
+    };
+    let server = Arc::new(StreamServer::new(
+        None,
+        dialer,
+        limiters.clone(),
+        http.clone(),
+        ServeTimeouts {
+            detect: DETECT_TIMEOUT,
+            join,
+        },
+    ));
+    background.push(tokio::spawn(server.clone().sweep(shutdown.clone())));
+    let tunnels = Arc::new(Tunnels::new(
+        cfg.tunnel.clone(),
+        views.clone(),
+        server,
+        shutdown.clone(),
+    ));
+    let (data, tasks) = DataPath::start(
+        views,
+        tunnels.clone(),
+        limiters,
+        http,
+        cfg.tunnel.connect_timeout,
+        shutdown.clone(),
+    );
+    background.extend(tasks);
     let router = Arc::new(
-        Router::new(cfg.router.clone(), objects.clone(), tunnels.clone())
+        Router::new(cfg.router.clone(), objects.clone(), data)
             .context("cannot load the router's rules from the store")?,
     );
     tunnels.set_virtual_services(Arc::new(crate::router::RouterStreams(router.clone())));
@@ -98,7 +160,6 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         nodes.clone(),
         tunnels.clone(),
     ));
-    tokio::spawn(tunnels.clone().follow_limits(shutdown.clone()));
     let hub_task = tokio::spawn(hub.serve(hub_listener, tls.clone(), shutdown.clone()));
     let api_task = tokio::spawn(crate::serve::serve(
         api_listener,
@@ -123,6 +184,9 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     tunnels.shutdown().await;
     let _ = api_task.await;
     let _ = router_task.await;
+    for task in background {
+        let _ = task.await;
+    }
     info!("cloudcore stopped");
     Ok(())
 }

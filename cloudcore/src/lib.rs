@@ -3,6 +3,7 @@
 //! - [`store`]: desired state with resource versions and a bounded change log (SQLite);
 //! - [`objects`]: the validated write path (cluster IP allocation, atomic apply);
 //! - [`api`]: the REST API; [`serve`]: HTTP(S) serving;
+//! - [`mirror`]: the store as of its last commit, in memory (what streams and routes read);
 //! - [`hub`]: the websocket server that keeps every edge node in sync;
 //! - [`auth`]: API and node tokens; [`nodes`]: which nodes are online;
 //! - [`router`]: rules between cloud REST services and edge Services, with QPS limits;
@@ -15,6 +16,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod hub;
+pub mod mirror;
 pub mod nodes;
 pub mod objects;
 pub mod router;

@@ -1,44 +1,33 @@
 //! Tunnelled streams on the cloud side.
 //!
 //! Every node link has a multiplexer. A stream a node opens is checked against the cloud's
-//! own store (the Service exists, the endpoint is one of its ready addresses, and it is hosted
-//! where the stream wants to go), then either relayed to the hosting node's link (frames pass
-//! through by id) or, for a cloud endpoint, dialled here. The router opens streams to edge
-//! endpoints through [`Tunnels::open`] and serves the virtual Services of its `service` →
-//! `rest` rules through [`VirtualServices`].
+//! view of its store (the Service exists, the endpoint is one of its ready addresses, and it
+//! is hosted where the stream wants to go), then either relayed to the hosting node's link
+//! (frames pass through by id) or, for a cloud endpoint, served by the one
+//! [`StreamServer`] (limit, dial, join) as nodes serve theirs. The router reaches edge
+//! endpoints through [`Tunnels`] as an [`Opener`] and serves the virtual Services of its
+//! `service` → `rest` rules through [`VirtualServices`].
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use edgehub::io::Timeouts;
-use edgehub::limits::{self, serve_endpoint, EndpointTimeouts, Limiters, Served};
+use edgehub::connect::{Opener, Upstream};
 use edgehub::message::Message;
-use edgehub::model::{Kind, Object, ObjectKey};
+use edgehub::metamanager::MeshView;
+use edgehub::serve::{count_refusal, Served, StreamServer};
 use edgehub::tunnel::authorise::{authorise, host_of};
 use edgehub::tunnel::{
     Incoming, Mux, MuxConfig, MuxError, OpenError, OpenRefusal, OpenRequest, Outgoing, RefusalKind,
     Side, TunnelStream,
 };
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
-
-use crate::store::{ChangeOp, Since, Store};
-
-/// How long the first bytes of a stream to a rate-limited Service may take to show whether it
-/// is HTTP/1.
-const DETECT_TIMEOUT: Duration = Duration::from_millis(300);
-
-/// A byte stream to an endpoint, whichever way it goes.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
-pub type BoxedIo = Pin<Box<dyn Io>>;
+use tracing::{debug, info, Instrument};
 
 /// `[tunnel]` keys of cloudcore.toml.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -117,93 +106,38 @@ pub trait VirtualServices: Send + Sync + 'static {
 
 pub struct Tunnels {
     cfg: TunnelConfig,
-    store: Arc<dyn Store>,
+    /// The store as of its last commit: what streams are checked against.
+    views: watch::Receiver<Arc<MeshView>>,
     links: Mutex<HashMap<String, Mux>>,
     virtual_services: OnceLock<Arc<dyn VirtualServices>>,
-    /// QPS limits of Services with cloud endpoints, enforced where cloudcore dials them.
-    limiters: Arc<Limiters>,
+    /// Streams to cloud endpoints: limited (QPS), dialled and joined here.
+    server: Arc<StreamServer>,
     tasks: TaskTracker,
+    /// Ends the streams cloudcore serves at shutdown.
+    shutdown: CancellationToken,
 }
 
 impl Tunnels {
-    pub fn new(cfg: TunnelConfig, store: Arc<dyn Store>) -> Tunnels {
+    pub fn new(
+        cfg: TunnelConfig,
+        views: watch::Receiver<Arc<MeshView>>,
+        server: Arc<StreamServer>,
+        shutdown: CancellationToken,
+    ) -> Tunnels {
         Tunnels {
             cfg,
-            store,
+            views,
             links: Mutex::new(HashMap::new()),
             virtual_services: OnceLock::new(),
-            limiters: Arc::new(Limiters::new()),
+            server,
             tasks: TaskTracker::new(),
+            shutdown,
         }
     }
 
     /// The router, once it exists (it needs the tunnels first to open streams).
     pub fn set_virtual_services(&self, v: Arc<dyn VirtualServices>) {
         let _ = self.virtual_services.set(v);
-    }
-
-    /// Keeps the QPS limits in step with the Services in the store, until `shutdown`: only
-    /// the Services that changed are read again.
-    pub async fn follow_limits(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        let mut versions = self.store.subscribe();
-        let mut seen = 0u64;
-        loop {
-            let this = self.clone();
-            let from = seen;
-            let done = tokio::task::spawn_blocking(move || this.refresh_limits(from)).await;
-            match done {
-                Ok(Ok(v)) => seen = v,
-                Ok(Err(e)) => warn!(error = %e, "reading Services for QPS limits failed"),
-                Err(e) => warn!(error = %e, "QPS limit refresh failed"),
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                changed = versions.changed() => if changed.is_err() { return },
-            }
-        }
-    }
-
-    /// Applies the limits of Services changed after `from` (all of them when the history does
-    /// not reach back that far); returns the version now reflected.
-    fn refresh_limits(&self, from: u64) -> Result<u64, crate::store::StoreError> {
-        let apply = |json: &str, deleted: bool| {
-            let Ok(Object::Service(svc)) = Object::from_json(Kind::Service, json) else {
-                return;
-            };
-            let (ns, name) = (&svc.metadata.namespace, &svc.metadata.name);
-            let limit = if deleted {
-                None
-            } else {
-                limits::limit_of(&svc).unwrap_or_else(|e| {
-                    warn!(service = %format!("{ns}/{name}"), error = %e, "ignoring a bad QPS limit");
-                    None
-                })
-            };
-            self.limiters.set(ns, name, limit);
-        };
-        let version = self.store.version();
-        match (from > 0).then(|| self.store.changes_since(from, None)) {
-            Some(Since::Current) => {}
-            Some(Since::Changes(changes)) => {
-                for c in changes.iter().filter(|c| c.key.kind == Kind::Service) {
-                    apply(&c.json, c.op == ChangeOp::Delete);
-                }
-                return Ok(changes.last().map_or(version, |c| c.version));
-            }
-            _ => {
-                let records = self.store.list(Kind::Service, None)?;
-                let live: Vec<(String, String)> = records
-                    .iter()
-                    .map(|r| (r.key.namespace.clone(), r.key.name.clone()))
-                    .collect();
-                self.limiters
-                    .retain(|ns, name| live.iter().any(|(n, m)| n == ns && m == name));
-                for r in &records {
-                    apply(&r.json, false);
-                }
-            }
-        }
-        Ok(version)
     }
 
     fn links(&self) -> std::sync::MutexGuard<'_, HashMap<String, Mux>> {
@@ -262,7 +196,7 @@ impl Tunnels {
             .node
             .clone()
             .filter(|n| n != edgehub::model::CLOUD_NODE);
-        let checked = self.check(&request, target.as_deref()).await;
+        let checked = self.check(&request, target.as_deref());
         if let Err(refusal) = checked {
             count_refusal(refusal.kind);
             debug!(kind = %refusal.kind, reason = %refusal.message, "stream refused");
@@ -294,45 +228,18 @@ impl Tunnels {
         }
     }
 
-    /// Checks the request against the store: the endpoint must be a ready address of the
-    /// Service, hosted by `target` (a node) or by the cloud.
-    async fn check(&self, request: &OpenRequest, target: Option<&str>) -> Result<(), OpenRefusal> {
-        let store = self.store.clone();
-        let (ns, name) = (request.namespace.clone(), request.service.clone());
-        let loaded = tokio::task::spawn_blocking(move || {
-            let get = |kind| -> Result<Option<Object>, String> {
-                match store.get(&ObjectKey::new(kind, ns.clone(), name.clone())) {
-                    Ok(Some(rec)) => Object::from_json(kind, &rec.json)
-                        .map(Some)
-                        .map_err(|e| e.to_string()),
-                    Ok(None) => Ok(None),
-                    Err(e) => Err(e.to_string()),
-                }
-            };
-            Ok::<_, String>((get(Kind::Service)?, get(Kind::Endpoints)?))
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
-        let (service, endpoints) = match loaded {
-            Ok(pair) => pair,
-            Err(e) => {
-                warn!(error = %e, "store lookup for a stream failed");
-                return Err(OpenRefusal {
-                    kind: RefusalKind::Busy,
-                    message: "store unavailable".into(),
-                });
-            }
-        };
-        let service = match service {
-            Some(Object::Service(s)) => Some(s),
-            _ => None,
-        };
-        let endpoints = match endpoints {
-            Some(Object::Endpoints(e)) => Some(e),
-            _ => None,
-        };
-        authorise(service.as_ref(), endpoints.as_ref(), request, target)
+    /// Checks the request against the view of the store: the endpoint must be a ready address
+    /// of the Service, hosted by `target` (a node) or by the cloud.
+    fn check(&self, request: &OpenRequest, target: Option<&str>) -> Result<(), OpenRefusal> {
+        let view = self.views.borrow().clone();
+        let service = view.service(&request.namespace, &request.service);
+        let endpoints = view.endpoints_of(&request.namespace, &request.service);
+        authorise(
+            service.map(|s| s.as_ref()),
+            endpoints.map(|e| e.as_ref()),
+            request,
+            target,
+        )
     }
 
     /// A stream to a cloud endpoint: handed to the router for its virtual Services, else
@@ -352,95 +259,40 @@ impl Tunnels {
                 return;
             }
         }
-        let upstream = match self.dial(request.endpoint).await {
-            Ok(s) => s,
-            Err(e) => {
-                count_refusal(RefusalKind::Unreachable);
-                let message = format!("dial {}: {e}", request.endpoint);
-                debug!(%message, "cloud endpoint unreachable");
-                mux.refuse(incoming, RefusalKind::Unreachable, &message);
-                return;
-            }
-        };
-        let Ok(stream) = mux.accept(incoming) else {
-            count_refusal(RefusalKind::Busy);
-            return;
-        };
-        metrics::counter!("cloudcore_tunnel_streams_total", "kind" => "cloud").increment(1);
-        let timeouts = EndpointTimeouts {
-            detect: DETECT_TIMEOUT,
-            bridge: Timeouts {
-                idle: self.cfg.idle_timeout,
-                half_closed: self.cfg.half_close_timeout,
-            },
-        };
-        // The Service's limit applies here, where the endpoint is dialled.
-        let served = serve_endpoint(
-            stream,
-            upstream,
-            &self.limiters,
-            &request.namespace,
-            &request.service,
-            request.protocol,
-            timeouts,
-        )
-        .await;
-        match served {
-            Ok(Served::Bridged(moved)) => {
+        match self.server.serve(&mux, incoming, &self.shutdown).await {
+            Served::Refused(kind) => count_refusal(kind),
+            Served::Joined(moved) => {
+                metrics::counter!("cloudcore_tunnel_streams_total", "kind" => "cloud").increment(1);
                 metrics::counter!("cloudcore_tunnel_bytes_total", "direction" => "to_endpoint")
                     .increment(moved.a_to_b);
                 metrics::counter!("cloudcore_tunnel_bytes_total", "direction" => "from_endpoint")
                     .increment(moved.b_to_a);
             }
-            Ok(Served::Refused) => debug!("over the Service's limit: stream closed"),
-            Ok(Served::Http) => {}
-            Err(e) => debug!(error = %e, "cloud stream ended with an error"),
+            Served::Http | Served::Limited => {
+                metrics::counter!("cloudcore_tunnel_streams_total", "kind" => "cloud").increment(1)
+            }
         }
     }
 
-    async fn dial(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
-        let stream = tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no answer within {:?}", self.cfg.connect_timeout),
-                )
-            })??;
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
-    }
-
-    /// Opens a stream to `req.endpoint` for cloudcore itself (the router): through the link of
-    /// `req.node` when it names an edge node, or dialled here for a cloud endpoint.
-    pub async fn open(&self, req: OpenRequest) -> Result<BoxedIo, OpenError> {
-        match req
+    /// Opens a stream to `req.endpoint` through the link of `req.node`, for cloudcore itself
+    /// (the router). Cloud endpoints are dialled by the router's connector, not opened.
+    async fn open_on_link(&self, req: OpenRequest) -> Result<TunnelStream, OpenError> {
+        let node = req
             .node
-            .as_deref()
-            .filter(|n| *n != edgehub::model::CLOUD_NODE)
-        {
-            Some(node) => {
-                let link = self.links().get(node).cloned();
-                let link = link.ok_or_else(|| OpenError::Refused {
-                    kind: RefusalKind::NodeOffline,
-                    message: format!("node {node} is offline"),
-                })?;
-                let stream = link.open(req).await?;
-                metrics::counter!("cloudcore_tunnel_streams_total", "kind" => "opened")
-                    .increment(1);
-                Ok(Box::pin(stream))
-            }
-            None => {
-                let stream = self
-                    .dial(req.endpoint)
-                    .await
-                    .map_err(|e| OpenError::Refused {
-                        kind: RefusalKind::Unreachable,
-                        message: format!("dial {}: {e}", req.endpoint),
-                    })?;
-                Ok(Box::pin(stream))
-            }
-        }
+            .clone()
+            .filter(|n| n != edgehub::model::CLOUD_NODE)
+            .ok_or_else(|| OpenError::Refused {
+                kind: RefusalKind::Unreachable,
+                message: format!("{} is a cloud endpoint: cloudcore dials it", req.endpoint),
+            })?;
+        let link = self.links().get(&node).cloned();
+        let link = link.ok_or_else(|| OpenError::Refused {
+            kind: RefusalKind::NodeOffline,
+            message: format!("node {node} is offline"),
+        })?;
+        let stream = link.open(req).await?;
+        metrics::counter!("cloudcore_tunnel_streams_total", "kind" => "opened").increment(1);
+        Ok(stream)
     }
 
     /// Waits (bounded) for streams cloudcore ends to finish after shutdown closed the links.
@@ -462,8 +314,13 @@ impl Tunnels {
     }
 }
 
-fn count_refusal(kind: RefusalKind) {
-    metrics::counter!("cloudcore_tunnel_refused_total", "reason" => kind.as_str()).increment(1);
+impl Opener for Tunnels {
+    fn open(
+        &self,
+        request: OpenRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<Upstream, OpenError>> + Send + '_>> {
+        Box::pin(async move { self.open_on_link(request).await.map(Upstream::Tunnel) })
+    }
 }
 
 /// Whether an address of an Endpoints object is served by cloudcore (used by the router).

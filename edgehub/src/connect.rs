@@ -15,7 +15,9 @@ use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
 use crate::balance::{Endpoint, InFlight, PickContext};
-use crate::io::Protocol;
+use futures_util::future::Either;
+
+use crate::io::{Duplex, Protocol, Source, Whole};
 use crate::routes::Route;
 use crate::tunnel::{OpenError, OpenRequest, RefusalKind, TunnelStream};
 
@@ -25,8 +27,12 @@ pub trait Opener: Send + Sync + 'static {
     fn open(
         &self,
         request: OpenRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<TunnelStream, OpenError>> + Send + '_>>;
+    ) -> Pin<Box<dyn Future<Output = Result<Upstream, OpenError>> + Send + '_>>;
 }
+
+/// A byte stream of any other kind, for [`Upstream::Other`].
+pub trait AnyStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> AnyStream for T {}
 
 #[derive(Debug, Error)]
 pub enum ConnectError {
@@ -55,10 +61,13 @@ pub enum ReachError {
     Failed(io::Error),
 }
 
-/// The connection to an endpoint: a socket of this node's, or a stream through the cloud.
+/// The connection to an endpoint: a socket of this side's, or a stream to the side that
+/// hosts it.
 pub enum Upstream {
     Local(TcpStream),
     Tunnel(TunnelStream),
+    /// Any other byte stream (test doubles): copied through a lock-split.
+    Other(Whole<Pin<Box<dyn AnyStream>>>),
 }
 
 /// Dials endpoints this side hosts, with a timeout. On nodes the sockets carry the agent's
@@ -232,7 +241,7 @@ impl Connector {
             self.dialer.dial(endpoint.addr).await.map(Upstream::Local)
         } else {
             match self.open(route, endpoint, protocol).await {
-                Ok(stream) => Ok(Upstream::Tunnel(stream)),
+                Ok(stream) => Ok(stream),
                 Err(OpenError::Refused {
                     kind: RefusalKind::RateLimited,
                     ..
@@ -265,7 +274,7 @@ impl Connector {
         route: &Route,
         endpoint: &Endpoint,
         protocol: Protocol,
-    ) -> Result<TunnelStream, OpenError> {
+    ) -> Result<Upstream, OpenError> {
         let Some(opener) = &self.opener else {
             return Err(OpenError::LinkDown);
         };
@@ -284,65 +293,110 @@ impl Connector {
     }
 }
 
-impl tokio::io::AsyncRead for Upstream {
+/// Implements `AsyncRead`/`AsyncWrite` for an enum of streams by handing each call to the
+/// variant's own stream.
+macro_rules! delegate_io {
+    (read $ty:ty { $($variant:ident),+ }) => {
+        impl tokio::io::AsyncRead for $ty {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $(Self::$variant(s) => Pin::new(s).poll_read(cx, buf),)+
+                }
+            }
+        }
+    };
+    (write $ty:ty { $($variant:ident),+ }) => {
+        impl tokio::io::AsyncWrite for $ty {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $(Self::$variant(s) => Pin::new(s).poll_write(cx, buf),)+
+                }
+            }
+
+            fn poll_flush(
+                self: Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $(Self::$variant(s) => Pin::new(s).poll_flush(cx),)+
+                }
+            }
+
+            fn poll_shutdown(
+                self: Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $(Self::$variant(s) => Pin::new(s).poll_shutdown(cx),)+
+                }
+            }
+        }
+    };
+}
+
+/// `Other`'s stream as a plain byte stream (hyper needs `AsyncRead + AsyncWrite`).
+impl tokio::io::AsyncRead for Whole<Pin<Box<dyn AnyStream>>> {
     fn poll_read(
-        self: std::pin::Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Local(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Upstream::Tunnel(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-        }
+        self.get_mut().0.as_mut().poll_read(cx, buf)
     }
 }
 
-impl tokio::io::AsyncWrite for Upstream {
+impl tokio::io::AsyncWrite for Whole<Pin<Box<dyn AnyStream>>> {
     fn poll_write(
-        self: std::pin::Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Upstream::Local(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            Upstream::Tunnel(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-        }
+        self.get_mut().0.as_mut().poll_write(cx, buf)
     }
 
     fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Local(s) => std::pin::Pin::new(s).poll_flush(cx),
-            Upstream::Tunnel(s) => std::pin::Pin::new(s).poll_flush(cx),
-        }
+        self.get_mut().0.as_mut().poll_flush(cx)
     }
 
     fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Local(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            Upstream::Tunnel(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-        }
+        self.get_mut().0.as_mut().poll_shutdown(cx)
     }
 }
+
+delegate_io!(read Upstream { Local, Tunnel, Other });
+delegate_io!(write Upstream { Local, Tunnel, Other });
+delegate_io!(read UpstreamReader<'_> { Local, Tunnel, Other });
+delegate_io!(write UpstreamWriter<'_> { Local, Tunnel, Other });
 
 /// The reading half of an [`Upstream`].
 pub enum UpstreamReader<'a> {
     Local(tokio::net::tcp::ReadHalf<'a>),
     Tunnel(crate::tunnel::TunnelReader<'a>),
+    Other(tokio::io::ReadHalf<&'a mut Pin<Box<dyn AnyStream>>>),
 }
 
 /// The writing half of an [`Upstream`].
 pub enum UpstreamWriter<'a> {
     Local(tokio::net::tcp::WriteHalf<'a>),
     Tunnel(crate::tunnel::TunnelWriter<'a>),
+    Other(tokio::io::WriteHalf<&'a mut Pin<Box<dyn AnyStream>>>),
 }
 
-impl crate::io::Duplex for Upstream {
+impl Duplex for Upstream {
     type Reader<'a> = UpstreamReader<'a>;
     type Writer<'a> = UpstreamWriter<'a>;
 
@@ -356,6 +410,10 @@ impl crate::io::Duplex for Upstream {
                 let (r, w) = s.halves();
                 (UpstreamReader::Tunnel(r), UpstreamWriter::Tunnel(w))
             }
+            Upstream::Other(s) => {
+                let (r, w) = tokio::io::split(&mut s.0);
+                (UpstreamReader::Other(r), UpstreamWriter::Other(w))
+            }
         }
     }
 
@@ -363,70 +421,26 @@ impl crate::io::Duplex for Upstream {
         match self {
             Upstream::Local(s) => s.abort(),
             Upstream::Tunnel(s) => s.abort(),
+            Upstream::Other(_) => {}
         }
     }
 }
 
-impl crate::io::Source for UpstreamReader<'_> {
-    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send + '_ {
-        use futures_util::future::Either;
+impl Source for UpstreamReader<'_> {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
         match self {
             UpstreamReader::Local(r) => Either::Left(r.readable()),
-            UpstreamReader::Tunnel(r) => Either::Right(r.readable()),
+            UpstreamReader::Tunnel(_) | UpstreamReader::Other(_) => {
+                Either::Right(std::future::ready(Ok(())))
+            }
         }
     }
 
-    fn aborted(&self) -> impl std::future::Future<Output = io::Error> + Send + '_ {
-        use futures_util::future::Either;
+    fn aborted(&self) -> impl Future<Output = io::Error> + Send + '_ {
         match self {
             UpstreamReader::Local(r) => Either::Left(r.aborted()),
-            UpstreamReader::Tunnel(r) => Either::Right(r.aborted()),
-        }
-    }
-}
-
-impl tokio::io::AsyncRead for UpstreamReader<'_> {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamReader::Local(r) => std::pin::Pin::new(r).poll_read(cx, buf),
-            UpstreamReader::Tunnel(r) => std::pin::Pin::new(r).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for UpstreamWriter<'_> {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamWriter::Local(w) => std::pin::Pin::new(w).poll_write(cx, buf),
-            UpstreamWriter::Tunnel(w) => std::pin::Pin::new(w).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamWriter::Local(w) => std::pin::Pin::new(w).poll_flush(cx),
-            UpstreamWriter::Tunnel(w) => std::pin::Pin::new(w).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamWriter::Local(w) => std::pin::Pin::new(w).poll_shutdown(cx),
-            UpstreamWriter::Tunnel(w) => std::pin::Pin::new(w).poll_shutdown(cx),
+            UpstreamReader::Tunnel(r) => Either::Right(Either::Left(r.aborted())),
+            UpstreamReader::Other(_) => Either::Right(Either::Right(std::future::pending())),
         }
     }
 }

@@ -31,6 +31,7 @@ pub mod metamanager;
 pub mod model;
 pub mod process;
 pub mod routes;
+pub mod serve;
 pub mod session;
 pub mod socket;
 pub mod systemd;

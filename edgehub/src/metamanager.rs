@@ -102,7 +102,9 @@ pub struct MeshView {
 }
 
 impl MeshView {
-    fn set(&mut self, key: &ObjectKey, object: Option<Object>) {
+    /// Puts `object` at `key`, or removes what is there when `None` (cloudcore keeps a view of
+    /// its store this way too).
+    pub fn set(&mut self, key: &ObjectKey, object: Option<Object>) {
         let nk = (key.namespace.clone(), key.name.clone());
         match (key.kind, object) {
             (Kind::Service, Some(Object::Service(mut s))) => {

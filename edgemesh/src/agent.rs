@@ -19,8 +19,9 @@ use crate::proxy::ProxyDeps;
 use crate::tunnel::EdgeAcceptor;
 use edgehub::connect::Dialer;
 use edgehub::io::Timeouts;
-use edgehub::limits::{EndpointTimeouts, Limiters};
+use edgehub::limits::Limiters;
 use edgehub::routes::LocalNode;
+use edgehub::serve::{ServeTimeouts, StreamServer};
 use tokio_util::task::TaskTracker;
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -58,26 +59,32 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     // Tunnels: the acceptor dials this node's endpoints for streams from the cloud; the proxy
     // opens streams for endpoints elsewhere. Both enforce QPS limits where they dial.
     let limiters = Arc::new(Limiters::new());
-    tokio::spawn(follow_limits(
+    tokio::spawn(edgehub::limits::follow(
         meta.subscribe(),
         limiters.clone(),
         shutdown.clone(),
     ));
     let dialer = Arc::new(Dialer::new(Some(cfg.proxy.mark), cfg.proxy.connect_timeout));
     let stream_tasks = TaskTracker::new();
-    let acceptor = Arc::new(EdgeAcceptor::new(
-        cfg.node_name.clone(),
-        meta.subscribe(),
+    let server = Arc::new(StreamServer::new(
+        Some(&cfg.node_name),
         dialer.clone(),
         limiters.clone(),
-        EndpointTimeouts {
+        cfg.proxy.http.clone(),
+        ServeTimeouts {
             detect: cfg.proxy.detect_timeout,
-            bridge: Timeouts {
+            join: Timeouts {
                 idle: cfg.proxy.idle_timeout,
                 half_closed: cfg.proxy.half_close_timeout,
             },
         },
+    ));
+    let server_sweeper = tokio::spawn(server.clone().sweep(shutdown.clone()));
+    let acceptor = Arc::new(EdgeAcceptor::new(
+        meta.subscribe(),
+        server,
         stream_tasks.clone(),
+        shutdown.clone(),
     ));
     let tunnel = crate::tunnel::handle(&cfg.tunnel, acceptor);
     let client = HubClient::new(hub_cfg, meta.clone()).with_tunnel(tunnel.clone());
@@ -163,6 +170,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     // The hub link is closed by now, which reset every stream; their tasks end promptly.
     stream_tasks.close();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), stream_tasks.wait()).await;
+    let _ = server_sweeper.await;
     info!("edgemesh stopped");
     Ok(())
 }
@@ -232,22 +240,6 @@ async fn report_status(
         if now != last {
             edgehub::systemd::status(&now);
             last = now;
-        }
-    }
-}
-
-/// Keeps the QPS limits in step with the Services' annotations.
-async fn follow_limits(
-    mut views: tokio::sync::watch::Receiver<Arc<edgehub::metamanager::MeshView>>,
-    limiters: Arc<Limiters>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let view = views.borrow_and_update().clone();
-        limiters.follow(&view);
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = views.changed() => if changed.is_err() { return },
         }
     }
 }

@@ -98,7 +98,7 @@ impl Router {
         );
         async {
             let result = self.forward_to_url(&rule, req).await;
-            rule.finish(result, start)
+            rule.finish(result.map(forward::downstream_response), start)
         }
         .instrument(span)
         .await

@@ -1,13 +1,13 @@
-//! One HTTP/1.1 exchange over a byte stream, and the header handling of a reverse proxy.
+//! One HTTP/1.1 exchange with a cloud URL (`service` → `rest`), and the request and response
+//! rewriting around it (hop-by-hop fields by the rules of the mesh's HTTP engine).
 //!
-//! Each routed request gets its own stream (no pooling): streams through the tunnels are cheap
-//! to open, and a fresh one can never carry a previous request's broken state.
 
 use std::net::IpAddr;
 
 use axum::body::Body;
-use axum::http::header::{self, HeaderName, HeaderValue};
-use axum::http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use axum::http::header::{self, HeaderValue};
+use axum::http::{Request, Response, StatusCode, Uri, Version};
+use edgehub::http::headers::strip_hop_by_hop;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -35,34 +35,6 @@ where
         .in_current_span(),
     );
     sender.send_request(req).await
-}
-
-/// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1), plus those
-/// that `Connection` names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
 }
 
 /// Rewrites a caller's request for the target: new request target, hop-by-hop headers gone,

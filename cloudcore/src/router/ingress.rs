@@ -1,17 +1,16 @@
 //! `rest` → `service`: the router's HTTP ingress on `router.listen`. A request under a rule's
-//! path goes to an endpoint of the rule's edge Service over a stream from the dialer.
+//! path goes to an endpoint of the rule's Service through the mesh's own data path
+//! ([`super::DataPath`]): the Service's balancing policy, affinity and outlier ejection,
+//! pooled connections (streams to edge nodes), retries while nothing reached an endpoint.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
-use edgehub::io::Protocol;
-use edgehub::model::{Kind, Object, ObjectKey, CLOUD_NODE};
-use edgehub::tunnel::{OpenError, OpenRequest, RefusalKind};
+use edgehub::http::HttpError;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -20,14 +19,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use super::forward::{self, error_response, BoxError};
+use super::forward::error_response;
 use super::model::{has_dot_segment, Route};
 use super::paths::{join, with_query};
 use super::stats::{observe, Failure, Outcome};
 use super::{LiveRule, Router};
 
-/// Endpoints tried per request when opening fails because of the endpoint.
-const MAX_ATTEMPTS: usize = 3;
 /// How often counters are written to the store.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 /// Time in-flight requests get to finish at shutdown.
@@ -103,16 +100,11 @@ impl Router {
     }
 
     /// Answers one ingress request: the edge pod's response, or the router's own error.
-    pub(crate) async fn handle_ingress<B>(
+    pub(crate) async fn handle_ingress(
         self: &Arc<Self>,
-        req: Request<B>,
+        req: Request<Incoming>,
         peer: Option<IpAddr>,
-    ) -> Response<Body>
-    where
-        B: hyper::body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
-    {
+    ) -> Response<Body> {
         let start = Instant::now();
         let path = req.uri().path().to_string();
         if has_dot_segment(&path) {
@@ -141,24 +133,19 @@ impl Router {
         let rest = rest.to_string();
         async {
             let result = self.forward_to_service(&rule, req, &rest, peer).await;
-            rule.finish(result, start)
+            rule.finish(result.map(|r| r.map(Body::new)), start)
         }
         .instrument(span)
         .await
     }
 
-    async fn forward_to_service<B>(
+    async fn forward_to_service(
         &self,
         rule: &LiveRule,
-        req: Request<B>,
+        mut req: Request<Incoming>,
         rest: &str,
         peer: Option<IpAddr>,
-    ) -> Result<Response<Incoming>, Failure>
-    where
-        B: hyper::body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
-    {
+    ) -> Result<Response<edgehub::http::ProxyBody>, Failure> {
         let Route::RestToService {
             namespace,
             name,
@@ -176,170 +163,49 @@ impl Router {
                 .check()
                 .map_err(|wait| Failure::rate_limited(&rule.record.name, wait))?;
         }
+        let Some(route) = self.data.route(namespace, name, *port) else {
+            return Err(Failure::no_endpoints(format!(
+                "service {namespace}/{name} not found, or it has no TCP port {port}"
+            )));
+        };
         let target = with_query(join(target_path, rest), req.uri().query());
-        let req =
-            forward::upstream_request(req, &target, None, &format!("{name}.{namespace}"), peer)
-                .map_err(Failure::unreachable)?;
+        *req.uri_mut() = target
+            .parse()
+            .map_err(|e| Failure::unreachable(format!("invalid target path {target:?}: {e}")))?;
+        *req.version_mut() = hyper::Version::HTTP_11;
+        if !req.headers().contains_key(hyper::header::HOST) {
+            let host = hyper::header::HeaderValue::from_str(&format!("{name}.{namespace}"))
+                .map_err(|_| Failure::unreachable(format!("invalid Host {name}.{namespace}")))?;
+            req.headers_mut().insert(hyper::header::HOST, host);
+        }
         let limit = self.cfg.request_timeout;
-        tokio::time::timeout(
-            limit,
-            self.send_to_service(rule, req, namespace, name, *port),
-        )
-        .await
-        .unwrap_or_else(|_| Err(Failure::timeout(limit)))
-    }
-
-    /// Opens a stream to an endpoint of the Service (round-robin; the next one when the
-    /// endpoint itself failed) and sends the request over it.
-    async fn send_to_service<B>(
-        &self,
-        rule: &LiveRule,
-        req: Request<B>,
-        namespace: &str,
-        name: &str,
-        port: u16,
-    ) -> Result<Response<Incoming>, Failure>
-    where
-        B: hyper::body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
-    {
-        let targets = self.resolve(namespace, name, port).await?;
-        let first = rule.next.fetch_add(1, Ordering::Relaxed);
-        let mut last: Option<Failure> = None;
-        for i in 0..targets.len().min(MAX_ATTEMPTS) {
-            let (endpoint, node) = targets[(first + i) % targets.len()].clone();
-            let open = OpenRequest {
-                stream: 0,
-                namespace: namespace.to_string(),
-                service: name.to_string(),
-                endpoint,
-                node: node.clone(),
-                protocol: Protocol::Http1,
-                source: String::new(),
-                window: 0,
-            };
-            match self.dialer.open(open).await {
-                Ok(io) => {
-                    debug!(%endpoint, node = node.as_deref().unwrap_or(CLOUD_NODE), "stream open");
-                    return forward::exchange(io, req).await.map_err(|e| {
-                        Failure::unreachable(format!(
-                            "{namespace}/{name} endpoint {endpoint}: the exchange failed: {e}"
-                        ))
-                    });
-                }
-                Err(e) => {
-                    info!(%endpoint, error = %e, "cannot open a stream to the endpoint");
-                    let next = e.endpoint_failed();
-                    last = Some(open_failure(namespace, name, endpoint, &e));
-                    if !next {
-                        break;
-                    }
-                }
-            }
+        let forwarded = self.data.http().forward(&route, req, peer);
+        match tokio::time::timeout(limit, forwarded).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(failure(&e)),
+            Err(_) => Err(Failure::timeout(limit)),
         }
-        Err(last.unwrap_or_else(|| {
-            Failure::no_endpoints(format!("service {namespace}/{name} has no ready endpoints"))
-        }))
-    }
-
-    /// The endpoints of Service port `port`: address, port to dial, and the node hosting it
-    /// (`None` for cloud endpoints).
-    async fn resolve(
-        &self,
-        namespace: &str,
-        name: &str,
-        port: u16,
-    ) -> Result<Vec<(SocketAddr, Option<String>)>, Failure> {
-        let objects = self.objects.clone();
-        let (svc_key, ep_key) = (
-            ObjectKey::new(Kind::Service, namespace, name),
-            ObjectKey::new(Kind::Endpoints, namespace, name),
-        );
-        let read = tokio::task::spawn_blocking(move || {
-            Ok::<_, crate::store::StoreError>((objects.get(&svc_key)?, objects.get(&ep_key)?))
-        })
-        .await;
-        let (svc, eps) = match read {
-            Ok(Ok(found)) => found,
-            Ok(Err(e)) => {
-                warn!(error = %e, "store failure while resolving a router target");
-                return Err(Failure::no_endpoints("store failure; see cloudcore's log"));
-            }
-            Err(e) => return Err(Failure::no_endpoints(format!("internal task failed: {e}"))),
-        };
-        let service = match svc.map(|r| Object::from_json(Kind::Service, &r.json)) {
-            Some(Ok(Object::Service(s))) => s,
-            _ => {
-                return Err(Failure::no_endpoints(format!(
-                    "service {namespace}/{name} not found"
-                )))
-            }
-        };
-        let Some(svc_port) = service
-            .spec
-            .ports
-            .iter()
-            .find(|p| p.port == i64::from(port) && p.protocol.eq_ignore_ascii_case("TCP"))
-        else {
-            return Err(Failure::no_endpoints(format!(
-                "service {namespace}/{name} has no TCP port {port}"
-            )));
-        };
-        let subsets = match eps.map(|r| Object::from_json(Kind::Endpoints, &r.json)) {
-            Some(Ok(Object::Endpoints(e))) => e.subsets,
-            _ => Vec::new(),
-        };
-        let mut out: Vec<(SocketAddr, Option<String>)> = Vec::new();
-        for subset in &subsets {
-            let Some(target) = svc_port.endpoint_port(subset) else {
-                continue;
-            };
-            for address in &subset.addresses {
-                let Ok(ip) = address.ip.parse::<IpAddr>() else {
-                    continue;
-                };
-                let addr = SocketAddr::new(ip, target);
-                let node = edgehub::tunnel::authorise::host_of(address).map(str::to_string);
-                if !out.iter().any(|(a, _)| *a == addr) {
-                    out.push((addr, node));
-                }
-            }
-        }
-        if out.is_empty() {
-            return Err(Failure::no_endpoints(format!(
-                "service {namespace}/{name} has no ready endpoints for port {port}"
-            )));
-        }
-        Ok(out)
     }
 }
 
-/// What the caller is answered when no stream could be opened.
-fn open_failure(namespace: &str, name: &str, endpoint: SocketAddr, e: &OpenError) -> Failure {
-    let message = format!("cannot open a stream to {namespace}/{name} endpoint {endpoint}: {e}");
+/// What the caller is answered when no endpoint answered.
+fn failure(e: &HttpError) -> Failure {
+    let message = e.to_string();
     match e {
-        // The edge enforces the Service's own QPS on opens: the caller should slow down.
-        OpenError::Refused {
-            kind: RefusalKind::RateLimited,
-            ..
-        } => Failure {
-            retry_after: Some(1),
+        // The side that dials the endpoint enforces the Service's own QPS: the caller should
+        // slow down.
+        HttpError::RateLimited { retry_after, .. } => Failure {
+            retry_after: Some(edgehub::limits::retry_after_secs(*retry_after)),
             ..Failure::new(Outcome::RateLimited, StatusCode::TOO_MANY_REQUESTS, message)
         },
-        OpenError::Refused {
-            kind: RefusalKind::Busy,
-            ..
-        }
-        | OpenError::TooManyStreams(_) => Failure::new(
-            Outcome::Unreachable,
-            StatusCode::SERVICE_UNAVAILABLE,
-            message,
-        ),
-        OpenError::Timeout(_) => {
+        HttpError::NoEndpoints { .. } => Failure::no_endpoints(message),
+        HttpError::Timeout { .. } => {
             Failure::new(Outcome::Timeout, StatusCode::GATEWAY_TIMEOUT, message)
         }
-        _ => Failure::unreachable(message),
+        HttpError::BadRequest(_) => {
+            Failure::new(Outcome::Unreachable, StatusCode::BAD_REQUEST, message)
+        }
+        HttpError::Unreachable { .. } | HttpError::Failed { .. } => Failure::unreachable(message),
     }
 }
 
@@ -347,7 +213,7 @@ impl LiveRule {
     /// Counts the request and makes the caller's answer.
     pub(super) fn finish(
         &self,
-        result: Result<Response<Incoming>, Failure>,
+        result: Result<Response<Body>, Failure>,
         start: Instant,
     ) -> Response<Body> {
         let elapsed = start.elapsed();
@@ -363,7 +229,7 @@ impl LiveRule {
                 };
                 observe(self.id(), outcome.as_str(), elapsed);
                 debug!(status = status.as_u16(), ?elapsed, "routed");
-                forward::downstream_response(resp)
+                resp
             }
             Err(f) => {
                 observe(self.id(), f.outcome.as_str(), elapsed);

@@ -1,42 +1,15 @@
-//! Per-rule QPS limits: a GCRA limiter (governor) on tokio's clock, so that tests can run it
-//! on a paused clock and the limit follows the same time as the request timeouts.
+//! Per-rule QPS limits: the one bucket of [`edgehub::limits`], with a rule's rate, which may
+//! be fractional (one request every few seconds).
 
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use governor::clock::{Clock, Reference};
-use governor::middleware::NoOpMiddleware;
-use governor::nanos::Nanos;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
+use edgehub::limits::{Bucket, Decision};
 
 use super::model::RateSpec;
 
-/// Time as nanoseconds since the clock was made, read from tokio's clock.
-#[derive(Clone, Debug)]
-pub struct TokioClock {
-    start: tokio::time::Instant,
-}
-
-impl Default for TokioClock {
-    fn default() -> Self {
-        TokioClock {
-            start: tokio::time::Instant::now(),
-        }
-    }
-}
-
-impl Clock for TokioClock {
-    type Instant = Nanos;
-
-    fn now(&self) -> Nanos {
-        Nanos::from(self.start.elapsed())
-    }
-}
-
 pub struct Limiter {
-    inner: RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Nanos>>,
-    clock: TokioClock,
+    bucket: Option<Bucket>,
 }
 
 impl Limiter {
@@ -44,30 +17,21 @@ impl Limiter {
     pub fn new(spec: RateSpec) -> Self {
         let period = Duration::from_secs_f64(1.0 / spec.qps).max(Duration::from_nanos(1));
         let burst = NonZeroU32::new(spec.burst).unwrap_or(NonZeroU32::MIN);
-        // `with_period` is None only for a zero period, which `max` rules out.
-        let quota = Quota::with_period(period)
-            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-            .allow_burst(burst);
-        let clock = TokioClock::default();
         Limiter {
-            inner: RateLimiter::direct_with_clock(quota, clock.clone()),
-            clock,
+            bucket: Bucket::new(period, burst),
         }
     }
 
     /// Takes one request's worth of capacity, or says how long until there is some.
     pub fn check(&self) -> Result<(), Duration> {
-        self.inner.check().map_err(|not_until| {
-            let now = self.clock.now();
-            Duration::from(not_until.earliest_possible().duration_since(now))
-        })
+        match self.bucket.as_ref().map(Bucket::decide) {
+            Some(Decision::Limited { retry_after }) => Err(retry_after),
+            _ => Ok(()),
+        }
     }
 }
 
-/// `Retry-After` in whole seconds, at least 1 (the header has no smaller unit).
-pub fn retry_after_secs(wait: Duration) -> u64 {
-    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
-}
+pub use edgehub::limits::retry_after_secs;
 
 #[cfg(test)]
 mod tests {

@@ -3,7 +3,9 @@
 //!
 //! - `rest` → `service`: a request to the router ingress (`router.listen`) whose path falls
 //!   under a rule's `source_resource.path` is sent to an endpoint of the edge Service in
-//!   `target_resource`, through a stream the [`EdgeDialer`] opens ([`ingress`]).
+//!   `target_resource`, through the data path nodes use ([`DataPath`]: route table,
+//!   balancer, pooled HTTP connections, retries), over streams on the nodes' links
+//!   ([`ingress`]).
 //! - `service` → `rest`: the rule owns a virtual Service (with Endpoints that have no
 //!   `nodeName`, so edge nodes send its traffic to cloudcore); cloudcore hands each such stream
 //!   to [`Router::serve_edge_stream`], which sends the requests to `target_resource.url`
@@ -13,7 +15,7 @@
 //! mirrored in memory; every change goes through one lock so checks and the store agree.
 
 pub mod api;
-mod dialer;
+mod datapath;
 mod egress;
 mod forward;
 mod ingress;
@@ -23,7 +25,6 @@ mod paths;
 mod stats;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use edgehub::model::{FieldError, Kind, Object, ObjectKey, ANNOTATION_PROTOCOL};
@@ -35,9 +36,28 @@ use crate::config::RouterConfig;
 use crate::objects::{ApplyError, Objects};
 use crate::store::{RouterKind, StoreError};
 
-pub use dialer::EdgeDialer;
+pub use datapath::DataPath;
+
+/// An opener with no links, for tests that never route.
 #[cfg(test)]
-pub(crate) use dialer::NoLinks;
+pub(crate) struct NoLinks;
+
+#[cfg(test)]
+impl edgehub::connect::Opener for NoLinks {
+    fn open(
+        &self,
+        _request: edgehub::tunnel::OpenRequest,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<edgehub::connect::Upstream, edgehub::tunnel::OpenError>,
+                > + Send
+                + '_,
+        >,
+    > {
+        Box::pin(async { Err(edgehub::tunnel::OpenError::LinkDown) })
+    }
+}
 use limit::Limiter;
 use model::{RateSpec, Route, Rule, RuleEndpoint, ANNOTATION_RULE};
 use paths::PathIndex;
@@ -69,8 +89,6 @@ pub(crate) struct LiveRule {
     route: Route,
     limiter: Option<Limiter>,
     stats: Stats,
-    /// Round-robin position over the target's endpoints.
-    next: AtomicUsize,
 }
 
 impl LiveRule {
@@ -84,7 +102,6 @@ impl LiveRule {
             route,
             limiter: rate.map(Limiter::new),
             stats,
-            next: AtomicUsize::new(0),
         }
     }
 
@@ -146,7 +163,7 @@ impl Table {
 pub struct Router {
     cfg: RouterConfig,
     objects: Arc<Objects>,
-    dialer: Arc<dyn EdgeDialer>,
+    data: DataPath,
     table: RwLock<Table>,
     /// Serialises changes (REST writes and counter flushes): a check and the write it guards
     /// see the same table.
@@ -175,7 +192,7 @@ impl Router {
     pub fn new(
         cfg: RouterConfig,
         objects: Arc<Objects>,
-        dialer: Arc<dyn EdgeDialer>,
+        data: DataPath,
     ) -> Result<Self, StoreError> {
         let store = objects.store().clone();
         let mut table = Table::default();
@@ -207,7 +224,7 @@ impl Router {
         let router = Router {
             cfg,
             objects,
-            dialer,
+            data,
             table: RwLock::new(table),
             writes: Mutex::new(()),
         };

@@ -129,7 +129,7 @@ impl HttpError {
         let mut response = text_response(status, text);
         if let HttpError::RateLimited { retry_after, .. } = self {
             // Whole seconds; rounding down would invite a retry that is refused again.
-            let secs = (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1);
+            let secs = crate::limits::retry_after_secs(retry_after);
             response
                 .headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(secs));

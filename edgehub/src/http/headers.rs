@@ -44,7 +44,7 @@ pub fn client_value(client: IpAddr) -> HeaderValue {
 /// `Upgrade`, and its `CONNECT` is an ordinary stream).
 pub fn prepare_request<B>(
     req: &mut Request<B>,
-    client: &HeaderValue,
+    client: Option<&HeaderValue>,
     http1: bool,
 ) -> Option<Upgrade> {
     let upgrade = if !http1 {
@@ -60,7 +60,9 @@ pub fn prepare_request<B>(
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(UPGRADE, protocols.clone());
     }
-    append_forwarded_for(headers, client);
+    if let Some(client) = client {
+        append_forwarded_for(headers, client);
+    }
     upgrade
 }
 
@@ -188,7 +190,7 @@ mod tests {
             ("upgrade", "h2c"),
             ("x-user", "alice"),
         ]);
-        let upgrade = prepare_request(&mut req, &ip("10.244.1.5"), true);
+        let upgrade = prepare_request(&mut req, Some(&ip("10.244.1.5")), true);
         assert_eq!(upgrade, None, "Connection does not list upgrade");
         assert_eq!(
             names(req.headers()),
@@ -205,14 +207,14 @@ mod tests {
     #[test]
     fn forwarded_for_is_appended() {
         let mut req = request(&[]);
-        prepare_request(&mut req, &ip("10.244.1.5"), true);
+        prepare_request(&mut req, Some(&ip("10.244.1.5")), true);
         assert_eq!(req.headers()["x-forwarded-for"], "10.244.1.5");
 
         let mut req = request(&[
             ("x-forwarded-for", "203.0.113.7"),
             ("x-forwarded-for", "198.51.100.2, 10.0.0.1"),
         ]);
-        prepare_request(&mut req, &ip("fd00::5"), false);
+        prepare_request(&mut req, Some(&ip("fd00::5")), false);
         let all: Vec<_> = req.headers().get_all("x-forwarded-for").iter().collect();
         assert_eq!(all, ["203.0.113.7, 198.51.100.2, 10.0.0.1, fd00::5"]);
     }
@@ -224,10 +226,10 @@ mod tests {
             ("upgrade", "websocket"),
             ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
         ];
-        let upgrade = prepare_request(&mut request(&websocket), &ip("10.0.0.1"), false);
+        let upgrade = prepare_request(&mut request(&websocket), Some(&ip("10.0.0.1")), false);
         assert_eq!(upgrade, None, "no upgrades over HTTP/2");
         let mut req = request(&websocket);
-        let upgrade = prepare_request(&mut req, &ip("10.0.0.1"), true);
+        let upgrade = prepare_request(&mut req, Some(&ip("10.0.0.1")), true);
         assert_eq!(
             upgrade,
             Some(Upgrade::Protocol(HeaderValue::from_static("websocket")))
@@ -262,7 +264,7 @@ mod tests {
             .uri("example.com:443")
             .body(())
             .expect("request");
-        let upgrade = prepare_request(&mut connect, &ip("10.0.0.1"), true);
+        let upgrade = prepare_request(&mut connect, Some(&ip("10.0.0.1")), true);
         assert_eq!(upgrade, Some(Upgrade::Connect));
         assert!(Upgrade::Connect.accepted_by(StatusCode::OK));
         assert!(!Upgrade::Connect.accepted_by(StatusCode::FORBIDDEN));

@@ -38,6 +38,7 @@ use crate::io::Protocol;
 use pool::Pool;
 
 pub use answer::HttpError;
+pub use body::ProxyBody;
 pub use server::{serve, ServeError};
 
 type H1Sender = hyper::client::conn::http1::SendRequest<Incoming>;

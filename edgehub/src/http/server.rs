@@ -42,13 +42,15 @@ pub enum ServeError {
 }
 
 /// Serves the client connection `io` (its first bytes replayed) as `protocol` (HTTP/1 or
-/// HTTP/2) for `route`, until the client is done or `shutdown`.
+/// HTTP/2) for `route`, until the client is done or `shutdown`. `peer` is the client's
+/// address; `None` for a stream whose requests a proxy forwarded already (the side that dials
+/// the endpoint): it adds no `X-Forwarded-For` entry of its own.
 pub async fn serve<I>(
     http: Arc<Http>,
     io: I,
     protocol: Protocol,
     route: Arc<Route>,
-    peer: SocketAddr,
+    peer: Option<SocketAddr>,
     shutdown: &CancellationToken,
 ) -> Result<(), ServeError>
 where
@@ -60,7 +62,7 @@ where
         http: http.clone(),
         route,
         peer,
-        peer_value: super::headers::client_value(peer.ip()),
+        peer_value: peer.map(|p| super::headers::client_value(p.ip())),
         protocol,
         upgraded: Mutex::new(None),
     });

@@ -27,9 +27,10 @@ pub struct Conn {
     pub id: u64,
     pub http: Arc<Http>,
     pub route: Arc<Route>,
-    pub peer: SocketAddr,
+    /// The client; `None` when the requests come forwarded by a proxy already.
+    pub peer: Option<SocketAddr>,
     /// `peer`'s address for `X-Forwarded-For`, made once.
-    pub peer_value: hyper::header::HeaderValue,
+    pub peer_value: Option<hyper::header::HeaderValue>,
     pub protocol: Protocol,
     /// Both ends of an upgrade the endpoint accepted (client side, endpoint side): once the
     /// `101` is out, the connection task joins them.
@@ -75,8 +76,11 @@ async fn forward(
     conn: &Conn,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, HttpError> {
-    let upgrade =
-        headers::prepare_request(&mut req, &conn.peer_value, conn.protocol == Protocol::Http1);
+    let upgrade = headers::prepare_request(
+        &mut req,
+        conn.peer_value.as_ref(),
+        conn.protocol == Protocol::Http1,
+    );
     // The client's half of an upgrade must be taken before the request goes on its way.
     let client_side = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let hash_key = conn
@@ -86,7 +90,9 @@ async fn forward(
         .and_then(|name| req.headers().get(name))
         .cloned();
     let pick = PickContext {
-        client_ip: conn.peer.ip(),
+        client_ip: conn
+            .peer
+            .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |p| p.ip()),
         hash_key: hash_key.as_ref().map(|v| v.as_bytes()),
     };
     let answered = conn
@@ -111,4 +117,47 @@ async fn forward(
     headers::prepare_response(&mut response, upgrade.as_ref());
     let (in_flight, recycle) = (answered.in_flight, answered.recycle);
     Ok(response.map(|body| Either::Left(Guarded::new(body, in_flight, recycle))))
+}
+
+impl Http {
+    /// One HTTP/1 request that arrived some other way than [`super::serve`] (the cloud
+    /// router's ingress, which rewrites the target itself): hop-by-hop fields out, `client`
+    /// appended to `X-Forwarded-For`, balanced over `route`'s endpoints, retried while nothing
+    /// of it reached one, counted with the Service's requests. No protocol upgrades.
+    pub async fn forward(
+        self: &Arc<Self>,
+        route: &Route,
+        mut req: Request<Incoming>,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<Response<ProxyBody>, HttpError> {
+        let started = Instant::now();
+        let client_value = client.map(headers::client_value);
+        headers::prepare_request(&mut req, client_value.as_ref(), false);
+        let hash_key = route
+            .hash_header
+            .as_ref()
+            .and_then(|name| req.headers().get(name))
+            .cloned();
+        let pick = PickContext {
+            client_ip: client.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+            hash_key: hash_key.as_ref().map(|v| v.as_bytes()),
+        };
+        let answered = self
+            .dispatch(route, req, &pick, Protocol::Http1, false, 0)
+            .await;
+        let stats = route.stats.http(Protocol::Http1);
+        stats.duration.record(started.elapsed().as_secs_f64());
+        let answered = match answered {
+            Ok(a) => a,
+            Err(e) => {
+                stats.count(e.status());
+                return Err(e);
+            }
+        };
+        let mut response = answered.response;
+        stats.count(response.status());
+        headers::prepare_response(&mut response, None);
+        let (in_flight, recycle) = (answered.in_flight, answered.recycle);
+        Ok(response.map(|body| Either::Left(Guarded::new(body, in_flight, recycle))))
+    }
 }

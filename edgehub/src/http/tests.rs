@@ -170,7 +170,7 @@ fn proxy(
     let (http, route, shutdown) = (http.clone(), route.clone(), shutdown.clone());
     let peer: SocketAddr = "10.244.1.7:40000".parse().expect("addr");
     let task = tokio::spawn(async move {
-        let _ = serve(http, server, protocol, route, peer, &shutdown).await;
+        let _ = serve(http, server, protocol, route, Some(peer), &shutdown).await;
     });
     (client, task)
 }

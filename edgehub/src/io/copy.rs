@@ -250,7 +250,7 @@ mod tests {
 
     #[tokio::test]
     async fn counters_move_with_the_data() {
-        let recorder = metrics_util_free::Recorder::default();
+        let recorder = metrics_util_free::Recorder;
         let (sent, received) = (recorder.counter(), recorder.counter());
         let (mut client, mut proxy_in) = pair().await;
         let (mut proxy_out, mut server) = pair().await;
@@ -404,7 +404,6 @@ mod tests {
             }
         }
 
-        #[derive(Default)]
         pub struct Recorder;
 
         pub struct Tracked(pub Counter, Arc<Cell>);

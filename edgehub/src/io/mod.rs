@@ -74,6 +74,7 @@ impl Source for ReadHalf<'_> {
         self.as_ref().readable()
     }
 
+    #[allow(clippy::manual_async_fn)] // the trait's signature: the future must be `Send`
     fn aborted(&self) -> impl Future<Output = io::Error> + Send + '_ {
         async move {
             loop {

@@ -1,17 +1,20 @@
 //! Server-side QPS limits (SPEC §4.5), shared by the edge agent and cloudcore: whichever of them
 //! finally dials an endpoint enforces the Service's `edgemesh.io/qps` / `edgemesh.io/burst`.
 //!
+//! Policy only: where the limits are enforced is [`crate::serve`] (streams that end here) and
+//! the HTTP engine ([`crate::http`], per request).
+//!
 //! - [`limit_of`] reads the annotations of a Service;
-//! - [`Limiters`] keeps one GCRA bucket per limited Service and answers [`Decision`]s;
-//! - [`serve_http1`] enforces a limit per HTTP/1 request (`429` + `Retry-After`);
+//! - [`Bucket`] is the one GCRA bucket, on tokio's clock, that every limit uses (Services'
+//!   and, in cloudcore, router rules');
+//! - [`Limiters`] keeps one bucket per limited Service and answers [`Decision`]s;
+//! - [`retry_after_secs`] is the one `Retry-After` rule.
+//!
 //! A connection that is not HTTP is limited as a whole: over the limit, the caller refuses
 //! (closes) it.
 //!
 //! Rejections are counted as `edgemesh_limit_rejected_total{namespace,service,protocol}`, by
 //! [`Limiters::admit`], under the same name on nodes and in the cloud.
-
-mod endpoint;
-mod http1;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -27,9 +30,6 @@ use tracing::{info, warn};
 
 use crate::metamanager::MeshView;
 use crate::model::{Service, ANNOTATION_BURST, ANNOTATION_QPS};
-
-pub use endpoint::{serve_endpoint, EndpointTimeouts, Served};
-pub use http1::{serve_http1, Http1Error};
 
 /// Name of the counter of requests and connections refused by a limit, without the process
 /// prefix: `edgemesh_limit_rejected_total` in the agent, `cloudcore_limit_rejected_total` in
@@ -139,10 +139,18 @@ impl Protocol {
 
 /// governor's clocks cannot be paused, tokio's can: reading `tokio::time::Instant` lets tests
 /// run seconds of traffic in no time (`start_paused`), and outside tests it is the monotonic
-/// clock. Instants are nanoseconds since the registry was created.
+/// clock. Instants are nanoseconds since the clock was made.
 #[derive(Clone, Copy, Debug)]
 struct TokioClock {
     origin: tokio::time::Instant,
+}
+
+impl TokioClock {
+    fn new() -> TokioClock {
+        TokioClock {
+            origin: tokio::time::Instant::now(),
+        }
+    }
 }
 
 impl Clock for TokioClock {
@@ -153,7 +161,44 @@ impl Clock for TokioClock {
     }
 }
 
-type Bucket = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Nanos>>;
+/// One rate limit: a GCRA bucket that admits one request per `period` on average and up to
+/// `burst` at once.
+pub struct Bucket {
+    inner: RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Nanos>>,
+}
+
+impl Bucket {
+    /// `None` for a zero period (more than 10⁹ per second: governor works in whole
+    /// nanoseconds, and such a limit is no limit in practice).
+    pub fn new(period: Duration, burst: NonZeroU32) -> Option<Bucket> {
+        let quota = Quota::with_period(period)?.allow_burst(burst);
+        Some(Bucket {
+            inner: RateLimiter::direct_with_clock(quota, TokioClock::new()),
+        })
+    }
+
+    /// Takes one request's worth, or says how long until there is some.
+    pub fn decide(&self) -> Decision {
+        match self.inner.check() {
+            Ok(()) => Decision::Allowed,
+            Err(not_until) => Decision::Limited {
+                retry_after: not_until.wait_time_from(self.inner.clock().now()),
+            },
+        }
+    }
+}
+
+impl std::fmt::Debug for Bucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bucket").finish_non_exhaustive()
+    }
+}
+
+/// `Retry-After` in whole seconds for a wait: rounded up (rounding down would invite a retry
+/// that is refused again), at least 1 (the header has no smaller unit).
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
 
 /// One limited Service.
 struct Entry {
@@ -166,25 +211,17 @@ struct Entry {
 }
 
 impl Entry {
-    /// `None` when the limit is too high to express (more than 10⁹ per second): governor
-    /// works in whole nanoseconds per request, and such a Service is unlimited in practice.
-    fn new(limit: Limit, clock: TokioClock) -> Option<Entry> {
-        let quota =
-            Quota::with_period(Duration::from_secs(1) / limit.qps.get())?.allow_burst(limit.burst);
+    /// `None` when the limit is too high to express (see [`Bucket::new`]).
+    fn new(limit: Limit) -> Option<Entry> {
         Some(Entry {
             limit,
-            bucket: RateLimiter::direct_with_clock(quota, clock),
+            bucket: Bucket::new(Duration::from_secs(1) / limit.qps.get(), limit.burst)?,
             rejected: Default::default(),
         })
     }
 
     fn decide(&self) -> Decision {
-        match self.bucket.check() {
-            Ok(()) => Decision::Allowed,
-            Err(not_until) => Decision::Limited {
-                retry_after: not_until.wait_time_from(self.bucket.clock().now()),
-            },
-        }
+        self.bucket.decide()
     }
 }
 
@@ -201,7 +238,6 @@ type Table = HashMap<String, HashMap<String, Entry>>;
 
 #[derive(Debug)]
 struct Inner {
-    clock: TokioClock,
     table: RwLock<Table>,
     /// Malformed annotations already logged by [`Limiters::follow`], with the error, so that a
     /// bad Service is reported once and not on every unrelated metadata change.
@@ -227,9 +263,6 @@ impl Limiters {
     pub fn new() -> Self {
         Limiters {
             inner: Arc::new(Inner {
-                clock: TokioClock {
-                    origin: tokio::time::Instant::now(),
-                },
                 table: RwLock::new(HashMap::new()),
                 reported: Mutex::new(HashMap::new()),
             }),
@@ -284,7 +317,7 @@ impl Limiters {
             }
             // None for a limit too high to express: nothing to log, as it is tried again on
             // every change.
-            if let Some(entry) = Entry::new(limit, self.inner.clock) {
+            if let Some(entry) = Entry::new(limit) {
                 info!(%namespace, service = %name, qps = limit.qps, burst = limit.burst, "service limit set");
                 table
                     .entry(namespace.to_string())
@@ -302,7 +335,7 @@ impl Limiters {
         if limit.is_some() && current.map(|e| e.limit) == limit {
             return;
         }
-        match limit.and_then(|limit| Entry::new(limit, self.inner.clock)) {
+        match limit.and_then(Entry::new) {
             Some(entry) => {
                 table
                     .entry(namespace.to_string())
@@ -375,6 +408,23 @@ impl Limiters {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
         self.inner.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Keeps `limiters` in step with the Services' annotations in `views` until `shutdown` (the
+/// agent follows its metadata store, cloudcore its view of the store).
+pub async fn follow(
+    mut views: tokio::sync::watch::Receiver<Arc<MeshView>>,
+    limiters: Arc<Limiters>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let view = views.borrow_and_update().clone();
+        limiters.follow(&view);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = views.changed() => if changed.is_err() { return },
+        }
     }
 }
 

@@ -84,8 +84,16 @@ impl crate::connect::Opener for TunnelHandle {
         &self,
         request: OpenRequest,
     ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<TunnelStream, OpenError>> + Send + '_>,
+        Box<
+            dyn std::future::Future<Output = Result<crate::connect::Upstream, OpenError>>
+                + Send
+                + '_,
+        >,
     > {
-        Box::pin(TunnelHandle::open(self, request))
+        Box::pin(async move {
+            TunnelHandle::open(self, request)
+                .await
+                .map(crate::connect::Upstream::Tunnel)
+        })
     }
 }

@@ -269,7 +269,7 @@ impl Proxy {
                     io,
                     detected.protocol,
                     route,
-                    peer,
+                    Some(peer),
                     shutdown,
                 )
                 .await;

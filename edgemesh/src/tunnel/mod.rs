@@ -7,16 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgehub::config_file::ConfigError;
-use edgehub::limits::{serve_endpoint, EndpointTimeouts, Limiters, Served};
 use edgehub::metamanager::MeshView;
-use edgehub::tunnel::authorise::authorise;
-use edgehub::tunnel::{Acceptor, Incoming, Mux, MuxConfig, OpenRequest, RefusalKind, TunnelHandle};
+use edgehub::serve::{count_refusal, Served, StreamServer};
+use edgehub::tunnel::{Acceptor, Incoming, Mux, MuxConfig, TunnelHandle};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, Instrument};
-
-use edgehub::connect::Dialer;
 
 /// `[tunnel]` keys of edgemesh.toml.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -72,102 +70,48 @@ impl TunnelConfig {
     }
 }
 
-/// Accepts the streams the cloud opens to endpoints this node hosts.
+/// Accepts the streams the cloud opens to endpoints this node hosts: checked against this
+/// node's own copy of the metadata, then served by the one [`StreamServer`].
 pub struct EdgeAcceptor {
-    node: String,
     view: watch::Receiver<Arc<MeshView>>,
-    dialer: Arc<Dialer>,
-    limiters: Arc<Limiters>,
-    timeouts: EndpointTimeouts,
+    server: Arc<StreamServer>,
     tasks: TaskTracker,
+    shutdown: CancellationToken,
 }
 
 impl EdgeAcceptor {
     pub fn new(
-        node: String,
         view: watch::Receiver<Arc<MeshView>>,
-        dialer: Arc<Dialer>,
-        limiters: Arc<Limiters>,
-        timeouts: EndpointTimeouts,
+        server: Arc<StreamServer>,
         tasks: TaskTracker,
+        shutdown: CancellationToken,
     ) -> EdgeAcceptor {
         EdgeAcceptor {
-            node,
             view,
-            dialer,
-            limiters,
-            timeouts,
+            server,
             tasks,
+            shutdown,
         }
     }
-
-    fn check(&self, request: &OpenRequest) -> Result<(), edgehub::tunnel::OpenRefusal> {
-        let view = self.view.borrow().clone();
-        let service = view
-            .services
-            .get(&(request.namespace.clone(), request.service.clone()));
-        let endpoints = view.endpoints_of(&request.namespace, &request.service);
-        authorise(
-            service.map(|s| s.as_ref()),
-            endpoints.map(|e| e.as_ref()),
-            request,
-            Some(&self.node),
-        )
-    }
-}
-
-fn count_refusal(kind: RefusalKind) {
-    metrics::counter!("edgemesh_tunnel_refused_total", "reason" => kind.as_str()).increment(1);
 }
 
 impl Acceptor for EdgeAcceptor {
     fn incoming(&self, mux: &Mux, incoming: Incoming) {
-        let request = incoming.request.clone();
-        if let Err(refusal) = self.check(&request) {
+        let request = &incoming.request;
+        let view = self.view.borrow().clone();
+        if let Err(refusal) = self.server.authorise(&view, &incoming) {
             count_refusal(refusal.kind);
             debug!(from = %request.source, kind = %refusal.kind, reason = %refusal.message, "stream refused");
             mux.refuse(incoming, refusal.kind, &refusal.message);
             return;
         }
-        let (ns, name) = (request.namespace.clone(), request.service.clone());
-        let mux = mux.clone();
-        let dialer = self.dialer.clone();
-        let limiters = self.limiters.clone();
-        let timeouts = self.timeouts;
-        let span = tracing::debug_span!("stream", from = %request.source, service = %format!("{ns}/{name}"), endpoint = %request.endpoint);
+        let span = tracing::debug_span!("stream", from = %request.source, service = %format!("{}/{}", request.namespace, request.service), endpoint = %request.endpoint);
+        let (mux, server, shutdown) = (mux.clone(), self.server.clone(), self.shutdown.clone());
         self.tasks.spawn(
             async move {
-                let upstream = match dialer.dial(request.endpoint).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        count_refusal(RefusalKind::Unreachable);
-                        let message = format!("dial {}: {e}", request.endpoint);
-                        debug!(%message, "endpoint unreachable");
-                        mux.refuse(incoming, RefusalKind::Unreachable, &message);
-                        return;
-                    }
-                };
-                let Ok(stream) = mux.accept(incoming) else {
-                    count_refusal(RefusalKind::Busy);
-                    return;
-                };
-                metrics::counter!("edgemesh_tunnel_streams_accepted_total").increment(1);
-                // The Service's limit applies here, where the endpoint is dialled: per request
-                // for HTTP/1, per stream otherwise.
-                match serve_endpoint(
-                    stream,
-                    upstream,
-                    &limiters,
-                    &ns,
-                    &name,
-                    request.protocol,
-                    timeouts,
-                )
-                .await
-                {
-                    Ok(Served::Refused) => debug!("over the Service's limit: stream closed"),
-                    Ok(_) => {}
-                    Err(e) => debug!(error = %e, "stream ended with an error"),
+                match server.serve(&mux, incoming, &shutdown).await {
+                    Served::Refused(kind) => count_refusal(kind),
+                    _ => metrics::counter!("edgemesh_tunnel_streams_accepted_total").increment(1),
                 }
             }
             .instrument(span),

@@ -1,0 +1,208 @@
+//! The side that dials an endpoint for a stream that arrived: a node for its own endpoints
+//! (streams relayed from other nodes, or opened by the cloud router), cloudcore for cloud
+//! endpoints. The same steps on both: authorise the stream against this side's own copy of the
+//! metadata, dial the endpoint (a refusal lets the opener fall over to another endpoint),
+//! accept, then limit and join:
+//!
+//! - a Service without a QPS limit: bytes both ways ([`crate::io::join`]);
+//! - a limited Service whose stream carries HTTP/1 or HTTP/2 (as the opener said, or as the
+//!   first bytes show): the HTTP engine ([`crate::http`]) serves it, each request admitted
+//!   against the limit (`429` with `Retry-After` over it);
+//! - a limited Service with other bytes: the stream counts as one admission, refused (closed)
+//!   over the limit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::balance::{Endpoint, HealthRegistry, OutlierConfig, ServiceBalancer, Tier};
+use crate::connect::{Connector, Dialer};
+use crate::http::{Http, HttpConfig};
+use crate::io::{self, Counters, Moved, Protocol, Rewind, Timeouts};
+use crate::limits::{Decision, Limiters, Protocol as Admission};
+use crate::metamanager::MeshView;
+use crate::model::LbPolicy;
+use crate::routes::stats::ServiceStats;
+use crate::routes::{Route, ServiceRef};
+use crate::tunnel::authorise::authorise;
+use crate::tunnel::{Incoming, Mux, OpenRefusal, RefusalKind};
+
+/// How a served stream ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Served {
+    /// Bytes both ways (no limit, or a connection within it): `a_to_b` went to the endpoint.
+    Joined(Moved),
+    /// HTTP requests, each checked against the limit.
+    Http,
+    /// Over the limit (not HTTP): closed.
+    Limited,
+    /// Not accepted: the endpoint could not be dialled, or the link is full.
+    Refused(RefusalKind),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ServeTimeouts {
+    /// How long the first bytes may take to show whether a stream is HTTP.
+    pub detect: Duration,
+    /// How long a joined stream may go without a byte, and once one side finished.
+    pub join: Timeouts,
+}
+
+/// Serves the streams that end on this side. One per process; cheap to share.
+pub struct StreamServer {
+    dialer: Arc<Dialer>,
+    limiters: Arc<Limiters>,
+    timeouts: ServeTimeouts,
+    /// Requests of streams to limited Services, one by one.
+    http: Arc<Http>,
+    /// This side: a node's name, or `None` in cloudcore.
+    here: Option<Arc<str>>,
+}
+
+impl StreamServer {
+    pub fn new(
+        here: Option<&str>,
+        dialer: Arc<Dialer>,
+        limiters: Arc<Limiters>,
+        http: HttpConfig,
+        timeouts: ServeTimeouts,
+    ) -> StreamServer {
+        // The engine dials only the endpoint a stream was authorised for: one attempt.
+        let connector = Connector::new(dialer.clone(), 1, here, None);
+        let http = Arc::new(Http::new(
+            http,
+            timeouts.join,
+            Arc::new(connector),
+            limiters.clone(),
+        ));
+        StreamServer {
+            dialer,
+            limiters,
+            timeouts,
+            http,
+            here: here.map(Arc::from),
+        }
+    }
+
+    /// Closes pooled connections to endpoints as they expire, until `shutdown`.
+    pub async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
+        self.http.clone().sweep_pool(shutdown).await
+    }
+
+    /// Checks a stream against `view` (the Service exists, the endpoint is one of its ready
+    /// addresses, and this side hosts it).
+    pub fn authorise(&self, view: &MeshView, incoming: &Incoming) -> Result<(), OpenRefusal> {
+        let request = &incoming.request;
+        let service = view.service(&request.namespace, &request.service);
+        let endpoints = view.endpoints_of(&request.namespace, &request.service);
+        authorise(
+            service.map(|s| s.as_ref()),
+            endpoints.map(|e| e.as_ref()),
+            request,
+            self.here.as_deref(),
+        )
+    }
+
+    /// Dials the endpoint of an authorised stream, accepts it and serves it until it ends.
+    pub async fn serve(
+        &self,
+        mux: &Mux,
+        incoming: Incoming,
+        shutdown: &CancellationToken,
+    ) -> Served {
+        let request = incoming.request.clone();
+        let mut upstream = match self.dialer.dial(request.endpoint).await {
+            Ok(s) => s,
+            Err(e) => {
+                let message = format!("dial {}: {e}", request.endpoint);
+                debug!(%message, "endpoint unreachable");
+                mux.refuse(incoming, RefusalKind::Unreachable, &message);
+                return Served::Refused(RefusalKind::Unreachable);
+            }
+        };
+        let mut stream = match mux.accept(incoming) {
+            Ok(s) => s,
+            Err(refusal) => return Served::Refused(refusal.kind),
+        };
+        let (ns, name) = (&request.namespace, &request.service);
+        if self.limiters.limit(ns, name).is_none() {
+            return self.join(&mut stream, &mut upstream).await;
+        }
+        let (prefix, protocol) = match request.protocol {
+            p @ (Protocol::Http1 | Protocol::H2) => (bytes::Bytes::new(), p),
+            // The opener's word is not enough to skip per-request limits: look at the bytes.
+            Protocol::Tls | Protocol::Opaque => {
+                match io::detect(&mut stream, self.timeouts.detect).await {
+                    Ok(d) => (d.prefix, d.protocol),
+                    Err(e) => {
+                        debug!(error = %e, "stream failed before its protocol was known");
+                        return Served::Joined(Moved::default());
+                    }
+                }
+            }
+        };
+        let mut stream = Rewind::new(prefix, stream);
+        if protocol.is_http() {
+            // The engine keeps its own connections to the endpoint.
+            drop(upstream);
+            let route = Arc::new(self.route_to(ns, name, &request));
+            match crate::http::serve(self.http.clone(), stream, protocol, route, None, shutdown)
+                .await
+            {
+                Ok(()) => debug!("closed"),
+                Err(e) => debug!(error = %e, "closed"),
+            }
+            return Served::Http;
+        }
+        if let Decision::Limited { .. } = self.limiters.admit(ns, name, Admission::Tcp) {
+            debug!("over the Service's limit: stream closed");
+            return Served::Limited;
+        }
+        self.join(&mut stream, &mut upstream).await
+    }
+
+    async fn join<S: io::Duplex>(
+        &self,
+        stream: &mut S,
+        upstream: &mut tokio::net::TcpStream,
+    ) -> Served {
+        match io::join(stream, upstream, self.timeouts.join, Counters::default()).await {
+            Ok(moved) => Served::Joined(moved),
+            Err(e) => {
+                debug!(error = %e, "stream ended with an error");
+                Served::Joined(Moved::default())
+            }
+        }
+    }
+
+    /// A route with the one endpoint the stream was authorised for.
+    fn route_to(&self, namespace: &str, name: &str, request: &crate::tunnel::OpenRequest) -> Route {
+        let health = HealthRegistry::new(OutlierConfig::default());
+        Route {
+            service: ServiceRef {
+                namespace: Arc::from(namespace),
+                name: Arc::from(name),
+                port: request.endpoint.port(),
+            },
+            stats: Arc::new(ServiceStats::new(Arc::from(format!("{namespace}/{name}")))),
+            protocol: None,
+            hash_header: None,
+            endpoints: vec![Endpoint {
+                addr: request.endpoint,
+                node: self.here.clone(),
+                tier: Tier::LOCAL,
+                health: health.get(request.endpoint),
+            }],
+            elsewhere: 0,
+            balancer: Arc::new(ServiceBalancer::new(LbPolicy::RoundRobin, None)),
+        }
+    }
+}
+
+/// Counts a stream this side refused, by reason.
+pub fn count_refusal(kind: RefusalKind) {
+    metrics::counter!(crate::telemetry::name("tunnel_refused_total"), "reason" => kind.as_str())
+        .increment(1);
+}
