@@ -259,18 +259,21 @@ impl Tunnels {
                 return;
             }
         }
-        match self.server.serve(&mux, incoming, &self.shutdown).await {
+        let accepted =
+            || metrics::counter!("cloudcore_tunnel_streams_total", "kind" => "cloud").increment(1);
+        match self
+            .server
+            .serve(&mux, incoming, accepted, &self.shutdown)
+            .await
+        {
             Served::Refused(kind) => count_refusal(kind),
             Served::Joined(moved) => {
-                metrics::counter!("cloudcore_tunnel_streams_total", "kind" => "cloud").increment(1);
                 metrics::counter!("cloudcore_tunnel_bytes_total", "direction" => "to_endpoint")
                     .increment(moved.a_to_b);
                 metrics::counter!("cloudcore_tunnel_bytes_total", "direction" => "from_endpoint")
                     .increment(moved.b_to_a);
             }
-            Served::Http | Served::Limited => {
-                metrics::counter!("cloudcore_tunnel_streams_total", "kind" => "cloud").increment(1)
-            }
+            Served::Http | Served::Limited => {}
         }
     }
 

@@ -105,11 +105,13 @@ impl StreamServer {
         )
     }
 
-    /// Dials the endpoint of an authorised stream, accepts it and serves it until it ends.
+    /// Dials the endpoint of an authorised stream, accepts it (then calls `accepted`) and
+    /// serves it until it ends.
     pub async fn serve(
         &self,
         mux: &Mux,
         incoming: Incoming,
+        accepted: impl FnOnce(),
         shutdown: &CancellationToken,
     ) -> Served {
         let request = incoming.request.clone();
@@ -126,6 +128,7 @@ impl StreamServer {
             Ok(s) => s,
             Err(refusal) => return Served::Refused(refusal.kind),
         };
+        accepted();
         let (ns, name) = (&request.namespace, &request.service);
         if self.limiters.limit(ns, name).is_none() {
             return self.join(&mut stream, &mut upstream).await;

@@ -109,9 +109,12 @@ impl Acceptor for EdgeAcceptor {
         let (mux, server, shutdown) = (mux.clone(), self.server.clone(), self.shutdown.clone());
         self.tasks.spawn(
             async move {
-                match server.serve(&mux, incoming, &shutdown).await {
-                    Served::Refused(kind) => count_refusal(kind),
-                    _ => metrics::counter!("edgemesh_tunnel_streams_accepted_total").increment(1),
+                let accepted =
+                    || metrics::counter!("edgemesh_tunnel_streams_accepted_total").increment(1);
+                if let Served::Refused(kind) =
+                    server.serve(&mux, incoming, accepted, &shutdown).await
+                {
+                    count_refusal(kind);
                 }
             }
             .instrument(span),
