@@ -6,6 +6,7 @@
 //! - [`client`]: the edge side of the hub (connect, authenticate, resume, keepalive, reconnect);
 //! - [`systemd`]: readiness, status and watchdog pings for `Type=notify` units;
 //! - [`telemetry`]: the Prometheus recorder and metric naming;
+//! - [`untrusted`]: outside text bounded before an error or a log line quotes it;
 //! - [`tls`], [`backoff`], [`http_client`], [`config_file`], [`config_doc`], [`logging`],
 //!   [`process`]: small pieces both binaries need.
 
@@ -24,3 +25,4 @@ pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod tunnel;
+pub mod untrusted;

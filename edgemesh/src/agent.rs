@@ -29,20 +29,20 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     let metrics = crate::telemetry::install();
     let hub_cfg = cfg.hub_client()?;
 
+    // The error names the file and what to do about it; a corrupt file is set aside and the
+    // node starts empty (see MetaManager::open), so this fails only when the file may be fine.
     let meta = {
         let dir = cfg.data_dir.clone();
-        Arc::new(
-            tokio::task::spawn_blocking(move || MetaManager::open(&dir))
-                .await?
-                .context("config key `data_dir`: cannot open the metadata store")?,
-        )
+        Arc::new(tokio::task::spawn_blocking(move || MetaManager::open(&dir)).await??)
     };
     let view = meta.view();
     info!(
         node = %cfg.node_name,
+        store = %meta.path().display(),
         version = view.version,
         services = view.services.len(),
         endpoints = view.endpoints.len(),
+        recovered = meta.recovery().is_some(),
         "metadata store loaded"
     );
 

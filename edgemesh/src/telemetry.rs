@@ -40,6 +40,10 @@ pub const METRICS: &[Metric] = &[
         "meta_uninterpreted_objects_total",
         "Stored objects this agent could not interpret (written by a newer cloudcore); kept, not served.",
     ),
+    Metric::counter(
+        "meta_store_recoveries_total",
+        "Corrupt local stores moved aside and replaced by an empty one, which the next sync from the cloud fills.",
+    ),
     // Proxy.
     Metric::gauge(
         "proxy_routes",
