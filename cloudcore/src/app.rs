@@ -99,6 +99,10 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         tunnels.clone(),
     ));
     tokio::spawn(tunnels.clone().follow_limits(shutdown.clone()));
+    tokio::spawn(edgehub::process::release_memory_after_bursts(
+        store.subscribe(),
+        shutdown.clone(),
+    ));
     let hub_task = tokio::spawn(hub.serve(hub_listener, tls.clone(), shutdown.clone()));
     let api_task = tokio::spawn(crate::serve::serve(
         api_listener,

@@ -88,7 +88,10 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     if let Some(handle) = metrics.clone() {
         tokio::spawn(metrics_upkeep(handle, shutdown.clone()));
     }
-    tokio::spawn(trim_after_changes(meta.subscribe(), shutdown.clone()));
+    tokio::spawn(edgehub::process::release_memory_after_bursts(
+        meta.subscribe(),
+        shutdown.clone(),
+    ));
     // Cluster DNS (SPEC §5): its sockets are bound here, before the agent reports ready.
     let dns_task = crate::dns::start(&cfg, &meta, shutdown.clone()).await?;
     let proxy = crate::proxy::start(
@@ -222,42 +225,3 @@ async fn metrics_upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
         handle.run_upkeep();
     }
 }
-
-/// After a burst of metadata changes (a snapshot above all), once the view, the DNS index and
-/// the route table have been rebuilt, hands the memory freed by the old copies back to the
-/// system. glibc keeps freed memory in its arenas otherwise: about 1.5 MB after a 10,000-Service
-/// snapshot, a twentieth of the agent's footprint.
-async fn trim_after_changes(
-    mut views: tokio::sync::watch::Receiver<Arc<edgehub::metamanager::MeshView>>,
-    shutdown: CancellationToken,
-) {
-    const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = views.changed() => if changed.is_err() { return },
-        }
-        // Let the consumers of the view catch up, and let the burst end (or run for a while).
-        let burst = tokio::time::Instant::now();
-        while burst.elapsed() < SETTLE * 15 {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(SETTLE) => break,
-                changed = views.changed() => if changed.is_err() { return },
-            }
-        }
-        views.borrow_and_update();
-        release_free_memory();
-    }
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_free_memory() {
-    // SAFETY: malloc_trim only returns free heap pages to the kernel; it is thread-safe.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_memory() {}
