@@ -336,6 +336,9 @@ async fn metrics_text(State(state): State<ApiState>) -> Response {
 
 pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            edgehub::accept::limit_hit("api", "body_size");
+        }
         ApiError::new(
             e.status(),
             format!("cannot read the request body: {}", e.body_text()),

@@ -6,10 +6,13 @@
 //! - [`client`]: the edge side of the hub (connect, authenticate, resume, keepalive, reconnect);
 //! - [`systemd`]: readiness, status and watchdog pings for `Type=notify` units;
 //! - [`telemetry`]: the Prometheus recorder and metric naming;
+//! - [`accept`]: connection caps in total and per peer, and the bounded HTTP server of the
+//!   APIs;
 //! - [`untrusted`]: outside text bounded before an error or a log line quotes it;
 //! - [`tls`], [`backoff`], [`http_client`], [`config_file`], [`config_doc`], [`logging`],
 //!   [`process`]: small pieces both binaries need.
 
+pub mod accept;
 pub mod backoff;
 pub mod client;
 pub mod config_doc;

@@ -124,17 +124,14 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
             tunnel: Some(tunnel.clone()),
         }),
     };
-    let admin_task = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            if let Err(e) = axum::serve(admin_listener, admin::router(state))
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-            {
-                warn!(error = %e, "admin API failed");
-            }
-        }
-    });
+    let admin_task = tokio::spawn(edgehub::accept::serve_http(
+        admin_listener,
+        None,
+        admin::router(state),
+        cfg.admin.limits(),
+        "admin",
+        shutdown.clone(),
+    ));
     ready.store(true, Ordering::Release);
     info!(admin = %cfg.admin.listen, "edgemesh ready");
     edgehub::systemd::ready(&service_status(&sync, &meta));

@@ -116,12 +116,37 @@ impl Default for CloudConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Open connections to the admin API.
+    pub max_connections: usize,
+    /// A connection without a complete request head for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time to answer one request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 10550)),
+            max_connections: 64,
+            idle_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The bounds of the admin listener. Its clients share one address (loopback), so the
+    /// cap per peer is the whole cap.
+    pub fn limits(&self) -> edgehub::accept::HttpLimits {
+        edgehub::accept::HttpLimits {
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections,
+            idle_timeout: self.idle_timeout,
+            request_timeout: self.request_timeout,
+            tls_handshake_timeout: self.idle_timeout,
         }
     }
 }
@@ -177,6 +202,20 @@ impl Config {
                 "cloud.token_file",
                 "set cloud.token or cloud.token_file, not both",
             ));
+        }
+        if self.admin.max_connections == 0 {
+            return Err(ConfigError::key(
+                "admin.max_connections",
+                "must be at least 1",
+            ));
+        }
+        for (key, value) in [
+            ("admin.idle_timeout", self.admin.idle_timeout),
+            ("admin.request_timeout", self.admin.request_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::key(key, "must be longer than zero"));
+            }
         }
         if self.cloud.keepalive_timeout <= self.cloud.keepalive_interval {
             return Err(ConfigError::key(

@@ -532,6 +532,15 @@ fn bad_tokens_and_bad_frames_are_refused_without_affecting_other_nodes() {
     .expect("handshake passes");
     assert!(r.contains("close") && r.contains("response/sync"), "{r}");
 
+    // The oversized message was counted as the limit it hit.
+    let (_, metrics) = mesh.topo.curl(&mesh.cloud, &[&mesh.api_url("/metrics")]);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("cloudcore_hub_limit_hits_total{limit=\"message_size\"} ")),
+        "{metrics}"
+    );
+
     // The cloud logged why, keeps serving, and the real node never noticed.
     let log = mesh.cloud_log();
     assert!(log.contains("token does not belong to this node"), "{log}");
