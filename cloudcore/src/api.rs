@@ -795,7 +795,12 @@ fn describe(v: &Value) -> String {
 
 /// An error of `Objects::apply`, naming the document by where it was in the request.
 fn apply_error(e: ApplyError, origins: &[Origin]) -> ApiError {
-    let at = |index: Option<usize>| index.and_then(|i| origins.get(i));
+    // A one-object apply is named too: `Objects` only numbers documents of longer ones.
+    let at = |index: Option<usize>| {
+        index
+            .or((origins.len() == 1).then_some(0))
+            .and_then(|i| origins.get(i))
+    };
     match e {
         ApplyError::Invalid { index, object, err } => {
             let mut api = ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, err);

@@ -684,6 +684,54 @@ fn invalid_rest_bodies_get_4xx_naming_the_field_and_store_nothing() {
         ],
     );
     assert_eq!(s, 401, "{text}");
+    // A 5 MB name, in a PUT and in an apply: the error names the field and quotes the value
+    // bounded, whatever the error path.
+    let huge = "n".repeat(5 << 20);
+    let auth = format!("Authorization: Bearer {}", mesh.api_token);
+    for (method, path, body) in [
+        (
+            "PUT",
+            svc_path("x"),
+            format!(r#"{{"metadata":{{"name":"{huge}"}},"spec":{{"ports":[{{"port":80}}]}}}}"#),
+        ),
+        (
+            "POST",
+            "/api/v1/apply".to_string(),
+            format!(
+                r#"[{{"kind":"Service","metadata":{{"name":"{huge}"}},"spec":{{"ports":[{{"port":80}}]}}}}]"#
+            ),
+        ),
+        (
+            "POST",
+            "/api/v1/apply".to_string(),
+            format!(
+                r#"{{"kind":"Service","metadata":{{"name":"ok","labels":{{"{huge}":"v"}}}},"spec":{{"ports":[{{"port":80}}]}}}}"#
+            ),
+        ),
+    ] {
+        let file = mesh.topo.write_file("huge.json", &body);
+        let (s, text) = mesh.topo.curl(
+            &mesh.cloud,
+            &[
+                "-X",
+                method,
+                "-H",
+                &auth,
+                &mesh.api_url(&path),
+                "--data-binary",
+                &format!("@{}", file.display()),
+            ],
+        );
+        assert!(s == 400 || s == 422, "{method} {path}: {s}");
+        assert!(
+            text.len() < 4096,
+            "{method} {path}: a {} byte error",
+            text.len()
+        );
+        let v: Value = serde_json::from_str(&text).expect("a JSON error");
+        assert!(v["error"].as_str().is_some(), "{text}");
+        assert!(text.contains("bytes]"), "the value is quoted, cut: {text}");
+    }
     let (version, objects) = cloud_objects(&mesh.cloud_db());
     assert_eq!(
         version,
