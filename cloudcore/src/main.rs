@@ -130,12 +130,13 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
             toml_string(&d.display().to_string())
         ));
     }
-    let cfg: Config = edgehub::config_file::load(
+    // Errors name the key and where its value came from (the file or --set).
+    let cfg: Config = edgehub::config_file::load_checked(
         args.config.as_deref(),
         std::path::Path::new(DEFAULT_CONFIG),
         &overrides,
+        Config::validate,
     )?;
-    cfg.validate()?;
     Ok(cfg)
 }
 

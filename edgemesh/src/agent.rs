@@ -82,7 +82,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     let sync = client.status();
     let ready = Arc::new(AtomicBool::new(false));
     if cfg.cloud_urls().is_empty() {
-        warn!("cloud.url is not set: serving from the local store only");
+        warn!("{}", crate::config::NO_CLOUD);
     }
     let hub_task = tokio::spawn(client.run(shutdown.clone()));
     if let Some(handle) = metrics.clone() {
