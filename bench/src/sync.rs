@@ -725,14 +725,7 @@ impl Bench {
                 ));
             }
             body.push(']');
-            self.api
-                .expect(
-                    Method::POST,
-                    "/api/v1/apply",
-                    Some(Bytes::from(body)),
-                    &[200],
-                )
-                .await?;
+            self.apply(body).await?;
             i = end;
         }
         let load = start.elapsed();
@@ -800,6 +793,19 @@ impl Bench {
         Ok(())
     }
 
+    /// One `POST /api/v1/apply` that must succeed.
+    async fn apply(&self, body: String) -> Result<()> {
+        self.api
+            .expect(
+                Method::POST,
+                "/api/v1/apply",
+                Some(Bytes::from(body)),
+                &[200],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// cloudcore's RSS after a burst (S Services and S Endpoints in one apply) and after a
     /// restart on the same data, in this run.
     async fn restart(&mut self) -> Result<()> {
@@ -835,14 +841,7 @@ impl Bench {
             report::mib(bytes as u64)
         ));
         let start = Instant::now();
-        self.api
-            .expect(
-                Method::POST,
-                "/api/v1/apply",
-                Some(Bytes::from(body)),
-                &[200],
-            )
-            .await?;
+        self.apply(body).await?;
         let took = start.elapsed();
         // cloudcore gives freed memory back once changes have been quiet for 2 s.
         let quiet = Duration::from_secs(self.args.settle_secs + 3);

@@ -943,7 +943,21 @@ mod tests {
         body: &str,
         token: Option<&str>,
     ) -> (StatusCode, Value) {
-        let mut req = Request::builder().method(method).uri(uri);
+        call_as(app, method, uri, body, token, "application/json").await
+    }
+
+    async fn call_as(
+        app: &Router,
+        method: &str,
+        uri: &str,
+        body: &str,
+        token: Option<&str>,
+        content_type: &str,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", content_type);
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
@@ -1076,20 +1090,7 @@ mod tests {
     }
 
     async fn call_yaml(app: &Router, uri: &str, body: &str) -> (StatusCode, Value) {
-        let req = Request::builder()
-            .method("POST")
-            .uri(uri)
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .header("content-type", "application/yaml")
-            .body(Body::from(body.to_string()))
-            .expect("request");
-        let resp = app.clone().oneshot(req).await.expect("response");
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        call_as(app, "POST", uri, body, Some(TOKEN), "application/yaml").await
     }
 
     const MIXED: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: details}\nspec: {ports: [{port: 9080, name: http}]}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: bookinfo-details}\n---\n# a comment-only document is not counted\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: details-v1}\nspec: {replicas: 1}\n---\napiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: knative}\n";

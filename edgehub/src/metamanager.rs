@@ -299,22 +299,16 @@ impl MetaManager {
         // The store is read in full once at startup and otherwise only written; SQLite's
         // default 2 MiB page cache would be resident memory that buys nothing on an edge box.
         conn.pragma_update(None, "cache_size", -256).map_err(sql)?;
-        // The schema version lets a later edgemesh migrate this file, and an older one refuse
-        // a file it would misread (rather than lose the node's offline copy).
-        let found: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(sql)?;
-        if found > SCHEMA_VERSION {
-            return Err(MetaError::NewerSchema {
-                path: path.to_path_buf(),
-                found,
-                known: SCHEMA_VERSION,
-            });
-        }
+        refuse_newer_schema(&conn, path)?;
         check_integrity(&conn, path)?;
         conn.execute_batch(SCHEMA).map_err(sql)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(sql)?;
+        Self::loaded(path, conn)
+    }
+
+    /// The store on `conn`, its view loaded.
+    fn loaded(path: &Path, conn: Connection) -> Result<Self, MetaError> {
         let mm = MetaManager {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
@@ -344,25 +338,8 @@ impl MetaManager {
         .map_err(sql)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sql)?;
-        let found: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(sql)?;
-        if found > SCHEMA_VERSION {
-            return Err(MetaError::NewerSchema {
-                path: path.to_path_buf(),
-                found,
-                known: SCHEMA_VERSION,
-            });
-        }
-        let mm = MetaManager {
-            path: path.to_path_buf(),
-            conn: Mutex::new(conn),
-            view: watch::Sender::new(Arc::new(MeshView::default())),
-            recovery: Mutex::new(None),
-        };
-        let view = mm.load_view()?;
-        mm.view.send_replace(Arc::new(view));
-        Ok(Some(mm))
+        refuse_newer_schema(&conn, path)?;
+        Self::loaded(path, conn).map(Some)
     }
 
     /// The corrupt store this process replaced, if it replaced one.
@@ -711,6 +688,25 @@ fn corruption_detail(e: &MetaError) -> String {
         MetaError::Sqlite { source, .. } => source.to_string(),
         other => other.to_string(),
     }
+}
+
+/// The schema version lets a later edgemesh migrate this file, and an older one refuse a file it
+/// would misread (rather than lose the node's offline copy).
+fn refuse_newer_schema(conn: &Connection, path: &Path) -> Result<(), MetaError> {
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|source| MetaError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if found > SCHEMA_VERSION {
+        return Err(MetaError::NewerSchema {
+            path: path.to_path_buf(),
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
 }
 
 /// SQLite's own structural check (`quick_check`: pages, b-trees, records; not the indexes'
@@ -1067,7 +1063,7 @@ mod tests {
         }
         std::fs::write(&db, &bytes).expect("write");
 
-        let err = mm.rows().err().expect("corruption found");
+        let err = mm.rows().expect_err("corruption found");
         let MetaError::Replaced { moved_to, .. } = &err else {
             panic!("{err}");
         };

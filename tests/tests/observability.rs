@@ -345,63 +345,32 @@ fn every_listener_bounds_its_peers_and_counts_the_limits_it_hits() {
     let hub = std::net::SocketAddr::from((mesh.cloud.ip, edgemesh_e2e::mesh::HUB_PORT));
     let admin: std::net::SocketAddr = ADMIN.parse().expect("admin address");
 
-    // The REST API: three silent connections from the node's address take its share; a fourth
-    // is closed at once, while another address (the cloud's own curl) is still served.
-    let held = silent_connections(&node.ns, api, 3);
-    std::thread::sleep(Duration::from_millis(200));
-    let extra = silent_connections(&node.ns, api, 1).remove(0);
-    assert_eq!(
-        ends(extra, Duration::from_secs(1)),
-        "closed",
-        "over the per-peer cap"
-    );
-    let (s, _) = mesh.api("GET", "/api/v1/services", None);
-    assert_eq!(s, 200, "other clients are served");
-    // Silent connections are closed after api.idle_timeout.
-    for c in held {
+    // Each listener in turn: `cap` silent connections from the node's address take what it may
+    // hold, one more is closed at once, and the silent ones are closed after the timeout.
+    // The REST API's cap is per address (another one, the cloud's own curl, is still served);
+    // the hub's counts handshakes only (the node connected from the same address stays up).
+    for (addr, cap, what) in [
+        (api, 3, "REST API, api.max_connections_per_peer"),
+        (hub, 2, "hub, hub.max_handshakes_per_peer"),
+        (admin, 3, "admin API, admin.max_connections"),
+    ] {
+        let held = silent_connections(&node.ns, addr, cap);
+        std::thread::sleep(Duration::from_millis(200));
+        let extra = silent_connections(&node.ns, addr, 1).remove(0);
         assert_eq!(
-            ends(c, Duration::from_secs(8)),
+            ends(extra, Duration::from_secs(1)),
             "closed",
-            "idle API connection"
+            "over the cap: {what}"
         );
-    }
-
-    // The hub: two connections that never start the websocket handshake take the address's
-    // handshake slots; a third is closed at once; the two go after hub.handshake_timeout. The
-    // node connected from the same address is not disturbed.
-    let held = silent_connections(&node.ns, hub, 2);
-    std::thread::sleep(Duration::from_millis(200));
-    let extra = silent_connections(&node.ns, hub, 1).remove(0);
-    assert_eq!(
-        ends(extra, Duration::from_secs(1)),
-        "closed",
-        "over the handshake cap"
-    );
-    for c in held {
-        assert_eq!(
-            ends(c, Duration::from_secs(8)),
-            "closed",
-            "silent handshake"
-        );
+        if addr == api {
+            let (s, _) = mesh.api("GET", "/api/v1/services", None);
+            assert_eq!(s, 200, "other clients are served");
+        }
+        for c in held {
+            assert_eq!(ends(c, Duration::from_secs(8)), "closed", "silent: {what}");
+        }
     }
     assert_eq!(mesh.sync_status(0)["status"]["connects"], 1);
-
-    // The admin API: three idle connections are all it takes; a fourth is closed at once.
-    let held = silent_connections(&node.ns, admin, 3);
-    std::thread::sleep(Duration::from_millis(200));
-    let extra = silent_connections(&node.ns, admin, 1).remove(0);
-    assert_eq!(
-        ends(extra, Duration::from_secs(1)),
-        "closed",
-        "over admin.max_connections"
-    );
-    for c in held {
-        assert_eq!(
-            ends(c, Duration::from_secs(8)),
-            "closed",
-            "idle admin connection"
-        );
-    }
 
     // Every limit hit is counted, by limit.
     let cloud = cloud_metrics(&mesh);
