@@ -33,7 +33,7 @@ ensure_rust() {
     if command -v rustup >/dev/null 2>&1; then
         if ! rustup toolchain list | grep -q "^$pinned-"; then
             info "installing Rust $pinned with rustfmt and clippy (pinned in rust-toolchain.toml)"
-            (cd "$repo" && rustup toolchain install) ||
+            rustup toolchain install "$pinned" --profile minimal -c rustfmt -c clippy ||
                 die "installing Rust $pinned failed (no internet access?)"
         fi
         local c
