@@ -106,7 +106,7 @@ fn fix_for(e: &rusqlite::Error) -> &'static str {
         Some(C::DiskFull) => "; the disk is full: free space and restart edgemesh",
         Some(C::SystemIoFailure) => "; the disk failed to read or write it: check the disk (dmesg)",
         Some(C::DatabaseCorrupt | C::NotADatabase) => {
-            "; move it aside (and its -wal and -shm files): the node resyncs from the cloud"
+            "; the agent moves a corrupt store aside when it starts and resyncs from the cloud"
         }
         _ => "",
     }
