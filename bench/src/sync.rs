@@ -794,7 +794,7 @@ impl Bench {
     }
 
     /// One `POST /api/v1/apply` that must succeed.
-    async fn apply(&self, body: String) -> Result<()> {
+    async fn apply(&mut self, body: String) -> Result<()> {
         self.api
             .expect(
                 Method::POST,
