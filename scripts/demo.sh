@@ -4,9 +4,15 @@
 #
 #   sudo scripts/demo.sh            # install what is missing, build, run the demo, clean up
 #   sudo KEEP=1 scripts/demo.sh     # ... and keep everything running until Enter is pressed
+#   sudo scripts/demo.sh --self-test  # check the demo's own checks: the isolation check must
+#                                     # fail on a topology where the nodes reach each other, and
+#                                     # when ping is missing (no build, takes a few seconds)
 #
-# What it shows, step by step (each step checks its result and stops the demo if it fails):
-#   1. prepare the host: apt packages and Rust (only what is missing), then a release build;
+# What it shows, step by step (each step checks its result and stops the demo if it fails; every
+# check can fail: a missing tool fails the check, it never passes it):
+#   1. prepare the host: apt packages (iproute2, iptables, curl, dnsutils, iputils-ping) and the
+#      Rust toolchain pinned in rust-toolchain.toml (only what is missing), then a release
+#      build (about 4.5 minutes on 2 cores the first time);
 #   2. build the topology: a switch namespace with a bridge, a "cloud" namespace and two node
 #      namespaces on 10.250.0.0/24 (nothing in the root namespace, no default route anywhere);
 #   3. start cloudcore in the cloud namespace, create a token per node, start edgemesh on
@@ -34,6 +40,7 @@
 #   BIN_DIR=DIR       use cloudcore and edgemesh from DIR and skip the Rust toolchain and build
 #   PYTHON=python3    interpreter used only to format JSON for display; when it is missing
 #                     (or PYTHON=none) the admin API's raw JSON is shown
+#   PING=ping         the reachability probe of the isolation check
 #
 # Exit status: 0 when every step passed ("demo finished OK"), non-zero otherwise.
 
@@ -56,6 +63,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 KEEP=${KEEP:-0}
 PYTHON=${PYTHON:-python3}
+PING=${PING:-ping}
 
 # Namespace names: emdemo<pid>-<role>. The pid makes parallel runs distinct and lets a later run
 # remove the leftovers of a run that was killed with SIGKILL.
@@ -99,6 +107,7 @@ NAMESPACES=()           # created so far, in order
 declare -A PIDS=()      # name -> pid of the processes started by the demo
 DEMO_STARTED=""         # seconds since epoch when the topology step began
 FINISHED=0              # set when every step passed
+MODE=demo               # or self-test (--self-test)
 INTERRUPTED=""          # the signal that stopped the demo (Ctrl-C, kill), if one did
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +229,44 @@ wait_until() {
         fi
         sleep 0.1
     done
+}
+
+# reach NS IP: 0 when IP answers a ping from inside NS, 1 when it does not answer, 2 when the
+# probe cannot tell (ping missing, or failing for another reason than "no reply").
+reach() {
+    local rc=0
+    command -v "$PING" >/dev/null 2>&1 || return 2
+    in_ns "$1" "$PING" -c 1 -W 1 "$2" >/dev/null 2>&1 || rc=$?
+    case $rc in
+    0) return 0 ;;
+    1) return 1 ;;
+    *) return 2 ;;
+    esac
+}
+
+# check_isolated NS CONTROL_IP TARGET_IP: returns 0 when NS reaches CONTROL_IP (so the probe
+# works from there) but not TARGET_IP; 1 when it reaches TARGET_IP; 2 when the probe cannot
+# tell. Says why on stdout when it does not return 0.
+check_isolated() {
+    local ns=$1 control=$2 target=$3 rc=0
+    reach "$ns" "$control" || rc=$?
+    if ((rc != 0)); then
+        echo "cannot check isolation: $PING from $ns does not reach $control either (the control)"
+        return 2
+    fi
+    rc=0
+    reach "$ns" "$target" || rc=$?
+    case $rc in
+    0)
+        echo "$ns reaches $target"
+        return 1
+        ;;
+    1) return 0 ;;
+    *)
+        echo "cannot check isolation: $PING $target from $ns failed"
+        return 2
+        ;;
+    esac
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -368,9 +415,9 @@ cleanup() {
     if [ -n "$INTERRUPTED" ]; then
         printf '\ndemo interrupted by %s\n' "$INTERRUPTED" >&2
     elif ((rc != 0)); then
-        printf '\ndemo FAILED (exit status %s)\n' "$rc" >&2
+        printf '\n%s FAILED (exit status %s)\n' "$MODE" "$rc" >&2
     else
-        printf '\ndemo finished OK\n'
+        printf '\n%s finished OK\n' "$MODE"
     fi
     exit "$rc"
 }
@@ -409,12 +456,10 @@ teardown() {
 # Steps. To extend the demo, add a step_* function and call it from main.
 # ---------------------------------------------------------------------------------------------
 
-step_prepare_host() {
-    header "Preparing the host"
-    [ "$(id -u)" -eq 0 ] || die "the demo creates network namespaces and must run as root: sudo $0"
-
-    local pkgs=(iproute2 iptables curl ca-certificates dnsutils)
-    [ -n "${BIN_DIR:-}" ] || pkgs+=(build-essential pkg-config)
+# install_packages PKG...: installs the Debian packages that are missing; elsewhere, checks that
+# the commands the demo runs are there.
+install_packages() {
+    local pkgs=("$@")
     if command -v dpkg >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
         local missing=() p
         for p in "${pkgs[@]}"; do
@@ -430,12 +475,21 @@ step_prepare_host() {
         ok "packages present: ${pkgs[*]}"
     else
         local c
-        for c in ip curl; do
+        for c in ip curl dig "$PING" iptables; do
             command -v "$c" >/dev/null 2>&1 ||
                 die "'$c' is missing and this is not a Debian-like system: install it and rerun"
         done
-        ok "ip and curl present (not a Debian-like system: other packages not checked)"
+        ok "ip, curl, dig, $PING and iptables present (not a Debian-like system)"
     fi
+}
+
+step_prepare_host() {
+    header "Preparing the host"
+    [ "$(id -u)" -eq 0 ] || die "the demo creates network namespaces and must run as root: sudo $0"
+
+    local pkgs=(iproute2 iptables curl ca-certificates dnsutils iputils-ping)
+    [ -n "${BIN_DIR:-}" ] || pkgs+=(build-essential pkg-config)
+    install_packages "${pkgs[@]}"
 
     [ -n "${BIN_DIR:-}" ] && return 0
 
@@ -470,7 +524,18 @@ step_build() {
     ok "$("$CLOUDCORE" --version), $("$EDGEMESH" --version)"
 }
 
-step_topology() {
+# isolate_nodes: edge nodes sit behind separate NATs: their bridge ports are isolated from each
+# other, so each reaches the cloud but not the other node (tunnels go through the cloud).
+isolate_nodes() {
+    local p
+    for p in $(seq 1 "${#NODES[@]}"); do
+        ip -n "$NS_SWITCH" link set dev "p$p" type bridge_slave isolated on ||
+            die "cannot isolate bridge port p$p"
+    done
+}
+
+# wire_topology: the switch, the cloud and the node namespaces, wired but not yet isolated.
+wire_topology() {
     DEMO_STARTED=$(date +%s)
     header "Building the topology in network namespaces ($PREFIX-*)"
     netns_remove_stale "$NS_STEM"
@@ -498,20 +563,21 @@ step_topology() {
     done
 
     # Check: no namespace has a default route (reachability is checked once cloudcore runs).
+    local routes
     for ns in "${NAMESPACES[@]}"; do
-        if [ -n "$(ip -n "$ns" route show default)" ]; then
-            die "namespace $ns has a default route"
-        fi
+        routes=$(ip -n "$ns" route show default) || die "cannot read the routes of $ns"
+        [ -z "$routes" ] || die "namespace $ns has a default route"
     done
-    # Edge nodes sit behind separate NATs: their bridge ports are isolated from each other, so
-    # each reaches the cloud but not the other node (tunnels go through the cloud).
-    local p
-    for p in $(seq 1 $((port - 1))); do
-        ip -n "$NS_SWITCH" link set dev "p$p" type bridge_slave isolated on ||
-            die "cannot isolate bridge port p$p"
-    done
+}
+
+step_topology() {
+    wire_topology
+    isolate_nodes
+    local why
+    why=$(check_isolated "${NODE_NS[node-a]}" "$CLOUD_IP" "${NODE_IP[node-b]}") ||
+        die "the nodes must reach the cloud but not each other: $why"
     ok "switch $NS_SWITCH bridges cloud, node-a and node-b; no default route anywhere"
-    ok "node-a and node-b reach the cloud but not each other (isolated bridge ports)"
+    ok "node-a and node-b reach the cloud but not each other (isolated bridge ports; $PING checked both)"
     info "commands below are shown as '[where] \$ command': they run inside that namespace with"
     info "'ip netns exec' (the cloudcore CLI also gets --config and --server of this demo)"
 }
@@ -684,6 +750,13 @@ step_pods() {
 
     run_shown node-a "iptables-save -t nat | grep edgemesh   (one REDIRECT per chain, whatever the number of Services)" \
         bash -c "ip netns exec '${NODE_NS[node-a]}' iptables-save -t nat | grep -i edgemesh"
+    local nat chain redirects
+    nat=$(in_ns "${NODE_NS[node-a]}" iptables-save -t nat) || die "cannot read node-a's nat table"
+    for chain in EDGEMESH-PREROUTING EDGEMESH-OUTPUT; do
+        redirects=$(printf '%s\n' "$nat" | grep -c -- "^-A $chain .*-j REDIRECT" || true)
+        [ "$redirects" = 1 ] || die "expected one REDIRECT in $chain, found $redirects"
+    done
+    ok "one REDIRECT in each of edgemesh's two chains (pods: PREROUTING, host processes: OUTPUT)"
     local i answer
     for i in 1 2 3; do
         show client-a "curl http://$CLUSTER_IP:8000/"
@@ -705,10 +778,20 @@ step_pods() {
     named=$(in_ns "$NS_CLIENT" dig +short +time=2 +tries=1 hello.default.svc.cluster.local) ||
         die "node-a's cluster DNS did not answer"
     [ "$named" = "$CLUSTER_IP" ] || die "hello.default.svc.cluster.local resolved to '$named', not $CLUSTER_IP"
-    run_shown client-a "dig +short SRV _http._tcp.hello.default.svc.cluster.local" \
-        in_ns "$NS_CLIENT" dig +short +time=2 +tries=1 SRV _http._tcp.hello.default.svc.cluster.local
-    run_shown client-a "dig +short hello-headless.default.svc.cluster.local   (headless: the pod addresses)" \
-        in_ns "$NS_CLIENT" dig +short +time=2 +tries=1 hello-headless.default.svc.cluster.local
+    # dig exits 0 on NXDOMAIN or an empty answer: the answers themselves are checked.
+    local srv headless
+    show client-a "dig +short SRV _http._tcp.hello.default.svc.cluster.local"
+    srv=$(in_ns "$NS_CLIENT" dig +short +time=2 +tries=1 SRV _http._tcp.hello.default.svc.cluster.local) ||
+        die "node-a's cluster DNS did not answer the SRV query"
+    printf '%s\n' "$srv" | indent
+    grep -q " 8000 hello.default.svc.cluster.local.$" <<<"$srv" ||
+        die "the SRV answer does not name hello.default.svc.cluster.local port 8000: '$srv'"
+    show client-a "dig +short hello-headless.default.svc.cluster.local   (headless: the pod addresses)"
+    headless=$(in_ns "$NS_CLIENT" dig +short +time=2 +tries=1 hello-headless.default.svc.cluster.local) ||
+        die "node-a's cluster DNS did not answer for hello-headless"
+    printf '%s\n' "$headless" | indent
+    [ "$(printf '%s\n' "$headless" | sort | tr '\n' ' ')" = "$HELLO_IP $HELLO1_IP " ] ||
+        die "hello-headless should resolve to $HELLO_IP and $HELLO1_IP, got '$headless'"
     show client-a "curl http://hello:8000/   (short name, through the search path)"
     answer=$(in_ns "$NS_CLIENT" curl -fsS --max-time 3 "http://hello:8000/") ||
         die "client-a could not call hello by name"
@@ -812,10 +895,10 @@ api_post() {
 
 step_tunnels() {
     header "Across nodes: a pod on node-a calls a Service whose pod runs on node-b"
-    if in_ns "${NODE_NS[node-a]}" ping -c 1 -W 1 "${NODE_IP[node-b]}" >/dev/null 2>&1; then
-        die "node-a can reach node-b directly; the topology should isolate them"
-    fi
-    ok "node-a cannot reach node-b (ping ${NODE_IP[node-b]} fails): the call must go through the cloud"
+    local why
+    why=$(check_isolated "${NODE_NS[node-a]}" "$CLOUD_IP" "${NODE_IP[node-b]}") ||
+        die "node-a must not reach node-b directly (the call must go through the cloud): $why"
+    ok "node-a reaches the cloud but not node-b ($PING ${NODE_IP[node-b]} gets no answer): the call must go through the cloud"
     NAMESPACES+=("$NS_HELLO1")
     netns_add_pod "${NODE_NS[node-b]}" "$NS_HELLO1" pod0 "$POD_GATEWAY_B" "$HELLO1_IP/24" ||
         die "cannot create pod hello-1 behind node-b"
@@ -872,8 +955,12 @@ step_tunnels() {
     [ "$answer" = "hello from hello-1 on node-b" ] || die "unexpected answer through the router: $answer"
     local token
     token=$(cat "$WORK/cloud/data/api-token")
-    run_shown cloud "GET /api/v1/router/rules/$rule_id   (success_messages, fail_messages)" \
-        bash -c "ip netns exec '$NS_CLOUD' curl -fsS -H 'Authorization: Bearer $token' '$API_URL/api/v1/router/rules/$rule_id' | tr ',' '\n' | grep -E 'success_messages|fail_messages'"
+    local counters
+    show cloud "GET /api/v1/router/rules/$rule_id   (success_messages, fail_messages)"
+    counters=$(in_ns "$NS_CLOUD" curl -fsS -H "Authorization: Bearer $token" "$API_URL/api/v1/router/rules/$rule_id" |
+        tr ',' '\n' | grep -E 'success_messages|fail_messages') || die "cannot read the rule's counters"
+    printf '%s\n' "$counters" | indent
+    grep -qE '"success_messages":[1-9]' <<<"$counters" || die "the rule counted no success: $counters"
     ok "cloud client -> router -> stream to node-b -> hello-1"
 
     header "QPS limit: edgemesh.io/qps: \"5\" on world, enforced on node-b where hello-1 is dialled"
@@ -924,6 +1011,27 @@ step_explore() {
     fi
 }
 
+# self_test: the demo's isolation check against topologies where it must fail, then where it
+# must pass (the same check step_topology and step_tunnels run).
+self_test() {
+    header "Self-test of the demo's checks"
+    [ "$(id -u)" -eq 0 ] || die "the self-test creates network namespaces and must run as root"
+    install_packages iproute2 iputils-ping
+    wire_topology
+    local why rc=0
+    why=$(check_isolated "${NODE_NS[node-a]}" "$CLOUD_IP" "${NODE_IP[node-b]}") || rc=$?
+    ((rc == 1)) || die "the nodes reach each other, yet the isolation check returned $rc ($why)"
+    ok "nodes that reach each other fail the isolation check: $why"
+    isolate_nodes
+    rc=0
+    why=$(PING=/nonexistent/ping check_isolated "${NODE_NS[node-a]}" "$CLOUD_IP" "${NODE_IP[node-b]}") || rc=$?
+    ((rc == 2)) || die "without ping the isolation check returned $rc, not 2 (cannot tell)"
+    ok "without ping the check cannot tell and says so: $why"
+    why=$(check_isolated "${NODE_NS[node-a]}" "$CLOUD_IP" "${NODE_IP[node-b]}") ||
+        die "isolated nodes fail the isolation check: $why"
+    ok "isolated nodes pass it"
+}
+
 main() {
     exec 3>&1 4>&2 # the demo's own stdout and stderr, for cleanup
     trap cleanup EXIT
@@ -931,6 +1039,12 @@ main() {
     trap 'INTERRUPTED=SIGTERM; exit 143' TERM
     trap 'on_err "$LINENO" "$?" "$BASH_COMMAND"' ERR
 
+    if [ "${1:-}" = --self-test ]; then
+        MODE=self-test
+        self_test
+        FINISHED=1
+        return 0
+    fi
     step_prepare_host
     step_build
     step_topology

@@ -34,23 +34,17 @@ if [ "${#need[@]}" -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 
-# Rust, when the machine has none.
-if ! command -v cargo >/dev/null 2>&1; then
-  if [ -f "$HOME/.cargo/env" ]; then
-    # shellcheck disable=SC1091
-    . "$HOME/.cargo/env"
-  else
-    log "installing Rust (rustup, minimal profile)"
-    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy
-    # shellcheck disable=SC1091
-    . "$HOME/.cargo/env"
-  fi
-fi
-for component in rustfmt clippy; do
-  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
-    rustup component add "$component"
-  fi
-done
+# Rust: the toolchain pinned in rust-toolchain.toml, with rustfmt and clippy (installed with
+# rustup only when missing: a machine that has it runs offline).
+info() { printf '    %s\n' "$*"; }
+die() {
+  echo "scripts/test.sh: $*" >&2
+  exit 1
+}
+# shellcheck source-path=SCRIPTDIR source=lib/rust.sh
+. scripts/lib/rust.sh
+ensure_rust "$PWD"
+log "Rust $RUST_VERSION"
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

@@ -11,6 +11,9 @@
 //!    one by one; every node records when each change arrived and when it acked it.
 //! 3. **snapshot**: the N nodes are gone; S Services are loaded with `apply`; one fresh node
 //!    receives and parses the full snapshot, which is then applied to a real `MetaManager`.
+//! 4. **restart** (with `--restart-dir`): S Services and their Endpoints in one `apply` (a
+//!    burst), cloudcore's RSS once it is quiet; then the script restarts cloudcore on the same
+//!    data and the RSS is read again: memory kept after a burst against a fresh start.
 //!
 //! Nothing is ever sent anywhere but 127.0.0.1.
 
@@ -48,6 +51,7 @@ pub enum Phase {
     Fanout,
     Snapshot,
     Memory,
+    Restart,
 }
 
 #[derive(clap::Args, Debug)]
@@ -113,14 +117,19 @@ pub struct SyncArgs {
     /// Node names are PREFIX-00000 ...; Services go into namespace PREFIX.
     #[arg(long, default_value = "bench")]
     prefix: String,
-    /// Phases to run (always in the order memory, fanout, snapshot).
+    /// Phases to run (always in the order memory, fanout, snapshot, restart).
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "fanout,snapshot,memory"
+        default_value = "fanout,snapshot,memory,restart"
     )]
     phases: Vec<Phase>,
+    /// Where the restart phase asks for a restart of cloudcore: it creates `request` here and
+    /// waits for `pid` (the new process id), which `scripts/bench/sync` writes once the
+    /// restarted cloudcore is healthy. Without it the restart phase is skipped.
+    #[arg(long)]
+    restart_dir: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -234,6 +243,9 @@ impl Bench {
         }
         if phases.contains(&Phase::Snapshot) {
             self.snapshot().await.context("snapshot phase")?;
+        }
+        if phases.contains(&Phase::Restart) {
+            self.restart().await.context("restart phase")?;
         }
         if self.tokens_created > 0 {
             let n = self.tokens_created;
@@ -713,14 +725,7 @@ impl Bench {
                 ));
             }
             body.push(']');
-            self.api
-                .expect(
-                    Method::POST,
-                    "/api/v1/apply",
-                    Some(Bytes::from(body)),
-                    &[200],
-                )
-                .await?;
+            self.apply(body).await?;
             i = end;
         }
         let load = start.elapsed();
@@ -785,6 +790,106 @@ impl Bench {
             cold.connect.as_secs_f64() * 1e3,
             thousands(count),
         ));
+        Ok(())
+    }
+
+    /// One `POST /api/v1/apply` that must succeed.
+    async fn apply(&mut self, body: String) -> Result<()> {
+        self.api
+            .expect(
+                Method::POST,
+                "/api/v1/apply",
+                Some(Bytes::from(body)),
+                &[200],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// cloudcore's RSS after a burst (S Services and S Endpoints in one apply) and after a
+    /// restart on the same data, in this run.
+    async fn restart(&mut self) -> Result<()> {
+        let s = self.args.services;
+        let Some(dir) = self.args.restart_dir.clone() else {
+            self.table
+                .note("restart: skipped (no --restart-dir; scripts/bench/sync gives one)");
+            return Ok(());
+        };
+        if s == 0 {
+            return Ok(());
+        }
+        self.wait_no_nodes().await?;
+        let ns = format!("{}-burst", self.args.prefix);
+        let mut body = String::with_capacity(s * 520 + 2);
+        body.push('[');
+        for k in 0..s {
+            if k > 0 {
+                body.push(',');
+            }
+            body.push_str(&format!(
+                r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"svc-{k:05}","namespace":"{ns}","labels":{{"app":"svc-{k:05}"}}}},"spec":{{"selector":{{"app":"svc-{k:05}"}},"ports":[{{"name":"http","port":80,"targetPort":8080,"protocol":"TCP"}}]}}}},{{"apiVersion":"v1","kind":"Endpoints","metadata":{{"name":"svc-{k:05}","namespace":"{ns}"}},"subsets":[{{"addresses":[{{"ip":"10.{}.{}.{}","nodeName":"bench-node"}}],"ports":[{{"name":"http","port":8080,"protocol":"TCP"}}]}}]}}"#,
+                1 + k / 62_500,
+                (k / 250) % 250,
+                1 + k % 250
+            ));
+        }
+        body.push(']');
+        let bytes = body.len();
+        progress(format!(
+            "restart: one apply of {} services and their endpoints ({})",
+            thousands(s),
+            report::mib(bytes as u64)
+        ));
+        let start = Instant::now();
+        self.apply(body).await?;
+        let took = start.elapsed();
+        // cloudcore gives freed memory back once changes have been quiet for 2 s.
+        let quiet = Duration::from_secs(self.args.settle_secs + 3);
+        tokio::time::sleep(quiet).await;
+        let burst = report::rss_bytes(self.args.cloud_pid)?;
+        progress(format!(
+            "restart: cloudcore RSS {} after the burst; asking for a restart",
+            report::mib(burst)
+        ));
+        let pid_file = dir.join("pid");
+        let _ = std::fs::remove_file(&pid_file);
+        std::fs::write(dir.join("request"), b"")
+            .with_context(|| format!("write {}", dir.join("request").display()))?;
+        let deadline = Instant::now() + self.timeout();
+        let pid = loop {
+            if let Some(pid) = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok())
+            {
+                break pid;
+            }
+            if Instant::now() > deadline {
+                bail!("cloudcore was not restarted within {:?}", self.timeout());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        self.args.cloud_pid = pid;
+        tokio::time::sleep(quiet).await;
+        let fresh = report::rss_bytes(pid)?;
+        let ratio = burst as f64 / fresh.max(1) as f64;
+        self.table.row(
+            format!(
+                "apply {} services + endpoints at once ({})",
+                thousands(s),
+                report::mib(bytes as u64)
+            ),
+            secs(took),
+        );
+        self.table.goal(
+            "cloudcore RSS after that burst / after a restart",
+            format!(
+                "{} / {} ({ratio:.2}x)",
+                report::mib(burst),
+                report::mib(fresh)
+            ),
+            "< 1.5x",
+            ratio < 1.5,
+        );
         Ok(())
     }
 

@@ -21,6 +21,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::auth::{constant_time_eq, NodeTokens};
+use crate::cli::manifest::{self, ManifestError, Origin, Served, Skipped};
 use crate::nodes::NodeRegistry;
 use crate::objects::{ApplyError, Objects};
 use crate::store::{Record, StoreError};
@@ -94,24 +95,57 @@ impl std::fmt::Display for ApiError {
 }
 
 impl IntoResponse for ApiError {
+    /// Messages quote what the client sent (a name, a value, a path): bounded here, so no error
+    /// path can echo a multi-megabyte value back.
     fn into_response(self) -> Response {
+        let error = edgehub::untrusted::message(&self.error);
+        let field = self
+            .field
+            .as_deref()
+            .map(|f| edgehub::untrusted::clip(f, edgehub::untrusted::MAX_FIELD));
         let body = ErrorBody {
-            error: &self.error,
-            field: self.field.as_deref(),
+            error: &error,
+            field: field.as_deref(),
         };
         (self.status, Json(body)).into_response()
     }
 }
 
+/// Every error answer in the API's shape, `{"error": ...}`, bounded: axum answers rejected
+/// paths, queries and methods itself, in plain text that may quote the request.
+async fn errors_as_json(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = match axum::body::to_bytes(body, 64 << 10).await {
+        Ok(b) if !b.is_empty() => String::from_utf8_lossy(&b).trim().to_string(),
+        _ => status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_lowercase(),
+    };
+    parts.headers.remove(header::CONTENT_TYPE);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let mut out = ApiError::new(status, text).into_response();
+    for (name, value) in parts.headers.iter() {
+        out.headers_mut().entry(name).or_insert(value.clone());
+    }
+    out
+}
+
 impl From<ApplyError> for ApiError {
     fn from(e: ApplyError) -> Self {
         match e {
-            ApplyError::Invalid { index, object, err } => {
-                let mut api = ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, err);
-                if let Some(i) = index {
-                    api.error = format!("document {i} ({object}): {}", api.error);
-                }
-                api
+            ApplyError::Invalid { err, .. } => {
+                ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, err)
             }
             ApplyError::Conflict { field, message } => ApiError {
                 status: StatusCode::CONFLICT,
@@ -202,6 +236,7 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
         .route("/metrics", get(metrics_text))
         .merge(api)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn(errors_as_json))
         .layer(middleware::from_fn(observe))
         .with_state(state)
 }
@@ -301,6 +336,9 @@ async fn metrics_text(State(state): State<ApiState>) -> Response {
 
 pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            edgehub::accept::limit_hit("api", "body_size");
+        }
         ApiError::new(
             e.status(),
             format!("cannot read the request body: {}", e.body_text()),
@@ -643,103 +681,175 @@ async fn revoke_token(
     Ok(Json(serde_json::json!({"node": name, "revoked": true})).into_response())
 }
 
-/// Splits an apply body into documents: a JSON object, a JSON array, a `List`, or YAML
-/// documents separated by `---`.
-pub fn documents(bytes: &[u8], yaml: bool) -> Result<Vec<Value>, ApiError> {
-    let values: Vec<Value> = if yaml {
-        let text = std::str::from_utf8(bytes)
-            .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "the YAML body is not UTF-8"))?;
-        let mut docs = Vec::new();
-        for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-            let v = Value::deserialize(doc).map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("document {i}: invalid YAML: {e}"),
-                )
-            })?;
-            if !v.is_null() {
-                docs.push(v);
+impl From<ManifestError> for ApiError {
+    fn from(e: ManifestError) -> Self {
+        match e {
+            ManifestError::Field {
+                origin,
+                label,
+                field,
+                message,
+            } => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                error: format!("{origin} ({label}): {message}"),
+                field: Some(field),
+            },
+            e @ ManifestError::Document { .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
             }
-        }
-        docs
-    } else {
-        match parse_json(bytes)? {
-            Value::Array(items) => items,
-            v => vec![v],
-        }
-    };
-    let mut out = Vec::new();
-    for v in values {
-        if v.get("kind").and_then(Value::as_str) == Some("List") {
-            match v.get("items") {
-                Some(Value::Array(items)) => out.extend(items.iter().cloned()),
-                _ => {
-                    return Err(ApiError::field(
-                        StatusCode::BAD_REQUEST,
-                        FieldError::new("items", "a List needs items"),
-                    ))
-                }
-            }
-        } else {
-            out.push(v);
+            e => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
         }
     }
-    if out.is_empty() {
+}
+
+/// An apply request, read: the objects to store with where each was in the body, and the
+/// documents of kinds `/api/v1/apply` does not take.
+pub(crate) struct ApplyRequest {
+    pub objects: Vec<(Origin, Object)>,
+    pub skipped: Vec<(Origin, Skipped)>,
+}
+
+/// Reads an apply body: a JSON object, array or `List`, or YAML documents. Documents are
+/// numbered as `cloudcore apply` numbers them in a file (the same reader).
+pub(crate) fn read_apply(bytes: &[u8], yaml: bool) -> Result<ApplyRequest, ApiError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "the body is not UTF-8"))?;
+    if text.trim().is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "empty request body"));
+    }
+    let format = if yaml {
+        manifest::Format::Yaml
+    } else {
+        manifest::Format::Json
+    };
+    let mut request = ApplyRequest {
+        objects: Vec::new(),
+        skipped: Vec::new(),
+    };
+    manifest::for_each_document("", text, Some(format), |origin, mut v| {
+        let (api_version, kind, name) = manifest::identity(&v);
+        let label = describe(&v);
+        let Some(kind) = kind else {
+            return Err(ApiError::from(ManifestError::field(
+                &origin,
+                &label,
+                FieldError::new("kind", "is required (a string)"),
+            )));
+        };
+        let skip = |reason: &str| Skipped {
+            resource: manifest::resource_name(api_version, kind, name),
+            reason: reason.to_string(),
+        };
+        match manifest::served(api_version, kind) {
+            Served::Object(k) => {
+                if k.namespaced() {
+                    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+                        meta.entry("namespace")
+                            .or_insert_with(|| Value::String("default".into()));
+                    }
+                }
+                let label = describe(&v);
+                let object = Object::from_value(v)
+                    .map_err(|e| ApiError::from(ManifestError::field(&origin, &label, e)))?;
+                request.objects.push((origin, object));
+            }
+            Served::RuleEndpoint | Served::Rule => {
+                let reason = "not served by /api/v1/apply: POST router records to \
+                     /api/v1/router/endpoints and /api/v1/router/rules (cloudcore apply does)";
+                let skipped = skip(reason);
+                request.skipped.push((origin, skipped));
+            }
+            Served::No => {
+                let skipped = skip(manifest::NOT_SERVED);
+                request.skipped.push((origin, skipped));
+            }
+        }
+        Ok(())
+    })?;
+    if request.objects.is_empty() && request.skipped.is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "no objects in the request",
         ));
     }
-    Ok(out)
+    Ok(request)
 }
 
-/// Parses every document and names the failing one: `document N (Kind ns/name)`.
-pub fn parse_documents(docs: Vec<Value>) -> Result<Vec<Object>, ApiError> {
-    let multi = docs.len() > 1;
-    docs.into_iter()
-        .enumerate()
-        .map(|(i, mut v)| {
-            let label = describe(&v);
-            if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-                let namespaced = !matches!(label.0.as_str(), "Node");
-                if namespaced && !meta.contains_key("namespace") {
-                    meta.insert("namespace".into(), Value::String("default".into()));
-                }
-            }
-            Object::from_value(v).map_err(|e| {
-                let mut err = ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, e);
-                if multi {
-                    err.error = format!("document {i} ({} {}): {}", label.0, label.1, err.error);
-                }
-                err
-            })
-        })
-        .collect()
-}
-
-fn describe(v: &Value) -> (String, String) {
-    let kind = v
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or("?")
-        .to_string();
+/// `Kind namespace/name` of a document, as far as it can be read, bounded.
+fn describe(v: &Value) -> String {
+    let kind = v.get("kind").and_then(Value::as_str).unwrap_or("?");
     let meta = v.get("metadata");
     let name = meta
         .and_then(|m| m.get("name"))
         .and_then(Value::as_str)
         .unwrap_or("?");
-    let ns = meta
+    let label = match meta
         .and_then(|m| m.get("namespace"))
-        .and_then(Value::as_str);
-    (
-        kind,
-        ns.map(|ns| format!("{ns}/{name}"))
-            .unwrap_or_else(|| name.to_string()),
-    )
+        .and_then(Value::as_str)
+    {
+        Some(ns) => format!("{kind} {ns}/{name}"),
+        None => format!("{kind} {name}"),
+    };
+    edgehub::untrusted::message(&label).into_owned()
+}
+
+/// An error of `Objects::apply`, naming the document by where it was in the request.
+fn apply_error(e: ApplyError, origins: &[Origin]) -> ApiError {
+    // A one-object apply is named too: `Objects` only numbers documents of longer ones.
+    let at = |index: Option<usize>| {
+        index
+            .or((origins.len() == 1).then_some(0))
+            .and_then(|i| origins.get(i))
+    };
+    match e {
+        ApplyError::Invalid { index, object, err } => {
+            let mut api = ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, err);
+            if let Some(origin) = at(index) {
+                api.error = format!("{origin} ({object}): {}", api.error);
+            }
+            api
+        }
+        ApplyError::TooLarge {
+            index,
+            object,
+            size,
+        } => {
+            let e = ApplyError::TooLarge {
+                index: None,
+                object: object.clone(),
+                size,
+            };
+            match at(index) {
+                Some(origin) => ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("{origin} ({object}): {e}"),
+                ),
+                None => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+            }
+        }
+        other => other.into(),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct ApplyQuery {
+    /// Refuse the whole request when a document is of a kind apply does not take.
+    #[serde(default)]
+    strict: bool,
+}
+
+#[derive(Serialize)]
+struct SkippedBody<'a> {
+    document: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    item: Option<usize>,
+    resource: &'a str,
+    reason: &'a str,
 }
 
 async fn apply(
     State(state): State<ApiState>,
+    Query(query): Query<ApplyQuery>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -748,10 +858,46 @@ async fn apply(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.contains("yaml"));
-    let objects = parse_documents(documents(&bytes, yaml)?)?;
+    // The documents are read on the blocking pool: a large body is a lot of parsing.
+    let request = blocking(move || read_apply(&bytes, yaml)).await?;
+    if query.strict && !request.skipped.is_empty() {
+        let list: Vec<String> = request
+            .skipped
+            .iter()
+            .map(|(o, s)| format!("{o} ({})", s.resource))
+            .collect();
+        return Err(ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            error: format!(
+                "strict: nothing applied, because apply does not take {}",
+                list.join(", ")
+            ),
+            field: Some("kind".into()),
+        });
+    }
+    let (origins, objects): (Vec<Origin>, Vec<Object>) = request.objects.into_iter().unzip();
     let store = state.objects.clone();
-    let results = blocking(move || Ok(store.apply(objects, false)?)).await?;
-    Ok(Json(serde_json::json!({ "results": results })).into_response())
+    let results = if objects.is_empty() {
+        Vec::new()
+    } else {
+        blocking(move || {
+            store
+                .apply(objects, false)
+                .map_err(|e| apply_error(e, &origins))
+        })
+        .await?
+    };
+    let skipped: Vec<SkippedBody> = request
+        .skipped
+        .iter()
+        .map(|(o, s)| SkippedBody {
+            document: o.document,
+            item: o.item,
+            resource: &s.resource,
+            reason: &s.reason,
+        })
+        .collect();
+    Ok(Json(json!({ "results": results, "skipped": skipped })).into_response())
 }
 
 #[cfg(test)]
@@ -797,7 +943,21 @@ mod tests {
         body: &str,
         token: Option<&str>,
     ) -> (StatusCode, Value) {
-        let mut req = Request::builder().method(method).uri(uri);
+        call_as(app, method, uri, body, token, "application/json").await
+    }
+
+    async fn call_as(
+        app: &Router,
+        method: &str,
+        uri: &str,
+        body: &str,
+        token: Option<&str>,
+        content_type: &str,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", content_type);
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
@@ -923,19 +1083,125 @@ mod tests {
         assert!(
             v["error"]
                 .as_str()
-                .is_some_and(|e| e.starts_with("document 1 (Endpoints default/b)")),
+                .is_some_and(|e| e.starts_with("document 2 (Endpoints default/b)")),
             "{v}"
         );
         assert_eq!(store.version(), 2);
     }
 
+    async fn call_yaml(app: &Router, uri: &str, body: &str) -> (StatusCode, Value) {
+        call_as(app, "POST", uri, body, Some(TOKEN), "application/yaml").await
+    }
+
+    const MIXED: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: details}\nspec: {ports: [{port: 9080, name: http}]}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: bookinfo-details}\n---\n# a comment-only document is not counted\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: details-v1}\nspec: {replicas: 1}\n---\napiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: knative}\n";
+
+    #[tokio::test]
+    async fn apply_takes_what_it_serves_and_lists_the_rest_by_document() {
+        let (_d, app, store) = app();
+        let (s, v) = call_yaml(&app, "/api/v1/apply?strict=true", MIXED).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        let e = v["error"].as_str().unwrap_or("");
+        for want in [
+            "document 2 (serviceaccount/bookinfo-details)",
+            "document 3 (deployment.apps/details-v1)",
+            "document 4 (service.serving.knative.dev/knative)",
+        ] {
+            assert!(e.contains(want), "{want}: {v}");
+        }
+        assert_eq!(store.version(), 0, "strict stores nothing");
+
+        let (s, v) = call_yaml(&app, "/api/v1/apply", MIXED).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["results"].as_array().map(Vec::len), Some(1), "{v}");
+        assert_eq!(v["results"][0]["name"], "details");
+        let skipped: Vec<(u64, &str, &str)> = v["skipped"]
+            .as_array()
+            .expect("skipped")
+            .iter()
+            .map(|s| {
+                (
+                    s["document"].as_u64().unwrap_or(0),
+                    s["resource"].as_str().unwrap_or(""),
+                    s["reason"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert_eq!(
+            skipped,
+            [
+                (
+                    2,
+                    "serviceaccount/bookinfo-details",
+                    "not served by cloudcore"
+                ),
+                (3, "deployment.apps/details-v1", "not served by cloudcore"),
+                (
+                    4,
+                    "service.serving.knative.dev/knative",
+                    "not served by cloudcore"
+                ),
+            ]
+        );
+        assert_eq!(store.version(), 1);
+    }
+
+    #[tokio::test]
+    async fn every_error_quotes_the_request_bounded() {
+        let (_d, app, store) = app();
+        let huge = "a".repeat(900 << 10);
+        let body =
+            format!(r#"{{"metadata":{{"name":"{huge}"}},"spec":{{"ports":[{{"port":80}}]}}}}"#);
+        let uri = "/api/v1/namespaces/default/services/x";
+        let (s, v) = call(&app, "PUT", uri, &body, Some(TOKEN)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{}", v.to_string().len());
+        assert_eq!(v["field"], "metadata.name");
+        // Invalid field values, in a list apply.
+        let body = format!(
+            r#"[{{"kind":"Service","metadata":{{"name":"{huge}"}},"spec":{{"ports":[{{"port":80}}]}}}}]"#
+        );
+        let (s, v) = call(&app, "POST", "/api/v1/apply", &body, Some(TOKEN)).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+        let e = v["error"].as_str().unwrap_or("");
+        assert!(e.len() < 2048 && e.contains("bytes]"), "{} bytes", e.len());
+        // A huge label key lands in the field path.
+        let body = format!(
+            r#"{{"metadata":{{"labels":{{"{huge}":"x"}}}},"spec":{{"ports":[{{"port":80}}]}}}}"#
+        );
+        let (s, v) = call(&app, "PUT", uri, &body, Some(TOKEN)).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(v.to_string().len() < 4096, "{} bytes", v.to_string().len());
+        // Broken JSON, a rejected query, a long unknown path.
+        let (s, v) = call(&app, "PUT", uri, &format!("{{\"{huge}"), Some(TOKEN)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(v.to_string().len() < 4096);
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/api/v1/apply?strict=maybe",
+            "[]",
+            Some(TOKEN),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v["error"].as_str().is_some(), "a JSON error: {v}");
+        let long_path = format!("/api/v1/{}", "p".repeat(60 << 10));
+        let (s, v) = call(&app, "GET", &long_path, "", Some(TOKEN)).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert!(v.to_string().len() < 4096);
+        let (s, v) = call(&app, "PATCH", uri, "", Some(TOKEN)).await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+        assert!(v["error"].as_str().is_some(), "a JSON error: {v}");
+        assert_eq!(store.version(), 0);
+    }
+
     #[test]
     fn yaml_documents() {
-        let docs = documents(b"kind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}]}\n---\n---\nkind: Node\nmetadata: {name: n}\n", true)
+        let r = read_apply(b"kind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}]}\n---\n---\nkind: Node\nmetadata: {name: n}\n", true)
             .expect("yaml");
-        assert_eq!(docs.len(), 2);
-        let objs = parse_documents(docs).expect("objects");
-        assert_eq!(objs[0].key().namespace, "default");
-        assert_eq!(objs[1].key().kind, Kind::Node);
+        assert_eq!(r.objects.len(), 2);
+        assert_eq!(r.objects[0].1.key().namespace, "default");
+        assert_eq!(r.objects[1].1.key().kind, Kind::Node);
+        // Numbered as in a file: the empty document does not count.
+        assert_eq!(r.objects[1].0.to_string(), "document 2");
     }
 }

@@ -160,11 +160,17 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         nodes.clone(),
         tunnels.clone(),
     ));
+    tokio::spawn(edgehub::process::release_memory_after_bursts(
+        store.subscribe(),
+        shutdown.clone(),
+    ));
     let hub_task = tokio::spawn(hub.serve(hub_listener, tls.clone(), shutdown.clone()));
-    let api_task = tokio::spawn(crate::serve::serve(
+    let api_task = tokio::spawn(edgehub::accept::serve_http(
         api_listener,
         tls,
         api::router(state, cfg.api.max_body_size),
+        cfg.api.limits(cfg.hub.handshake_timeout),
+        "api",
         shutdown.clone(),
     ));
     let router_task = tokio::spawn(router.serve_ingress(router_listener, shutdown.clone()));

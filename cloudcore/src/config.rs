@@ -84,6 +84,10 @@ pub struct HubConfig {
     /// Approximate size of one snapshot message. Each connection keeps a send buffer as large
     /// as the largest message it sent, so this bounds per-node memory after a snapshot.
     pub snapshot_chunk_bytes: usize,
+    /// Connections still in their TLS or websocket handshake (not yet authenticated), in all.
+    pub max_handshakes: usize,
+    /// The same, from one address (a site's NAT holds many nodes: not too low).
+    pub max_handshakes_per_peer: usize,
 }
 
 impl Default for HubConfig {
@@ -97,6 +101,8 @@ impl Default for HubConfig {
             handshake_timeout: Duration::from_secs(10),
             max_message_size: 1 << 20,
             snapshot_chunk_bytes: 8 << 10,
+            max_handshakes: 1024,
+            max_handshakes_per_peer: 128,
         }
     }
 }
@@ -109,6 +115,15 @@ pub struct ApiConfig {
     pub token: Option<String>,
     /// Largest request body accepted.
     pub max_body_size: usize,
+    /// Open connections, in all and from one address.
+    pub max_connections: usize,
+    pub max_connections_per_peer: usize,
+    /// A connection without a complete request head for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time to answer one request, its body read included.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
 }
 
 impl Default for ApiConfig {
@@ -117,6 +132,23 @@ impl Default for ApiConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 10002)),
             token: None,
             max_body_size: 16 << 20,
+            max_connections: 1024,
+            max_connections_per_peer: 64,
+            idle_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ApiConfig {
+    /// The bounds of the REST API's listener (TLS handshakes get `hub.handshake_timeout`).
+    pub fn limits(&self, handshake_timeout: Duration) -> edgehub::accept::HttpLimits {
+        edgehub::accept::HttpLimits {
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
+            idle_timeout: self.idle_timeout,
+            request_timeout: self.request_timeout,
+            tls_handshake_timeout: handshake_timeout,
         }
     }
 }
@@ -238,6 +270,30 @@ impl Config {
                 "hub.max_message_size",
                 "must be at least 4096",
             ));
+        }
+        for (key, value) in [
+            ("hub.max_handshakes", self.hub.max_handshakes),
+            (
+                "hub.max_handshakes_per_peer",
+                self.hub.max_handshakes_per_peer,
+            ),
+            ("api.max_connections", self.api.max_connections),
+            (
+                "api.max_connections_per_peer",
+                self.api.max_connections_per_peer,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::key(key, "must be at least 1"));
+            }
+        }
+        for (key, value) in [
+            ("api.idle_timeout", self.api.idle_timeout),
+            ("api.request_timeout", self.api.request_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::key(key, "must be longer than zero"));
+            }
         }
         if self.hub.node_timeout <= self.hub.keepalive_interval {
             return Err(ConfigError::key(

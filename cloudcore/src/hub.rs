@@ -42,6 +42,7 @@ use crate::nodes::{NodeRegistry, Session};
 use crate::objects::{ApplyError, Objects};
 use crate::store::{Change, ChangeOp, Since, Store};
 use crate::tunnel::Tunnels;
+use edgehub::accept::{limit_hit, Slot, Slots};
 use edgehub::tunnel::{Mux, Outgoing};
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +80,8 @@ pub struct Hub {
     tunnels: Arc<Tunnels>,
     /// Held while building, so a thousand fresh nodes build one snapshot, not a thousand.
     snapshot: tokio::sync::Mutex<Option<Arc<EncodedSnapshot>>>,
+    /// Connections not yet authenticated, in all and per address.
+    handshakes: Slots,
 }
 
 type Sink<S> = SplitSink<WebSocketStream<S>, WsMessage>;
@@ -142,7 +145,12 @@ async fn read_loop<S>(
     loop {
         let item = match stream.next().await {
             None => Inbound::Closed("connection lost"),
-            Some(Err(e)) => Inbound::Failed(e.into()),
+            Some(Err(e)) => {
+                if matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)) {
+                    limit_hit("hub", "message_size");
+                }
+                Inbound::Failed(e.into())
+            }
             Some(Ok(frame)) => {
                 seen.store(mono_ms(), Ordering::Relaxed);
                 match frame {
@@ -322,13 +330,14 @@ impl Hub {
         tunnels: Arc<Tunnels>,
     ) -> Self {
         Hub {
-            cfg,
             store,
             objects,
             tokens,
             nodes,
             tunnels,
             snapshot: tokio::sync::Mutex::new(None),
+            handshakes: Slots::new(cfg.max_handshakes, cfg.max_handshakes_per_peer),
+            cfg,
         }
     }
 
@@ -345,9 +354,18 @@ impl Hub {
                 _ = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
+                        // Before anything is read: unauthenticated clients get bounded slots.
+                        let slot = match self.handshakes.try_take(peer.ip()) {
+                            Ok(slot) => slot,
+                            Err(refused) => {
+                                limit_hit("hub", refused.label());
+                                debug!(%peer, limit = refused.label(), "hub connection refused");
+                                continue;
+                            }
+                        };
                         let hub = self.clone();
                         let span = tracing::info_span!("hub_conn", %peer, node = tracing::field::Empty);
-                        tracker.spawn(hub.connection(tcp, peer, tls.clone(), shutdown.clone(), tracker.clone()).instrument(span));
+                        tracker.spawn(hub.connection(tcp, peer, tls.clone(), shutdown.clone(), tracker.clone(), slot).instrument(span));
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -376,6 +394,8 @@ impl Hub {
         tls: Option<TlsAcceptor>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
+        // Freed when this task ends: the session, once authenticated, runs as a task of its own.
+        _handshake: Slot,
     ) {
         let _ = tcp.set_nodelay(true);
         let handshakes = async {
@@ -388,7 +408,10 @@ impl Hub {
                             self.upgrade(stream, peer, shutdown.clone(), tracker).await
                         }
                         Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
-                        Err(_) => debug!("TLS handshake timed out"),
+                        Err(_) => {
+                            limit_hit("hub", "handshake_timeout");
+                            debug!("TLS handshake timed out")
+                        }
                     }
                 }
                 None => self.upgrade(tcp, peer, shutdown.clone(), tracker).await,
@@ -411,7 +434,10 @@ impl Hub {
             .ok_or_else(|| {
                 (
                     StatusCode::NOT_FOUND,
-                    format!("no such endpoint {path}: use /v1/nodes/NODE/events"),
+                    format!(
+                        "no such endpoint {}: use /v1/nodes/NODE/events",
+                        edgehub::untrusted::clip(path, edgehub::untrusted::MAX_WORD)
+                    ),
                 )
             })?;
         let token = req
@@ -427,7 +453,14 @@ impl Hub {
                     NodeAuthError::WrongToken => StatusCode::FORBIDDEN,
                     NodeAuthError::Missing | NodeAuthError::UnknownNode => StatusCode::UNAUTHORIZED,
                 };
-                Err((status, format!("node {node}: {}", e.as_str())))
+                Err((
+                    status,
+                    format!(
+                        "node {}: {}",
+                        edgehub::untrusted::clip(node, edgehub::untrusted::MAX_WORD),
+                        e.as_str()
+                    ),
+                ))
             }
         }
     }
@@ -477,7 +510,10 @@ impl Hub {
         let ws = match accepted {
             Ok(Ok(ws)) => ws,
             Ok(Err(e)) => return debug!(error = %e, "websocket handshake failed"),
-            Err(_) => return debug!("websocket handshake timed out"),
+            Err(_) => {
+                limit_hit("hub", "handshake_timeout");
+                return debug!("websocket handshake timed out");
+            }
         };
         let Some(node) = node else { return };
         tracing::Span::current().record("node", node.as_str());

@@ -2,7 +2,7 @@
 //!
 //! - [`store`]: desired state with resource versions and a bounded change log (SQLite);
 //! - [`objects`]: the validated write path (cluster IP allocation, atomic apply);
-//! - [`api`]: the REST API; [`serve`]: HTTP(S) serving;
+//! - [`api`]: the REST API (served by `edgehub::accept::serve_http`);
 //! - [`mirror`]: the store as of its last commit, in memory (what streams and routes read);
 //! - [`hub`]: the websocket server that keeps every edge node in sync;
 //! - [`auth`]: API and node tokens; [`nodes`]: which nodes are online;
@@ -20,7 +20,6 @@ pub mod mirror;
 pub mod nodes;
 pub mod objects;
 pub mod router;
-pub mod serve;
 pub mod store;
 pub mod telemetry;
 pub mod tunnel;

@@ -57,7 +57,9 @@ enum Command {
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Create or update objects (Services, Endpoints, Nodes, RuleEndpoints, Rules) from YAML or
-    /// JSON files, directories of them, or - for stdin.
+    /// JSON files, directories of them, or - for stdin. Documents of other kinds (Deployments,
+    /// ServiceAccounts, ...) are listed as skipped; exit status 0: everything applied, 3:
+    /// applied, but some documents were skipped, 1: an error (nothing applied unless said).
     Apply {
         /// A file, a directory (its *.yaml, *.yml and *.json files) or - (repeatable).
         #[arg(short = 'f', long = "filename", required = true)]
@@ -65,6 +67,9 @@ enum Command {
         /// Also read the directories' subdirectories.
         #[arg(short = 'R', long)]
         recursive: bool,
+        /// Refuse the whole apply when a document is of a kind cloudcore does not serve.
+        #[arg(long)]
+        strict: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -125,12 +130,13 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
             toml_string(&d.display().to_string())
         ));
     }
-    let cfg: Config = edgehub::config_file::load(
+    // Errors name the key and where its value came from (the file or --set).
+    let cfg: Config = edgehub::config_file::load_checked(
         args.config.as_deref(),
         std::path::Path::new(DEFAULT_CONFIG),
         &overrides,
+        Config::validate,
     )?;
-    cfg.validate()?;
     Ok(cfg)
 }
 
@@ -212,8 +218,20 @@ async fn main_inner(mut args: Args) -> anyhow::Result<()> {
         Some(Command::Apply {
             files,
             recursive,
+            strict,
             client: c,
-        }) => cli::apply(&client(c)?, &files, recursive).await,
+        }) => {
+            let report = cli::apply(&client(c)?, &files, recursive, strict).await?;
+            if report.skipped > 0 {
+                eprintln!(
+                    "cloudcore apply: {} of {} documents skipped (kinds cloudcore does not serve); \
+                     exit status {SKIPPED_EXIT}; --strict refuses such manifests whole",
+                    report.skipped, report.documents
+                );
+                SKIPPED.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(())
+        }
         Some(Command::Get {
             kind,
             name,
@@ -250,6 +268,14 @@ async fn main_inner(mut args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// `apply` applied what cloudcore serves and skipped documents of other kinds.
+static SKIPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+const SKIPPED_EXIT: u8 = 3;
+
 fn main() -> ExitCode {
-    edgehub::process::run_main("cloudcore", main_inner(Args::parse()))
+    let code = edgehub::process::run_main("cloudcore", main_inner(Args::parse()));
+    if code == ExitCode::SUCCESS && SKIPPED.load(std::sync::atomic::Ordering::Relaxed) {
+        return ExitCode::from(SKIPPED_EXIT);
+    }
+    code
 }

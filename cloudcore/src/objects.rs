@@ -175,10 +175,13 @@ impl Objects {
         }
         let changes = self.store.write(writes)?;
         self.index_changes(&mut ips, &changes);
+        // By key: a search per document would make a 10,000-object apply quadratic.
+        let by_key: HashMap<&ObjectKey, &Arc<Change>> =
+            changes.iter().map(|c| (&c.key, c)).collect();
         Ok(keys
             .into_iter()
             .map(|(key, old_version)| {
-                let change = changes.iter().find(|c| c.key == key);
+                let change = by_key.get(&key).copied();
                 Outcome {
                     kind: key.kind.as_str().to_string(),
                     namespace: key.namespace.clone(),

@@ -28,6 +28,10 @@ pub const METRICS: &[Metric] = &[
         "Nodes connected to the hub now.",
     ),
     Metric::counter(
+        "hub_limit_hits_total",
+        "Hub connections refused or ended by a limit, by limit (connections, connections_per_peer, handshake_timeout, message_size).",
+    ),
+    Metric::counter(
         "hub_refused_total",
         "Hub connections refused before the websocket upgrade, by HTTP status.",
     ),
@@ -48,6 +52,10 @@ pub const METRICS: &[Metric] = &[
         "Acknowledgements of committed versions received from nodes.",
     ),
     // API.
+    Metric::counter(
+        "api_limit_hits_total",
+        "REST API connections and requests refused or ended by a limit, by limit (connections, connections_per_peer, idle_timeout, request_timeout, tls_handshake_timeout, body_size).",
+    ),
     Metric::counter(
         "api_requests_total",
         "REST API requests by method, matched route and status.",
@@ -106,6 +114,15 @@ async fn upkeep(handle: PrometheusHandle) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_metric_is_in_docs_observability_md_and_nothing_else_is() {
+        let doc = include_str!("../../docs/observability.md");
+        assert_eq!(
+            edgehub::telemetry::undocumented(PROCESS, METRICS, doc),
+            Vec::<String>::new()
+        );
+    }
 
     #[test]
     fn metrics_follow_the_naming_rules() {

@@ -18,6 +18,12 @@ pub enum ConfigError {
     Key { key: String, reason: String },
     #[error("override {0:?}: expected KEY=VALUE")]
     Override(String),
+    /// An error about a key, with where its value came from (the file, or `--set`).
+    #[error("{origin}: {error}")]
+    At {
+        origin: String,
+        error: Box<ConfigError>,
+    },
 }
 
 impl ConfigError {
@@ -59,6 +65,47 @@ pub fn load<T: DeserializeOwned>(
         apply_override(&mut table, o)?;
     }
     from_table(table)
+}
+
+/// [`load`], then `check` on the result; an error about a key says where its value came
+/// from: `--set KEY=...` when an override set it, else the file, else the defaults.
+pub fn load_checked<T: DeserializeOwned>(
+    path: Option<&Path>,
+    default_path: &Path,
+    overrides: &[String],
+    check: impl FnOnce(&T) -> Result<(), ConfigError>,
+) -> Result<T, ConfigError> {
+    let file = match path {
+        Some(p) => Some(p.to_path_buf()),
+        None if default_path.exists() => Some(default_path.to_path_buf()),
+        None => None,
+    };
+    let origin_of = |key: &str| -> String {
+        let set = overrides.iter().rev().find(|o| {
+            o.split_once('=').is_some_and(|(k, _)| {
+                let k = k.trim();
+                key == k || key.starts_with(&format!("{k}.")) || key.starts_with(&format!("{k}["))
+            })
+        });
+        match (set, &file) {
+            (Some(o), _) => format!(
+                "--set {}",
+                crate::untrusted::clip(o, crate::untrusted::MAX_WORD)
+            ),
+            (None, Some(f)) => format!("config file {}", f.display()),
+            (None, None) => "defaults (no config file)".to_string(),
+        }
+    };
+    let placed = |e: ConfigError| match e {
+        ConfigError::Key { ref key, .. } => ConfigError::At {
+            origin: origin_of(key),
+            error: Box::new(e),
+        },
+        other => other,
+    };
+    let config: T = load(path, default_path, overrides).map_err(placed)?;
+    check(&config).map_err(placed)?;
+    Ok(config)
 }
 
 /// Turns a table into `T`, naming the key of the first error.
@@ -174,6 +221,54 @@ mod tests {
         assert!(e.to_string().contains("proxy.port"), "{e}");
         let e = load_str("name = \n", &[]).unwrap_err();
         assert!(matches!(e, ConfigError::Syntax { .. }), "{e}");
+    }
+
+    #[test]
+    fn errors_say_whether_the_file_or_an_override_set_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "name = \"a\"\n[proxy]\nport = 5\n").expect("write");
+        let refuse_port_5 = |c: &Cfg| {
+            if c.proxy.port == 5 {
+                Err(ConfigError::key("proxy.port", "5 is taken"))
+            } else {
+                Ok(())
+            }
+        };
+        let e =
+            load_checked(Some(&path), Path::new("/nonexistent"), &[], refuse_port_5).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "config file {}: config key `proxy.port`: 5 is taken",
+                path.display()
+            )
+        );
+        let o = vec!["proxy.port=5".to_string()];
+        std::fs::write(&path, "name = \"a\"\n").expect("write");
+        let e =
+            load_checked(Some(&path), Path::new("/nonexistent"), &o, refuse_port_5).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--set proxy.port=5: config key `proxy.port`"),
+            "{e}"
+        );
+        let o = vec!["proxy={port=\"x\"}".to_string()];
+        let e = load_checked(None, Path::new("/nonexistent"), &o, refuse_port_5).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--set proxy={port=\"x\"}: config key `proxy.port`"),
+            "{e}"
+        );
+        let e = load_checked::<Cfg>(None, Path::new("/nonexistent"), &[], |_| {
+            Err(ConfigError::key("name", "is required"))
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("defaults (no config file): config key `name`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -12,9 +12,13 @@
 //! - [`topology`]: topology tiers, shared by the proxy and cluster DNS;
 //! - [`systemd`]: readiness, status and watchdog pings for `Type=notify` units;
 //! - [`telemetry`]: the Prometheus recorder and metric naming;
+//! - [`accept`]: connection caps in total and per peer, and the bounded HTTP server of the
+//!   APIs;
+//! - [`untrusted`]: outside text bounded before an error or a log line quotes it;
 //! - [`tls`], [`backoff`], [`http_client`], [`config_file`], [`config_doc`], [`logging`],
 //!   [`process`]: small pieces both binaries need.
 
+pub mod accept;
 pub mod backoff;
 pub mod balance;
 pub mod client;
@@ -39,3 +43,4 @@ pub mod telemetry;
 pub mod tls;
 pub mod topology;
 pub mod tunnel;
+pub mod untrusted;

@@ -20,17 +20,36 @@ use crate::model::{Endpoints, Kind, Node, Object, ObjectKey, Service};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
-    #[error("metadata store {path}: {source}")]
+    #[error("node store {path}: {source}{}", fix_for(.source))]
     Sqlite {
         path: PathBuf,
         #[source]
         source: rusqlite::Error,
     },
-    #[error("cannot create the data directory {path}: {source}")]
+    #[error("cannot create the data directory {path}: {source}; edgemesh needs to create it, or write to it (it runs as root under systemd)")]
     DataDir {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    /// The file is not a usable store (malformed, not a database, an unreadable sync state).
+    #[error("node store {path} is corrupt: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    /// The corrupt file could not be moved aside.
+    #[error("node store {path} is corrupt ({detail}) and cannot be moved aside: {source}; move or delete it (and its -wal and -shm files) and start edgemesh again: the node resyncs from the cloud")]
+    CannotSetAside {
+        path: PathBuf,
+        detail: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store was found corrupt while running and replaced by an empty one; the next sync
+    /// fills it again.
+    #[error("node store {path} turned out corrupt ({detail}); it was moved to {moved_to} and replaced by an empty store, which the next sync fills from the cloud")]
+    Replaced {
+        path: PathBuf,
+        moved_to: PathBuf,
+        detail: String,
     },
     #[error("change {resource} has version {version}, but the store is at {committed}: a change is missing")]
     Gap {
@@ -46,12 +65,65 @@ pub enum MetaError {
     StoreMismatch { stored: String, got: String },
     #[error("history mismatch at version {version}: this copy is not the cloud's history")]
     HistoryMismatch { version: u64 },
-    #[error("metadata store {path} was written by a newer edgemesh (schema {found}, this one knows {known})")]
+    #[error("node store {path} was written by a newer edgemesh (schema {found}, this one knows {known}); run that version again, or move the file aside to make this one start empty and resync from the cloud")]
     NewerSchema {
         path: PathBuf,
         found: i64,
         known: i64,
     },
+}
+
+impl MetaError {
+    /// Whether the error says the file itself is broken: the one case where the store is set
+    /// aside and rebuilt from the cloud. Locks, permissions, a full disk or a newer schema are
+    /// not: the file may be fine, so it is never touched for those.
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            MetaError::Corrupt { .. } => true,
+            MetaError::Sqlite { source, .. } => sqlite_corruption(source),
+            _ => false,
+        }
+    }
+}
+
+fn sqlite_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
+}
+
+/// What an operator can do about an SQLite error, appended to its message.
+fn fix_for(e: &rusqlite::Error) -> &'static str {
+    use rusqlite::ErrorCode as C;
+    match e.sqlite_error_code() {
+        Some(C::DatabaseBusy | C::DatabaseLocked) => {
+            "; another process holds the file: is a second edgemesh running with the same data_dir?"
+        }
+        Some(C::PermissionDenied | C::ReadOnly | C::CannotOpen) => {
+            "; edgemesh needs to read and write the file and its directory"
+        }
+        Some(C::DiskFull) => "; the disk is full: free space and restart edgemesh",
+        Some(C::SystemIoFailure) => "; the disk failed to read or write it: check the disk (dmesg)",
+        Some(C::DatabaseCorrupt | C::NotADatabase) => {
+            "; the agent moves a corrupt store aside when it starts and resyncs from the cloud"
+        }
+        _ => "",
+    }
+}
+
+/// A corrupt store that was moved aside and replaced by an empty one.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Recovery {
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// Where the bad file was moved (kept for inspection).
+    pub moved_to: PathBuf,
+    /// What was wrong with it.
+    pub reason: String,
+    /// Whether a snapshot from the cloud has been written since.
+    pub resynced: bool,
 }
 
 /// One change as received from the cloud.
@@ -154,6 +226,8 @@ pub struct MetaManager {
     path: PathBuf,
     conn: Mutex<Connection>,
     view: watch::Sender<Arc<MeshView>>,
+    /// The last time a corrupt store was replaced, while this process runs.
+    recovery: Mutex<Option<Recovery>>,
 }
 
 const SCHEMA: &str = "
@@ -177,13 +251,36 @@ pub const SCHEMA_VERSION: i64 = 1;
 pub const DB_FILE: &str = "edgemesh.db";
 
 impl MetaManager {
-    /// Opens (or creates) the store under `data_dir` and loads the view from it.
+    /// Opens (or creates) the store under `data_dir` and loads the view from it. A corrupt
+    /// file is moved aside (see [`Recovery`]) and the node starts empty: its store is a copy
+    /// of the cloud's, so the next sync rebuilds it, and a node that refused to start would
+    /// serve nothing at all.
     pub fn open(data_dir: &Path) -> Result<Self, MetaError> {
         std::fs::create_dir_all(data_dir).map_err(|source| MetaError::DataDir {
             path: data_dir.to_path_buf(),
             source,
         })?;
-        Self::open_file(&data_dir.join(DB_FILE))
+        let path = data_dir.join(DB_FILE);
+        match Self::open_file(&path) {
+            Err(e) if e.is_corruption() => {
+                let detail = corruption_detail(&e);
+                let moved_to = set_aside(&path).map_err(|source| MetaError::CannotSetAside {
+                    path: path.clone(),
+                    detail: detail.clone(),
+                    source,
+                })?;
+                tracing::error!(
+                    store = %path.display(),
+                    moved_to = %moved_to.display(),
+                    reason = %detail,
+                    "the node store is corrupt: moved it aside (kept for inspection); starting empty, the next sync from the cloud fills it again"
+                );
+                let mm = Self::open_file(&path)?;
+                mm.recovered(moved_to, detail);
+                Ok(mm)
+            }
+            other => other,
+        }
     }
 
     pub fn open_file(path: &Path) -> Result<Self, MetaError> {
@@ -204,29 +301,109 @@ impl MetaManager {
         // The store is read in full once at startup and otherwise only written; SQLite's
         // default 2 MiB page cache would be resident memory that buys nothing on an edge box.
         conn.pragma_update(None, "cache_size", -256).map_err(sql)?;
-        // The schema version lets a later edgemesh migrate this file, and an older one refuse
-        // a file it would misread (rather than lose the node's offline copy).
-        let found: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(sql)?;
-        if found > SCHEMA_VERSION {
-            return Err(MetaError::NewerSchema {
-                path: path.to_path_buf(),
-                found,
-                known: SCHEMA_VERSION,
-            });
-        }
+        refuse_newer_schema(&conn, path)?;
+        check_integrity(&conn, path)?;
         conn.execute_batch(SCHEMA).map_err(sql)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(sql)?;
+        Self::loaded(path, conn)
+    }
+
+    /// The store on `conn`, its view loaded.
+    fn loaded(path: &Path, conn: Connection) -> Result<Self, MetaError> {
         let mm = MetaManager {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
             view: watch::Sender::new(Arc::new(MeshView::default())),
+            recovery: Mutex::new(None),
         };
         let view = mm.load_view()?;
         mm.view.send_replace(Arc::new(view));
         Ok(mm)
+    }
+
+    /// Opens an existing store read-only, for a look at it while no agent runs
+    /// (`edgemesh status`): `None` when there is no store at `path`. Never creates, migrates,
+    /// repairs or moves anything.
+    pub fn open_existing_read_only(path: &Path) -> Result<Option<Self>, MetaError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let sql = |source| MetaError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql)?;
+        refuse_newer_schema(&conn, path)?;
+        Self::loaded(path, conn).map(Some)
+    }
+
+    /// The corrupt store this process replaced, if it replaced one.
+    pub fn recovery(&self) -> Option<Recovery> {
+        self.recovery
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn recovered(&self, moved_to: PathBuf, reason: String) {
+        metrics::counter!("edgemesh_meta_store_recoveries_total").increment(1);
+        *self.recovery.lock().unwrap_or_else(|p| p.into_inner()) = Some(Recovery {
+            at_ms: now_ms(),
+            moved_to,
+            reason,
+            resynced: false,
+        });
+    }
+
+    /// Runs one store operation; when it finds the file corrupt, the file is set aside and an
+    /// empty store takes its place, and the error says so. The view is left as it is: the node
+    /// keeps serving what it knew until the next sync (which starts from nothing, so it is a
+    /// snapshot) replaces it.
+    fn guarded<T>(&self, op: impl FnOnce() -> Result<T, MetaError>) -> Result<T, MetaError> {
+        let err = match op() {
+            Err(e) if e.is_corruption() => e,
+            other => return other,
+        };
+        let detail = corruption_detail(&err);
+        let mut conn = self.conn();
+        // Close the broken connection before its files move: closing removes the -wal and
+        // -shm files by name, which must not be those of the new store.
+        match Connection::open_in_memory() {
+            Ok(placeholder) => drop(std::mem::replace(&mut *conn, placeholder)),
+            Err(_) => return Err(err),
+        }
+        let moved_to = match set_aside(&self.path) {
+            Ok(p) => p,
+            Err(source) => {
+                return Err(MetaError::CannotSetAside {
+                    path: self.path.clone(),
+                    detail,
+                    source,
+                })
+            }
+        };
+        let fresh = Self::open_file(&self.path)?;
+        *conn = fresh.conn.into_inner().unwrap_or_else(|p| p.into_inner());
+        drop(conn);
+        tracing::error!(
+            store = %self.path.display(),
+            moved_to = %moved_to.display(),
+            reason = %detail,
+            "the node store turned out corrupt: moved it aside (kept for inspection) and started an empty one; the node serves what it knew until the next sync from the cloud"
+        );
+        self.recovered(moved_to.clone(), detail.clone());
+        Err(MetaError::Replaced {
+            path: self.path.clone(),
+            moved_to,
+            detail,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -256,12 +433,20 @@ impl MetaManager {
     }
 
     pub fn sync_point(&self) -> Result<SyncPoint, MetaError> {
+        self.guarded(|| self.read_point())
+    }
+
+    fn read_point(&self) -> Result<SyncPoint, MetaError> {
         let conn = self.conn();
         read_sync_point(&conn).map_err(|e| self.sql_err(e))
     }
 
     /// Every stored row as `(key, type, value)`, ordered by key.
     pub fn rows(&self) -> Result<Vec<(String, String, String)>, MetaError> {
+        self.guarded(|| self.read_rows())
+    }
+
+    fn read_rows(&self) -> Result<Vec<(String, String, String)>, MetaError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare("SELECT key, type, value FROM meta ORDER BY key")
@@ -274,13 +459,13 @@ impl MetaManager {
     }
 
     fn load_view(&self) -> Result<MeshView, MetaError> {
-        let point = self.sync_point()?;
+        let point = self.read_point()?;
         let mut view = MeshView {
             version: point.version,
             store_id: point.store_id,
             ..MeshView::default()
         };
-        for (key, _type, value) in self.rows()? {
+        for (key, _type, value) in self.read_rows()? {
             let Some(k) = ObjectKey::parse_resource(&key) else {
                 tracing::warn!(%key, "ignoring a stored row with an invalid key");
                 continue;
@@ -332,6 +517,15 @@ impl MetaManager {
     /// With `expect`, the chain at that version must be the given one (the end of a delta),
     /// or nothing is committed.
     pub fn apply_changes(
+        &self,
+        store_id: &str,
+        changes: &[EdgeChange],
+        expect: Option<(u64, &str)>,
+    ) -> Result<Applied, MetaError> {
+        self.guarded(|| self.commit_changes(store_id, changes, expect))
+    }
+
+    fn commit_changes(
         &self,
         store_id: &str,
         changes: &[EdgeChange],
@@ -430,6 +624,25 @@ impl MetaManager {
         chain: &str,
         objects: &[(ObjectKey, String)],
     ) -> Result<usize, MetaError> {
+        let written = self.guarded(|| self.write_snapshot(store_id, version, chain, objects))?;
+        if let Some(r) = self
+            .recovery
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            r.resynced = true;
+        }
+        Ok(written)
+    }
+
+    fn write_snapshot(
+        &self,
+        store_id: &str,
+        version: u64,
+        chain: &str,
+        objects: &[(ObjectKey, String)],
+    ) -> Result<usize, MetaError> {
         let mut view = MeshView {
             version,
             store_id: Some(store_id.to_string()),
@@ -461,6 +674,99 @@ impl MetaManager {
         self.view.send_replace(Arc::new(view));
         Ok(objects.len())
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// What made a store count as corrupt, without the file name (said elsewhere).
+fn corruption_detail(e: &MetaError) -> String {
+    match e {
+        MetaError::Corrupt { detail, .. } => detail.clone(),
+        MetaError::Sqlite { source, .. } => source.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// The schema version lets a later edgemesh migrate this file, and an older one refuse a file it
+/// would misread (rather than lose the node's offline copy).
+fn refuse_newer_schema(conn: &Connection, path: &Path) -> Result<(), MetaError> {
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|source| MetaError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if found > SCHEMA_VERSION {
+        return Err(MetaError::NewerSchema {
+            path: path.to_path_buf(),
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// SQLite's own structural check (`quick_check`: pages, b-trees, records; not the indexes'
+/// contents), which finds what a truncated or overwritten file has lost before a read trips on
+/// it, and the layout this code relies on.
+fn check_integrity(conn: &Connection, path: &Path) -> Result<(), MetaError> {
+    let corrupt = |detail: String| MetaError::Corrupt {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let sql = |source| MetaError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stmt = conn.prepare("PRAGMA quick_check(5)").map_err(sql)?;
+    let problems = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+        .map_err(sql)?;
+    if problems != ["ok"] {
+        return Err(corrupt(format!("integrity check: {}", problems.join("; "))));
+    }
+    let has_table = |name: &str| -> Result<bool, MetaError> {
+        conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [name],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+        .map_err(sql)
+    };
+    if has_table("sync_state")? {
+        read_sync_point(conn).map_err(|e| match e {
+            e @ rusqlite::Error::SqliteFailure(..) => sql(e),
+            e => corrupt(format!("the sync state cannot be read: {e}")),
+        })?;
+    }
+    Ok(())
+}
+
+/// Moves a corrupt store and its -wal and -shm files to `<file>.corrupt-<unix seconds>`
+/// (`-N` appended when that exists); returns the new name of the database file.
+fn set_aside(path: &Path) -> std::io::Result<PathBuf> {
+    let stamp = now_ms() / 1000;
+    let mut target = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+    let mut n = 1;
+    while target.exists() {
+        target = PathBuf::from(format!("{}.corrupt-{stamp}-{n}", path.display()));
+        n += 1;
+    }
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", path.display()));
+        if side.exists() {
+            std::fs::rename(&side, format!("{}{suffix}", target.display()))?;
+        }
+    }
+    std::fs::rename(path, &target)?;
+    Ok(target)
 }
 
 fn read_sync_point(conn: &Connection) -> rusqlite::Result<SyncPoint> {
@@ -639,6 +945,168 @@ mod tests {
             .expect("matching chain");
     }
 
+    /// A store with `n` Services at versions 1..=n.
+    fn filled(dir: &Path, n: u64) -> MetaManager {
+        let mm = MetaManager::open(dir).expect("open");
+        let batch: Vec<EdgeChange> = (1..=n)
+            .map(|v| {
+                let name = format!("svc-{v:04}-{}", "x".repeat(200));
+                change(v, &name, Some(svc(&name, "10.96.0.1")))
+            })
+            .collect();
+        mm.apply_changes("s1", &batch, None).expect("apply");
+        mm
+    }
+
+    fn set_aside_files(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.to_string_lossy().contains(".corrupt-"))
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn a_garbage_or_truncated_store_is_set_aside_and_the_node_starts_empty() {
+        // Garbage: not a database at all.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let garbage = vec![0x5au8; 64 * 1024];
+        std::fs::write(dir.path().join(DB_FILE), &garbage).expect("write");
+        let mm = MetaManager::open(dir.path()).expect("recovers");
+        let r = mm.recovery().expect("recovery recorded");
+        assert!(!r.resynced);
+        assert!(r.reason.contains("not a database"), "{r:?}");
+        assert_eq!(set_aside_files(dir.path()), vec![r.moved_to.clone()]);
+        assert_eq!(std::fs::read(&r.moved_to).expect("kept"), garbage);
+        assert_eq!(mm.sync_point().expect("point"), SyncPoint::default());
+        // The next snapshot is the resync.
+        let objects = vec![(
+            ObjectKey::new(Kind::Service, "default", "a"),
+            svc("a", "10.96.0.1"),
+        )];
+        mm.replace_all("s1", 7, "c7", &objects).expect("snapshot");
+        assert!(mm.recovery().expect("still recorded").resynced);
+        drop(mm);
+        // Reopened, the rebuilt store is good: nothing more is set aside.
+        let mm = MetaManager::open(dir.path()).expect("reopen");
+        assert!(mm.recovery().is_none());
+        assert_eq!(mm.view().version, 7);
+        assert_eq!(set_aside_files(dir.path()).len(), 1);
+
+        // Truncated: a real store cut in half, as a disk fault leaves it.
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(filled(dir.path(), 200));
+        let db = dir.path().join(DB_FILE);
+        let len = std::fs::metadata(&db).expect("meta").len();
+        assert!(len > 40_000, "the store is {len} bytes");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&db)
+            .expect("open");
+        f.set_len(len / 2).expect("truncate");
+        drop(f);
+        let mm = MetaManager::open(dir.path()).expect("recovers");
+        let r = mm.recovery().expect("recovery recorded");
+        assert!(
+            r.reason.contains("malformed") || r.reason.contains("integrity"),
+            "{r:?}"
+        );
+        assert_eq!(std::fs::metadata(&r.moved_to).expect("kept").len(), len / 2);
+        assert!(mm.view().services.is_empty());
+    }
+
+    #[test]
+    fn a_good_store_is_never_set_aside() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(filled(dir.path(), 20));
+        let mm = MetaManager::open(dir.path()).expect("reopen");
+        assert!(mm.recovery().is_none());
+        assert_eq!(mm.view().services.len(), 20);
+
+        // Held by another writer (a second agent on the same data_dir): an error that says
+        // so, and the file stays.
+        drop(mm);
+        let other = Connection::open(dir.path().join(DB_FILE)).expect("open");
+        other
+            .execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE;")
+            .expect("lock");
+        let err = MetaManager::open_file(&dir.path().join(DB_FILE))
+            .err()
+            .expect("locked");
+        assert!(!err.is_corruption(), "{err}");
+        assert!(
+            err.to_string().contains("another process holds the file"),
+            "{err}"
+        );
+        drop(other);
+        assert!(set_aside_files(dir.path()).is_empty());
+        let mm = MetaManager::open(dir.path()).expect("open again");
+        assert_eq!(mm.view().services.len(), 20);
+    }
+
+    #[test]
+    fn corruption_found_while_running_replaces_the_store_and_keeps_the_view() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mm = filled(dir.path(), 200);
+        {
+            let conn = mm.conn();
+            conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+                .expect("checkpoint");
+            conn.release_memory().expect("drop the page cache");
+        }
+        // Overwrite every page but the first (the header) with garbage.
+        let db = dir.path().join(DB_FILE);
+        let len = std::fs::metadata(&db).expect("meta").len() as usize;
+        let mut bytes = std::fs::read(&db).expect("read");
+        for b in &mut bytes[4096..len] {
+            *b = 0xa5;
+        }
+        std::fs::write(&db, &bytes).expect("write");
+
+        let err = mm.rows().expect_err("corruption found");
+        let MetaError::Replaced { moved_to, .. } = &err else {
+            panic!("{err}");
+        };
+        assert!(moved_to.exists());
+        let r = mm.recovery().expect("recorded");
+        assert_eq!(&r.moved_to, moved_to);
+        // The node keeps serving what it knew; the store starts over.
+        assert_eq!(mm.view().services.len(), 200);
+        assert_eq!(mm.sync_point().expect("point"), SyncPoint::default());
+        mm.apply_changes("s2", &[change(1, "a", Some(svc("a", "10.96.0.1")))], None)
+            .expect("the new store takes writes");
+        drop(mm);
+        let mm = MetaManager::open(dir.path()).expect("reopen");
+        assert!(mm.recovery().is_none());
+        assert_eq!(mm.sync_point().expect("point").version, 1);
+    }
+
+    #[test]
+    fn read_only_opening_never_creates_a_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("data").join(DB_FILE);
+        assert!(MetaManager::open_existing_read_only(&path)
+            .expect("no error")
+            .is_none());
+        assert!(!dir.path().join("data").exists());
+        drop(filled(&dir.path().join("data"), 3));
+        let mm = MetaManager::open_existing_read_only(&path)
+            .expect("opens")
+            .expect("exists");
+        assert_eq!(mm.view().version, 3);
+        // Garbage is reported, not moved.
+        drop(mm);
+        std::fs::write(&path, b"garbage, not a database at all, long enough for a header......................................................................")
+            .expect("write");
+        let err = MetaManager::open_existing_read_only(&path)
+            .err()
+            .expect("garbage");
+        assert!(err.is_corruption(), "{err}");
+        assert!(set_aside_files(&dir.path().join("data")).is_empty());
+    }
+
     #[test]
     fn a_store_from_a_newer_edgemesh_is_refused_not_clobbered() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -649,6 +1117,8 @@ mod tests {
         drop(conn);
         let err = MetaManager::open(dir.path()).err().expect("refused");
         assert!(matches!(err, MetaError::NewerSchema { .. }), "{err}");
+        assert!(!err.is_corruption());
+        assert!(set_aside_files(dir.path()).is_empty());
     }
 
     #[test]

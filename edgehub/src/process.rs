@@ -1,5 +1,5 @@
 //! What both daemons do the same way as processes: run an async main and report its error,
-//! and turn SIGTERM or SIGINT into one shutdown signal.
+//! turn SIGTERM or SIGINT into one shutdown signal, and give memory back after a burst.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -51,3 +51,44 @@ pub fn shutdown_on_signal() -> CancellationToken {
     });
     token
 }
+
+/// After a burst of changes to `watched` (a large apply in cloudcore, a snapshot on a node),
+/// once it has been quiet for a moment, hands the memory the burst freed back to the system.
+/// glibc keeps freed memory in its arenas otherwise, for good: measured, cloudcore held about
+/// 50 MB more after applying 10,000 Services and Endpoints at once than after a restart with
+/// the same data, and an agent about 1.5 MB more after a 10,000-Service snapshot.
+pub async fn release_memory_after_bursts<T>(
+    mut watched: tokio::sync::watch::Receiver<T>,
+    shutdown: CancellationToken,
+) {
+    const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = watched.changed() => if changed.is_err() { return },
+        }
+        // Let the burst end (or run for a while) and its consumers catch up.
+        let burst = tokio::time::Instant::now();
+        while burst.elapsed() < SETTLE * 15 {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(SETTLE) => break,
+                changed = watched.changed() => if changed.is_err() { return },
+            }
+        }
+        watched.borrow_and_update();
+        // malloc_trim walks every arena: on the blocking pool, off the async workers.
+        let _ = tokio::task::spawn_blocking(release_free_memory).await;
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_free_memory() {
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_memory() {}

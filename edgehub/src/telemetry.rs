@@ -192,6 +192,37 @@ pub fn naming_errors(metrics: &[Metric]) -> Vec<String> {
     errors
 }
 
+/// Differences between a process's catalogue (with [`SHARED`]) and the metric tables of
+/// `docs/observability.md` (`doc`): a metric nobody documented, or a documented one that no
+/// longer exists. Both binaries' unit tests run it.
+pub fn undocumented(process: &str, metrics: &[Metric], doc: &str) -> Vec<String> {
+    let documented: std::collections::BTreeSet<String> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once('`').map(|(name, _)| name))
+        .filter_map(|name| {
+            name.strip_prefix(&format!("{process}_"))
+                .or_else(|| name.strip_prefix("P_"))
+                .map(String::from)
+        })
+        .collect();
+    let known: std::collections::BTreeSet<String> = SHARED
+        .iter()
+        .chain(metrics)
+        .map(|m| m.name.to_string())
+        .collect();
+    let mut problems: Vec<String> = known
+        .difference(&documented)
+        .map(|m| format!("{process}_{m} is not in docs/observability.md"))
+        .collect();
+    problems.extend(
+        documented
+            .difference(&known)
+            .map(|m| format!("{process}_{m} is documented but not described in the code")),
+    );
+    problems
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

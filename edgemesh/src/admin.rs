@@ -77,16 +77,29 @@ struct Check {
 
 async fn readiness(state: &AdminState) -> Vec<Check> {
     let view = state.meta.view();
-    let mut checks = vec![Check {
-        name: "store",
-        // The admin API is built on the loaded store: answering at all means it is there.
-        ok: true,
-        detail: format!(
-            "loaded at version {} (store {})",
-            view.version,
-            view.store_id.as_deref().unwrap_or("-")
-        ),
-    }];
+    // The admin API is built on the loaded store: answering at all means it is there. After a
+    // corrupt store was replaced, the copy on disk is empty until the cloud's snapshot is in.
+    let store = match state.meta.recovery() {
+        Some(r) if !r.resynced => Check {
+            name: "store",
+            ok: false,
+            detail: format!(
+                "the store was corrupt and was moved to {} ({}); empty until the cloud's snapshot arrives",
+                r.moved_to.display(),
+                r.reason
+            ),
+        },
+        _ => Check {
+            name: "store",
+            ok: true,
+            detail: format!(
+                "loaded at version {} (store {})",
+                view.version,
+                view.store_id.as_deref().unwrap_or("-")
+            ),
+        },
+    };
+    let mut checks = vec![store];
     let up = state.ready.load(Ordering::Acquire);
     let mut listeners = Vec::new();
     if let Some(p) = &state.proxy {
@@ -206,6 +219,7 @@ async fn sync(State(state): State<AdminState>) -> Response {
         "dns": state.dns.map(|a| a.to_string()),
         "store": {
             "path": state.meta.path().display().to_string(),
+            "recovery": state.meta.recovery(),
             "storeId": view.store_id,
             "version": view.version,
             "services": view.services.len(),

@@ -32,20 +32,20 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     let metrics = crate::telemetry::install();
     let hub_cfg = cfg.hub_client()?;
 
+    // The error names the file and what to do about it; a corrupt file is set aside and the
+    // node starts empty (see MetaManager::open), so this fails only when the file may be fine.
     let meta = {
         let dir = cfg.data_dir.clone();
-        Arc::new(
-            tokio::task::spawn_blocking(move || MetaManager::open(&dir))
-                .await?
-                .context("config key `data_dir`: cannot open the metadata store")?,
-        )
+        Arc::new(tokio::task::spawn_blocking(move || MetaManager::open(&dir)).await??)
     };
     let view = meta.view();
     info!(
         node = %cfg.node_name,
+        store = %meta.path().display(),
         version = view.version,
         services = view.services.len(),
         endpoints = view.endpoints.len(),
+        recovered = meta.recovery().is_some(),
         "metadata store loaded"
     );
 
@@ -91,13 +91,16 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     let sync = client.status();
     let ready = Arc::new(AtomicBool::new(false));
     if cfg.cloud_urls().is_empty() {
-        warn!("cloud.url is not set: serving from the local store only");
+        warn!("{}", crate::config::NO_CLOUD);
     }
     let hub_task = tokio::spawn(client.run(shutdown.clone()));
     if let Some(handle) = metrics.clone() {
         tokio::spawn(metrics_upkeep(handle, shutdown.clone()));
     }
-    tokio::spawn(trim_after_changes(meta.subscribe(), shutdown.clone()));
+    tokio::spawn(edgehub::process::release_memory_after_bursts(
+        meta.subscribe(),
+        shutdown.clone(),
+    ));
     // Cluster DNS (SPEC §5): its sockets are bound here, before the agent reports ready.
     let dns_task = crate::dns::start(&cfg, &meta, shutdown.clone()).await?;
     let proxy = crate::proxy::start(
@@ -138,17 +141,14 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
             tunnel: Some(tunnel.clone()),
         }),
     };
-    let admin_task = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            if let Err(e) = axum::serve(admin_listener, admin::router(state))
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-            {
-                warn!(error = %e, "admin API failed");
-            }
-        }
-    });
+    let admin_task = tokio::spawn(edgehub::accept::serve_http(
+        admin_listener,
+        None,
+        admin::router(state),
+        cfg.admin.limits(),
+        "admin",
+        shutdown.clone(),
+    ));
     ready.store(true, Ordering::Release);
     info!(admin = %cfg.admin.listen, "edgemesh ready");
     edgehub::systemd::ready(&service_status(&sync, &meta));
@@ -257,42 +257,3 @@ async fn metrics_upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
         handle.run_upkeep();
     }
 }
-
-/// After a burst of metadata changes (a snapshot above all), once the view, the DNS index and
-/// the route table have been rebuilt, hands the memory freed by the old copies back to the
-/// system. glibc keeps freed memory in its arenas otherwise: about 1.5 MB after a 10,000-Service
-/// snapshot, a twentieth of the agent's footprint.
-async fn trim_after_changes(
-    mut views: tokio::sync::watch::Receiver<Arc<edgehub::metamanager::MeshView>>,
-    shutdown: CancellationToken,
-) {
-    const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = views.changed() => if changed.is_err() { return },
-        }
-        // Let the consumers of the view catch up, and let the burst end (or run for a while).
-        let burst = tokio::time::Instant::now();
-        while burst.elapsed() < SETTLE * 15 {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(SETTLE) => break,
-                changed = views.changed() => if changed.is_err() { return },
-            }
-        }
-        views.borrow_and_update();
-        release_free_memory();
-    }
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_free_memory() {
-    // SAFETY: malloc_trim only returns free heap pages to the kernel; it is thread-safe.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_memory() {}

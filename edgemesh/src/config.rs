@@ -21,6 +21,10 @@ pub const DEFAULT_CONFIG: &str = "/etc/edgemesh/edgemesh.toml";
 /// The operations guide, whose `edgemesh` table says what every key means.
 const REFERENCE: &str = include_str!("../../docs/operations.md");
 
+/// What `edgemesh config check` and the agent say about a configuration without `cloud.url`.
+pub const NO_CLOUD: &str =
+    "cloud.url is not set: the agent serves what its store holds and never syncs with a cloud";
+
 /// Keys whose values `edgemesh config show` does not print.
 const SECRETS: &[&str] = &["cloud.token"];
 
@@ -33,8 +37,10 @@ pub fn reference() -> Vec<KeyDoc> {
 pub fn defaults_toml() -> Result<String, String> {
     config_doc::render::<Config>(
         "edgemesh.toml with every key at its default (`edgemesh config defaults`).\n\
-         Keys shown as `# key = ... (unset)` have no default value. node_name and cloud.url\n\
-         must be set; everything else may be left out. See docs/operations.md.",
+         Keys shown as `# key = ... (unset)` have no default value. node_name must be set.\n\
+         To join a cloud, set cloud.url and cloud.token_file (or cloud.token); without\n\
+         cloud.url the agent serves what its store holds and never syncs. Everything else\n\
+         may be left out. See docs/operations.md.",
         &reference(),
     )
 }
@@ -116,14 +122,47 @@ impl Default for CloudConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Open connections to the admin API.
+    pub max_connections: usize,
+    /// A connection without a complete request head for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time to answer one request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 10550)),
+            max_connections: 64,
+            idle_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
         }
     }
+}
+
+impl AdminConfig {
+    /// The bounds of the admin listener. Its clients share one address (loopback), so the
+    /// cap per peer is the whole cap.
+    pub fn limits(&self) -> edgehub::accept::HttpLimits {
+        edgehub::accept::HttpLimits {
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections,
+            idle_timeout: self.idle_timeout,
+            request_timeout: self.request_timeout,
+            tls_handshake_timeout: self.idle_timeout,
+        }
+    }
+}
+
+fn token_required() -> ConfigError {
+    ConfigError::key(
+        "cloud.token_file",
+        "is required when cloud.url is set: a file holding the node's token (`cloudcore token \
+         create NODE` prints it; keep it mode 0600), or the token itself in cloud.token",
+    )
 }
 
 fn is_dns_subdomain(s: &str) -> bool {
@@ -178,6 +217,26 @@ impl Config {
                 "set cloud.token or cloud.token_file, not both",
             ));
         }
+        if self.admin.max_connections == 0 {
+            return Err(ConfigError::key(
+                "admin.max_connections",
+                "must be at least 1",
+            ));
+        }
+        for (key, value) in [
+            ("admin.idle_timeout", self.admin.idle_timeout),
+            ("admin.request_timeout", self.admin.request_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::key(key, "must be longer than zero"));
+            }
+        }
+        if !self.cloud_urls().is_empty()
+            && self.cloud.token.is_none()
+            && self.cloud.token_file.is_none()
+        {
+            return Err(token_required());
+        }
         if self.cloud.keepalive_timeout <= self.cloud.keepalive_interval {
             return Err(ConfigError::key(
                 "cloud.keepalive_timeout",
@@ -223,12 +282,7 @@ impl Config {
                     ConfigError::key("cloud.token_file", format!("{}: {e}", path.display()))
                 })?,
             (None, None) if self.cloud_urls().is_empty() => String::new(),
-            (None, None) => {
-                return Err(ConfigError::key(
-                    "cloud.token",
-                    "is required when cloud.url is set",
-                ))
-            }
+            (None, None) => return Err(token_required()),
         };
         let mut hub = HubClientConfig::new(&self.node_name, self.cloud_urls(), &token);
         hub.ca_cert = self.cloud.ca_cert.clone();
@@ -285,12 +339,13 @@ mod tests {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(&format!("`{key}`")), "{text}: {e}");
         }
-        let c = parse("node_name = \"e\"\n[cloud]\nurl = \"ws://x\"").expect("parses");
-        assert!(c
-            .hub_client()
+        let e = parse("node_name = \"e\"\n[cloud]\nurl = \"ws://x\"")
             .unwrap_err()
-            .to_string()
-            .contains("`cloud.token`"));
+            .to_string();
+        assert!(e.contains("`cloud.token_file`"), "{e}");
+        assert!(e.contains("the token itself in cloud.token"), "{e}");
+        // No cloud at all is a valid configuration: the node serves its store.
+        parse("node_name = \"e\"").expect("local store only");
     }
 
     #[test]

@@ -82,6 +82,9 @@ fn config_command(args: &Args, command: &ConfigCommand) -> anyhow::Result<()> {
             let cfg = load_config(args, true)?;
             // The token file is read at startup; a missing one should show up here too.
             cfg.hub_client()?;
+            if cfg.cloud_urls().is_empty() {
+                eprintln!("note: {}", edgemesh::config::NO_CLOUD);
+            }
             match &args.config {
                 Some(file) => println!("{}: ok", file.display()),
                 None if std::path::Path::new(DEFAULT_CONFIG).exists() => {
@@ -122,14 +125,13 @@ fn load_config(args: &Args, validate: bool) -> anyhow::Result<Config> {
     if let Some(v) = &args.admin_listen {
         o.push(format!("admin.listen={}", quoted(v)));
     }
-    let cfg: Config = edgehub::config_file::load(
+    // Errors name the key and where its value came from (the file or --set).
+    let cfg: Config = edgehub::config_file::load_checked(
         args.config.as_deref(),
         std::path::Path::new(DEFAULT_CONFIG),
         &o,
+        |cfg: &Config| if validate { cfg.validate() } else { Ok(()) },
     )?;
-    if validate {
-        cfg.validate()?;
-    }
     Ok(cfg)
 }
 

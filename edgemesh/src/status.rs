@@ -1,11 +1,11 @@
 //! `edgemesh status`: what the running agent says, or, when it is not running, what its store
-//! holds.
+//! holds (read-only: status never creates, migrates or repairs a store).
 
 use std::time::Duration;
 
 use axum::http::Method;
 use edgehub::http_client;
-use edgehub::metamanager::MetaManager;
+use edgehub::metamanager::{MetaManager, DB_FILE};
 use serde_json::Value;
 
 use crate::config::Config;
@@ -43,6 +43,7 @@ pub async fn run(cfg: &Config, json: bool) -> anyhow::Result<()> {
             let mut v: Value = serde_json::from_slice(&resp.body)?;
             v["proxy"] = admin_json(cfg, "/debug/proxy").await;
             v["readiness"] = admin_json(cfg, "/readyz").await;
+            v["running"] = Value::Bool(true);
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -51,36 +52,62 @@ pub async fn run(cfg: &Config, json: bool) -> anyhow::Result<()> {
             Ok(())
         }
         Ok(resp) => anyhow::bail!("admin API at {url} answered HTTP {}", resp.status),
-        Err(e) => {
-            eprintln!("edgemesh is not running ({e}); reading its store instead");
-            let meta = MetaManager::open(&cfg.data_dir)?;
-            let view = meta.view();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "running": false, "storeId": view.store_id, "version": view.version,
-                        "services": view.services.len(), "endpoints": view.endpoints.len(), "nodes": view.nodes.len(),
-                    })
-                );
-            } else {
-                println!("node:        {}", cfg.node_name);
-                println!("agent:       not running");
-                println!(
-                    "version:     {} (store {})",
-                    view.version,
-                    view.store_id.as_deref().unwrap_or("-")
-                );
-                println!(
-                    "objects:     {} services, {} endpoints, {} nodes",
-                    view.services.len(),
-                    view.endpoints.len(),
-                    view.nodes.len()
-                );
-            }
-            Ok(())
-        }
+        Err(e) => print_stopped(cfg, json, &e.to_string()),
     }
+}
+
+/// The agent does not answer: what its store holds, read without writing anything. No store
+/// is an error: there is nothing to report, and creating one here would hide that the
+/// configured `data_dir` is not where the agent keeps it.
+fn print_stopped(cfg: &Config, json: bool, why: &str) -> anyhow::Result<()> {
+    let path = cfg.data_dir.join(DB_FILE);
+    let node = if cfg.node_name.is_empty() {
+        "- (node_name is not set)"
+    } else {
+        cfg.node_name.as_str()
+    };
+    eprintln!(
+        "edgemesh is not running (admin API {}: {why}); reading its store instead",
+        cfg.admin.listen
+    );
+    let Some(meta) = MetaManager::open_existing_read_only(&path)? else {
+        anyhow::bail!(
+            "no store at {}: no agent has run with data_dir = {:?} yet (give the agent's \
+             --config or --data-dir)",
+            path.display(),
+            cfg.data_dir.display().to_string()
+        );
+    };
+    let view = meta.view();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "running": false, "nodeName": cfg.node_name,
+                "store": {
+                    "path": path.display().to_string(), "storeId": view.store_id,
+                    "version": view.version, "services": view.services.len(),
+                    "endpoints": view.endpoints.len(), "nodes": view.nodes.len(),
+                },
+            })
+        );
+    } else {
+        println!("node:        {node}");
+        println!("agent:       not running");
+        println!(
+            "version:     {} (store {})",
+            view.version,
+            view.store_id.as_deref().unwrap_or("-")
+        );
+        println!(
+            "objects:     {} services, {} endpoints, {} nodes",
+            view.services.len(),
+            view.endpoints.len(),
+            view.nodes.len()
+        );
+        println!("store:       {}", path.display());
+    }
+    Ok(())
 }
 
 fn print_running(v: &Value) {
@@ -147,6 +174,20 @@ fn print_running(v: &Value) {
         s["connects"], s["changesApplied"], s["snapshots"], s["deltas"], s["ackedVersion"]
     );
     println!("store:       {}", text(&st["path"]));
+    let r = &st["recovery"];
+    if r.is_object() {
+        println!(
+            "recovered:   {} the store was corrupt ({}); moved to {}, {}",
+            ago(r["atMs"].as_i64()),
+            text(&r["reason"]),
+            text(&r["movedTo"]),
+            if r["resynced"] == true {
+                "resynced from the cloud"
+            } else {
+                "waiting for the cloud's snapshot"
+            }
+        );
+    }
     match v["dns"].as_str() {
         Some(addr) => println!("dns:         listening on {addr}"),
         None => println!("dns:         off (dns.enabled = false)"),

@@ -40,6 +40,15 @@ pub const METRICS: &[Metric] = &[
         "meta_uninterpreted_objects_total",
         "Stored objects this agent could not interpret (written by a newer cloudcore); kept, not served.",
     ),
+    Metric::counter(
+        "meta_store_recoveries_total",
+        "Corrupt local stores moved aside and replaced by an empty one, which the next sync from the cloud fills.",
+    ),
+    // Admin API.
+    Metric::counter(
+        "admin_limit_hits_total",
+        "Admin API connections and requests refused or ended by a limit, by limit (connections, idle_timeout, request_timeout).",
+    ),
     // Proxy.
     Metric::gauge(
         "proxy_routes",
@@ -142,6 +151,15 @@ pub fn install() -> Option<PrometheusHandle> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_metric_is_in_docs_observability_md_and_nothing_else_is() {
+        let doc = include_str!("../../docs/observability.md");
+        assert_eq!(
+            edgehub::telemetry::undocumented(PROCESS, METRICS, doc),
+            Vec::<String>::new()
+        );
+    }
 
     #[test]
     fn metrics_follow_the_naming_rules() {

@@ -22,6 +22,7 @@ struct Cli {
 
 struct Run {
     ok: bool,
+    code: Option<i32>,
     stdout: String,
     stderr: String,
 }
@@ -73,6 +74,7 @@ impl Cli {
             .expect("run cloudcore");
         Run {
             ok: out.status.success(),
+            code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
@@ -404,6 +406,149 @@ fn apply_examples_get_every_kind_delete_and_refuse_malformed_manifests() {
         "{out}"
     );
     assert_eq!(cli.names("svc"), ["billing", "hello"]);
+}
+
+/// A manifest shaped like Istio's bookinfo sample: per microservice a Service, a
+/// ServiceAccount and one or more Deployments.
+fn bookinfo() -> String {
+    let mut docs =
+        vec!["# Bookinfo-like sample: Services, ServiceAccounts and Deployments".to_string()];
+    for (app, versions) in [
+        ("details", &["v1"][..]),
+        ("ratings", &["v1"][..]),
+        ("reviews", &["v1", "v2", "v3"][..]),
+        ("productpage", &["v1"][..]),
+    ] {
+        docs.push(format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {app}\n  labels:\n    app: {app}\n    service: {app}\nspec:\n  ports:\n  - port: 9080\n    name: http\n  selector:\n    app: {app}\n"
+        ));
+        docs.push(format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: bookinfo-{app}\n  labels:\n    account: {app}\n"
+        ));
+        for v in versions {
+            docs.push(format!(
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {app}-{v}\n  labels:\n    app: {app}\n    version: {v}\nspec:\n  replicas: 1\n  selector:\n    matchLabels:\n      app: {app}\n      version: {v}\n  template:\n    metadata:\n      labels:\n        app: {app}\n        version: {v}\n    spec:\n      serviceAccountName: bookinfo-{app}\n      containers:\n      - name: {app}\n        image: docker.io/istio/examples-bookinfo-{app}-{v}:1.20.3\n        imagePullPolicy: IfNotPresent\n        ports:\n        - containerPort: 9080\n"
+            ));
+        }
+    }
+    docs.join("---\n")
+}
+
+#[test]
+fn a_real_application_manifest_applies_what_cloudcore_serves_and_lists_the_rest() {
+    let mut mesh = Mesh::new("mixed", 0, Vec::new());
+    mesh.start_cloud();
+    let cli = Cli::new(&mesh);
+    let dir = mesh.topo.dir().join("manifests");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bookinfo_path = dir.join("bookinfo.yaml");
+    std::fs::write(&bookinfo_path, bookinfo()).expect("write");
+    // A second file in the directory, after the first in name order: not stopped at the first.
+    std::fs::write(
+        dir.join("gateway.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: bookinfo-gateway}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: gateway}\nspec: {ports: [{port: 80}]}\n",
+    )
+    .expect("write");
+    let files = dir.display().to_string();
+
+    // --strict: nothing applied, every such document named with its file and number.
+    let r = cli.run(&["apply", "--strict", "-f", &files]);
+    assert_eq!(r.code, Some(1), "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.stdout, "");
+    let book = bookinfo_path.display().to_string();
+    for want in [
+        format!("{book}: document 2: serviceaccount/bookinfo-details"),
+        format!("{book}: document 3: deployment.apps/details-v1"),
+        format!("{book}: document 11: deployment.apps/reviews-v3"),
+        format!(
+            "{}: document 1: gateway.networking.istio.io/bookinfo-gateway",
+            dir.join("gateway.yaml").display()
+        ),
+    ] {
+        assert!(
+            r.stderr.contains(&want),
+            "{want:?} missing in:\n{}",
+            r.stderr
+        );
+    }
+    assert_eq!(
+        cli.names("svc"),
+        Vec::<String>::new(),
+        "--strict applied nothing"
+    );
+
+    // Without: the Services are applied, the rest listed, and the exit status says so.
+    let r = cli.run(&["apply", "-f", &files]);
+    assert_eq!(r.code, Some(3), "{}{}", r.stdout, r.stderr);
+    for line in [
+        "service/details created",
+        "service/reviews created",
+        "service/productpage created",
+        "service/gateway created",
+        "serviceaccount/bookinfo-ratings skipped: not served by cloudcore",
+        "deployment.apps/reviews-v2 skipped: not served by cloudcore",
+        "deployment.apps/productpage-v1 skipped: not served by cloudcore",
+        "gateway.networking.istio.io/bookinfo-gateway skipped: not served by cloudcore",
+    ] {
+        assert!(
+            r.stdout.lines().any(|l| l == line),
+            "{line:?} missing in:\n{}",
+            r.stdout
+        );
+    }
+    let skipped = r
+        .stdout
+        .lines()
+        .filter(|l| l.contains(" skipped: "))
+        .count();
+    assert_eq!(skipped, 4 + 6 + 1, "{}", r.stdout);
+    assert!(
+        r.stderr.contains("11 of 16 documents skipped"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        cli.names("svc"),
+        ["details", "gateway", "productpage", "ratings", "reviews"]
+    );
+    let svc = cli.json(&["get", "svc", "reviews"]);
+    assert_eq!(svc["spec"]["ports"][0]["port"], 9080, "{svc}");
+
+    // The REST API numbers the same text the same way.
+    let out = mesh.topo.exec(
+        &mesh.cloud,
+        &[
+            "curl",
+            "-sS",
+            "-H",
+            &format!("Authorization: Bearer {}", mesh.api_token),
+            "-H",
+            "Content-Type: application/yaml",
+            "--data-binary",
+            &format!("@{book}"),
+            &mesh.api_url("/api/v1/apply"),
+        ],
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON answer");
+    let skipped: Vec<(u64, &str)> = v["skipped"]
+        .as_array()
+        .expect("skipped")
+        .iter()
+        .map(|s| {
+            (
+                s["document"].as_u64().unwrap_or(0),
+                s["resource"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(skipped[0], (2, "serviceaccount/bookinfo-details"), "{v}");
+    assert_eq!(skipped[1], (3, "deployment.apps/details-v1"), "{v}");
+    assert!(skipped.contains(&(11, "deployment.apps/reviews-v3")), "{v}");
+    assert_eq!(v["results"].as_array().map(Vec::len), Some(4), "{v}");
+
+    // Everything served: exit 0.
+    let r = cli.run(&["apply", "-f", &examples_dir().display().to_string()]);
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
 }
 
 #[test]

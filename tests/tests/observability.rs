@@ -9,6 +9,7 @@ use edgemesh_e2e::mesh::{Mesh, ADMIN};
 use edgemesh_e2e::prometheus::{naming_problems, Exposition};
 use edgemesh_e2e::{bin, Host};
 use serde_json::Value;
+use std::time::Duration;
 
 const TARGET: u16 = 8080;
 
@@ -289,4 +290,113 @@ fn metrics_parse_and_move_with_traffic_and_the_node_reports_itself() {
     let cloud_proc = mesh.cloud_proc.expect("cloudcore running");
     mesh.stop_cloud(libc::SIGTERM);
     assert_json_log("cloudcore", &mesh.topo.log(cloud_proc));
+}
+
+/// Opens `n` TCP connections from inside `ns` to `addr` and keeps them silent.
+fn silent_connections(ns: &str, addr: std::net::SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    edgemesh_e2e::mesh::in_netns(ns, move || {
+        (0..n)
+            .map(|_| {
+                let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                    .expect("connect");
+                s.set_read_timeout(Some(Duration::from_secs(10)))
+                    .expect("timeout");
+                s
+            })
+            .collect()
+    })
+}
+
+/// How a connection ends: `closed` when the server closed it, `open` while it is still up.
+fn ends(mut s: std::net::TcpStream, within: Duration) -> &'static str {
+    use std::io::Read;
+    s.set_read_timeout(Some(within)).expect("timeout");
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => "closed",
+        Ok(_) => "data",
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "closed",
+        Err(_) => "open",
+    }
+}
+
+#[test]
+fn every_listener_bounds_its_peers_and_counts_the_limits_it_hits() {
+    let mut mesh = Mesh::new(
+        "limits",
+        1,
+        vec![
+            "api.max_connections_per_peer=3".into(),
+            "api.idle_timeout=\"2s\"".into(),
+            "hub.max_handshakes_per_peer=2".into(),
+            "hub.handshake_timeout=\"2s\"".into(),
+        ],
+    );
+    mesh.start_cloud();
+    mesh.create_tokens();
+    mesh.nodes[0].extra = vec![
+        "admin.max_connections=3".into(),
+        "admin.idle_timeout=\"2s\"".into(),
+    ];
+    mesh.start_node(0);
+    mesh.wait_synced(0);
+    let node = mesh.nodes[0].host.clone();
+    let api = std::net::SocketAddr::from((mesh.cloud.ip, edgemesh_e2e::mesh::API_PORT));
+    let hub = std::net::SocketAddr::from((mesh.cloud.ip, edgemesh_e2e::mesh::HUB_PORT));
+    let admin: std::net::SocketAddr = ADMIN.parse().expect("admin address");
+
+    // Each listener in turn: `cap` silent connections from the node's address take what it may
+    // hold, one more is closed at once, and the silent ones are closed after the timeout.
+    // The REST API's cap is per address (another one, the cloud's own curl, is still served);
+    // the hub's counts handshakes only (the node connected from the same address stays up).
+    for (addr, cap, what) in [
+        (api, 3, "REST API, api.max_connections_per_peer"),
+        (hub, 2, "hub, hub.max_handshakes_per_peer"),
+        (admin, 3, "admin API, admin.max_connections"),
+    ] {
+        let held = silent_connections(&node.ns, addr, cap);
+        std::thread::sleep(Duration::from_millis(200));
+        let extra = silent_connections(&node.ns, addr, 1).remove(0);
+        assert_eq!(
+            ends(extra, Duration::from_secs(1)),
+            "closed",
+            "over the cap: {what}"
+        );
+        if addr == api {
+            let (s, _) = mesh.api("GET", "/api/v1/services", None);
+            assert_eq!(s, 200, "other clients are served");
+        }
+        for c in held {
+            assert_eq!(ends(c, Duration::from_secs(8)), "closed", "silent: {what}");
+        }
+    }
+    assert_eq!(mesh.sync_status(0)["status"]["connects"], 1);
+
+    // Every limit hit is counted, by limit.
+    let cloud = cloud_metrics(&mesh);
+    for (name, limit, at_least) in [
+        (
+            "cloudcore_api_limit_hits_total",
+            "connections_per_peer",
+            1.0,
+        ),
+        ("cloudcore_api_limit_hits_total", "idle_timeout", 3.0),
+        (
+            "cloudcore_hub_limit_hits_total",
+            "connections_per_peer",
+            1.0,
+        ),
+        ("cloudcore_hub_limit_hits_total", "handshake_timeout", 2.0),
+    ] {
+        let got = cloud.sum(name, &[("limit", limit)]);
+        assert!(got >= at_least, "{name}{{limit={limit}}} = {got}");
+    }
+    let node_exp = node_metrics(&mesh);
+    for (limit, at_least) in [("connections", 1.0), ("idle_timeout", 3.0)] {
+        let got = node_exp.sum("edgemesh_admin_limit_hits_total", &[("limit", limit)]);
+        assert!(
+            got >= at_least,
+            "edgemesh_admin_limit_hits_total{{limit={limit}}} = {got}"
+        );
+    }
 }

@@ -382,3 +382,27 @@ fn daemons_tell_systemd_they_are_ready_only_when_serving() {
     mesh.stop_cloud(libc::SIGTERM);
     cloud_notes.wait_for("STOPPING=1", Duration::from_secs(5));
 }
+
+/// The demo's isolation check (the one that decides whether a cross-node call really went
+/// through the cloud) fails where the nodes reach each other and where ping is missing, and
+/// passes only on the isolated topology: `scripts/demo.sh --self-test` builds each case.
+#[test]
+fn the_demo_isolation_check_fails_when_the_nodes_reach_each_other() {
+    require_root();
+    let out = Command::new("timeout")
+        .args(["120", "bash"])
+        .arg(repo().join("scripts/demo.sh"))
+        .arg("--self-test")
+        .output()
+        .expect("run scripts/demo.sh --self-test");
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    for want in [
+        "ok: nodes that reach each other fail the isolation check",
+        "ok: without ping the check cannot tell and says so",
+        "ok: isolated nodes pass it",
+        "self-test finished OK",
+    ] {
+        assert!(all.contains(want), "{want:?} missing:\n{all}");
+    }
+}

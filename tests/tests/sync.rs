@@ -215,6 +215,120 @@ fn a_node_restarted_while_the_cloud_is_down_serves_its_store() {
     mesh.wait_version(0, v, Duration::from_secs(5));
 }
 
+/// `edgemesh status` in node `i`'s namespace with `args`: (success, stdout, stderr).
+fn node_status(mesh: &Mesh, i: usize, args: &[&str]) -> (bool, String, String) {
+    let edgemesh = edgemesh_e2e::bin("edgemesh");
+    let mut argv = vec![
+        edgemesh.to_str().expect("path"),
+        "status",
+        "--admin-listen",
+        edgemesh_e2e::mesh::ADMIN,
+    ];
+    argv.extend(args);
+    let out = mesh.topo.exec(&mesh.nodes[i].host, &argv);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_corrupt_node_store_is_set_aside_and_rebuilt_from_the_cloud() {
+    let mut mesh = Mesh::start("corrupt", 1);
+    let services: Vec<String> = (0..40)
+        .map(|i| service_json(&format!("svc-{i:02}"), 80, 8080))
+        .collect();
+    let (s, v) = mesh.api(
+        "POST",
+        "/api/v1/apply",
+        Some(&format!("[{}]", services.join(","))),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_converged(&mesh, Duration::from_secs(10));
+    mesh.stop_node(0, libc::SIGTERM);
+
+    // No agent: status reads the store without touching it...
+    let data_dir = mesh.nodes[0].data_dir.display().to_string();
+    let (ok, out, err) = node_status(&mesh, 0, &["--data-dir", &data_dir]);
+    assert!(ok, "{out} {err}");
+    assert!(
+        out.contains("agent:       not running") && out.contains("40 services"),
+        "{out}"
+    );
+    // ...and where there is none, says so and creates nothing.
+    let nowhere = mesh.topo.dir().join("no-agent-here");
+    let (ok, out, err) = node_status(&mesh, 0, &["--data-dir", &nowhere.display().to_string()]);
+    assert!(!ok, "status without a store must fail: {out}");
+    assert!(
+        err.contains(&format!(
+            "no store at {}",
+            nowhere.join("edgemesh.db").display()
+        )),
+        "{err}"
+    );
+    assert!(!nowhere.exists(), "status created {}", nowhere.display());
+
+    // A disk fault cuts the file in half.
+    let db = mesh.node_db(0);
+    let len = std::fs::metadata(&db).expect("node store").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
+        .expect("open")
+        .set_len(len / 2)
+        .expect("truncate");
+
+    // The agent starts anyway, sets the file aside and takes a snapshot from the cloud.
+    mesh.start_node(0);
+    mesh.wait_synced(0);
+    assert_converged(&mesh, Duration::from_secs(10));
+    let aside: Vec<std::path::PathBuf> = std::fs::read_dir(&mesh.nodes[0].data_dir)
+        .expect("data dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.to_string_lossy().contains("edgemesh.db.corrupt-"))
+        .filter(|p| {
+            !p.to_string_lossy().ends_with("-wal") && !p.to_string_lossy().ends_with("-shm")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(
+        std::fs::metadata(&aside[0]).expect("kept").len(),
+        len / 2,
+        "the bad file is kept as it was"
+    );
+    let log = mesh.topo.log(mesh.nodes[0].proc.expect("running"));
+    assert!(
+        log.contains("the node store is corrupt") && log.contains(&aside[0].display().to_string()),
+        "{log}"
+    );
+    let (s, ready) = mesh.admin(0, "/readyz");
+    assert_eq!(s, 200, "ready once resynced: {ready}");
+    assert_eq!(
+        mesh.metric(0, "edgemesh_meta_store_recoveries_total", &[]),
+        1.0
+    );
+    let (ok, out, err) = node_status(&mesh, 0, &[]);
+    assert!(ok, "{out} {err}");
+    assert!(
+        out.contains("recovered:")
+            && out.contains(&aside[0].display().to_string())
+            && out.contains("resynced from the cloud"),
+        "{out}"
+    );
+    assert!(out.contains("40 services"), "{out}");
+
+    // A restart finds a good store: nothing more is set aside, nothing is lost.
+    mesh.stop_node(0, libc::SIGTERM);
+    mesh.start_node(0);
+    mesh.wait_synced(0);
+    assert_eq!(
+        mesh.metric(0, "edgemesh_meta_store_recoveries_total", &[]),
+        0.0
+    );
+    assert_eq!(node_services(&mesh, 0).len(), 40);
+}
+
 #[test]
 fn random_crashes_converge_to_the_cloud_state() {
     let seed: u64 = std::env::var("EDGEMESH_TEST_SEED")
@@ -418,6 +532,15 @@ fn bad_tokens_and_bad_frames_are_refused_without_affecting_other_nodes() {
     .expect("handshake passes");
     assert!(r.contains("close") && r.contains("response/sync"), "{r}");
 
+    // The oversized message was counted as the limit it hit.
+    let (_, metrics) = mesh.topo.curl(&mesh.cloud, &[&mesh.api_url("/metrics")]);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("cloudcore_hub_limit_hits_total{limit=\"message_size\"} ")),
+        "{metrics}"
+    );
+
     // The cloud logged why, keeps serving, and the real node never noticed.
     let log = mesh.cloud_log();
     assert!(log.contains("token does not belong to this node"), "{log}");
@@ -561,6 +684,54 @@ fn invalid_rest_bodies_get_4xx_naming_the_field_and_store_nothing() {
         ],
     );
     assert_eq!(s, 401, "{text}");
+    // A 5 MB name, in a PUT and in an apply: the error names the field and quotes the value
+    // bounded, whatever the error path.
+    let huge = "n".repeat(5 << 20);
+    let auth = format!("Authorization: Bearer {}", mesh.api_token);
+    for (method, path, body) in [
+        (
+            "PUT",
+            svc_path("x"),
+            format!(r#"{{"metadata":{{"name":"{huge}"}},"spec":{{"ports":[{{"port":80}}]}}}}"#),
+        ),
+        (
+            "POST",
+            "/api/v1/apply".to_string(),
+            format!(
+                r#"[{{"kind":"Service","metadata":{{"name":"{huge}"}},"spec":{{"ports":[{{"port":80}}]}}}}]"#
+            ),
+        ),
+        (
+            "POST",
+            "/api/v1/apply".to_string(),
+            format!(
+                r#"{{"kind":"Service","metadata":{{"name":"ok","labels":{{"{huge}":"v"}}}},"spec":{{"ports":[{{"port":80}}]}}}}"#
+            ),
+        ),
+    ] {
+        let file = mesh.topo.write_file("huge.json", &body);
+        let (s, text) = mesh.topo.curl(
+            &mesh.cloud,
+            &[
+                "-X",
+                method,
+                "-H",
+                &auth,
+                &mesh.api_url(&path),
+                "--data-binary",
+                &format!("@{}", file.display()),
+            ],
+        );
+        assert!(s == 400 || s == 422, "{method} {path}: {s}");
+        assert!(
+            text.len() < 4096,
+            "{method} {path}: a {} byte error",
+            text.len()
+        );
+        let v: Value = serde_json::from_str(&text).expect("a JSON error");
+        assert!(v["error"].as_str().is_some(), "{text}");
+        assert!(text.contains("bytes]"), "the value is quoted, cut: {text}");
+    }
     let (version, objects) = cloud_objects(&mesh.cloud_db());
     assert_eq!(
         version,

@@ -2,7 +2,10 @@
 //!
 //! Order and guarantees:
 //! 1. every document is parsed and checked locally (shape, field types, router fields, the
-//!    endpoints each rule names); any error → nothing is sent;
+//!    endpoints each rule names); any error → nothing is sent. Documents of kinds cloudcore
+//!    does not serve (a Deployment, a ServiceAccount: real manifests mix them in) are set
+//!    aside and listed at the end, and the exit status says so ([`Report`]); with `--strict`
+//!    any such document refuses the whole apply, before anything is sent;
 //! 2. Nodes, Services, Endpoints (in that order) go in one `POST /api/v1/apply`, which the
 //!    server applies all or nothing (it checks values, e.g. cluster IPs, again);
 //! 3. then rule endpoints, then rules, one call each. The router has no update: a changed
@@ -16,7 +19,7 @@ use hyper::Method;
 use serde_json::{Map, Value};
 
 use super::kinds::ResourceKind;
-use super::manifest::{self, Doc, Manifest, ManifestError, Origin};
+use super::manifest::{self, Doc, Manifest, ManifestError, Origin, Skipped};
 use super::{CallError, Client, Scope};
 use crate::router::model::{self, Rule, RuleEndpoint};
 
@@ -40,6 +43,24 @@ pub enum ApplyError {
     },
     #[error("reading the router's records: {0}")]
     BadAnswer(String),
+    #[error("--strict: nothing applied, because cloudcore does not serve {}:\n{}", plural(.0.len()), .0.iter().map(|(o, s)| format!("  {o}: {}", s.resource)).collect::<Vec<_>>().join("\n"))]
+    Strict(Vec<(Origin, Skipped)>),
+}
+
+fn plural(n: usize) -> String {
+    if n == 1 {
+        "1 document".into()
+    } else {
+        format!("{n} documents")
+    }
+}
+
+/// What an apply did besides what it printed.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Documents of kinds cloudcore does not serve, listed and not applied.
+    pub skipped: usize,
+    pub documents: usize,
 }
 
 /// What to do with one router record.
@@ -58,16 +79,42 @@ fn step_word(step: &Step) -> &'static str {
     }
 }
 
-pub async fn apply(client: &Client, files: &[String], recursive: bool) -> anyhow::Result<()> {
+pub async fn apply(
+    client: &Client,
+    files: &[String],
+    recursive: bool,
+    strict: bool,
+) -> anyhow::Result<Report> {
     let docs = manifest::load(files, recursive)?;
     if docs.is_empty() {
         anyhow::bail!("no objects in {}", files.join(", "));
     }
-    Ok(apply_docs(client, docs).await?)
+    Ok(apply_docs(client, docs, strict).await?)
 }
 
 #[tracing::instrument(level = "debug", skip_all, fields(documents = docs.len()))]
-async fn apply_docs(client: &Client, docs: Vec<Manifest>) -> Result<(), ApplyError> {
+async fn apply_docs(
+    client: &Client,
+    docs: Vec<Manifest>,
+    strict: bool,
+) -> Result<Report, ApplyError> {
+    let report = Report {
+        documents: docs.len(),
+        ..Report::default()
+    };
+    let (skipped, docs): (Vec<Manifest>, Vec<Manifest>) = docs
+        .into_iter()
+        .partition(|m| matches!(m.doc, Doc::Skipped(_)));
+    let skipped: Vec<(Origin, Skipped)> = skipped
+        .into_iter()
+        .filter_map(|m| match m.doc {
+            Doc::Skipped(s) => Some((m.origin, s)),
+            _ => None,
+        })
+        .collect();
+    if strict && !skipped.is_empty() {
+        return Err(ApplyError::Strict(skipped));
+    }
     let mut objects = Vec::new();
     let mut endpoints = Vec::new();
     let mut rules = Vec::new();
@@ -83,6 +130,7 @@ async fn apply_docs(client: &Client, docs: Vec<Manifest>) -> Result<(), ApplyErr
             }
             Doc::RuleEndpoint { .. } => endpoints.push(m),
             Doc::Rule { .. } => rules.push(m),
+            Doc::Skipped(_) => {}
         }
     }
     // Stable: documents of one kind keep the order they were written in.
@@ -116,7 +164,13 @@ async fn apply_docs(client: &Client, docs: Vec<Manifest>) -> Result<(), ApplyErr
             println!("rule/{name} {}", step_word(&step));
         }
     }
-    Ok(())
+    for (_, s) in &skipped {
+        println!("{s}");
+    }
+    Ok(Report {
+        skipped: skipped.len(),
+        ..report
+    })
 }
 
 /// Two documents for one router name would fight; refuse before anything is sent.
@@ -124,7 +178,7 @@ fn duplicates(docs: &[Manifest]) -> Result<(), ApplyError> {
     let name = |m: &Manifest| match &m.doc {
         Doc::RuleEndpoint { record, .. } => record.name.clone(),
         Doc::Rule { name, .. } => name.clone(),
-        Doc::Object { .. } => String::new(),
+        Doc::Object { .. } | Doc::Skipped(_) => String::new(),
     };
     for (i, m) in docs.iter().enumerate() {
         if let Some(first) = docs[..i].iter().find(|o| name(o) == name(m)) {
@@ -167,17 +221,17 @@ async fn apply_objects(client: &Client, objects: &[Manifest]) -> Result<(), Appl
     Ok(())
 }
 
-/// The server names a failing document of a multi-document apply as `document N (...)`,
-/// counting in the request; say which file and document that is.
+/// The server names a failing document as `document N (...)`, counting from 1 in the request
+/// (a JSON array of the manifests' objects); say which file and document that is.
 fn blame(objects: &[Manifest], status: u16, message: String, field: Option<String>) -> ApplyError {
-    let index = if objects.len() == 1 {
-        Some((0, message.as_str()))
-    } else {
-        message.strip_prefix("document ").and_then(|rest| {
-            let (n, tail) = rest.split_once(' ')?;
-            let tail = tail.split_once("): ").map(|(_, t)| t).unwrap_or(tail);
-            Some((n.parse::<usize>().ok()?, tail))
-        })
+    let index = match message.strip_prefix("document ").and_then(|rest| {
+        let (n, tail) = rest.split_once(' ')?;
+        let tail = tail.split_once("): ").map(|(_, t)| t).unwrap_or(tail);
+        Some((n.parse::<usize>().ok()?.checked_sub(1)?, tail))
+    }) {
+        Some(found) => Some(found),
+        None if objects.len() == 1 => Some((0, message.as_str())),
+        None => None,
     };
     match index.and_then(|(i, tail)| Some((objects.get(i)?, tail))) {
         Some((m, tail)) => match field {

@@ -14,12 +14,16 @@ use edgehub::model::{
     validate_endpoints, validate_node, validate_service, FieldError, Kind, Object,
 };
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::router::model::{self, RuleEndpoint};
 
-/// Where a document is: file (or `-`), its number in the file (from 1, empty YAML documents
-/// not counted) and, inside a `List`, the item's number (from 1).
+/// Where a document is: file (or `-`; empty for the body of a REST request), its number in the
+/// file (from 1, empty YAML documents not counted, each element of a top-level JSON array one
+/// document) and, inside a `List`, the item's number (from 1). `cloudcore apply` and
+/// `POST /api/v1/apply` number the same text the same way: both read it with
+/// [`for_each_document`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Origin {
     pub file: String,
@@ -29,7 +33,10 @@ pub struct Origin {
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: document {}", self.file, self.document)?;
+        if !self.file.is_empty() {
+            write!(f, "{}: ", self.file)?;
+        }
+        write!(f, "document {}", self.document)?;
         if let Some(i) = self.item {
             write!(f, " item {i}")?;
         }
@@ -102,6 +109,80 @@ pub enum Doc {
         name: String,
         body: Map<String, Value>,
     },
+    /// A kind cloudcore does not serve (a Deployment, a ServiceAccount, ...): listed, not sent.
+    Skipped(Skipped),
+}
+
+/// A document that was not applied, and why.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Skipped {
+    /// kubectl's name for it: `deployment.apps/details-v1`.
+    pub resource: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} skipped: {}", self.resource, self.reason)
+    }
+}
+
+/// What cloudcore does with a document of some `apiVersion` and `kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// Stored and synced to the nodes (`POST /api/v1/apply`).
+    Object(Kind),
+    /// Router records (`/api/v1/router/...`; `cloudcore apply` sends them there).
+    RuleEndpoint,
+    Rule,
+    No,
+}
+
+pub const NOT_SERVED: &str = "not served by cloudcore";
+
+/// Core kinds are `v1` (or have no `apiVersion`, as the API's own answers may); router
+/// records have no `apiVersion` or an `edgemesh.io` one. The group matters: a Knative
+/// `serving.knative.dev/v1` Service is not a Service.
+pub fn served(api_version: Option<&str>, kind: &str) -> Served {
+    let core = matches!(api_version, None | Some("v1"));
+    let edgemesh = api_version.is_none_or(|v| v.starts_with("edgemesh.io/"));
+    match kind {
+        "Service" if core => Served::Object(Kind::Service),
+        "Endpoints" if core => Served::Object(Kind::Endpoints),
+        "Node" if core => Served::Object(Kind::Node),
+        "RuleEndpoint" if edgemesh => Served::RuleEndpoint,
+        "Rule" if edgemesh => Served::Rule,
+        _ => Served::No,
+    }
+}
+
+/// kubectl's name of a resource: the kind in lower case, `.group` unless it is core, the name:
+/// `deployment.apps/details-v1`, `serviceaccount/bookinfo-details`.
+pub fn resource_name(api_version: Option<&str>, kind: &str, name: &str) -> String {
+    let group = api_version
+        .and_then(|v| v.rsplit_once('/'))
+        .map(|(group, _)| format!(".{group}"))
+        .unwrap_or_default();
+    format!(
+        "{}{group}/{}",
+        kind.to_ascii_lowercase(),
+        edgehub::untrusted::clip(name, edgehub::untrusted::MAX_WORD)
+    )
+}
+
+/// `apiVersion`, `kind` and `metadata.name` of a document, as far as they are strings.
+pub fn identity(v: &Value) -> (Option<&str>, Option<&str>, &str) {
+    let name = v
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .or_else(|| v.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("?");
+    (
+        v.get("apiVersion").and_then(Value::as_str),
+        v.get("kind").and_then(Value::as_str),
+        name,
+    )
 }
 
 #[derive(Clone, Debug)]
@@ -196,6 +277,24 @@ pub fn parse_text(
     text: &str,
     format: Option<Format>,
 ) -> Result<Vec<Manifest>, ManifestError> {
+    let mut out = Vec::new();
+    for_each_document(file, text, format, |origin, v| {
+        out.push(check(origin, v)?);
+        Ok::<_, ManifestError>(())
+    })?;
+    Ok(out)
+}
+
+/// Reads `text` document by document (one parsed at a time, so a large request never holds
+/// them all as JSON trees) and calls `f` with each and where it is. A top-level JSON array
+/// holds one document per element; a `List` (or a typed list as `get` prints it) holds its
+/// items, each numbered. Without a known format, text starting with `{` or `[` is JSON.
+pub fn for_each_document<E: From<ManifestError>>(
+    file: &str,
+    text: &str,
+    format: Option<Format>,
+    mut f: impl FnMut(Origin, Value) -> Result<(), E>,
+) -> Result<(), E> {
     let format = format.unwrap_or_else(|| {
         let t = text.trim_start();
         if t.starts_with('{') || t.starts_with('[') {
@@ -209,61 +308,68 @@ pub fn parse_text(
         document,
         item: None,
     };
-    let mut values = Vec::new();
-    match format {
-        Format::Json => {
-            let v: Value = serde_json::from_str(text).map_err(|e| ManifestError::Syntax {
-                origin: origin(1),
-                format: "JSON",
-                message: e.to_string(),
-            })?;
-            match v {
-                Value::Array(items) => values.extend(items),
-                v => values.push(v),
-            }
-        }
-        Format::Yaml => {
-            for doc in serde_yaml_ng::Deserializer::from_str(text) {
-                let v = Value::deserialize(doc).map_err(|e| ManifestError::Syntax {
-                    origin: origin(values.len() + 1),
-                    format: "YAML",
-                    message: e.to_string(),
-                })?;
-                // Empty documents (a leading `---`, comments only) are not counted.
-                if !v.is_null() {
-                    values.push(v);
-                }
-            }
-        }
-    }
-    let mut out = Vec::new();
-    for (i, v) in values.into_iter().enumerate() {
-        let origin = origin(i + 1);
+    let syntax =
+        |document: usize, format: &'static str, e: &dyn fmt::Display| ManifestError::Syntax {
+            origin: origin(document),
+            format,
+            message: edgehub::untrusted::message(&e.to_string()).into_owned(),
+        };
+    let mut emit = |origin: Origin, v: Value| -> Result<(), E> {
         let list_kind = v
             .get("kind")
             .and_then(Value::as_str)
             .and_then(|k| k.strip_suffix("List"))
             .map(String::from);
         let Some(item_kind) = list_kind else {
-            out.push(check(origin, v)?);
-            continue;
+            return f(origin, v);
         };
         let Some(Value::Array(items)) = v.get("items") else {
             return Err(ManifestError::field(
                 &origin,
                 "List",
                 FieldError::new("items", "a List needs a list of items"),
-            ));
+            )
+            .into());
         };
         for (j, item) in items.iter().enumerate() {
             let origin = Origin {
                 item: Some(j + 1),
                 ..origin.clone()
             };
-            out.push(check(origin, list_item(&item_kind, item.clone()))?);
+            f(origin, list_item(&item_kind, item.clone()))?;
+        }
+        Ok(())
+    };
+    match format {
+        Format::Json => {
+            let top: &RawValue = serde_json::from_str(text).map_err(|e| syntax(1, "JSON", &e))?;
+            if top.get().trim_start().starts_with('[') {
+                let docs: Vec<&RawValue> =
+                    serde_json::from_str(top.get()).map_err(|e| syntax(1, "JSON", &e))?;
+                for (i, raw) in docs.into_iter().enumerate() {
+                    let v: Value =
+                        serde_json::from_str(raw.get()).map_err(|e| syntax(i + 1, "JSON", &e))?;
+                    emit(origin(i + 1), v)?;
+                }
+            } else {
+                let v: Value =
+                    serde_json::from_str(top.get()).map_err(|e| syntax(1, "JSON", &e))?;
+                emit(origin(1), v)?;
+            }
+        }
+        Format::Yaml => {
+            let mut n = 0;
+            for doc in serde_yaml_ng::Deserializer::from_str(text) {
+                let v = Value::deserialize(doc).map_err(|e| syntax(n + 1, "YAML", &e))?;
+                // Empty documents (a leading `---`, comments only) are not counted.
+                if !v.is_null() {
+                    n += 1;
+                    emit(origin(n), v)?;
+                }
+            }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Fields of router records that cloudcore sets; `get -o yaml` prints them.
@@ -304,13 +410,14 @@ fn label_of(v: &Value) -> String {
         .or_else(|| v.get("name"))
         .and_then(Value::as_str)
         .unwrap_or("?");
-    match meta
+    let label = match meta
         .and_then(|m| m.get("namespace"))
         .and_then(Value::as_str)
     {
         Some(ns) => format!("{kind} {ns}/{name}"),
         None => format!("{kind} {name}"),
-    }
+    };
+    edgehub::untrusted::message(&label).into_owned()
 }
 
 /// Parses and checks one document.
@@ -328,8 +435,12 @@ fn check(origin: Origin, mut v: Value) -> Result<Manifest, ManifestError> {
         Some(_) => return Err(invalid(&label, FieldError::new("kind", "must be a string"))),
         None => return Err(invalid(&label, FieldError::new("kind", "is required"))),
     };
-    let doc = match kind.as_str() {
-        "Service" | "Endpoints" => {
+    let api_version = obj
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .map(String::from);
+    let doc = match served(api_version.as_deref(), &kind) {
+        Served::Object(Kind::Service | Kind::Endpoints) => {
             // As the API does: a namespaced object without a namespace goes to `default`.
             if let Some(Value::Object(meta)) = obj.get_mut("metadata") {
                 if !meta.contains_key("namespace") {
@@ -344,7 +455,7 @@ fn check(origin: Origin, mut v: Value) -> Result<Manifest, ManifestError> {
                 value: v,
             }
         }
-        "Node" => {
+        Served::Object(Kind::Node) => {
             let object = Object::from_value(v.clone()).map_err(|e| invalid(&label, e))?;
             validate_object(&object).map_err(|e| invalid(&label, e))?;
             Doc::Object {
@@ -352,13 +463,13 @@ fn check(origin: Origin, mut v: Value) -> Result<Manifest, ManifestError> {
                 value: v,
             }
         }
-        "RuleEndpoint" => {
+        Served::RuleEndpoint => {
             let (body, from_meta) = router_body(obj).map_err(|e| invalid(&label, e))?;
             let record = model::new_endpoint(body.clone(), String::new(), &model::now())
                 .map_err(|e| invalid(&label, meta_field(e, from_meta)))?;
             Doc::RuleEndpoint { body, record }
         }
-        "Rule" => {
+        Served::Rule => {
             let (body, from_meta) = router_body(obj).map_err(|e| invalid(&label, e))?;
             let draft = model::rule_draft(body.clone())
                 .map_err(|e| invalid(&label, meta_field(e, from_meta)))?;
@@ -367,17 +478,12 @@ fn check(origin: Origin, mut v: Value) -> Result<Manifest, ManifestError> {
                 body,
             }
         }
-        other => {
-            return Err(invalid(
-                &label,
-                FieldError::new(
-                    "kind",
-                    format!(
-                        "unsupported kind {other:?}: expected Service, Endpoints, Node, \
-                         RuleEndpoint, Rule or List"
-                    ),
-                ),
-            ))
+        Served::No => {
+            let (_, _, name) = identity(&v);
+            Doc::Skipped(Skipped {
+                resource: resource_name(api_version.as_deref(), &kind, name),
+                reason: NOT_SERVED.into(),
+            })
         }
     };
     Ok(Manifest { origin, label, doc })
@@ -471,6 +577,39 @@ mod tests {
     }
 
     #[test]
+    fn kinds_cloudcore_does_not_serve_are_set_aside_by_name() {
+        let yaml = "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: bookinfo-details}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: details-v1, namespace: default}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: details}\nspec: {ports: [{port: 9080}]}\n---\nkind: List\nitems:\n- {apiVersion: networking.istio.io/v1, kind: VirtualService, metadata: {name: vs}}\n";
+        let docs = parse_text("bookinfo.yaml", yaml, None).expect("parses");
+        let skipped: Vec<String> = docs
+            .iter()
+            .filter_map(|m| match &m.doc {
+                Doc::Skipped(s) => Some(format!("{}: {s}", m.origin)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            skipped,
+            [
+                "bookinfo.yaml: document 1: serviceaccount/bookinfo-details skipped: not served by cloudcore",
+                "bookinfo.yaml: document 2: deployment.apps/details-v1 skipped: not served by cloudcore",
+                "bookinfo.yaml: document 4 item 1: virtualservice.networking.istio.io/vs skipped: not served by cloudcore",
+            ]
+        );
+        assert!(matches!(
+            docs[2].doc,
+            Doc::Object {
+                kind: Kind::Service,
+                ..
+            }
+        ));
+        assert_eq!(
+            served(Some("serving.knative.dev/v1"), "Service"),
+            Served::No
+        );
+        assert_eq!(served(None, "Rule"), Served::Rule);
+    }
+
+    #[test]
     fn typed_lists_from_get_apply_again() {
         let json = r#"{"apiVersion": "v1", "kind": "RuleList", "items": [{"id": "x1",
             "name": "r", "project_id": "default", "domain_id": "default", "source": "a",
@@ -499,11 +638,8 @@ mod tests {
         );
         let e = err_of("kind: Rule\nmetadata: {name: 'bad name'}\nsource: a\nsource_resource: {}\ntarget: b\ntarget_resource: {}\n");
         assert!(e.contains("field metadata.name"), "{e}");
-        let e = err_of("kind: Pod\nmetadata: {name: p}\n");
-        assert!(
-            e.contains("field kind") && e.contains("RuleEndpoint"),
-            "{e}"
-        );
+        let e = err_of("kind: 7\nmetadata: {name: p}\n");
+        assert!(e.contains("field kind"), "{e}");
         let e = err_of("kind: Node\nmetadata: {name: n}\n---\nkind: [\n");
         assert!(e.starts_with("m.yaml: document 2: invalid YAML"), "{e}");
     }
