@@ -135,6 +135,16 @@ impl From<StoreError> for ApiError {
                 error: e.to_string(),
                 field: Some("metadata.resourceVersion".into()),
             },
+            e @ StoreError::TooLarge(_) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+            }
+            e @ (StoreError::Stale { .. } | StoreError::Revoked(_)) => {
+                ApiError::new(StatusCode::CONFLICT, format!("{e}; try again"))
+            }
+            e @ StoreError::Unavailable(_) => {
+                tracing::warn!(error = %e, "store unavailable");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
             other => {
                 tracing::error!(error = %other, "store failure");
                 ApiError::new(

@@ -25,6 +25,47 @@ async fn bind(key: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListen
         .with_context(|| format!("config key `{key}`: cannot listen on {addr}"))
 }
 
+/// Opens the store `store.backend` names: the SQLite file in `data_dir`, or etcd.
+pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let (history, history_bytes) = (cfg.store.history, cfg.store.history_bytes);
+    if cfg.is_ha() {
+        return open_etcd(cfg, history, history_bytes).await;
+    }
+    let db = cfg.data_dir.join(DB_FILE);
+    let path = db.clone();
+    let store =
+        tokio::task::spawn_blocking(move || SqliteStore::open(&path, history, history_bytes))
+            .await?
+            .with_context(|| {
+                format!(
+                    "config key `data_dir`: cannot open the store {}",
+                    db.display()
+                )
+            })?;
+    info!(path = %db.display(), version = store.version(), store_id = store.store_id(), "store open");
+    Ok(Arc::new(store))
+}
+
+#[cfg(feature = "etcd")]
+async fn open_etcd(
+    cfg: &Config,
+    history: usize,
+    history_bytes: usize,
+) -> anyhow::Result<Arc<dyn Store>> {
+    let etcd = cfg.store.etcd.clone();
+    let store = tokio::task::spawn_blocking(move || {
+        crate::store::etcd::EtcdStore::open(&etcd, history, history_bytes)
+    })
+    .await?
+    .context("cannot open the etcd store")?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn open_etcd(_: &Config, _: usize, _: usize) -> anyhow::Result<Arc<dyn Store>> {
+    anyhow::bail!("config key `store.backend`: etcd needs a cloudcore built with `cargo build --features etcd`")
+}
+
 /// Runs cloudcore until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     run_until(cfg, edgehub::process::shutdown_on_signal()).await
@@ -33,22 +74,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = crate::telemetry::install();
 
-    let db = cfg.data_dir.join(DB_FILE);
-    let store: Arc<dyn Store> = {
-        let (history, history_bytes) = (cfg.store.history, cfg.store.history_bytes);
-        let path = db.clone();
-        Arc::new(
-            tokio::task::spawn_blocking(move || SqliteStore::open(&path, history, history_bytes))
-                .await?
-                .with_context(|| {
-                    format!(
-                        "config key `data_dir`: cannot open the store {}",
-                        db.display()
-                    )
-                })?,
-        )
-    };
-    info!(path = %db.display(), version = store.version(), store_id = store.store_id(), "store open");
+    let store = open_store(&cfg).await?;
     let api_token = load_or_create_api_token(cfg.api.token.as_deref(), &cfg.data_dir)
         .with_context(|| {
             format!(
