@@ -25,8 +25,15 @@ async fn bind(key: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListen
         .with_context(|| format!("config key `{key}`: cannot listen on {addr}"))
 }
 
+/// The store `store.backend` names, and on etcd the store itself for the cluster module.
+pub struct OpenedStore {
+    pub store: Arc<dyn Store>,
+    #[cfg(feature = "etcd")]
+    pub etcd: Option<Arc<crate::store::etcd::EtcdStore>>,
+}
+
 /// Opens the store `store.backend` names: the SQLite file in `data_dir`, or etcd.
-pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+pub async fn open_store(cfg: &Config) -> anyhow::Result<OpenedStore> {
     let (history, history_bytes) = (cfg.store.history, cfg.store.history_bytes);
     if cfg.is_ha() {
         return open_etcd(cfg, history, history_bytes).await;
@@ -43,7 +50,11 @@ pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
                 )
             })?;
     info!(path = %db.display(), version = store.version(), store_id = store.store_id(), "store open");
-    Ok(Arc::new(store))
+    Ok(OpenedStore {
+        store: Arc::new(store),
+        #[cfg(feature = "etcd")]
+        etcd: None,
+    })
 }
 
 #[cfg(feature = "etcd")]
@@ -51,19 +62,26 @@ async fn open_etcd(
     cfg: &Config,
     history: usize,
     history_bytes: usize,
-) -> anyhow::Result<Arc<dyn Store>> {
+) -> anyhow::Result<OpenedStore> {
     let etcd = cfg.store.etcd.clone();
-    let store = tokio::task::spawn_blocking(move || {
-        crate::store::etcd::EtcdStore::open(&etcd, history, history_bytes)
+    let store = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            crate::store::etcd::EtcdStore::open(&etcd, history, history_bytes)
+        })
+        .await?
+        .context("cannot open the etcd store")?,
+    );
+    Ok(OpenedStore {
+        store: store.clone(),
+        etcd: Some(store),
     })
-    .await?
-    .context("cannot open the etcd store")?;
-    Ok(Arc::new(store))
 }
 
 #[cfg(not(feature = "etcd"))]
-async fn open_etcd(_: &Config, _: usize, _: usize) -> anyhow::Result<Arc<dyn Store>> {
-    anyhow::bail!("config key `store.backend`: etcd needs a cloudcore built with `cargo build --features etcd`")
+async fn open_etcd(_: &Config, _: usize, _: usize) -> anyhow::Result<OpenedStore> {
+    anyhow::bail!(
+        "config key `store.backend`: etcd needs a cloudcore built with `cargo build --features etcd`"
+    )
 }
 
 /// Runs cloudcore until SIGTERM or SIGINT.
@@ -74,7 +92,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = crate::telemetry::install();
 
-    let store = open_store(&cfg).await?;
+    let opened = open_store(&cfg).await?;
+    let store = opened.store.clone();
     let api_token = load_or_create_api_token(cfg.api.token.as_deref(), &cfg.data_dir)
         .with_context(|| {
             format!(
@@ -106,6 +125,20 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
             .context("cannot load the router's rules from the store")?,
     );
     tunnels.set_virtual_services(Arc::new(crate::router::RouterStreams(router.clone())));
+    #[cfg(feature = "etcd")]
+    let cluster = match &opened.etcd {
+        Some(etcd) => Some(
+            crate::cluster::start(
+                &cfg,
+                etcd.clone(),
+                nodes.clone(),
+                tunnels.clone(),
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let ready = Arc::new(AtomicBool::new(false));
     let state = ApiState {
         objects: objects.clone(),
@@ -120,11 +153,12 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         cfg.hub.clone(),
         store.clone(),
         objects,
-        tokens,
+        tokens.clone(),
         nodes.clone(),
         tunnels.clone(),
     ));
     tokio::spawn(tunnels.clone().follow_limits(shutdown.clone()));
+    tokio::spawn(tokens.clone().follow(nodes.clone(), shutdown.clone()));
     let hub_task = tokio::spawn(hub.serve(hub_listener, tls.clone(), shutdown.clone()));
     let api_task = tokio::spawn(crate::serve::serve(
         api_listener,
@@ -147,6 +181,10 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     ready.store(false, Ordering::Release);
     let _ = hub_task.await;
     tunnels.shutdown().await;
+    #[cfg(feature = "etcd")]
+    if let Some(c) = &cluster {
+        c.close();
+    }
     let _ = api_task.await;
     let _ = router_task.await;
     info!("cloudcore stopped");
