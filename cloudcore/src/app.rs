@@ -159,6 +159,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     ));
     tokio::spawn(tunnels.clone().follow_limits(shutdown.clone()));
     tokio::spawn(tokens.clone().follow(nodes.clone(), shutdown.clone()));
+    tokio::spawn(router.clone().follow(shutdown.clone()));
     let hub_task = tokio::spawn(hub.serve(hub_listener, tls.clone(), shutdown.clone()));
     let api_task = tokio::spawn(crate::serve::serve(
         api_listener,

@@ -592,6 +592,72 @@ impl Router {
         }
     }
 
+    /// Keeps the table in step with the store's router records until `shutdown`: rules and
+    /// endpoints created or deleted through another replica (store on etcd) take effect here.
+    pub async fn follow(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut changes = self.objects.store().subscribe_router();
+        changes.mark_unchanged();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = changes.changed() => if changed.is_err() { return },
+            }
+            let this = self.clone();
+            match tokio::task::spawn_blocking(move || this.reload()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "reading router records failed"),
+                Err(e) => warn!(error = %e, "router reload failed"),
+            }
+        }
+    }
+
+    /// Brings the table to the store's records. A rule whose definition did not change keeps
+    /// its live counters and limiter; counter-only changes (this replica's or another's
+    /// flush) change nothing here.
+    fn reload(&self) -> Result<(), StoreError> {
+        let _writes = self.lock_writes();
+        let store = self.objects.store();
+        let mut endpoints = BTreeMap::new();
+        for (id, json) in store.list_router(RouterKind::Endpoint)? {
+            if let Ok(e) = serde_json::from_str::<RuleEndpoint>(&json) {
+                endpoints.insert(id, e);
+            }
+        }
+        let stored: Vec<(String, String)> = store.list_router(RouterKind::Rule)?;
+        let mut table = Table {
+            endpoints,
+            ..Table::default()
+        };
+        let current: HashMap<String, Arc<LiveRule>> =
+            self.read().rules.clone().into_iter().collect();
+        let mut changed = 0usize;
+        for (id, json) in &stored {
+            let Ok(record) = serde_json::from_str::<Rule>(json) else {
+                continue;
+            };
+            match current.get(id) {
+                Some(live) if same_definition(&live.record, &record) => {
+                    table.add_rule(live.clone())
+                }
+                _ => match load_rule(&table, json) {
+                    Ok(rule) => {
+                        changed += 1;
+                        table.add_rule(Arc::new(rule))
+                    }
+                    Err(reason) => {
+                        warn!(rule = %id, %reason, "router rule from the store cannot be used; ignored")
+                    }
+                },
+            }
+        }
+        let removed = current.len() + changed - table.rules.len();
+        *self.write() = table;
+        if changed > 0 || removed > 0 {
+            info!(changed, removed, "router rules reloaded from the store");
+        }
+        Ok(())
+    }
+
     /// Writes the counters that changed since the last flush to the store (blocking).
     pub fn flush(&self) -> Result<usize, StoreError> {
         let _writes = self.lock_writes();
@@ -616,6 +682,18 @@ impl Router {
         }
         Ok(dirty.len())
     }
+}
+
+/// Whether two records describe the same rule (counters and times aside).
+fn same_definition(a: &Rule, b: &Rule) -> bool {
+    let strip = |r: &Rule| Rule {
+        success_messages: 0,
+        fail_messages: 0,
+        errors: Default::default(),
+        updated_at: String::new(),
+        ..r.clone()
+    };
+    strip(a) == strip(b)
 }
 
 /// A stored rule, ready for the data path.
