@@ -213,7 +213,7 @@ const LASTED: Duration = Duration::from_secs(2);
 
 /// Where a node starts in its `cloud.url` list: spread by node name, so a fleet does not all
 /// land on the first URL.
-fn first_url(node: &str, urls: usize) -> usize {
+pub fn first_url(node: &str, urls: usize) -> usize {
     let digest = ring::digest::digest(&ring::digest::SHA256, node.as_bytes());
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest.as_ref()[..8]);
