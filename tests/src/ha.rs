@@ -83,9 +83,10 @@ impl Ha {
                 }
             })
             .collect();
-        let key_file = mesh
-            .topo
-            .write_file("peer.key", "c2e1a7f0d3b4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f6\n");
+        let key_file = mesh.topo.write_file(
+            "peer.key",
+            "c2e1a7f0d3b4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f6\n",
+        );
         let replicas = hosts
             .into_iter()
             .enumerate()
@@ -292,8 +293,7 @@ impl Ha {
     }
 
     pub fn api(&self, r: usize, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        self.mesh
-            .api_at(&self.replicas[r].host, method, path, body)
+        self.mesh.api_at(&self.replicas[r].host, method, path, body)
     }
 
     /// Starts node `i` with the replicas' URLs ordered so that it connects to `r` first.
@@ -313,7 +313,12 @@ impl Ha {
 
     /// Which replica holds node `i`, as replica `asked` reports it.
     pub fn holder(&self, asked: usize, i: usize) -> Option<String> {
-        let (s, v) = self.api(asked, "GET", &format!("/api/v1/nodes/{}", self.mesh.nodes[i].name), None);
+        let (s, v) = self.api(
+            asked,
+            "GET",
+            &format!("/api/v1/nodes/{}", self.mesh.nodes[i].name),
+            None,
+        );
         if s != 200 || v["status"]["online"] != true {
             return None;
         }
@@ -326,12 +331,17 @@ impl Ha {
             .filter(|r| self.replicas[*r].proc.is_some())
             .collect();
         wait_for(
-            &format!("{} held by one replica, seen by all", self.mesh.nodes[i].name),
+            &format!(
+                "{} held by one replica, seen by all",
+                self.mesh.nodes[i].name
+            ),
             timeout,
             || {
                 let seen: Vec<Option<String>> = live.iter().map(|r| self.holder(*r, i)).collect();
                 let first = seen.first()?.clone()?;
-                seen.iter().all(|s| s.as_deref() == Some(&first)).then_some(first)
+                seen.iter()
+                    .all(|s| s.as_deref() == Some(&first))
+                    .then_some(first)
             },
         )
     }
@@ -351,7 +361,9 @@ impl Ha {
         let start = Instant::now();
         for i in 0..self.mesh.nodes.len() {
             if self.mesh.nodes[i].proc.is_some() {
-                let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_secs(1));
+                let left = timeout
+                    .saturating_sub(start.elapsed())
+                    .max(Duration::from_secs(1));
                 self.mesh.wait_version(i, version, left);
             }
         }
@@ -365,10 +377,10 @@ impl Ha {
             let action = if cut { "-I" } else { "-D" };
             for chain in ["OUTPUT", "INPUT"] {
                 let dir = if chain == "OUTPUT" { "-d" } else { "-s" };
-                let out = self.mesh.topo.exec(
-                    host,
-                    &["iptables", action, chain, dir, &ip, "-j", "DROP"],
-                );
+                let out = self
+                    .mesh
+                    .topo
+                    .exec(host, &["iptables", action, chain, dir, &ip, "-j", "DROP"]);
                 assert!(
                     out.status.success(),
                     "iptables: {}",
@@ -452,11 +464,9 @@ impl Ha {
     /// Node `i`'s committed state (Services and Endpoints; Node objects carry live labels).
     pub fn node_state(&self, i: usize) -> StoreState {
         let db = self.mesh.node_db(i);
-        let conn = rusqlite::Connection::open_with_flags(
-            &db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .expect("node db");
+        let conn =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .expect("node db");
         conn.busy_timeout(Duration::from_secs(5)).expect("busy");
         let (version, chain): (i64, String) = conn
             .query_row(

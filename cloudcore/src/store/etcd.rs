@@ -230,7 +230,14 @@ impl EtcdStore {
                 watching: AtomicBool::new(false),
                 watch_error: Mutex::new(None),
             });
-            inner.relist().await?;
+            while let Err(e) = inner.relist().await {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(StoreError::Unavailable(format!(
+                        "config key `store.etcd.endpoints`: cannot list the store: {e}"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
             tokio::spawn(inner.clone().follow());
             Ok::<_, StoreError>(inner)
         })?;
@@ -312,6 +319,47 @@ impl<T> From<StoreErrorOnPanic> for Result<T, StoreError> {
     }
 }
 
+/// Longest one attempt of a request may take before it is sent again (to another member).
+const ATTEMPT: Duration = Duration::from_secs(2);
+
+/// Whether a failed request may be sent again: the member was unreachable or went away. Every
+/// request of this store is safe to repeat: writes compare the head they were planned on, so a
+/// repeat of one that landed fails its compare and the writer finds its own change.
+fn retryable(e: &etcd_client::Error) -> bool {
+    // gRPC codes: 2 unknown, 4 deadline exceeded, 14 unavailable.
+    match e {
+        etcd_client::Error::GRpcStatus(s) => matches!(i32::from(s.code()), 2 | 4 | 14),
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
+
+/// Runs `op` until it answers or `within` is spent, sending it again after errors that say a
+/// member was down or unreachable (the client's balancer keeps trying a dead member for a
+/// while) and after attempts that hang.
+async fn retrying<T, F, Fut>(within: Duration, mut op: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let last = match tokio::time::timeout(left.min(ATTEMPT), op()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if retryable(&e) => e.to_string(),
+            Ok(Err(e)) => return Err(etcd_err(e)),
+            Err(_) => format!("no answer within {:?}", left.min(ATTEMPT)),
+        };
+        if tokio::time::Instant::now() + Duration::from_millis(50) >= deadline {
+            return Err(StoreError::Unavailable(format!(
+                "etcd did not answer within {within:?}: {last}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The store id, created together with an empty head by the first replica ever to start.
 async fn init_identity(
     client: &Client,
@@ -332,10 +380,12 @@ async fn init_identity(
             TxnOp::put(head_key, "0 ", None),
         ])
         .or_else([TxnOp::get(id_key, None)]);
-    let resp = tokio::time::timeout(timeout, client.kv_client().txn(txn))
-        .await
-        .map_err(|_| StoreError::Unavailable(format!("no answer within {timeout:?}")))?
-        .map_err(etcd_err)?;
+    let resp = retrying(timeout, || {
+        let txn = txn.clone();
+        let mut kv = client.kv_client();
+        async move { kv.txn(txn).await }
+    })
+    .await?;
     if resp.succeeded() {
         info!(store_id = %new_id, "created a new store in etcd");
         return Ok(new_id);
@@ -454,7 +504,7 @@ impl Inner {
     /// Reads everything under the prefix at one revision, page by page, and replaces the
     /// mirror with it.
     async fn relist(&self) -> Result<(), StoreError> {
-        let mut kv = self.client.kv_client();
+        let kv = self.client.kv_client();
         let end = range_end(&self.prefix);
         let mut start = self.prefix.as_bytes().to_vec();
         let mut revision = 0;
@@ -465,11 +515,11 @@ impl Inner {
             if revision > 0 {
                 opts = opts.with_revision(revision);
             }
-            let resp =
-                tokio::time::timeout(self.cfg.request_timeout, kv.get(start.clone(), Some(opts)))
-                    .await
-                    .map_err(|_| StoreError::Unavailable("listing etcd timed out".into()))?
-                    .map_err(etcd_err)?;
+            let resp = retrying(self.cfg.request_timeout, || {
+                let (start, opts, mut kv) = (start.clone(), opts.clone(), kv.clone());
+                async move { kv.get(start, Some(opts)).await }
+            })
+            .await?;
             if revision == 0 {
                 revision = resp.header().map_or(0, |h| h.revision());
             }
@@ -834,15 +884,13 @@ impl Inner {
             .when(compares)
             .and_then(ops)
             .or_else([TxnOp::get(head_key, None)]);
-        let resp = tokio::time::timeout(self.cfg.request_timeout, self.client.kv_client().txn(txn))
-            .await
-            .map_err(|_| {
-                StoreError::Unavailable(format!(
-                    "etcd did not answer a write within {:?}; it may or may not have been applied",
-                    self.cfg.request_timeout
-                ))
-            })?
-            .map_err(etcd_err)?;
+        let client = self.client.clone();
+        let resp = retrying(self.cfg.request_timeout, || {
+            let txn = txn.clone();
+            let mut kv = client.kv_client();
+            async move { kv.txn(txn).await }
+        })
+        .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         if !resp.succeeded() {
             // Someone else wrote first: plan again once the mirror has their write.
@@ -855,20 +903,23 @@ impl Inner {
     /// A plain put or delete of a key outside the versioned objects, read back through the
     /// mirror before it returns.
     async fn put_plain(&self, key: String, value: Option<String>) -> Result<bool, StoreError> {
-        let mut kv = self.client.kv_client();
+        let kv = self.client.kv_client();
+        let timeout = self.cfg.request_timeout;
         let (revision, existed) = match value {
             Some(v) => {
-                let r = tokio::time::timeout(self.cfg.request_timeout, kv.put(key, v, None))
-                    .await
-                    .map_err(|_| StoreError::Unavailable("etcd put timed out".into()))?
-                    .map_err(etcd_err)?;
+                let r = retrying(timeout, || {
+                    let (key, v, mut kv) = (key.clone(), v.clone(), kv.clone());
+                    async move { kv.put(key, v, None).await }
+                })
+                .await?;
                 (r.header().map_or(0, |h| h.revision()), true)
             }
             None => {
-                let r = tokio::time::timeout(self.cfg.request_timeout, kv.delete(key, None))
-                    .await
-                    .map_err(|_| StoreError::Unavailable("etcd delete timed out".into()))?
-                    .map_err(etcd_err)?;
+                let r = retrying(timeout, || {
+                    let (key, mut kv) = (key.clone(), kv.clone());
+                    async move { kv.delete(key, None).await }
+                })
+                .await?;
                 (r.header().map_or(0, |h| h.revision()), r.deleted() > 0)
             }
         };
@@ -886,6 +937,20 @@ enum WatchEnd {
 /// Tries a write takes before it gives up to a write storm of other replicas (each try
 /// catches up first, so this is only reached under sustained contention).
 const WRITE_ATTEMPTS: usize = 64;
+
+impl EtcdStore {
+    /// The mirror's changes at the planned versions, if they carry the planned chains (so are
+    /// this write's own, committed by an earlier send).
+    fn landed(&self, planned: &[(u64, String)]) -> Option<Vec<Arc<Change>>> {
+        let (first, last) = (planned.first()?.0, planned.last()?.0);
+        let m = self.inner.mirror();
+        let kept = m.recent.range(first, last)?;
+        kept.iter()
+            .zip(planned)
+            .all(|(c, (v, chain))| c.version == *v && c.chain == *chain)
+            .then_some(kept)
+    }
+}
 
 impl Store for EtcdStore {
     fn store_id(&self) -> &str {
@@ -937,6 +1002,10 @@ impl Store for EtcdStore {
             if changes.is_empty() {
                 return Ok(Vec::new());
             }
+            let planned: Vec<(u64, String)> = changes
+                .iter()
+                .map(|c| (c.version, c.chain.clone()))
+                .collect();
             let inner = self.inner.clone();
             let guards = guards.clone();
             let result = self.call(async move {
@@ -954,7 +1023,14 @@ impl Store for EtcdStore {
             });
             match result {
                 Ok(Some(changes)) => return Ok(changes.into_iter().map(Arc::new).collect()),
-                Ok(None) => continue,
+                Ok(None) => {
+                    // A compare that failed because an earlier send of this very write landed
+                    // (its answer was lost): the mirror now holds exactly these changes.
+                    if let Some(mine) = self.landed(&planned) {
+                        return Ok(mine);
+                    }
+                    continue;
+                }
                 Err(e) => {
                     if matches!(e, StoreError::Unavailable(_)) {
                         metrics::counter!("cloudcore_store_write_errors_total").increment(1);
