@@ -1073,6 +1073,117 @@ impl Store for EtcdStore {
         self.inner.router.subscribe()
     }
 
+    fn kept_changes(&self) -> Vec<Arc<Change>> {
+        self.inner.mirror().recent.all()
+    }
+
+    fn restore(&self, dump: &super::export::Dump) -> Result<(), StoreError> {
+        if dump.changes.is_empty() && dump.version > 0 {
+            return Err(StoreError::Open {
+                path: self.inner.prefix.clone(),
+                reason: "the dump has no change history; export it again from a running store"
+                    .into(),
+            });
+        }
+        let p = self.inner.prefix.clone();
+        let mut puts: Vec<(String, String)> = Vec::new();
+        for r in &dump.records {
+            let k = &r.key;
+            puts.push((
+                format!(
+                    "{p}obj/{}/{}/{}",
+                    k.kind.resource_type(),
+                    k.namespace,
+                    k.name
+                ),
+                format!("{}\n{}", r.version, r.json),
+            ));
+        }
+        for c in &dump.changes {
+            let entry = [LogEntry {
+                v: c.version,
+                op: c.op.as_str().to_string(),
+                kind: c.key.kind.resource_type().to_string(),
+                ns: c.key.namespace.clone(),
+                name: c.key.name.clone(),
+                chain: c.chain.clone(),
+                body: c.json.to_string(),
+            }];
+            let json = serde_json::to_string(&entry).map_err(|e| StoreError::Corrupt {
+                key: "log".into(),
+                reason: e.to_string(),
+            })?;
+            puts.push((format!("{p}log/{:020}", c.version), json));
+        }
+        for (node, hash) in &dump.tokens {
+            puts.push((format!("{p}token/{node}"), hash.clone()));
+        }
+        for (kind, id, json) in &dump.router {
+            puts.push((format!("{p}router/{}/{id}", kind.as_str()), json.clone()));
+        }
+        let inner = self.inner.clone();
+        let (store_id, head) = (
+            dump.store_id.clone(),
+            format!("{} {}", dump.version, dump.chain),
+        );
+        self.call(async move {
+            let (max_ops, max_bytes) = (
+                inner.cfg.max_txn_ops.max(2) - 1,
+                inner.cfg.max_txn_bytes / 2,
+            );
+            let mut batch: Vec<TxnOp> = Vec::new();
+            let mut bytes = 0;
+            let client = inner.client.clone();
+            let timeout = inner.cfg.request_timeout;
+            let send = |ops: Vec<TxnOp>| {
+                let client = client.clone();
+                async move {
+                    let txn = etcd_client::Txn::new().and_then(ops);
+                    retrying(timeout, || {
+                        let txn = txn.clone();
+                        let mut kv = client.kv_client();
+                        async move { kv.txn(txn).await }
+                    })
+                    .await
+                }
+            };
+            for (k, v) in puts {
+                if !batch.is_empty()
+                    && (batch.len() >= max_ops || bytes + k.len() + v.len() > max_bytes)
+                {
+                    send(std::mem::take(&mut batch)).await?;
+                    bytes = 0;
+                }
+                bytes += k.len() + v.len() + OP_OVERHEAD;
+                batch.push(TxnOp::put(k, v, None));
+            }
+            if !batch.is_empty() {
+                send(batch).await?;
+            }
+            // Last, in one step: the identity and head, only over an empty store.
+            let head_key = format!("{p}meta/head");
+            let txn = etcd_client::Txn::new()
+                .when([Compare::value(head_key.clone(), CompareOp::Equal, "0 ")])
+                .and_then([
+                    TxnOp::put(format!("{p}meta/store_id"), store_id, None),
+                    TxnOp::put(head_key, head, None),
+                ]);
+            let resp = retrying(timeout, || {
+                let txn = txn.clone();
+                let mut kv = client.kv_client();
+                async move { kv.txn(txn).await }
+            })
+            .await?;
+            if !resp.succeeded() {
+                return Err(StoreError::Open {
+                    path: p,
+                    reason: "the store was written to during the import".into(),
+                });
+            }
+            Ok(())
+        })
+    }
+
     fn health(&self) -> Result<String, String> {
         let m = self.inner.mirror();
         if self.inner.watching.load(Ordering::Acquire) {

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod export;
 pub mod sqlite;
 
 /// One stored object at its version.
@@ -215,6 +216,13 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the store can take writes now, and what it is (for `/readyz`).
     fn health(&self) -> Result<String, String>;
 
+    /// The changes kept for resuming nodes, oldest first.
+    fn kept_changes(&self) -> Vec<Arc<Change>>;
+
+    /// Fills an empty store with a dump (`cloudcore store import`), identity and history
+    /// included; the store is to be opened again afterwards.
+    fn restore(&self, dump: &export::Dump) -> Result<(), StoreError>;
+
     /// Node tokens are kept as hashes only, outside the versioned objects (never synced).
     fn put_token_hash(&self, node: &str, hash: &str) -> Result<(), StoreError>;
     fn delete_token_hash(&self, node: &str) -> Result<bool, StoreError>;
@@ -352,6 +360,10 @@ impl Recent {
 
     pub fn len(&self) -> usize {
         self.changes.len()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Change>> {
+        self.changes.iter().cloned().collect()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -462,6 +462,58 @@ impl Store for SqliteStore {
         self.router.subscribe()
     }
 
+    fn kept_changes(&self) -> Vec<Arc<Change>> {
+        self.recent.read().unwrap_or_else(|p| p.into_inner()).all()
+    }
+
+    fn restore(&self, dump: &super::export::Dump) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "UPDATE store_meta SET value = ?1 WHERE key = 'store_id'",
+            params![dump.store_id],
+        )?;
+        tx.execute(
+            "UPDATE store_meta SET value = ?1 WHERE key = 'version'",
+            params![dump.version.to_string()],
+        )?;
+        for r in &dump.records {
+            tx.execute(
+                "INSERT INTO objects (kind, namespace, name, version, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![r.key.kind.resource_type(), r.key.namespace, r.key.name, r.version as i64, &*r.json],
+            )?;
+        }
+        for c in &dump.changes {
+            tx.execute(
+                "INSERT INTO changelog (version, op, kind, namespace, name, body, chain) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![c.version as i64, c.op.as_str(), c.key.kind.resource_type(), c.key.namespace, c.key.name, &*c.json, c.chain],
+            )?;
+        }
+        if dump.changes.is_empty() && dump.version > 0 {
+            // No history came along: the chain head still has to be kept, as a marker change
+            // a node can never ask for (nodes below it get a snapshot).
+            return Err(StoreError::Open {
+                path: self.path.display().to_string(),
+                reason: "the dump has no change history; export it again from a running store"
+                    .into(),
+            });
+        }
+        for (node, hash) in &dump.tokens {
+            tx.execute(
+                "INSERT INTO node_tokens (node, hash, created_ms) VALUES (?1, ?2, 0)",
+                params![node, hash],
+            )?;
+        }
+        for (kind, id, json) in &dump.router {
+            tx.execute(
+                "INSERT INTO router (kind, id, body) VALUES (?1, ?2, ?3)",
+                params![kind.as_str(), id, json],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     fn health(&self) -> Result<String, String> {
         let version = get_row(
             &self.conn(),

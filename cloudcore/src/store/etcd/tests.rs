@@ -352,3 +352,69 @@ fn tokens_and_router_records_reach_every_replica() {
     assert_eq!(a.version(), 0, "none of it is a versioned change");
     assert!(b.health().is_ok());
 }
+
+#[test]
+fn a_sqlite_store_moves_to_etcd_and_back() {
+    use crate::store::export;
+    use crate::store::sqlite::SqliteStore;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sqlite = SqliteStore::open(&dir.path().join("a.db"), 100, 1 << 20).expect("open");
+    for i in 0..6 {
+        sqlite
+            .write(vec![put(node(&format!("n{}", i % 4), &i.to_string()))])
+            .expect("write");
+    }
+    sqlite.put_token_hash("n1", "h1").expect("token");
+    sqlite
+        .put_router(RouterKind::Endpoint, "e1", "{}")
+        .expect("router");
+    let mut text = Vec::new();
+    export::write(&export::dump(&sqlite).expect("dump"), &mut text).expect("write");
+
+    let etcd = TestEtcd::start();
+    let target = open(&etcd, 100);
+    export::check_empty(&target).expect("a new etcd store is empty");
+    target
+        .restore(&export::read(text.as_slice()).expect("read"))
+        .expect("import");
+    drop(target);
+    let moved = open(&etcd, 100);
+    let (a, b) = (sqlite.snapshot().expect("a"), moved.snapshot().expect("b"));
+    assert_eq!(
+        (&a.store_id, a.version, &a.chain),
+        (&b.store_id, b.version, &b.chain)
+    );
+    assert_eq!(a.records, b.records);
+    assert_eq!(
+        moved.token_hashes().expect("t"),
+        vec![("n1".to_string(), "h1".to_string())]
+    );
+    // A node of the SQLite cloud resumes by delta on etcd, which goes on from there.
+    let Since::Changes(c) = sqlite.changes_since(3, None) else {
+        panic!()
+    };
+    let at3 = match sqlite.changes_since(2, None) {
+        Since::Changes(c) => c[0].chain.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert!(matches!(moved.changes_since(3, Some(&at3)), Since::Changes(m) if m.len() == c.len()));
+    assert_eq!(
+        moved.write(vec![put(node("new", "z"))]).expect("write")[0].version,
+        7
+    );
+    assert!(export::check_empty(&moved).is_err());
+
+    // And back to a new SQLite file.
+    let mut text = Vec::new();
+    export::write(&export::dump(&moved).expect("dump"), &mut text).expect("write");
+    let back = SqliteStore::open(&dir.path().join("b.db"), 100, 1 << 20).expect("open");
+    back.restore(&export::read(text.as_slice()).expect("read"))
+        .expect("import");
+    drop(back);
+    let back = SqliteStore::open(&dir.path().join("b.db"), 100, 1 << 20).expect("reopen");
+    assert_eq!(
+        back.snapshot().expect("b").chain,
+        moved.snapshot().expect("m").chain
+    );
+    assert_eq!(back.version(), 7);
+}
