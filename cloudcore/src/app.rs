@@ -133,6 +133,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
                 etcd.clone(),
                 nodes.clone(),
                 tunnels.clone(),
+                router.clone(),
                 shutdown.clone(),
             )
             .await?,

@@ -150,6 +150,29 @@ fn replicas_share_one_store_relay_between_each_other_and_take_over() {
         },
     );
 
+    // Rule counters add up across the replicas that routed.
+    let rule_id = v["id"].as_str().expect("rule id").to_string();
+    let count = |r: usize| {
+        let (s, rule) = ha.api(r, "GET", &format!("/api/v1/router/rules/{rule_id}"), None);
+        assert_eq!(s, 200, "{rule}");
+        rule["success_messages"].as_u64().unwrap_or(0)
+    };
+    let settled = wait_for("counters settle", Duration::from_secs(15), || {
+        let c = count(0);
+        (c >= 1 && (0..3).all(|r| count(r) == c)).then_some(c)
+    });
+    for r in [0, 2, 2] {
+        let host = ha.replicas[r].host.clone();
+        let url = format!("http://{}:{ROUTER_PORT}/web/", host.ip);
+        let (s, body) = ha.mesh.topo.curl(&host, &["--max-time", "5", &url]);
+        assert_eq!(s, 200, "router through r{r}: {body}");
+    }
+    wait_for(
+        "every replica counts all calls",
+        Duration::from_secs(20),
+        || (0..3).all(|r| count(r) == settled + 3).then_some(()),
+    );
+
     // 5. Concurrent Services through three replicas get distinct cluster IPs; two PUTs with
     // the same resourceVersion on two replicas: exactly one wins.
     let hosts: Vec<_> = ha.replicas.iter().map(|r| r.host.clone()).collect();

@@ -70,6 +70,28 @@ impl RemoteNodes for Cluster {
     }
 }
 
+/// Keeps the router's share of each rule's QPS limit at 1 / (live replicas).
+async fn share_rule_limits(
+    store: Arc<EtcdStore>,
+    router: Arc<crate::router::Router>,
+    shutdown: CancellationToken,
+) {
+    let mut changes = store.subscribe_cluster();
+    let mut last = 0;
+    loop {
+        let n = store.cluster_entries("replica/").len().max(1);
+        if n != last {
+            router.set_replicas(n);
+            info!(replicas = n, "router rule limits shared among the replicas");
+            last = n;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
 /// Joins the cluster: the replica link listener, the lease, presence, and the hooks that let
 /// the hub, the tunnels and `/readyz` see the other replicas. Returns once the listener is
 /// bound; the lease is acquired in the background (`/readyz` fails until then).
@@ -78,6 +100,7 @@ pub async fn start(
     store: Arc<EtcdStore>,
     nodes: Arc<NodeRegistry>,
     tunnels: Arc<Tunnels>,
+    router: Arc<crate::router::Router>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<Cluster>> {
     let cc = &cfg.cluster;
@@ -136,6 +159,7 @@ pub async fn start(
         anyhow::bail!("the etcd store has stopped");
     }
     tokio::spawn(keeper.follow_presence(shutdown.clone()));
+    tokio::spawn(share_rule_limits(store.clone(), router, shutdown.clone()));
 
     let cluster = Arc::new(Cluster {
         name: name.clone(),

@@ -150,53 +150,59 @@ impl PresenceKeeper {
     }
 
     /// Keeps the lease alive until it is lost (`Err`) or `shutdown` (`Ok`). The lease counts
-    /// as lost once no renewal succeeded for a whole TTL, or etcd says it expired.
+    /// as lost once no renewal succeeded for a whole TTL, or etcd says it expired. A renewal
+    /// that failed (a member went away, an election) is tried again within a fraction of a
+    /// second, on whichever member answers.
     async fn renew(&self, id: i64, shutdown: &CancellationToken) -> Result<(), String> {
         let ttl = self.cfg.lease_ttl;
         let mut last_ok = Instant::now();
         let mut keeper = None;
-        let mut tick = tokio::time::interval(self.cfg.heartbeat);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut wait = self.cfg.heartbeat;
         loop {
-            if shutdown.run_until_cancelled(tick.tick()).await.is_none() {
+            if shutdown
+                .run_until_cancelled(tokio::time::sleep(wait))
+                .await
+                .is_none()
+            {
                 return Ok(());
             }
             if last_ok.elapsed() > ttl {
                 return Err(format!("no lease renewal for {:?}", last_ok.elapsed()));
             }
-            if keeper.is_none() {
-                let client = self.store.client();
-                let mut leases = client.lease_client();
-                match tokio::time::timeout(self.cfg.heartbeat, leases.keep_alive(id)).await {
-                    Ok(Ok(k)) => {
-                        last_ok = Instant::now();
-                        keeper = Some(k);
-                        continue;
-                    }
-                    Ok(Err(e)) if e.to_string().contains("lease not found") => {
-                        return Err("etcd says the lease expired".into())
-                    }
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "lease renewal failed");
-                        continue;
-                    }
-                    Err(_) => continue,
+            let budget = self
+                .cfg
+                .heartbeat
+                .min(ttl.saturating_sub(last_ok.elapsed()))
+                .max(Duration::from_millis(100));
+            let attempt = tokio::time::timeout(budget, async {
+                if keeper.is_none() {
+                    let client = self.store.client();
+                    keeper = Some(client.lease_client().keep_alive(id).await?);
+                    return Ok(Some(ttl.as_secs() as i64));
                 }
-            }
-            let Some((k, stream)) = keeper.as_mut() else {
-                continue;
-            };
-            let renewed = tokio::time::timeout(self.cfg.heartbeat, async {
+                let Some((k, stream)) = keeper.as_mut() else {
+                    return Ok(None);
+                };
                 k.keep_alive().await?;
-                stream.message().await
+                Ok::<_, etcd_client::Error>(stream.message().await?.map(|r| r.ttl()))
             })
             .await;
-            match renewed {
-                Ok(Ok(Some(resp))) if resp.ttl() > 0 => last_ok = Instant::now(),
+            match attempt {
+                Ok(Ok(Some(left))) if left > 0 => {
+                    last_ok = Instant::now();
+                    wait = self.cfg.heartbeat;
+                }
                 Ok(Ok(Some(_))) => return Err("etcd says the lease expired".into()),
-                Ok(Ok(None)) | Ok(Err(_)) => keeper = None,
-                // Slow, not lost: keep trying until the TTL is used up.
-                Err(_) => {}
+                Ok(Err(e)) if e.to_string().contains("lease not found") => {
+                    return Err("etcd says the lease expired".into())
+                }
+                other => {
+                    if let Ok(Err(e)) = other {
+                        debug!(error = %e, "lease renewal failed; retrying");
+                    }
+                    keeper = None;
+                    wait = Duration::from_millis(200);
+                }
             }
         }
     }

@@ -78,7 +78,8 @@ struct Mirror {
     objects: BTreeMap<(String, String, String), Record>,
     recent: Recent,
     tokens: BTreeMap<String, String>,
-    router: BTreeMap<(String, String), String>,
+    /// Router records with the revision they were last written at (for compare-and-swap).
+    router: BTreeMap<(String, String), (String, i64)>,
     /// Keys (relative to the prefix) of the families in [`CLUSTER_FAMILIES`].
     cluster: BTreeMap<String, Bytes>,
 }
@@ -592,7 +593,10 @@ impl Inner {
         {
             m.router.insert(
                 (kind.to_string(), id.to_string()),
-                String::from_utf8_lossy(item.value()).into_owned(),
+                (
+                    String::from_utf8_lossy(item.value()).into_owned(),
+                    item.mod_revision(),
+                ),
             );
         } else if CLUSTER_FAMILIES.iter().any(|f| rel.starts_with(f)) {
             m.cluster
@@ -1241,7 +1245,7 @@ impl Store for EtcdStore {
             .mirror()
             .router
             .get(&(kind.as_str().to_string(), id.to_string()))
-            .cloned())
+            .map(|(json, _)| json.clone()))
     }
 
     fn list_router(&self, kind: RouterKind) -> Result<Vec<(String, String)>, StoreError> {
@@ -1249,8 +1253,54 @@ impl Store for EtcdStore {
         Ok(m.router
             .iter()
             .filter(|((k, _), _)| k == kind.as_str())
-            .map(|((_, id), json)| (id.clone(), json.clone()))
+            .map(|((_, id), (json, _))| (id.clone(), json.clone()))
             .collect())
+    }
+
+    fn update_router(
+        &self,
+        kind: RouterKind,
+        id: &str,
+        f: &mut dyn FnMut(Option<&str>) -> Option<String>,
+    ) -> Result<Option<String>, StoreError> {
+        let key = format!("{}router/{}/{id}", self.inner.prefix, kind.as_str());
+        for _ in 0..WRITE_ATTEMPTS {
+            let (current, rev) = {
+                let m = self.inner.mirror();
+                match m.router.get(&(kind.as_str().to_string(), id.to_string())) {
+                    Some((json, rev)) => (Some(json.clone()), *rev),
+                    None => (None, 0),
+                }
+            };
+            let Some(new) = f(current.as_deref()) else {
+                return Ok(None);
+            };
+            let compare = if rev == 0 {
+                Compare::create_revision(key.clone(), CompareOp::Equal, 0)
+            } else {
+                Compare::mod_revision(key.clone(), CompareOp::Equal, rev)
+            };
+            let txn = etcd_client::Txn::new()
+                .when([compare])
+                .and_then([TxnOp::put(key.clone(), new.clone(), None)]);
+            let inner = self.inner.clone();
+            let done = self.call(async move {
+                let client = inner.client.clone();
+                let resp = retrying(inner.cfg.request_timeout, || {
+                    let txn = txn.clone();
+                    let mut kv = client.kv_client();
+                    async move { kv.txn(txn).await }
+                })
+                .await?;
+                let revision = resp.header().map_or(0, |h| h.revision());
+                inner.caught_up(revision).await;
+                Ok::<_, StoreError>(resp.succeeded())
+            })?;
+            if done {
+                return Ok(Some(new));
+            }
+        }
+        Err(StoreError::Stale { base: 0, actual: 0 })
     }
 
     fn delete_router(&self, kind: RouterKind, id: &str) -> Result<bool, StoreError> {

@@ -235,6 +235,15 @@ pub trait Store: Send + Sync + 'static {
     fn get_router(&self, kind: RouterKind, id: &str) -> Result<Option<String>, StoreError>;
     /// Every record of one kind as `(id, json)`, ordered by id.
     fn list_router(&self, kind: RouterKind) -> Result<Vec<(String, String)>, StoreError>;
+    /// Read-modify-write of one record, atomic against every other writer (other replicas'
+    /// counter flushes): `f` gets the stored JSON and returns what to store (`None`: nothing).
+    /// Returns what was stored.
+    fn update_router(
+        &self,
+        kind: RouterKind,
+        id: &str,
+        f: &mut dyn FnMut(Option<&str>) -> Option<String>,
+    ) -> Result<Option<String>, StoreError>;
     /// Whether a record was there to delete.
     fn delete_router(&self, kind: RouterKind, id: &str) -> Result<bool, StoreError>;
 }

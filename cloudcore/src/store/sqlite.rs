@@ -583,6 +583,34 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
+    fn update_router(
+        &self,
+        kind: RouterKind,
+        id: &str,
+        f: &mut dyn FnMut(Option<&str>) -> Option<String>,
+    ) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current: Option<String> = tx
+            .query_row(
+                "SELECT body FROM router WHERE kind = ?1 AND id = ?2",
+                params![kind.as_str(), id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(new) = f(current.as_deref()) else {
+            return Ok(None);
+        };
+        tx.execute(
+            "INSERT INTO router (kind, id, body) VALUES (?1, ?2, ?3)
+             ON CONFLICT(kind, id) DO UPDATE SET body = excluded.body",
+            params![kind.as_str(), id, new],
+        )?;
+        tx.commit()?;
+        self.router.send_modify(|g| *g += 1);
+        Ok(Some(new))
+    }
+
     fn delete_router(&self, kind: RouterKind, id: &str) -> Result<bool, StoreError> {
         let deleted = self.conn().execute(
             "DELETE FROM router WHERE kind = ?1 AND id = ?2",

@@ -217,6 +217,9 @@ fn admission_fails_once_another_replica_revoked_the_token() {
     }])
     .expect("delete");
     assert!(tokens.has_changed().expect("open"));
+    // Once a knows the node is gone, its admission would have to create the object again:
+    // the token guard refuses that.
+    eventually("a saw the delete", || a.version() == b.version());
     assert!(!oa.admit_node("edge", &labels).expect("refused"));
     eventually("the node stays deleted", || {
         a.get(&ObjectKey::new(Kind::Node, "", "edge"))
