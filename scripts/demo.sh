@@ -727,14 +727,10 @@ step_inspect() {
     done
 }
 
-step_update() {
-    header "Updating Service hello: port 80 -> 8000; watching it arrive on both nodes"
-    local start node arrived=0 t
-    declare -A at=()
-    show cloud "cloudcore apply -f -   (hello with port 8000)"
-    start=$(now_ms)
-    # The same Service as in examples/hello.yaml, with another port.
-    if ! cloudctl apply -f - <<'EOF' 2>&1 | indent; then
+# hello_port_8000 [LABEL]: Service hello of examples/hello.yaml on port 8000 (and LABEL, a
+# "key: value" line, among its labels), as YAML.
+hello_port_8000() {
+    cat <<EOF
 apiVersion: v1
 kind: Service
 metadata:
@@ -742,7 +738,8 @@ metadata:
   namespace: default
   labels:
     app: hello
-  annotations:
+${1:+    $1
+}  annotations:
     edgemesh.io/lb-policy: round-robin
 spec:
   type: ClusterIP
@@ -757,6 +754,16 @@ spec:
   topologyKeys:
     - zone
 EOF
+}
+
+step_update() {
+    header "Updating Service hello: port 80 -> 8000; watching it arrive on both nodes"
+    local start node arrived=0 t
+    declare -A at=()
+    show cloud "cloudcore apply -f -   (hello with port 8000)"
+    start=$(now_ms)
+    # The same Service as in examples/hello.yaml, with another port.
+    if ! hello_port_8000 | cloudctl apply -f - 2>&1 | indent; then
         die "applying the updated Service failed"
     fi
     while ((arrived < ${#NODES[@]})); do
@@ -895,30 +902,8 @@ step_failover() {
     ok "calls carry on"
 
     show cloud "cloudcore apply -f -   (hello gets a label, through a live replica)"
-    cloudctl apply -f - <<'EOT' 2>&1 | indent || die "applying through a live replica failed"
-apiVersion: v1
-kind: Service
-metadata:
-  name: hello
-  namespace: default
-  labels:
-    app: hello
-    failover: survived
-  annotations:
-    edgemesh.io/lb-policy: round-robin
-spec:
-  type: ClusterIP
-  selector:
-    app: hello
-  ports:
-    - name: http
-      port: 8000
-      targetPort: 8080
-      protocol: TCP
-  sessionAffinity: None
-  topologyKeys:
-    - zone
-EOT
+    hello_port_8000 "failover: survived" | cloudctl apply -f - 2>&1 | indent ||
+        die "applying through a live replica failed"
     local node
     for node in "${NODES[@]}"; do
         wait_until "$UPDATE_TIMEOUT" "the update reaches $node" node_knows_label "$node" survived

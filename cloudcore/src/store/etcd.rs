@@ -361,6 +361,20 @@ where
     }
 }
 
+/// One transaction, sent again while members are unreachable (see [`retrying`]).
+async fn send_txn(
+    client: &Client,
+    within: Duration,
+    txn: etcd_client::Txn,
+) -> Result<etcd_client::TxnResponse, StoreError> {
+    retrying(within, || {
+        let txn = txn.clone();
+        let mut kv = client.kv_client();
+        async move { kv.txn(txn).await }
+    })
+    .await
+}
+
 /// The store id, created together with an empty head by the first replica ever to start.
 async fn init_identity(
     client: &Client,
@@ -381,12 +395,7 @@ async fn init_identity(
             TxnOp::put(head_key, "0 ", None),
         ])
         .or_else([TxnOp::get(id_key, None)]);
-    let resp = retrying(timeout, || {
-        let txn = txn.clone();
-        let mut kv = client.kv_client();
-        async move { kv.txn(txn).await }
-    })
-    .await?;
+    let resp = send_txn(client, timeout, txn).await?;
     if resp.succeeded() {
         info!(store_id = %new_id, "created a new store in etcd");
         return Ok(new_id);
@@ -889,12 +898,7 @@ impl Inner {
             .and_then(ops)
             .or_else([TxnOp::get(head_key, None)]);
         let client = self.client.clone();
-        let resp = retrying(self.cfg.request_timeout, || {
-            let txn = txn.clone();
-            let mut kv = client.kv_client();
-            async move { kv.txn(txn).await }
-        })
-        .await?;
+        let resp = send_txn(&client, self.cfg.request_timeout, txn.clone()).await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         if !resp.succeeded() {
             // Someone else wrote first: plan again once the mirror has their write.
@@ -1143,12 +1147,7 @@ impl Store for EtcdStore {
                 let client = client.clone();
                 async move {
                     let txn = etcd_client::Txn::new().and_then(ops);
-                    retrying(timeout, || {
-                        let txn = txn.clone();
-                        let mut kv = client.kv_client();
-                        async move { kv.txn(txn).await }
-                    })
-                    .await
+                    send_txn(&client, timeout, txn.clone()).await
                 }
             };
             for (k, v) in puts {
@@ -1172,12 +1171,7 @@ impl Store for EtcdStore {
                     TxnOp::put(format!("{p}meta/store_id"), store_id, None),
                     TxnOp::put(head_key, head, None),
                 ]);
-            let resp = retrying(timeout, || {
-                let txn = txn.clone();
-                let mut kv = client.kv_client();
-                async move { kv.txn(txn).await }
-            })
-            .await?;
+            let resp = send_txn(&client, timeout, txn.clone()).await?;
             if !resp.succeeded() {
                 return Err(StoreError::Open {
                     path: p,
@@ -1286,12 +1280,7 @@ impl Store for EtcdStore {
             let inner = self.inner.clone();
             let done = self.call(async move {
                 let client = inner.client.clone();
-                let resp = retrying(inner.cfg.request_timeout, || {
-                    let txn = txn.clone();
-                    let mut kv = client.kv_client();
-                    async move { kv.txn(txn).await }
-                })
-                .await?;
+                let resp = send_txn(&client, inner.cfg.request_timeout, txn.clone()).await?;
                 let revision = resp.header().map_or(0, |h| h.revision());
                 inner.caught_up(revision).await;
                 Ok::<_, StoreError>(resp.succeeded())

@@ -278,16 +278,10 @@ pub fn check_empty(store: &dyn Store) -> Result<(), StoreError> {
 mod tests {
     use super::*;
     use crate::store::sqlite::SqliteStore;
-    use crate::store::{Since, Write};
-    use edgehub::model::{Node, Object};
+    use crate::store::{fixtures, Since, Write};
 
     fn node(name: &str, zone: &str) -> Write {
-        let mut labels = std::collections::BTreeMap::new();
-        labels.insert("zone".to_string(), zone.to_string());
-        Write::Put {
-            object: Object::Node(Node::new(name, labels)),
-            expect_version: None,
-        }
+        fixtures::put(fixtures::node(name, zone))
     }
 
     fn filled(dir: &std::path::Path) -> SqliteStore {

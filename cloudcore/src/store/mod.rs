@@ -454,3 +454,25 @@ impl RouterKind {
         }
     }
 }
+
+/// Objects the store tests write.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::Write;
+    use edgehub::model::{Node, Object};
+
+    /// Node `name` with label `zone`.
+    pub fn node(name: &str, zone: &str) -> Object {
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert("zone".to_string(), zone.to_string());
+        Object::Node(Node::new(name, labels))
+    }
+
+    /// An unconditional put.
+    pub fn put(o: Object) -> Write {
+        Write::Put {
+            object: o,
+            expect_version: None,
+        }
+    }
+}

@@ -624,21 +624,8 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edgehub::model::{Node, Object};
-    use std::collections::BTreeMap;
 
-    fn node(name: &str, zone: &str) -> Object {
-        let mut labels = BTreeMap::new();
-        labels.insert("zone".to_string(), zone.to_string());
-        Object::Node(Node::new(name, labels))
-    }
-
-    fn put(o: Object) -> Write {
-        Write::Put {
-            object: o,
-            expect_version: None,
-        }
-    }
+    use crate::store::fixtures::{node, put};
 
     #[test]
     fn versions_increase_and_survive_reopen() {

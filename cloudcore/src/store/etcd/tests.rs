@@ -10,18 +10,7 @@ use super::testing::TestEtcd;
 use super::*;
 use crate::objects::{ApplyError, Objects};
 
-fn node(name: &str, zone: &str) -> Object {
-    let mut labels = BTreeMap::new();
-    labels.insert("zone".to_string(), zone.to_string());
-    Object::Node(Node::new(name, labels))
-}
-
-fn put(o: Object) -> Write {
-    Write::Put {
-        object: o,
-        expect_version: None,
-    }
-}
+use crate::store::fixtures::{node, put};
 
 fn open(etcd: &TestEtcd, history: usize) -> EtcdStore {
     EtcdStore::open(&etcd.config("/test/"), history, 1 << 20).expect("open")
