@@ -1053,8 +1053,12 @@ step_tunnels() {
     printf '%s\n' "$answer" | indent
     [ "$answer" = "hello from a server in the cloud" ] || die "unexpected answer from cloud-hello: $answer"
     ok "node-a -> cloudcore, which dials the cloud endpoint itself"
-    run_shown cloud "curl /metrics | grep cloudcore_tunnel_streams_total" \
-        bash -c "ip netns exec '$NS_CLOUD' curl -fsS '$API_URL/metrics' | grep '^cloudcore_tunnel_streams_total'"
+    local r
+    for r in "${REPLICAS[@]}"; do
+        # HA=1: the streams went through the replicas that hold node-a and node-b.
+        run_shown "$r" "curl /metrics | grep cloudcore_tunnel_streams_total" \
+            bash -c "ip netns exec '${REPLICA_NS[$r]}' curl -fsS 'http://${REPLICA_IP[$r]}:10002/metrics' | grep '^cloudcore_tunnel_streams_total' || echo '      (no streams through this replica)'"
+    done
     run_shown node-a "edgemesh status" nodectl node-a status
 
     header "Router: a cloud client calls an edge Service through a rule (cloudcore :9443)"
