@@ -4,6 +4,7 @@
 #
 #   sudo scripts/demo.sh            # install what is missing, build, run the demo, clean up
 #   sudo KEEP=1 scripts/demo.sh     # ... and keep everything running until Enter is pressed
+#   sudo HA=1 scripts/demo.sh       # the same tour on 3 etcd members and 3 cloudcore replicas
 #   sudo scripts/demo.sh --self-test  # check the demo's own checks: the isolation check must
 #                                     # fail on a topology where the nodes reach each other, and
 #                                     # when ping is missing (no build, takes a few seconds)
@@ -31,12 +32,18 @@
 #      cloud client calls world through a router rule on :9443; a QPS limit on world answers
 #      429 beyond its burst; hello-0 stops and hello falls over to hello-1 on node-b.
 #
+# With HA=1 the cloud is 3 etcd members and 3 cloudcore replicas (store.backend = "etcd",
+# cloudcore built with --features etcd) and each node has every replica in its cloud.url. Step 7
+# becomes a failover: the replica that holds node-a is killed with SIGKILL, node-a moves to
+# another one and resumes by delta, calls and updates carry on, and the replica comes back.
+#
 # Everything the demo creates (processes, namespaces, a temp dir) is removed on exit, also on
 # error or Ctrl-C. On failure the logs are kept and their last lines printed.
 #
 # Environment:
 #   KEEP=1            keep the topology running at the end until Enter is pressed (only when
 #                     stdin is a terminal; otherwise the demo never waits)
+#   HA=1              a cloud of 3 etcd members and 3 cloudcore replicas (see above)
 #   BIN_DIR=DIR       use cloudcore and edgemesh from DIR and skip the Rust toolchain and build
 #   PYTHON=python3    interpreter used only to format JSON for display; when it is missing
 #                     (or PYTHON=none) the admin API's raw JSON is shown
@@ -62,6 +69,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # ---------------------------------------------------------------------------------------------
 
 KEEP=${KEEP:-0}
+HA=${HA:-0}
 PYTHON=${PYTHON:-python3}
 PING=${PING:-ping}
 
@@ -75,6 +83,21 @@ NS_CLOUD="$PREFIX-cloud"
 CLOUD_IP=10.250.0.1
 HUB_URL="ws://$CLOUD_IP:10000"
 API_URL="http://$CLOUD_IP:10002"
+
+# HA=1: three replicas (the first is the cloud namespace above) and three etcd members.
+REPLICAS=(cloud)
+declare -A REPLICA_NS=([cloud]="$NS_CLOUD") REPLICA_IP=([cloud]=$CLOUD_IP)
+ETCD_MEMBERS=()
+declare -A ETCD_NS=() ETCD_IP=()
+if [ "$HA" = 1 ]; then
+    REPLICAS=(cloud cloud-2 cloud-3)
+    REPLICA_NS+=([cloud-2]="$PREFIX-cloud-2" [cloud-3]="$PREFIX-cloud-3")
+    REPLICA_IP+=([cloud-2]=10.250.0.2 [cloud-3]=10.250.0.3)
+    ETCD_MEMBERS=(etcd-1 etcd-2 etcd-3)
+    ETCD_NS=([etcd-1]="$PREFIX-etcd-1" [etcd-2]="$PREFIX-etcd-2" [etcd-3]="$PREFIX-etcd-3")
+    ETCD_IP=([etcd-1]=10.250.0.21 [etcd-2]=10.250.0.22 [etcd-3]=10.250.0.23)
+fi
+API_TOKEN_HA=""        # HA=1: the API token every replica accepts, set by step_cloud
 
 NODES=(node-a node-b)
 declare -A NODE_IP=([node-a]=10.250.0.11 [node-b]=10.250.0.12)
@@ -489,6 +512,9 @@ step_prepare_host() {
 
     local pkgs=(iproute2 iptables curl ca-certificates dnsutils iputils-ping)
     [ -n "${BIN_DIR:-}" ] || pkgs+=(build-essential pkg-config)
+    # HA=1: etcd, its CLI, and protoc to build cloudcore's etcd store.
+    [ "$HA" != 1 ] || pkgs+=(etcd-server etcd-client)
+    [ "$HA" != 1 ] || [ -n "${BIN_DIR:-}" ] || pkgs+=(protobuf-compiler)
     install_packages "${pkgs[@]}"
 
     [ -n "${BIN_DIR:-}" ] && return 0
@@ -505,7 +531,9 @@ step_build() {
         HELLO_SERVER="$BIN_DIR/edgemesh-testserver"
     else
         header "Building cloudcore and edgemesh (cargo build --release)"
-        (cd "$REPO" && cargo build --release -p cloudcore -p edgemesh &&
+        local features=()
+        [ "$HA" != 1 ] || features=(--features etcd)
+        (cd "$REPO" && cargo build --release -p cloudcore "${features[@]}" -p edgemesh &&
             cargo build --release -p edgemesh-e2e --bin edgemesh-testserver)
         local target=${CARGO_TARGET_DIR:-$REPO/target}
         # Under sudo in a user's checkout, give the build output back to that user, so their own
@@ -528,7 +556,7 @@ step_build() {
 # other, so each reaches the cloud but not the other node (tunnels go through the cloud).
 isolate_nodes() {
     local p
-    for p in $(seq 1 "${#NODES[@]}"); do
+    for p in "${NODE_PORTS[@]}"; do
         ip -n "$NS_SWITCH" link set dev "p$p" type bridge_slave isolated on ||
             die "cannot isolate bridge port p$p"
     done
@@ -548,7 +576,14 @@ wire_topology() {
     NAMESPACES+=("$NS_SWITCH")
     netns_create_switch "$NS_SWITCH" || die "cannot create the switch namespace with a bridge"
 
-    local hosts=("cloud:$NS_CLOUD:$CLOUD_IP") node h role ns ip port=0
+    local hosts=() node h role ns ip port=0 r
+    NODE_PORTS=()
+    for r in "${REPLICAS[@]}"; do
+        hosts+=("$r:${REPLICA_NS[$r]}:${REPLICA_IP[$r]}")
+    done
+    for r in "${ETCD_MEMBERS[@]}"; do
+        hosts+=("$r:${ETCD_NS[$r]}:${ETCD_IP[$r]}")
+    done
     for node in "${NODES[@]}"; do
         hosts+=("$node:${NODE_NS[$node]}:${NODE_IP[$node]}")
     done
@@ -558,6 +593,7 @@ wire_topology() {
         netns_create "$ns" || die "cannot create namespace $ns"
         netns_wire_host "$NS_SWITCH" "$ns" "p$port" "$ip/24" ||
             die "cannot connect $ns to the bridge (veth)"
+        [ -z "${NODE_NS[$role]:-}" ] || NODE_PORTS+=("$port")
         port=$((port + 1))
         info "$(printf '%-7s %-22s eth0 %s/24' "$role" "$ns" "$ip")"
     done
@@ -576,13 +612,104 @@ step_topology() {
     local why
     why=$(check_isolated "${NODE_NS[node-a]}" "$CLOUD_IP" "${NODE_IP[node-b]}") ||
         die "the nodes must reach the cloud but not each other: $why"
-    ok "switch $NS_SWITCH bridges cloud, node-a and node-b; no default route anywhere"
+    if [ "$HA" = 1 ]; then
+        ok "switch $NS_SWITCH bridges 3 replicas, 3 etcd members, node-a and node-b; no default route anywhere"
+    else
+        ok "switch $NS_SWITCH bridges cloud, node-a and node-b; no default route anywhere"
+    fi
     ok "node-a and node-b reach the cloud but not each other (isolated bridge ports; $PING checked both)"
     info "commands below are shown as '[where] \$ command': they run inside that namespace with"
     info "'ip netns exec' (the cloudcore CLI also gets --config and --server of this demo)"
 }
 
+# HA=1: the hub URLs of every replica, as a TOML list.
+hub_urls_toml() {
+    local r out=""
+    for r in "${REPLICAS[@]}"; do
+        out+="${out:+, }\"ws://${REPLICA_IP[$r]}:10000\""
+    done
+    printf '[%s]' "$out"
+}
+
+start_etcd() {
+    local m=$1 cluster="" x
+    for x in "${ETCD_MEMBERS[@]}"; do
+        cluster+="${cluster:+,}$x=http://${ETCD_IP[$x]}:2380"
+    done
+    start_proc "$m" "${ETCD_NS[$m]}" etcd --name "$m" --data-dir "$WORK/$m" \
+        --listen-client-urls "http://${ETCD_IP[$m]}:2379" --advertise-client-urls "http://${ETCD_IP[$m]}:2379" \
+        --listen-peer-urls "http://${ETCD_IP[$m]}:2380" --initial-advertise-peer-urls "http://${ETCD_IP[$m]}:2380" \
+        --initial-cluster "$cluster" --initial-cluster-token "$PREFIX" --log-level warn
+}
+
+start_replica() {
+    local r=$1 ip=${REPLICA_IP[$1]}
+    start_proc "cloudcore-$r" "${REPLICA_NS[$r]}" "$CLOUDCORE" --config "$WORK/$r/cloudcore.toml"
+    wait_until "$START_TIMEOUT" "replica $r is ready (http://$ip:10002/readyz)" \
+        in_ns "${REPLICA_NS[$r]}" curl -fsS --max-time 1 "http://$ip:10002/readyz"
+}
+
+# HA=1: 3 etcd members and 3 replicas with one config apart from their addresses.
+step_cloud_ha() {
+    header "Starting 3 etcd members and 3 cloudcore replicas (store.backend = \"etcd\")"
+    local m r endpoints=""
+    for m in "${ETCD_MEMBERS[@]}"; do
+        start_etcd "$m"
+        endpoints+="${endpoints:+, }\"http://${ETCD_IP[$m]}:2379\""
+    done
+    (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$WORK/peer.key")
+    API_TOKEN_HA=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+    for r in "${REPLICAS[@]}"; do
+        mkdir -p "$WORK/$r/data"
+        # The demo's CLI reads the token from the data dir, as with one cloudcore.
+        (umask 077 && printf '%s\n' "$API_TOKEN_HA" >"$WORK/$r/data/api-token")
+        cat >"$WORK/$r/cloudcore.toml" <<EOT
+# cloudcore replica $r of the HA demo: the same on every replica apart from the addresses
+data_dir = "$WORK/$r/data"
+
+[store]
+backend = "etcd"
+
+[store.etcd]
+endpoints = [$endpoints]
+
+[cluster]
+listen = "${REPLICA_IP[$r]}:10003"
+advertise_url = "ws://${REPLICA_IP[$r]}:10003"
+name = "$r"
+peer_key_file = "$WORK/peer.key"
+
+[hub]
+listen = "${REPLICA_IP[$r]}:10000"
+
+[api]
+listen = "${REPLICA_IP[$r]}:10002"
+token = "$API_TOKEN_HA"
+
+[router]
+listen = "${REPLICA_IP[$r]}:9443"
+EOT
+    done
+    for r in "${REPLICAS[@]}"; do
+        start_replica "$r"
+    done
+    ok "etcd members ${ETCD_MEMBERS[*]} and replicas ${REPLICAS[*]} are up (logs in $LOG_DIR)"
+    run_shown cloud "etcdctl member list" in_ns "$NS_CLOUD" etcdctl --endpoints "http://${ETCD_IP[etcd-1]}:2379" member list
+    local node
+    for node in "${NODES[@]}"; do
+        for r in "${REPLICAS[@]}"; do
+            in_ns "${NODE_NS[$node]}" curl -fsS --max-time 2 "http://${REPLICA_IP[$r]}:10002/healthz" >/dev/null ||
+                die "$node cannot reach replica $r through the bridge"
+        done
+    done
+    ok "node-a and node-b reach every replica through the bridge"
+}
+
 step_cloud() {
+    if [ "$HA" = 1 ]; then
+        step_cloud_ha
+        return
+    fi
     header "Starting cloudcore in the cloud namespace"
     cat >"$WORK/cloud/cloudcore.toml" <<EOF
 # cloudcore configuration of the demo (see examples/config/cloudcore.toml for a commented one)
@@ -625,7 +752,7 @@ data_dir = "$WORK/$node/data"
 labels = { zone = "${NODE_ZONE[$node]}" }
 
 [cloud]
-url = "$HUB_URL"
+url = $(if [ "$HA" = 1 ]; then hub_urls_toml; else printf '"%s"' "$HUB_URL"; fi)
 token_file = "$WORK/$node/token"
 # Reconnect quickly once the cloud is back (default 30s), so the demo stays short.
 backoff_max = "2s"
@@ -667,14 +794,10 @@ step_inspect() {
     done
 }
 
-step_update() {
-    header "Updating Service hello: port 80 -> 8000; watching it arrive on both nodes"
-    local start node arrived=0 t
-    declare -A at=()
-    show cloud "cloudcore apply -f -   (hello with port 8000)"
-    start=$(now_ms)
-    # The same Service as in examples/hello.yaml, with another port.
-    if ! cloudctl apply -f - <<'EOF' 2>&1 | indent; then
+# hello_port_8000 [LABEL]: Service hello of examples/hello.yaml on port 8000 (and LABEL, a
+# "key: value" line, among its labels), as YAML.
+hello_port_8000() {
+    cat <<EOF
 apiVersion: v1
 kind: Service
 metadata:
@@ -682,7 +805,8 @@ metadata:
   namespace: default
   labels:
     app: hello
-  annotations:
+${1:+    $1
+}  annotations:
     edgemesh.io/lb-policy: round-robin
 spec:
   type: ClusterIP
@@ -698,6 +822,16 @@ spec:
     - zone
     - "*"
 EOF
+}
+
+step_update() {
+    header "Updating Service hello: port 80 -> 8000; watching it arrive on both nodes"
+    local start node arrived=0 t
+    declare -A at=()
+    show cloud "cloudcore apply -f -   (hello with port 8000)"
+    start=$(now_ms)
+    # The same Service as in examples/hello.yaml, with another port.
+    if ! hello_port_8000 | cloudctl apply -f - 2>&1 | indent; then
         die "applying the updated Service failed"
     fi
     while ((arrived < ${#NODES[@]})); do
@@ -800,7 +934,78 @@ step_pods() {
     ok "names resolve on the node itself (no cloud round trip): A, SRV, headless"
 }
 
+# holder NODE: the replica that holds NODE's connection, as the API reports it.
+holder() {
+    in_ns "$NS_CLOUD" curl -fsS --max-time 2 -H "Authorization: Bearer $API_TOKEN_HA" \
+        "$API_URL/api/v1/nodes/$1" | sed -n 's/.*"replica":"\([^"]*\)".*/\1/p'
+}
+
+# holder_is_live NODE DEAD: some replica holds NODE and it is not DEAD.
+holder_is_live() {
+    local h
+    h=$(holder "$1")
+    [ -n "$h" ] && [ "$h" != "$2" ]
+}
+
+# snapshots NODE: how many snapshots NODE was sent since it started.
+snapshots() {
+    admin_get "$1" /debug/sync | sed -n 's/.*"snapshots":\([0-9]*\).*/\1/p'
+}
+
+# node_knows_label NODE TEXT: NODE's copy of the Services mentions TEXT.
+node_knows_label() {
+    admin_get "$1" /debug/services | grep -q "$2"
+}
+
+# HA=1, in place of the offline step: the replica holding node-a dies; node-a moves.
+step_failover() {
+    header "Failover: SIGKILL of the replica that holds node-a"
+    run_shown cloud "cloudcore get nodes -o wide" cloudctl get nodes -o wide
+    local victim pid before after t0
+    victim=$(holder node-a)
+    [ -n "$victim" ] || die "no replica reports holding node-a"
+    before=$(snapshots node-a)
+    pid=${PIDS[cloudcore-$victim]}
+    t0=$(now_ms)
+    kill -KILL "$pid"
+    wait "$pid" 2>/dev/null || true
+    unset "PIDS[cloudcore-$victim]"
+    ok "replica $victim killed (SIGKILL) while holding node-a"
+    if [ "$victim" = cloud ]; then
+        API_URL="http://${REPLICA_IP[cloud-2]}:10002"
+        info "the CLI now talks to replica cloud-2 ($API_URL)"
+    fi
+    wait_until "$SYNC_TIMEOUT" "node-a is held by a live replica" holder_is_live node-a "$victim"
+    wait_until "$SYNC_TIMEOUT" "node-a is synced again" node_link node-a synced
+    ok "node-a is on replica $(holder node-a), $(($(now_ms) - t0)) ms after the kill"
+    after=$(snapshots node-a)
+    [ "$before" = "$after" ] || die "node-a was sent a snapshot after the move ($before -> $after)"
+    ok "node-a resumed by delta: no snapshot (the replicas share one store and one history)"
+    run_shown cloud "cloudcore get nodes -o wide" cloudctl get nodes -o wide
+    show client-a "curl http://$CLUSTER_IP:8000/   (one replica down)"
+    hello_call | indent || die "client-a could not call hello with a replica down"
+    ok "calls carry on"
+
+    show cloud "cloudcore apply -f -   (hello gets a label, through a live replica)"
+    hello_port_8000 "failover: survived" | cloudctl apply -f - 2>&1 | indent ||
+        die "applying through a live replica failed"
+    local node
+    for node in "${NODES[@]}"; do
+        wait_until "$UPDATE_TIMEOUT" "the update reaches $node" node_knows_label "$node" survived
+    done
+    ok "updates carry on: the new label reached node-a and node-b"
+
+    header "Starting replica $victim again"
+    start_replica "$victim"
+    API_URL="http://$CLOUD_IP:10002"
+    ok "replica $victim is back and ready; it serves whatever connects to it"
+}
+
 step_offline() {
+    if [ "$HA" = 1 ]; then
+        step_failover
+        return
+    fi
     header "Offline autonomy: stopping cloudcore"
     stop_proc cloudcore || die "cloudcore did not exit cleanly on SIGTERM (status $?)"
     ok "cloudcore stopped"
@@ -933,8 +1138,12 @@ step_tunnels() {
     printf '%s\n' "$answer" | indent
     [ "$answer" = "hello from a server in the cloud" ] || die "unexpected answer from cloud-hello: $answer"
     ok "node-a -> cloudcore, which dials the cloud endpoint itself"
-    run_shown cloud "curl /metrics | grep cloudcore_tunnel_streams_total" \
-        bash -c "ip netns exec '$NS_CLOUD' curl -fsS '$API_URL/metrics' | grep '^cloudcore_tunnel_streams_total'"
+    local r
+    for r in "${REPLICAS[@]}"; do
+        # HA=1: the streams went through the replicas that hold node-a and node-b.
+        run_shown "$r" "curl /metrics | grep cloudcore_tunnel_streams_total" \
+            bash -c "ip netns exec '${REPLICA_NS[$r]}' curl -fsS 'http://${REPLICA_IP[$r]}:10002/metrics' | grep '^cloudcore_tunnel_streams_total' || echo '      (no streams through this replica)'"
+    done
     run_shown node-a "edgemesh status" nodectl node-a status
 
     header "Router: a cloud client calls an edge Service through a rule (cloudcore :9443)"
@@ -1059,6 +1268,9 @@ main() {
 
     FINISHED=1
     header "Summary"
+    if [ "$HA" = 1 ]; then
+        info "HA: 3 etcd members, 3 replicas; the replica holding node-a killed, node-a moved by delta"
+    fi
     info "metadata plane: apply -> sync to both nodes -> live update -> offline restart -> resync"
     info "data plane: pod -> cluster IP -> node-a's proxy -> hello-0, also while the cloud is down"
     info "tunnels: node-a -> cloud -> node-b, node-a -> cloud endpoint, router -> node-b, QPS 429s, fall-over"

@@ -5,6 +5,7 @@
 //! connected node, and the time a fresh node needs for a full snapshot.
 
 mod api;
+mod ha;
 mod node;
 mod report;
 mod sync;
@@ -24,6 +25,8 @@ struct Cli {
 enum Command {
     /// Metadata sync: fan-out latency, cloudcore memory per node, snapshot time.
     Sync(sync::SyncArgs),
+    /// One cloud (one cloudcore or replicas on etcd): fan-out, memory, failover, relay.
+    Ha(ha::HaArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Sync(args) => runtime.block_on(sync::run(args)),
+        Command::Ha(args) => runtime.block_on(ha::run(args)),
     };
     // Node tasks may still be winding down; do not wait for them.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

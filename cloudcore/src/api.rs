@@ -169,6 +169,16 @@ impl From<StoreError> for ApiError {
                 error: e.to_string(),
                 field: Some("metadata.resourceVersion".into()),
             },
+            e @ StoreError::TooLarge(_) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+            }
+            e @ (StoreError::Stale { .. } | StoreError::Revoked(_)) => {
+                ApiError::new(StatusCode::CONFLICT, format!("{e}; try again"))
+            }
+            e @ StoreError::Unavailable(_) => {
+                tracing::warn!(error = %e, "store unavailable");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
             other => {
                 tracing::error!(error = %other, "store failure");
                 ApiError::new(
@@ -284,16 +294,11 @@ async fn require_token(State(state): State<ApiState>, req: Request, next: Next) 
 /// one makes it 503. `/healthz` only says the process answers.
 async fn readyz(State(state): State<ApiState>) -> Response {
     let store = state.objects.store().clone();
-    // A read of a key that cannot exist: cheap, and it goes through the database.
-    let probe = tokio::task::spawn_blocking(move || {
-        store
-            .get(&ObjectKey::new(Kind::Node, "", "readyz.probe"))
-            .map(|_| store.version())
-    })
-    .await;
+    // SQLite: a read through the database; etcd: the watch that feeds this replica is up.
+    let probe = tokio::task::spawn_blocking(move || store.health()).await;
     let store_check = match probe {
-        Ok(Ok(version)) => json!({ "ok": true, "detail": format!("open at version {version}") }),
-        Ok(Err(e)) => json!({ "ok": false, "detail": format!("read failed: {e}") }),
+        Ok(Ok(detail)) => json!({ "ok": true, "detail": detail }),
+        Ok(Err(e)) => json!({ "ok": false, "detail": e }),
         Err(e) => json!({ "ok": false, "detail": format!("read task failed: {e}") }),
     };
     let up = state.ready.load(Ordering::Acquire);
@@ -302,10 +307,17 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     } else {
         json!({ "ok": false, "detail": "not all listeners are up (starting or stopping)" })
     };
-    let checks = json!({ "store": store_check, "listeners": listeners });
-    let failed: Vec<&str> = ["store", "listeners"]
+    let mut checks = json!({ "store": store_check, "listeners": listeners });
+    // Several replicas: this one's lease in etcd (without it, it holds no nodes).
+    if let Some(cluster) = state.nodes.cluster_health() {
+        checks["cluster"] = match cluster {
+            Ok(detail) => json!({ "ok": true, "detail": detail }),
+            Err(detail) => json!({ "ok": false, "detail": detail }),
+        };
+    }
+    let failed: Vec<&str> = ["store", "listeners", "cluster"]
         .into_iter()
-        .filter(|c| checks[c]["ok"] != true)
+        .filter(|c| checks.get(*c).is_some_and(|v| v["ok"] != true))
         .collect();
     let ready = failed.is_empty();
     let body = json!({ "ready": ready, "failed": failed, "checks": checks });

@@ -34,6 +34,65 @@ async fn bind(key: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListen
         .with_context(|| format!("config key `{key}`: cannot listen on {addr}"))
 }
 
+/// The store `store.backend` names, and on etcd the store itself for the cluster module.
+pub struct OpenedStore {
+    pub store: Arc<dyn Store>,
+    #[cfg(feature = "etcd")]
+    pub etcd: Option<Arc<crate::store::etcd::EtcdStore>>,
+}
+
+/// Opens the store `store.backend` names: the SQLite file in `data_dir`, or etcd.
+pub async fn open_store(cfg: &Config) -> anyhow::Result<OpenedStore> {
+    let (history, history_bytes) = (cfg.store.history, cfg.store.history_bytes);
+    if cfg.is_ha() {
+        return open_etcd(cfg, history, history_bytes).await;
+    }
+    let db = cfg.data_dir.join(DB_FILE);
+    let path = db.clone();
+    let store =
+        tokio::task::spawn_blocking(move || SqliteStore::open(&path, history, history_bytes))
+            .await?
+            .with_context(|| {
+                format!(
+                    "config key `data_dir`: cannot open the store {}",
+                    db.display()
+                )
+            })?;
+    info!(path = %db.display(), version = store.version(), store_id = store.store_id(), "store open");
+    Ok(OpenedStore {
+        store: Arc::new(store),
+        #[cfg(feature = "etcd")]
+        etcd: None,
+    })
+}
+
+#[cfg(feature = "etcd")]
+async fn open_etcd(
+    cfg: &Config,
+    history: usize,
+    history_bytes: usize,
+) -> anyhow::Result<OpenedStore> {
+    let etcd = cfg.store.etcd.clone();
+    let store = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            crate::store::etcd::EtcdStore::open(&etcd, history, history_bytes)
+        })
+        .await?
+        .context("cannot open the etcd store")?,
+    );
+    Ok(OpenedStore {
+        store: store.clone(),
+        etcd: Some(store),
+    })
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn open_etcd(_: &Config, _: usize, _: usize) -> anyhow::Result<OpenedStore> {
+    anyhow::bail!(
+        "config key `store.backend`: etcd needs a cloudcore built with `cargo build --features etcd`"
+    )
+}
+
 /// Runs cloudcore until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     run_until(cfg, edgehub::process::shutdown_on_signal()).await
@@ -42,22 +101,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = crate::telemetry::install();
 
-    let db = cfg.data_dir.join(DB_FILE);
-    let store: Arc<dyn Store> = {
-        let (history, history_bytes) = (cfg.store.history, cfg.store.history_bytes);
-        let path = db.clone();
-        Arc::new(
-            tokio::task::spawn_blocking(move || SqliteStore::open(&path, history, history_bytes))
-                .await?
-                .with_context(|| {
-                    format!(
-                        "config key `data_dir`: cannot open the store {}",
-                        db.display()
-                    )
-                })?,
-        )
-    };
-    info!(path = %db.display(), version = store.version(), store_id = store.store_id(), "store open");
+    let opened = open_store(&cfg).await?;
+    let store = opened.store.clone();
     let api_token = load_or_create_api_token(cfg.api.token.as_deref(), &cfg.data_dir)
         .with_context(|| {
             format!(
@@ -142,6 +187,21 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
             .context("cannot load the router's rules from the store")?,
     );
     tunnels.set_virtual_services(Arc::new(crate::router::RouterStreams(router.clone())));
+    #[cfg(feature = "etcd")]
+    let cluster = match &opened.etcd {
+        Some(etcd) => Some(
+            crate::cluster::start(
+                &cfg,
+                etcd.clone(),
+                nodes.clone(),
+                tunnels.clone(),
+                router.clone(),
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let ready = Arc::new(AtomicBool::new(false));
     let state = ApiState {
         objects: objects.clone(),
@@ -156,7 +216,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         cfg.hub.clone(),
         store.clone(),
         objects,
-        tokens,
+        tokens.clone(),
         nodes.clone(),
         tunnels.clone(),
     ));
@@ -164,6 +224,8 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         store.subscribe(),
         shutdown.clone(),
     ));
+    tokio::spawn(tokens.clone().follow(nodes.clone(), shutdown.clone()));
+    tokio::spawn(router.clone().follow(shutdown.clone()));
     let hub_task = tokio::spawn(hub.serve(hub_listener, tls.clone(), shutdown.clone()));
     let api_task = tokio::spawn(edgehub::accept::serve_http(
         api_listener,
@@ -188,6 +250,10 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     ready.store(false, Ordering::Release);
     let _ = hub_task.await;
     tunnels.shutdown().await;
+    #[cfg(feature = "etcd")]
+    if let Some(c) = &cluster {
+        c.close();
+    }
     let _ = api_task.await;
     let _ = router_task.await;
     for task in background {

@@ -152,6 +152,47 @@ impl NodeTokens {
         }
     }
 
+    /// Keeps the hashes in step with the store until `shutdown`: tokens made or revoked
+    /// through another replica count here at once, and a node whose token went is
+    /// disconnected wherever it is connected.
+    pub async fn follow(
+        self: Arc<Self>,
+        nodes: Arc<crate::nodes::NodeRegistry>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut changes = self.store.subscribe_tokens();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = changes.changed() => if changed.is_err() { return },
+            }
+            let store = self.store.clone();
+            let fresh = match tokio::task::spawn_blocking(move || store.token_hashes()).await {
+                Ok(Ok(h)) => h.into_iter().collect::<HashMap<_, _>>(),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "reading node tokens failed");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let gone: Vec<String> = {
+                let mut hashes = self.hashes.write().unwrap_or_else(|p| p.into_inner());
+                let gone = hashes
+                    .keys()
+                    .filter(|n| !fresh.contains_key(*n))
+                    .cloned()
+                    .collect();
+                *hashes = fresh;
+                gone
+            };
+            for node in gone {
+                if nodes.kick(&node) {
+                    tracing::info!(%node, "token revoked: node disconnected");
+                }
+            }
+        }
+    }
+
     pub fn has_token(&self, node: &str) -> bool {
         self.hashes
             .read()

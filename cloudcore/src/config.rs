@@ -45,6 +45,7 @@ pub struct Config {
     pub router: RouterConfig,
     pub tunnel: crate::tunnel::TunnelConfig,
     pub store: StoreConfig,
+    pub cluster: ClusterConfig,
     pub log: LogConfig,
 }
 
@@ -58,6 +59,7 @@ impl Default for Config {
             router: RouterConfig::default(),
             tunnel: crate::tunnel::TunnelConfig::default(),
             store: StoreConfig::default(),
+            cluster: ClusterConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -206,12 +208,13 @@ impl RouterConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `sqlite` (embedded, the default).
+    /// `sqlite` (embedded, the default) or `etcd` (cargo feature `etcd`).
     pub backend: String,
     /// Changes kept for resuming nodes; a node further behind gets a snapshot.
     pub history: usize,
     /// Memory the kept changes may use; the oldest go first.
     pub history_bytes: usize,
+    pub etcd: EtcdConfig,
 }
 
 impl Default for StoreConfig {
@@ -220,14 +223,237 @@ impl Default for StoreConfig {
             backend: "sqlite".into(),
             history: 10_000,
             history_bytes: 64 << 20,
+            etcd: EtcdConfig::default(),
         }
     }
+}
+
+/// `[store.etcd]`: the etcd cluster every replica shares.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdConfig {
+    /// Client URLs of the etcd members (`http://` or `https://`).
+    pub endpoints: Vec<String>,
+    /// Every key cloudcore writes starts with this (several meshes can share one etcd).
+    pub prefix: String,
+    /// CA that signed the members' certificates (https endpoints).
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate and key, when the members require client certificates.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Budget of one request to etcd (a write, a lease grant).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long a starting replica waits for etcd before it gives up.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// etcd's `--max-txn-ops`: a write needing more operations is refused with 413.
+    pub max_txn_ops: usize,
+    /// etcd's `--max-request-bytes`: a write larger than this is refused with 413.
+    pub max_txn_bytes: usize,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/edgemesh/".into(),
+            ca_cert: None,
+            cert: None,
+            key: None,
+            request_timeout: Duration::from_secs(5),
+            startup_timeout: Duration::from_secs(30),
+            max_txn_ops: 128,
+            max_txn_bytes: 1536 * 1024,
+        }
+    }
+}
+
+/// `[cluster]`: how replicas on one etcd find and trust each other.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Where the replica link listens (streams relayed from other replicas).
+    pub listen: SocketAddr,
+    /// How the other replicas reach this one's `listen` (`ws://` or `wss://`).
+    pub advertise_url: Option<String>,
+    /// The replicas' shared secret (a file, at least 32 bytes); never stored in etcd.
+    pub peer_key_file: Option<PathBuf>,
+    /// This replica's name in `GET /api/v1/nodes`; unset: advertise_url's host and port.
+    pub name: Option<String>,
+    /// TLS of the replica link (`wss://`): certificate and key it serves, CA it trusts.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub ca_cert: Option<PathBuf>,
+    /// Time to live of this replica's lease in etcd, and how often it is renewed.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 10003)),
+            advertise_url: None,
+            peer_key_file: None,
+            name: None,
+            tls_cert: None,
+            tls_key: None,
+            ca_cert: None,
+            lease_ttl: Duration::from_secs(5),
+            heartbeat: Duration::from_secs(2),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The replica's name: `name`, else the authority of `advertise_url`.
+    pub fn replica_name(&self) -> String {
+        if let Some(n) = &self.name {
+            return n.clone();
+        }
+        let url = self.advertise_url.as_deref().unwrap_or_default();
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        rest.split('/').next().unwrap_or_default().to_string()
+    }
+}
+
+fn is_url(s: &str, schemes: &[&str]) -> bool {
+    schemes.iter().any(|p| {
+        s.strip_prefix(p)
+            .and_then(|r| r.strip_prefix("://"))
+            .is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace))
+    })
 }
 
 impl Config {
     /// `cloudcore config show`: the effective configuration, the API token left out.
     pub fn to_toml_redacted(&self) -> Result<String, String> {
         config_doc::to_toml_redacted(self, SECRETS)
+    }
+
+    /// Whether this cloudcore is one replica of several on etcd.
+    pub fn is_ha(&self) -> bool {
+        self.store.backend == "etcd"
+    }
+
+    /// The keys an etcd replica needs on top of the single-process ones.
+    fn validate_ha(&self) -> Result<(), ConfigError> {
+        let etcd = &self.store.etcd;
+        if etcd.endpoints.is_empty() {
+            return Err(ConfigError::key(
+                "store.etcd.endpoints",
+                "needs at least one etcd client URL",
+            ));
+        }
+        let tls = etcd.ca_cert.is_some() || etcd.cert.is_some();
+        for e in &etcd.endpoints {
+            if !is_url(e, &["http", "https"]) {
+                return Err(ConfigError::key(
+                    "store.etcd.endpoints",
+                    format!("{e:?} is not an http:// or https:// URL"),
+                ));
+            }
+            if tls && e.starts_with("http://") {
+                return Err(ConfigError::key(
+                    "store.etcd.endpoints",
+                    format!("{e:?} is plain http but store.etcd TLS keys are set: use https://"),
+                ));
+            }
+        }
+        if etcd.cert.is_some() != etcd.key.is_some() {
+            let missing = if etcd.cert.is_some() { "key" } else { "cert" };
+            return Err(ConfigError::key(
+                format!("store.etcd.{missing}"),
+                "store.etcd.cert and store.etcd.key go together",
+            ));
+        }
+        if etcd.prefix.is_empty() || etcd.prefix.contains(char::is_whitespace) {
+            return Err(ConfigError::key(
+                "store.etcd.prefix",
+                "must be non-empty, without spaces",
+            ));
+        }
+        if etcd.request_timeout.is_zero() || etcd.startup_timeout.is_zero() {
+            let key = if etcd.request_timeout.is_zero() {
+                "store.etcd.request_timeout"
+            } else {
+                "store.etcd.startup_timeout"
+            };
+            return Err(ConfigError::key(key, "must be longer than zero"));
+        }
+        if etcd.max_txn_ops < 8 {
+            return Err(ConfigError::key(
+                "store.etcd.max_txn_ops",
+                "must be at least 8",
+            ));
+        }
+        if etcd.max_txn_bytes < 64 << 10 {
+            return Err(ConfigError::key(
+                "store.etcd.max_txn_bytes",
+                "must be at least 65536",
+            ));
+        }
+        let cluster = &self.cluster;
+        match &cluster.advertise_url {
+            None => {
+                return Err(ConfigError::key(
+                    "cluster.advertise_url",
+                    "is required with store.backend = \"etcd\": where the other replicas reach this one",
+                ))
+            }
+            Some(u) if !is_url(u, &["ws", "wss"]) => {
+                return Err(ConfigError::key(
+                    "cluster.advertise_url",
+                    format!("{u:?} is not a ws:// or wss:// URL"),
+                ))
+            }
+            Some(_) => {}
+        }
+        if cluster.peer_key_file.is_none() {
+            return Err(ConfigError::key(
+                "cluster.peer_key_file",
+                "is required with store.backend = \"etcd\": the replicas' shared secret",
+            ));
+        }
+        if cluster.tls_cert.is_some() != cluster.tls_key.is_some() {
+            let missing = if cluster.tls_cert.is_some() {
+                "tls_key"
+            } else {
+                "tls_cert"
+            };
+            return Err(ConfigError::key(
+                format!("cluster.{missing}"),
+                "cluster.tls_cert and cluster.tls_key go together",
+            ));
+        }
+        if cluster.replica_name().is_empty() || cluster.replica_name().contains('/') {
+            return Err(ConfigError::key(
+                "cluster.name",
+                "must be non-empty and without '/'",
+            ));
+        }
+        if cluster.lease_ttl < Duration::from_secs(2) {
+            return Err(ConfigError::key(
+                "cluster.lease_ttl",
+                "must be at least 2s (etcd's shortest lease)",
+            ));
+        }
+        if cluster.heartbeat.is_zero() || cluster.heartbeat * 2 > cluster.lease_ttl {
+            return Err(ConfigError::key(
+                "cluster.heartbeat",
+                "must be more than 0s and at most half of cluster.lease_ttl",
+            ));
+        }
+        if self.api.token.is_none() {
+            return Err(ConfigError::key(
+                "api.token",
+                "is required with store.backend = \"etcd\": every replica must accept the same token",
+            ));
+        }
+        Ok(())
     }
 
     /// Checks what types alone cannot.
@@ -247,14 +473,21 @@ impl Config {
             }
             _ => {}
         }
-        if self.store.backend != "sqlite" {
-            return Err(ConfigError::key(
-                "store.backend",
-                format!(
-                    "unsupported backend {:?}: this build has sqlite",
-                    self.store.backend
-                ),
-            ));
+        match self.store.backend.as_str() {
+            "sqlite" => {}
+            "etcd" if cfg!(feature = "etcd") => self.validate_ha()?,
+            "etcd" => {
+                return Err(ConfigError::key(
+                    "store.backend",
+                    "etcd needs a cloudcore built with `cargo build --features etcd`",
+                ))
+            }
+            other => {
+                return Err(ConfigError::key(
+                    "store.backend",
+                    format!("unsupported backend {other:?}: sqlite or etcd"),
+                ))
+            }
         }
         if self.store.history == 0 {
             return Err(ConfigError::key("store.history", "must be at least 1"));
@@ -376,7 +609,7 @@ mod tests {
             ("[hub]\nlisten = \"nope\"", "hub.listen"),
             ("[hub]\ntls_cert = \"/x\"", "hub.tls_key"),
             ("service_cidr = \"10.0.0.0/99\"", "service_cidr"),
-            ("[store]\nbackend = \"etcd\"", "store.backend"),
+            ("[store]\nbackend = \"mysql\"", "store.backend"),
             ("[api]\ntokn = \"x\"", "api.tokn"),
             ("[hub]\nnode_timeout = \"soon\"", "hub.node_timeout"),
             (
@@ -398,6 +631,68 @@ mod tests {
             ("[router]\nadvertise_ip = \"nope\"", "router.advertise_ip"),
         ] {
             let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn etcd_keys_are_checked_and_errors_name_them() {
+        let ha = "[store]\nbackend = \"etcd\"\n[api]\ntoken = \"0123456789abcdef\"\n[cluster]\nadvertise_url = \"ws://10.0.0.1:10003\"\npeer_key_file = \"/etc/cloudcore/peer.key\"\n";
+        if !cfg!(feature = "etcd") {
+            let e = parse(ha).unwrap_err().to_string();
+            assert!(
+                e.contains("`store.backend`") && e.contains("--features etcd"),
+                "{e}"
+            );
+            return;
+        }
+        let c = parse(ha).expect("a minimal replica");
+        assert!(c.is_ha());
+        assert_eq!(c.cluster.replica_name(), "10.0.0.1:10003");
+        for (extra, key) in [
+            ("[store.etcd]\nendpoints = []", "store.etcd.endpoints"),
+            (
+                "[store.etcd]\nendpoints = [\"10.0.0.1:2379\"]",
+                "store.etcd.endpoints",
+            ),
+            (
+                "[store.etcd]\nca_cert = \"/ca.pem\"",
+                "store.etcd.endpoints",
+            ),
+            (
+                "[store.etcd]\ncert = \"/c.pem\"\nendpoints = [\"https://e:2379\"]",
+                "store.etcd.key",
+            ),
+            ("[store.etcd]\nprefix = \"\"", "store.etcd.prefix"),
+            ("[store.etcd]\nmax_txn_ops = 2", "store.etcd.max_txn_ops"),
+            (
+                "[store.etcd]\nrequest_timeout = \"0s\"",
+                "store.etcd.request_timeout",
+            ),
+            ("[store.etcd]\nendpoint = []", "store.etcd.endpoint"),
+        ] {
+            let e = parse(&format!("{ha}{extra}")).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "{extra}: {e}");
+        }
+        for (text, key) in [
+            (
+                ha.replace("advertise_url = \"ws://10.0.0.1:10003\"\n", ""),
+                "cluster.advertise_url",
+            ),
+            (
+                ha.replace("ws://10.0.0.1", "http://10.0.0.1"),
+                "cluster.advertise_url",
+            ),
+            (
+                ha.replace("peer_key_file", "name = \"r1\"\n#"),
+                "cluster.peer_key_file",
+            ),
+            (ha.replace("token = \"0123456789abcdef\"", ""), "api.token"),
+            (format!("{ha}lease_ttl = \"1s\"\n"), "cluster.lease_ttl"),
+            (format!("{ha}heartbeat = \"4s\"\n"), "cluster.heartbeat"),
+            (format!("{ha}tls_cert = \"/c.pem\"\n"), "cluster.tls_key"),
+        ] {
+            let e = parse(&text).unwrap_err().to_string();
             assert!(e.contains(&format!("`{key}`")), "{text}: {e}");
         }
     }

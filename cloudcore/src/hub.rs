@@ -653,7 +653,7 @@ impl Hub {
                 if kicked.is_cancelled() || !tokens.has_token(&node) {
                     return Ok(false);
                 }
-                objects.ensure_node(&node, Some(&labels)).map(|()| true)
+                objects.admit_node(&node, &labels)
             })
             .await
             .map_err(|e| SessionError::Store(e.to_string()))?

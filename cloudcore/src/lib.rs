@@ -6,6 +6,7 @@
 //! - [`mirror`]: the store as of its last commit, in memory (what streams and routes read);
 //! - [`hub`]: the websocket server that keeps every edge node in sync;
 //! - [`auth`]: API and node tokens; [`nodes`]: which nodes are online;
+//! - `cluster` (feature `etcd`): leases, presence and links between replicas on etcd;
 //! - [`router`]: rules between cloud REST services and edge Services, with QPS limits;
 //! - [`cli`]: `cloudcore apply|get|delete|token`;
 //! - [`telemetry`]: the metrics `/metrics` shows.
@@ -14,6 +15,8 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod cli;
+#[cfg(feature = "etcd")]
+pub mod cluster;
 pub mod config;
 pub mod hub;
 pub mod mirror;

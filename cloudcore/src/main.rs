@@ -104,6 +104,26 @@ enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// Move the store between backends (cloudcore stopped): export from the configured
+    /// store, import into another (SQLite ↔ etcd).
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Write every object, the history, node tokens and router records of the configured
+    /// store (store.backend) as JSON lines.
+    Export {
+        /// Output file; - for stdout.
+        #[arg(short = 'o', long, default_value = "-")]
+        output: String,
+    },
+    /// Fill the configured store, which must be empty, from an export.
+    Import {
+        /// The export; - for stdin.
+        file: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -179,6 +199,50 @@ fn config_command(args: &Args, command: &ConfigCommand) -> anyhow::Result<()> {
                 .to_toml_redacted()
                 .map_err(anyhow::Error::msg)?
         ),
+    }
+    Ok(())
+}
+
+/// `cloudcore store export|import`.
+async fn store_command(cfg: &Config, command: StoreCommand) -> anyhow::Result<()> {
+    use cloudcore::store::export;
+    use std::io::Write;
+    let store = cloudcore::app::open_store(cfg).await?.store;
+    match command {
+        StoreCommand::Export { output } => {
+            let dump = tokio::task::spawn_blocking(move || export::dump(store.as_ref())).await??;
+            let (version, objects) = (dump.version, dump.records.len());
+            if output == "-" {
+                let mut out = std::io::stdout().lock();
+                export::write(&dump, &mut out)?;
+                out.flush()?;
+            } else {
+                let file = std::fs::File::create(&output)
+                    .map_err(|e| anyhow::anyhow!("cannot write {output}: {e}"))?;
+                export::write(&dump, std::io::BufWriter::new(file))?;
+            }
+            eprintln!("exported version {version}: {objects} objects, {} changes of history, {} tokens, {} router records", dump.changes.len(), dump.tokens.len(), dump.router.len());
+        }
+        StoreCommand::Import { file } => {
+            let dump = if file == "-" {
+                export::read(std::io::stdin().lock())?
+            } else {
+                let f = std::fs::File::open(&file)
+                    .map_err(|e| anyhow::anyhow!("cannot read {file}: {e}"))?;
+                export::read(std::io::BufReader::new(f))
+                    .map_err(|e| anyhow::anyhow!("{file}: {e}"))?
+            };
+            let (version, objects) = (dump.version, dump.records.len());
+            tokio::task::spawn_blocking(move || {
+                export::check_empty(store.as_ref())?;
+                store.restore(&dump)
+            })
+            .await??;
+            eprintln!(
+                "imported version {version}: {objects} objects into the {} store",
+                cfg.store.backend
+            );
+        }
     }
     Ok(())
 }
@@ -264,6 +328,7 @@ async fn main_inner(mut args: Args) -> anyhow::Result<()> {
         Some(Command::Token {
             action: TokenAction::Revoke { node, client: c },
         }) => cli::token_revoke(&client(c)?, &node).await,
+        Some(Command::Store(command)) => store_command(&cfg, command).await,
         Some(Command::Config(_)) => Ok(()), // answered above
     }
 }

@@ -1,13 +1,19 @@
 //! Runtime state of edge nodes: who is connected, from where, since when, what they acked.
 //! This is not stored (it changes with every keepalive); the API merges it into Node objects.
+//!
+//! With several replicas (store on etcd) each one knows its own sessions in full; nodes held
+//! by other replicas are known from their presence in etcd ([`NodeRegistry::set_remote`]),
+//! and every connect and disconnect is reported to whoever keeps this replica's presence
+//! ([`NodeRegistry::report_to`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub fn now_ms() -> i64 {
@@ -35,6 +41,31 @@ pub struct NodeStatus {
     pub agent_version: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disconnect_reason: Option<String>,
+    /// The cloudcore replica that holds the node's connection (several replicas only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
+}
+
+/// A node's session on another replica, as that replica published it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Presence {
+    pub replica: String,
+    pub conn_id: u64,
+    pub address: String,
+    pub since_ms: i64,
+}
+
+/// What the presence keeper is told.
+#[derive(Debug)]
+pub enum PresenceEvent {
+    Connected { node: String, presence: Presence },
+    Disconnected { node: String, conn_id: u64 },
+}
+
+/// This replica's standing in the cluster, for `/readyz`.
+pub trait ClusterHealth: Send + Sync {
+    fn check(&self) -> Result<String, String>;
 }
 
 #[derive(Default)]
@@ -53,6 +84,13 @@ pub struct NodeRegistry {
     /// Kept as a running count: recounting on every (re)connect is quadratic when thousands
     /// of nodes reconnect at once.
     online: AtomicU64,
+    /// This replica's name and where its connects and disconnects go (several replicas).
+    replica: OnceLock<(String, mpsc::UnboundedSender<PresenceEvent>)>,
+    /// Nodes connected to other replicas.
+    remote: RwLock<HashMap<String, Presence>>,
+    /// Cleared while this replica has no lease: new sessions are closed at once.
+    refusing: AtomicBool,
+    cluster: OnceLock<std::sync::Arc<dyn ClusterHealth>>,
 }
 
 /// A connection's claim on its node name; `NodeRegistry::disconnect` takes it back.
@@ -73,6 +111,15 @@ impl NodeRegistry {
     pub fn connect(&self, node: &str, addr: SocketAddr) -> Session {
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
         let kicked = CancellationToken::new();
+        if self.refusing.load(Ordering::Acquire) {
+            // No lease: the node must go to a replica that has one.
+            kicked.cancel();
+            return Session {
+                node: node.to_string(),
+                conn_id,
+                kicked,
+            };
+        }
         {
             let mut nodes = self.lock();
             let e = nodes.entry(node.to_string()).or_default();
@@ -90,8 +137,21 @@ impl NodeRegistry {
             e.status.connected_since_ms = Some(now);
             e.status.last_seen_ms = Some(now);
             e.status.disconnect_reason = None;
-            // Under the lock, so the gauge follows the order of events.
+            e.status.replica = self.replica.get().map(|(name, _)| name.clone());
+            // Under the lock, so the gauge follows the order of events, and the presence
+            // keeper hears of connects and disconnects in their order.
             self.publish_online();
+            if let Some((name, events)) = self.replica.get() {
+                let _ = events.send(PresenceEvent::Connected {
+                    node: node.to_string(),
+                    presence: Presence {
+                        replica: name.clone(),
+                        conn_id,
+                        address: addr.to_string(),
+                        since_ms: now,
+                    },
+                });
+            }
         }
         Session {
             node: node.to_string(),
@@ -113,10 +173,98 @@ impl NodeRegistry {
                     e.status.connected_since_ms = None;
                     e.status.disconnect_reason = Some(reason.to_string());
                     e.kick = None;
+                    e.status.replica = None;
+                    if let Some((_, events)) = self.replica.get() {
+                        let _ = events.send(PresenceEvent::Disconnected {
+                            node: session.node.clone(),
+                            conn_id: session.conn_id,
+                        });
+                    }
                 }
             }
             self.publish_online();
         }
+    }
+
+    /// Makes this registry one replica's: sessions carry `name`, and connects and
+    /// disconnects are sent to `events` (the presence keeper).
+    pub fn report_to(&self, name: &str, events: mpsc::UnboundedSender<PresenceEvent>) {
+        let _ = self.replica.set((name.to_string(), events));
+    }
+
+    pub fn replica_name(&self) -> Option<&str> {
+        self.replica.get().map(|(n, _)| n.as_str())
+    }
+
+    pub fn set_cluster_health(&self, health: std::sync::Arc<dyn ClusterHealth>) {
+        let _ = self.cluster.set(health);
+    }
+
+    /// The cluster check of `/readyz`; `None` for a single cloudcore.
+    pub fn cluster_health(&self) -> Option<Result<String, String>> {
+        self.cluster.get().map(|c| c.check())
+    }
+
+    /// Replaces what is known of nodes on other replicas.
+    pub fn set_remote(&self, remote: HashMap<String, Presence>) {
+        *self.remote.write().unwrap_or_else(|p| p.into_inner()) = remote;
+    }
+
+    /// The replica holding `node` when that is another one.
+    pub fn remote(&self, node: &str) -> Option<Presence> {
+        self.remote
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .cloned()
+    }
+
+    /// This replica's session of `node`: its id and when it started, if connected here.
+    pub fn local(&self, node: &str) -> Option<(u64, i64)> {
+        let nodes = self.lock();
+        let e = nodes.get(node)?;
+        e.status
+            .online
+            .then(|| (e.conn_id, e.status.connected_since_ms.unwrap_or(0)))
+    }
+
+    /// Nodes connected here, with their session ids.
+    pub fn local_sessions(&self) -> Vec<(String, Presence)> {
+        let Some(name) = self.replica_name() else {
+            return Vec::new();
+        };
+        self.lock()
+            .iter()
+            .filter(|(_, e)| e.status.online)
+            .map(|(n, e)| {
+                (
+                    n.clone(),
+                    Presence {
+                        replica: name.to_string(),
+                        conn_id: e.conn_id,
+                        address: e.status.address.clone().unwrap_or_default(),
+                        since_ms: e.status.connected_since_ms.unwrap_or(0),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Closes every session and, while `refusing`, every new one at once (a replica that lost
+    /// its lease; its nodes must move to one that has one).
+    pub fn refuse(&self, refusing: bool) {
+        self.refusing.store(refusing, Ordering::Release);
+        if refusing {
+            for e in self.lock().values_mut() {
+                if let Some(k) = e.kick.take() {
+                    k.cancel();
+                }
+            }
+        }
+    }
+
+    pub fn is_refusing(&self) -> bool {
+        self.refusing.load(Ordering::Acquire)
     }
 
     fn publish_online(&self) {
@@ -197,11 +345,24 @@ impl NodeRegistry {
         self.publish_online();
     }
 
+    /// The node's status: this replica's own when it holds the node, else what the replica
+    /// that holds it published (online, where from, since when).
     pub fn status(&self, node: &str) -> NodeStatus {
-        self.lock()
-            .get(node)
-            .map(|e| e.status.clone())
-            .unwrap_or_default()
+        let local = self.lock().get(node).map(|e| e.status.clone());
+        if local.as_ref().is_some_and(|s| s.online) {
+            return local.unwrap_or_default();
+        }
+        match self.remote(node) {
+            Some(p) => NodeStatus {
+                online: true,
+                address: Some(p.address),
+                connected_since_ms: Some(p.since_ms),
+                replica: Some(p.replica),
+                disconnect_reason: None,
+                ..local.unwrap_or_default()
+            },
+            None => local.unwrap_or_default(),
+        }
     }
 
     pub fn online_count(&self) -> usize {

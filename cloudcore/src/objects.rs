@@ -11,7 +11,7 @@ use edgehub::model::{
 };
 use ipnet::IpNet;
 
-use crate::store::{Change, ChangeOp, Record, Store, StoreError, Write};
+use crate::store::{Change, ChangeOp, Record, Since, Store, StoreError, Write};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -56,7 +56,16 @@ pub struct Outcome {
 #[derive(Default)]
 struct IpIndex {
     by_ip: HashMap<IpAddr, (String, String)>,
+    /// The store version the index reflects. A write that allocated from it is made
+    /// conditional on the store still being there ([`Store::write_at`]), so two writers (two
+    /// replicas on one etcd) can never hand out the same address.
+    version: u64,
 }
+
+/// How often a write is tried again when the store moved under it (writes through other
+/// replicas). Each try first catches up, so only a write storm on one Service range exhausts
+/// it, and then the caller gets a 409 to retry.
+const MAX_ATTEMPTS: usize = 64;
 
 pub struct Objects {
     store: Arc<dyn Store>,
@@ -70,23 +79,55 @@ pub struct Objects {
 
 impl Objects {
     pub fn new(store: Arc<dyn Store>, service_cidr: IpNet) -> Result<Self, StoreError> {
-        let mut index = IpIndex::default();
-        for rec in store.list(Kind::Service, None)? {
-            if let Ok(Object::Service(svc)) = Object::from_json(Kind::Service, &rec.json) {
-                if let Some(ip) = svc.cluster_ip() {
-                    index.by_ip.insert(
-                        ip,
-                        (svc.metadata.namespace.clone(), svc.metadata.name.clone()),
-                    );
-                }
-            }
-        }
-        Ok(Objects {
+        let objects = Objects {
             store,
             service_cidr,
-            ips: Mutex::new(index),
+            ips: Mutex::new(IpIndex::default()),
             admission: Mutex::new(()),
-        })
+        };
+        objects.catch_up(&mut objects.lock_ips())?;
+        Ok(objects)
+    }
+
+    fn lock_ips(&self) -> std::sync::MutexGuard<'_, IpIndex> {
+        self.ips.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Brings the IP index to the store's version: from the changes since, or from a
+    /// consistent snapshot when they are no longer kept.
+    fn catch_up(&self, ips: &mut IpIndex) -> Result<(), StoreError> {
+        let since = if ips.version == 0 {
+            Since::Gone
+        } else {
+            self.store.changes_since(ips.version, None)
+        };
+        match since {
+            Since::Current => {}
+            Since::Changes(changes) => {
+                for c in changes.iter().filter(|c| c.key.kind == Kind::Service) {
+                    let me = (c.key.namespace.clone(), c.key.name.clone());
+                    ips.by_ip.retain(|_, holder| *holder != me);
+                    if c.op != ChangeOp::Delete {
+                        if let Some(ip) = cluster_ip_of(&c.json) {
+                            ips.by_ip.insert(ip, me);
+                        }
+                    }
+                }
+                ips.version = changes.last().map_or(ips.version, |c| c.version);
+            }
+            Since::Gone => {
+                let snap = self.store.snapshot()?;
+                ips.by_ip.clear();
+                for rec in snap.records.iter().filter(|r| r.key.kind == Kind::Service) {
+                    if let Some(ip) = cluster_ip_of(&rec.json) {
+                        ips.by_ip
+                            .insert(ip, (rec.key.namespace.clone(), rec.key.name.clone()));
+                    }
+                }
+                ips.version = snap.version;
+            }
+        }
+        Ok(())
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -109,9 +150,42 @@ impl Objects {
         objects: Vec<Object>,
         check_versions: bool,
     ) -> Result<Vec<Outcome>, ApplyError> {
+        self.apply_guarded(objects, check_versions, None)
+    }
+
+    /// [`Objects::apply`], tried again while the store moves under it; with `token_of`, the
+    /// batch fails with [`StoreError::Revoked`] unless that node still has a token.
+    fn apply_guarded(
+        &self,
+        objects: Vec<Object>,
+        check_versions: bool,
+        token_of: Option<&str>,
+    ) -> Result<Vec<Outcome>, ApplyError> {
+        let mut last = None;
+        for _ in 0..MAX_ATTEMPTS {
+            match self.try_apply(objects.clone(), check_versions, token_of) {
+                Err(ApplyError::Store(e @ StoreError::Stale { .. })) => last = Some(e),
+                other => return other,
+            }
+        }
+        let why = last.map(|e| e.to_string()).unwrap_or_default();
+        Err(ApplyError::Conflict {
+            field: String::new(),
+            message: format!("the store kept changing while this was written ({why}); try again"),
+        })
+    }
+
+    fn try_apply(
+        &self,
+        objects: Vec<Object>,
+        check_versions: bool,
+        token_of: Option<&str>,
+    ) -> Result<Vec<Outcome>, ApplyError> {
         let multi = objects.len() > 1;
         let at = |i: usize| if multi { Some(i) } else { None };
-        let mut ips = self.ips.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ips = self.lock_ips();
+        self.catch_up(&mut ips)?;
+        let has_services = objects.iter().any(|o| matches!(o, Object::Service(_)));
         // IPs taken by earlier documents of this same request.
         let mut claimed: HashMap<IpAddr, (String, String)> = HashMap::new();
         let mut writes = Vec::with_capacity(objects.len());
@@ -173,8 +247,16 @@ impl Objects {
                 expect_version,
             });
         }
-        let changes = self.store.write(writes)?;
-        self.index_changes(&mut ips, &changes);
+        if let Some(node) = token_of {
+            writes.push(Write::RequireToken {
+                node: node.to_string(),
+            });
+        }
+        // Only an allocation depends on what else is stored; everything else the store checks
+        // itself at commit.
+        let base = has_services.then_some(ips.version);
+        let changes = self.store.write_at(base, writes)?;
+        drop(ips);
         // By key: a search per document would make a 10,000-object apply quadratic.
         let by_key: HashMap<&ObjectKey, &Arc<Change>> =
             changes.iter().map(|c| (&c.key, c)).collect();
@@ -199,9 +281,7 @@ impl Objects {
 
     /// Deletes one object.
     pub fn delete(&self, key: &ObjectKey) -> Result<Arc<Change>, ApplyError> {
-        let mut ips = self.ips.lock().unwrap_or_else(|p| p.into_inner());
         let changes = self.store.write(vec![Write::Delete { key: key.clone() }])?;
-        self.index_changes(&mut ips, &changes);
         changes
             .into_iter()
             .next()
@@ -218,6 +298,29 @@ impl Objects {
         &self,
         name: &str,
         labels: Option<&BTreeMap<String, String>>,
+    ) -> Result<(), ApplyError> {
+        self.put_node(name, labels, None)
+    }
+
+    /// A connecting node's admission: its Node object with the labels it reports, written only
+    /// while the node still has a token (whichever replica revokes it). False when revoked.
+    pub fn admit_node(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<bool, ApplyError> {
+        match self.put_node(name, Some(labels), Some(name)) {
+            Ok(()) => Ok(true),
+            Err(ApplyError::Store(StoreError::Revoked(_))) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn put_node(
+        &self,
+        name: &str,
+        labels: Option<&BTreeMap<String, String>>,
+        token_of: Option<&str>,
     ) -> Result<(), ApplyError> {
         let key = ObjectKey::new(Kind::Node, "", name);
         let current = match self.store.get(&key)? {
@@ -236,7 +339,8 @@ impl Objects {
             }
             (None, l) => Node::new(name, l.cloned().unwrap_or_default()),
         };
-        self.apply(vec![Object::Node(node)], false).map(|_| ())
+        self.apply_guarded(vec![Object::Node(node)], false, token_of)
+            .map(|_| ())
     }
 
     fn existing_service_ip(&self, key: &(String, String)) -> Result<Option<String>, StoreError> {
@@ -304,19 +408,12 @@ impl Objects {
         }
         Ok(())
     }
+}
 
-    fn index_changes(&self, ips: &mut IpIndex, changes: &[Arc<Change>]) {
-        for c in changes.iter().filter(|c| c.key.kind == Kind::Service) {
-            let me = (c.key.namespace.clone(), c.key.name.clone());
-            ips.by_ip.retain(|_, holder| *holder != me);
-            if c.op != ChangeOp::Delete {
-                if let Ok(Object::Service(svc)) = Object::from_json(Kind::Service, &c.json) {
-                    if let Some(ip) = svc.cluster_ip() {
-                        ips.by_ip.insert(ip, me);
-                    }
-                }
-            }
-        }
+fn cluster_ip_of(json: &str) -> Option<IpAddr> {
+    match Object::from_json(Kind::Service, json) {
+        Ok(Object::Service(svc)) => svc.cluster_ip(),
+        _ => None,
     }
 }
 

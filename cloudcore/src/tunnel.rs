@@ -104,12 +104,21 @@ pub trait VirtualServices: Send + Sync + 'static {
     fn serve(&self, source_node: String, namespace: String, name: String, stream: TunnelStream);
 }
 
+/// Nodes held by other cloudcore replicas (store on etcd): the link to the replica that holds
+/// `node`, over which a stream to it is relayed (see `cluster`).
+#[async_trait::async_trait]
+pub trait RemoteNodes: Send + Sync + 'static {
+    async fn link_to(&self, node: &str) -> Option<Mux>;
+}
+
 pub struct Tunnels {
     cfg: TunnelConfig,
     /// The store as of its last commit: what streams are checked against.
     views: watch::Receiver<Arc<MeshView>>,
     links: Mutex<HashMap<String, Mux>>,
     virtual_services: OnceLock<Arc<dyn VirtualServices>>,
+    /// Set on a replica of several: where nodes not connected here are.
+    remote: OnceLock<Arc<dyn RemoteNodes>>,
     /// Streams to cloud endpoints: limited (QPS), dialled and joined here.
     server: Arc<StreamServer>,
     tasks: TaskTracker,
@@ -129,6 +138,7 @@ impl Tunnels {
             views,
             links: Mutex::new(HashMap::new()),
             virtual_services: OnceLock::new(),
+            remote: OnceLock::new(),
             server,
             tasks: TaskTracker::new(),
             shutdown,
@@ -138,6 +148,68 @@ impl Tunnels {
     /// The router, once it exists (it needs the tunnels first to open streams).
     pub fn set_virtual_services(&self, v: Arc<dyn VirtualServices>) {
         let _ = self.virtual_services.set(v);
+    }
+
+    pub fn set_remote_nodes(&self, r: Arc<dyn RemoteNodes>) {
+        let _ = self.remote.set(r);
+    }
+
+    /// The link `node`'s streams go over: its own link to this cloudcore, else (several
+    /// replicas) the link to the replica that holds it.
+    async fn link_of(&self, node: &str) -> Option<Mux> {
+        if let Some(link) = self.links().get(node).cloned() {
+            return Some(link);
+        }
+        self.remote.get()?.link_to(node).await
+    }
+
+    /// Takes a stream another replica opened on its link to this one: checked against this
+    /// replica's store like a node's, then relayed to the target node's link here. Never passed
+    /// on to a third replica: one hop, and a node that moved meanwhile is offline to the opener.
+    pub fn from_replica(self: &Arc<Self>, mux: &Mux, incoming: Incoming) {
+        let this = self.clone();
+        let mux = mux.clone();
+        let span = tracing::debug_span!("replica_stream", from = %incoming.request.source, service = %format!("{}/{}", incoming.request.namespace, incoming.request.service), endpoint = %incoming.request.endpoint);
+        self.tasks.spawn(
+            async move {
+                let request = incoming.request.clone();
+                let target = request
+                    .node
+                    .clone()
+                    .filter(|n| n != edgehub::model::CLOUD_NODE);
+                let Some(node) = target else {
+                    mux.refuse(
+                        incoming,
+                        RefusalKind::Invalid,
+                        "replicas relay only to nodes",
+                    );
+                    return;
+                };
+                if let Err(refusal) = this.check(&request, Some(&node)) {
+                    count_refusal(refusal.kind);
+                    mux.refuse(incoming, refusal.kind, &refusal.message);
+                    return;
+                }
+                let link = this.links().get(&node).cloned();
+                let Some(link) = link else {
+                    count_refusal(RefusalKind::NodeOffline);
+                    mux.refuse(
+                        incoming,
+                        RefusalKind::NodeOffline,
+                        &format!("node {node} is not connected to this replica"),
+                    );
+                    return;
+                };
+                match mux.relay(incoming, &link, request).await {
+                    Ok(()) => {
+                        metrics::counter!("cloudcore_tunnel_streams_total", "kind" => "replica_in")
+                            .increment(1)
+                    }
+                    Err(e) => debug!(to = %node, error = %e, "relay from a replica failed"),
+                }
+            }
+            .instrument(span),
+        );
     }
 
     fn links(&self) -> std::sync::MutexGuard<'_, HashMap<String, Mux>> {
@@ -205,7 +277,7 @@ impl Tunnels {
         }
         match target {
             Some(node) => {
-                let link = self.links().get(&node).cloned();
+                let link = self.link_of(&node).await;
                 let Some(link) = link else {
                     count_refusal(RefusalKind::NodeOffline);
                     mux.refuse(
@@ -288,7 +360,7 @@ impl Tunnels {
                 kind: RefusalKind::Unreachable,
                 message: format!("{} is a cloud endpoint: cloudcore dials it", req.endpoint),
             })?;
-        let link = self.links().get(&node).cloned();
+        let link = self.link_of(&node).await;
         let link = link.ok_or_else(|| OpenError::Refused {
             kind: RefusalKind::NodeOffline,
             message: format!("node {node} is offline"),

@@ -223,6 +223,27 @@ where
     Ok(())
 }
 
+/// A session that synced and lasted this long was a working link: the next connect starts
+/// from the shortest backoff, so a node whose cloud replica died is elsewhere within seconds.
+const LASTED: Duration = Duration::from_secs(2);
+
+/// Where a node starts in its `cloud.url` list: spread by node name, so a fleet does not all
+/// land on the first URL.
+pub fn first_url(node: &str, urls: usize) -> usize {
+    let digest = ring::digest::digest(&ring::digest::SHA256, node.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    (u64::from_be_bytes(first) % urls.max(1) as u64) as usize
+}
+
+/// The URL after `current`: any other one, at random.
+fn failover_url(current: usize, urls: usize) -> usize {
+    if urls < 2 {
+        return 0;
+    }
+    (current % urls + 1 + rand::random_range(0..urls - 1)) % urls
+}
+
 /// How a session ended without an error.
 enum SessionEnd {
     Shutdown,
@@ -298,7 +319,7 @@ impl HubClient {
     /// Runs until `shutdown` is cancelled: connect, sync, reconnect.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(self.cfg.backoff_base, self.cfg.backoff_max);
-        let mut next_url = 0usize;
+        let mut next_url = first_url(&self.cfg.node_name, self.cfg.urls.len());
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -349,11 +370,13 @@ impl HubClient {
             // Only a session that synced and then lasted counts as a working link. One that
             // fails straight after connecting (refused, a bad object, a protocol error) keeps
             // backing off, so a fleet cannot hammer the cloud twice a second.
-            if was_synced && started.elapsed() > self.cfg.keepalive_timeout {
+            if was_synced && started.elapsed() > LASTED {
                 backoff.reset();
-            } else {
-                next_url = next_url.wrapping_add(1);
             }
+            // Every URL is the same cloud (replicas share one store and this node resumes by
+            // delta on any of them), so a link that ended moves on: off a replica that died or
+            // closed its sessions, spread over the others rather than all onto the next one.
+            next_url = failover_url(next_url, self.cfg.urls.len());
             let delay = backoff.next_delay();
             debug!(?delay, "reconnecting after backoff");
             tokio::select! {
@@ -734,6 +757,28 @@ mod tests {
     use super::*;
     use crate::message::{op, resource, Ack, SyncRequest};
     use crate::session::wire::{answer, chain_after, change, chunk};
+
+    #[test]
+    fn nodes_spread_over_the_urls_and_fail_over_to_another() {
+        let mut per_url = [0usize; 3];
+        for i in 0..300 {
+            per_url[first_url(&format!("edge-{i}"), 3)] += 1;
+        }
+        assert!(
+            per_url.iter().all(|n| (60..=140).contains(n)),
+            "{per_url:?}"
+        );
+        assert_eq!(first_url("edge-1", 1), 0);
+        assert_eq!(first_url("edge-1", 0), 0);
+        let mut seen = [false; 3];
+        for _ in 0..200 {
+            let next = failover_url(1, 3);
+            assert_ne!(next, 1);
+            seen[next] = true;
+        }
+        assert!(seen[0] && seen[2], "both others are used");
+        assert_eq!(failover_url(0, 1), 0);
+    }
 
     #[test]
     fn cloud_urls() {

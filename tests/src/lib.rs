@@ -33,6 +33,7 @@ pub mod harness;
 pub use harness::*;
 
 pub mod dns;
+pub mod ha;
 pub mod mesh;
 pub mod prometheus;
 pub mod servers;

@@ -42,6 +42,8 @@ pub struct Mesh {
     /// `http` or `https`.
     pub api_scheme: &'static str,
     pub ca_cert: Option<PathBuf>,
+    /// Hub URLs of every node instead of the one cloud's (a cloud of several replicas).
+    pub cloud_urls: Vec<String>,
 }
 
 impl Mesh {
@@ -90,6 +92,7 @@ impl Mesh {
             nodes: list,
             api_scheme: "http",
             ca_cert: None,
+            cloud_urls: Vec::new(),
         }
     }
 
@@ -201,8 +204,12 @@ impl Mesh {
             n.name.clone(),
             "--data-dir".into(),
             n.data_dir.display().to_string(),
-            "--cloud-url".into(),
-            self.hub_url(),
+            "--set".into(),
+            if self.cloud_urls.is_empty() {
+                format!("cloud.url=\"{}\"", self.hub_url())
+            } else {
+                format!("cloud.url={:?}", self.cloud_urls)
+            },
             "--token".into(),
             n.token.clone(),
             "--admin-listen".into(),
@@ -257,7 +264,18 @@ impl Mesh {
 
     /// Calls the REST API with curl from the cloud namespace; returns status and JSON body.
     pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        let url = self.api_url(path);
+        self.api_at(&self.cloud, method, path, body)
+    }
+
+    /// [`Mesh::api`] against the cloudcore on `host` (one replica of several).
+    pub fn api_at(
+        &self,
+        host: &Host,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, Value) {
+        let url = format!("{}://{}:{API_PORT}{path}", self.api_scheme, host.ip);
         let auth = format!("Authorization: Bearer {}", self.api_token);
         let mut args = vec!["-X", method, "-H", auth.as_str(), url.as_str()];
         if let Some(b) = body {
@@ -268,7 +286,7 @@ impl Mesh {
             ca = c.display().to_string();
             args.extend(["--cacert", ca.as_str()]);
         }
-        let (s, text) = self.topo.curl(&self.cloud, &args);
+        let (s, text) = self.topo.curl(host, &args);
         (
             s,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),

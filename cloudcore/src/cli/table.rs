@@ -90,7 +90,7 @@ pub fn render(kind: ResourceKind, items: &[Value], wide: bool, all_namespaces: b
         ResourceKind::Node => {
             head.extend(["NAME", "STATUS", "ACKED", "LAST-SYNC"]);
             if wide {
-                head.extend(["ADDRESS", "LABELS"]);
+                head.extend(["ADDRESS", "REPLICA", "LABELS"]);
             }
             for i in items {
                 let st = &i["status"];
@@ -106,6 +106,7 @@ pub fn render(kind: ResourceKind, items: &[Value], wide: bool, all_namespaces: b
                 ];
                 if wide {
                     row.push(s(&st["address"]));
+                    row.push(s(&st["replica"]));
                     let labels = i["metadata"]["labels"].as_object().cloned();
                     row.push(labels.map(|l| properties_summary(&l)).unwrap_or_default());
                 }

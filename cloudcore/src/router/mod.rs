@@ -168,6 +168,9 @@ pub struct Router {
     /// Serialises changes (REST writes and counter flushes): a check and the write it guards
     /// see the same table.
     writes: Mutex<()>,
+    /// Replicas routing for the cluster (1 for a single cloudcore): each rule's limit is
+    /// shared among them.
+    replicas: std::sync::atomic::AtomicU32,
 }
 
 /// Serialising these plain records cannot fail (string keys, no custom serialisers).
@@ -227,9 +230,26 @@ impl Router {
             data,
             table: RwLock::new(table),
             writes: Mutex::new(()),
+            replicas: std::sync::atomic::AtomicU32::new(1),
         };
         router.reconcile(&stored_rules);
         Ok(router)
+    }
+
+    /// How many replicas route for the cluster: each enforces that share of every rule's QPS.
+    pub fn set_replicas(&self, n: usize) {
+        let n = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+        self.replicas.store(n, std::sync::atomic::Ordering::Release);
+        self.share_limits();
+    }
+
+    fn share_limits(&self) {
+        let n = self.replicas.load(std::sync::atomic::Ordering::Acquire);
+        for rule in self.read().rules.values() {
+            if let Some(l) = &rule.limiter {
+                l.set_share(n);
+            }
+        }
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Table> {
@@ -425,6 +445,7 @@ impl Router {
         }
         let live = Arc::new(LiveRule::new(rule, route, rate));
         self.write().add_rule(live.clone());
+        self.share_limits();
         info!(id = %live.id(), name = %live.record.name, source = %live.record.source, target = %live.record.target, "router rule created");
         Ok(live.view())
     }
@@ -609,7 +630,82 @@ impl Router {
         }
     }
 
-    /// Writes the counters that changed since the last flush to the store (blocking).
+    /// Keeps the table in step with the store's router records until `shutdown`: rules and
+    /// endpoints created or deleted through another replica (store on etcd) take effect here.
+    pub async fn follow(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut changes = self.objects.store().subscribe_router();
+        changes.mark_unchanged();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = changes.changed() => if changed.is_err() { return },
+            }
+            let this = self.clone();
+            match tokio::task::spawn_blocking(move || this.reload()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "reading router records failed"),
+                Err(e) => warn!(error = %e, "router reload failed"),
+            }
+        }
+    }
+
+    /// Brings the table to the store's records. A rule whose definition did not change keeps
+    /// its live counters and limiter; counter-only changes (this replica's or another's
+    /// flush) change nothing here.
+    fn reload(&self) -> Result<(), StoreError> {
+        let _writes = self.lock_writes();
+        let store = self.objects.store();
+        let mut endpoints = BTreeMap::new();
+        for (id, json) in store.list_router(RouterKind::Endpoint)? {
+            if let Ok(e) = serde_json::from_str::<RuleEndpoint>(&json) {
+                endpoints.insert(id, e);
+            }
+        }
+        let stored: Vec<(String, String)> = store.list_router(RouterKind::Rule)?;
+        let mut table = Table {
+            endpoints,
+            ..Table::default()
+        };
+        let current: HashMap<String, Arc<LiveRule>> =
+            self.read().rules.clone().into_iter().collect();
+        let mut changed = 0usize;
+        for (id, json) in &stored {
+            let Ok(record) = serde_json::from_str::<Rule>(json) else {
+                continue;
+            };
+            match current.get(id) {
+                Some(live) if same_definition(&live.record, &record) => {
+                    // Counts other replicas flushed.
+                    live.stats.rebase(
+                        record.success_messages,
+                        record.fail_messages,
+                        &record.errors,
+                    );
+                    table.add_rule(live.clone())
+                }
+                _ => match load_rule(&table, json) {
+                    Ok(rule) => {
+                        changed += 1;
+                        table.add_rule(Arc::new(rule))
+                    }
+                    Err(reason) => {
+                        warn!(rule = %id, %reason, "router rule from the store cannot be used; ignored")
+                    }
+                },
+            }
+        }
+        let removed = current.len() + changed - table.rules.len();
+        *self.write() = table;
+        self.share_limits();
+        if changed > 0 || removed > 0 {
+            info!(changed, removed, "router rules reloaded from the store");
+        }
+        Ok(())
+    }
+
+    /// Adds the counts made here since the last flush to the stored rule (blocking). The
+    /// write is a read-modify-write, so counts of several replicas add up; the stored counts,
+    /// other replicas' included, then show here too.
     pub fn flush(&self) -> Result<usize, StoreError> {
         let _writes = self.lock_writes();
         let dirty: Vec<Arc<LiveRule>> = self
@@ -620,19 +716,50 @@ impl Router {
             .cloned()
             .collect();
         for (i, rule) in dirty.iter().enumerate() {
-            if let Err(e) =
+            let (success, fail, errors) = rule.stats.snapshot();
+            let (ds, df) = rule.stats.claim(success, fail);
+            let written =
                 self.objects
                     .store()
-                    .put_router(RouterKind::Rule, rule.id(), &to_json(&rule.view()))
-            {
-                for r in &dirty[i..] {
-                    r.stats.mark_dirty();
+                    .update_router(RouterKind::Rule, rule.id(), &mut |stored| {
+                        // A rule deleted meanwhile (through another replica) is not brought back.
+                        let mut rec: Rule = serde_json::from_str(stored?).ok()?;
+                        rec.success_messages += ds;
+                        rec.fail_messages += df;
+                        rec.errors = stats::merge_errors(&rec.errors, &errors);
+                        Some(to_json(&rec))
+                    });
+            match written {
+                Ok(Some(json)) => {
+                    if let Ok(rec) = serde_json::from_str::<Rule>(&json) {
+                        rule.stats
+                            .rebase(rec.success_messages, rec.fail_messages, &rec.errors);
+                    }
                 }
-                return Err(e);
+                Ok(None) => {}
+                Err(e) => {
+                    rule.stats.unclaim(ds, df);
+                    for r in &dirty[i + 1..] {
+                        r.stats.mark_dirty();
+                    }
+                    return Err(e);
+                }
             }
         }
         Ok(dirty.len())
     }
+}
+
+/// Whether two records describe the same rule (counters and times aside).
+fn same_definition(a: &Rule, b: &Rule) -> bool {
+    let strip = |r: &Rule| Rule {
+        success_messages: 0,
+        fail_messages: 0,
+        errors: Default::default(),
+        updated_at: String::new(),
+        ..r.clone()
+    };
+    strip(a) == strip(b)
 }
 
 /// A stored rule, ready for the data path.

@@ -108,6 +108,10 @@ pub struct Stats {
     errors: Mutex<VecDeque<RuleErrorEntry>>,
     /// Changed since the last write to the store.
     dirty: AtomicBool,
+    /// The stored counts these counters include: what this process wrote, and what other
+    /// replicas added (several replicas on etcd write to the same rule).
+    seen_success: AtomicU64,
+    seen_fail: AtomicU64,
 }
 
 impl Stats {
@@ -121,6 +125,8 @@ impl Stats {
             fail: AtomicU64::new(fail),
             errors: Mutex::new(errors),
             dirty: AtomicBool::new(false),
+            seen_success: AtomicU64::new(success),
+            seen_fail: AtomicU64::new(fail),
         }
     }
 
@@ -163,10 +169,52 @@ impl Stats {
         self.dirty.swap(false, Ordering::AcqRel)
     }
 
+    /// What a flush adds to the stored counts (counted here since the store was last seen),
+    /// taken as stored from now on.
+    pub fn claim(&self, success: u64, fail: u64) -> (u64, u64) {
+        let ds = success.saturating_sub(self.seen_success.load(Ordering::Acquire));
+        let df = fail.saturating_sub(self.seen_fail.load(Ordering::Acquire));
+        self.seen_success.fetch_add(ds, Ordering::AcqRel);
+        self.seen_fail.fetch_add(df, Ordering::AcqRel);
+        (ds, df)
+    }
+
+    /// Gives back a claim whose write failed.
+    pub fn unclaim(&self, ds: u64, df: u64) {
+        self.seen_success.fetch_sub(ds, Ordering::AcqRel);
+        self.seen_fail.fetch_sub(df, Ordering::AcqRel);
+        self.mark_dirty();
+    }
+
+    /// Takes in the stored counts: what other replicas added since they were last seen is
+    /// added here, and their errors are merged with these (the newest kept).
+    pub fn rebase(&self, success: u64, fail: u64, errors: &VecDeque<RuleErrorEntry>) {
+        let seen = self.seen_success.fetch_max(success, Ordering::AcqRel);
+        self.success
+            .fetch_add(success.saturating_sub(seen), Ordering::Relaxed);
+        let seen = self.seen_fail.fetch_max(fail, Ordering::AcqRel);
+        self.fail
+            .fetch_add(fail.saturating_sub(seen), Ordering::Relaxed);
+        let mut mine = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        *mine = merge_errors(&mine, errors);
+    }
+
     /// Marks the counters as unsaved again (a write to the store failed).
     pub fn mark_dirty(&self) {
         self.dirty.store(true, Ordering::Release);
     }
+}
+
+/// The errors of both lists in time order, each once, the newest [`MAX_ERRORS`] kept.
+pub fn merge_errors(
+    a: &VecDeque<RuleErrorEntry>,
+    b: &VecDeque<RuleErrorEntry>,
+) -> VecDeque<RuleErrorEntry> {
+    let mut all: Vec<RuleErrorEntry> = a.iter().chain(b.iter()).cloned().collect();
+    all.sort_by(|x, y| x.time.cmp(&y.time).then_with(|| x.message.cmp(&y.message)));
+    all.dedup();
+    let skip = all.len().saturating_sub(MAX_ERRORS);
+    all.into_iter().skip(skip).collect()
 }
 
 /// Records the request in the metrics: `cloudcore_router_requests_total{rule,outcome}` and
@@ -213,5 +261,30 @@ mod tests {
                 .collect(),
         );
         assert_eq!(restored.snapshot().2.len(), MAX_ERRORS);
+    }
+
+    #[test]
+    fn counts_of_other_replicas_add_up_and_own_flushes_count_once() {
+        let a = Stats::restore(10, 1, VecDeque::new());
+        for _ in 0..5 {
+            a.success();
+        }
+        // A flush takes 5 new successes; the store had 10 and another replica added 7 since.
+        let (ds, df) = a.claim(15, 1);
+        assert_eq!((ds, df), (5, 0));
+        a.rebase(10 + 7 + 5, 1, &VecDeque::new());
+        assert_eq!(
+            a.snapshot().0,
+            22,
+            "10 stored + 5 own + 7 of the other replica"
+        );
+        // The same stored value seen again (the watch echoing the flush) changes nothing.
+        a.rebase(22, 1, &VecDeque::new());
+        assert_eq!(a.snapshot().0, 22);
+        // A failed write gives its claim back.
+        a.success();
+        let (ds, _) = a.claim(23, 1);
+        a.unclaim(ds, 0);
+        assert_eq!(a.claim(23, 1), (1, 0));
     }
 }

@@ -5,15 +5,17 @@
 //! SQLite. The in-memory log is appended under the same lock as the commit, so its order is the
 //! version order.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use edgehub::model::{Kind, Object, ObjectKey};
+use edgehub::model::{Kind, ObjectKey};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::watch;
 
-use super::{Change, ChangeOp, Record, RouterKind, Since, Snapshot, Store, StoreError, Write};
+use super::{
+    plan, Change, ChangeOp, Recent, Record, RouterKind, Since, Snapshot, Store, StoreError, View,
+    Write,
+};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS objects (
@@ -71,33 +73,9 @@ pub struct SqliteStore {
     history_bytes: usize,
     recent: RwLock<Recent>,
     version: watch::Sender<u64>,
-}
-
-/// The in-memory tail of the change log, bounded by count and by bytes.
-#[derive(Default)]
-struct Recent {
-    changes: VecDeque<Arc<Change>>,
-    bytes: usize,
-}
-
-impl Recent {
-    fn push(&mut self, change: Arc<Change>, max_len: usize, max_bytes: usize) {
-        self.bytes += change.weight();
-        self.changes.push_back(change);
-        // Always keep the newest change: it carries the head of the chain.
-        while self.changes.len() > 1 && (self.changes.len() > max_len || self.bytes > max_bytes) {
-            if let Some(old) = self.changes.pop_front() {
-                self.bytes -= old.weight();
-            }
-        }
-    }
-
-    fn head(&self) -> (u64, &str) {
-        self.changes
-            .back()
-            .map(|c| (c.version, c.chain.as_str()))
-            .unwrap_or((0, ""))
-    }
+    /// Bumped on every token and router write (this process is the only writer).
+    tokens: watch::Sender<u64>,
+    router: watch::Sender<u64>,
 }
 
 fn key_of(kind: &str, namespace: String, name: String) -> Result<ObjectKey, StoreError> {
@@ -199,6 +177,8 @@ impl SqliteStore {
             history_bytes,
             recent: RwLock::new(recent),
             version: watch::Sender::new(version),
+            tokens: watch::Sender::new(0),
+            router: watch::Sender::new(0),
         })
     }
 
@@ -212,73 +192,45 @@ impl SqliteStore {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The write path of [`Store::write`], which counts its failures.
-    fn commit(&self, writes: Vec<Write>) -> Result<Vec<Arc<Change>>, StoreError> {
+    /// The write path of [`Store::write_at`], which counts its failures.
+    fn commit(
+        &self,
+        base: Option<u64>,
+        writes: Vec<Write>,
+    ) -> Result<Vec<Arc<Change>>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut version = read_version(&tx)?;
-        let mut chain = self
+        let version = read_version(&tx)?;
+        if let Some(base) = base.filter(|b| *b != version) {
+            return Err(StoreError::Stale {
+                base,
+                actual: version,
+            });
+        }
+        let chain = self
             .recent
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .head()
             .1
             .to_string();
-        let mut changes: Vec<Change> = Vec::with_capacity(writes.len());
-        for write in writes {
-            match write {
-                Write::Put {
-                    mut object,
-                    expect_version,
-                } => {
-                    let key = object.key();
-                    let existing = get_row(&tx, &key)?;
-                    if let Some(expected) = expect_version {
-                        let actual = existing.as_ref().map(|r| r.version).unwrap_or(0);
-                        if actual != expected {
-                            return Err(StoreError::Conflict {
-                                key,
-                                expected,
-                                actual,
-                            });
-                        }
-                    }
-                    if let Some(old) = &existing {
-                        if same_content(&old.json, &object) {
-                            continue;
-                        }
-                    }
-                    version += 1;
-                    object.meta_mut().resource_version = version.to_string();
-                    let json = object.to_json();
-                    let op = if existing.is_some() {
-                        ChangeOp::Update
-                    } else {
-                        ChangeOp::Insert
-                    };
-                    tx.execute(
-                        "INSERT INTO objects (kind, namespace, name, version, body) VALUES (?1, ?2, ?3, ?4, ?5)
-                         ON CONFLICT(kind, namespace, name) DO UPDATE SET version = excluded.version, body = excluded.body",
-                        params![key.kind.resource_type(), key.namespace, key.name, version as i64, json],
-                    )?;
-                    let change = Change::new(version, op, key, json.into(), &chain);
-                    chain.clone_from(&change.chain);
-                    changes.push(change);
-                }
-                Write::Delete { key } => {
-                    let existing =
-                        get_row(&tx, &key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
-                    version += 1;
-                    tx.execute(
-                        "DELETE FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
-                        params![key.kind.resource_type(), key.namespace, key.name],
-                    )?;
-                    let change = Change::new(version, ChangeOp::Delete, key, existing.json, &chain);
-                    chain.clone_from(&change.chain);
-                    changes.push(change);
-                }
+        let changes = plan(&TxView(&tx), writes, version, &chain)?;
+        for c in &changes {
+            let key = &c.key;
+            if c.op == ChangeOp::Delete {
+                tx.execute(
+                    "DELETE FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
+                    params![key.kind.resource_type(), key.namespace, key.name],
+                )?;
+            } else {
+                tx.execute(
+                    "INSERT INTO objects (kind, namespace, name, version, body) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(kind, namespace, name) DO UPDATE SET version = excluded.version, body = excluded.body",
+                    params![key.kind.resource_type(), key.namespace, key.name, c.version as i64, &*c.json],
+                )?;
             }
         }
+        let version = changes.last().map_or(version, |c| c.version);
         if changes.is_empty() {
             return Ok(Vec::new());
         }
@@ -378,15 +330,25 @@ fn get_row(conn: &Connection, key: &ObjectKey) -> Result<Option<Record>, StoreEr
         }))
 }
 
-/// Whether two objects are equal apart from their resource version.
-fn same_content(stored: &str, new: &Object) -> bool {
-    let Ok(mut old) = Object::from_json(new.kind(), stored) else {
-        return false;
-    };
-    old.meta_mut().resource_version.clear();
-    let mut new = new.clone();
-    new.meta_mut().resource_version.clear();
-    old == new
+/// The objects and tokens as a transaction sees them, for [`plan`].
+struct TxView<'a>(&'a Connection);
+
+impl View for TxView<'_> {
+    fn get(&self, key: &ObjectKey) -> Result<Option<Record>, StoreError> {
+        get_row(self.0, key)
+    }
+
+    fn has_token(&self, node: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .0
+            .query_row(
+                "SELECT 1 FROM node_tokens WHERE node = ?1",
+                params![node],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
 }
 
 impl Store for SqliteStore {
@@ -428,8 +390,12 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    fn write(&self, writes: Vec<Write>) -> Result<Vec<Arc<Change>>, StoreError> {
-        let result = self.commit(writes);
+    fn write_at(
+        &self,
+        base: Option<u64>,
+        writes: Vec<Write>,
+    ) -> Result<Vec<Arc<Change>>, StoreError> {
+        let result = self.commit(base, writes);
         if let Err(StoreError::Sqlite(_) | StoreError::Corrupt { .. }) = &result {
             metrics::counter!("cloudcore_store_write_errors_total").increment(1);
         }
@@ -439,34 +405,7 @@ impl Store for SqliteStore {
     fn changes_since(&self, since: u64, chain: Option<&str>) -> Since {
         let recent = self.recent.read().unwrap_or_else(|p| p.into_inner());
         let (current, head) = recent.head();
-        if since == current {
-            return match chain {
-                Some(c) if c != head => Since::Gone,
-                _ => Since::Current,
-            };
-        }
-        if since > current {
-            return Since::Gone;
-        }
-        let Some(first) = recent.changes.front() else {
-            return Since::Gone;
-        };
-        if since + 1 < first.version {
-            return Since::Gone;
-        }
-        let skip = (since + 1 - first.version) as usize;
-        if let Some(c) = chain {
-            // The chain at `since` is that of the change before the first one sent.
-            let at_since = match skip {
-                0 if first.version == 1 => "",
-                0 => return Since::Gone, // not kept: cannot verify, so resync
-                n => recent.changes[n - 1].chain.as_str(),
-            };
-            if at_since != c {
-                return Since::Gone;
-            }
-        }
-        Since::Changes(recent.changes.iter().skip(skip).cloned().collect())
+        recent.since(since, chain, current, head)
     }
 
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
@@ -515,6 +454,76 @@ impl Store for SqliteStore {
         self.version.subscribe()
     }
 
+    fn subscribe_tokens(&self) -> watch::Receiver<u64> {
+        self.tokens.subscribe()
+    }
+
+    fn subscribe_router(&self) -> watch::Receiver<u64> {
+        self.router.subscribe()
+    }
+
+    fn kept_changes(&self) -> Vec<Arc<Change>> {
+        self.recent.read().unwrap_or_else(|p| p.into_inner()).all()
+    }
+
+    fn restore(&self, dump: &super::export::Dump) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "UPDATE store_meta SET value = ?1 WHERE key = 'store_id'",
+            params![dump.store_id],
+        )?;
+        tx.execute(
+            "UPDATE store_meta SET value = ?1 WHERE key = 'version'",
+            params![dump.version.to_string()],
+        )?;
+        for r in &dump.records {
+            tx.execute(
+                "INSERT INTO objects (kind, namespace, name, version, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![r.key.kind.resource_type(), r.key.namespace, r.key.name, r.version as i64, &*r.json],
+            )?;
+        }
+        for c in &dump.changes {
+            tx.execute(
+                "INSERT INTO changelog (version, op, kind, namespace, name, body, chain) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![c.version as i64, c.op.as_str(), c.key.kind.resource_type(), c.key.namespace, c.key.name, &*c.json, c.chain],
+            )?;
+        }
+        if dump.changes.is_empty() && dump.version > 0 {
+            // No history came along: the chain head still has to be kept, as a marker change
+            // a node can never ask for (nodes below it get a snapshot).
+            return Err(StoreError::Open {
+                path: self.path.display().to_string(),
+                reason: "the dump has no change history; export it again from a running store"
+                    .into(),
+            });
+        }
+        for (node, hash) in &dump.tokens {
+            tx.execute(
+                "INSERT INTO node_tokens (node, hash, created_ms) VALUES (?1, ?2, 0)",
+                params![node, hash],
+            )?;
+        }
+        for (kind, id, json) in &dump.router {
+            tx.execute(
+                "INSERT INTO router (kind, id, body) VALUES (?1, ?2, ?3)",
+                params![kind.as_str(), id, json],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn health(&self) -> Result<String, String> {
+        let version = get_row(
+            &self.conn(),
+            &ObjectKey::new(Kind::Node, "", "readyz.probe"),
+        )
+        .map(|_| self.version())
+        .map_err(|e| format!("read failed: {e}"))?;
+        Ok(format!("sqlite, open at version {version}"))
+    }
+
     fn put_token_hash(&self, node: &str, hash: &str) -> Result<(), StoreError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -525,14 +534,17 @@ impl Store for SqliteStore {
              ON CONFLICT(node) DO UPDATE SET hash = excluded.hash, created_ms = excluded.created_ms",
             params![node, hash, now],
         )?;
+        self.tokens.send_modify(|g| *g += 1);
         Ok(())
     }
 
     fn delete_token_hash(&self, node: &str) -> Result<bool, StoreError> {
-        Ok(self
+        let deleted = self
             .conn()
             .execute("DELETE FROM node_tokens WHERE node = ?1", params![node])?
-            > 0)
+            > 0;
+        self.tokens.send_modify(|g| *g += 1);
+        Ok(deleted)
     }
 
     fn token_hashes(&self) -> Result<Vec<(String, String)>, StoreError> {
@@ -548,6 +560,7 @@ impl Store for SqliteStore {
              ON CONFLICT(kind, id) DO UPDATE SET body = excluded.body",
             params![kind.as_str(), id, json],
         )?;
+        self.router.send_modify(|g| *g += 1);
         Ok(())
     }
 
@@ -570,32 +583,49 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
+    fn update_router(
+        &self,
+        kind: RouterKind,
+        id: &str,
+        f: &mut dyn FnMut(Option<&str>) -> Option<String>,
+    ) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current: Option<String> = tx
+            .query_row(
+                "SELECT body FROM router WHERE kind = ?1 AND id = ?2",
+                params![kind.as_str(), id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(new) = f(current.as_deref()) else {
+            return Ok(None);
+        };
+        tx.execute(
+            "INSERT INTO router (kind, id, body) VALUES (?1, ?2, ?3)
+             ON CONFLICT(kind, id) DO UPDATE SET body = excluded.body",
+            params![kind.as_str(), id, new],
+        )?;
+        tx.commit()?;
+        self.router.send_modify(|g| *g += 1);
+        Ok(Some(new))
+    }
+
     fn delete_router(&self, kind: RouterKind, id: &str) -> Result<bool, StoreError> {
-        Ok(self.conn().execute(
+        let deleted = self.conn().execute(
             "DELETE FROM router WHERE kind = ?1 AND id = ?2",
             params![kind.as_str(), id],
-        )? > 0)
+        )? > 0;
+        self.router.send_modify(|g| *g += 1);
+        Ok(deleted)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edgehub::model::Node;
-    use std::collections::BTreeMap;
 
-    fn node(name: &str, zone: &str) -> Object {
-        let mut labels = BTreeMap::new();
-        labels.insert("zone".to_string(), zone.to_string());
-        Object::Node(Node::new(name, labels))
-    }
-
-    fn put(o: Object) -> Write {
-        Write::Put {
-            object: o,
-            expect_version: None,
-        }
-    }
+    use crate::store::fixtures::{node, put};
 
     #[test]
     fn versions_increase_and_survive_reopen() {
