@@ -8,6 +8,8 @@
 //! - [`auth`]: API and node tokens; [`nodes`]: which nodes are online;
 //! - `cluster` (feature `etcd`): leases, presence and links between replicas on etcd;
 //! - [`router`]: rules between cloud REST services and edge Services, with QPS limits;
+//! - [`manifest`]: reading manifests (YAML or JSON, one or many objects), for `apply` in the
+//!   CLI and the REST API alike;
 //! - [`cli`]: `cloudcore apply|get|delete|token`;
 //! - [`telemetry`]: the metrics `/metrics` shows.
 
@@ -19,6 +21,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod hub;
+pub mod manifest;
 pub mod mirror;
 pub mod nodes;
 pub mod objects;

@@ -17,7 +17,7 @@ mod validate;
 
 pub use validate::{
     error_path, is_qualified_name, validate_endpoints, validate_labels, validate_node,
-    validate_service, FieldError, LbPolicy, ServiceAnnotations, CLOUD_NODE,
+    validate_service, FieldError, LbPolicy, ServiceAnnotations, CLOUD_NODE, TRAFFIC_DISTRIBUTIONS,
 };
 
 /// Annotation that selects the load-balancing policy of a Service.
@@ -349,6 +349,15 @@ pub struct EndpointAddress {
     pub hostname: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_ref: Option<Value>,
+}
+
+impl EndpointAddress {
+    /// Who hosts this address: `Some(node)`, or `None` for cloudcore.
+    pub fn host(&self) -> Option<&str> {
+        self.node_name
+            .as_deref()
+            .filter(|n| !n.is_empty() && *n != CLOUD_NODE)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

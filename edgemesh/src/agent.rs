@@ -102,7 +102,13 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         shutdown.clone(),
     ));
     // Cluster DNS (SPEC §5): its sockets are bound here, before the agent reports ready.
-    let dns_task = crate::dns::start(&cfg, &meta, shutdown.clone()).await?;
+    let scope = crate::dns::Scope {
+        cluster_domain: &cfg.cluster_domain,
+        service_cidr: cfg.service_cidr,
+        node_name: &cfg.node_name,
+        labels: &cfg.labels,
+    };
+    let dns_task = crate::dns::start(&cfg.dns, scope, &meta, shutdown.clone()).await?;
     let proxy = crate::proxy::start(
         &cfg.proxy,
         LocalNode {

@@ -19,8 +19,8 @@ use hyper::Method;
 use serde_json::{Map, Value};
 
 use super::kinds::ResourceKind;
-use super::manifest::{self, Doc, Manifest, ManifestError, Origin, Skipped};
 use super::{CallError, Client, Scope};
+use crate::manifest::{self, Doc, Manifest, ManifestError, Origin, Skipped};
 use crate::router::model::{self, Rule, RuleEndpoint};
 
 #[derive(Debug, thiserror::Error)]

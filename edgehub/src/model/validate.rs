@@ -12,7 +12,6 @@ use super::{
     ANNOTATION_HASH_KEY, ANNOTATION_LB_POLICY, ANNOTATION_PROTOCOL, ANNOTATION_QPS,
     ANNOTATION_TOLERATE_UNREADY, ANNOTATION_UNIT_KEY, TYPE_EXTERNAL_NAME,
 };
-use crate::topology::TRAFFIC_DISTRIBUTIONS;
 
 /// A validation or parse error about one field.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -213,6 +212,9 @@ fn is_dns1035_label(s: &str) -> bool {
 fn is_dns1123_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
 }
+
+/// The values of `spec.trafficDistribution` edgemesh serves (Kubernetes 1.33 names).
+pub const TRAFFIC_DISTRIBUTIONS: [&str; 3] = ["PreferClose", "PreferSameZone", "PreferSameNode"];
 
 /// At most this many labels on one object (Kubernetes sets no number; edge nodes carry every
 /// label of every object, so this one is bounded).

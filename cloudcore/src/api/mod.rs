@@ -2,6 +2,8 @@
 //! metrics. Errors are `{"error": "...", "field": "..."}` with a 4xx status, and nothing is
 //! stored unless the whole request is valid.
 
+mod router;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,7 +23,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::auth::{constant_time_eq, NodeTokens};
-use crate::cli::manifest::{self, ManifestError, Origin, Served, Skipped};
+use crate::manifest::{self, ManifestError, Origin, Served, Skipped};
 use crate::nodes::NodeRegistry;
 use crate::objects::{ApplyError, Objects};
 use crate::store::{Record, StoreError};
@@ -237,7 +239,7 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
             post(create_token).delete(revoke_token),
         )
         .route("/api/v1/apply", post(apply))
-        .merge(crate::router::api::routes())
+        .merge(router::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API path") })
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
