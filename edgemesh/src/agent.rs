@@ -17,8 +17,8 @@ use crate::config::Config;
 use crate::proxy::connect::Dialer;
 use crate::proxy::{LocalNode, ProxyDeps};
 use crate::tunnel::EdgeAcceptor;
-use edgehub::limits::{EndpointTimeouts, Limiters};
 use edgehub::io::Timeouts;
+use edgehub::limits::{EndpointTimeouts, Limiters};
 use tokio_util::task::TaskTracker;
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {

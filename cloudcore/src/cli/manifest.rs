@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::net::Ipv4Addr;
 
 use edgehub::model::{
-    validate_endpoints, validate_node, validate_service, FieldError, Kind, Object,
+    validate_community, validate_endpoints, validate_node, validate_service, FieldError, Kind,
+    Object,
 };
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -344,7 +345,7 @@ fn check(origin: Origin, mut v: Value) -> Result<Manifest, ManifestError> {
                 value: v,
             }
         }
-        "Node" => {
+        "Node" | "Community" => {
             let object = Object::from_value(v.clone()).map_err(|e| invalid(&label, e))?;
             validate_object(&object).map_err(|e| invalid(&label, e))?;
             Doc::Object {
@@ -374,7 +375,7 @@ fn check(origin: Origin, mut v: Value) -> Result<Manifest, ManifestError> {
                     "kind",
                     format!(
                         "unsupported kind {other:?}: expected Service, Endpoints, Node, \
-                         RuleEndpoint, Rule or List"
+                         Community, RuleEndpoint, Rule or List"
                     ),
                 ),
             ))
@@ -400,6 +401,7 @@ fn validate_object(object: &Object) -> Result<(), FieldError> {
         }
         Object::Endpoints(ep) => validate_endpoints(ep, &no_cidr),
         Object::Node(node) => validate_node(node),
+        Object::Community(c) => validate_community(c),
     }
 }
 
