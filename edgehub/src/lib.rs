@@ -5,6 +5,8 @@
 //! - [`metamanager`]: the node's SQLite copy of the metadata and its in-memory view;
 //! - [`client`]: the edge side of the hub (connect, authenticate, resume, keepalive, reconnect);
 //! - [`identity`]: a node's key and certificate, and the check of peers' certificates;
+//! - [`direct`]: the node's side of direct paths over the hub (certificate upkeep, reflexive
+//!   address, candidates, Communities);
 //! - [`io`]: the byte-moving core of every data path (detection, replay, the copier);
 //! - [`topology`]: topology tiers, shared by the proxy and cluster DNS;
 //! - [`systemd`]: readiness, status and watchdog pings for `Type=notify` units;
@@ -16,6 +18,7 @@ pub mod backoff;
 pub mod client;
 pub mod config_doc;
 pub mod config_file;
+pub mod direct;
 pub mod http_client;
 pub mod identity;
 pub mod io;

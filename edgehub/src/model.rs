@@ -19,6 +19,7 @@ mod validate;
 pub use community::{
     may_connect, validate_community, Community, CommunitySpec, LabelSelector, COMMUNITY_API_VERSION,
 };
+pub(crate) use validate::is_dns1123_subdomain;
 pub use validate::{
     error_path, is_qualified_name, validate_endpoints, validate_labels, validate_node,
     validate_service, FieldError, LbPolicy, ServiceAnnotations, CLOUD_NODE,
