@@ -15,6 +15,7 @@ pub mod auth;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod direct;
 pub mod hub;
 pub mod nodes;
 pub mod objects;

@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use edgehub::client::{HubClient, SyncStatus};
+use edgehub::direct::DirectAgent;
+use edgehub::identity::Identity;
 use edgehub::metamanager::MetaManager;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -27,7 +29,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
 pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = crate::telemetry::install();
-    let hub_cfg = cfg.hub_client()?;
+    let mut hub_cfg = cfg.hub_client()?;
 
     let meta = {
         let dir = cfg.data_dir.clone();
@@ -45,6 +47,17 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         endpoints = view.endpoints.len(),
         "metadata store loaded"
     );
+
+    // The node's key and certificate (mTLS to the hub, direct paths), kept beside its store.
+    let identity = {
+        let (dir, node) = (cfg.data_dir.clone(), cfg.node_name.clone());
+        Arc::new(
+            tokio::task::spawn_blocking(move || Identity::open(&dir, &node))
+                .await?
+                .context("config key `data_dir`: cannot keep the node identity")?,
+        )
+    };
+    hub_cfg.identity = Some(identity.clone());
 
     let admin_listener = TcpListener::bind(cfg.admin.listen).await.with_context(|| {
         format!(
@@ -80,6 +93,22 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     let tunnel = crate::tunnel::handle(&cfg.tunnel, acceptor);
     let client = HubClient::new(hub_cfg, meta.clone()).with_tunnel(tunnel.clone());
     let sync = client.status();
+    let direct = DirectAgent::new(
+        identity,
+        cfg.direct.agent_config(),
+        &cfg.data_dir,
+        meta.subscribe(),
+        sync.clone(),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "config key `direct.listen`: cannot listen on UDP {}",
+            cfg.direct.listen
+        )
+    })?;
+    let client = client.with_direct(direct.clone());
+    tokio::spawn(direct.clone().run(shutdown.clone()));
     let ready = Arc::new(AtomicBool::new(false));
     if cfg.cloud_urls().is_empty() {
         warn!("cloud.url is not set: serving from the local store only");
@@ -124,7 +153,8 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     let admin_task = tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
-            if let Err(e) = axum::serve(admin_listener, admin::router(state))
+            let app = admin::router(state).merge(crate::direct::routes(direct));
+            if let Err(e) = axum::serve(admin_listener, app)
                 .with_graceful_shutdown(shutdown.cancelled_owned())
                 .await
             {

@@ -6,6 +6,7 @@
 //! - [`proxy`]: the transparent listener and forwarding;
 //! - [`balance`]: endpoint choice (policies, topology, outlier detection);
 //! - [`dns`]: cluster DNS;
+//! - [`direct`]: the node's identity and direct-path state (`/debug/direct`);
 //! - [`admin`]: health, readiness, metrics and debug views;
 //! - [`status`]: `edgemesh status`;
 //! - [`telemetry`]: the metrics `/metrics` shows.
@@ -14,6 +15,7 @@ pub mod admin;
 pub mod agent;
 pub mod balance;
 pub mod config;
+pub mod direct;
 pub mod dns;
 pub mod iptables;
 pub mod proxy;

@@ -45,6 +45,12 @@ pub enum IdentityError {
     Answer(String),
 }
 
+/// Whether the node with `data_dir` holds a certificate (it joined, and may log in to a TLS
+/// hub without its token).
+pub fn has_certificate(data_dir: &Path) -> bool {
+    data_dir.join(IDENTITY_DIR).join(CERT_FILE).exists()
+}
+
 /// SHA-256 of a certificate (DER), lower-case hex: how the mesh names one certificate.
 pub fn fingerprint(der: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, der)
