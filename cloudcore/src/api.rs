@@ -1,5 +1,5 @@
-//! The REST API (SPEC §2): Services, Endpoints, Nodes and node tokens, `apply`, health and
-//! metrics. Errors are `{"error": "...", "field": "..."}` with a 4xx status, and nothing is
+//! The REST API (SPEC §2): Services, Endpoints, Nodes and node tokens, Communities, `apply`,
+//! health and metrics. Errors are `{"error": "...", "field": "..."}` with a 4xx status, and nothing is
 //! stored unless the whole request is valid.
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -556,3 +556,179 @@ fn candidates_message(operation: &str, node: &str, list: &[Candidate]) -> Messag
         candidates: list.to_vec(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nodes::NodeRegistry;
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::Store;
+    use edgehub::identity::Identity;
+    use edgehub::message::CandidateKind;
+    use std::collections::BTreeMap;
+
+    struct Cloud {
+        _dir: tempfile::TempDir,
+        direct: Arc<Direct>,
+        objects: Arc<Objects>,
+        tokens: Arc<NodeTokens>,
+        registry: NodeRegistry,
+    }
+
+    fn cloud() -> Cloud {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("c.db"), 100, 1 << 20).expect("store"));
+        let objects = Arc::new(
+            Objects::new(store.clone(), "10.96.0.0/12".parse().expect("cidr")).expect("objects"),
+        );
+        let tokens = Arc::new(NodeTokens::load(store).expect("tokens"));
+        let ca = MeshCa::load_or_create(dir.path()).expect("ca");
+        let direct = Direct::new(
+            &DirectConfig::default(),
+            &CommunitiesConfig { enforce: true },
+            &IdentityConfig::default(),
+            ca,
+            objects.clone(),
+            tokens.clone(),
+        )
+        .expect("direct");
+        Cloud {
+            _dir: dir,
+            direct,
+            objects,
+            tokens,
+            registry: NodeRegistry::default(),
+        }
+    }
+
+    impl Cloud {
+        fn join(&self, node: &str, site: &str) -> String {
+            let labels = BTreeMap::from([("site".to_string(), site.to_string())]);
+            self.objects.ensure_node(node, Some(&labels)).expect("node");
+            self.tokens.create(node).expect("token")
+        }
+
+        fn connect(&self, node: &str, token: &str) -> (Session, mpsc::UnboundedReceiver<Message>) {
+            let session = self
+                .registry
+                .connect(node, "10.0.0.1:1".parse().expect("addr"));
+            let rx = self
+                .direct
+                .attach(&session, Credential::Token(token.to_string()));
+            (session, rx)
+        }
+
+        fn apply(&self, json: &str) {
+            let obj = Object::from_value(serde_json::from_str(json).expect("json")).expect("obj");
+            self.objects.apply(vec![obj], false).expect("apply");
+            self.direct.reload().expect("reload");
+            self.direct.reconcile();
+        }
+    }
+
+    fn cands(ip: &str) -> Vec<Candidate> {
+        vec![Candidate {
+            address: format!("{ip}:10004").parse().expect("addr"),
+            kind: CandidateKind::Host,
+        }]
+    }
+
+    /// (operation, peer, addresses) of every message waiting in `rx`.
+    fn drain(rx: &mut mpsc::UnboundedReceiver<Message>) -> Vec<(String, String, usize)> {
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            let c: Candidates = m.content_as().expect("candidates");
+            out.push((m.operation().to_string(), c.node, c.candidates.len()));
+        }
+        out
+    }
+
+    #[test]
+    fn candidates_reach_only_peers_of_a_common_community_and_are_taken_back() {
+        let c = cloud();
+        let (ta, tb, tc) = (c.join("a", "f1"), c.join("b", "f1"), c.join("c", "f2"));
+        let (sa, mut ra) = c.connect("a", &ta);
+        let (sb, mut rb) = c.connect("b", &tb);
+        let (_sc, mut rc) = c.connect("c", &tc);
+        c.direct.publish(&sa, cands("10.1.0.2"));
+        c.direct.publish(&sb, cands("10.1.0.3"));
+        assert!(drain(&mut rb).is_empty(), "no community: nobody is told");
+
+        c.apply(r#"{"kind":"Community","apiVersion":"edgemesh.io/v1alpha1","metadata":{"name":"f1"},"spec":{"nodeSelector":{"matchLabels":{"site":"f1"}}}}"#);
+        assert_eq!(drain(&mut ra), vec![("update".into(), "b".into(), 1)]);
+        assert_eq!(drain(&mut rb), vec![("update".into(), "a".into(), 1)]);
+        assert!(drain(&mut rc).is_empty(), "c is in no common community");
+
+        // A node that connects later is told at once; a new publication goes to peers.
+        let (_sb2, mut rb2) = c.connect("b", &tb);
+        assert_eq!(drain(&mut rb2), vec![("update".into(), "a".into(), 1)]);
+        c.direct.publish(&sa, cands("10.1.0.9"));
+        assert_eq!(drain(&mut rb2), vec![("update".into(), "a".into(), 1)]);
+        assert!(drain(&mut rc).is_empty());
+
+        // b moves to another site: a and b are taken back from each other.
+        c.objects
+            .ensure_node("b", Some(&BTreeMap::from([("site".into(), "f2".into())])))
+            .expect("relabel");
+        c.direct.reload().expect("reload");
+        c.direct.reconcile();
+        assert_eq!(drain(&mut ra), vec![("delete".into(), "b".into(), 0)]);
+        assert_eq!(drain(&mut rb2), vec![("delete".into(), "a".into(), 0)]);
+    }
+
+    #[test]
+    fn a_certificate_is_issued_for_the_authenticated_name_while_the_credential_holds() {
+        let c = cloud();
+        let token = c.join("edge-1", "f1");
+        // The request claims another name.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let claimer = Identity::open(dir.path(), "edge-2").expect("identity");
+        let csr = claimer.request().expect("csr").csr;
+        let CertificateAnswer::Issued(issued) =
+            c.direct
+                .issue("edge-1", &Credential::Token(token.clone()), &csr)
+        else {
+            panic!("refused")
+        };
+        let der = {
+            use rustls::pki_types::pem::PemObject;
+            rustls::pki_types::CertificateDer::from_pem_slice(issued.certificate.as_bytes())
+                .expect("pem")
+        };
+        assert_eq!(
+            edgehub::identity::cert_info(&der).expect("info").names,
+            vec!["edge-1".to_string()]
+        );
+        assert_eq!(
+            c.direct.stored_fingerprint("edge-1"),
+            Some(issued.fingerprint.clone())
+        );
+        assert!(issued.resource_version >= 1);
+        c.direct.reload().expect("reload");
+        assert!(c.direct.certificate_login("edge-1", &issued.fingerprint));
+        // The certificate as credential works for a renewal...
+        let cert = Credential::Certificate(issued.fingerprint.clone());
+        assert!(matches!(
+            c.direct.issue("edge-1", &cert, &csr),
+            CertificateAnswer::Issued(_)
+        ));
+        // ... but not once it was replaced, and a replaced token gets nothing either.
+        assert!(matches!(
+            c.direct.issue("edge-1", &cert, &csr),
+            CertificateAnswer::Refused { .. }
+        ));
+        c.tokens.create("edge-1").expect("re-join");
+        assert!(matches!(
+            c.direct.issue("edge-1", &Credential::Token(token), &csr),
+            CertificateAnswer::Refused { .. }
+        ));
+        // A broken request is refused, not answered with a certificate.
+        let fresh = c.tokens.create("edge-1").expect("token");
+        assert!(matches!(
+            c.direct
+                .issue("edge-1", &Credential::Token(fresh), "nonsense"),
+            CertificateAnswer::Refused { .. }
+        ));
+    }
+}

@@ -56,8 +56,8 @@ enum Command {
     /// Print every key with its default, or check or show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Create or update objects (Services, Endpoints, Nodes, RuleEndpoints, Rules) from YAML or
-    /// JSON files, directories of them, or - for stdin.
+    /// Create or update objects (Services, Endpoints, Nodes, Communities, RuleEndpoints, Rules)
+    /// from YAML or JSON files, directories of them, or - for stdin.
     Apply {
         /// A file, a directory (its *.yaml, *.yml and *.json files) or - (repeatable).
         #[arg(short = 'f', long = "filename", required = true)]

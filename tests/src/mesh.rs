@@ -203,8 +203,6 @@ impl Mesh {
             n.data_dir.display().to_string(),
             "--cloud-url".into(),
             self.hub_url(),
-            "--token".into(),
-            n.token.clone(),
             "--admin-listen".into(),
             ADMIN.into(),
             "--set".into(),
@@ -216,6 +214,10 @@ impl Mesh {
             "--set".into(),
             "cloud.backoff_max=\"1s\"".into(),
         ];
+        // No token: a node that holds a certificate logs in to a TLS hub with it.
+        if !n.token.is_empty() {
+            args.extend(["--token".into(), n.token.clone()]);
+        }
         if let Some(ca) = &self.ca_cert {
             args.push("--set".into());
             args.push(format!("cloud.ca_cert=\"{}\"", ca.display()));
