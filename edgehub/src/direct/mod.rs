@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::client::{CloudUrl, SyncStatus};
+use crate::client::SyncStatus;
 use crate::identity::{Identity, Need};
 use crate::message::{
     group, module, op, resource, Candidate, Candidates, CertificateAnswer, DirectSettings, Message,
@@ -89,8 +89,10 @@ pub struct DirectStatus {
 const PROBE_EVERY: Duration = Duration::from_secs(300);
 /// ... and how soon after a failed attempt.
 const PROBE_RETRY: Duration = Duration::from_secs(20);
-/// An unanswered certificate request is asked again after this long.
+/// An unanswered certificate request is asked again after this long...
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// ... and a refused one after this long (the cloud takes one request per 10 s).
+const REFUSED_RETRY: Duration = Duration::from_secs(15);
 /// How often the certificate's state is looked at, besides on every view change.
 const CHECK_EVERY: Duration = Duration::from_secs(15);
 
@@ -303,9 +305,9 @@ impl DirectAgent {
                 st.probe_due = None;
             }
             Event::Certificate(CertificateAnswer::Issued(issued)) => {
-                st.requested = None;
                 match self.identity.install(&issued) {
                     Ok(i) => {
+                        st.requested = None;
                         st.awaiting_version = Some(issued.resource_version);
                         self.update(|s| {
                             s.certificate = Some(NodeCertificate {
@@ -322,8 +324,8 @@ impl DirectAgent {
                 }
             }
             Event::Certificate(CertificateAnswer::Refused { error }) => {
-                st.requested = None;
                 warn!(%error, "the cloud refused a certificate");
+                st.requested = Instant::now().checked_sub(REQUEST_TIMEOUT - REFUSED_RETRY);
                 self.update(|s| s.last_certificate_error = Some(error));
             }
             Event::Settings(settings) => {
@@ -404,14 +406,18 @@ impl DirectAgent {
         if st.probing {
             return;
         }
+        // The reflector is on the host of the cloud URL this link went to.
         let host = {
             let s = self.sync.lock().unwrap_or_else(|p| p.into_inner());
             s.cloud_url
                 .as_deref()
-                .and_then(|u| CloudUrl::parse(u).ok())
-                .map(|u| u.host)
+                .and_then(|u| u.parse::<tokio_tungstenite::tungstenite::http::Uri>().ok())
+                .and_then(|u| u.host().map(|h| h.trim_matches(['[', ']']).to_string()))
         };
-        let Some(host) = host else { return };
+        let Some(host) = host else {
+            warn!("no cloud host to learn the reflexive address from");
+            return;
+        };
         st.probing = true;
         let events = self.events.clone();
         let node = self.node.clone();
@@ -469,7 +475,9 @@ impl DirectAgent {
 #[derive(Default)]
 struct RunState {
     link_up: bool,
-    /// When the outstanding certificate request was sent.
+    /// When the last certificate request counts as sent: it is asked again [`REQUEST_TIMEOUT`]
+    /// later. Cleared by a certificate; a refusal moves it back so the next try comes
+    /// [`REFUSED_RETRY`] after the refusal.
     requested: Option<Instant>,
     /// The store version that publishes the certificate just installed.
     awaiting_version: Option<u64>,
