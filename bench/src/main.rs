@@ -3,11 +3,15 @@
 //! `edgemesh-bench sync` measures cloud → edge metadata sync against one running cloudcore on
 //! loopback: fan-out latency of REST writes to many connected nodes, cloudcore's memory per
 //! connected node, and the time a fresh node needs for a full snapshot.
+//!
+//! `edgemesh-bench transport serve|run` compares transports for direct node-to-node paths
+//! (plain TCP, TCP+TLS, QUIC) between two network namespaces (`scripts/bench/transport`).
 
 mod api;
 mod node;
 mod report;
 mod sync;
+mod transport;
 
 use std::process::ExitCode;
 
@@ -24,6 +28,8 @@ struct Cli {
 enum Command {
     /// Metadata sync: fan-out latency, cloudcore memory per node, snapshot time.
     Sync(sync::SyncArgs),
+    /// Direct-path transports: plain TCP, TCP+TLS and QUIC, throughput and latency.
+    Transport(transport::TransportArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +46,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Sync(args) => runtime.block_on(sync::run(args)),
+        Command::Transport(args) => runtime.block_on(transport::run(args)),
     };
     // Node tasks may still be winding down; do not wait for them.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -220,13 +220,17 @@ fn node_certificates_are_issued_published_synced_and_revoked_everywhere() {
     assert_eq!(published(&mesh)[&names[1]], None);
     wait_everywhere(&mesh, &[0, 1, 2], &names[1], None, false);
     // (The cloud takes one request per 10 s from a node, the node retries 15 s after a refusal.)
-    wait_for("the old link is refused a new certificate", WAIT * 2, || {
-        let d = direct(&mesh, 1);
-        d["lastCertificateError"]
-            .as_str()
-            .is_some_and(|e| e.contains("no longer this node's"))
-            .then_some(())
-    });
+    wait_for(
+        "the old link is refused a new certificate",
+        WAIT * 2,
+        || {
+            let d = direct(&mesh, 1);
+            d["lastCertificateError"]
+                .as_str()
+                .is_some_and(|e| e.contains("no longer this node's"))
+                .then_some(())
+        },
+    );
     // The re-joined node (new token) gets a new certificate, and every node learns it.
     mesh.stop_node(1, libc::SIGTERM);
     mesh.nodes[1].token = token;

@@ -94,7 +94,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// ... and a refused one after this long (the cloud takes one request per 10 s).
 const REFUSED_RETRY: Duration = Duration::from_secs(15);
 /// How often the certificate's state is looked at, besides on every view change.
-const CHECK_EVERY: Duration = Duration::from_secs(15);
+const CHECK_EVERY: Duration = Duration::from_secs(5);
 
 enum Event {
     LinkUp,
