@@ -140,7 +140,7 @@ impl DirectSection {
         for (i, a) in self.advertise.iter().enumerate() {
             if a.port() == 0 || !edgehub::direct::candidates::reachable(a.ip()) {
                 return Err(ConfigError::key(
-                    &format!("direct.advertise[{i}]"),
+                    format!("direct.advertise[{i}]"),
                     format!("{a} cannot be reached by a peer: give an address and a port, not loopback, unspecified, multicast or link-local"),
                 ));
             }

@@ -210,16 +210,16 @@ impl DirectAgent {
 
     fn send(&self, msg: Message) -> bool {
         let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
-        match link.as_ref().map(|tx| tx.send(msg)) {
-            Some(Ok(())) => true,
-            Some(Err(_)) => {
-                // The session ended: its queue is gone.
-                *link = None;
-                let _ = self.events.send(Event::LinkDown);
-                false
-            }
-            None => false,
+        let Some(tx) = link.as_ref() else {
+            return false;
+        };
+        if tx.send(msg).is_ok() {
+            return true;
         }
+        // The session ended: its queue is gone.
+        *link = None;
+        let _ = self.events.send(Event::LinkDown);
+        false
     }
 
     /// A message of group `direct` from the cloud.
@@ -491,7 +491,7 @@ struct RunState {
 
 /// Lower-case or upper-case hex to bytes.
 pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
