@@ -65,12 +65,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         .with_context(|| "config key `data_dir`: cannot keep the mesh CA".to_string())?;
     let reflector = tokio::net::UdpSocket::bind(cfg.direct.listen)
         .await
-        .with_context(|| {
-            format!(
-                "config key `direct.listen`: cannot listen on UDP {}",
-                cfg.direct.listen
-            )
-        })?;
+        .with_context(|| format!("config key `direct.listen`: UDP {}", cfg.direct.listen))?;
     let direct_cfg = crate::direct::DirectConfig {
         listen: reflector.local_addr()?,
     };

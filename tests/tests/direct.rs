@@ -108,58 +108,52 @@ fn certificate_session(
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message as Ws;
-    in_netns(ns, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let mut req = url
-                .as_str()
-                .into_client_request()
-                .map_err(|e| e.to_string())?;
-            req.headers_mut().insert(
-                "authorization",
-                format!("Bearer {token}").parse().map_err(|_| "header")?,
-            );
-            let (mut ws, _) = tokio_tungstenite::connect_async(req)
+    run_in(ns, async move {
+        let mut req = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| e.to_string())?;
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().map_err(|_| "header")?,
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .map_err(|e| e.to_string())?;
+        let sync = SyncRequest {
+            store_id: None,
+            resource_version: 0,
+            chain: String::new(),
+            labels: BTreeMap::new(),
+            agent_version: "test".into(),
+        };
+        let csr = edgehub::message::Message::new(
+            module::EDGEHUB,
+            module::CLOUDHUB,
+            group::DIRECT,
+            op::QUERY,
+            resource::CERTIFICATE,
+        )
+        .with_content(&request);
+        for m in [sync.message(), csr] {
+            ws.send(Ws::text(m.to_json()))
                 .await
                 .map_err(|e| e.to_string())?;
-            let sync = SyncRequest {
-                store_id: None,
-                resource_version: 0,
-                chain: String::new(),
-                labels: BTreeMap::new(),
-                agent_version: "test".into(),
-            };
-            let csr = edgehub::message::Message::new(
-                module::EDGEHUB,
-                module::CLOUDHUB,
-                group::DIRECT,
-                op::QUERY,
-                resource::CERTIFICATE,
-            )
-            .with_content(&request);
-            for m in [sync.message(), csr] {
-                ws.send(Ws::text(m.to_json()))
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            let answer = async {
-                while let Some(m) = ws.next().await {
-                    if let Ok(Ws::Text(t)) = m {
-                        let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
-                        if v["route"]["resource"] == resource::CERTIFICATE {
-                            return Ok(v["content"].clone());
-                        }
+        }
+        let answer = async {
+            while let Some(m) = ws.next().await {
+                if let Ok(Ws::Text(t)) = m {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                    if v["route"]["resource"] == resource::CERTIFICATE {
+                        return Ok(v["content"].clone());
                     }
                 }
-                Err("closed before an answer".to_string())
-            };
-            tokio::time::timeout(Duration::from_secs(10), answer)
-                .await
-                .map_err(|_| "no answer in 10 s".to_string())?
-        })
+            }
+            Err("closed before an answer".to_string())
+        };
+        tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .map_err(|_| "no answer in 10 s".to_string())?
     })
 }
 
@@ -251,30 +245,55 @@ fn node_certificates_are_issued_published_synced_and_revoked_everywhere() {
     }
 }
 
-/// A CA and a certificate for the hub (openssl, as an operator would).
+/// Makes the mesh's cloudcore serve TLS with a certificate for its address from a CA of its
+/// own, which the nodes and the API client trust; returns the CA file.
+fn serve_hub_tls(mesh: &mut Mesh) -> PathBuf {
+    let (ca, cert, key) = hub_tls(mesh.topo.dir(), mesh.cloud.ip);
+    mesh.cloud_extra = ["hub.tls_cert", "hub.tls_key"]
+        .iter()
+        .zip([cert, key])
+        .map(|(k, f)| format!("{k}=\"{}\"", f.display()))
+        .collect();
+    mesh.api_scheme = "https";
+    mesh.ca_cert = Some(ca.clone());
+    ca
+}
+
+/// A CA and a certificate for the hub's address, written as PEM files: (CA, cert, key).
 fn hub_tls(dir: &Path, ip: std::net::Ipv4Addr) -> (PathBuf, PathBuf, PathBuf) {
-    let sh = format!(
-        "set -e; cd {d}; \
-         openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=edgemesh-test-ca 2>/dev/null; \
-         openssl req -newkey rsa:2048 -nodes -keyout cloud.key -out cloud.csr -subj /CN=cloudcore 2>/dev/null; \
-         printf 'subjectAltName=IP:{ip}\\n' > ext.cnf; \
-         openssl x509 -req -in cloud.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cloud.pem -days 1 -extfile ext.cnf 2>/dev/null",
-        d = dir.display()
-    );
-    let out = std::process::Command::new("sh")
-        .args(["-c", &sh])
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("CA");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec![ip.to_string()])
+        .expect("params")
+        .signed_by(&key, &rcgen::Issuer::from_params(&ca, &ca_key))
+        .expect("hub certificate");
+    let files = [
+        ("hub-ca.pem", ca_cert.pem()),
+        ("hub.pem", cert.pem()),
+        ("hub.key", key.serialize_pem()),
+    ];
+    for (name, pem) in &files {
+        std::fs::write(dir.join(name), pem).expect("write");
+    }
     (
-        dir.join("ca.pem"),
-        dir.join("cloud.pem"),
-        dir.join("cloud.key"),
+        dir.join("hub-ca.pem"),
+        dir.join("hub.pem"),
+        dir.join("hub.key"),
     )
+}
+
+/// Runs `fut` on a runtime of its own in network namespace `ns`.
+fn run_in<T: Send + 'static>(
+    ns: &str,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    in_netns(ns, move || {
+        let mut rt = tokio::runtime::Builder::new_current_thread();
+        rt.enable_all().build().expect("runtime").block_on(fut)
+    })
 }
 
 /// Opens a websocket to the TLS hub as `node`, presenting `auth` and no token: `Ok` once the
@@ -288,28 +307,20 @@ fn tls_login(
 ) -> Result<(), u16> {
     let roots = edgehub::tls::client_config_with_auth("ca", ca, auth).expect("tls config");
     let url = format!("wss://{ip}:10000/v1/nodes/{node}/events");
-    in_netns(ns, move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let tcp = tokio::net::TcpStream::connect((ip, 10000))
-                .await
-                .map_err(|_| 0u16)?;
-            let name = rustls::pki_types::ServerName::IpAddress(ip.into());
-            let tls = tokio_rustls::TlsConnector::from(roots)
-                .connect(name, tcp)
-                .await
-                .map_err(|_| 0u16)?;
-            match tokio_tungstenite::client_async(url.as_str(), tls).await {
-                Ok(_) => Ok(()),
-                Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                    Err(resp.status().as_u16())
-                }
-                Err(_) => Err(0),
-            }
-        })
+    run_in(ns, async move {
+        let tcp = tokio::net::TcpStream::connect((ip, 10000))
+            .await
+            .map_err(|_| 0u16)?;
+        let name = rustls::pki_types::ServerName::IpAddress(ip.into());
+        let tls = tokio_rustls::TlsConnector::from(roots)
+            .connect(name, tcp)
+            .await
+            .map_err(|_| 0u16)?;
+        match tokio_tungstenite::client_async(url.as_str(), tls).await {
+            Ok(_) => Ok(()),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(_) => Err(0),
+        }
     })
 }
 
@@ -323,13 +334,7 @@ fn node_auth(data_dir: &Path) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'s
 #[test]
 fn a_node_with_a_certificate_logs_in_to_a_tls_hub_without_its_token() {
     let mut mesh = Mesh::new("dtls", 2, Vec::new());
-    let (ca, cert, key) = hub_tls(mesh.topo.dir(), mesh.cloud.ip);
-    mesh.cloud_extra = vec![
-        format!("hub.tls_cert=\"{}\"", cert.display()),
-        format!("hub.tls_key=\"{}\"", key.display()),
-    ];
-    mesh.api_scheme = "https";
-    mesh.ca_cert = Some(ca.clone());
+    let ca = serve_hub_tls(&mut mesh);
     mesh.start_cloud();
     mesh.create_tokens();
     mesh.start_node(0);
@@ -388,23 +393,13 @@ fn self_signed(
     data_dir: &Path,
     id: &Identity,
 ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-    let dir = data_dir.join("identity");
-    let sh = format!(
-        "set -e; cd {d}; openssl req -x509 -key node.key -out self.pem -days 1 -subj /CN={n} -addext subjectAltName=DNS:{n} 2>/dev/null",
-        d = dir.display(),
-        n = id.node()
-    );
-    let out = std::process::Command::new("sh")
-        .args(["-c", &sh])
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cert = CertificateDer::from_pem_file(dir.join("self.pem")).expect("self.pem");
-    (vec![cert], id.private_key())
+    let pem = std::fs::read_to_string(data_dir.join("identity/node.key")).expect("node.key");
+    let key = rcgen::KeyPair::from_pem(&pem).expect("key");
+    let cert = rcgen::CertificateParams::new(vec![id.node().to_string()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("self-signed");
+    (vec![cert.der().clone()], id.private_key())
 }
 
 /// Runs the `cloudcore` CLI in the cloud namespace against the test's cloudcore.
