@@ -261,13 +261,18 @@ fn serve_hub_tls(mesh: &mut Mesh) -> PathBuf {
 
 /// A CA and a certificate for the hub's address, written as PEM files: (CA, cert, key).
 fn hub_tls(dir: &Path, ip: std::net::Ipv4Addr) -> (PathBuf, PathBuf, PathBuf) {
+    let named = |sans: Vec<String>, cn: &str| {
+        let mut p = rcgen::CertificateParams::new(sans).expect("params");
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p
+    };
     let ca_key = rcgen::KeyPair::generate().expect("key");
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    let mut ca = named(Vec::new(), "edgemesh-test-hub-ca");
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca_cert = ca.self_signed(&ca_key).expect("CA");
     let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec![ip.to_string()])
-        .expect("params")
+    let cert = named(vec![ip.to_string()], "cloudcore")
         .signed_by(&key, &rcgen::Issuer::from_params(&ca, &ca_key))
         .expect("hub certificate");
     let files = [
