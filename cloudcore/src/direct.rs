@@ -27,7 +27,7 @@ use crate::auth::NodeTokens;
 use crate::ca::MeshCa;
 use crate::nodes::Session;
 use crate::objects::Objects;
-use crate::store::Since;
+use crate::store::{Change, ChangeOp, Since};
 
 /// `[direct]` of cloudcore.toml.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -109,17 +109,53 @@ struct Link {
 }
 
 /// Nodes and Communities: who may form direct paths, and which certificate each node holds.
+/// Kept up to date change by change: a fleet's certificate issuances must not each cost a
+/// reload of every Node.
 #[derive(Default)]
 struct PeerView {
     nodes: HashMap<String, Node>,
-    communities: Vec<Community>,
+    communities: HashMap<String, Community>,
 }
 
 impl PeerView {
     fn allowed(&self, a: &str, b: &str) -> bool {
         match (self.nodes.get(a), self.nodes.get(b)) {
-            (Some(a), Some(b)) => may_connect(&self.communities, a, b),
+            (Some(a), Some(b)) => may_connect(self.communities.values(), a, b),
             _ => false,
+        }
+    }
+
+    /// Applies one committed change; true when it may change who may connect to whom (not
+    /// when only a Node's status, its certificate, changed).
+    fn apply(&mut self, change: &Change) -> bool {
+        let deleted = change.op == ChangeOp::Delete;
+        let name = &change.key.name;
+        match change.key.kind {
+            Kind::Node => {
+                let node = match Object::from_json(Kind::Node, &change.json) {
+                    Ok(Object::Node(n)) if !deleted => Some(n),
+                    _ => None,
+                };
+                let before = self.nodes.get(name).map(|n| n.metadata.labels.clone());
+                let after = node.as_ref().map(|n| n.metadata.labels.clone());
+                match node {
+                    Some(n) => self.nodes.insert(name.clone(), n),
+                    None => self.nodes.remove(name),
+                };
+                before != after
+            }
+            Kind::Community => {
+                match Object::from_json(Kind::Community, &change.json) {
+                    Ok(Object::Community(c)) if !deleted => {
+                        self.communities.insert(name.clone(), c);
+                    }
+                    _ => {
+                        self.communities.remove(name);
+                    }
+                }
+                true
+            }
+            Kind::Service | Kind::Endpoints => false,
         }
     }
 
@@ -142,7 +178,7 @@ pub struct Direct {
     links: Mutex<HashMap<String, Link>>,
     /// The latest candidates of each node (in memory: nodes publish them on every connect).
     candidates: Mutex<HashMap<String, Vec<Candidate>>>,
-    view: RwLock<Arc<PeerView>>,
+    view: RwLock<PeerView>,
     /// The store version the view was last brought up to.
     followed: AtomicU64,
 }
@@ -180,7 +216,7 @@ impl Direct {
             responder: Mutex::new(Responder::new()),
             links: Mutex::new(HashMap::new()),
             candidates: Mutex::new(HashMap::new()),
-            view: RwLock::new(Arc::new(PeerView::default())),
+            view: RwLock::new(PeerView::default()),
             followed: AtomicU64::new(0),
         };
         d.reload()?;
@@ -204,16 +240,36 @@ impl Direct {
         }
         for rec in store.list(Kind::Community, None)? {
             if let Ok(Object::Community(c)) = Object::from_json(Kind::Community, &rec.json) {
-                view.communities.push(c);
+                view.communities.insert(c.metadata.name.clone(), c);
             }
         }
-        *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(view);
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
         self.followed.store(version, Ordering::Release);
         Ok(())
     }
 
-    fn view(&self) -> Arc<PeerView> {
-        self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
+    fn view(&self) -> std::sync::RwLockReadGuard<'_, PeerView> {
+        self.view.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Brings the view up to the store; true when who may connect to whom may have changed.
+    fn catch_up(&self) -> Result<bool, crate::store::StoreError> {
+        let from = self.followed.load(Ordering::Acquire);
+        match self.objects.store().changes_since(from, None) {
+            Since::Current => Ok(false),
+            Since::Changes(changes) => {
+                let mut view = self.view.write().unwrap_or_else(|p| p.into_inner());
+                let mut membership = false;
+                for c in &changes {
+                    membership |= view.apply(c);
+                }
+                if let Some(last) = changes.last() {
+                    self.followed.fetch_max(last.version, Ordering::AcqRel);
+                }
+                Ok(membership)
+            }
+            Since::Gone => self.reload().map(|()| true),
+        }
     }
 
     fn links(&self) -> std::sync::MutexGuard<'_, HashMap<String, Link>> {
@@ -477,8 +533,8 @@ impl Direct {
         }
     }
 
-    /// Follows the store: reloads Nodes and Communities when one of them changed, then
-    /// reconciles what nodes were told.
+    /// Follows the store's changes to Nodes and Communities, and reconciles what nodes were
+    /// told when membership may have changed.
     pub async fn follow(self: Arc<Self>, shutdown: CancellationToken) {
         let mut versions = self.objects.store().subscribe();
         loop {
@@ -487,25 +543,7 @@ impl Direct {
                 changed = versions.changed() => if changed.is_err() { return },
             }
             let this = self.clone();
-            let reloaded = tokio::task::spawn_blocking(move || {
-                let from = this.followed.load(Ordering::Acquire);
-                match this.objects.store().changes_since(from, None) {
-                    Since::Current => Ok(false),
-                    Since::Changes(changes) => {
-                        let relevant = changes
-                            .iter()
-                            .any(|c| matches!(c.key.kind, Kind::Node | Kind::Community));
-                        if relevant {
-                            this.reload()?;
-                        } else if let Some(last) = changes.last() {
-                            this.followed.fetch_max(last.version, Ordering::AcqRel);
-                        }
-                        Ok(relevant)
-                    }
-                    Since::Gone => this.reload().map(|()| true),
-                }
-            })
-            .await;
+            let reloaded = tokio::task::spawn_blocking(move || this.catch_up()).await;
             match reloaded {
                 Ok(Ok(true)) => self.reconcile(),
                 Ok(Ok(false)) => {}
@@ -622,7 +660,10 @@ mod tests {
         fn apply(&self, json: &str) {
             let obj = Object::from_value(serde_json::from_str(json).expect("json")).expect("obj");
             self.objects.apply(vec![obj], false).expect("apply");
-            self.direct.reload().expect("reload");
+            assert!(
+                self.direct.catch_up().expect("catch up"),
+                "membership changed"
+            );
             self.direct.reconcile();
         }
     }
@@ -671,7 +712,7 @@ mod tests {
         c.objects
             .ensure_node("b", Some(&BTreeMap::from([("site".into(), "f2".into())])))
             .expect("relabel");
-        c.direct.reload().expect("reload");
+        assert!(c.direct.catch_up().expect("catch up"), "a label changed");
         c.direct.reconcile();
         assert_eq!(drain(&mut ra), vec![("delete".into(), "b".into(), 0)]);
         assert_eq!(drain(&mut rb2), vec![("delete".into(), "a".into(), 0)]);
@@ -681,6 +722,7 @@ mod tests {
     fn a_certificate_is_issued_for_the_authenticated_name_while_the_credential_holds() {
         let c = cloud();
         let token = c.join("edge-1", "f1");
+        assert!(c.direct.catch_up().expect("catch up"), "a new node");
         // The request claims another name.
         let dir = tempfile::tempdir().expect("tempdir");
         let claimer = Identity::open(dir.path(), "edge-2").expect("identity");
@@ -705,7 +747,10 @@ mod tests {
             Some(issued.fingerprint.clone())
         );
         assert!(issued.resource_version >= 1);
-        c.direct.reload().expect("reload");
+        assert!(
+            !c.direct.catch_up().expect("catch up"),
+            "a new certificate changes no membership"
+        );
         assert!(c.direct.certificate_login("edge-1", &issued.fingerprint));
         // The certificate as credential works for a renewal...
         let cert = Credential::Certificate(issued.fingerprint.clone());
