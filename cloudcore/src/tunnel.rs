@@ -13,11 +13,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use edgehub::io::Timeouts;
 use edgehub::limits::{self, serve_endpoint, EndpointTimeouts, Limiters, Served};
 use edgehub::message::Message;
 use edgehub::model::{Kind, Object, ObjectKey};
 use edgehub::tunnel::authorise::{authorise, host_of};
+use edgehub::io::Timeouts;
 use edgehub::tunnel::{
     Incoming, Mux, MuxConfig, MuxError, OpenError, OpenRefusal, OpenRequest, Outgoing, RefusalKind,
     Side, TunnelStream,

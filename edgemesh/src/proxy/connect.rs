@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgehub::io::Protocol;
-use edgehub::tunnel::{OpenError, OpenRequest, RefusalKind, TunnelHandle, TunnelStream};
+use edgehub::tunnel::{
+    OpenError, OpenRequest, RefusalKind, TunnelHandle, TunnelStream,
+};
 use thiserror::Error;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, warn};

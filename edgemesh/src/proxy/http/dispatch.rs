@@ -14,8 +14,8 @@ use super::answer::HttpError;
 use super::upstream::{Recycle, SendError};
 use super::Http;
 use crate::balance::{InFlight, PickContext};
-use crate::proxy::table::Route;
 use edgehub::io::Protocol;
+use crate::proxy::table::Route;
 
 /// A response head from an endpoint, that endpoint's in-flight count and the connection to
 /// reuse (both held until the body has been sent).

@@ -17,8 +17,8 @@ use tracing::{debug_span, Instrument};
 use super::exec::ConnTasks;
 use super::service::{handle, Conn};
 use super::Http;
-use crate::proxy::table::Route;
 use edgehub::io::Protocol;
+use crate::proxy::table::Route;
 
 /// Largest request head (request line and headers) accepted; larger ones get `431`. It also
 /// caps what a client sending endless headers can make the proxy hold.

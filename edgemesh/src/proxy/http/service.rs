@@ -17,8 +17,8 @@ use super::body::{Guarded, ProxyBody};
 use super::headers;
 use super::Http;
 use crate::balance::PickContext;
-use crate::proxy::table::Route;
 use edgehub::io::Protocol;
+use crate::proxy::table::Route;
 
 /// What the requests of one client connection share.
 pub struct Conn {

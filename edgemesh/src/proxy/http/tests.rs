@@ -27,10 +27,10 @@ use tokio_util::sync::CancellationToken;
 use super::{serve, Http};
 use crate::balance::{Endpoint, HealthRegistry, ServiceBalancer, Tier};
 use crate::proxy::connect::{Connector, Dialer};
+use edgehub::io::Protocol;
 use crate::proxy::stats::ServiceStats;
 use crate::proxy::table::{Route, ServiceRef};
 use crate::proxy::{HttpConfig, OutlierConfig, ProxyConfig};
-use edgehub::io::Protocol;
 
 const NODE: &str = "here";
 
