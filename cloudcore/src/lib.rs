@@ -16,10 +16,12 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod ca;
 pub mod cli;
 #[cfg(feature = "etcd")]
 pub mod cluster;
 pub mod config;
+pub mod direct;
 pub mod hub;
 pub mod manifest;
 pub mod mirror;

@@ -1,5 +1,5 @@
-//! The REST API (SPEC §2): Services, Endpoints, Nodes and node tokens, `apply`, health and
-//! metrics. Errors are `{"error": "...", "field": "..."}` with a 4xx status, and nothing is
+//! The REST API (SPEC §2): Services, Endpoints, Nodes and node tokens, Communities, `apply`,
+//! health and metrics. Errors are `{"error": "...", "field": "..."}` with a 4xx status, and nothing is
 //! stored unless the whole request is valid.
 
 mod router;
@@ -231,6 +231,13 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
             put(put_endpoints)
                 .get(get_endpoints)
                 .delete(delete_endpoints),
+        )
+        .route("/api/v1/communities", get(list_communities))
+        .route(
+            "/api/v1/communities/{name}",
+            put(put_community)
+                .get(get_community)
+                .delete(delete_community),
         )
         .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/nodes/{name}", get(get_node).delete(delete_node))
@@ -577,7 +584,30 @@ async fn delete_endpoints(
     delete_object(s, ObjectKey::new(Kind::Endpoints, ns, name)).await
 }
 
-/// A Node object with its runtime status merged in.
+async fn list_communities(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    list_kind(s, Kind::Community, None).await
+}
+async fn put_community(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    put_object(s, Kind::Community, String::new(), name, body).await
+}
+async fn get_community(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    get_object(s, ObjectKey::new(Kind::Community, "", name)).await
+}
+async fn delete_community(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    delete_object(s, ObjectKey::new(Kind::Community, "", name)).await
+}
+
+/// A Node object with its runtime status merged into its stored status (the certificate).
 fn node_with_status(state: &ApiState, record: &Record) -> Result<Value, ApiError> {
     let mut v: Value = serde_json::from_str(&record.json).map_err(|e| {
         ApiError::new(
@@ -594,6 +624,9 @@ fn node_with_status(state: &ApiState, record: &Record) -> Result<Value, ApiError
         );
     }
     if let Value::Object(o) = &mut v {
+        if let (Some(Value::Object(stored)), Value::Object(s)) = (o.remove("status"), &mut status) {
+            s.extend(stored);
+        }
         o.insert("status".into(), status);
     }
     Ok(v)
@@ -670,7 +703,10 @@ async fn create_token(
     let node = name.clone();
     let token = blocking(move || {
         objects.ensure_node(&node, None)?;
-        Ok(tokens.create(&node)?)
+        let token = tokens.create(&node)?;
+        // A new token is a new join: the certificate issued under the old one is revoked.
+        objects.set_node_certificate(&node, None)?;
+        Ok(token)
     })
     .await?;
     tracing::info!(node = %name, "node token issued");
@@ -681,9 +717,14 @@ async fn revoke_token(
     State(state): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let tokens = state.tokens.clone();
+    let (objects, tokens) = (state.objects.clone(), state.tokens.clone());
     let node = name.clone();
-    let existed = blocking(move || Ok(tokens.revoke(&node)?)).await?;
+    let existed = blocking(move || {
+        let existed = tokens.revoke(&node)?;
+        objects.set_node_certificate(&node, None)?;
+        Ok(existed)
+    })
+    .await?;
     if !existed {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -125,6 +125,7 @@ async fn apply_docs(
                     edgehub::model::Kind::Node => 0,
                     edgehub::model::Kind::Service => 1,
                     edgehub::model::Kind::Endpoints => 2,
+                    edgehub::model::Kind::Community => 3,
                 };
                 objects.push((rank, m));
             }

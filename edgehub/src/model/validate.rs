@@ -209,7 +209,7 @@ fn is_dns1035_label(s: &str) -> bool {
 }
 
 /// DNS-1123 subdomain (Node names): dot-separated labels, ≤ 253.
-fn is_dns1123_subdomain(s: &str) -> bool {
+pub(crate) fn is_dns1123_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
 }
 
@@ -279,7 +279,11 @@ fn is_port_name(s: &str) -> bool {
     is_dns1123_label(s) && s.len() <= 15 && s.bytes().any(|c| c.is_ascii_lowercase())
 }
 
-fn check_meta(meta: &ObjectMeta, namespaced: bool, service: bool) -> Result<(), FieldError> {
+pub(super) fn check_meta(
+    meta: &ObjectMeta,
+    namespaced: bool,
+    service: bool,
+) -> Result<(), FieldError> {
     if meta.name.is_empty() {
         return Err(FieldError::new("metadata.name", "name is required"));
     }
@@ -346,7 +350,7 @@ fn check_api_version(api_version: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-fn check_kind(kind: &str, expected: &str) -> Result<(), FieldError> {
+pub(super) fn check_kind(kind: &str, expected: &str) -> Result<(), FieldError> {
     if kind != expected {
         return Err(FieldError::new(
             "kind",
