@@ -73,10 +73,6 @@ pub const METRICS: &[Metric] = &[
         "tunnel_bytes_total",
         "Bytes carried by streams cloudcore terminates, by direction (to_endpoint, from_endpoint).",
     ),
-    Metric::counter(
-        "tunnel_refused_total",
-        "Tunnel streams refused, by reason.",
-    ),
     // Router.
     Metric::counter(
         "router_requests_total",

@@ -3,7 +3,7 @@
 //!
 //! Every metric is named after the process that exports it (`edgemesh_…` or `cloudcore_…`),
 //! carries its base unit in the name (`_seconds`, `_bytes`) and, for a counter, ends in
-//! `_total`. Code in this crate that runs on both sides (the QPS limits) names its metrics with
+//! `_total`. Code in this crate that runs on both sides (the QPS limits, the data-plane core) names its metrics with
 //! [`name`], which uses the prefix [`install`] was given.
 
 use std::sync::OnceLock;
@@ -84,6 +84,50 @@ pub const SHARED: &[Metric] = &[
         "process_start_time_seconds",
         Unit::Seconds,
         "When the process started, in seconds since the Unix epoch.",
+    ),
+    // The data-plane core: the proxy on nodes, the router ingress in cloudcore.
+    Metric::gauge(
+        "proxy_routes",
+        Unit::Count,
+        "Service ports in the proxy's route table.",
+    ),
+    Metric::counter(
+        "proxy_connections_total",
+        "Intercepted connections by Service and result (forwarded, no_endpoints, connect_failed).",
+    ),
+    Metric::counter(
+        "proxy_connect_failures_total",
+        "Failed attempts to connect to an endpoint, by Service (a connection may retry another endpoint).",
+    ),
+    Metric::bytes(
+        "proxy_bytes_total",
+        "Bytes proxied by Service and direction (sent to the endpoint, received from it).",
+    ),
+    Metric::counter(
+        "proxy_detected_total",
+        "Connections by Service and the protocol sniffed from their first bytes.",
+    ),
+    Metric::counter(
+        "proxy_endpoint_ejections_total",
+        "Endpoints taken out of balancing by outlier detection.",
+    ),
+    Metric::gauge(
+        "proxy_http_active_connections",
+        Unit::Count,
+        "HTTP connections (by protocol http1, h2) the L7 proxy holds open now.",
+    ),
+    Metric::counter(
+        "proxy_http_requests_total",
+        "HTTP requests by Service, protocol and status class (1xx to 5xx).",
+    ),
+    Metric::seconds(
+        "proxy_http_request_duration_seconds",
+        "Time from a request's arrival to its response headers, by Service and protocol.",
+    ),
+    // Streams refused by this side ([`crate::serve`], cloudcore's relay).
+    Metric::counter(
+        "tunnel_refused_total",
+        "Streams refused, by reason (on a node: streams the cloud opened to it; in cloudcore: streams nodes opened, relayed or for cloud endpoints).",
     ),
 ];
 

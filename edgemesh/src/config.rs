@@ -212,7 +212,8 @@ fn token_required() -> ConfigError {
     ConfigError::key(
         "cloud.token_file",
         "is required when cloud.url is set: a file holding the node's token (`cloudcore token \
-         create NODE` prints it; keep it mode 0600), or the token itself in cloud.token",
+         create NODE` prints it; keep it mode 0600), or the token itself in cloud.token; a node that \
+         holds a node certificate in its data_dir logs in to a TLS hub without one",
     )
 }
 
@@ -285,6 +286,7 @@ impl Config {
         if !self.cloud_urls().is_empty()
             && self.cloud.token.is_none()
             && self.cloud.token_file.is_none()
+            && !edgehub::identity::has_certificate(&self.data_dir)
         {
             return Err(token_required());
         }

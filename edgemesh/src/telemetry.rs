@@ -51,30 +51,9 @@ pub const METRICS: &[Metric] = &[
     ),
     // Proxy.
     Metric::gauge(
-        "proxy_routes",
-        Unit::Count,
-        "Service ports in the proxy's route table.",
-    ),
-    Metric::gauge(
         "proxy_active_connections",
         Unit::Count,
         "Connections the proxy holds open now.",
-    ),
-    Metric::counter(
-        "proxy_connections_total",
-        "Intercepted connections by Service and result (forwarded, no_endpoints, connect_failed).",
-    ),
-    Metric::counter(
-        "proxy_connect_failures_total",
-        "Failed attempts to connect to an endpoint, by Service (a connection may retry another endpoint).",
-    ),
-    Metric::bytes(
-        "proxy_bytes_total",
-        "Bytes proxied by Service and direction (sent to the endpoint, received from it).",
-    ),
-    Metric::counter(
-        "proxy_detected_total",
-        "Connections by Service and the protocol sniffed from their first bytes.",
     ),
     Metric::counter(
         "proxy_tls_connections_total",
@@ -89,23 +68,6 @@ pub const METRICS: &[Metric] = &[
         "Connections refused before routing, by reason (max_connections).",
     ),
     Metric::counter(
-        "proxy_endpoint_ejections_total",
-        "Endpoints taken out of balancing by outlier detection.",
-    ),
-    Metric::gauge(
-        "proxy_http_active_connections",
-        Unit::Count,
-        "HTTP connections (by protocol http1, h2) the L7 proxy holds open now.",
-    ),
-    Metric::counter(
-        "proxy_http_requests_total",
-        "HTTP requests by Service, protocol and status class (1xx to 5xx).",
-    ),
-    Metric::seconds(
-        "proxy_http_request_duration_seconds",
-        "Time from a request's arrival to its response headers, by Service and protocol.",
-    ),
-    Metric::counter(
         "iptables_repairs_total",
         "iptables rules found missing or changed and put back.",
     ),
@@ -113,10 +75,6 @@ pub const METRICS: &[Metric] = &[
     Metric::counter(
         "tunnel_streams_accepted_total",
         "Streams from the cloud accepted for an endpoint on this node.",
-    ),
-    Metric::counter(
-        "tunnel_refused_total",
-        "Streams from the cloud refused, by reason.",
     ),
     // DNS.
     Metric::counter(

@@ -99,7 +99,7 @@ impl EndpointHealth {
         self.ejected_until
             .store((until.as_nanos() as u64).max(1), Ordering::Relaxed);
         warn!(endpoint = %self.addr, ejected_for = ?period, "endpoint ejected after failed connections");
-        metrics::counter!("edgemesh_proxy_endpoint_ejections_total").increment(1);
+        metrics::counter!(crate::telemetry::name("proxy_endpoint_ejections_total")).increment(1);
         true
     }
 

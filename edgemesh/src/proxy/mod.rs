@@ -1,13 +1,14 @@
 //! The transparent proxy (SPEC §4): accepts what iptables redirects to `proxy.port`, finds the
 //! Service port the client meant from the original destination, picks an endpoint and forwards.
-//!
-//! Layers, each in its own module:
-//! - [`socket`]: original destination and socket marks;
-//! - [`table`]: cluster IP and port → Service port and endpoints, following the metadata;
+//! This module is only the listener and its admission (connection cap, keepalive, drain); every
+//! layer below it is the data-plane core in `edgehub`, shared with cloudcore:
+//! - [`edgehub::socket`]: the original destination and socket marks;
+//! - [`edgehub::routes`]: cluster IP and port → Service port and endpoints, following the view;
 //! - [`edgehub::io::detect`]: what the connection carries (HTTP/2, HTTP/1, TLS, other), from
-//!   its first bytes;
-//! - [`http`]: HTTP/1 and HTTP/2, balanced per request;
-//! - [`connect`]: dialling an endpoint, falling over to another when one fails;
+//!   one bounded read of its first bytes, replayed by [`edgehub::io::Rewind`];
+//! - [`edgehub::http`]: HTTP/1 and HTTP/2, balanced and limited per request;
+//! - [`edgehub::connect`]: picking ([`edgehub::balance`]) and dialling an endpoint, or opening a
+//!   tunnel stream to it, falling over to another when one fails;
 //! - [`edgehub::io::join`]: moving bytes (opaque TCP, TLS).
 
 mod config;
