@@ -162,9 +162,8 @@ impl NodeTokens {
     ) {
         let mut changes = self.store.subscribe_tokens();
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                changed = changes.changed() => if changed.is_err() { return },
+            if !edgehub::process::changed(&mut changes, &shutdown).await {
+                return;
             }
             let store = self.store.clone();
             let fresh = match tokio::task::spawn_blocking(move || store.token_hashes()).await {

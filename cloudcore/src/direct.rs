@@ -538,9 +538,8 @@ impl Direct {
     pub async fn follow(self: Arc<Self>, shutdown: CancellationToken) {
         let mut versions = self.objects.store().subscribe();
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                changed = versions.changed() => if changed.is_err() { return },
+            if !edgehub::process::changed(&mut versions, &shutdown).await {
+                return;
             }
             let this = self.clone();
             let reloaded = tokio::task::spawn_blocking(move || this.catch_up()).await;

@@ -353,31 +353,31 @@ impl Hub {
         shutdown: CancellationToken,
     ) {
         let tracker = TaskTracker::new();
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, peer)) => {
-                        // Before anything is read: unauthenticated clients get bounded slots.
-                        let slot = match self.handshakes.try_take(peer.ip()) {
-                            Ok(slot) => slot,
-                            Err(refused) => {
-                                limit_hit("hub", refused.label());
-                                debug!(%peer, limit = refused.label(), "hub connection refused");
-                                continue;
-                            }
-                        };
-                        let hub = self.clone();
-                        let span = tracing::info_span!("hub_conn", %peer, node = tracing::field::Empty);
-                        tracker.spawn(hub.connection(tcp, peer, tls.clone(), shutdown.clone(), tracker.clone(), slot).instrument(span));
-                    }
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        warn!(error = %e, "hub accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
+        while let Some((tcp, peer)) =
+            edgehub::accept::next_connection(&listener, "hub", &shutdown).await
+        {
+            // Before anything is read: unauthenticated clients get bounded slots.
+            let slot = match self.handshakes.try_take(peer.ip()) {
+                Ok(slot) => slot,
+                Err(refused) => {
+                    limit_hit("hub", refused.label());
+                    debug!(%peer, limit = refused.label(), "hub connection refused");
+                    continue;
                 }
-            }
+            };
+            let hub = self.clone();
+            let span = tracing::info_span!("hub_conn", %peer, node = tracing::field::Empty);
+            tracker.spawn(
+                hub.connection(
+                    tcp,
+                    peer,
+                    tls.clone(),
+                    shutdown.clone(),
+                    tracker.clone(),
+                    slot,
+                )
+                .instrument(span),
+            );
         }
         // Stop accepting first: connections that queue while sessions close would only hang.
         drop(listener);

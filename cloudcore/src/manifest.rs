@@ -403,8 +403,9 @@ fn list_item(item_kind: &str, mut item: Value) -> Value {
     item
 }
 
-/// `Kind name` of a document, as far as it can be read.
-fn label_of(v: &Value) -> String {
+/// `Kind namespace/name` of a document, as far as it can be read, bounded (it names the
+/// document in errors of the CLI and the REST API).
+pub(crate) fn label_of(v: &Value) -> String {
     let kind = v.get("kind").and_then(Value::as_str).unwrap_or("?");
     let meta = v.get("metadata");
     let name = meta

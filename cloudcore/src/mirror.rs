@@ -91,9 +91,8 @@ pub async fn follow(
             Ok(Err(e)) => warn!(error = %e, "reading the store's changes failed"),
             Err(e) => warn!(error = %e, "reading the store's changes failed"),
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = versions.changed() => if changed.is_err() { return },
+        if !edgehub::process::changed(&mut versions, &shutdown).await {
+            return;
         }
     }
 }

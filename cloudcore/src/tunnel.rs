@@ -18,7 +18,7 @@ use edgehub::connect::{Opener, Upstream};
 use edgehub::message::Message;
 use edgehub::metamanager::MeshView;
 use edgehub::serve::{count_refusal, Served, StreamServer};
-use edgehub::tunnel::authorise::authorise;
+use edgehub::tunnel::authorise::authorise_in;
 use edgehub::tunnel::{
     Incoming, Mux, MuxConfig, MuxError, OpenError, OpenRefusal, OpenRequest, Outgoing, RefusalKind,
     Side, TunnelStream,
@@ -303,15 +303,7 @@ impl Tunnels {
     /// Checks the request against the view of the store: the endpoint must be a ready address
     /// of the Service, hosted by `target` (a node) or by the cloud.
     fn check(&self, request: &OpenRequest, target: Option<&str>) -> Result<(), OpenRefusal> {
-        let view = self.views.borrow().clone();
-        let service = view.service(&request.namespace, &request.service);
-        let endpoints = view.endpoints_of(&request.namespace, &request.service);
-        authorise(
-            service.map(|s| s.as_ref()),
-            endpoints.map(|e| e.as_ref()),
-            request,
-            target,
-        )
+        authorise_in(&self.views.borrow(), request, target)
     }
 
     /// A stream to a cloud endpoint: handed to the router for its virtual Services, else

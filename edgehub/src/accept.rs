@@ -142,6 +142,30 @@ pub struct HttpLimits {
 
 /// Serves `router` over HTTP/1.1 on `listener` (TLS with `tls`) within `limits` until
 /// `shutdown`; in-flight requests then get 10 s to finish. `listener_name` names the metric.
+/// The next connection on `listener`, or `None` once `shutdown` is cancelled. Accept errors
+/// (out of file descriptors and the like) are logged and waited out a little, so a listener
+/// never spins on them.
+pub async fn next_connection(
+    listener: &TcpListener,
+    listener_name: &str,
+    shutdown: &CancellationToken,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok(a) => return Some(a),
+            Err(e) => {
+                warn!(error = %e, listener = listener_name, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 pub async fn serve_http(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
@@ -157,17 +181,8 @@ pub async fn serve_http(
     let slots = Slots::new(limits.max_connections, limits.max_connections_per_peer);
     let graceful = GracefulShutdown::new();
     loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    warn!(error = %e, listener = listener_name, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            }
+        let Some((tcp, peer)) = next_connection(&listener, listener_name, &shutdown).await else {
+            break;
         };
         let slot = match slots.try_take(peer.ip()) {
             Ok(slot) => slot,

@@ -52,6 +52,18 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+/// Waits for the next change of `watched`: `false` once `shutdown` is cancelled or the sender
+/// is gone, which ends every loop that follows a watch channel.
+pub async fn changed<T>(
+    watched: &mut tokio::sync::watch::Receiver<T>,
+    shutdown: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        changed = watched.changed() => changed.is_ok(),
+    }
+}
+
 /// After a burst of changes to `watched` (a large apply in cloudcore, a snapshot on a node),
 /// once it has been quiet for a moment, hands the memory the burst freed back to the system.
 /// glibc keeps freed memory in its arenas otherwise, for good: measured, cloudcore held about
@@ -63,9 +75,8 @@ pub async fn release_memory_after_bursts<T>(
 ) {
     const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = watched.changed() => if changed.is_err() { return },
+        if !changed(&mut watched, &shutdown).await {
+            return;
         }
         // Let the burst end (or run for a while) and its consumers catch up.
         let burst = tokio::time::Instant::now();

@@ -26,7 +26,7 @@ use crate::metamanager::MeshView;
 use crate::model::LbPolicy;
 use crate::routes::stats::ServiceStats;
 use crate::routes::{Route, ServiceRef};
-use crate::tunnel::authorise::authorise;
+use crate::tunnel::authorise::authorise_in;
 use crate::tunnel::{Incoming, Mux, OpenRefusal, RefusalKind};
 
 /// How a served stream ended.
@@ -94,15 +94,7 @@ impl StreamServer {
     /// Checks a stream against `view` (the Service exists, the endpoint is one of its ready
     /// addresses, and this side hosts it).
     pub fn authorise(&self, view: &MeshView, incoming: &Incoming) -> Result<(), OpenRefusal> {
-        let request = &incoming.request;
-        let service = view.service(&request.namespace, &request.service);
-        let endpoints = view.endpoints_of(&request.namespace, &request.service);
-        authorise(
-            service.map(|s| s.as_ref()),
-            endpoints.map(|e| e.as_ref()),
-            request,
-            self.here.as_deref(),
-        )
+        authorise_in(view, &incoming.request, self.here.as_deref())
     }
 
     /// Dials the endpoint of an authorised stream, accepts it (then calls `accepted`) and

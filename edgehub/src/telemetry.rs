@@ -176,6 +176,24 @@ pub fn install(
     Ok(handle)
 }
 
+/// `GET /metrics` of both processes: the scrape in the Prometheus text format, or 404 where no
+/// recorder is installed (several agents in one test process).
+pub fn scrape(handle: Option<&PrometheusHandle>) -> axum::response::Response {
+    use axum::http::{header, HeaderValue, StatusCode};
+    use axum::response::IntoResponse;
+    match handle {
+        Some(h) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            )],
+            h.render(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),
+    }
+}
+
 fn describe(process: &str, m: &Metric) {
     let full = format!("{process}_{}", m.name);
     match m.kind {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -180,17 +180,7 @@ async fn metrics_text(State(state): State<AdminState>) -> Response {
     } else {
         0.0
     });
-    match &state.metrics {
-        Some(h) => (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            )],
-            h.render(),
-        )
-            .into_response(),
-        None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),
-    }
+    edgehub::telemetry::scrape(state.metrics.as_ref())
 }
 
 async fn services(State(state): State<AdminState>) -> Response {

@@ -342,17 +342,7 @@ async fn metrics_text(State(state): State<ApiState>) -> Response {
     metrics::gauge!("cloudcore_store_version").set(state.objects.store().version() as f64);
     // Also set as nodes come and go; here so that it reads 0 before the first node.
     metrics::gauge!("cloudcore_hub_online_nodes").set(state.nodes.online_count() as f64);
-    match &state.metrics {
-        Some(h) => (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            )],
-            h.render(),
-        )
-            .into_response(),
-        None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),
-    }
+    edgehub::telemetry::scrape(state.metrics.as_ref())
 }
 
 pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -783,7 +773,7 @@ pub(crate) fn read_apply(bytes: &[u8], yaml: bool) -> Result<ApplyRequest, ApiEr
     };
     manifest::for_each_document("", text, Some(format), |origin, mut v| {
         let (api_version, kind, name) = manifest::identity(&v);
-        let label = describe(&v);
+        let label = crate::manifest::label_of(&v);
         let Some(kind) = kind else {
             return Err(ApiError::from(ManifestError::field(
                 &origin,
@@ -803,7 +793,7 @@ pub(crate) fn read_apply(bytes: &[u8], yaml: bool) -> Result<ApplyRequest, ApiEr
                             .or_insert_with(|| Value::String("default".into()));
                     }
                 }
-                let label = describe(&v);
+                let label = crate::manifest::label_of(&v);
                 let object = Object::from_value(v)
                     .map_err(|e| ApiError::from(ManifestError::field(&origin, &label, e)))?;
                 request.objects.push((origin, object));
@@ -828,24 +818,6 @@ pub(crate) fn read_apply(bytes: &[u8], yaml: bool) -> Result<ApplyRequest, ApiEr
         ));
     }
     Ok(request)
-}
-
-/// `Kind namespace/name` of a document, as far as it can be read, bounded.
-fn describe(v: &Value) -> String {
-    let kind = v.get("kind").and_then(Value::as_str).unwrap_or("?");
-    let meta = v.get("metadata");
-    let name = meta
-        .and_then(|m| m.get("name"))
-        .and_then(Value::as_str)
-        .unwrap_or("?");
-    let label = match meta
-        .and_then(|m| m.get("namespace"))
-        .and_then(Value::as_str)
-    {
-        Some(ns) => format!("{kind} {ns}/{name}"),
-        None => format!("{kind} {name}"),
-    };
-    edgehub::untrusted::message(&label).into_owned()
 }
 
 /// An error of `Objects::apply`, naming the document by where it was in the request.

@@ -265,16 +265,10 @@ pub async fn serve(
 ) {
     let tracker = TaskTracker::new();
     loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "replica link accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            }
+        let Some((tcp, peer)) =
+            edgehub::accept::next_connection(&listener, "cluster", &shutdown).await
+        else {
+            break;
         };
         let (tls, verifier, tunnels, shutdown) = (
             tls.clone(),

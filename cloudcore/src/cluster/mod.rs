@@ -85,9 +85,8 @@ async fn share_rule_limits(
             info!(replicas = n, "router rule limits shared among the replicas");
             last = n;
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = changes.changed() => if changed.is_err() { return },
+        if !edgehub::process::changed(&mut changes, &shutdown).await {
+            return;
         }
     }
 }

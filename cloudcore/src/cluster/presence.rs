@@ -363,9 +363,8 @@ impl PresenceKeeper {
                 remote.insert(node, p);
             }
             self.nodes.set_remote(remote);
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                changed = changes.changed() => if changed.is_err() { return },
+            if !edgehub::process::changed(&mut changes, &shutdown).await {
+                return;
             }
         }
     }

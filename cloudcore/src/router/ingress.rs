@@ -43,16 +43,10 @@ impl Router {
         let flusher = tokio::spawn(self.clone().flush_every(FLUSH_INTERVAL, shutdown.clone()));
         let graceful = GracefulShutdown::new();
         loop {
-            let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        warn!(error = %e, "router ingress: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                }
+            let Some((tcp, peer)) =
+                edgehub::accept::next_connection(&listener, "router", &shutdown).await
+            else {
+                break;
             };
             let _ = tcp.set_nodelay(true);
             let router = self.clone();

@@ -635,9 +635,8 @@ impl Router {
         let mut changes = self.objects.store().subscribe_router();
         changes.mark_unchanged();
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                changed = changes.changed() => if changed.is_err() { return },
+            if !edgehub::process::changed(&mut changes, &shutdown).await {
+                return;
             }
             let this = self.clone();
             match tokio::task::spawn_blocking(move || this.reload()).await {

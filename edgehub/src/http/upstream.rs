@@ -122,21 +122,7 @@ impl Http {
                         .then(|| Recycle(Some((Arc::clone(self), key, conn))));
                     return Ok((response, recycle));
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(back) if reused && stale < STALE_RETRIES => {
-                        debug!(endpoint = %endpoint.addr, error = %e.error(), "pooled connection was closed; another one");
-                        stale += 1;
-                        req = back;
-                    }
-                    Some(back) => {
-                        endpoint.health.record_failure();
-                        return Err(SendError::NotSent {
-                            request: Box::new(back),
-                            error: Box::new(e.into_error()),
-                        });
-                    }
-                    None => return Err(SendError::Failed(e.into_error())),
-                },
+                Err(e) => req = retry_on_stale(endpoint, e, reused, &mut stale)?,
             }
         }
     }
@@ -175,23 +161,9 @@ impl Http {
             };
             match conn.try_send_request(req).await {
                 Ok(response) => return Ok(response),
-                Err(mut e) => {
+                Err(e) => {
                     self.pool.discard_h2(&key);
-                    match e.take_message() {
-                        Some(back) if reused && stale < STALE_RETRIES => {
-                            debug!(endpoint = %endpoint.addr, error = %e.error(), "shared connection was closed; a new one");
-                            stale += 1;
-                            req = back;
-                        }
-                        Some(back) => {
-                            endpoint.health.record_failure();
-                            return Err(SendError::NotSent {
-                                request: Box::new(back),
-                                error: Box::new(e.into_error()),
-                            });
-                        }
-                        None => return Err(SendError::Failed(e.into_error())),
-                    }
+                    req = retry_on_stale(endpoint, e, reused, &mut stale)?;
                 }
             }
         }
@@ -270,5 +242,31 @@ impl Unsent {
                 error,
             },
         }
+    }
+}
+
+/// After a send failed: the request back for another try on a fresh connection when the
+/// connection was a reused one that turned out closed (up to [`STALE_RETRIES`] times), else
+/// the error, the endpoint blamed only when nothing of the request reached it.
+fn retry_on_stale(
+    endpoint: &Endpoint,
+    mut e: hyper::client::conn::TrySendError<Request<Incoming>>,
+    reused: bool,
+    stale: &mut usize,
+) -> Result<Request<Incoming>, SendError> {
+    match e.take_message() {
+        Some(back) if reused && *stale < STALE_RETRIES => {
+            debug!(endpoint = %endpoint.addr, error = %e.error(), "reused connection was closed; another one");
+            *stale += 1;
+            Ok(back)
+        }
+        Some(back) => {
+            endpoint.health.record_failure();
+            Err(SendError::NotSent {
+                request: Box::new(back),
+                error: Box::new(e.into_error()),
+            })
+        }
+        None => Err(SendError::Failed(e.into_error())),
     }
 }

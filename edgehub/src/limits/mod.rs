@@ -421,9 +421,8 @@ pub async fn follow(
     loop {
         let view = views.borrow_and_update().clone();
         limiters.follow(&view);
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = views.changed() => if changed.is_err() { return },
+        if !crate::process::changed(&mut views, &shutdown).await {
+            return;
         }
     }
 }

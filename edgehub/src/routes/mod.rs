@@ -346,9 +346,8 @@ pub async fn follow_view(
     shutdown: CancellationToken,
 ) {
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = views.changed() => if changed.is_err() { return },
+        if !crate::process::changed(&mut views, &shutdown).await {
+            return;
         }
         let view = views.borrow_and_update().clone();
         let previous = tables.borrow().clone();

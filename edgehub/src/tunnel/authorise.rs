@@ -15,6 +15,22 @@ fn forbidden(message: String) -> OpenRefusal {
     }
 }
 
+/// [`authorise`] against `view`'s copy of the Service and its Endpoints.
+pub fn authorise_in(
+    view: &crate::metamanager::MeshView,
+    request: &OpenRequest,
+    host: Option<&str>,
+) -> Result<(), OpenRefusal> {
+    let service = view.service(&request.namespace, &request.service);
+    let endpoints = view.endpoints_of(&request.namespace, &request.service);
+    authorise(
+        service.map(|s| s.as_ref()),
+        endpoints.map(|e| e.as_ref()),
+        request,
+        host,
+    )
+}
+
 /// Checks that `request` names a ready endpoint of an existing Service, on a port that
 /// Service exposes, hosted by `host` (a node name, or `None` for cloudcore).
 pub fn authorise(

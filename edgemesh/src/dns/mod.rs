@@ -146,9 +146,8 @@ async fn follow(
     shutdown: CancellationToken,
 ) {
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = views.changed() => if changed.is_err() { return },
+        if !edgehub::process::changed(&mut views, &shutdown).await {
+            return;
         }
         // Cloned out so the view is not borrowed while the index is updated.
         let view = views.borrow_and_update().clone();

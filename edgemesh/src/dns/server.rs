@@ -29,7 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, Instrument};
 
 use super::forward::UDP_PAYLOAD;
 use super::handler::record_rejected;
@@ -317,19 +317,10 @@ async fn tcp_acceptor<H: RequestHandler>(
     tracker: TaskTracker,
 ) {
     loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        let (stream, src) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of descriptors and the like: wait a little instead of spinning.
-                warn!(error = %e, "DNS TCP accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let Some((stream, src)) =
+            edgehub::accept::next_connection(&listener, "dns", &shutdown).await
+        else {
+            return;
         };
         let slot = match slots.admit(src.ip()) {
             Ok(slot) => slot,

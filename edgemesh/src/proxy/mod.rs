@@ -143,23 +143,12 @@ impl Proxy {
         let tracker = TaskTracker::new();
         // Not in `tracker`: it counts client connections, and the sweeper is none.
         let sweeper = tokio::spawn(proxy.http.clone().sweep_pool(shutdown.clone()));
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                a = listener.accept() => a,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let proxy = proxy.clone();
-                    let shutdown = shutdown.clone();
-                    tracker.spawn(async move { proxy.handle(stream, peer, shutdown).await });
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
+        while let Some((stream, peer)) =
+            edgehub::accept::next_connection(&listener, "proxy", &shutdown).await
+        {
+            let proxy = proxy.clone();
+            let shutdown = shutdown.clone();
+            tracker.spawn(async move { proxy.handle(stream, peer, shutdown).await });
         }
         drop(listener);
         tracker.close();
