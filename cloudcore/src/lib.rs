@@ -13,21 +13,21 @@
 //! - [`cli`]: `cloudcore apply|get|delete|token`;
 //! - [`telemetry`]: the metrics `/metrics` shows.
 
-pub mod api;
+pub(crate) mod api;
 pub mod app;
-pub mod auth;
-pub mod ca;
+pub(crate) mod auth;
+pub(crate) mod ca;
 pub mod cli;
 #[cfg(feature = "etcd")]
-pub mod cluster;
+pub(crate) mod cluster;
 pub mod config;
-pub mod direct;
-pub mod hub;
-pub mod manifest;
-pub mod mirror;
-pub mod nodes;
-pub mod objects;
-pub mod router;
+pub(crate) mod direct;
+pub(crate) mod hub;
+pub(crate) mod manifest;
+pub(crate) mod mirror;
+pub(crate) mod nodes;
+pub(crate) mod objects;
+pub(crate) mod router;
 pub mod store;
-pub mod telemetry;
-pub mod tunnel;
+pub(crate) mod telemetry;
+pub(crate) mod tunnel;

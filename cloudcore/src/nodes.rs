@@ -56,8 +56,9 @@ pub struct Presence {
     pub since_ms: i64,
 }
 
-/// What the presence keeper is told.
+/// What the presence keeper is told (the etcd store's replicas only).
 #[derive(Debug)]
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
 pub enum PresenceEvent {
     Connected { node: String, presence: Presence },
     Disconnected { node: String, conn_id: u64 },
@@ -188,14 +189,17 @@ impl NodeRegistry {
 
     /// Makes this registry one replica's: sessions carry `name`, and connects and
     /// disconnects are sent to `events` (the presence keeper).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub fn report_to(&self, name: &str, events: mpsc::UnboundedSender<PresenceEvent>) {
         let _ = self.replica.set((name.to_string(), events));
     }
 
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub fn replica_name(&self) -> Option<&str> {
         self.replica.get().map(|(n, _)| n.as_str())
     }
 
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub fn set_cluster_health(&self, health: std::sync::Arc<dyn ClusterHealth>) {
         let _ = self.cluster.set(health);
     }
@@ -206,6 +210,7 @@ impl NodeRegistry {
     }
 
     /// Replaces what is known of nodes on other replicas.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub fn set_remote(&self, remote: HashMap<String, Presence>) {
         *self.remote.write().unwrap_or_else(|p| p.into_inner()) = remote;
     }
@@ -220,6 +225,7 @@ impl NodeRegistry {
     }
 
     /// This replica's session of `node`: its id and when it started, if connected here.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub fn local(&self, node: &str) -> Option<(u64, i64)> {
         let nodes = self.lock();
         let e = nodes.get(node)?;
@@ -229,6 +235,7 @@ impl NodeRegistry {
     }
 
     /// Nodes connected here, with their session ids.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub fn local_sessions(&self) -> Vec<(String, Presence)> {
         let Some(name) = self.replica_name() else {
             return Vec::new();
@@ -252,6 +259,7 @@ impl NodeRegistry {
 
     /// Closes every session and, while `refusing`, every new one at once (a replica that lost
     /// its lease; its nodes must move to one that has one).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub fn refuse(&self, refusing: bool) {
         self.refusing.store(refusing, Ordering::Release);
         if refusing {
@@ -261,10 +269,6 @@ impl NodeRegistry {
                 }
             }
         }
-    }
-
-    pub fn is_refusing(&self) -> bool {
-        self.refusing.load(Ordering::Acquire)
     }
 
     fn publish_online(&self) {
@@ -278,10 +282,6 @@ impl NodeRegistry {
                 f(&mut e.status);
             }
         }
-    }
-
-    pub fn seen(&self, session: &Session) {
-        self.seen_at(session, now_ms());
     }
 
     pub fn seen_at(&self, session: &Session, ms: i64) {

@@ -135,10 +135,6 @@ impl Objects {
         &self.store
     }
 
-    pub fn service_cidr(&self) -> IpNet {
-        self.service_cidr
-    }
-
     /// The lock that orders node admission against node deletion.
     pub fn admission(&self) -> std::sync::MutexGuard<'_, ()> {
         self.admission.lock().unwrap_or_else(|p| p.into_inner())

@@ -150,6 +150,7 @@ impl Tunnels {
         let _ = self.virtual_services.set(v);
     }
 
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub fn set_remote_nodes(&self, r: Arc<dyn RemoteNodes>) {
         let _ = self.remote.set(r);
     }
@@ -166,6 +167,7 @@ impl Tunnels {
     /// Takes a stream another replica opened on its link to this one: checked against this
     /// replica's store like a node's, then relayed to the target node's link here. Never passed
     /// on to a third replica: one hop, and a node that moved meanwhile is offline to the opener.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub fn from_replica(self: &Arc<Self>, mux: &Mux, incoming: Incoming) {
         let this = self.clone();
         let mux = mux.clone();
@@ -234,11 +236,6 @@ impl Tunnels {
             }
         }
         mux.close(reason);
-    }
-
-    /// Open streams on every link (for metrics and the API).
-    pub fn open_streams(&self) -> usize {
-        self.links().values().map(Mux::open_streams).sum()
     }
 
     /// Takes a stream message from `node`'s link. Called on the session's reader, so any
@@ -388,9 +385,4 @@ impl Opener for Tunnels {
     ) -> Pin<Box<dyn Future<Output = Result<Upstream, OpenError>> + Send + '_>> {
         Box::pin(async move { self.open_on_link(request).await.map(Upstream::Tunnel) })
     }
-}
-
-/// Whether an address of an Endpoints object is served by cloudcore (used by the router).
-pub fn is_cloud_address(address: &edgehub::model::EndpointAddress) -> bool {
-    address.host().is_none()
 }

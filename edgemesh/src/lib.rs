@@ -10,14 +10,14 @@
 //! - [`status`]: `edgemesh status`;
 //! - [`telemetry`]: the metrics `/metrics` shows.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod agent;
 
 pub mod config;
-pub mod direct;
+pub(crate) mod direct;
 pub mod dns;
 pub mod iptables;
-pub mod proxy;
+pub(crate) mod proxy;
 pub mod status;
-pub mod telemetry;
-pub mod tunnel;
+pub(crate) mod telemetry;
+pub(crate) mod tunnel;

@@ -25,17 +25,12 @@ use presence::{Health, Lease, PresenceKeeper, ReplicaInfo};
 
 /// This replica's part in the cluster.
 pub struct Cluster {
-    name: String,
     store: Arc<EtcdStore>,
     nodes: Arc<NodeRegistry>,
     links: link::Links,
 }
 
 impl Cluster {
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Where the other replicas are: name → advertise URL, from their `replica/` keys.
     pub fn replicas(&self) -> Vec<(String, ReplicaInfo)> {
         self.store
@@ -161,7 +156,6 @@ pub async fn start(
     tokio::spawn(share_rule_limits(store.clone(), router, shutdown.clone()));
 
     let cluster = Arc::new(Cluster {
-        name: name.clone(),
         store,
         nodes,
         links: link::Links::new(name.clone(), key, cc.ca_cert.clone(), &tunnels, shutdown),

@@ -236,6 +236,7 @@ impl Router {
     }
 
     /// How many replicas route for the cluster: each enforces that share of every rule's QPS.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub fn set_replicas(&self, n: usize) {
         let n = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
         self.replicas.store(n, std::sync::atomic::Ordering::Release);
