@@ -817,15 +817,15 @@ impl Inner {
         None
     }
 
-    /// One try at committing `changes` on top of the head this replica saw (`head_rev`).
-    /// `Ok(Some(rev))`: committed at `rev`; `Ok(None)`: the head moved (or a guarded token
-    /// went), and the mirror has caught up since.
+    /// One try at committing `changes` on top of the head this replica saw (`head_rev`);
+    /// when the head moved (or a guarded token went), the mirror has caught up before this
+    /// returns.
     async fn commit(
         &self,
         head_rev: i64,
         changes: &[Change],
         guards: &[String],
-    ) -> Result<Option<i64>, StoreError> {
+    ) -> Result<Commit, StoreError> {
         let p = &self.prefix;
         let head_key = format!("{p}meta/head");
         let mut compares = vec![Compare::mod_revision(
@@ -870,7 +870,7 @@ impl Inner {
         }
         let (first, last) = match (changes.first(), changes.last()) {
             (Some(f), Some(l)) => (f.version, l),
-            _ => return Ok(Some(self.mirror().revision)),
+            _ => return Ok(Commit::At(self.mirror().revision)),
         };
         let log = serde_json::to_vec(&log).map_err(|e| StoreError::Corrupt {
             key: "log".into(),
@@ -897,15 +897,23 @@ impl Inner {
             .when(compares)
             .and_then(ops)
             .or_else([TxnOp::get(head_key, None)]);
-        let client = self.client.clone();
-        let resp = send_txn(&client, self.cfg.request_timeout, txn.clone()).await?;
+        let sends = std::sync::atomic::AtomicUsize::new(0);
+        let resp = retrying(self.cfg.request_timeout, || {
+            sends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let txn = txn.clone();
+            let mut kv = self.client.kv_client();
+            async move { kv.txn(txn).await }
+        })
+        .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         if !resp.succeeded() {
             // Someone else wrote first: plan again once the mirror has their write.
             self.caught_up(revision).await;
-            return Ok(None);
+            return Ok(Commit::HeadMoved {
+                resent: sends.load(std::sync::atomic::Ordering::Relaxed) > 1,
+            });
         }
-        Ok(Some(revision))
+        Ok(Commit::At(revision))
     }
 
     /// A plain put or delete of a key outside the versioned objects, read back through the
@@ -934,6 +942,15 @@ impl Inner {
         self.caught_up(revision).await;
         Ok(existed)
     }
+}
+
+/// How one try at a write ended.
+enum Commit {
+    /// Committed at this etcd revision.
+    At(i64),
+    /// The head had moved. `resent`: the transaction was sent more than once (an answer was
+    /// lost), so the write that moved the head may have been this one.
+    HeadMoved { resent: bool },
 }
 
 enum WatchEnd {
@@ -1018,7 +1035,7 @@ impl Store for EtcdStore {
             let guards = guards.clone();
             let result = self.call(async move {
                 let committed = inner.commit(head_rev, &changes, &guards).await?;
-                if let Some(rev) = committed {
+                if let Commit::At(rev) = committed {
                     // Read-your-writes: the caller and the hub see the change once this returns.
                     if !inner.caught_up(rev).await {
                         warn!(
@@ -1027,15 +1044,22 @@ impl Store for EtcdStore {
                         );
                     }
                 }
-                Ok::<_, StoreError>(committed.map(|_| changes))
+                Ok::<_, StoreError>(match committed {
+                    Commit::At(_) => Ok(changes),
+                    Commit::HeadMoved { resent } => Err(resent),
+                })
             });
             match result {
-                Ok(Some(changes)) => return Ok(changes.into_iter().map(Arc::new).collect()),
-                Ok(None) => {
+                Ok(Ok(changes)) => return Ok(changes.into_iter().map(Arc::new).collect()),
+                Ok(Err(resent)) => {
                     // A compare that failed because an earlier send of this very write landed
-                    // (its answer was lost): the mirror now holds exactly these changes.
-                    if let Some(mine) = self.landed(&planned) {
-                        return Ok(mine);
+                    // (its answer was lost): the mirror now holds exactly these changes. Only
+                    // then: another replica's identical write (the same delete) has the same
+                    // versions and chain, and is not this one.
+                    if resent {
+                        if let Some(mine) = self.landed(&planned) {
+                            return Ok(mine);
+                        }
                     }
                     continue;
                 }

@@ -133,10 +133,8 @@ fn preconditions_hold_across_replicas() {
     let k = ObjectKey::new(Kind::Node, "", "n");
     b.write(vec![Write::Delete { key: k.clone() }])
         .expect("delete");
-    assert!(matches!(
-        a.write(vec![Write::Delete { key: k }]),
-        Err(StoreError::NotFound(_))
-    ));
+    let second = a.write(vec![Write::Delete { key: k }]);
+    assert!(matches!(second, Err(StoreError::NotFound(_))), "{second:?}");
     assert_eq!(a.version(), 3);
 }
 
