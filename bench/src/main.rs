@@ -3,12 +3,16 @@
 //! `edgemesh-bench sync` measures cloud → edge metadata sync against one running cloudcore on
 //! loopback: fan-out latency of REST writes to many connected nodes, cloudcore's memory per
 //! connected node, and the time a fresh node needs for a full snapshot.
+//!
+//! `edgemesh-bench transport serve|run` compares transports for direct node-to-node paths
+//! (plain TCP, TCP+TLS, QUIC) between two network namespaces (`scripts/bench/transport`).
 
 mod api;
 mod ha;
 mod node;
 mod report;
 mod sync;
+mod transport;
 
 use std::process::ExitCode;
 
@@ -27,6 +31,8 @@ enum Command {
     Sync(sync::SyncArgs),
     /// One cloud (one cloudcore or replicas on etcd): fan-out, memory, failover, relay.
     Ha(ha::HaArgs),
+    /// Direct-path transports: plain TCP, TCP+TLS and QUIC, throughput and latency.
+    Transport(transport::TransportArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +50,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Sync(args) => runtime.block_on(sync::run(args)),
         Command::Ha(args) => runtime.block_on(ha::run(args)),
+        Command::Transport(args) => runtime.block_on(transport::run(args)),
     };
     // Node tasks may still be winding down; do not wait for them.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

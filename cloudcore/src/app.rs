@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::api::{self, ApiState};
 use crate::auth::{load_or_create_api_token, NodeTokens};
 use crate::config::Config;
+use crate::direct::Direct;
 use crate::hub::Hub;
 use crate::nodes::NodeRegistry;
 use crate::objects::Objects;
@@ -114,14 +115,43 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     let objects = Arc::new(Objects::new(store.clone(), cfg.service_cidr)?);
     let nodes = Arc::new(NodeRegistry::default());
 
-    let tls = match (&cfg.hub.tls_cert, &cfg.hub.tls_key) {
+    let ca = crate::ca::MeshCa::load_or_create(&cfg.data_dir)
+        .with_context(|| "config key `data_dir`: cannot keep the mesh CA".to_string())?;
+    let reflector = tokio::net::UdpSocket::bind(cfg.direct.listen)
+        .await
+        .with_context(|| format!("config key `direct.listen`: UDP {}", cfg.direct.listen))?;
+    let direct_cfg = crate::direct::DirectConfig {
+        listen: reflector.local_addr()?,
+    };
+    let direct = Direct::new(
+        &direct_cfg,
+        &cfg.communities,
+        &cfg.identity,
+        ca,
+        objects.clone(),
+        tokens.clone(),
+    )?;
+
+    // The hub also takes nodes' certificates (mTLS: no token needed once a node has one);
+    // the API does not ask for one.
+    let (hub_tls, tls) = match (&cfg.hub.tls_cert, &cfg.hub.tls_key) {
         (Some(cert), Some(key)) => {
-            let config = edgehub::tls::server_config("hub.tls_cert", cert, "hub.tls_key", key)?;
-            Some(tokio_rustls::TlsAcceptor::from(config))
+            let hub = edgehub::tls::server_config_with_clients(
+                "hub.tls_cert",
+                cert,
+                "hub.tls_key",
+                key,
+                Some(direct.ca().cert_der().clone()),
+            )?;
+            let api = edgehub::tls::server_config("hub.tls_cert", cert, "hub.tls_key", key)?;
+            (
+                Some(tokio_rustls::TlsAcceptor::from(hub)),
+                Some(tokio_rustls::TlsAcceptor::from(api)),
+            )
         }
         _ => {
             warn!("hub.tls_cert and hub.tls_key are not set: the hub and the API serve plain text; tokens cross the network unencrypted");
-            None
+            (None, None)
         }
     };
 
@@ -219,6 +249,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         tokens.clone(),
         nodes.clone(),
         tunnels.clone(),
+        direct.clone(),
     ));
     tokio::spawn(edgehub::process::release_memory_after_bursts(
         store.subscribe(),
@@ -226,7 +257,9 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     ));
     tokio::spawn(tokens.clone().follow(nodes.clone(), shutdown.clone()));
     tokio::spawn(router.clone().follow(shutdown.clone()));
-    let hub_task = tokio::spawn(hub.serve(hub_listener, tls.clone(), shutdown.clone()));
+    tokio::spawn(direct.clone().follow(shutdown.clone()));
+    let reflector_task = tokio::spawn(direct.serve_reflector(reflector, shutdown.clone()));
+    let hub_task = tokio::spawn(hub.serve(hub_listener, hub_tls, shutdown.clone()));
     let api_task = tokio::spawn(edgehub::accept::serve_http(
         api_listener,
         tls,
@@ -259,6 +292,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     for task in background {
         let _ = task.await;
     }
+    let _ = reflector_task.await;
     info!("cloudcore stopped");
     Ok(())
 }

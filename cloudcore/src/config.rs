@@ -46,6 +46,9 @@ pub struct Config {
     pub tunnel: crate::tunnel::TunnelConfig,
     pub store: StoreConfig,
     pub cluster: ClusterConfig,
+    pub direct: crate::direct::DirectConfig,
+    pub communities: crate::direct::CommunitiesConfig,
+    pub identity: crate::direct::IdentityConfig,
     pub log: LogConfig,
 }
 
@@ -60,6 +63,9 @@ impl Default for Config {
             tunnel: crate::tunnel::TunnelConfig::default(),
             store: StoreConfig::default(),
             cluster: ClusterConfig::default(),
+            direct: crate::direct::DirectConfig::default(),
+            communities: crate::direct::CommunitiesConfig::default(),
+            identity: crate::direct::IdentityConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -563,6 +569,10 @@ impl Config {
         if let Err((key, why)) = self.tunnel.validate() {
             return Err(ConfigError::key(&key, why));
         }
+        if let Err((key, why)) = self.identity.validate() {
+            return Err(ConfigError::key(&key, why));
+        }
+
         if let Some(t) = &self.api.token {
             if t.len() < 16 {
                 return Err(ConfigError::key(
@@ -595,6 +605,9 @@ mod tests {
         assert_eq!(c.router.listen.port(), 9443);
         assert_eq!(c.router.request_timeout, Duration::from_secs(30));
         assert_eq!(c.router.virtual_endpoint_ip().to_string(), "192.0.2.1");
+        assert_eq!(c.direct.listen.to_string(), "0.0.0.0:10004");
+        assert!(!c.communities.enforce);
+        assert_eq!(c.identity.cert_validity, Duration::from_secs(30 * 86400));
         let c = parse("[router]\nlisten = \"127.0.0.1:9443\"").expect("loopback listen");
         assert_eq!(c.router.virtual_endpoint_ip().to_string(), "192.0.2.1");
         let c = parse("[router]\nlisten = \"172.20.0.2:9443\"").expect("specific listen");
@@ -629,6 +642,16 @@ mod tests {
                 "router.advertise_ip",
             ),
             ("[router]\nadvertise_ip = \"nope\"", "router.advertise_ip"),
+            ("[direct]\nlisten = \"udp\"", "direct.listen"),
+            ("[communities]\nenforce = \"yes\"", "communities.enforce"),
+            (
+                "[identity]\ncert_validity = \"10m\"",
+                "identity.cert_validity",
+            ),
+            (
+                "[identity]\ncert_validity = \"soon\"",
+                "identity.cert_validity",
+            ),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(&format!("`{key}`")), "{text}: {e}");

@@ -38,6 +38,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::{NodeAuthError, NodeTokens};
 use crate::config::HubConfig;
+use crate::direct::{Credential, Direct};
 use crate::nodes::{NodeRegistry, Session};
 use crate::objects::{ApplyError, Objects};
 use crate::store::{Change, ChangeOp, Since, Store};
@@ -78,6 +79,7 @@ pub struct Hub {
     tokens: Arc<NodeTokens>,
     nodes: Arc<NodeRegistry>,
     tunnels: Arc<Tunnels>,
+    direct: Arc<Direct>,
     /// Held while building, so a thousand fresh nodes build one snapshot, not a thousand.
     snapshot: tokio::sync::Mutex<Option<Arc<EncodedSnapshot>>>,
     /// Connections not yet authenticated, in all and per address.
@@ -328,6 +330,7 @@ impl Hub {
         tokens: Arc<NodeTokens>,
         nodes: Arc<NodeRegistry>,
         tunnels: Arc<Tunnels>,
+        direct: Arc<Direct>,
     ) -> Self {
         Hub {
             store,
@@ -335,6 +338,7 @@ impl Hub {
             tokens,
             nodes,
             tunnels,
+            direct,
             snapshot: tokio::sync::Mutex::new(None),
             handshakes: Slots::new(cfg.max_handshakes, cfg.max_handshakes_per_peer),
             cfg,
@@ -405,7 +409,15 @@ impl Hub {
                         .await
                     {
                         Ok(Ok(stream)) => {
-                            self.upgrade(stream, peer, shutdown.clone(), tracker).await
+                            // A client certificate the TLS layer verified against the mesh CA.
+                            let client = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(|c| edgehub::identity::fingerprint(c));
+                            self.upgrade(stream, peer, client, shutdown.clone(), tracker)
+                                .await
                         }
                         Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
                         Err(_) => {
@@ -414,7 +426,10 @@ impl Hub {
                         }
                     }
                 }
-                None => self.upgrade(tcp, peer, shutdown.clone(), tracker).await,
+                None => {
+                    self.upgrade(tcp, peer, None, shutdown.clone(), tracker)
+                        .await
+                }
             }
         };
         // Handshakes in progress end with cloudcore; established sessions close themselves.
@@ -424,8 +439,13 @@ impl Hub {
         }
     }
 
-    /// Checks the path and the node's token; the answer becomes the HTTP response on failure.
-    fn authorize(&self, req: &Request) -> Result<String, (StatusCode, String)> {
+    /// Checks the path and the node's certificate (`client`: the fingerprint of the one it
+    /// presented) or token; the answer becomes the HTTP response on failure.
+    fn authorize(
+        &self,
+        req: &Request,
+        client: Option<&str>,
+    ) -> Result<(String, Credential), (StatusCode, String)> {
         let path = req.uri().path();
         let node = path
             .strip_prefix("/v1/nodes/")
@@ -446,8 +466,18 @@ impl Hub {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
+        // The certificate cloudcore issued this node and still publishes: no token needed.
+        // A node must still have a token (joined, not revoked) to log in either way.
+        if let Some(fp) = client {
+            if self.tokens.has_token(node) && self.direct.certificate_login(node, fp) {
+                return Ok((node.to_string(), Credential::Certificate(fp.to_string())));
+            }
+        }
         match self.tokens.verify(node, token) {
-            Ok(()) => Ok(node.to_string()),
+            Ok(()) => Ok((
+                node.to_string(),
+                Credential::Token(token.unwrap_or_default().to_string()),
+            )),
             Err(e) => {
                 let status = match e {
                     NodeAuthError::WrongToken => StatusCode::FORBIDDEN,
@@ -471,6 +501,7 @@ impl Hub {
         self: &Arc<Self>,
         stream: S,
         peer: SocketAddr,
+        client: Option<String>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) where
@@ -478,7 +509,7 @@ impl Hub {
     {
         let mut node = None;
         let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-            match self.authorize(req) {
+            match self.authorize(req, client.as_deref()) {
                 Ok(n) => {
                     node = Some(n);
                     Ok(resp)
@@ -515,7 +546,9 @@ impl Hub {
                 return debug!("websocket handshake timed out");
             }
         };
-        let Some(node) = node else { return };
+        let Some((node, credential)) = node else {
+            return;
+        };
         tracing::Span::current().record("node", node.as_str());
         let session = self.nodes.connect(&node, peer);
         // A revoke that landed between the handshake check and this registration.
@@ -524,20 +557,25 @@ impl Hub {
                 .disconnect(&session, "token revoked while connecting");
             return;
         }
-        info!("node connected");
+        info!(
+            certificate = matches!(credential, Credential::Certificate(_)),
+            "node connected"
+        );
+        let direct_out = self.direct.attach(&session, credential);
         // The session runs as a task of its own and this one ends: a task keeps the memory of
         // its largest phase for its whole life, and the TLS and websocket handshakes are far
         // larger than a session (measured: 12.9 KB per connected node otherwise).
         let hub = self.clone();
         tracker.spawn(
             async move {
-                let reason = match hub.session(ws, &session, &shutdown).await {
+                let reason = match hub.session(ws, &session, &shutdown, direct_out).await {
                     Ok(reason) => reason.to_string(),
                     Err(e) => {
                         warn!(error = %e, "node session failed");
                         e.to_string()
                     }
                 };
+                hub.direct.detach(&session);
                 hub.nodes.disconnect(&session, &reason);
                 info!(%reason, "node disconnected");
             }
@@ -550,6 +588,7 @@ impl Hub {
         ws: WebSocketStream<S>,
         session: &Session,
         shutdown: &CancellationToken,
+        mut direct_out: mpsc::UnboundedReceiver<Message>,
     ) -> Result<&'static str, SessionError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -580,6 +619,7 @@ impl Hub {
                 &mut out,
                 &mut inbound,
                 &mut link_out,
+                &mut direct_out,
                 &seen,
                 session,
                 shutdown,
@@ -612,11 +652,15 @@ impl Hub {
         outcome
     }
 
+    // The session's three queues (node messages, stream frames, direct-path messages) are
+    // separate borrows the loop selects over; a struct around them would only rename them.
+    #[allow(clippy::too_many_arguments)]
     async fn converse<S>(
         &self,
         out: &mut Outbound<'_, S>,
         inbound: &mut mpsc::Receiver<Inbound>,
         link_out: &mut mpsc::UnboundedReceiver<Outgoing>,
+        direct_out: &mut mpsc::UnboundedReceiver<Message>,
         seen: &AtomicI64,
         session: &Session,
         shutdown: &CancellationToken,
@@ -707,6 +751,9 @@ impl Hub {
                     }
                     out.flush().await?;
                 }
+                Some(msg) = direct_out.recv() => {
+                    out.send(WsMessage::text(msg.to_json())).await?;
+                }
                 changed = versions.changed() => {
                     if changed.is_err() {
                         return Ok(End::new(CloseCode::Away, "store closed"));
@@ -749,6 +796,7 @@ impl Hub {
                     .map_err(|e| SessionError::Protocol(format!("malformed sync request: {e}")))?;
                 *sent = self.answer(out, session, &msg.header.id, &sync).await?;
             }
+            _ if msg.route.group == group::DIRECT => self.direct.on_message(session, msg),
             (operation, res) => debug!(operation, resource = res, "ignoring an unknown message"),
         }
         Ok(())

@@ -56,10 +56,11 @@ enum Command {
     /// Print every key with its default, or check or show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Create or update objects (Services, Endpoints, Nodes, RuleEndpoints, Rules) from YAML or
-    /// JSON files, directories of them, or - for stdin. Documents of other kinds (Deployments,
-    /// ServiceAccounts, ...) are listed as skipped; exit status 0: everything applied, 3:
-    /// applied, but some documents were skipped, 1: an error (nothing applied unless said).
+    /// Create or update objects (Services, Endpoints, Nodes, Communities, RuleEndpoints,
+    /// Rules) from YAML or JSON files, directories of them, or - for stdin. Documents of other
+    /// kinds (Deployments, ServiceAccounts, ...) are listed as skipped; exit status 0:
+    /// everything applied, 3: applied, but some documents were skipped, 1: an error (nothing
+    /// applied unless said).
     Apply {
         /// A file, a directory (its *.yaml, *.yml and *.json files) or - (repeatable).
         #[arg(short = 'f', long = "filename", required = true)]

@@ -7,7 +7,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use edgehub::model::{
-    validate_endpoints, validate_node, validate_service, FieldError, Kind, Node, Object, ObjectKey,
+    validate_community, validate_endpoints, validate_node, validate_service, FieldError, Kind,
+    Node, NodeCertificate, Object, ObjectKey,
 };
 use ipnet::IpNet;
 
@@ -145,7 +146,23 @@ impl Objects {
 
     /// Validates and applies the objects atomically: all or nothing. `expect_version` per
     /// object comes from its `metadata.resourceVersion` when the caller wants that checked.
+    /// A Node's `status.certificate` is cloudcore's to write ([`Objects::set_node_certificate`]):
+    /// an applied Node keeps the stored one, whatever it says.
     pub fn apply(
+        &self,
+        mut objects: Vec<Object>,
+        check_versions: bool,
+    ) -> Result<Vec<Outcome>, ApplyError> {
+        for object in &mut objects {
+            if let Object::Node(node) = object {
+                let stored = self.stored_node(&node.metadata.name)?;
+                node.set_certificate(stored.and_then(|n| n.certificate()).as_ref());
+            }
+        }
+        self.write_objects(objects, check_versions)
+    }
+
+    fn write_objects(
         &self,
         objects: Vec<Object>,
         check_versions: bool,
@@ -219,6 +236,7 @@ impl Objects {
                     validate_endpoints(ep, &self.service_cidr).map_err(invalid)?
                 }
                 Object::Node(node) => validate_node(node).map_err(invalid)?,
+                Object::Community(c) => validate_community(c).map_err(invalid)?,
             }
             let expect_version = if check_versions {
                 match object.meta().resource_version.as_str() {
@@ -322,14 +340,7 @@ impl Objects {
         labels: Option<&BTreeMap<String, String>>,
         token_of: Option<&str>,
     ) -> Result<(), ApplyError> {
-        let key = ObjectKey::new(Kind::Node, "", name);
-        let current = match self.store.get(&key)? {
-            Some(rec) => match Object::from_json(Kind::Node, &rec.json) {
-                Ok(Object::Node(n)) => Some(n),
-                _ => None,
-            },
-            None => None,
-        };
+        let current = self.stored_node(name)?;
         let node = match (current, labels) {
             (Some(_), None) => return Ok(()),
             (Some(n), Some(l)) if &n.metadata.labels == l => return Ok(()),
@@ -341,6 +352,34 @@ impl Objects {
         };
         self.apply_guarded(vec![Object::Node(node)], false, token_of)
             .map(|_| ())
+    }
+
+    fn stored_node(&self, name: &str) -> Result<Option<Node>, StoreError> {
+        let key = ObjectKey::new(Kind::Node, "", name);
+        Ok(match self.store.get(&key)? {
+            Some(rec) => match Object::from_json(Kind::Node, &rec.json) {
+                Ok(Object::Node(n)) => Some(n),
+                _ => None,
+            },
+            None => None,
+        })
+    }
+
+    /// Publishes the node's certificate in its Node object (synced to every node), or with
+    /// `None` revokes it everywhere. False when the node does not exist.
+    pub fn set_node_certificate(
+        &self,
+        name: &str,
+        cert: Option<&NodeCertificate>,
+    ) -> Result<bool, ApplyError> {
+        let Some(mut node) = self.stored_node(name)? else {
+            return Ok(false);
+        };
+        if node.certificate().as_ref() != cert {
+            node.set_certificate(cert);
+            self.write_objects(vec![Object::Node(node)], false)?;
+        }
+        Ok(true)
     }
 
     fn existing_service_ip(&self, key: &(String, String)) -> Result<Option<String>, StoreError> {

@@ -18,7 +18,7 @@ use edgehub::connect::{Opener, Upstream};
 use edgehub::message::Message;
 use edgehub::metamanager::MeshView;
 use edgehub::serve::{count_refusal, Served, StreamServer};
-use edgehub::tunnel::authorise::{authorise, host_of};
+use edgehub::tunnel::authorise::authorise;
 use edgehub::tunnel::{
     Incoming, Mux, MuxConfig, MuxError, OpenError, OpenRefusal, OpenRequest, Outgoing, RefusalKind,
     Side, TunnelStream,
@@ -400,5 +400,5 @@ impl Opener for Tunnels {
 
 /// Whether an address of an Endpoints object is served by cloudcore (used by the router).
 pub fn is_cloud_address(address: &edgehub::model::EndpointAddress) -> bool {
-    host_of(address).is_none()
+    address.host().is_none()
 }

@@ -44,6 +44,8 @@ pub struct HubClientConfig {
     pub token: String,
     /// CA certificate(s) that sign the cloud's certificate; required for `wss://`.
     pub ca_cert: Option<PathBuf>,
+    /// The node's certificate, presented to a TLS hub (which then needs no token).
+    pub identity: Option<Arc<crate::identity::Identity>>,
     pub labels: BTreeMap<String, String>,
     pub keepalive_interval: Duration,
     /// The link is dropped when nothing arrived from the cloud for this long.
@@ -62,6 +64,7 @@ impl HubClientConfig {
             urls,
             token: token.to_string(),
             ca_cert: None,
+            identity: None,
             labels: BTreeMap::new(),
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(30),
@@ -258,6 +261,8 @@ pub struct HubClient {
     force_snapshot: std::sync::atomic::AtomicBool,
     /// Streams over the hub link, when this agent tunnels traffic.
     tunnel: Option<TunnelHandle>,
+    /// Node certificate and direct-path messages (group `direct`).
+    direct: Option<Arc<crate::direct::DirectAgent>>,
 }
 
 /// Messages of the link's stream queue written in one go before a flush.
@@ -284,6 +289,16 @@ async fn next_outgoing(
     }
 }
 
+/// The next message of the direct agent's queue, or never without one.
+async fn next_direct(
+    rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Message>>,
+) -> Option<Message> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl HubClient {
     pub fn new(cfg: HubClientConfig, meta: Arc<MetaManager>) -> Self {
         let status = SyncStatus {
@@ -296,7 +311,14 @@ impl HubClient {
             status: Arc::new(Mutex::new(status)),
             force_snapshot: std::sync::atomic::AtomicBool::new(false),
             tunnel: None,
+            direct: None,
         }
+    }
+
+    /// Carries the node's certificate requests and direct-path messages over the hub link.
+    pub fn with_direct(mut self, direct: Arc<crate::direct::DirectAgent>) -> Self {
+        self.direct = Some(direct);
+        self
     }
 
     /// Carries tunnelled streams over the hub link: opened through `tunnel`, accepted by its
@@ -414,8 +436,12 @@ impl HubClient {
                     url: url.to_string(),
                     reason: "wss:// needs cloud.ca_cert".into(),
                 })?;
-            let connector =
-                tokio_rustls::TlsConnector::from(tls::client_config("cloud.ca_cert", ca)?);
+            let auth = self.cfg.identity.as_ref().and_then(|i| i.client_auth());
+            let connector = tokio_rustls::TlsConnector::from(tls::client_config_with_auth(
+                "cloud.ca_cert",
+                ca,
+                auth,
+            )?);
             let name =
                 rustls::pki_types::ServerName::try_from(cloud.host.clone()).map_err(|_| {
                     HubError::BadUrl {
@@ -448,9 +474,14 @@ impl HubClient {
     {
         let url = cloud.events_url(&self.cfg.node_name);
         let mut request = url.as_str().into_client_request()?;
-        let bearer = HeaderValue::from_str(&format!("Bearer {}", self.cfg.token))
-            .map_err(|_| HubError::Protocol("cloud.token contains invalid characters".into()))?;
-        request.headers_mut().insert(header::AUTHORIZATION, bearer);
+        // No token: a node that joined logs in with its certificate (TLS hubs only).
+        if !self.cfg.token.is_empty() {
+            let bearer =
+                HeaderValue::from_str(&format!("Bearer {}", self.cfg.token)).map_err(|_| {
+                    HubError::Protocol("cloud.token contains invalid characters".into())
+                })?;
+            request.headers_mut().insert(header::AUTHORIZATION, bearer);
+        }
         let config = WebSocketConfig::default()
             .max_message_size(Some(self.cfg.max_message_size))
             .max_frame_size(Some(self.cfg.max_message_size));
@@ -524,6 +555,7 @@ impl HubClient {
             None => (None, None),
         };
         let _link = LinkGuard(&self.tunnel);
+        let mut direct_out = self.direct.as_ref().map(|d| d.attach());
 
         loop {
             timer.as_mut().reset(session.next_timer());
@@ -547,6 +579,10 @@ impl HubClient {
                         }
                     }
                     sink.flush().await?;
+                    continue;
+                }
+                Some(msg) = next_direct(&mut direct_out) => {
+                    sink.send(WsMessage::text(msg.to_json())).await?;
                     continue;
                 }
                 _ = &mut timer => {
@@ -574,6 +610,11 @@ impl HubClient {
                         let msg = Message::from_json(text.as_str())?;
                         if msg.route.group == group::STREAM {
                             self.on_stream_message(mux.as_ref(), &msg)?;
+                        } else if msg.route.group == group::DIRECT {
+                            match &self.direct {
+                                Some(d) => d.on_message(&msg),
+                                None => debug!("ignoring a direct message: no direct agent"),
+                            }
                         } else if let Received::Snapshot { objects, complete } =
                             session.handle(msg)?
                         {

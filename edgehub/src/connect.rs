@@ -517,3 +517,17 @@ impl Source for UpstreamReader<'_> {
         }
     }
 }
+
+/// A node opens streams through its hub link.
+impl Opener for crate::tunnel::TunnelHandle {
+    fn open(
+        &self,
+        request: OpenRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<Upstream, OpenError>> + Send + '_>> {
+        Box::pin(async move {
+            crate::tunnel::TunnelHandle::open(self, request)
+                .await
+                .map(Upstream::Tunnel)
+        })
+    }
+}

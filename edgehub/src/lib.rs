@@ -8,6 +8,9 @@
 //! - [`client`]: the hub client: drives a [`session`] over the websocket into the metamanager,
 //!   and reconnects;
 //! - [`balance`]: endpoint choice (policies, affinity, topology tiers, outlier ejection);
+//! - [`identity`]: a node's key and certificate, and the check of peers' certificates;
+//! - [`direct`]: the node's side of direct paths over the hub (certificate upkeep, reflexive
+//!   address, candidates, Communities);
 //! - [`io`]: the byte-moving core of every data path (detection, replay, the copier);
 //! - [`topology`]: topology tiers, shared by the proxy and cluster DNS;
 //! - [`systemd`]: readiness, status and watchdog pings for `Type=notify` units;
@@ -25,8 +28,10 @@ pub mod client;
 pub mod config_doc;
 pub mod config_file;
 pub mod connect;
+pub mod direct;
 pub mod http;
 pub mod http_client;
+pub mod identity;
 pub mod io;
 pub mod limits;
 pub mod logging;

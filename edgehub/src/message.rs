@@ -33,6 +33,8 @@ pub mod group {
     pub const HUB: &str = "hub";
     /// Tunnelled streams (open and its answer; data travel in binary frames).
     pub const STREAM: &str = "stream";
+    /// Node certificates and direct node-to-node paths (settings, candidates).
+    pub const DIRECT: &str = "direct";
 }
 
 /// Resources of control messages (metadata changes use `<namespace>/<type>/<name>`).
@@ -43,6 +45,13 @@ pub mod resource {
     pub const SNAPSHOT: &str = "snapshot";
     /// Acknowledgement of a committed version (edge → cloud, `response`).
     pub const ACK: &str = "ack";
+    /// A node's certificate request (edge → cloud, `query`) and its answer (`response`).
+    pub const CERTIFICATE: &str = "certificate";
+    /// What a node needs for direct paths (edge → cloud `query`, cloud → edge `response`).
+    pub const DIRECT_SETTINGS: &str = "direct-settings";
+    /// Direct-path candidates: a node's own (edge → cloud, `update`), and a peer's it may
+    /// connect to (cloud → edge, `update`; `delete` once it may not).
+    pub const CANDIDATES: &str = "candidates";
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -350,6 +359,91 @@ impl Ack {
     }
 }
 
+/// Edge → cloud (`query` `certificate`, group `direct`): a PKCS#10 request for the node's own
+/// key. Whatever name it claims, the certificate is for the name the node authenticated as.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateRequest {
+    /// PEM.
+    pub csr: String,
+}
+
+/// A certificate cloudcore issued.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateIssued {
+    /// PEM: the node's certificate (the mesh CA signs it directly).
+    pub certificate: String,
+    /// PEM: the mesh CA's certificate, which every node trusts for direct paths.
+    pub ca: String,
+    /// SHA-256 of the certificate (DER), lower-case hex: what the Node's status now says.
+    pub fingerprint: String,
+    pub not_after_ms: i64,
+    /// The store version that published the fingerprint in the Node's status: a node's view
+    /// at or past it shows this certificate, unless it was revoked since.
+    pub resource_version: u64,
+}
+
+/// Cloud → edge answer to a [`CertificateRequest`] (`response` `certificate`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CertificateAnswer {
+    Issued(CertificateIssued),
+    Refused { error: String },
+}
+
+/// Cloud → edge answer to `query` `direct-settings`: how the node learns its reflexive address,
+/// and the cloud's policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectSettings {
+    /// UDP port of the cloud's reflexive-address service, on the host of the cloud URL the
+    /// node is connected to.
+    pub reflector_port: u16,
+    /// This node's key for authenticating probes (hex); valid while it is connected to this
+    /// cloudcore process.
+    pub probe_key: String,
+    /// The cloud's clock when it answered (ms since the Unix epoch): probes carry a time in the
+    /// cloud's clock, so a node whose clock is off still gets answers.
+    pub cloud_time_ms: i64,
+    /// `communities.enforce`: only members of a common Community may call each other at all.
+    pub enforce_communities: bool,
+}
+
+/// Where a candidate address comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CandidateKind {
+    /// An address of one of the node's interfaces (reachable on its LAN).
+    Host,
+    /// The address the cloud saw the node's probes come from (its NAT's public side).
+    Reflexive,
+    /// Set by the operator (`direct.advertise`): a port forward, a known public address.
+    Advertised,
+}
+
+/// One address a peer may try to reach a node's direct-path port at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Candidate {
+    pub address: std::net::SocketAddr,
+    pub kind: CandidateKind,
+}
+
+/// A node's candidates (`update`/`delete` `candidates`, group `direct`). `node` is empty when a
+/// node publishes its own, and names the peer when the cloud passes them on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Candidates {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
+    #[serde(default)]
+    pub candidates: Vec<Candidate>,
+}
+
+/// The most candidates a node may publish.
+pub const MAX_CANDIDATES: usize = 32;
+
 impl SyncRequest {
     /// The sync request Message a node sends first on every connection.
     pub fn message(&self) -> Message {
@@ -434,6 +528,30 @@ mod tests {
             chain_next("", 1, "ab", "c", ""),
             chain_next("", 1, "a", "bc", "")
         );
+    }
+
+    #[test]
+    fn direct_payloads_keep_their_field_names() {
+        let c = Candidates {
+            node: "edge-1".into(),
+            candidates: vec![Candidate {
+                address: "10.1.0.2:10004".parse().expect("addr"),
+                kind: CandidateKind::Reflexive,
+            }],
+        };
+        let v = serde_json::to_value(&c).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"node": "edge-1", "candidates": [{"address": "10.1.0.2:10004", "kind": "reflexive"}]})
+        );
+        let refused: CertificateAnswer =
+            serde_json::from_str(r#"{"error":"no"}"#).expect("refused");
+        assert_eq!(refused, CertificateAnswer::Refused { error: "no".into() });
+        let issued: CertificateAnswer = serde_json::from_str(
+            r#"{"certificate":"c","ca":"a","fingerprint":"f","notAfterMs":5,"resourceVersion":9}"#,
+        )
+        .expect("issued");
+        assert!(matches!(issued, CertificateAnswer::Issued(i) if i.resource_version == 9));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::watch;
 
-use crate::model::{Endpoints, Kind, Node, Object, ObjectKey, Service};
+use crate::model::{Community, Endpoints, Kind, Node, Object, ObjectKey, Service};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -171,6 +171,7 @@ pub struct MeshView {
     pub services: BTreeMap<(String, String), Arc<Service>>,
     pub endpoints: BTreeMap<(String, String), Arc<Endpoints>>,
     pub nodes: BTreeMap<String, Arc<Node>>,
+    pub communities: BTreeMap<String, Arc<Community>>,
 }
 
 impl MeshView {
@@ -206,6 +207,12 @@ impl MeshView {
             }
             (Kind::Node, _) => {
                 self.nodes.remove(&key.name);
+            }
+            (Kind::Community, Some(Object::Community(c))) => {
+                self.communities.insert(key.name.clone(), Arc::new(c));
+            }
+            (Kind::Community, _) => {
+                self.communities.remove(&key.name);
             }
         }
     }

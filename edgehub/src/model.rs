@@ -1,4 +1,4 @@
-//! Kubernetes-shaped metadata objects: Services, Endpoints and Nodes.
+//! Kubernetes-shaped metadata objects: Services, Endpoints, Nodes and Communities.
 //!
 //! These types are the one definition of the objects that cloudcore stores and that every edge
 //! node receives. They deny unknown fields so that a manifest field edgemesh does not model is
@@ -13,11 +13,16 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+mod community;
 mod validate;
 
+pub use community::{
+    may_connect, validate_community, Community, CommunitySpec, LabelSelector, COMMUNITY_API_VERSION,
+};
+pub(crate) use validate::is_dns1123_subdomain;
 pub use validate::{
     error_path, is_qualified_name, validate_endpoints, validate_labels, validate_node,
-    validate_service, FieldError, LbPolicy, ServiceAnnotations, CLOUD_NODE,
+    validate_service, FieldError, LbPolicy, ServiceAnnotations, CLOUD_NODE, TRAFFIC_DISTRIBUTIONS,
 };
 
 /// Annotation that selects the load-balancing policy of a Service.
@@ -45,10 +50,11 @@ pub enum Kind {
     Service,
     Endpoints,
     Node,
+    Community,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::Endpoints, Kind::Node];
+    pub const ALL: [Kind; 4] = [Kind::Service, Kind::Endpoints, Kind::Node, Kind::Community];
 
     /// The Kubernetes `kind` string.
     pub fn as_str(self) -> &'static str {
@@ -56,6 +62,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::Endpoints => "Endpoints",
             Kind::Node => "Node",
+            Kind::Community => "Community",
         }
     }
 
@@ -65,6 +72,7 @@ impl Kind {
             Kind::Service => "service",
             Kind::Endpoints => "endpoints",
             Kind::Node => "node",
+            Kind::Community => "community",
         }
     }
 
@@ -77,7 +85,7 @@ impl Kind {
     }
 
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Node)
+        !matches!(self, Kind::Node | Kind::Community)
     }
 }
 
@@ -87,7 +95,8 @@ impl fmt::Display for Kind {
     }
 }
 
-/// The namespace segment used in resource strings of cluster-scoped objects (Nodes). It is not a
+/// The namespace segment used in resource strings of cluster-scoped objects (Nodes,
+/// Communities). It is not a
 /// valid namespace name, so it can never collide with a real namespace.
 pub const CLUSTER_SCOPE: &str = "_";
 
@@ -113,7 +122,8 @@ impl ObjectKey {
         }
     }
 
-    /// The edge resource string: `<namespace>/<type>/<name>` (`_` as namespace for Nodes).
+    /// The edge resource string: `<namespace>/<type>/<name>` (`_` as namespace for cluster-scoped
+    /// kinds).
     pub fn resource(&self) -> String {
         let ns = if self.kind.namespaced() {
             self.namespace.as_str()
@@ -351,6 +361,15 @@ pub struct EndpointAddress {
     pub target_ref: Option<Value>,
 }
 
+impl EndpointAddress {
+    /// Who hosts this address: `Some(node)`, or `None` for cloudcore.
+    pub fn host(&self) -> Option<&str> {
+        self.node_name
+            .as_deref()
+            .filter(|n| !n.is_empty() && *n != CLOUD_NODE)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointPort {
@@ -386,9 +405,10 @@ pub struct Endpoints {
     pub subsets: Vec<EndpointSubset>,
 }
 
-/// An edge node as the mesh sees it: its name and its labels (used for topology preference).
-/// Runtime state (online, last seen) is not part of the stored object; the API adds it as
-/// `status` when listing nodes.
+/// An edge node as the mesh sees it: its name and its labels (used for topology preference),
+/// and in `status.certificate` the node certificate cloudcore issued it (synced to every node,
+/// so peers check a certificate against it). Runtime state (online, last seen) is not part of
+/// the stored object; the API adds it to `status` when listing nodes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Node {
@@ -414,6 +434,45 @@ impl Node {
             status: None,
         }
     }
+
+    /// The certificate cloudcore issued this node and has not revoked, if any.
+    pub fn certificate(&self) -> Option<NodeCertificate> {
+        let v = self.status.as_ref()?.get(STATUS_CERTIFICATE)?;
+        serde_json::from_value(v.clone()).ok()
+    }
+
+    /// Records (or with `None` revokes) the node's certificate; other status fields are kept.
+    pub fn set_certificate(&mut self, cert: Option<&NodeCertificate>) {
+        let mut status = match self.status.take() {
+            Some(Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        match cert {
+            Some(c) => {
+                let v = serde_json::to_value(c)
+                    .unwrap_or_else(|e| unreachable!("certificate status serialisation: {e}"));
+                status.insert(STATUS_CERTIFICATE.into(), v);
+            }
+            None => {
+                status.remove(STATUS_CERTIFICATE);
+            }
+        }
+        self.status = (!status.is_empty()).then_some(Value::Object(status));
+    }
+}
+
+/// The key of [`NodeCertificate`] in a Node's `status`.
+pub const STATUS_CERTIFICATE: &str = "certificate";
+
+/// What every node knows of another node's certificate: enough to accept exactly that
+/// certificate from it, offline too.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCertificate {
+    /// SHA-256 of the certificate (DER), lower-case hex.
+    pub fingerprint: String,
+    /// When it expires, in milliseconds since the Unix epoch.
+    pub not_after_ms: i64,
 }
 
 /// Any stored object.
@@ -425,6 +484,7 @@ pub enum Object {
     Service(Service),
     Endpoints(Endpoints),
     Node(Node),
+    Community(Community),
 }
 
 impl Object {
@@ -433,6 +493,7 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::Endpoints(_) => Kind::Endpoints,
             Object::Node(_) => Kind::Node,
+            Object::Community(_) => Kind::Community,
         }
     }
 
@@ -441,6 +502,7 @@ impl Object {
             Object::Service(s) => &s.metadata,
             Object::Endpoints(e) => &e.metadata,
             Object::Node(n) => &n.metadata,
+            Object::Community(c) => &c.metadata,
         }
     }
 
@@ -449,6 +511,7 @@ impl Object {
             Object::Service(s) => &mut s.metadata,
             Object::Endpoints(e) => &mut e.metadata,
             Object::Node(n) => &mut n.metadata,
+            Object::Community(c) => &mut c.metadata,
         }
     }
 
@@ -464,6 +527,7 @@ impl Object {
             Object::Service(s) => serde_json::to_string(s),
             Object::Endpoints(e) => serde_json::to_string(e),
             Object::Node(n) => serde_json::to_string(n),
+            Object::Community(c) => serde_json::to_string(c),
         };
         result.unwrap_or_else(|e| unreachable!("object serialisation failed: {e}"))
     }
@@ -475,6 +539,7 @@ impl Object {
             Kind::Service => serde_path_to_error::deserialize(de).map(Object::Service),
             Kind::Endpoints => serde_path_to_error::deserialize(de).map(Object::Endpoints),
             Kind::Node => serde_path_to_error::deserialize(de).map(Object::Node),
+            Kind::Community => serde_path_to_error::deserialize(de).map(Object::Community),
         };
         result.map_err(FieldError::from_path_error)
     }
@@ -488,13 +553,16 @@ impl Object {
         let kind = Kind::from_kind_str(kind_str).ok_or_else(|| {
             FieldError::new(
                 "kind",
-                format!("unsupported kind {kind_str:?}: expected Service, Endpoints or Node"),
+                format!(
+                    "unsupported kind {kind_str:?}: expected Service, Endpoints, Node or Community"
+                ),
             )
         })?;
         let result = match kind {
             Kind::Service => serde_path_to_error::deserialize(value).map(Object::Service),
             Kind::Endpoints => serde_path_to_error::deserialize(value).map(Object::Endpoints),
             Kind::Node => serde_path_to_error::deserialize(value).map(Object::Node),
+            Kind::Community => serde_path_to_error::deserialize(value).map(Object::Community),
         };
         result.map_err(FieldError::from_path_error)
     }
@@ -515,6 +583,12 @@ mod tests {
         let node = ObjectKey::new(Kind::Node, "ignored", "edge-1");
         assert_eq!(node.resource(), "_/node/edge-1");
         assert_eq!(ObjectKey::parse_resource("_/node/edge-1"), Some(node));
+        let community = ObjectKey::new(Kind::Community, "", "factory");
+        assert_eq!(community.resource(), "_/community/factory");
+        assert_eq!(
+            ObjectKey::parse_resource("_/community/factory"),
+            Some(community)
+        );
         for bad in [
             "",
             "default",
@@ -523,6 +597,7 @@ mod tests {
             "default/pod/x",
             "_/service/x",
             "default/node/x",
+            "default/community/x",
             "default/service/a/b",
         ] {
             assert_eq!(ObjectKey::parse_resource(bad), None, "{bad}");
@@ -542,6 +617,34 @@ mod tests {
         assert_eq!(svc.spec.session_affinity, "None");
         let again = Object::from_json(Kind::Service, &obj.to_json()).expect("round trip");
         assert_eq!(again, obj);
+    }
+
+    #[test]
+    fn a_node_certificate_lives_in_status_beside_other_fields() {
+        let mut node = Node::new("edge-1", BTreeMap::new());
+        assert_eq!(node.certificate(), None);
+        let cert = NodeCertificate {
+            fingerprint: "ab".repeat(32),
+            not_after_ms: 1_800_000_000_000,
+        };
+        node.set_certificate(Some(&cert));
+        assert_eq!(node.certificate(), Some(cert.clone()));
+        let json = Object::Node(node.clone()).to_json();
+        assert!(
+            json.contains(r#""status":{"certificate":{"fingerprint":"#),
+            "{json}"
+        );
+        node.status
+            .as_mut()
+            .and_then(Value::as_object_mut)
+            .expect("status")
+            .insert("other".into(), Value::Bool(true));
+        node.set_certificate(None);
+        assert_eq!(node.certificate(), None);
+        assert_eq!(node.status, Some(serde_json::json!({"other": true})));
+        node.status = None;
+        node.set_certificate(None);
+        assert_eq!(node.status, None, "no empty status object is left behind");
     }
 
     #[test]

@@ -61,29 +61,68 @@ pub fn server_config(
     key_key: &'static str,
     key: &Path,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with_clients(cert_key, cert, key_key, key, None)
+}
+
+/// [`server_config`] that also asks clients for a certificate of `client_ca` (optional for
+/// them: a client without one authenticates otherwise).
+pub fn server_config_with_clients(
+    cert_key: &'static str,
+    cert: &Path,
+    key_key: &'static str,
+    key: &Path,
+    client_ca: Option<CertificateDer<'static>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = load_certs(cert_key, cert)?;
     let private_key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
         key: key_key,
         path: key.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, private_key)?;
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            roots.add(ca)?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                roots.into(),
+                provider(),
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(certs, private_key)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
 /// Client configuration that trusts exactly the CA certificates in `ca` (PEM).
 pub fn client_config(ca_key: &'static str, ca: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_with_auth(ca_key, ca, None)
+}
+
+/// [`client_config`] that presents `auth` (a certificate chain and its key) when the server
+/// asks for one.
+pub fn client_config_with_auth(
+    ca_key: &'static str,
+    ca: &Path,
+    auth: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(ca_key, ca)? {
         roots.add(cert)?;
     }
-    let config = ClientConfig::builder_with_provider(provider())
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match auth {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    };
     Ok(Arc::new(config))
 }

@@ -14,8 +14,12 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use crate::metamanager::MeshView;
-use crate::model::{Service, ANNOTATION_UNIT_KEY};
+use std::sync::Arc;
+
+use crate::model::{Node, Service, ANNOTATION_UNIT_KEY};
+
+/// The Node objects a view holds, by name.
+pub type Nodes = BTreeMap<String, Arc<Node>>;
 
 /// Node labels.
 pub type Labels = BTreeMap<String, String>;
@@ -33,8 +37,7 @@ pub const ANY: &str = "*";
 /// Kubernetes' zone label: the unit `trafficDistribution` prefers when the Service names no
 /// `edgemesh.io/unit-key`.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
-/// The values of `spec.trafficDistribution` edgemesh serves (Kubernetes 1.33 names).
-pub const TRAFFIC_DISTRIBUTIONS: [&str; 3] = ["PreferClose", "PreferSameZone", "PreferSameNode"];
+pub use crate::model::TRAFFIC_DISTRIBUTIONS;
 
 /// The topology keys in effect for `service`: its `topologyKeys`; else for
 /// `trafficDistribution: PreferClose` (or `PreferSameZone`) this node, then nodes with this
@@ -70,11 +73,8 @@ impl<'a> Local<'a> {
     /// Node `name` with the labels of its Node object in `view` (what the cloud holds, so a
     /// relabelling through the API takes effect at once), or `configured` before the view
     /// has it (first start without the cloud).
-    pub fn in_view(view: &'a MeshView, name: &'a str, configured: &'a Labels) -> Local<'a> {
-        let labels = view
-            .nodes
-            .get(name)
-            .map_or(configured, |n| &n.metadata.labels);
+    pub fn in_view(nodes: &'a Nodes, name: &'a str, configured: &'a Labels) -> Local<'a> {
+        let labels = nodes.get(name).map_or(configured, |n| &n.metadata.labels);
         Local { name, labels }
     }
 }
@@ -115,13 +115,13 @@ pub fn tier(
 
 /// [`tier`], with the endpoint node's labels taken from `view`.
 pub fn tier_in(
-    view: &MeshView,
+    nodes: &Nodes,
     endpoint_node: Option<&str>,
     local: &Local<'_>,
     keys: &[String],
 ) -> Option<Tier> {
     let labels = endpoint_node
-        .and_then(|n| view.nodes.get(n))
+        .and_then(|n| nodes.get(n))
         .map(|n| &n.metadata.labels);
     tier(endpoint_node, labels, local, keys)
 }
@@ -129,6 +129,7 @@ pub fn tier_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metamanager::MeshView;
     use crate::model::{Kind, Node, Object};
     use std::sync::Arc;
 
@@ -237,7 +238,10 @@ mod tests {
     fn this_node_takes_its_labels_from_the_view_when_it_is_there() {
         let configured = labels(&[("location", "beijing")]);
         let mut view = MeshView::default();
-        assert_eq!(Local::in_view(&view, "a", &configured).labels, &configured);
+        assert_eq!(
+            Local::in_view(&view.nodes, "a", &configured).labels,
+            &configured
+        );
         view.nodes.insert(
             "a".into(),
             Arc::new(Node::new("a", labels(&[("location", "guangzhou")]))),
@@ -246,10 +250,10 @@ mod tests {
             "b".into(),
             Arc::new(Node::new("b", labels(&[("location", "guangzhou")]))),
         );
-        let local = Local::in_view(&view, "a", &configured);
+        let local = Local::in_view(&view.nodes, "a", &configured);
         assert_eq!(local.labels["location"], "guangzhou");
         assert_eq!(
-            tier_in(&view, Some("b"), &local, &keys(&["location"])),
+            tier_in(&view.nodes, Some("b"), &local, &keys(&["location"])),
             Some(Tier(1))
         );
     }

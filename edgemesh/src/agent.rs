@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use edgehub::client::{HubClient, SyncStatus};
+use edgehub::direct::DirectAgent;
+use edgehub::identity::Identity;
 use edgehub::metamanager::MetaManager;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -30,7 +32,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
 pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = crate::telemetry::install();
-    let hub_cfg = cfg.hub_client()?;
+    let mut hub_cfg = cfg.hub_client()?;
 
     // The error names the file and what to do about it; a corrupt file is set aside and the
     // node starts empty (see MetaManager::open), so this fails only when the file may be fine.
@@ -48,6 +50,17 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         recovered = meta.recovery().is_some(),
         "metadata store loaded"
     );
+
+    // The node's key and certificate (mTLS to the hub, direct paths), kept beside its store.
+    let identity = {
+        let (dir, node) = (cfg.data_dir.clone(), cfg.node_name.clone());
+        Arc::new(
+            tokio::task::spawn_blocking(move || Identity::open(&dir, &node))
+                .await?
+                .context("config key `data_dir`: cannot keep the node identity")?,
+        )
+    };
+    hub_cfg.identity = Some(identity.clone());
 
     let admin_listener = TcpListener::bind(cfg.admin.listen).await.with_context(|| {
         format!(
@@ -89,6 +102,22 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     let tunnel = crate::tunnel::handle(&cfg.tunnel, acceptor);
     let client = HubClient::new(hub_cfg, meta.clone()).with_tunnel(tunnel.clone());
     let sync = client.status();
+    let direct = DirectAgent::new(
+        identity,
+        cfg.direct.agent_config(),
+        &cfg.data_dir,
+        meta.subscribe(),
+        sync.clone(),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "config key `direct.listen`: cannot listen on UDP {}",
+            cfg.direct.listen
+        )
+    })?;
+    let client = client.with_direct(direct.clone());
+    tokio::spawn(direct.clone().run(shutdown.clone()));
     let ready = Arc::new(AtomicBool::new(false));
     if cfg.cloud_urls().is_empty() {
         warn!("{}", crate::config::NO_CLOUD);
@@ -102,7 +131,13 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         shutdown.clone(),
     ));
     // Cluster DNS (SPEC §5): its sockets are bound here, before the agent reports ready.
-    let dns_task = crate::dns::start(&cfg, &meta, shutdown.clone()).await?;
+    let scope = crate::dns::Scope {
+        cluster_domain: &cfg.cluster_domain,
+        service_cidr: cfg.service_cidr,
+        node_name: &cfg.node_name,
+        labels: &cfg.labels,
+    };
+    let dns_task = crate::dns::start(&cfg.dns, scope, &meta, shutdown.clone()).await?;
     let proxy = crate::proxy::start(
         &cfg.proxy,
         LocalNode {
@@ -144,7 +179,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     let admin_task = tokio::spawn(edgehub::accept::serve_http(
         admin_listener,
         None,
-        admin::router(state),
+        admin::router(state).merge(crate::direct::routes(direct)),
         cfg.admin.limits(),
         "admin",
         shutdown.clone(),

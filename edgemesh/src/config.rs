@@ -60,6 +60,7 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub dns: DnsConfig,
     pub tunnel: crate::tunnel::TunnelConfig,
+    pub direct: DirectSection,
     pub admin: AdminConfig,
     pub log: LogConfig,
 }
@@ -76,6 +77,7 @@ impl Default for Config {
             proxy: ProxyConfig::default(),
             dns: DnsConfig::default(),
             tunnel: crate::tunnel::TunnelConfig::default(),
+            direct: DirectSection::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
         }
@@ -114,6 +116,55 @@ impl Default for CloudConfig {
             keepalive_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[direct]`: direct node-to-node paths.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectSection {
+    pub enabled: bool,
+    /// UDP address of the node's direct-path port.
+    pub listen: SocketAddr,
+    /// Extra candidates peers may reach this node at (a port forward, a public address).
+    pub advertise: Vec<SocketAddr>,
+}
+
+impl Default for DirectSection {
+    fn default() -> Self {
+        DirectSection {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 10004)),
+            advertise: Vec::new(),
+        }
+    }
+}
+
+impl DirectSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (i, a) in self.advertise.iter().enumerate() {
+            if a.port() == 0 || !edgehub::direct::candidates::reachable(a.ip()) {
+                return Err(ConfigError::key(
+                    format!("direct.advertise[{i}]"),
+                    format!("{a} cannot be reached by a peer: give an address and a port, not loopback, unspecified, multicast or link-local"),
+                ));
+            }
+        }
+        if self.advertise.len() > edgehub::message::MAX_CANDIDATES / 2 {
+            return Err(ConfigError::key(
+                "direct.advertise",
+                format!("at most {} addresses", edgehub::message::MAX_CANDIDATES / 2),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn agent_config(&self) -> edgehub::direct::DirectConfig {
+        edgehub::direct::DirectConfig {
+            enabled: self.enabled,
+            listen: self.listen,
+            advertise: self.advertise.clone(),
         }
     }
 }
@@ -256,6 +307,7 @@ impl Config {
         self.proxy.validate(&self.service_cidr)?;
         self.dns.validate()?;
         self.tunnel.validate()?;
+        self.direct.validate()?;
         Ok(())
     }
 
@@ -282,6 +334,8 @@ impl Config {
                     ConfigError::key("cloud.token_file", format!("{}: {e}", path.display()))
                 })?,
             (None, None) if self.cloud_urls().is_empty() => String::new(),
+            // A node that joined logs in to a TLS hub with its certificate.
+            (None, None) if edgehub::identity::has_certificate(&self.data_dir) => String::new(),
             (None, None) => return Err(token_required()),
         };
         let mut hub = HubClientConfig::new(&self.node_name, self.cloud_urls(), &token);
@@ -313,6 +367,11 @@ mod tests {
         let c = parse("node_name = \"edge-1\"\nlabels = { zone = \"a\" }\n[cloud]\nurl = [\"ws://a\", \"wss://b:443\"]\ntoken = \"t\"").expect("valid");
         assert_eq!(c.cloud_urls().len(), 2);
         assert_eq!(c.hub_client().expect("hub").labels["zone"], "a");
+        assert!(c.direct.enabled);
+        assert_eq!(c.direct.listen.to_string(), "0.0.0.0:10004");
+        let c = parse("node_name = \"e\"\n[direct]\nadvertise = [\"203.0.113.1:10004\"]")
+            .expect("advertise");
+        assert_eq!(c.direct.agent_config().advertise.len(), 1);
         for (text, key) in [
             ("", "node_name"),
             ("node_name = \"Edge_1\"", "node_name"),
@@ -335,6 +394,23 @@ mod tests {
                 "labels[\"bad key\"]",
             ),
             ("node_name = \"cloud\"", "node_name"),
+            (
+                "node_name = \"e\"\n[direct]\nlisten = \"10004\"",
+                "direct.listen",
+            ),
+            (
+                "node_name = \"e\"\n[direct]\nadvertise = [\"127.0.0.1:1\"]",
+                "direct.advertise[0]",
+            ),
+            (
+                "node_name = \"e\"\n[direct]\nadvertise = [\"203.0.113.1:0\"]",
+                "direct.advertise[0]",
+            ),
+            (
+                "node_name = \"e\"\n[direct]\nadvertise = \"203.0.113.1:1\"",
+                "direct.advertise",
+            ),
+            ("node_name = \"e\"\n[direct]\nenabled = 1", "direct.enabled"),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(&format!("`{key}`")), "{text}: {e}");

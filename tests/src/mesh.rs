@@ -210,8 +210,6 @@ impl Mesh {
             } else {
                 format!("cloud.url={:?}", self.cloud_urls)
             },
-            "--token".into(),
-            n.token.clone(),
             "--admin-listen".into(),
             ADMIN.into(),
             "--set".into(),
@@ -223,6 +221,10 @@ impl Mesh {
             "--set".into(),
             "cloud.backoff_max=\"1s\"".into(),
         ];
+        // No token: a node that holds a certificate logs in to a TLS hub with it.
+        if !n.token.is_empty() {
+            args.extend(["--token".into(), n.token.clone()]);
+        }
         if let Some(ca) = &self.ca_cert {
             args.push("--set".into());
             args.push(format!("cloud.ca_cert=\"{}\"", ca.display()));

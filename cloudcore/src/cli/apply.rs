@@ -19,8 +19,8 @@ use hyper::Method;
 use serde_json::{Map, Value};
 
 use super::kinds::ResourceKind;
-use super::manifest::{self, Doc, Manifest, ManifestError, Origin, Skipped};
 use super::{CallError, Client, Scope};
+use crate::manifest::{self, Doc, Manifest, ManifestError, Origin, Skipped};
 use crate::router::model::{self, Rule, RuleEndpoint};
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +125,7 @@ async fn apply_docs(
                     edgehub::model::Kind::Node => 0,
                     edgehub::model::Kind::Service => 1,
                     edgehub::model::Kind::Endpoints => 2,
+                    edgehub::model::Kind::Community => 3,
                 };
                 objects.push((rank, m));
             }

@@ -11,6 +11,7 @@ pub enum ResourceKind {
     Service,
     Endpoints,
     Node,
+    Community,
     Rule,
     RuleEndpoint,
 }
@@ -18,8 +19,8 @@ pub enum ResourceKind {
 #[derive(Debug, thiserror::Error)]
 pub enum KindError {
     #[error(
-        "unknown kind {0:?}: expected services (svc), endpoints (ep), nodes (no), rules (rule) \
-         or ruleendpoints (re)"
+        "unknown kind {0:?}: expected services (svc), endpoints (ep), nodes (no), communities \
+         (comm), rules (rule) or ruleendpoints (re)"
     )]
     Unknown(String),
     #[error("an object cannot be fetched by name across all namespaces: give -n NAMESPACE")]
@@ -34,6 +35,7 @@ impl ResourceKind {
             "services" | "service" | "svc" => ResourceKind::Service,
             "endpoints" | "endpoint" | "ep" => ResourceKind::Endpoints,
             "nodes" | "node" | "no" => ResourceKind::Node,
+            "communities" | "community" | "comm" => ResourceKind::Community,
             "rules" | "rule" => ResourceKind::Rule,
             "ruleendpoints" | "ruleendpoint" | "re" | "rule-endpoints" | "rule-endpoint" => {
                 ResourceKind::RuleEndpoint
@@ -48,6 +50,7 @@ impl ResourceKind {
             ResourceKind::Service => "service",
             ResourceKind::Endpoints => "endpoints",
             ResourceKind::Node => "node",
+            ResourceKind::Community => "community",
             ResourceKind::Rule => "rule",
             ResourceKind::RuleEndpoint => "ruleendpoint",
         }
@@ -58,6 +61,7 @@ impl ResourceKind {
             ResourceKind::Service => "ServiceList",
             ResourceKind::Endpoints => "EndpointsList",
             ResourceKind::Node => "NodeList",
+            ResourceKind::Community => "CommunityList",
             ResourceKind::Rule => "RuleList",
             ResourceKind::RuleEndpoint => "RuleEndpointList",
         }
@@ -72,6 +76,7 @@ impl ResourceKind {
             ResourceKind::Service => "services",
             ResourceKind::Endpoints => "endpoints",
             ResourceKind::Node => "nodes",
+            ResourceKind::Community => "communities",
             ResourceKind::Rule => "router/rules",
             ResourceKind::RuleEndpoint => "router/endpoints",
         }
@@ -141,7 +146,9 @@ impl ResourceKind {
             ResourceKind::Service | ResourceKind::Endpoints => {
                 format!("/api/v1/namespaces/{namespace}/{}/{name}", self.plural())
             }
-            ResourceKind::Node => format!("/api/v1/nodes/{name}"),
+            ResourceKind::Node | ResourceKind::Community => {
+                format!("/api/v1/{}/{name}", self.plural())
+            }
             ResourceKind::Rule | ResourceKind::RuleEndpoint => {
                 let record = self.find_router(client, name).await?;
                 let id = record["id"].as_str().unwrap_or_default();
@@ -162,6 +169,8 @@ mod tests {
             ("Services", ResourceKind::Service),
             ("ep", ResourceKind::Endpoints),
             ("no", ResourceKind::Node),
+            ("comm", ResourceKind::Community),
+            ("Communities", ResourceKind::Community),
             ("rule", ResourceKind::Rule),
             ("re", ResourceKind::RuleEndpoint),
             ("ruleendpoints", ResourceKind::RuleEndpoint),

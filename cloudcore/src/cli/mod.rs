@@ -7,7 +7,6 @@
 pub mod apply;
 pub mod config;
 pub mod kinds;
-pub mod manifest;
 pub mod table;
 
 use std::time::Duration;

@@ -113,6 +113,29 @@ pub fn render(kind: ResourceKind, items: &[Value], wide: bool, all_namespaces: b
                 rows.push(row);
             }
         }
+        ResourceKind::Community => {
+            head.extend(["NAME", "MEMBERS", "NODE-SELECTOR", "VERSION"]);
+            for i in items {
+                let members: Vec<String> = i["spec"]["members"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(s)
+                    .collect();
+                let selector = match i["spec"]["nodeSelector"]["matchLabels"].as_object() {
+                    Some(l) if l.is_empty() => "(every node)".to_string(),
+                    Some(l) => properties_summary(l),
+                    None if i["spec"]["nodeSelector"].is_object() => "(every node)".to_string(),
+                    None => String::new(),
+                };
+                rows.push(vec![
+                    s(&i["metadata"]["name"]),
+                    members.join(","),
+                    selector,
+                    s(&i["metadata"]["resourceVersion"]),
+                ]);
+            }
+        }
         ResourceKind::Rule => {
             head.extend([
                 "NAME",
@@ -230,5 +253,24 @@ mod tests {
             out.lines().nth(1).is_some_and(|l| l.starts_with("x ")),
             "{out}"
         );
+    }
+
+    #[test]
+    fn community_table_lists_members_and_selector() {
+        let items = [
+            json!({"metadata": {"name": "factory", "resourceVersion": "7"},
+                "spec": {"members": ["edge-1", "edge-2"], "nodeSelector": {"matchLabels": {"site": "f1"}}}}),
+            json!({"metadata": {"name": "all", "resourceVersion": "8"},
+                "spec": {"nodeSelector": {"matchLabels": {}}}}),
+        ];
+        let out = render(ResourceKind::Community, &items, false, false);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(
+            lines[0].starts_with("NAME") && lines[0].contains("NODE-SELECTOR"),
+            "{out}"
+        );
+        let cols: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(cols, ["factory", "edge-1,edge-2", "site=f1", "7"]);
+        assert!(lines[2].contains("(every node)"), "{out}");
     }
 }

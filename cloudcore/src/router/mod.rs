@@ -14,7 +14,6 @@
 //! Rule endpoints and rules are kept in the store's router table (never synced to nodes) and
 //! mirrored in memory; every change goes through one lock so checks and the store agree.
 
-pub mod api;
 mod datapath;
 mod egress;
 mod forward;

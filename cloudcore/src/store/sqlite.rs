@@ -626,6 +626,7 @@ mod tests {
     use super::*;
 
     use crate::store::fixtures::{node, put};
+    use edgehub::model::Object;
 
     #[test]
     fn versions_increase_and_survive_reopen() {
@@ -884,5 +885,29 @@ mod tests {
         assert_eq!(store.version(), 0);
         assert!(store.delete_token_hash("a").expect("delete"));
         assert!(!store.delete_token_hash("a").expect("delete again"));
+    }
+
+    #[test]
+    fn communities_are_stored_listed_and_reopened_like_any_kind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(DB_FILE);
+        let store = SqliteStore::open(&path, 100, 1 << 20).expect("open");
+        let json = r#"{"metadata":{"name":"lan"},"spec":{"members":["a","b"]}}"#;
+        let c = Object::from_json(Kind::Community, json).expect("community");
+        let changes = store.write(vec![put(c.clone())]).expect("write");
+        assert_eq!(changes[0].key.resource(), "_/community/lan");
+        drop(store);
+        let store = SqliteStore::open(&path, 100, 1 << 20).expect("reopen");
+        let listed = store.list(Kind::Community, None).expect("list");
+        assert_eq!(listed.len(), 1);
+        let mut stored = Object::from_json(Kind::Community, &listed[0].json).expect("parse");
+        assert_eq!(stored.meta().resource_version, "1");
+        stored.meta_mut().resource_version.clear();
+        assert_eq!(stored, c);
+        assert!(store.list(Kind::Node, None).expect("list").is_empty());
+        let Since::Changes(log) = store.changes_since(0, None) else {
+            panic!("the change is in the log")
+        };
+        assert_eq!(log[0].key.kind, Kind::Community);
     }
 }

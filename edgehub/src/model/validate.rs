@@ -12,7 +12,6 @@ use super::{
     ANNOTATION_HASH_KEY, ANNOTATION_LB_POLICY, ANNOTATION_PROTOCOL, ANNOTATION_QPS,
     ANNOTATION_TOLERATE_UNREADY, ANNOTATION_UNIT_KEY, TYPE_EXTERNAL_NAME,
 };
-use crate::topology::TRAFFIC_DISTRIBUTIONS;
 
 /// A validation or parse error about one field.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -210,9 +209,12 @@ fn is_dns1035_label(s: &str) -> bool {
 }
 
 /// DNS-1123 subdomain (Node names): dot-separated labels, ≤ 253.
-fn is_dns1123_subdomain(s: &str) -> bool {
+pub(crate) fn is_dns1123_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
 }
+
+/// The values of `spec.trafficDistribution` edgemesh serves (Kubernetes 1.33 names).
+pub const TRAFFIC_DISTRIBUTIONS: [&str; 3] = ["PreferClose", "PreferSameZone", "PreferSameNode"];
 
 /// At most this many labels on one object (Kubernetes sets no number; edge nodes carry every
 /// label of every object, so this one is bounded).
@@ -277,7 +279,11 @@ fn is_port_name(s: &str) -> bool {
     is_dns1123_label(s) && s.len() <= 15 && s.bytes().any(|c| c.is_ascii_lowercase())
 }
 
-fn check_meta(meta: &ObjectMeta, namespaced: bool, service: bool) -> Result<(), FieldError> {
+pub(super) fn check_meta(
+    meta: &ObjectMeta,
+    namespaced: bool,
+    service: bool,
+) -> Result<(), FieldError> {
     if meta.name.is_empty() {
         return Err(FieldError::new("metadata.name", "name is required"));
     }
@@ -344,7 +350,7 @@ fn check_api_version(api_version: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-fn check_kind(kind: &str, expected: &str) -> Result<(), FieldError> {
+pub(super) fn check_kind(kind: &str, expected: &str) -> Result<(), FieldError> {
     if kind != expected {
         return Err(FieldError::new(
             "kind",

@@ -315,7 +315,7 @@ fn resolve_endpoints(
                 continue;
             };
             let addr = SocketAddr::new(ip, target);
-            let endpoint_node = crate::tunnel::authorise::host_of(address);
+            let endpoint_node = address.host();
             // An endpoint no topology key admits is not used (nor answered by DNS).
             let Some(tier) = tier_of(endpoint_node, node, view, &keys) else {
                 continue;
@@ -352,8 +352,8 @@ fn tier_of(
             Tier(1)
         });
     }
-    let local = crate::topology::Local::in_view(view, &node.name, &node.labels);
-    crate::topology::tier_in(view, endpoint_node, &local, keys)
+    let local = crate::topology::Local::in_view(&view.nodes, &node.name, &node.labels);
+    crate::topology::tier_in(&view.nodes, endpoint_node, &local, keys)
 }
 
 /// Rebuilds the table whenever the metadata changes, until `shutdown`. The table for the

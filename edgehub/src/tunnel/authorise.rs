@@ -4,17 +4,9 @@
 use std::net::IpAddr;
 
 use super::open::{OpenRefusal, OpenRequest, RefusalKind};
-use crate::model::{EndpointAddress, Endpoints, Service};
+use crate::model::{Endpoints, Service};
 
 pub use crate::model::CLOUD_NODE;
-
-/// Who hosts an endpoint address: `Some(node)`, or `None` for cloudcore.
-pub fn host_of(address: &EndpointAddress) -> Option<&str> {
-    address
-        .node_name
-        .as_deref()
-        .filter(|n| !n.is_empty() && *n != CLOUD_NODE)
-}
 
 fn forbidden(message: String) -> OpenRefusal {
     OpenRefusal {
@@ -57,13 +49,13 @@ pub fn authorise(
             if address.ip.parse::<IpAddr>().ok() != Some(ip) {
                 continue;
             }
-            if host_of(address) == host {
+            if address.host() == host {
                 return Ok(());
             }
             return Err(forbidden(format!(
                 "endpoint {} of {name} is hosted by {}, not {}",
                 request.endpoint,
-                host_of(address).unwrap_or("the cloud"),
+                address.host().unwrap_or("the cloud"),
                 host.unwrap_or("the cloud"),
             )));
         }

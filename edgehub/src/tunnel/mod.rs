@@ -78,22 +78,3 @@ impl TunnelHandle {
         }
     }
 }
-
-impl crate::connect::Opener for TunnelHandle {
-    fn open(
-        &self,
-        request: OpenRequest,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<crate::connect::Upstream, OpenError>>
-                + Send
-                + '_,
-        >,
-    > {
-        Box::pin(async move {
-            TunnelHandle::open(self, request)
-                .await
-                .map(crate::connect::Upstream::Tunnel)
-        })
-    }
-}

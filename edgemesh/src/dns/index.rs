@@ -21,7 +21,6 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 use edgehub::metamanager::MeshView;
 use edgehub::model::{Endpoints, Service, ANNOTATION_UNIT_KEY};
 use edgehub::topology::{self, Labels, Local, Tier};
-use edgehub::tunnel::authorise::host_of;
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 use ipnet::IpNet;
@@ -313,7 +312,7 @@ impl Entry {
                     continue;
                 }
                 let tier = if topology {
-                    topology::tier_in(cx.view, host_of(address), &cx.local, &keys)
+                    topology::tier_in(&cx.view.nodes, address.host(), &cx.local, &keys)
                 } else {
                     Some(Tier::LOCAL)
                 };
@@ -661,7 +660,7 @@ impl ClusterIndex {
     /// Brings the index to `view`, rebuilding only the entries whose objects changed (and
     /// those built from node labels, when the labels changed).
     pub fn update(&self, view: &MeshView) -> Updated {
-        let local = Local::in_view(view, &self.node, &self.labels);
+        let local = Local::in_view(&view.nodes, &self.node, &self.labels);
         let mut stale = Vec::new();
         let mut removals = Vec::new();
         let mut added = 0usize;

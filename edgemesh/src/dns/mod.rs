@@ -35,17 +35,25 @@ pub use forward::Forwarder;
 pub use handler::DnsHandler;
 pub use index::{ClusterIndex, Lookup};
 
-use crate::config::Config;
+/// What cluster DNS answers for, from the agent's top-level keys: the cluster domain, the
+/// service range (reverse names) and the node it runs on (topology tiers, unit names).
+#[derive(Clone, Copy, Debug)]
+pub struct Scope<'a> {
+    pub cluster_domain: &'a str,
+    pub service_cidr: ipnet::IpNet,
+    pub node_name: &'a str,
+    pub labels: &'a std::collections::BTreeMap<String, String>,
+}
 
-/// Starts cluster DNS as configured: `Ok(None)` when `dns.enabled` is off. The sockets are
+/// Starts cluster DNS as `dns` says: `Ok(None)` when `dns.enabled` is off. The sockets are
 /// bound when this returns; the task serves until `shutdown`, then removes the address it
 /// added (if any) and ends.
 pub async fn start(
-    cfg: &Config,
+    dns: &DnsConfig,
+    scope: Scope<'_>,
     meta: &MetaManager,
     shutdown: CancellationToken,
 ) -> Result<Option<JoinHandle<()>>, ConfigError> {
-    let dns = &cfg.dns;
     if !dns.enabled {
         info!("cluster DNS is off (dns.enabled = false)");
         return Ok(None);
@@ -56,14 +64,14 @@ pub async fn start(
     }
     if upstreams.is_empty() {
         warn!(
-            domain = %cfg.cluster_domain,
+            domain = %scope.cluster_domain,
             "no DNS upstreams (dns.upstreams, /etc/resolv.conf): names outside the cluster domain are refused"
         );
     }
     let ttl = u32::try_from(dns.ttl.as_secs()).unwrap_or(u32::MAX);
-    let index = ClusterIndex::new(&cfg.cluster_domain, cfg.service_cidr, ttl)
+    let index = ClusterIndex::new(scope.cluster_domain, scope.service_cidr, ttl)
         .map_err(|e| ConfigError::key("cluster_domain", e))?
-        .for_node(&cfg.node_name, cfg.labels.clone());
+        .for_node(scope.node_name, scope.labels.clone());
     let index = Arc::new(index);
     let mut views = meta.subscribe();
     let view = views.borrow_and_update().clone();

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::net::Ipv4Addr;
 
 use edgehub::model::{
-    validate_endpoints, validate_node, validate_service, FieldError, Kind, Object,
+    validate_community, validate_endpoints, validate_node, validate_service, FieldError, Kind,
+    Object,
 };
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -150,6 +151,7 @@ pub fn served(api_version: Option<&str>, kind: &str) -> Served {
         "Service" if core => Served::Object(Kind::Service),
         "Endpoints" if core => Served::Object(Kind::Endpoints),
         "Node" if core => Served::Object(Kind::Node),
+        "Community" if edgemesh => Served::Object(Kind::Community),
         "RuleEndpoint" if edgemesh => Served::RuleEndpoint,
         "Rule" if edgemesh => Served::Rule,
         _ => Served::No,
@@ -455,7 +457,7 @@ fn check(origin: Origin, mut v: Value) -> Result<Manifest, ManifestError> {
                 value: v,
             }
         }
-        Served::Object(Kind::Node) => {
+        Served::Object(Kind::Node | Kind::Community) => {
             let object = Object::from_value(v.clone()).map_err(|e| invalid(&label, e))?;
             validate_object(&object).map_err(|e| invalid(&label, e))?;
             Doc::Object {
@@ -506,6 +508,7 @@ fn validate_object(object: &Object) -> Result<(), FieldError> {
         }
         Object::Endpoints(ep) => validate_endpoints(ep, &no_cidr),
         Object::Node(node) => validate_node(node),
+        Object::Community(c) => validate_community(c),
     }
 }
 

@@ -1,6 +1,8 @@
-//! The REST API (SPEC §2): Services, Endpoints, Nodes and node tokens, `apply`, health and
-//! metrics. Errors are `{"error": "...", "field": "..."}` with a 4xx status, and nothing is
+//! The REST API (SPEC §2): Services, Endpoints, Nodes and node tokens, Communities, `apply`,
+//! health and metrics. Errors are `{"error": "...", "field": "..."}` with a 4xx status, and nothing is
 //! stored unless the whole request is valid.
+
+mod router;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::auth::{constant_time_eq, NodeTokens};
-use crate::cli::manifest::{self, ManifestError, Origin, Served, Skipped};
+use crate::manifest::{self, ManifestError, Origin, Served, Skipped};
 use crate::nodes::NodeRegistry;
 use crate::objects::{ApplyError, Objects};
 use crate::store::{Record, StoreError};
@@ -230,6 +232,13 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
                 .get(get_endpoints)
                 .delete(delete_endpoints),
         )
+        .route("/api/v1/communities", get(list_communities))
+        .route(
+            "/api/v1/communities/{name}",
+            put(put_community)
+                .get(get_community)
+                .delete(delete_community),
+        )
         .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/nodes/{name}", get(get_node).delete(delete_node))
         .route(
@@ -237,7 +246,7 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
             post(create_token).delete(revoke_token),
         )
         .route("/api/v1/apply", post(apply))
-        .merge(crate::router::api::routes())
+        .merge(router::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API path") })
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -575,7 +584,30 @@ async fn delete_endpoints(
     delete_object(s, ObjectKey::new(Kind::Endpoints, ns, name)).await
 }
 
-/// A Node object with its runtime status merged in.
+async fn list_communities(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    list_kind(s, Kind::Community, None).await
+}
+async fn put_community(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    put_object(s, Kind::Community, String::new(), name, body).await
+}
+async fn get_community(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    get_object(s, ObjectKey::new(Kind::Community, "", name)).await
+}
+async fn delete_community(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    delete_object(s, ObjectKey::new(Kind::Community, "", name)).await
+}
+
+/// A Node object with its runtime status merged into its stored status (the certificate).
 fn node_with_status(state: &ApiState, record: &Record) -> Result<Value, ApiError> {
     let mut v: Value = serde_json::from_str(&record.json).map_err(|e| {
         ApiError::new(
@@ -592,6 +624,9 @@ fn node_with_status(state: &ApiState, record: &Record) -> Result<Value, ApiError
         );
     }
     if let Value::Object(o) = &mut v {
+        if let (Some(Value::Object(stored)), Value::Object(s)) = (o.remove("status"), &mut status) {
+            s.extend(stored);
+        }
         o.insert("status".into(), status);
     }
     Ok(v)
@@ -668,7 +703,10 @@ async fn create_token(
     let node = name.clone();
     let token = blocking(move || {
         objects.ensure_node(&node, None)?;
-        Ok(tokens.create(&node)?)
+        let token = tokens.create(&node)?;
+        // A new token is a new join: the certificate issued under the old one is revoked.
+        objects.set_node_certificate(&node, None)?;
+        Ok(token)
     })
     .await?;
     tracing::info!(node = %name, "node token issued");
@@ -679,9 +717,14 @@ async fn revoke_token(
     State(state): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let tokens = state.tokens.clone();
+    let (objects, tokens) = (state.objects.clone(), state.tokens.clone());
     let node = name.clone();
-    let existed = blocking(move || Ok(tokens.revoke(&node)?)).await?;
+    let existed = blocking(move || {
+        let existed = tokens.revoke(&node)?;
+        objects.set_node_certificate(&node, None)?;
+        Ok(existed)
+    })
+    .await?;
     if !existed {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -11,8 +11,8 @@ use axum::routing::{get, post};
 use axum::Json;
 use serde_json::{json, Map, Value};
 
-use super::RouterError;
-use crate::api::{body_bytes, parse_json, ApiError, ApiState};
+use super::{body_bytes, parse_json, ApiError, ApiState};
+use crate::router::RouterError;
 
 pub fn routes() -> axum::Router<ApiState> {
     axum::Router::new()
