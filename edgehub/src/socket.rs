@@ -199,7 +199,10 @@ pub fn recv_original_dst(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Re
             return Err(io::Error::last_os_error());
         }
         let source = sockaddr_to_std(&source).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidData, "datagram from an unknown family")
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "datagram from an unknown family",
+            )
         })?;
         let mut original_dst = None;
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);

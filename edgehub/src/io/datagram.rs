@@ -263,7 +263,16 @@ mod tests {
     /// Datagrams of every size that matters: empty, one byte, a typical MTU's worth, a
     /// tunnel frame and more, and the largest.
     fn sizes() -> Vec<usize> {
-        vec![0, 1, 2, 1400, 32 * 1024, 32 * 1024 + 1, 65_000, MAX_DATAGRAM]
+        vec![
+            0,
+            1,
+            2,
+            1400,
+            32 * 1024,
+            32 * 1024 + 1,
+            65_000,
+            MAX_DATAGRAM,
+        ]
     }
 
     fn datagram(i: usize, len: usize) -> Vec<u8> {
@@ -309,7 +318,9 @@ mod tests {
     #[test]
     fn a_stream_cut_inside_a_datagram_leaves_it_partial() {
         let mut decoder = Decoder::default();
-        decoder.buffer().extend_from_slice(&frame(b"hello").expect("fits")[..4]);
+        decoder
+            .buffer()
+            .extend_from_slice(&frame(b"hello").expect("fits")[..4]);
         assert!(decoder.next_datagram().is_none());
         assert!(decoder.has_partial());
     }

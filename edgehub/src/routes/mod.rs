@@ -207,7 +207,13 @@ impl RouteTable {
                 let previous_route = ips
                     .iter()
                     .find_map(|ip| previous_table.get(&SocketAddr::new(*ip, number)))
-                    .or_else(|| previous.by_name.as_ref()?.get(&service_ref).filter(|_| !is_udp))
+                    .or_else(|| {
+                        previous
+                            .by_name
+                            .as_ref()?
+                            .get(&service_ref)
+                            .filter(|_| !is_udp)
+                    })
                     .filter(|r| r.service.namespace == ns && r.service.name == nm);
                 let balancer = previous_route
                     .filter(|r| {
@@ -488,7 +494,9 @@ mod tests {
             .expect("udp route");
         assert_eq!(dns.service.to_string(), "default/web:53");
         assert_eq!(dns.endpoints[0].addr.to_string(), "10.244.0.2:53");
-        assert!(table.lookup_udp("10.96.0.10:80".parse().expect("a")).is_none());
+        assert!(table
+            .lookup_udp("10.96.0.10:80".parse().expect("a"))
+            .is_none());
         assert_eq!(table.udp_routes().count(), 1);
 
         // A rebuild keeps the balancer (round-robin position, affinity) of an unchanged Service.
@@ -501,7 +509,10 @@ mod tests {
             .lookup_udp("10.96.0.10:53".parse().expect("a"))
             .expect("udp route");
         assert!(Arc::ptr_eq(&dns.balancer, &dns2.balancer), "UDP too");
-        assert!(Arc::ptr_eq(&dns.stats, &web2.stats), "one Service, one set of counters");
+        assert!(
+            Arc::ptr_eq(&dns.stats, &web2.stats),
+            "one Service, one set of counters"
+        );
         assert!(Arc::ptr_eq(
             &web.endpoints[0].health,
             &web2.endpoints[0].health

@@ -8,9 +8,11 @@
 //!   its first bytes;
 //! - [`http`]: HTTP/1 and HTTP/2, balanced per request;
 //! - [`connect`]: dialling an endpoint, falling over to another when one fails;
-//! - [`edgehub::io::join`]: moving bytes (opaque TCP, TLS).
+//! - [`edgehub::io::join`]: moving bytes (opaque TCP, TLS);
+//! - [`udp`]: UDP Service ports (TPROXY), flows of datagrams.
 
 mod config;
+mod udp;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -28,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, debug_span, info, warn, Instrument};
 
-pub use config::ProxyConfig;
+pub use config::{ProxyConfig, UdpConfig};
 use edgehub::balance::HealthRegistry;
 use edgehub::connect::{self, Connector, Dialer, Opener, Upstream};
 use edgehub::http;
@@ -107,10 +109,9 @@ impl Proxy {
     pub fn new(
         cfg: ProxyConfig,
         tables: watch::Receiver<Arc<RouteTable>>,
-        connector: Connector,
+        connector: Arc<Connector>,
         limiters: Arc<Limiters>,
     ) -> Proxy {
-        let connector = Arc::new(connector);
         let http = Arc::new(http::Http::new(
             cfg.http.clone(),
             io::Timeouts {
@@ -282,7 +283,9 @@ impl Proxy {
                 self.count_tls(&route, detected.sni.as_deref());
                 tcp_session(self, client, peer, &route, detected.prefix).await;
             }
-            Protocol::Opaque => tcp_session(self, client, peer, &route, detected.prefix).await,
+            Protocol::Opaque | Protocol::Udp => {
+                tcp_session(self, client, peer, &route, detected.prefix).await
+            }
         }
     }
 
@@ -439,6 +442,15 @@ pub async fn start(
         Index::ClusterIp,
         shutdown.clone(),
     ))];
+    let connector = Arc::new(connector);
+    let udp = udp::UdpProxy::new(
+        cfg.udp.clone(),
+        cfg.mark,
+        tables.clone(),
+        connector.clone(),
+        deps.limiters.clone(),
+    );
+    tasks.push(tokio::spawn(udp.serve(shutdown.clone())));
     let proxy = Proxy::new(cfg.clone(), tables.clone(), connector, deps.limiters);
     tasks.push(tokio::spawn(proxy.serve(listener, shutdown)));
     info!(listen = %SocketAddr::new(cfg.listen_address, cfg.port), "proxy listening");
