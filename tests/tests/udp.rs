@@ -2,6 +2,7 @@
 //! `dnsmasq` in a pod behind a UDP ClusterIP, real `dig` from client pods on the same node and
 //! on another node (through the cloud relay), datagram boundaries, and the rules' life cycle.
 
+use std::collections::BTreeMap;
 use std::net::UdpSocket;
 use std::time::Duration;
 
@@ -34,9 +35,28 @@ fn put_udp_service(
     target: u16,
     addrs: &[(&Host, &str)],
 ) -> String {
-    let svc = json!({"apiVersion":"v1","kind":"Service",
+    put_udp_service_with(mesh, name, port, target, json!({}), addrs)
+}
+
+/// [`put_udp_service`] with more `spec` fields.
+fn put_udp_service_with(
+    mesh: &Mesh,
+    name: &str,
+    port: u16,
+    target: u16,
+    spec: serde_json::Value,
+    addrs: &[(&Host, &str)],
+) -> String {
+    let mut svc = json!({"apiVersion":"v1","kind":"Service",
         "metadata":{"name":name,"namespace":"default"},
         "spec":{"ports":[{"name":"udp","port":port,"targetPort":target,"protocol":"UDP"}]}});
+    let (status, current) = mesh.api("GET", &svc_path(name), None);
+    if status == 200 {
+        svc["spec"]["clusterIP"] = current["spec"]["clusterIP"].clone();
+    }
+    for (k, v) in spec.as_object().into_iter().flatten() {
+        svc["spec"][k] = v.clone();
+    }
     mesh.put(&svc_path(name), &svc.to_string());
     let addresses: Vec<_> = addrs
         .iter()
@@ -178,7 +198,7 @@ fn echo_sizes(client: &Host, addr: std::net::SocketAddr, sizes: &[usize]) {
 }
 
 /// Starts the test server's UDP echo in `pod` on `port`.
-fn udp_echo(mesh: &mut Mesh, pod: &Host, port: u16) {
+fn udp_echo(mesh: &mut Mesh, pod: &Host, port: u16) -> edgemesh_e2e::ProcId {
     mesh.topo.spawn(
         pod,
         &format!("udp-echo-{}", pod.role),
@@ -186,10 +206,36 @@ fn udp_echo(mesh: &mut Mesh, pod: &Host, port: u16) {
         &[
             "udp-echo".to_string(),
             format!("{}:{port}", pod.ip),
-            "x".to_string(),
+            pod.role.clone(),
         ],
         &[],
-    );
+    )
+}
+
+/// `n` flows from `client` to `addr`, each from a new source port asking `who`: how many each
+/// endpoint answered, and how many got no answer.
+fn who(client: &Host, addr: std::net::SocketAddr, n: usize) -> (BTreeMap<String, usize>, usize) {
+    in_netns(&client.ns.clone(), move || {
+        let mut counts = BTreeMap::new();
+        let mut lost = 0;
+        let mut buf = [0u8; 64];
+        for _ in 0..n {
+            let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            socket
+                .set_read_timeout(Some(Duration::from_secs(1)))
+                .expect("timeout");
+            socket.send_to(b"who", addr).expect("send");
+            match socket.recv(&mut buf) {
+                Ok(len) => {
+                    *counts
+                        .entry(String::from_utf8_lossy(&buf[..len]).to_string())
+                        .or_default() += 1
+                }
+                Err(_) => lost += 1,
+            }
+        }
+        (counts, lost)
+    })
 }
 
 #[test]
@@ -336,4 +382,135 @@ fn rules_are_installed_once_kept_and_removed_by_cleanup() {
     });
     mesh.stop_node(0, libc::SIGTERM);
     assert_eq!(udp_rules(&mesh, 0), Vec::<String>::new());
+}
+
+#[test]
+fn flows_spread_stick_with_client_ip_affinity_and_avoid_a_stopped_endpoint() {
+    let mut mesh = mesh("udp-spread", 1);
+    let pods: Vec<Host> = (0..3).map(|i| mesh.add_pod(0, &format!("s{i}"))).collect();
+    let procs: Vec<_> = pods.iter().map(|p| udp_echo(&mut mesh, p, 7000)).collect();
+    let client = mesh.add_pod(0, "c0");
+    let addrs: Vec<(&Host, &str)> = pods.iter().map(|p| (p, "edge-0")).collect();
+    let ip = put_udp_service(&mesh, "spread", 9, 7000, &addrs);
+    let addr: std::net::SocketAddr = format!("{ip}:9").parse().expect("addr");
+
+    // Round-robin: 300 flows from distinct source ports, 100 each within ±10%.
+    let (counts, lost) = who(&client, addr, 300);
+    assert_eq!(lost, 0, "{counts:?}");
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (name, n) in &counts {
+        assert!((90..=110).contains(n), "{name}: {n} of 300 ({counts:?})");
+    }
+
+    // ClientIP affinity: every flow of this client goes to one endpoint.
+    put_udp_service_with(
+        &mesh,
+        "spread",
+        9,
+        7000,
+        json!({"sessionAffinity": "ClientIP"}),
+        &addrs,
+    );
+    wait_for("affinity in the route", Duration::from_secs(10), || {
+        let route = mesh.route(0, &format!("{ip}:9"))?;
+        (!route["sessionAffinity"].is_null()).then_some(())
+    });
+    let (counts, lost) = who(&client, addr, 30);
+    assert_eq!(lost, 0, "{counts:?}");
+    assert_eq!(counts.len(), 1, "one endpoint for one client: {counts:?}");
+
+    // A stopped endpoint (ICMP port unreachable) is ejected: new flows go to the others.
+    put_udp_service(&mesh, "spread", 9, 7000, &addrs);
+    wait_for("affinity off in the route", Duration::from_secs(10), || {
+        let route = mesh.route(0, &format!("{ip}:9"))?;
+        route["sessionAffinity"].is_null().then_some(())
+    });
+    mesh.topo.kill(procs[2], libc::SIGKILL);
+    let (counts, lost) = who(&client, addr, 60);
+    assert!(!counts.contains_key("s2"), "{counts:?}");
+    assert!(
+        lost <= 2,
+        "flows lost to the stopped endpoint: {lost} ({counts:?})"
+    );
+    let route = mesh.route(0, &format!("{ip}:9")).expect("route");
+    let ejected: Vec<_> = route["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .filter(|e| e["ejected"] == true)
+        .map(|e| e["address"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(ejected, vec![format!("{}:7000", pods[2].ip)], "{route}");
+}
+
+#[test]
+fn a_flood_of_source_ports_stays_within_max_flows_and_others_get_answers() {
+    let mut mesh = Mesh::new("udp-flood", 1, Vec::new());
+    mesh.nodes[0].extra = vec!["proxy.udp.max_flows=1000".to_string()];
+    mesh.start_cloud();
+    mesh.create_tokens();
+    mesh.start_node(0);
+    mesh.wait_synced(0);
+    let server = mesh.add_pod(0, "s0");
+    udp_echo(&mut mesh, &server, 7000);
+    let flooder = mesh.add_pod(0, "f0");
+    let client = mesh.add_pod(0, "c0");
+    let ip = put_udp_service(&mesh, "flood", 9, 7000, &[(&server, "edge-0")]);
+    let addr: std::net::SocketAddr = format!("{ip}:9").parse().expect("addr");
+    let node_pid = mesh.topo.pid(mesh.nodes[0].proc.expect("running"));
+    let rss = move || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{node_pid}/status")).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    };
+    let before = rss();
+
+    // 20,000 flows, each from a new source port, each one datagram of garbage.
+    let flood = std::thread::spawn({
+        let ns = flooder.ns.clone();
+        move || {
+            in_netns(&ns, move || {
+                let mut garbage = [0u8; 37];
+                for i in 0..20_000u32 {
+                    garbage[..4].copy_from_slice(&i.to_be_bytes());
+                    let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                    let _ = socket.send_to(&garbage, addr);
+                }
+            })
+        }
+    });
+    // Meanwhile a normal client keeps getting its answers.
+    let mut answered = 0;
+    while !flood.is_finished() {
+        let (counts, _) = who(&client, addr, 10);
+        answered += counts.values().sum::<usize>();
+    }
+    flood.join().expect("flood");
+    let (counts, lost) = who(&client, addr, 20);
+    assert_eq!((counts.get("s0"), lost), (Some(&20), 0), "after the flood");
+    assert!(answered > 0, "answers during the flood");
+
+    let flows = mesh.metric(0, "edgemesh_proxy_udp_flows", &[]);
+    assert!(flows <= 1000.0, "flows in the table: {flows}");
+    let evicted = mesh.metric(0, "edgemesh_proxy_udp_drops_total", &["reason=\"evicted\""]);
+    // Datagrams the kernel dropped in the flood (a full socket buffer) started no flow.
+    let started = mesh.metric(
+        0,
+        "edgemesh_proxy_udp_flows_total",
+        &["service=\"default/flood\""],
+    );
+    assert!(started > 2000.0, "flows started: {started}");
+    assert!(
+        evicted >= started - 1000.0,
+        "evicted {evicted} of {started}"
+    );
+    let after = rss();
+    eprintln!("agent RSS {before} kB before, {after} kB after the flood");
+    assert!(
+        after < before + 64 * 1024,
+        "RSS grew from {before} kB to {after} kB"
+    );
 }

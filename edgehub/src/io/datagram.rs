@@ -365,7 +365,7 @@ mod tests {
         });
         let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         socket.connect(endpoint_addr).await.expect("connect");
-        let (mut near, mut far) = tokio::net::UnixStream::pair().expect("pair");
+        let (mut near, far) = tokio::net::UnixStream::pair().expect("pair");
         let served = tokio::spawn(async move {
             let mut far = crate::io::Whole(far);
             let mut source = Connected(&socket);

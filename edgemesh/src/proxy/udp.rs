@@ -28,6 +28,7 @@ use edgehub::limits::{Decision, Limiters, Protocol as Admission};
 use edgehub::routes::{Route, RouteTable};
 use edgehub::socket;
 use metrics::counter;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -408,8 +409,19 @@ async fn local_flow(
                 }
                 deadline = tokio::time::Instant::now() + idle;
             }
-            r = socket.readable() => {
-                if r.is_err() {
+            // ICMP unreachable sets only the socket's error (EPOLLERR), not readability; an
+            // error ends the flow, so that the next datagram picks anew.
+            r = socket.ready(Interest::READABLE | Interest::ERROR) => {
+                let Ok(ready) = r else { return };
+                if ready.is_error() {
+                    match socket.take_error() {
+                        Ok(Some(e)) if unreachable(&e) => {
+                            debug!(endpoint = %endpoint.addr, "ICMP unreachable");
+                            endpoint.health.record_failure();
+                            metrics.drop("unreachable");
+                        }
+                        other => debug!(?other, "upstream socket error"),
+                    }
                     return;
                 }
                 match datagram::try_recv(socket) {

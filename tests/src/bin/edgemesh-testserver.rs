@@ -31,7 +31,7 @@ fn main() -> ExitCode {
         return code;
     }
     if mode == "udp-echo" {
-        return udp_echo(addr);
+        return udp_echo(addr, args.get(2).map_or("", String::as_str));
     }
     let text = args.get(2).cloned().unwrap_or_default();
     let listener = match TcpListener::bind(addr) {
@@ -124,8 +124,9 @@ fn serve_http(stream: TcpStream, name: &str) -> io::Result<()> {
     }
 }
 
-/// Sends every datagram back to where it came from, as it came (any size up to 65,535).
-fn udp_echo(addr: &str) -> ExitCode {
+/// Sends every datagram back to where it came from, as it came (any size up to 65,535);
+/// `who` is answered with `name`, so that tests can tell endpoints apart.
+fn udp_echo(addr: &str, name: &str) -> ExitCode {
     let socket = match std::net::UdpSocket::bind(addr) {
         Ok(s) => s,
         Err(e) => {
@@ -138,7 +139,12 @@ fn udp_echo(addr: &str) -> ExitCode {
     loop {
         match socket.recv_from(&mut buf) {
             Ok((n, from)) => {
-                let _ = socket.send_to(&buf[..n], from);
+                let answer = if &buf[..n] == b"who" {
+                    name.as_bytes()
+                } else {
+                    &buf[..n]
+                };
+                let _ = socket.send_to(answer, from);
             }
             Err(e) => eprintln!("udp-echo: {e}"),
         }
