@@ -328,7 +328,7 @@ impl Tunnels {
             .await
         {
             Served::Refused(kind) => count_refusal(kind),
-            Served::Joined(moved) => {
+            Served::Joined(moved) | Served::Datagrams(moved) => {
                 metrics::counter!("cloudcore_tunnel_bytes_total", "direction" => "to_endpoint")
                     .increment(moved.a_to_b);
                 metrics::counter!("cloudcore_tunnel_bytes_total", "direction" => "from_endpoint")

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use tracing::{debug, warn};
 
 use crate::balance::{Endpoint, InFlight, PickContext};
@@ -92,19 +92,24 @@ impl Dialer {
         self.timeout
     }
 
-    pub async fn dial(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        let socket = match addr {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
-        };
+    /// Sets the agent's mark on an upstream socket, warning once when it cannot.
+    fn mark(&self, socket: &impl std::os::fd::AsRawFd) {
         if let Some(mark) = self.mark {
-            if let Err(e) = crate::socket::set_mark(&socket, mark) {
+            if let Err(e) = crate::socket::set_mark(socket, mark) {
                 if !self.mark_warned.swap(true, Ordering::Relaxed) {
                     warn!(error = %e, "cannot mark upstream sockets (CAP_NET_ADMIN missing?); \
                         connections to cluster IPs from this host could loop");
                 }
             }
         }
+    }
+
+    pub async fn dial(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        self.mark(&socket);
         let stream = tokio::time::timeout(self.timeout, socket.connect(addr))
             .await
             .map_err(|_| {
@@ -116,6 +121,31 @@ impl Dialer {
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
+}
+
+impl Dialer {
+    /// A UDP socket connected to `addr`, marked like TCP sockets. Connecting sends nothing,
+    /// so this fails only for want of sockets; an endpoint that is not there answers the
+    /// first datagram with ICMP unreachable, which a later read of the socket reports
+    /// (`ConnectionRefused`).
+    pub fn dial_udp(&self, addr: SocketAddr) -> io::Result<UdpSocket> {
+        let any: SocketAddr = match addr {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let socket = std::net::UdpSocket::bind(any)?;
+        self.mark(&socket);
+        socket.set_nonblocking(true)?;
+        socket.connect(addr)?;
+        UdpSocket::from_std(socket)
+    }
+}
+
+/// The far end of a UDP flow: a connected socket of this side's, or a stream to the side that
+/// hosts the endpoint, carrying the flow's datagrams framed ([`crate::io::datagram`]).
+pub enum DatagramUpstream {
+    Local(UdpSocket),
+    Tunnel(Upstream),
 }
 
 /// Picks endpoints of a route and reaches them: dialled when this side hosts them, else a
@@ -197,6 +227,49 @@ impl Connector {
         ctx: &PickContext<'_>,
         protocol: Protocol,
     ) -> Result<(Upstream, SocketAddr, InFlight), ConnectError> {
+        self.fall_over(route, ctx, |endpoint| self.reach(route, endpoint, protocol))
+            .await
+            .map(|(upstream, endpoint, in_flight)| (upstream, endpoint.addr, in_flight))
+    }
+
+    /// The far end of a new UDP flow from a client at `ctx.client_ip`: a connected socket for
+    /// an endpoint on this side, a stream (`protocol: udp`) for one elsewhere; falls over to
+    /// another endpoint when a stream cannot be opened. The endpoint comes back with it, so
+    /// that what the flow sees later (ICMP unreachable, answers) counts for its health.
+    pub async fn connect_datagrams(
+        &self,
+        route: &Route,
+        ctx: &PickContext<'_>,
+    ) -> Result<(DatagramUpstream, Endpoint, InFlight), ConnectError> {
+        self.fall_over(route, ctx, |endpoint| async move {
+            if self.is_local(endpoint) {
+                // Only the lack of sockets can fail here: not the endpoint's fault.
+                self.dialer
+                    .dial_udp(endpoint.addr)
+                    .map(DatagramUpstream::Local)
+                    .map_err(ReachError::Failed)
+            } else {
+                self.reach(route, endpoint, Protocol::Udp)
+                    .await
+                    .map(DatagramUpstream::Tunnel)
+            }
+        })
+        .await
+        .map(|(upstream, endpoint, in_flight)| (upstream, endpoint.clone(), in_flight))
+    }
+
+    /// Picks an endpoint and tries `reach` on it, then on others while it fails, up to
+    /// `attempts` endpoints; a rate-limited answer ends the search.
+    async fn fall_over<'r, T, F, Fut>(
+        &self,
+        route: &'r Route,
+        ctx: &PickContext<'_>,
+        mut reach: F,
+    ) -> Result<(T, &'r Endpoint, InFlight), ConnectError>
+    where
+        F: FnMut(&'r Endpoint) -> Fut,
+        Fut: Future<Output = Result<T, ReachError>>,
+    {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_error = None;
         while tried.len() < self.attempts as usize {
@@ -205,8 +278,8 @@ impl Connector {
             };
             tried.push(endpoint.addr);
             let in_flight = InFlight::start(&endpoint.health);
-            match self.reach(route, endpoint, protocol).await {
-                Ok(upstream) => return Ok((upstream, endpoint.addr, in_flight)),
+            match reach(endpoint).await {
+                Ok(upstream) => return Ok((upstream, endpoint, in_flight)),
                 Err(ReachError::RateLimited) => {
                     return Err(ConnectError::RateLimited {
                         service: route.service.to_string(),

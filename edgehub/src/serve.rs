@@ -9,7 +9,11 @@
 //!   first bytes show): the HTTP engine ([`crate::http`]) serves it, each request admitted
 //!   against the limit (`429` with `Retry-After` over it);
 //! - a limited Service with other bytes: the stream counts as one admission, refused (closed)
-//!   over the limit.
+//!   over the limit;
+//! - a UDP flow (`protocol: udp`): a connected UDP socket to the endpoint, datagrams relayed
+//!   with their boundaries ([`crate::io::datagram`]); on a limited Service the flow counts as
+//!   one admission (new flows per second), and a flow over the limit is closed, so its
+//!   datagrams are dropped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +42,8 @@ pub enum Served {
     Http,
     /// Over the limit (not HTTP): closed.
     Limited,
+    /// Datagrams of a UDP flow: `a_to_b` payload bytes went to the endpoint.
+    Datagrams(Moved),
     /// Not accepted: the endpoint could not be dialled, or the link is full.
     Refused(RefusalKind),
 }
@@ -107,6 +113,9 @@ impl StreamServer {
         shutdown: &CancellationToken,
     ) -> Served {
         let request = incoming.request.clone();
+        if request.protocol == Protocol::Udp {
+            return self.serve_datagrams(mux, incoming, accepted).await;
+        }
         let mut upstream = match self.dialer.dial(request.endpoint).await {
             Ok(s) => s,
             Err(e) => {
@@ -128,7 +137,7 @@ impl StreamServer {
         let (prefix, protocol) = match request.protocol {
             p @ (Protocol::Http1 | Protocol::H2) => (bytes::Bytes::new(), p),
             // The opener's word is not enough to skip per-request limits: look at the bytes.
-            Protocol::Tls | Protocol::Opaque => {
+            Protocol::Tls | Protocol::Opaque | Protocol::Udp => {
                 match io::detect(&mut stream, self.timeouts.detect).await {
                     Ok(d) => (d.prefix, d.protocol),
                     Err(e) => {
@@ -156,6 +165,53 @@ impl StreamServer {
             return Served::Limited;
         }
         self.join(&mut stream, &mut upstream).await
+    }
+
+    /// A UDP flow: admitted against the Service's limit (one admission per flow), then its
+    /// datagrams relayed between the stream and a UDP socket connected to the endpoint until
+    /// either side ends or the flow is idle for the join idle timeout.
+    async fn serve_datagrams(
+        &self,
+        mux: &Mux,
+        incoming: Incoming,
+        accepted: impl FnOnce(),
+    ) -> Served {
+        let request = incoming.request.clone();
+        let (ns, name) = (&request.namespace, &request.service);
+        // Refused before it is accepted, so the opener learns at once (and does not try
+        // another endpoint: a rate-limited answer ends its search).
+        if let Decision::Limited { .. } = self.limiters.admit(ns, name, Admission::Udp) {
+            debug!("new UDP flow over the Service's limit: refused");
+            mux.refuse(
+                incoming,
+                RefusalKind::RateLimited,
+                "over the Service's QPS limit",
+            );
+            return Served::Limited;
+        }
+        let socket = match self.dialer.dial_udp(request.endpoint) {
+            Ok(s) => s,
+            Err(e) => {
+                let message = format!("udp socket for {}: {e}", request.endpoint);
+                mux.refuse(incoming, RefusalKind::Unreachable, &message);
+                return Served::Refused(RefusalKind::Unreachable);
+            }
+        };
+        let mut stream = match mux.accept(incoming) {
+            Ok(s) => s,
+            Err(refusal) => return Served::Refused(refusal.kind),
+        };
+        accepted();
+        let mut source = io::datagram::Connected(&socket);
+        let sink = io::datagram::Connected(&socket);
+        let idle = Some(self.timeouts.join.idle);
+        match io::datagram::pump(&mut stream, &mut source, &sink, idle, |_, _| {}).await {
+            Ok(moved) => Served::Datagrams(moved),
+            Err(e) => {
+                debug!(error = %e, "UDP flow ended with an error");
+                Served::Datagrams(Moved::default())
+            }
+        }
     }
 
     async fn join<S: io::Duplex>(

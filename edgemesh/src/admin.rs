@@ -229,9 +229,12 @@ async fn routes(State(state): State<AdminState>) -> Response {
     let now = tokio::time::Instant::now();
     let mut list: Vec<serde_json::Value> = table
         .routes()
-        .map(|(addr, r)| {
+        .map(|(addr, r)| ("TCP", addr, r))
+        .chain(table.udp_routes().map(|(addr, r)| ("UDP", addr, r)))
+        .map(|(protocol, addr, r)| {
             json!({
                 "address": addr.to_string(),
+                "protocol": protocol,
                 "service": r.service.to_string(),
                 "policy": format!("{:?}", r.balancer.policy()),
                 "sessionAffinity": r.balancer.affinity().map(|a| a.timeout.as_secs()),
@@ -246,7 +249,10 @@ async fn routes(State(state): State<AdminState>) -> Response {
             })
         })
         .collect();
-    list.sort_by(|a, b| a["address"].as_str().cmp(&b["address"].as_str()));
+    list.sort_by(|a, b| {
+        (a["address"].as_str(), a["protocol"].as_str())
+            .cmp(&(b["address"].as_str(), b["protocol"].as_str()))
+    });
     Json(json!({ "version": table.version, "routes": list })).into_response()
 }
 
@@ -276,6 +282,7 @@ async fn proxy(State(state): State<AdminState>) -> Response {
         "iptables": iptables,
         "iptablesRules": rules,
         "routes": table.len(),
+        "udpRoutes": table.udp_routes().count(),
         "version": table.version,
         "ejected": ejected,
         "tunnel": summary.tunnel.as_ref().map(|t| json!({

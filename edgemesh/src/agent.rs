@@ -220,7 +220,13 @@ async fn intercept(
         info!("proxy.intercept is off: iptables left alone");
         return Ok((None, None));
     }
-    let rules = Rules::new(cfg.service_cidr, cfg.proxy.port, cfg.proxy.mark);
+    let rules = Rules::new(
+        cfg.service_cidr,
+        cfg.proxy.port,
+        cfg.proxy.mark,
+        cfg.proxy.udp.route_mark,
+        cfg.proxy.udp.route_table,
+    );
     if let Err(e) = rules.reconcile().await {
         // Part of the rules may be in: take them out rather than leave the service range
         // redirected to a port nobody will serve.

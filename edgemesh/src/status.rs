@@ -196,9 +196,10 @@ fn print_running(v: &Value) {
     if p.is_object() {
         let ejected = p["ejected"].as_array().map_or(0, Vec::len);
         println!(
-            "proxy:       listening on {}, {} routes, {} endpoints ejected",
+            "proxy:       listening on {}, {} routes, {} UDP routes, {} endpoints ejected",
             text(&p["listen"]),
             p["routes"],
+            p["udpRoutes"].as_u64().unwrap_or(0),
             ejected
         );
         let rules = &p["iptablesRules"];

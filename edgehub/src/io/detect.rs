@@ -44,9 +44,13 @@ pub enum Protocol {
     /// Anything else: forwarded as bytes.
     #[default]
     Opaque,
+    /// Datagrams of a UDP flow, each framed with its length ([`super::datagram`]); never
+    /// detected, only said by the opener of a stream.
+    Udp,
 }
 
 impl Protocol {
+    /// What detection can find (the order of the per-protocol counters).
     pub const ALL: [Protocol; 4] = [
         Protocol::Http1,
         Protocol::H2,
@@ -61,6 +65,7 @@ impl Protocol {
             Protocol::H2 => "h2",
             Protocol::Tls => "tls",
             Protocol::Opaque => "tcp",
+            Protocol::Udp => "udp",
         }
     }
 
@@ -82,6 +87,7 @@ impl Protocol {
             Protocol::Http1 => "http",
             Protocol::H2 => "h2",
             Protocol::Tls | Protocol::Opaque => "tcp",
+            Protocol::Udp => "udp",
         }
     }
 
@@ -105,9 +111,10 @@ impl<'de> serde::Deserialize<'de> for Protocol {
             "h2" => Ok(Protocol::H2),
             "tcp" => Ok(Protocol::Opaque),
             "tls" => Ok(Protocol::Tls),
+            "udp" => Ok(Protocol::Udp),
             other => Err(serde::de::Error::unknown_variant(
                 other,
-                &["http", "h2", "tcp", "tls"],
+                &["http", "h2", "tcp", "tls", "udp"],
             )),
         }
     }

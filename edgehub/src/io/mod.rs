@@ -4,9 +4,11 @@
 //! - [`Rewind`]: those bytes replayed in front of the rest;
 //! - [`join`]: the one bidirectional copier (adaptive buffers, half-close, idle and
 //!   half-close timeouts, resets noticed both ways, byte counters), for every pair of streams
-//!   that implement [`Duplex`]: TCP sockets, tunnelled streams, upgraded HTTP connections.
+//!   that implement [`Duplex`]: TCP sockets, tunnelled streams, upgraded HTTP connections;
+//! - [`datagram`]: UDP flows over such streams (length-prefixed datagrams) and their pump.
 
 mod copy;
+pub mod datagram;
 mod detect;
 mod rewind;
 

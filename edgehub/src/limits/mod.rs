@@ -126,6 +126,8 @@ pub enum Protocol {
     Http,
     /// A connection that is not HTTP (refused).
     Tcp,
+    /// A new UDP flow (its datagrams dropped).
+    Udp,
 }
 
 impl Protocol {
@@ -133,6 +135,7 @@ impl Protocol {
         match self {
             Protocol::Http => "http",
             Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
         }
     }
 }
@@ -207,7 +210,7 @@ struct Entry {
     bucket: Bucket,
     /// Counter handles, resolved at the first rejection: a flood of rejections is exactly when
     /// building labels and looking up the registry per event would hurt.
-    rejected: [OnceLock<metrics::Counter>; 2],
+    rejected: [OnceLock<metrics::Counter>; 3],
 }
 
 impl Entry {

@@ -93,6 +93,8 @@ pub struct Route {
 pub struct RouteTable {
     pub version: u64,
     routes: HashMap<SocketAddr, Arc<Route>>,
+    /// UDP Service ports, by cluster IP and port (the UDP proxy's flows).
+    udp: HashMap<SocketAddr, Arc<Route>>,
     /// By Service name and port, headless Services included: only where callers name the
     /// Service (the router), so nodes do not pay for a second index.
     by_name: Option<HashMap<ServiceRef, Arc<Route>>>,
@@ -135,6 +137,16 @@ impl RouteTable {
         self.routes.iter()
     }
 
+    /// The route of the UDP Service port at `dst`.
+    pub fn lookup_udp(&self, dst: SocketAddr) -> Option<&Arc<Route>> {
+        self.udp.get(&dst)
+    }
+
+    /// UDP Service ports, by cluster IP and port.
+    pub fn udp_routes(&self) -> impl Iterator<Item = (&SocketAddr, &Arc<Route>)> {
+        self.udp.iter()
+    }
+
     /// Builds the table for `view`, reusing balancers of `previous` whose settings did not
     /// change.
     pub fn build(
@@ -145,6 +157,7 @@ impl RouteTable {
         index: Index,
     ) -> RouteTable {
         let mut routes = HashMap::new();
+        let mut udp = HashMap::new();
         let mut by_name = (index == Index::AlsoByName).then(HashMap::new);
         let mut live = HashSet::new();
         for ((namespace, name), service) in &view.services {
@@ -172,10 +185,16 @@ impl RouteTable {
                 let Ok(number) = u16::try_from(port.port) else {
                     continue;
                 };
-                // Only TCP is proxied; UDP and SCTP ports are stored but not served.
-                if !port.protocol.eq_ignore_ascii_case("TCP") {
+                // TCP and UDP are proxied; SCTP ports are stored but not served.
+                let is_udp = port.protocol.eq_ignore_ascii_case("UDP");
+                if !is_udp && !port.protocol.eq_ignore_ascii_case("TCP") {
                     continue;
                 }
+                let (table, previous_table) = if is_udp {
+                    (&mut udp, &previous.udp)
+                } else {
+                    (&mut routes, &previous.routes)
+                };
                 let (list, elsewhere) = endpoints
                     .map(|e| resolve_endpoints(e, port, node, view, service, health))
                     .unwrap_or_default();
@@ -187,8 +206,14 @@ impl RouteTable {
                 };
                 let previous_route = ips
                     .iter()
-                    .find_map(|ip| previous.routes.get(&SocketAddr::new(*ip, number)))
-                    .or_else(|| previous.by_name.as_ref()?.get(&service_ref))
+                    .find_map(|ip| previous_table.get(&SocketAddr::new(*ip, number)))
+                    .or_else(|| {
+                        previous
+                            .by_name
+                            .as_ref()?
+                            .get(&service_ref)
+                            .filter(|_| !is_udp)
+                    })
                     .filter(|r| r.service.namespace == ns && r.service.name == nm);
                 let balancer = previous_route
                     .filter(|r| {
@@ -222,9 +247,10 @@ impl RouteTable {
                     balancer,
                 });
                 for ip in &ips {
-                    routes.insert(SocketAddr::new(*ip, number), route.clone());
+                    table.insert(SocketAddr::new(*ip, number), route.clone());
                 }
-                if let Some(by_name) = &mut by_name {
+                // Callers that name a Service (the router) speak HTTP: TCP ports only.
+                if let (Some(by_name), false) = (&mut by_name, is_udp) {
                     by_name.insert(service_ref, route);
                 }
             }
@@ -233,6 +259,7 @@ impl RouteTable {
         RouteTable {
             version: view.version,
             routes,
+            udp,
             by_name,
         }
     }
@@ -460,6 +487,16 @@ mod tests {
             .expect("route");
         assert_eq!(admin.endpoints[0].addr.port(), 9001, "named targetPort");
         assert!(table.lookup("10.96.0.10:53".parse().expect("a")).is_none());
+        // The UDP port has a route of its own, with the endpoints of its own port.
+        let dns = table
+            .lookup_udp("10.96.0.10:53".parse().expect("a"))
+            .expect("udp route");
+        assert_eq!(dns.service.to_string(), "default/web:53");
+        assert_eq!(dns.endpoints[0].addr.to_string(), "10.244.0.2:53");
+        assert!(table
+            .lookup_udp("10.96.0.10:80".parse().expect("a"))
+            .is_none());
+        assert_eq!(table.udp_routes().count(), 1);
 
         // A rebuild keeps the balancer (round-robin position, affinity) of an unchanged Service.
         let again = RouteTable::build(&view(), &node, &health, &table, Index::ClusterIp);
@@ -467,6 +504,14 @@ mod tests {
             .lookup("10.96.0.10:80".parse().expect("a"))
             .expect("route");
         assert!(Arc::ptr_eq(&web.balancer, &web2.balancer));
+        let dns2 = again
+            .lookup_udp("10.96.0.10:53".parse().expect("a"))
+            .expect("udp route");
+        assert!(Arc::ptr_eq(&dns.balancer, &dns2.balancer), "UDP too");
+        assert!(
+            Arc::ptr_eq(&dns.stats, &web2.stats),
+            "one Service, one set of counters"
+        );
         assert!(Arc::ptr_eq(
             &web.endpoints[0].health,
             &web2.endpoints[0].health

@@ -1,4 +1,8 @@
-//! The nat rules that send the service CIDR to the proxy (SPEC §4.1).
+//! The rules that send the service CIDR to the proxy (SPEC §4.1): TCP by `REDIRECT` in `nat`;
+//! UDP by a `MARK` in `mangle` and one policy routing rule that delivers marked packets to this
+//! host (see [`policy`]), where the proxy holds a transparent socket on each UDP Service
+//! IP:port. (`TPROXY` is not used: on nodes with `br_netfilter`, the usual case behind a pod
+//! bridge, its socket assignment is lost before the packet reaches the IP layer.)
 //!
 //! edgemesh owns two chains, `EDGEMESH-PREROUTING` (traffic from pods) and `EDGEMESH-OUTPUT`
 //! (traffic of host processes), each reached by one jump from the built-in chain of the same
@@ -22,7 +26,6 @@ use tracing::{debug, info, warn};
 
 /// Comment on every rule edgemesh writes, so operators can tell them apart in `iptables-save`.
 const COMMENT: &str = "edgemesh";
-const TABLE: &str = "nat";
 /// Longest time one iptables command may take (including waiting for the xtables lock).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -48,19 +51,36 @@ pub struct RuleCount {
     pub complete: bool,
 }
 
+mod policy;
+
 /// One of our chains and the built-in chain that jumps to it.
 struct OwnedChain {
+    table: &'static str,
     name: &'static str,
     hook: &'static str,
 }
 
-const CHAINS: [OwnedChain; 2] = [
+const CHAINS: [OwnedChain; 4] = [
     OwnedChain {
+        table: "nat",
         name: "EDGEMESH-PREROUTING",
         hook: "PREROUTING",
     },
     OwnedChain {
+        table: "nat",
         name: "EDGEMESH-OUTPUT",
+        hook: "OUTPUT",
+    },
+    // UDP: datagrams to the service CIDR from pods (PREROUTING) and from the host (OUTPUT)
+    // are marked, so that the policy rule delivers them locally.
+    OwnedChain {
+        table: "mangle",
+        name: "EDGEMESH-UDP-PREROUTING",
+        hook: "PREROUTING",
+    },
+    OwnedChain {
+        table: "mangle",
+        name: "EDGEMESH-UDP-OUTPUT",
         hook: "OUTPUT",
     },
 ];
@@ -72,10 +92,18 @@ pub struct Rules {
     service_cidr: IpNet,
     proxy_port: u16,
     mark: u32,
+    policy: policy::Policy,
 }
 
 impl Rules {
-    pub fn new(service_cidr: IpNet, proxy_port: u16, mark: u32) -> Rules {
+    /// `route_mark` and `route_table`: `proxy.udp.route_mark` and `proxy.udp.route_table`.
+    pub fn new(
+        service_cidr: IpNet,
+        proxy_port: u16,
+        mark: u32,
+        route_mark: u32,
+        route_table: u32,
+    ) -> Rules {
         let program = match service_cidr {
             IpNet::V4(_) => "iptables",
             IpNet::V6(_) => "ip6tables",
@@ -85,6 +113,7 @@ impl Rules {
             service_cidr,
             proxy_port,
             mark,
+            policy: policy::Policy::new(service_cidr, route_mark, route_table),
         }
     }
 
@@ -95,20 +124,25 @@ impl Rules {
 
     /// The rules of one of our chains, in order, as `iptables -S` prints them.
     fn chain_rules(&self, chain: &OwnedChain) -> Vec<Vec<String>> {
-        let redirect = args(&[
-            "-d",
-            &self.service_cidr.to_string(),
-            "-p",
-            "tcp",
-            "-m",
-            "comment",
-            "--comment",
-            COMMENT,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &self.proxy_port.to_string(),
-        ]);
+        let cidr = self.service_cidr.to_string();
+        let route_mark = hex_mark(self.policy.mark);
+        let capture = match chain.table {
+            "mangle" => args(&[
+                "-d",
+                &cidr,
+                "-p",
+                "udp",
+                "-m",
+                "comment",
+                "--comment",
+                COMMENT,
+                "-j",
+                "MARK",
+                "--set-xmark",
+                &route_mark,
+            ]),
+            _ => self.redirect(),
+        };
         if chain.hook == "OUTPUT" {
             // The agent's own upstream sockets carry the mark; never capture them again.
             // As `iptables -S` prints it, so that the comparison in `reconcile` holds: a full
@@ -130,10 +164,27 @@ impl Rules {
                 "-j",
                 "RETURN",
             ]);
-            vec![own, redirect]
+            vec![own, capture]
         } else {
-            vec![redirect]
+            vec![capture]
         }
+    }
+
+    fn redirect(&self) -> Vec<String> {
+        args(&[
+            "-d",
+            &self.service_cidr.to_string(),
+            "-p",
+            "tcp",
+            "-m",
+            "comment",
+            "--comment",
+            COMMENT,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &self.proxy_port.to_string(),
+        ])
     }
 
     /// Brings the table to the desired state, touching only what differs. Returns how many
@@ -141,10 +192,10 @@ impl Rules {
     pub async fn reconcile(&self) -> Result<usize, IptablesError> {
         let mut changes = 0;
         for chain in &CHAINS {
-            let have = match self.owned_chain(chain.name).await? {
+            let have = match self.owned_chain(chain).await? {
                 Some(rules) => rules,
                 None => {
-                    self.run(&["-t", TABLE, "-N", chain.name]).await?;
+                    self.run(&["-t", chain.table, "-N", chain.name]).await?;
                     changes += 1;
                     Vec::new()
                 }
@@ -152,9 +203,9 @@ impl Rules {
             let want = self.chain_rules(chain);
             if have != want {
                 // Our own chain: rewrite it whole rather than patch it rule by rule.
-                self.run(&["-t", TABLE, "-F", chain.name]).await?;
+                self.run(&["-t", chain.table, "-F", chain.name]).await?;
                 for rule in &want {
-                    let mut argv = vec!["-t", TABLE, "-A", chain.name];
+                    let mut argv = vec!["-t", chain.table, "-A", chain.name];
                     argv.extend(rule.iter().map(String::as_str));
                     self.run(&argv).await?;
                 }
@@ -164,16 +215,17 @@ impl Rules {
             let jumps = self.count_jumps(chain, &jump).await?;
             if jumps == 0 {
                 // First in the chain, so a foreign rule cannot divert service traffic first.
-                let mut argv = vec!["-t", TABLE, "-I", chain.hook, "1"];
+                let mut argv = vec!["-t", chain.table, "-I", chain.hook, "1"];
                 argv.extend(jump.iter().map(String::as_str));
                 self.run(&argv).await?;
                 changes += 1;
             }
             for _ in 1..jumps {
-                self.delete_rule(chain.hook, &jump).await?;
+                self.delete_rule(chain, &jump).await?;
                 changes += 1;
             }
         }
+        changes += self.policy.reconcile().await?;
         Ok(changes)
     }
 
@@ -184,22 +236,22 @@ impl Rules {
             let jump = self.jump(chain);
             let jumps = self.count_jumps(chain, &jump).await?;
             for _ in 0..jumps {
-                self.delete_rule(chain.hook, &jump).await?;
+                self.delete_rule(chain, &jump).await?;
             }
         }
         for chain in &CHAINS {
-            if self.owned_chain(chain.name).await?.is_some() {
-                self.run(&["-t", TABLE, "-F", chain.name]).await?;
-                self.run(&["-t", TABLE, "-X", chain.name]).await?;
+            if self.owned_chain(chain).await?.is_some() {
+                self.run(&["-t", chain.table, "-F", chain.name]).await?;
+                self.run(&["-t", chain.table, "-X", chain.name]).await?;
             }
         }
-        Ok(())
+        self.policy.cleanup().await
     }
 
     /// Whether every rule is in place exactly once (for `/readyz` and `edgemesh status`).
     pub async fn installed(&self) -> Result<bool, IptablesError> {
         for chain in &CHAINS {
-            if self.owned_chain(chain.name).await? != Some(self.chain_rules(chain)) {
+            if self.owned_chain(chain).await? != Some(self.chain_rules(chain)) {
                 return Ok(false);
             }
             let jump = self.jump(chain);
@@ -208,7 +260,7 @@ impl Rules {
                 return Ok(false);
             }
         }
-        Ok(true)
+        Ok(self.policy.count().await? == (1, 1))
     }
 
     /// Which of the rules that should be in place are (for `/readyz` and `edgemesh status`):
@@ -221,12 +273,16 @@ impl Rules {
         };
         for chain in &CHAINS {
             let want = self.chain_rules(chain);
-            let have = self.owned_chain(chain.name).await?.unwrap_or_default();
+            let have = self.owned_chain(chain).await?.unwrap_or_default();
             let jumps = self.count_jumps(chain, &self.jump(chain)).await?;
             count.expected += want.len() + 1;
             count.present += want.iter().filter(|r| have.contains(r)).count() + jumps.min(1);
             count.complete &= have == want && jumps == 1;
         }
+        let (rules, routes) = self.policy.count().await?;
+        count.expected += 2;
+        count.present += rules.min(1) + routes.min(1);
+        count.complete &= (rules, routes) == (1, 1);
         Ok(count)
     }
 
@@ -238,23 +294,26 @@ impl Rules {
         jump: &[String],
     ) -> Result<usize, IptablesError> {
         Ok(self
-            .rules_of(chain.hook)
+            .rules_of(chain.table, chain.hook)
             .await?
             .iter()
             .filter(|r| r.as_slice() == jump)
             .count())
     }
 
-    async fn delete_rule(&self, chain: &str, rule: &[String]) -> Result<(), IptablesError> {
-        let mut argv = vec!["-t", TABLE, "-D", chain];
+    async fn delete_rule(&self, chain: &OwnedChain, rule: &[String]) -> Result<(), IptablesError> {
+        let mut argv = vec!["-t", chain.table, "-D", chain.hook];
         argv.extend(rule.iter().map(String::as_str));
         self.run(&argv).await.map(drop)
     }
 
     /// The rules of one of our chains, or `None` when it does not exist. Only that chain is
     /// listed: the nat table of a kube-proxy node can hold tens of thousands of rules.
-    async fn owned_chain(&self, chain: &str) -> Result<Option<Vec<Vec<String>>>, IptablesError> {
-        match self.rules_of(chain).await {
+    async fn owned_chain(
+        &self,
+        chain: &OwnedChain,
+    ) -> Result<Option<Vec<Vec<String>>>, IptablesError> {
+        match self.rules_of(chain.table, chain.name).await {
             Ok(rules) => Ok(Some(rules)),
             // iptables' wording for a missing chain differs between its backends; if the
             // chain does exist after all, the `-N` that follows says so.
@@ -264,8 +323,8 @@ impl Rules {
     }
 
     /// The rules of `chain` as argument lists, without the leading `-A CHAIN`.
-    async fn rules_of(&self, chain: &str) -> Result<Vec<Vec<String>>, IptablesError> {
-        let out = self.run(&["-t", TABLE, "-S", chain]).await?;
+    async fn rules_of(&self, table: &str, chain: &str) -> Result<Vec<Vec<String>>, IptablesError> {
+        let out = self.run(&["-t", table, "-S", chain]).await?;
         let prefix = format!("-A {chain} ");
         Ok(out
             .lines()
@@ -275,37 +334,9 @@ impl Rules {
     }
 
     async fn run(&self, argv: &[&str]) -> Result<String, IptablesError> {
-        let command = format!("{} {}", self.program, argv.join(" "));
-        debug!(%command, "iptables");
-        let child = Command::new(self.program)
-            .arg("-w")
-            .arg("5")
-            .args(argv)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| IptablesError::Spawn {
-                program: self.program,
-                source,
-            })?;
-        let out = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
-            .await
-            .map_err(|_| IptablesError::Timeout {
-                command: command.clone(),
-            })?
-            .map_err(|source| IptablesError::Spawn {
-                program: self.program,
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(IptablesError::Failed {
-                command,
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let mut full = vec!["-w", "5"];
+        full.extend_from_slice(argv);
+        run(self.program, &full).await
     }
 
     /// Keeps the rules in place until `shutdown`, then removes them. A rule deleted by hand is
@@ -337,12 +368,48 @@ impl Rules {
     }
 }
 
+/// Runs `program` (iptables, ip) with `argv`, within [`COMMAND_TIMEOUT`]; its stdout.
+async fn run(program: &'static str, argv: &[&str]) -> Result<String, IptablesError> {
+    let command = format!("{program} {}", argv.join(" "));
+    debug!(%command, "run");
+    let child = Command::new(program)
+        .args(argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| IptablesError::Spawn { program, source })?;
+    let out = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| IptablesError::Timeout {
+            command: command.clone(),
+        })?
+        .map_err(|source| IptablesError::Spawn { program, source })?;
+    if !out.status.success() {
+        return Err(IptablesError::Failed {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// `edgemesh cleanup`: removes edgemesh's rules of both address families. Our rules are found
-/// by chain name and comment, so this works whatever `service_cidr` and `proxy.port` were.
+/// by chain name and comment, so this works whatever `service_cidr` and `proxy.port` were; the
+/// UDP policy routing rule by the default `proxy.udp.route_mark` and `proxy.udp.route_table`.
 pub async fn cleanup_all() -> anyhow::Result<()> {
     let mut removed_any = false;
     for cidr in ["10.96.0.0/12", "fd00::/108"] {
-        let rules = Rules::new(cidr.parse().unwrap_or_else(|_| unreachable!()), 1, 1);
+        // The UDP policy rule is found by the default mark and table.
+        let udp = crate::proxy::UdpConfig::default();
+        let rules = Rules::new(
+            cidr.parse().unwrap_or_else(|_| unreachable!()),
+            1,
+            1,
+            udp.route_mark,
+            udp.route_table,
+        );
         match rules.cleanup().await {
             Ok(()) => removed_any = true,
             // A machine without IPv6 netfilter has nothing of ours to remove there.
@@ -356,6 +423,11 @@ pub async fn cleanup_all() -> anyhow::Result<()> {
         println!("edgemesh iptables rules removed");
     }
     Ok(())
+}
+
+/// A mark with itself as mask, as `iptables -S` and `ip rule` print it.
+fn hex_mark(mark: u32) -> String {
+    format!("{mark:#x}/{mark:#x}")
 }
 
 fn args(a: &[&str]) -> Vec<String> {
@@ -398,7 +470,13 @@ mod tests {
 
     #[test]
     fn rules_compare_with_what_iptables_prints() {
-        let r = Rules::new("10.96.0.0/12".parse().expect("cidr"), 40001, 0x1e5);
+        let r = Rules::new(
+            "10.96.0.0/12".parse().expect("cidr"),
+            40001,
+            0x1e5,
+            0x10000,
+            485,
+        );
         let printed =
             "-d 10.96.0.0/12 -p tcp -m comment --comment edgemesh -j REDIRECT --to-ports 40001";
         assert_eq!(vec![split_rule(printed)], r.chain_rules(&CHAINS[0]));
@@ -412,7 +490,21 @@ mod tests {
             vec!["-m", "comment", "--comment", "two words", "-j", "X"]
         );
         assert_eq!(
-            Rules::new("fd00::/108".parse().expect("v6"), 1, 1).program,
+            r.chain_rules(&CHAINS[2]),
+            vec![split_rule(
+                "-d 10.96.0.0/12 -p udp -m comment --comment edgemesh -j MARK \
+                 --set-xmark 0x10000/0x10000"
+            )]
+        );
+        assert_eq!(
+            r.chain_rules(&CHAINS[3])[1],
+            split_rule(
+                "-d 10.96.0.0/12 -p udp -m comment --comment edgemesh -j MARK \
+                 --set-xmark 0x10000/0x10000"
+            )
+        );
+        assert_eq!(
+            Rules::new("fd00::/108".parse().expect("v6"), 1, 1, 2, 3).program,
             "ip6tables"
         );
     }

@@ -47,6 +47,53 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     pub outlier: OutlierConfig,
     pub http: HttpConfig,
+    pub udp: UdpConfig,
+}
+
+/// `[proxy.udp]` keys: UDP Service ports, delivered locally by a mark and a policy route.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UdpConfig {
+    /// A flow with no datagram either way for this long is forgotten.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Service ports whose flows are one request and its answer (DNS): they expire after
+    /// `one_shot_idle_timeout` instead, so a resolver's many source ports do not fill the table.
+    pub one_shot_ports: Vec<u16>,
+    #[serde(with = "humantime_serde")]
+    pub one_shot_idle_timeout: Duration,
+    /// Flows kept at once; a new flow beyond it evicts the oldest.
+    pub max_flows: usize,
+    /// Firewall mark (bits) that the `mangle` rules give intercepted UDP packets; a policy
+    /// routing rule delivers packets with it to the local host, where the proxy's socket on
+    /// the Service IP:port takes them. Must share no bit with `proxy.mark`.
+    pub route_mark: u32,
+    /// Routing table of that policy rule (one `local` default route to `lo`).
+    pub route_table: u32,
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        UdpConfig {
+            idle_timeout: Duration::from_secs(60),
+            one_shot_ports: vec![53],
+            one_shot_idle_timeout: Duration::from_secs(5),
+            max_flows: 10_000,
+            route_mark: 0x10000,
+            route_table: 485,
+        }
+    }
+}
+
+impl UdpConfig {
+    /// How long a flow to Service port `port` may stay silent.
+    pub fn idle_for(&self, port: u16) -> Duration {
+        if self.one_shot_ports.contains(&port) {
+            self.one_shot_idle_timeout
+        } else {
+            self.idle_timeout
+        }
+    }
 }
 
 impl Default for ProxyConfig {
@@ -65,6 +112,7 @@ impl Default for ProxyConfig {
             max_connections: 16_384,
             outlier: OutlierConfig::default(),
             http: HttpConfig::default(),
+            udp: UdpConfig::default(),
         }
     }
 }
@@ -162,6 +210,36 @@ impl ProxyConfig {
                 "must be at least 100ms",
             ));
         }
+        if self.udp.idle_timeout.is_zero() {
+            return Err(ConfigError::key("proxy.udp.idle_timeout", "must not be 0"));
+        }
+        if self.udp.one_shot_idle_timeout.is_zero() {
+            return Err(ConfigError::key(
+                "proxy.udp.one_shot_idle_timeout",
+                "must not be 0",
+            ));
+        }
+        if self.udp.max_flows == 0 {
+            return Err(ConfigError::key(
+                "proxy.udp.max_flows",
+                "must be at least 1",
+            ));
+        }
+        if self.udp.route_mark == 0 || self.udp.route_mark & self.mark != 0 {
+            return Err(ConfigError::key(
+                "proxy.udp.route_mark",
+                format!(
+                    "must not be 0 and must share no bit with proxy.mark ({:#x})",
+                    self.mark
+                ),
+            ));
+        }
+        if matches!(self.udp.route_table, 0 | 253..=255) {
+            return Err(ConfigError::key(
+                "proxy.udp.route_table",
+                "must not be 0 or a reserved table (253 default, 254 main, 255 local)",
+            ));
+        }
         if self.outlier.max_ejection < self.outlier.base_ejection {
             return Err(ConfigError::key(
                 "proxy.outlier.max_ejection",
@@ -238,6 +316,26 @@ mod tests {
                     ..Default::default()
                 },
                 "proxy.http.pool_idle_timeout",
+            ),
+            (
+                ProxyConfig {
+                    udp: UdpConfig {
+                        route_mark: 0x1,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                "proxy.udp.route_mark",
+            ),
+            (
+                ProxyConfig {
+                    udp: UdpConfig {
+                        max_flows: 0,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                "proxy.udp.max_flows",
             ),
         ];
         for (cfg, key) in cases {

@@ -9,9 +9,12 @@
 //! - [`edgehub::http`]: HTTP/1 and HTTP/2, balanced and limited per request;
 //! - [`edgehub::connect`]: picking ([`edgehub::balance`]) and dialling an endpoint, or opening a
 //!   tunnel stream to it, falling over to another when one fails;
-//! - [`edgehub::io::join`]: moving bytes (opaque TCP, TLS).
+//! - [`edgehub::io::join`]: moving bytes (opaque TCP, TLS);
+//! - [`udp`]: UDP Service ports (a mangle mark and a policy route deliver them to one
+//!   transparent socket per Service IP:port), flows of datagrams.
 
 mod config;
+mod udp;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -29,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, debug_span, info, warn, Instrument};
 
-pub use config::ProxyConfig;
+pub use config::{ProxyConfig, UdpConfig};
 use edgehub::balance::HealthRegistry;
 use edgehub::connect::{self, Connector, Dialer, Opener, Upstream};
 use edgehub::http;
@@ -108,10 +111,9 @@ impl Proxy {
     pub fn new(
         cfg: ProxyConfig,
         tables: watch::Receiver<Arc<RouteTable>>,
-        connector: Connector,
+        connector: Arc<Connector>,
         limiters: Arc<Limiters>,
     ) -> Proxy {
-        let connector = Arc::new(connector);
         let http = Arc::new(http::Http::new(
             cfg.http.clone(),
             io::Timeouts {
@@ -272,7 +274,9 @@ impl Proxy {
                 self.count_tls(&route, detected.sni.as_deref());
                 tcp_session(self, client, peer, &route, detected.prefix).await;
             }
-            Protocol::Opaque => tcp_session(self, client, peer, &route, detected.prefix).await,
+            Protocol::Opaque | Protocol::Udp => {
+                tcp_session(self, client, peer, &route, detected.prefix).await
+            }
         }
     }
 
@@ -429,6 +433,15 @@ pub async fn start(
         Index::ClusterIp,
         shutdown.clone(),
     ))];
+    let connector = Arc::new(connector);
+    let udp = udp::UdpProxy::new(
+        cfg.udp.clone(),
+        cfg.mark,
+        tables.clone(),
+        connector.clone(),
+        deps.limiters.clone(),
+    );
+    tasks.push(tokio::spawn(udp.serve(shutdown.clone())));
     let proxy = Proxy::new(cfg.clone(), tables.clone(), connector, deps.limiters);
     tasks.push(tokio::spawn(proxy.serve(listener, shutdown)));
     info!(listen = %SocketAddr::new(cfg.listen_address, cfg.port), "proxy listening");

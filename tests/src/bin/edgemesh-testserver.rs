@@ -21,12 +21,17 @@ fn main() -> ExitCode {
     let (mode, addr) = match (args.first(), args.get(1)) {
         (Some(m), Some(a)) => (m.as_str(), a.as_str()),
         _ => {
-            eprintln!("usage: edgemesh-testserver http|banner|echo|stall ADDR [NAME|TEXT]");
+            eprintln!(
+                "usage: edgemesh-testserver http|banner|echo|stall|udp-echo ADDR [NAME|TEXT]"
+            );
             return ExitCode::from(2);
         }
     };
     if let Some(code) = edgemesh_e2e::servers::run(mode, addr, &args[2..]) {
         return code;
+    }
+    if mode == "udp-echo" {
+        return udp_echo(addr, args.get(2).map_or("", String::as_str));
     }
     let text = args.get(2).cloned().unwrap_or_default();
     let listener = match TcpListener::bind(addr) {
@@ -115,6 +120,33 @@ fn serve_http(stream: TcpStream, name: &str) -> io::Result<()> {
         writer.write_all(response.as_bytes())?;
         if close {
             return writer.shutdown(Shutdown::Write);
+        }
+    }
+}
+
+/// Sends every datagram back to where it came from, as it came (any size up to 65,535);
+/// `who` is answered with `name`, so that tests can tell endpoints apart.
+fn udp_echo(addr: &str, name: &str) -> ExitCode {
+    let socket = match std::net::UdpSocket::bind(addr) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot bind udp {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!("udp-echo server on {addr}");
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        match socket.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                let answer = if &buf[..n] == b"who" {
+                    name.as_bytes()
+                } else {
+                    &buf[..n]
+                };
+                let _ = socket.send_to(answer, from);
+            }
+            Err(e) => eprintln!("udp-echo: {e}"),
         }
     }
 }

@@ -1,0 +1,516 @@
+//! UDP Services end to end: real mangle rules and policy routing in node namespaces, a real
+//! `dnsmasq` in a pod behind a UDP ClusterIP, real `dig` from client pods on the same node and
+//! on another node (through the cloud relay), datagram boundaries, and the rules' life cycle.
+
+use std::collections::BTreeMap;
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use edgemesh_e2e::mesh::{ep_path, in_netns, svc_path, Mesh};
+use edgemesh_e2e::{bin, wait_for, Host};
+use serde_json::json;
+
+/// A mesh of `nodes` nodes whose rules are checked every second.
+fn mesh(tag: &str, nodes: usize) -> Mesh {
+    let mut mesh = Mesh::new(tag, nodes, Vec::new());
+    for node in &mut mesh.nodes {
+        node.extra = vec!["proxy.reconcile_interval=\"1s\"".to_string()];
+    }
+    mesh.start_cloud();
+    mesh.create_tokens();
+    for i in 0..nodes {
+        mesh.start_node(i);
+    }
+    for i in 0..nodes {
+        mesh.wait_synced(i);
+    }
+    mesh
+}
+
+/// Service `name` with one UDP port `port` → `target` on `(pod, node)` addresses; its cluster IP.
+fn put_udp_service(
+    mesh: &Mesh,
+    name: &str,
+    port: u16,
+    target: u16,
+    addrs: &[(&Host, &str)],
+) -> String {
+    put_udp_service_with(mesh, name, port, target, json!({}), addrs)
+}
+
+/// [`put_udp_service`] with more `spec` fields.
+fn put_udp_service_with(
+    mesh: &Mesh,
+    name: &str,
+    port: u16,
+    target: u16,
+    spec: serde_json::Value,
+    addrs: &[(&Host, &str)],
+) -> String {
+    let mut svc = json!({"apiVersion":"v1","kind":"Service",
+        "metadata":{"name":name,"namespace":"default"},
+        "spec":{"ports":[{"name":"udp","port":port,"targetPort":target,"protocol":"UDP"}]}});
+    let (status, current) = mesh.api("GET", &svc_path(name), None);
+    if status == 200 {
+        svc["spec"]["clusterIP"] = current["spec"]["clusterIP"].clone();
+    }
+    for (k, v) in spec.as_object().into_iter().flatten() {
+        svc["spec"][k] = v.clone();
+    }
+    mesh.put(&svc_path(name), &svc.to_string());
+    let addresses: Vec<_> = addrs
+        .iter()
+        .map(|(pod, node)| json!({"ip": pod.ip.to_string(), "nodeName": node}))
+        .collect();
+    let eps = json!({"apiVersion":"v1","kind":"Endpoints",
+        "metadata":{"name":name,"namespace":"default"},
+        "subsets":[{"addresses":addresses,"ports":[{"name":"udp","port":target,"protocol":"UDP"}]}]});
+    let v = mesh.put(&ep_path(name), &eps.to_string());
+    for i in 0..mesh.nodes.len() {
+        mesh.wait_version(i, v, Duration::from_secs(10));
+    }
+    mesh.cluster_ip(name)
+}
+
+/// Starts dnsmasq in `pod`, answering `hello.test` with `answer` and nothing else.
+fn dnsmasq(mesh: &mut Mesh, pod: &Host, answer: &str) {
+    let args: Vec<String> = [
+        "--no-daemon",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--user=root",
+        "--pid-file=",
+        "--port=53",
+        &format!("--listen-address={}", pod.ip),
+        &format!("--address=/hello.test/{answer}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    mesh.topo.spawn(
+        pod,
+        &format!("dnsmasq-{}", pod.role),
+        std::path::Path::new("/usr/sbin/dnsmasq"),
+        &args,
+        &[],
+    );
+    let ip = pod.ip.to_string();
+    wait_for("dnsmasq answers", Duration::from_secs(10), || {
+        (dig(mesh, pod, &ip) == answer).then_some(())
+    });
+}
+
+/// `dig @server hello.test +short` from `client`: the answer, or the empty string.
+fn dig(mesh: &Mesh, client: &Host, server: &str) -> String {
+    let out = mesh.topo.exec(
+        client,
+        &[
+            "dig",
+            &format!("@{server}"),
+            "hello.test",
+            "A",
+            "+short",
+            "+time=1",
+            "+tries=1",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.starts_with(";;") {
+        return String::new();
+    }
+    text.trim().to_string()
+}
+
+/// Lines of the node's mangle table, ip rules and route table that are edgemesh's.
+fn udp_rules(mesh: &Mesh, i: usize) -> Vec<String> {
+    let node = mesh.nodes[i].host.clone();
+    let mut lines = Vec::new();
+    let mangle = mesh.topo.exec(&node, &["iptables", "-t", "mangle", "-S"]);
+    lines.extend(
+        String::from_utf8_lossy(&mangle.stdout)
+            .lines()
+            .filter(|l| l.contains("EDGEMESH") || l.contains("edgemesh"))
+            .map(str::to_string),
+    );
+    let rules = mesh.topo.exec(&node, &["ip", "rule", "show"]);
+    lines.extend(
+        String::from_utf8_lossy(&rules.stdout)
+            .lines()
+            .filter(|l| l.contains("lookup 485"))
+            .map(|l| l.split_once(':').map_or(l, |(_, r)| r).trim().to_string()),
+    );
+    let routes = mesh
+        .topo
+        .exec(&node, &["ip", "route", "show", "table", "485"]);
+    lines.extend(
+        String::from_utf8_lossy(&routes.stdout)
+            .lines()
+            .map(|l| l.trim().to_string()),
+    );
+    lines.sort();
+    lines
+}
+
+/// What one agent installs for UDP: 2 chains, 2 jumps, 3 rules, a policy rule and a route.
+fn expected_rules() -> Vec<String> {
+    let mut v: Vec<String> = [
+        "-N EDGEMESH-UDP-PREROUTING",
+        "-N EDGEMESH-UDP-OUTPUT",
+        "-A PREROUTING -m comment --comment edgemesh -j EDGEMESH-UDP-PREROUTING",
+        "-A OUTPUT -m comment --comment edgemesh -j EDGEMESH-UDP-OUTPUT",
+        "-A EDGEMESH-UDP-PREROUTING -d 10.96.0.0/12 -p udp -m comment --comment edgemesh -j MARK --set-xmark 0x10000/0x10000",
+        "-A EDGEMESH-UDP-OUTPUT -m mark --mark 0x1e5/0x1e5 -m comment --comment edgemesh -j RETURN",
+        "-A EDGEMESH-UDP-OUTPUT -d 10.96.0.0/12 -p udp -m comment --comment edgemesh -j MARK --set-xmark 0x10000/0x10000",
+        "from all fwmark 0x10000/0x10000 lookup 485",
+        "local default dev lo scope host",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.sort();
+    v
+}
+
+/// Sends each datagram from `client` to `addr` (an echo server behind a ClusterIP) and checks
+/// that each comes back whole, on its own.
+fn echo_sizes(client: &Host, addr: std::net::SocketAddr, sizes: &[usize]) {
+    let sizes = sizes.to_vec();
+    in_netns(&client.ns.clone(), move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let mut buf = vec![0u8; 70_000];
+        for (i, &n) in sizes.iter().enumerate() {
+            let sent: Vec<u8> = (0..n).map(|j| (i * 7 + j) as u8).collect();
+            // A lost first datagram (the flow being set up over the relay) is sent again.
+            let got = (0..5).find_map(|_| {
+                socket.send_to(&sent, addr).expect("send");
+                socket.recv_from(&mut buf).ok()
+            });
+            let (len, from) = got.unwrap_or_else(|| panic!("no echo of {n} bytes from {addr}"));
+            assert_eq!(from, addr, "the answer comes from the Service address");
+            assert_eq!(len, n, "one datagram of {n} bytes, whole");
+            assert_eq!(&buf[..len], &sent[..], "{n} bytes intact");
+        }
+    });
+}
+
+/// Starts the test server's UDP echo in `pod` on `port`.
+fn udp_echo(mesh: &mut Mesh, pod: &Host, port: u16) -> edgemesh_e2e::ProcId {
+    mesh.topo.spawn(
+        pod,
+        &format!("udp-echo-{}", pod.role),
+        &bin("edgemesh-testserver"),
+        &[
+            "udp-echo".to_string(),
+            format!("{}:{port}", pod.ip),
+            pod.role.clone(),
+        ],
+        &[],
+    )
+}
+
+/// `n` flows from `client` to `addr`, each from a new source port asking `who`: how many each
+/// endpoint answered, and how many got no answer.
+fn who(client: &Host, addr: std::net::SocketAddr, n: usize) -> (BTreeMap<String, usize>, usize) {
+    in_netns(&client.ns.clone(), move || {
+        let mut counts = BTreeMap::new();
+        let mut lost = 0;
+        let mut buf = [0u8; 64];
+        for _ in 0..n {
+            let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            socket
+                .set_read_timeout(Some(Duration::from_secs(1)))
+                .expect("timeout");
+            socket.send_to(b"who", addr).expect("send");
+            match socket.recv(&mut buf) {
+                Ok(len) => {
+                    *counts
+                        .entry(String::from_utf8_lossy(&buf[..len]).to_string())
+                        .or_default() += 1
+                }
+                Err(_) => lost += 1,
+            }
+        }
+        (counts, lost)
+    })
+}
+
+#[test]
+fn dig_through_a_udp_cluster_ip_on_the_node_and_across_nodes() {
+    let mut mesh = mesh("udp-dns", 2);
+    let local_dns = mesh.add_pod(0, "dns0");
+    let remote_dns = mesh.add_pod(1, "dns1");
+    let client = mesh.add_pod(0, "c0");
+    dnsmasq(&mut mesh, &local_dns, "10.1.2.3");
+    dnsmasq(&mut mesh, &remote_dns, "10.4.5.6");
+    let local_ip = put_udp_service(&mesh, "dns-local", 53, 53, &[(&local_dns, "edge-0")]);
+    let remote_ip = put_udp_service(&mesh, "dns-remote", 53, 53, &[(&remote_dns, "edge-1")]);
+
+    // Same node: dnsmasq answers through the ClusterIP.
+    let answer = wait_for(
+        "dig through the local ClusterIP",
+        Duration::from_secs(10),
+        || {
+            let a = dig(&mesh, &client, &local_ip);
+            (!a.is_empty()).then_some(a)
+        },
+    );
+    assert_eq!(answer, "10.1.2.3");
+    // Another node's pod, through the cloud relay.
+    let answer = wait_for(
+        "dig through the remote ClusterIP",
+        Duration::from_secs(10),
+        || {
+            let a = dig(&mesh, &client, &remote_ip);
+            (!a.is_empty()).then_some(a)
+        },
+    );
+    assert_eq!(answer, "10.4.5.6");
+    // Many lookups, each a new flow from a new source port.
+    for _ in 0..20 {
+        assert_eq!(dig(&mesh, &client, &local_ip), "10.1.2.3");
+        assert_eq!(dig(&mesh, &client, &remote_ip), "10.4.5.6");
+    }
+
+    // The routes and the counters say so.
+    let route = mesh
+        .route(0, &format!("{local_ip}:53"))
+        .expect("UDP route in /debug/routes");
+    assert_eq!(route["protocol"], "UDP", "{route}");
+    assert_eq!(route["service"], "default/dns-local:53", "{route}");
+    let flows = mesh.metric(
+        0,
+        "edgemesh_proxy_udp_flows_total",
+        &["service=\"default/dns-remote\""],
+    );
+    assert!(flows >= 20.0, "flows to dns-remote: {flows}");
+    let answers = mesh.metric(
+        0,
+        "edgemesh_proxy_udp_datagrams_total",
+        &[
+            "service=\"default/dns-local\"",
+            "direction=\"from_endpoint\"",
+        ],
+    );
+    assert!(answers >= 20.0, "answers from dns-local: {answers}");
+    let node = mesh.nodes[0].host.clone();
+    let status = mesh
+        .topo
+        .exec(&node, &[bin("edgemesh").to_str().expect("path"), "status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("2 UDP routes"), "{text}");
+}
+
+#[test]
+fn datagrams_keep_their_boundaries_locally_and_through_the_relay() {
+    let mut mesh = mesh("udp-sizes", 2);
+    let local = mesh.add_pod(0, "e0");
+    let remote = mesh.add_pod(1, "e1");
+    let client = mesh.add_pod(0, "c0");
+    udp_echo(&mut mesh, &local, 7000);
+    udp_echo(&mut mesh, &remote, 7000);
+    let local_ip = put_udp_service(&mesh, "echo-local", 7, 7000, &[(&local, "edge-0")]);
+    let remote_ip = put_udp_service(&mesh, "echo-remote", 7, 7000, &[(&remote, "edge-1")]);
+    let sizes = [1, 1400, 65_000, 3];
+    echo_sizes(
+        &client,
+        format!("{local_ip}:7").parse().expect("addr"),
+        &sizes,
+    );
+    echo_sizes(
+        &client,
+        format!("{remote_ip}:7").parse().expect("addr"),
+        &sizes,
+    );
+}
+
+#[test]
+fn rules_are_installed_once_kept_and_removed_by_cleanup() {
+    let mut mesh = mesh("udp-rules", 1);
+    assert_eq!(udp_rules(&mesh, 0), expected_rules(), "installed at start");
+
+    // A crash leaves the rules; the next start does not duplicate them.
+    mesh.stop_node(0, libc::SIGKILL);
+    assert_eq!(udp_rules(&mesh, 0), expected_rules());
+    mesh.start_node(0);
+    mesh.wait_synced(0);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        udp_rules(&mesh, 0),
+        expected_rules(),
+        "one copy after a restart"
+    );
+
+    // A policy rule deleted by hand comes back.
+    let node = mesh.nodes[0].host.clone();
+    mesh.topo.exec(
+        &node,
+        &[
+            "ip",
+            "rule",
+            "del",
+            "fwmark",
+            "0x10000/0x10000",
+            "lookup",
+            "485",
+        ],
+    );
+    wait_for("policy rule repaired", Duration::from_secs(10), || {
+        (udp_rules(&mesh, 0) == expected_rules()).then_some(())
+    });
+
+    // `edgemesh cleanup` after a crash removes the UDP rules too.
+    mesh.stop_node(0, libc::SIGKILL);
+    let out = mesh
+        .topo
+        .exec(&node, &[bin("edgemesh").to_str().expect("path"), "cleanup"]);
+    assert!(
+        out.status.success(),
+        "cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(udp_rules(&mesh, 0), Vec::<String>::new());
+
+    // A clean stop removes them as well.
+    mesh.start_node(0);
+    mesh.wait_synced(0);
+    wait_for("UDP rules again", Duration::from_secs(10), || {
+        (udp_rules(&mesh, 0) == expected_rules()).then_some(())
+    });
+    mesh.stop_node(0, libc::SIGTERM);
+    assert_eq!(udp_rules(&mesh, 0), Vec::<String>::new());
+}
+
+#[test]
+fn flows_spread_stick_with_client_ip_affinity_and_avoid_a_stopped_endpoint() {
+    let mut mesh = mesh("udp-spread", 1);
+    let pods: Vec<Host> = (0..3).map(|i| mesh.add_pod(0, &format!("s{i}"))).collect();
+    let procs: Vec<_> = pods.iter().map(|p| udp_echo(&mut mesh, p, 7000)).collect();
+    let client = mesh.add_pod(0, "c0");
+    let addrs: Vec<(&Host, &str)> = pods.iter().map(|p| (p, "edge-0")).collect();
+    let ip = put_udp_service(&mesh, "spread", 9, 7000, &addrs);
+    let addr: std::net::SocketAddr = format!("{ip}:9").parse().expect("addr");
+
+    // Round-robin: 300 flows from distinct source ports, 100 each within ±10%.
+    let (counts, lost) = who(&client, addr, 300);
+    assert_eq!(lost, 0, "{counts:?}");
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (name, n) in &counts {
+        assert!((90..=110).contains(n), "{name}: {n} of 300 ({counts:?})");
+    }
+
+    // ClientIP affinity: every flow of this client goes to one endpoint.
+    put_udp_service_with(
+        &mesh,
+        "spread",
+        9,
+        7000,
+        json!({"sessionAffinity": "ClientIP"}),
+        &addrs,
+    );
+    wait_for("affinity in the route", Duration::from_secs(10), || {
+        let route = mesh.route(0, &format!("{ip}:9"))?;
+        (!route["sessionAffinity"].is_null()).then_some(())
+    });
+    let (counts, lost) = who(&client, addr, 30);
+    assert_eq!(lost, 0, "{counts:?}");
+    assert_eq!(counts.len(), 1, "one endpoint for one client: {counts:?}");
+
+    // A stopped endpoint (ICMP port unreachable) is ejected: new flows go to the others.
+    put_udp_service(&mesh, "spread", 9, 7000, &addrs);
+    wait_for("affinity off in the route", Duration::from_secs(10), || {
+        let route = mesh.route(0, &format!("{ip}:9"))?;
+        route["sessionAffinity"].is_null().then_some(())
+    });
+    mesh.topo.kill(procs[2], libc::SIGKILL);
+    let (counts, lost) = who(&client, addr, 60);
+    assert!(!counts.contains_key("s2"), "{counts:?}");
+    assert!(
+        lost <= 2,
+        "flows lost to the stopped endpoint: {lost} ({counts:?})"
+    );
+    let route = mesh.route(0, &format!("{ip}:9")).expect("route");
+    let ejected: Vec<_> = route["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .filter(|e| e["ejected"] == true)
+        .map(|e| e["address"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(ejected, vec![format!("{}:7000", pods[2].ip)], "{route}");
+}
+
+#[test]
+fn a_flood_of_source_ports_stays_within_max_flows_and_others_get_answers() {
+    let mut mesh = Mesh::new("udp-flood", 1, Vec::new());
+    mesh.nodes[0].extra = vec!["proxy.udp.max_flows=1000".to_string()];
+    mesh.start_cloud();
+    mesh.create_tokens();
+    mesh.start_node(0);
+    mesh.wait_synced(0);
+    let server = mesh.add_pod(0, "s0");
+    udp_echo(&mut mesh, &server, 7000);
+    let flooder = mesh.add_pod(0, "f0");
+    let client = mesh.add_pod(0, "c0");
+    let ip = put_udp_service(&mesh, "flood", 9, 7000, &[(&server, "edge-0")]);
+    let addr: std::net::SocketAddr = format!("{ip}:9").parse().expect("addr");
+    let node_pid = mesh.topo.pid(mesh.nodes[0].proc.expect("running"));
+    let rss = move || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{node_pid}/status")).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    };
+    let before = rss();
+
+    // 20,000 flows, each from a new source port, each one datagram of garbage.
+    let flood = std::thread::spawn({
+        let ns = flooder.ns.clone();
+        move || {
+            in_netns(&ns, move || {
+                let mut garbage = [0u8; 37];
+                for i in 0..20_000u32 {
+                    garbage[..4].copy_from_slice(&i.to_be_bytes());
+                    let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                    let _ = socket.send_to(&garbage, addr);
+                }
+            })
+        }
+    });
+    // Meanwhile a normal client keeps getting its answers.
+    let mut answered = 0;
+    while !flood.is_finished() {
+        let (counts, _) = who(&client, addr, 10);
+        answered += counts.values().sum::<usize>();
+    }
+    flood.join().expect("flood");
+    let (counts, lost) = who(&client, addr, 20);
+    assert_eq!((counts.get("s0"), lost), (Some(&20), 0), "after the flood");
+    assert!(answered > 0, "answers during the flood");
+
+    let flows = mesh.metric(0, "edgemesh_proxy_udp_flows", &[]);
+    assert!(flows <= 1000.0, "flows in the table: {flows}");
+    let evicted = mesh.metric(0, "edgemesh_proxy_udp_drops_total", &["reason=\"evicted\""]);
+    // Datagrams the kernel dropped in the flood (a full socket buffer) started no flow.
+    let started = mesh.metric(
+        0,
+        "edgemesh_proxy_udp_flows_total",
+        &["service=\"default/flood\""],
+    );
+    assert!(started > 2000.0, "flows started: {started}");
+    assert!(
+        evicted >= started - 1000.0,
+        "evicted {evicted} of {started}"
+    );
+    let after = rss();
+    eprintln!("agent RSS {before} kB before, {after} kB after the flood");
+    assert!(
+        after < before + 64 * 1024,
+        "RSS grew from {before} kB to {after} kB"
+    );
+}
