@@ -67,6 +67,27 @@ pub const METRICS: &[Metric] = &[
         "proxy_refused_connections_total",
         "Connections refused before routing, by reason (max_connections).",
     ),
+    Metric::gauge(
+        "proxy_udp_flows",
+        Unit::Count,
+        "UDP flows (client address and Service IP:port) the proxy holds now.",
+    ),
+    Metric::counter(
+        "proxy_udp_flows_total",
+        "UDP flows started, by Service.",
+    ),
+    Metric::counter(
+        "proxy_udp_datagrams_total",
+        "UDP datagrams proxied, by Service and direction (to_endpoint, from_endpoint).",
+    ),
+    Metric::bytes(
+        "proxy_udp_bytes_total",
+        "Bytes of UDP datagrams proxied, by Service and direction.",
+    ),
+    Metric::counter(
+        "proxy_udp_drops_total",
+        "UDP datagrams or flows dropped, by Service and reason (evicted, queue_full, unreachable, rate_limited, no_endpoints, ...).",
+    ),
     Metric::counter(
         "iptables_repairs_total",
         "iptables rules found missing or changed and put back.",
