@@ -11,9 +11,9 @@
 #
 # What it shows, step by step (each step checks its result and stops the demo if it fails; every
 # check can fail: a missing tool fails the check, it never passes it):
-#   1. prepare the host: apt packages (iproute2, iptables, curl, dnsutils, iputils-ping) and the
-#      Rust toolchain pinned in rust-toolchain.toml (only what is missing), then a release
-#      build (about 4.5 minutes on 2 cores the first time);
+#   1. prepare the host: apt packages (iproute2, iptables, curl, dnsutils, dnsmasq-base,
+#      iputils-ping) and the Rust toolchain pinned in rust-toolchain.toml (only what is
+#      missing), then a release build (about 4.5 minutes on 2 cores the first time);
 #   2. build the topology: a switch namespace with a bridge, a "cloud" namespace and two node
 #      namespaces on 10.250.0.0/24 (nothing in the root namespace, no default route anywhere);
 #   3. start cloudcore in the cloud namespace, create a token per node, start edgemesh on
@@ -30,7 +30,10 @@
 #   8. tunnels: the nodes cannot reach each other, yet client-a calls Service world (its pod on
 #      node-b) and cloud-hello (an endpoint in the cloud) through streams relayed by cloudcore; a
 #      cloud client calls world through a router rule on :9443; a QPS limit on world answers
-#      429 beyond its burst; hello-0 stops and hello falls over to hello-1 on node-b.
+#      429 beyond its burst; hello-0 stops and hello falls over to hello-1 on node-b;
+#   9. UDP: a DNS server pod (dnsmasq) behind node-b serves Service site-dns on a UDP port;
+#      client-a resolves a name with `dig @<its cluster IP>`, through node-a's UDP proxy and a
+#      stream of datagrams relayed by cloudcore.
 #
 # With HA=1 the cloud is 3 etcd members and 3 cloudcore replicas (store.backend = "etcd",
 # cloudcore built with --features etcd) and each node has every replica in its cloud.url. Step 7
@@ -124,6 +127,8 @@ POD_GATEWAY=10.244.1.1  # node-a's address on its pod bridge
 NS_HELLO1="$PREFIX-hello-1"
 HELLO1_IP=10.244.2.10   # hello-1's address in examples/hello.yaml (on node-b)
 POD_GATEWAY_B=10.244.2.1
+NS_DNS_B="$PREFIX-dns-b"
+DNS_B_IP=10.244.2.11    # a DNS server pod behind node-b (step_udp)
 CLOUDCORE=""            # binaries, set by step_build
 EDGEMESH=""
 NAMESPACES=()           # created so far, in order
@@ -510,7 +515,7 @@ step_prepare_host() {
     header "Preparing the host"
     [ "$(id -u)" -eq 0 ] || die "the demo creates network namespaces and must run as root: sudo $0"
 
-    local pkgs=(iproute2 iptables curl ca-certificates dnsutils iputils-ping)
+    local pkgs=(iproute2 iptables curl ca-certificates dnsutils dnsmasq-base iputils-ping)
     [ -n "${BIN_DIR:-}" ] || pkgs+=(build-essential pkg-config)
     # HA=1: etcd, its CLI, and protoc to build cloudcore's etcd store.
     [ "$HA" != 1 ] || pkgs+=(etcd-server etcd-client)
@@ -1201,6 +1206,54 @@ step_tunnels() {
     ok "node-a's proxy ejected its own endpoint and fell over to node-b's, through the cloud"
 }
 
+# udp_manifests: Service site-dns, one UDP port, its pod dns-b on node-b.
+udp_manifests() {
+    cat <<EOF
+apiVersion: v1
+kind: Service
+metadata: {name: site-dns, namespace: default}
+spec:
+  ports: [{name: dns, port: 53, targetPort: 53, protocol: UDP}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: site-dns, namespace: default}
+subsets:
+  - addresses: [{ip: $DNS_B_IP, nodeName: node-b}]
+    ports: [{name: dns, port: 53, protocol: UDP}]
+EOF
+}
+
+step_udp() {
+    header "UDP: a DNS server pod on node-b behind a UDP ClusterIP; client-a resolves through it"
+    NAMESPACES+=("$NS_DNS_B")
+    netns_add_pod "${NODE_NS[node-b]}" "$NS_DNS_B" pod1 "$POD_GATEWAY_B" "$DNS_B_IP/24" ||
+        die "cannot create pod dns-b behind node-b"
+    start_proc dns-b "$NS_DNS_B" dnsmasq --no-daemon --no-resolv --no-hosts --bind-interfaces \
+        --user=root --pid-file= --port=53 --listen-address="$DNS_B_IP" \
+        --address=/printer.factory.lan/10.20.30.40
+    wait_until "$START_TIMEOUT" "dnsmasq answers on $DNS_B_IP:53" bash -c \
+        "ip netns exec '${NODE_NS[node-b]}' dig @$DNS_B_IP printer.factory.lan +short +time=1 +tries=1 | grep -qx 10.20.30.40"
+    ok "dns-b ($DNS_B_IP) runs dnsmasq behind node-b: printer.factory.lan is 10.20.30.40"
+
+    udp_manifests >"$WORK/udp.yaml"
+    run_shown cloud "cloudcore apply -f udp.yaml   (site-dns: port 53/UDP -> dns-b on node-b)" \
+        cloudctl apply -f "$WORK/udp.yaml"
+    wait_until "$SYNC_TIMEOUT" "Service site-dns is on node-a" node_has_service node-a site-dns 53
+    local ip answer
+    ip=$(service_ip site-dns)
+    [ -n "$ip" ] || die "cannot read the cluster IP of site-dns"
+    show client-a "dig @$ip printer.factory.lan +short   (a UDP ClusterIP; its pod is on node-b)"
+    answer=$(in_ns "$NS_CLIENT" dig @"$ip" printer.factory.lan A +short +time=2 +tries=2) ||
+        die "dig through site-dns failed"
+    printf '%s\n' "$answer" | indent
+    [ "$answer" = 10.20.30.40 ] || die "unexpected answer through site-dns: '$answer'"
+    ok "client-a -> node-a's UDP proxy (mark + policy route) -> cloudcore (a stream of datagrams) -> node-b -> dns-b"
+    run_shown node-a "curl /metrics | grep edgemesh_proxy_udp_flows_total" \
+        bash -c "ip netns exec '${NODE_NS[node-a]}' curl -fsS http://$ADMIN_ADDR/metrics | grep '^edgemesh_proxy_udp_flows_total'"
+    run_shown node-a "edgemesh status" nodectl node-a status
+}
+
 step_explore() {
     [ "$KEEP" = 1 ] || return 0
     header "KEEP=1: the topology stays up for exploration"
@@ -1265,6 +1318,7 @@ main() {
     step_pods
     step_offline
     step_tunnels
+    step_udp
 
     FINISHED=1
     header "Summary"
@@ -1274,6 +1328,7 @@ main() {
     info "metadata plane: apply -> sync to both nodes -> live update -> offline restart -> resync"
     info "data plane: pod -> cluster IP -> node-a's proxy -> hello-0, also while the cloud is down"
     info "tunnels: node-a -> cloud -> node-b, node-a -> cloud endpoint, router -> node-b, QPS 429s, fall-over"
+    info "UDP: dig from a pod on node-a through a UDP ClusterIP to a DNS server pod on node-b"
     info "demo ran in $(($(date +%s) - DEMO_STARTED))s after the build"
     step_explore
     # cleanup (the EXIT trap) tears everything down and prints the final "demo finished OK".

@@ -23,6 +23,7 @@ command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
 command -v dig >/dev/null 2>&1 || need+=(dnsutils)
 command -v dnsmasq >/dev/null 2>&1 || need+=(dnsmasq-base)
+command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 # systemd-analyze verifies the units (the tests never start systemd itself).
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)

@@ -123,6 +123,9 @@ impl Dialer {
     }
 }
 
+/// Receive buffer of a UDP flow's socket to its endpoint (allocated only while datagrams wait).
+const FLOW_RECEIVE_BUFFER: usize = 1 << 20;
+
 impl Dialer {
     /// A UDP socket connected to `addr`, marked like TCP sockets. Connecting sends nothing,
     /// so this fails only for want of sockets; an endpoint that is not there answers the
@@ -135,6 +138,9 @@ impl Dialer {
         };
         let socket = std::net::UdpSocket::bind(any)?;
         self.mark(&socket);
+        // A flow's replies (a stream of video, an iperf3 -R) arrive as fast as the endpoint
+        // sends them; the default buffer holds only a few milliseconds of that.
+        let _ = crate::socket::set_receive_buffer(&socket, FLOW_RECEIVE_BUFFER);
         socket.set_nonblocking(true)?;
         socket.connect(addr)?;
         UdpSocket::from_std(socket)

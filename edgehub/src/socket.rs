@@ -121,6 +121,17 @@ pub fn set_mark(socket: &impl AsRawFd, mark: u32) -> io::Result<()> {
     )
 }
 
+/// Asks for a receive buffer of `bytes`: `SO_RCVBUFFORCE` (with `CAP_NET_ADMIN`, past
+/// `net.core.rmem_max`), else `SO_RCVBUF` (capped by `rmem_max`). A UDP socket drops whatever
+/// arrives while its buffer is full, so one that many clients send to needs room for the
+/// datagrams that come in while its task waits for a CPU.
+pub fn set_receive_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let fd = socket.as_raw_fd();
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)
+        .or_else(|_| setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes))
+}
+
 /// A UDP socket for TPROXY: `IP_TRANSPARENT` (and `IPV6_TRANSPARENT`) so that it may take
 /// datagrams for, and send from, addresses that are not the host's (a cluster IP), with
 /// `SO_REUSEADDR` so that several may share an address. `original_dst` also asks for each

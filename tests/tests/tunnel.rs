@@ -171,22 +171,6 @@ fn wait_streams_closed(mesh: &Mesh, what: &str, timeout: Duration) {
     }
 }
 
-/// A counter from cloudcore's `/metrics`, summed over the series whose labels contain every
-/// `labels` fragment.
-fn cloud_metric(mesh: &Mesh, name: &str, labels: &[&str]) -> f64 {
-    let (s, v) = mesh.api("GET", "/metrics", None);
-    assert_eq!(s, 200, "cloudcore /metrics: {v}");
-    let text = v.as_str().unwrap_or_default().to_string();
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| labels.iter().all(|f| l.contains(f)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn two_hundred_megabytes_each_way_cross_the_relay_intact() {
     let mut mesh = mesh("tun-bulk");
@@ -229,7 +213,7 @@ fn two_hundred_megabytes_each_way_cross_the_relay_intact() {
         "bytes counted on node A: {sent}"
     );
     assert!(
-        cloud_metric(&mesh, "cloudcore_tunnel_streams_total", &["kind=\"relay\""]) >= 1.0,
+        mesh.cloud_metric("cloudcore_tunnel_streams_total", &["kind=\"relay\""]) >= 1.0,
         "the cloud relayed the stream"
     );
     wait_streams_closed(&mesh, "the transfer ended", Duration::from_secs(10));
@@ -1396,7 +1380,7 @@ fn a_pod_reaches_a_cloud_endpoint_and_cloudcore_enforces_its_limit() {
     let body = curl_ok(&mesh, &client, &format!("http://{ip}/"));
     assert_eq!(body.trim(), "from the cloud");
     assert!(
-        cloud_metric(&mesh, "cloudcore_tunnel_streams_total", &["kind=\"cloud\""]) >= 1.0,
+        mesh.cloud_metric("cloudcore_tunnel_streams_total", &["kind=\"cloud\""]) >= 1.0,
         "cloudcore dialled the endpoint"
     );
 
@@ -1410,11 +1394,7 @@ fn a_pod_reaches_a_cloud_endpoint_and_cloudcore_enforces_its_limit() {
     );
     std::thread::sleep(Duration::from_secs(2));
     let rejected = |mesh: &Mesh| {
-        cloud_metric(
-            mesh,
-            "cloudcore_limit_rejected_total",
-            &["service=\"cloudsvc\""],
-        )
+        mesh.cloud_metric("cloudcore_limit_rejected_total", &["service=\"cloudsvc\""])
     };
     let before = rejected(&mesh);
     let addr: SocketAddr = format!("{ip}:80").parse().expect("addr");

@@ -239,15 +239,19 @@ fn who(client: &Host, addr: std::net::SocketAddr, n: usize) -> (BTreeMap<String,
 }
 
 #[test]
-fn dig_through_a_udp_cluster_ip_on_the_node_and_across_nodes() {
+fn dig_through_a_udp_cluster_ip_on_the_node_across_nodes_and_in_the_cloud() {
     let mut mesh = mesh("udp-dns", 2);
     let local_dns = mesh.add_pod(0, "dns0");
     let remote_dns = mesh.add_pod(1, "dns1");
+    let cloud = mesh.cloud.clone();
     let client = mesh.add_pod(0, "c0");
     dnsmasq(&mut mesh, &local_dns, "10.1.2.3");
     dnsmasq(&mut mesh, &remote_dns, "10.4.5.6");
+    dnsmasq(&mut mesh, &cloud, "10.7.8.9");
     let local_ip = put_udp_service(&mesh, "dns-local", 53, 53, &[(&local_dns, "edge-0")]);
     let remote_ip = put_udp_service(&mesh, "dns-remote", 53, 53, &[(&remote_dns, "edge-1")]);
+    // An endpoint on the cloud side (no node of the mesh): cloudcore sends it the datagrams.
+    let cloud_ip = put_udp_service(&mesh, "dns-cloud", 53, 53, &[(&cloud, "cloud")]);
 
     // Same node: dnsmasq answers through the ClusterIP.
     let answer = wait_for(
@@ -269,11 +273,26 @@ fn dig_through_a_udp_cluster_ip_on_the_node_and_across_nodes() {
         },
     );
     assert_eq!(answer, "10.4.5.6");
+    // The cloud side, through a stream to cloudcore.
+    let answer = wait_for(
+        "dig through the ClusterIP of a cloud endpoint",
+        Duration::from_secs(10),
+        || {
+            let a = dig(&mesh, &client, &cloud_ip);
+            (!a.is_empty()).then_some(a)
+        },
+    );
+    assert_eq!(answer, "10.7.8.9");
     // Many lookups, each a new flow from a new source port.
     for _ in 0..20 {
         assert_eq!(dig(&mesh, &client, &local_ip), "10.1.2.3");
         assert_eq!(dig(&mesh, &client, &remote_ip), "10.4.5.6");
+        assert_eq!(dig(&mesh, &client, &cloud_ip), "10.7.8.9");
     }
+    assert!(
+        mesh.cloud_metric("cloudcore_tunnel_streams_total", &["kind=\"cloud\""]) >= 20.0,
+        "cloudcore carried a stream per flow to its endpoint"
+    );
 
     // The routes and the counters say so.
     let route = mesh
@@ -301,7 +320,7 @@ fn dig_through_a_udp_cluster_ip_on_the_node_and_across_nodes() {
         .topo
         .exec(&node, &[bin("edgemesh").to_str().expect("path"), "status"]);
     let text = String::from_utf8_lossy(&status.stdout);
-    assert!(text.contains("2 UDP routes"), "{text}");
+    assert!(text.contains("3 UDP routes"), "{text}");
 }
 
 #[test]
@@ -513,4 +532,214 @@ fn a_flood_of_source_ports_stays_within_max_flows_and_others_get_answers() {
         after < before + 64 * 1024,
         "RSS grew from {before} kB to {after} kB"
     );
+}
+
+/// `n` flows from `client` to `addr` sent at once (one datagram each, from its own source
+/// port), then every answer that comes within two seconds: how many flows were answered, and
+/// how long the sending took.
+fn flows_at_once(client: &Host, addr: std::net::SocketAddr, n: usize) -> (usize, Duration) {
+    in_netns(&client.ns.clone(), move || {
+        let started = std::time::Instant::now();
+        let sockets: Vec<UdpSocket> = (0..n)
+            .map(|_| {
+                let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                socket.send_to(b"who", addr).expect("send");
+                socket
+            })
+            .collect();
+        let sending = started.elapsed();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut buf = [0u8; 64];
+        let answered = sockets
+            .iter()
+            .filter(|socket| {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                socket
+                    .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                    .expect("timeout");
+                socket.recv(&mut buf).is_ok()
+            })
+            .count();
+        (answered, sending)
+    })
+}
+
+/// Datagrams one flow (one source port) sends to `addr` one after another: how many were
+/// answered.
+fn one_flow(client: &Host, addr: std::net::SocketAddr, n: usize) -> usize {
+    in_netns(&client.ns.clone(), move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+        let mut buf = [0u8; 64];
+        (0..n)
+            .filter(|_| {
+                socket.send_to(b"who", addr).expect("send");
+                socket.recv(&mut buf).is_ok()
+            })
+            .count()
+    })
+}
+
+#[test]
+fn the_qps_limit_admits_new_flows_where_the_endpoint_is_dialled() {
+    let mut mesh = mesh("udp-qps", 2);
+    let local = mesh.add_pod(0, "s0");
+    let remote = mesh.add_pod(1, "s1");
+    udp_echo(&mut mesh, &local, 7000);
+    udp_echo(&mut mesh, &remote, 7000);
+    let client = mesh.add_pod(0, "c0");
+    let cases = [
+        ("qps-local", &local, "edge-0"),
+        ("qps-remote", &remote, "edge-1"),
+    ];
+    for (name, pod, node) in cases {
+        put_udp_service(&mesh, name, 9, 7000, &[(pod, node)]);
+        let mut svc = mesh.api("GET", &svc_path(name), None).1;
+        svc["metadata"]["annotations"] = json!({"edgemesh.io/qps": "5", "edgemesh.io/burst": "5"});
+        let v = mesh.put(&svc_path(name), &svc.to_string());
+        mesh.wait_version(0, v, Duration::from_secs(10));
+        mesh.wait_version(1, v, Duration::from_secs(10));
+    }
+    for (name, _, _) in cases {
+        let ip = mesh.cluster_ip(name);
+        let addr: std::net::SocketAddr = format!("{ip}:9").parse().expect("addr");
+        // A full bucket first: the admitted flow of the warm-up has long been paid back.
+        std::thread::sleep(Duration::from_millis(1500));
+        let (answered, sending) = flows_at_once(&client, addr, 60);
+        // 5 at once, then 5 per second, over the time the datagrams took to arrive (the
+        // flows over the relay are admitted when their stream is opened, within a second).
+        let allowed = 5 + (5.0 * (sending.as_secs_f64() + 1.0)).ceil() as usize;
+        eprintln!("{name}: {answered} of 60 new flows answered (at most {allowed} allowed)");
+        assert!(
+            (1..=allowed).contains(&answered),
+            "{name}: {answered} of 60 new flows answered, the limit allows {allowed}"
+        );
+        let dropped = mesh.metric(
+            0,
+            "edgemesh_proxy_udp_drops_total",
+            &[
+                &format!("service=\"default/{name}\""),
+                "reason=\"rate_limited\"",
+            ],
+        );
+        assert!(
+            dropped >= (60 - answered) as f64,
+            "{name}: {dropped} flows counted as rate_limited, {answered} of 60 answered"
+        );
+        // A flow once admitted is not limited: 50 datagrams in a row, each answered.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(one_flow(&client, addr, 50), 50, "{name}: one admitted flow");
+    }
+    // Across nodes the node that dials the endpoint refused the streams, counted there.
+    let rejected = mesh.metric(
+        1,
+        "edgemesh_limit_rejected_total",
+        &["service=\"qps-remote\""],
+    );
+    assert!(rejected >= 1.0, "new flows refused by edge-1: {rejected}");
+}
+
+/// Starts `iperf3 -s` in `pod` on its address, port 5201, and waits until it accepts.
+fn iperf3_server(mesh: &mut Mesh, pod: &Host) {
+    let ip = pod.ip.to_string();
+    mesh.topo.spawn(
+        pod,
+        &format!("iperf3-{}", pod.role),
+        std::path::Path::new("/usr/bin/iperf3"),
+        &[
+            "-s".to_string(),
+            "-B".to_string(),
+            ip,
+            "-p".to_string(),
+            "5201".to_string(),
+        ],
+        &[],
+    );
+    let addr = std::net::SocketAddr::from((pod.ip, 5201));
+    wait_for("iperf3 server", Duration::from_secs(10), || {
+        in_netns(&pod.ns.clone(), move || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()
+        })
+        .map(drop)
+    });
+}
+
+/// Service `name` with iperf3's two ports (TCP 5201 for its control connection, UDP 5201 for
+/// the data) on `pod`; its cluster IP.
+fn put_iperf3_service(mesh: &Mesh, name: &str, pod: &Host, node: &str) -> String {
+    let ports = json!([
+        {"name": "ctl", "port": 5201, "targetPort": 5201, "protocol": "TCP"},
+        {"name": "data", "port": 5201, "targetPort": 5201, "protocol": "UDP"}]);
+    let svc = json!({"apiVersion":"v1","kind":"Service",
+        "metadata":{"name":name,"namespace":"default"},
+        "spec":{"ports":ports}});
+    mesh.put(&svc_path(name), &svc.to_string());
+    let eps = json!({"apiVersion":"v1","kind":"Endpoints",
+        "metadata":{"name":name,"namespace":"default"},
+        "subsets":[{"addresses":[{"ip": pod.ip.to_string(), "nodeName": node}],
+            "ports":[{"name":"ctl","port":5201,"protocol":"TCP"},
+                     {"name":"data","port":5201,"protocol":"UDP"}]}]});
+    let v = mesh.put(&ep_path(name), &eps.to_string());
+    for i in 0..mesh.nodes.len() {
+        mesh.wait_version(i, v, Duration::from_secs(10));
+    }
+    mesh.cluster_ip(name)
+}
+
+/// `iperf3 -u` at 200 Mbit/s for 3 s from `client` to `ip`: (datagrams sent, lost percent as
+/// the receiving server counted them).
+fn iperf3_udp(mesh: &Mesh, client: &Host, ip: &str) -> (u64, f64) {
+    let out = mesh.topo.exec(
+        client,
+        &[
+            "iperf3", "-c", ip, "-p", "5201", "-u", "-b", "200M", "-l", "1400", "-t", "3", "--json",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "iperf3 to {ip}: {text}");
+    let report: serde_json::Value = serde_json::from_str(&text).expect("iperf3 --json");
+    let sum = &report["end"]["sum"];
+    let packets = sum["packets"].as_u64().unwrap_or_else(|| panic!("{text}"));
+    let lost = sum["lost_percent"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{text}"));
+    (packets, lost)
+}
+
+#[test]
+fn iperf3_udp_at_200_mbit_through_a_cluster_ip_on_the_node_and_across_nodes() {
+    let mut mesh = mesh("udp-perf", 2);
+    let local = mesh.add_pod(0, "p0");
+    let remote = mesh.add_pod(1, "p1");
+    let client = mesh.add_pod(0, "c0");
+    iperf3_server(&mut mesh, &local);
+    iperf3_server(&mut mesh, &remote);
+    let local_ip = put_iperf3_service(&mesh, "perf-local", &local, "edge-0");
+    let remote_ip = put_iperf3_service(&mesh, "perf-remote", &remote, "edge-1");
+
+    // On the node: 200 Mbit/s of 1,400-byte datagrams (~53,000 in 3 s), under 1% lost.
+    let (packets, lost) = iperf3_udp(&mesh, &client, &local_ip);
+    eprintln!("iperf3 -u 200 Mbit/s on the node: {packets} datagrams, {lost:.3}% lost");
+    assert!(packets > 10_000, "{packets} datagrams sent");
+    assert!(
+        lost < 1.0,
+        "{lost}% of {packets} datagrams lost on the node"
+    );
+
+    // Across nodes, through the cloud relay: reported; the datagrams arrive.
+    let (packets, lost) = iperf3_udp(&mesh, &client, &remote_ip);
+    eprintln!("iperf3 -u 200 Mbit/s across nodes (relay): {packets} datagrams, {lost:.3}% lost");
+    assert!(lost < 100.0, "nothing arrived across nodes");
+    let sent = mesh.metric(
+        0,
+        "edgemesh_proxy_udp_datagrams_total",
+        &[
+            "service=\"default/perf-remote\"",
+            "direction=\"to_endpoint\"",
+        ],
+    );
+    eprintln!("edge-0 sent {sent} datagrams of {packets} into the tunnel");
+    assert!(sent > 0.0, "edge-0 counted no datagram to perf-remote");
 }
