@@ -283,6 +283,21 @@ fn dig_through_a_udp_cluster_ip_on_the_node_across_nodes_and_in_the_cloud() {
         },
     );
     assert_eq!(answer, "10.7.8.9");
+    // The node's own processes too (the OUTPUT chain). A real node has a default route for
+    // the kernel's first route lookup; this one gets a route for the service range that stays
+    // on the node (as in the TCP test).
+    let node = mesh.nodes[0].host.clone();
+    let out = mesh.topo.exec(
+        &node,
+        &["ip", "route", "add", "10.96.0.0/12", "dev", "cbr0"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(dig(&mesh, &node, &remote_ip), "10.4.5.6", "dig on the node");
+    assert_eq!(dig(&mesh, &node, &local_ip), "10.1.2.3", "dig on the node");
     // Many lookups, each a new flow from a new source port.
     for _ in 0..20 {
         assert_eq!(dig(&mesh, &client, &local_ip), "10.1.2.3");
