@@ -155,34 +155,138 @@ impl fmt::Display for ObjectKey {
     }
 }
 
-/// Kubernetes `metadata`. Fields edgemesh does not use are kept as they came.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+/// Kubernetes `metadata`. Fields edgemesh does not use are kept as they came, in [`MetaKept`].
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(from = "MetaWire")]
 pub struct ObjectMeta {
-    #[serde(default)]
     pub name: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub namespace: String,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub resource_version: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `None` when the manifest had none of them (every object the mesh writes itself).
+    pub kept: Option<Box<MetaKept>>,
+}
+
+/// The `metadata` fields real manifests carry and edgemesh passes through without reading:
+/// behind one pointer, so that an object without them (nearly all) does not pay ~160 bytes
+/// for empty fields in every copy a node keeps in memory.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MetaKept {
     pub uid: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generate_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finalizers: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_references: Option<Vec<Value>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub managed_fields: Option<Vec<Value>>,
+}
+
+impl MetaKept {
+    fn is_empty(&self) -> bool {
+        *self == MetaKept::default()
+    }
+}
+
+/// `metadata` as written: every field by name, unknown ones refused with their path.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct MetaWire {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    resource_version: String,
+    #[serde(default)]
+    uid: Option<String>,
+    #[serde(default)]
+    creation_timestamp: Option<String>,
+    #[serde(default)]
+    generation: Option<i64>,
+    #[serde(default)]
+    generate_name: Option<String>,
+    #[serde(default)]
+    finalizers: Option<Vec<String>>,
+    #[serde(default)]
+    owner_references: Option<Vec<Value>>,
+    #[serde(default)]
+    managed_fields: Option<Vec<Value>>,
+}
+
+impl From<MetaWire> for ObjectMeta {
+    fn from(w: MetaWire) -> ObjectMeta {
+        let kept = MetaKept {
+            uid: w.uid,
+            creation_timestamp: w.creation_timestamp,
+            generation: w.generation,
+            generate_name: w.generate_name,
+            finalizers: w.finalizers,
+            owner_references: w.owner_references,
+            managed_fields: w.managed_fields,
+        };
+        ObjectMeta {
+            name: w.name,
+            namespace: w.namespace,
+            labels: w.labels,
+            annotations: w.annotations,
+            resource_version: w.resource_version,
+            kept: (!kept.is_empty()).then(|| Box::new(kept)),
+        }
+    }
+}
+
+impl Serialize for ObjectMeta {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // The fields in the order `MetaWire` reads them, empty ones left out as before.
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Out<'a> {
+            name: &'a str,
+            #[serde(skip_serializing_if = "str::is_empty")]
+            namespace: &'a str,
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            labels: &'a BTreeMap<String, String>,
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            annotations: &'a BTreeMap<String, String>,
+            #[serde(skip_serializing_if = "str::is_empty")]
+            resource_version: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            uid: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            creation_timestamp: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            generation: Option<i64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            generate_name: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            finalizers: Option<&'a [String]>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            owner_references: Option<&'a [Value]>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            managed_fields: Option<&'a [Value]>,
+        }
+        let k = self.kept.as_deref();
+        Out {
+            name: &self.name,
+            namespace: &self.namespace,
+            labels: &self.labels,
+            annotations: &self.annotations,
+            resource_version: &self.resource_version,
+            uid: k.and_then(|k| k.uid.as_deref()),
+            creation_timestamp: k.and_then(|k| k.creation_timestamp.as_deref()),
+            generation: k.and_then(|k| k.generation),
+            generate_name: k.and_then(|k| k.generate_name.as_deref()),
+            finalizers: k.and_then(|k| k.finalizers.as_deref()),
+            owner_references: k.and_then(|k| k.owner_references.as_deref()),
+            managed_fields: k.and_then(|k| k.managed_fields.as_deref()),
+        }
+        .serialize(serializer)
+    }
 }
 
 /// `targetPort`: a number or the name of a container port.
@@ -243,49 +347,177 @@ impl ServicePort {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(from = "SpecWire")]
 pub struct ServiceSpec {
     /// `None` (the string) makes the Service headless; empty asks cloudcore to allocate one.
-    #[serde(
-        default,
-        rename = "clusterIP",
-        skip_serializing_if = "String::is_empty"
-    )]
     pub cluster_ip: String,
-    #[serde(
-        default,
-        rename = "clusterIPs",
-        skip_serializing_if = "Option::is_none"
-    )]
     pub cluster_ips: Option<Vec<String>>,
-    #[serde(default)]
     pub ports: Vec<ServicePort>,
-    #[serde(default = "default_affinity")]
     pub session_affinity: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session_affinity_config: Option<Value>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topology_keys: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `None` when the manifest had none of them.
+    pub kept: Option<Box<SpecKept>>,
+}
+
+impl Default for ServiceSpec {
+    fn default() -> ServiceSpec {
+        ServiceSpec {
+            cluster_ip: String::new(),
+            cluster_ips: None,
+            ports: Vec::new(),
+            session_affinity: default_affinity(),
+            topology_keys: Vec::new(),
+            kept: None,
+        }
+    }
+}
+
+impl ServiceSpec {
+    /// The fields few Services set (all `None` when the Service has none).
+    pub fn kept(&self) -> &SpecKept {
+        static NONE: SpecKept = SpecKept {
+            session_affinity_config: None,
+            selector: None,
+            service_type: None,
+            ip_families: None,
+            ip_family_policy: None,
+            internal_traffic_policy: None,
+            publish_not_ready_addresses: None,
+            external_name: None,
+            traffic_distribution: None,
+        };
+        self.kept.as_deref().unwrap_or(&NONE)
+    }
+}
+
+/// The `spec` fields few Services set: behind one pointer (see [`MetaKept`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SpecKept {
+    pub session_affinity_config: Option<Value>,
     pub selector: Option<BTreeMap<String, String>>,
-    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub service_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_families: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_family_policy: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub internal_traffic_policy: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publish_not_ready_addresses: Option<bool>,
     /// The DNS name an `ExternalName` Service aliases (a CNAME in cluster DNS).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_name: Option<String>,
     /// Kubernetes' `PreferClose` (and `PreferSameZone`, `PreferSameNode`): topology preference
     /// without `topologyKeys`; see [`crate::topology::keys_of`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_distribution: Option<String>,
+}
+
+/// `spec` as written: every field by name, unknown ones refused with their path.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SpecWire {
+    #[serde(default, rename = "clusterIP")]
+    cluster_ip: String,
+    #[serde(default, rename = "clusterIPs")]
+    cluster_ips: Option<Vec<String>>,
+    #[serde(default)]
+    ports: Vec<ServicePort>,
+    #[serde(default = "default_affinity")]
+    session_affinity: String,
+    #[serde(default)]
+    session_affinity_config: Option<Value>,
+    #[serde(default)]
+    topology_keys: Vec<String>,
+    #[serde(default)]
+    selector: Option<BTreeMap<String, String>>,
+    #[serde(default, rename = "type")]
+    service_type: Option<String>,
+    #[serde(default)]
+    ip_families: Option<Vec<String>>,
+    #[serde(default)]
+    ip_family_policy: Option<String>,
+    #[serde(default)]
+    internal_traffic_policy: Option<String>,
+    #[serde(default)]
+    publish_not_ready_addresses: Option<bool>,
+    #[serde(default)]
+    external_name: Option<String>,
+    #[serde(default)]
+    traffic_distribution: Option<String>,
+}
+
+impl From<SpecWire> for ServiceSpec {
+    fn from(w: SpecWire) -> ServiceSpec {
+        let kept = SpecKept {
+            session_affinity_config: w.session_affinity_config,
+            selector: w.selector,
+            service_type: w.service_type,
+            ip_families: w.ip_families,
+            ip_family_policy: w.ip_family_policy,
+            internal_traffic_policy: w.internal_traffic_policy,
+            publish_not_ready_addresses: w.publish_not_ready_addresses,
+            external_name: w.external_name,
+            traffic_distribution: w.traffic_distribution,
+        };
+        ServiceSpec {
+            cluster_ip: w.cluster_ip,
+            cluster_ips: w.cluster_ips,
+            ports: w.ports,
+            session_affinity: w.session_affinity,
+            topology_keys: w.topology_keys,
+            kept: (kept != SpecKept::default()).then(|| Box::new(kept)),
+        }
+    }
+}
+
+impl Serialize for ServiceSpec {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // The fields in the order `SpecWire` reads them, empty ones left out as before.
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Out<'a> {
+            #[serde(rename = "clusterIP", skip_serializing_if = "str::is_empty")]
+            cluster_ip: &'a str,
+            #[serde(rename = "clusterIPs", skip_serializing_if = "Option::is_none")]
+            cluster_ips: Option<&'a [String]>,
+            ports: &'a [ServicePort],
+            session_affinity: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            session_affinity_config: Option<&'a Value>,
+            #[serde(skip_serializing_if = "<[String]>::is_empty")]
+            topology_keys: &'a [String],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            selector: Option<&'a BTreeMap<String, String>>,
+            #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+            service_type: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            ip_families: Option<&'a [String]>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            ip_family_policy: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            internal_traffic_policy: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            publish_not_ready_addresses: Option<bool>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            external_name: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            traffic_distribution: Option<&'a str>,
+        }
+        let k = self.kept();
+        Out {
+            cluster_ip: &self.cluster_ip,
+            cluster_ips: self.cluster_ips.as_deref(),
+            ports: &self.ports,
+            session_affinity: &self.session_affinity,
+            session_affinity_config: k.session_affinity_config.as_ref(),
+            topology_keys: &self.topology_keys,
+            selector: k.selector.as_ref(),
+            service_type: k.service_type.as_deref(),
+            ip_families: k.ip_families.as_deref(),
+            ip_family_policy: k.ip_family_policy.as_deref(),
+            internal_traffic_policy: k.internal_traffic_policy.as_deref(),
+            publish_not_ready_addresses: k.publish_not_ready_addresses,
+            external_name: k.external_name.as_deref(),
+            traffic_distribution: k.traffic_distribution.as_deref(),
+        }
+        .serialize(serializer)
+    }
 }
 
 fn default_affinity() -> String {
@@ -332,13 +564,13 @@ impl Service {
 
     /// `type: ExternalName`: a DNS alias with no cluster IP and no endpoints.
     pub fn is_external_name(&self) -> bool {
-        self.spec.service_type.as_deref() == Some(TYPE_EXTERNAL_NAME)
+        self.spec.kept().service_type.as_deref() == Some(TYPE_EXTERNAL_NAME)
     }
 
     /// Whether not-ready addresses are published too: `spec.publishNotReadyAddresses`, or the
     /// legacy annotation `service.alpha.kubernetes.io/tolerate-unready-endpoints`.
     pub fn publishes_not_ready(&self) -> bool {
-        self.spec.publish_not_ready_addresses == Some(true)
+        self.spec.kept().publish_not_ready_addresses == Some(true)
             || self
                 .metadata
                 .annotations
@@ -617,6 +849,32 @@ mod tests {
         assert_eq!(svc.spec.session_affinity, "None");
         let again = Object::from_json(Kind::Service, &obj.to_json()).expect("round trip");
         assert_eq!(again, obj);
+    }
+
+    #[test]
+    fn fields_passed_through_come_back_as_written() {
+        // Every kept field, in the order the object is always written in.
+        let json = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"hello","namespace":"default","labels":{"app":"hello"},"resourceVersion":"7","uid":"u-1","creationTimestamp":"2026-01-01T00:00:00Z","generation":3,"generateName":"hello-","finalizers":["f"],"ownerReferences":[{"kind":"X"}],"managedFields":[{"manager":"kubectl"}]},"spec":{"clusterIP":"10.96.0.10","clusterIPs":["10.96.0.10"],"ports":[{"name":"http","port":80,"protocol":"TCP"}],"sessionAffinity":"ClientIP","sessionAffinityConfig":{"clientIP":{"timeoutSeconds":60}},"topologyKeys":["zone"],"selector":{"app":"hello"},"type":"ClusterIP","ipFamilies":["IPv4"],"ipFamilyPolicy":"SingleStack","internalTrafficPolicy":"Cluster","publishNotReadyAddresses":true,"trafficDistribution":"PreferClose"}}"#;
+        let obj = Object::from_json(Kind::Service, json).expect("parses");
+        assert_eq!(obj.to_json(), json);
+        let Object::Service(svc) = &obj else {
+            panic!("not a service")
+        };
+        assert_eq!(svc.spec.kept().service_type.as_deref(), Some("ClusterIP"));
+        assert!(svc.publishes_not_ready());
+        assert_eq!(
+            svc.metadata.kept.as_ref().and_then(|k| k.generation),
+            Some(3)
+        );
+
+        // An object without them keeps nothing behind the pointers, and writes none of them.
+        let plain = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"a","namespace":"default"},"spec":{"clusterIP":"10.96.0.11","ports":[{"port":80,"protocol":"TCP"}],"sessionAffinity":"None"}}"#;
+        let obj = Object::from_json(Kind::Service, plain).expect("parses");
+        assert_eq!(obj.to_json(), plain);
+        let Object::Service(svc) = &obj else {
+            panic!("not a service")
+        };
+        assert!(svc.metadata.kept.is_none() && svc.spec.kept.is_none());
     }
 
     #[test]

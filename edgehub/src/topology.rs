@@ -48,7 +48,7 @@ pub fn keys_of(service: &Service) -> Cow<'_, [String]> {
     if !service.spec.topology_keys.is_empty() {
         return Cow::Borrowed(&service.spec.topology_keys);
     }
-    match service.spec.traffic_distribution.as_deref() {
+    match service.spec.kept().traffic_distribution.as_deref() {
         Some("PreferClose" | "PreferSameZone") => {
             let unit = service
                 .metadata

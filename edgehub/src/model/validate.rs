@@ -514,7 +514,7 @@ const SERVICE_TYPES: [&str; 4] = ["ClusterIP", "NodePort", "LoadBalancer", TYPE_
 /// `spec.type`, and `spec.externalName` with it: an `ExternalName` Service is a CNAME to a DNS
 /// name, so it has that name and no cluster IP; no other type has an external name.
 fn check_type(svc: &Service) -> Result<(), FieldError> {
-    if let Some(t) = &svc.spec.service_type {
+    if let Some(t) = &svc.spec.kept().service_type {
         if !SERVICE_TYPES.contains(&t.as_str()) {
             return Err(FieldError::new(
                 "spec.type",
@@ -522,7 +522,7 @@ fn check_type(svc: &Service) -> Result<(), FieldError> {
             ));
         }
     }
-    let name = svc.spec.external_name.as_deref();
+    let name = svc.spec.kept().external_name.as_deref();
     if !svc.is_external_name() {
         if name.is_some() {
             return Err(FieldError::new(
@@ -561,8 +561,11 @@ fn check_type(svc: &Service) -> Result<(), FieldError> {
         ));
     }
     for (field, set) in [
-        ("spec.ipFamilies", svc.spec.ip_families.is_some()),
-        ("spec.ipFamilyPolicy", svc.spec.ip_family_policy.is_some()),
+        ("spec.ipFamilies", svc.spec.kept().ip_families.is_some()),
+        (
+            "spec.ipFamilyPolicy",
+            svc.spec.kept().ip_family_policy.is_some(),
+        ),
     ] {
         if set {
             return Err(FieldError::new(
@@ -582,7 +585,7 @@ fn check_ip_families(svc: &Service, service_cidr: &IpNet) -> Result<(), FieldErr
         IpNet::V4(_) => "IPv4",
         IpNet::V6(_) => "IPv6",
     };
-    if let Some(policy) = &svc.spec.ip_family_policy {
+    if let Some(policy) = &svc.spec.kept().ip_family_policy {
         match policy.as_str() {
             "SingleStack" | "PreferDualStack" => {}
             "RequireDualStack" => {
@@ -599,7 +602,7 @@ fn check_ip_families(svc: &Service, service_cidr: &IpNet) -> Result<(), FieldErr
             }
         }
     }
-    let families = svc.spec.ip_families.as_deref().unwrap_or_default();
+    let families = svc.spec.kept().ip_families.as_deref().unwrap_or_default();
     for (i, family) in families.iter().enumerate() {
         let at = format!("spec.ipFamilies[{i}]");
         if !matches!(family.as_str(), "IPv4" | "IPv6") {
@@ -624,7 +627,7 @@ fn check_ip_families(svc: &Service, service_cidr: &IpNet) -> Result<(), FieldErr
 /// `spec.trafficDistribution`: a value Kubernetes defines, and not together with
 /// `topologyKeys` (which would say the same thing twice, possibly differently).
 fn check_traffic_distribution(svc: &Service) -> Result<(), FieldError> {
-    let Some(value) = &svc.spec.traffic_distribution else {
+    let Some(value) = &svc.spec.kept().traffic_distribution else {
         return Ok(());
     };
     if !TRAFFIC_DISTRIBUTIONS.contains(&value.as_str()) {

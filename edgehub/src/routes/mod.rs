@@ -160,6 +160,8 @@ impl RouteTable {
         let mut udp = HashMap::new();
         let mut by_name = (index == Index::AlsoByName).then(HashMap::new);
         let mut live = HashSet::new();
+        // Namespaces and node names are shared by many routes and endpoints: one copy each.
+        let mut names = Names::default();
         for ((namespace, name), service) in &view.services {
             let ips = cluster_ips(service).unwrap_or_default();
             if ips.is_empty() && by_name.is_none() {
@@ -178,7 +180,7 @@ impl RouteTable {
                 timeout: affinity_timeout(service),
             });
             let endpoints = view.endpoints_of(namespace, name);
-            let ns: Arc<str> = Arc::from(namespace.as_str());
+            let ns = names.get(namespace);
             let nm: Arc<str> = Arc::from(name.as_str());
             let mut stats: Option<Arc<ServiceStats>> = None;
             for port in &service.spec.ports {
@@ -196,7 +198,7 @@ impl RouteTable {
                     (&mut routes, &previous.routes)
                 };
                 let (list, elsewhere) = endpoints
-                    .map(|e| resolve_endpoints(e, port, node, view, service, health))
+                    .map(|e| resolve_endpoints(e, port, node, view, service, health, &mut names))
                     .unwrap_or_default();
                 live.extend(list.iter().map(|e| e.addr));
                 let service_ref = ServiceRef {
@@ -284,6 +286,7 @@ fn cluster_ips(service: &Service) -> Option<Vec<IpAddr>> {
 fn affinity_timeout(service: &Service) -> Duration {
     service
         .spec
+        .kept()
         .session_affinity_config
         .as_ref()
         .and_then(|c| c.pointer("/clientIP/timeoutSeconds"))
@@ -307,6 +310,7 @@ fn resolve_endpoints(
     view: &MeshView,
     service: &Service,
     health: &HealthRegistry,
+    names: &mut Names,
 ) -> (Vec<Endpoint>, usize) {
     let mut out: Vec<Endpoint> = Vec::new();
     let mut seen: HashSet<SocketAddr> = HashSet::new();
@@ -334,13 +338,31 @@ fn resolve_endpoints(
             }
             out.push(Endpoint {
                 addr,
-                node: endpoint_node.map(Arc::from),
+                node: endpoint_node.map(|n| names.get(n)),
                 tier,
                 health: health.get(addr),
             });
         }
     }
+    // A route lives until the next change of the view: no room for endpoints it will not get
+    // (a Vec grows to 4 slots for one or two endpoints).
+    out.shrink_to_fit();
     (out, elsewhere)
+}
+
+/// One shared copy of each namespace and node name while a table is built.
+#[derive(Default)]
+struct Names(HashSet<Arc<str>>);
+
+impl Names {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.0.get(name) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(name);
+        self.0.insert(shared.clone());
+        shared
+    }
 }
 
 /// The endpoint's tier for this node (`crate::topology`, which DNS uses too); `None` when

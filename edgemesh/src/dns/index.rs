@@ -251,6 +251,7 @@ impl Entry {
         if service.is_external_name() {
             extra.alias = service
                 .spec
+                .kept()
                 .external_name
                 .as_deref()
                 .and_then(|n| Name::from_ascii(n.to_ascii_lowercase()).ok())
