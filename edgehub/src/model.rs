@@ -13,6 +13,97 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// A string field whose value is nearly always one of a few constants (`v1`, `Service`, `TCP`,
+/// `None`, ...): those are kept as static strings, so that every copy of an object a node holds
+/// does not carry its own heap copy of each. Reads as a `&str`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Word(std::borrow::Cow<'static, str>);
+
+impl Word {
+    const KNOWN: [&'static str; 11] = [
+        "v1",
+        "Service",
+        "Endpoints",
+        "Node",
+        "TCP",
+        "UDP",
+        "SCTP",
+        "None",
+        "ClientIP",
+        "http",
+        "https",
+    ];
+
+    pub const fn from_static(s: &'static str) -> Word {
+        Word(std::borrow::Cow::Borrowed(s))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Word {
+    fn from(s: String) -> Word {
+        match Word::KNOWN.iter().find(|k| **k == s) {
+            Some(k) => Word::from_static(k),
+            None => Word(std::borrow::Cow::Owned(s)),
+        }
+    }
+}
+
+impl From<&str> for Word {
+    fn from(s: &str) -> Word {
+        match Word::KNOWN.iter().find(|k| **k == s) {
+            Some(k) => Word::from_static(k),
+            None => Word(std::borrow::Cow::Owned(s.to_string())),
+        }
+    }
+}
+
+impl std::ops::Deref for Word {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for Word {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for Word {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl fmt::Debug for Word {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Word {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for Word {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Word {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Word, D::Error> {
+        String::deserialize(deserializer).map(Word::from)
+    }
+}
+
 mod community;
 mod validate;
 
@@ -308,15 +399,15 @@ pub struct ServicePort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_port: Option<IntOrString>,
     #[serde(default = "default_protocol")]
-    pub protocol: String,
+    pub protocol: Word,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_protocol: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_port: Option<i64>,
 }
 
-fn default_protocol() -> String {
-    "TCP".to_string()
+fn default_protocol() -> Word {
+    Word::from_static("TCP")
 }
 
 impl ServicePort {
@@ -354,7 +445,7 @@ pub struct ServiceSpec {
     pub cluster_ip: String,
     pub cluster_ips: Option<Vec<String>>,
     pub ports: Vec<ServicePort>,
-    pub session_affinity: String,
+    pub session_affinity: Word,
     pub topology_keys: Vec<String>,
     /// `None` when the manifest had none of them.
     pub kept: Option<Box<SpecKept>>,
@@ -419,7 +510,7 @@ struct SpecWire {
     #[serde(default)]
     ports: Vec<ServicePort>,
     #[serde(default = "default_affinity")]
-    session_affinity: String,
+    session_affinity: Word,
     #[serde(default)]
     session_affinity_config: Option<Value>,
     #[serde(default)]
@@ -520,17 +611,17 @@ impl Serialize for ServiceSpec {
     }
 }
 
-fn default_affinity() -> String {
-    "None".to_string()
+fn default_affinity() -> Word {
+    Word::from_static("None")
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Service {
     #[serde(default = "default_api_version")]
-    pub api_version: String,
+    pub api_version: Word,
     #[serde(default = "service_kind")]
-    pub kind: String,
+    pub kind: Word,
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: ServiceSpec,
@@ -539,17 +630,17 @@ pub struct Service {
     pub status: Option<Value>,
 }
 
-fn default_api_version() -> String {
-    "v1".to_string()
+fn default_api_version() -> Word {
+    Word::from_static("v1")
 }
-fn service_kind() -> String {
-    "Service".to_string()
+fn service_kind() -> Word {
+    Word::from_static("Service")
 }
-fn endpoints_kind() -> String {
-    "Endpoints".to_string()
+fn endpoints_kind() -> Word {
+    Word::from_static("Endpoints")
 }
-fn node_kind() -> String {
-    "Node".to_string()
+fn node_kind() -> Word {
+    Word::from_static("Node")
 }
 
 impl Service {
@@ -609,7 +700,7 @@ pub struct EndpointPort {
     pub name: String,
     pub port: i64,
     #[serde(default = "default_protocol")]
-    pub protocol: String,
+    pub protocol: Word,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_protocol: Option<String>,
 }
@@ -629,9 +720,9 @@ pub struct EndpointSubset {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Endpoints {
     #[serde(default = "default_api_version")]
-    pub api_version: String,
+    pub api_version: Word,
     #[serde(default = "endpoints_kind")]
-    pub kind: String,
+    pub kind: Word,
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub subsets: Vec<EndpointSubset>,
@@ -645,9 +736,9 @@ pub struct Endpoints {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Node {
     #[serde(default = "default_api_version")]
-    pub api_version: String,
+    pub api_version: Word,
     #[serde(default = "node_kind")]
-    pub kind: String,
+    pub kind: Word,
     pub metadata: ObjectMeta,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Value>,
@@ -875,6 +966,21 @@ mod tests {
             panic!("not a service")
         };
         assert!(svc.metadata.kept.is_none() && svc.spec.kept.is_none());
+    }
+
+    #[test]
+    fn common_words_are_not_copied_per_object() {
+        let json = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"a"},"spec":{"ports":[{"port":80,"protocol":"UDP"},{"port":81,"protocol":"Tcp"}]}}"#;
+        let Object::Service(svc) = Object::from_json(Kind::Service, json).expect("parses") else {
+            panic!("not a service")
+        };
+        let shared = |w: &Word| matches!(w.0, std::borrow::Cow::Borrowed(_));
+        assert!(shared(&svc.api_version) && shared(&svc.kind));
+        assert!(shared(&svc.spec.session_affinity), "the default");
+        assert!(shared(&svc.spec.ports[0].protocol));
+        // Anything else is kept as written.
+        assert!(!shared(&svc.spec.ports[1].protocol));
+        assert_eq!(svc.spec.ports[1].protocol, "Tcp");
     }
 
     #[test]

@@ -422,8 +422,9 @@ pub async fn follow(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     loop {
-        let view = views.borrow_and_update().clone();
-        limiters.follow(&view);
+        // Not held across the wait: a view still referenced here makes the store copy the
+        // whole view (every map) on its next change instead of updating it in place.
+        limiters.follow(&views.borrow_and_update().clone());
         if !crate::process::changed(&mut views, &shutdown).await {
             return;
         }
