@@ -544,6 +544,22 @@ impl Mesh {
             .cloned()
     }
 
+    /// Gives node `i` a route for the service range that stays on the node (its pod bridge), so
+    /// that the node's own processes can call cluster IPs: a real node's default route covers
+    /// the range for the kernel's first route lookup, before edgemesh's rules take the packet;
+    /// the test nodes have no default route.
+    pub fn route_service_range_on_node(&self, i: usize) {
+        let out = self.topo.exec(
+            &self.nodes[i].host,
+            &["ip", "route", "add", "10.96.0.0/12", "dev", "cbr0"],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// A counter or gauge from node `i`'s `/metrics`, summed over the series whose labels
     /// contain every `labels` fragment (e.g. `service="default/web"`).
     pub fn metric(&self, i: usize, name: &str, labels: &[&str]) -> f64 {

@@ -253,49 +253,26 @@ fn dig_through_a_udp_cluster_ip_on_the_node_across_nodes_and_in_the_cloud() {
     // An endpoint on the cloud side (no node of the mesh): cloudcore sends it the datagrams.
     let cloud_ip = put_udp_service(&mesh, "dns-cloud", 53, 53, &[(&cloud, "cloud")]);
 
-    // Same node: dnsmasq answers through the ClusterIP.
-    let answer = wait_for(
-        "dig through the local ClusterIP",
-        Duration::from_secs(10),
-        || {
-            let a = dig(&mesh, &client, &local_ip);
-            (!a.is_empty()).then_some(a)
-        },
-    );
-    assert_eq!(answer, "10.1.2.3");
-    // Another node's pod, through the cloud relay.
-    let answer = wait_for(
-        "dig through the remote ClusterIP",
-        Duration::from_secs(10),
-        || {
-            let a = dig(&mesh, &client, &remote_ip);
-            (!a.is_empty()).then_some(a)
-        },
-    );
-    assert_eq!(answer, "10.4.5.6");
-    // The cloud side, through a stream to cloudcore.
-    let answer = wait_for(
-        "dig through the ClusterIP of a cloud endpoint",
-        Duration::from_secs(10),
-        || {
-            let a = dig(&mesh, &client, &cloud_ip);
-            (!a.is_empty()).then_some(a)
-        },
-    );
-    assert_eq!(answer, "10.7.8.9");
-    // The node's own processes too (the OUTPUT chain). A real node has a default route for
-    // the kernel's first route lookup; this one gets a route for the service range that stays
-    // on the node (as in the TCP test).
+    // Same node; another node's pod, through the cloud relay; the cloud side, through a stream
+    // to cloudcore.
+    for (what, ip, expected) in [
+        ("the local ClusterIP", &local_ip, "10.1.2.3"),
+        ("the remote ClusterIP", &remote_ip, "10.4.5.6"),
+        ("the ClusterIP of a cloud endpoint", &cloud_ip, "10.7.8.9"),
+    ] {
+        let answer = wait_for(
+            &format!("dig through {what}"),
+            Duration::from_secs(10),
+            || {
+                let a = dig(&mesh, &client, ip);
+                (!a.is_empty()).then_some(a)
+            },
+        );
+        assert_eq!(answer, expected, "{what}");
+    }
+    // The node's own processes too (the OUTPUT chain).
+    mesh.route_service_range_on_node(0);
     let node = mesh.nodes[0].host.clone();
-    let out = mesh.topo.exec(
-        &node,
-        &["ip", "route", "add", "10.96.0.0/12", "dev", "cbr0"],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(dig(&mesh, &node, &remote_ip), "10.4.5.6", "dig on the node");
     assert_eq!(dig(&mesh, &node, &local_ip), "10.1.2.3", "dig on the node");
     // Many lookups, each a new flow from a new source port.
