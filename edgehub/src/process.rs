@@ -93,8 +93,10 @@ pub async fn release_memory_after_bursts<T>(
     }
 }
 
+/// Hands memory freed inside the allocator back to the system (glibc keeps it otherwise). Walks
+/// every arena: call it off the async workers (`spawn_blocking`), after a burst has ended.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_free_memory() {
+pub fn release_free_memory() {
     // SAFETY: malloc_trim only returns free heap pages to the kernel; it is thread-safe.
     unsafe {
         libc::malloc_trim(0);
@@ -102,4 +104,4 @@ fn release_free_memory() {
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_memory() {}
+pub fn release_free_memory() {}

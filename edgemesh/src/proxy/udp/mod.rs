@@ -30,15 +30,21 @@ use edgehub::socket;
 use metrics::counter;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, debug_span, warn, Instrument};
 
 use super::UdpConfig;
+use queue::{FlowReceiver, FlowSender, Offered};
+
+mod queue;
 
 /// Datagrams of one flow waiting for its upstream; more are dropped (`queue_full`).
 const FLOW_QUEUE: usize = 256;
+
+/// Flows that count as a crowd whose end is worth returning memory for (see `crowd_gone`).
+const CROWD: usize = 1024;
 
 /// Receive buffer of a Service IP:port's socket: 4 MiB holds ~20 ms of 1,400-byte datagrams at
 /// 1 Gbit/s, so a busy CPU delays datagrams instead of dropping them.
@@ -48,7 +54,7 @@ type FlowKey = (SocketAddr, SocketAddr);
 
 struct FlowEntry {
     id: u64,
-    tx: mpsc::Sender<Bytes>,
+    tx: FlowSender,
     cancel: CancellationToken,
 }
 
@@ -56,6 +62,8 @@ struct FlowEntry {
 #[derive(Default)]
 struct Flows {
     next_id: u64,
+    /// The most flows held since memory was last handed back.
+    peak: usize,
     by_key: HashMap<FlowKey, FlowEntry>,
     /// Flow ids in creation order: the first is the oldest.
     order: BTreeMap<u64, FlowKey>,
@@ -67,6 +75,18 @@ impl Flows {
             self.by_key.remove(key);
         }
         self.order.remove(&id);
+    }
+
+    /// Whether most of a crowd of flows has ended since the last time: then the table's room and
+    /// the memory their tasks freed are given back (a flood of 20,000 one-shot flows would
+    /// otherwise stay in the agent's RSS for good).
+    fn crowd_gone(&mut self) -> bool {
+        if self.peak < CROWD || self.by_key.len() > self.peak / 4 {
+            return false;
+        }
+        self.peak = self.by_key.len();
+        self.by_key.shrink_to_fit();
+        true
     }
 
     /// Ends the oldest flow; its Service label, for the drop counter.
@@ -254,14 +274,14 @@ impl UdpProxy {
         let datagram = Bytes::copy_from_slice(payload);
         let mut flows = self.flows();
         if let Some(entry) = flows.by_key.get(&key) {
-            match entry.tx.try_send(datagram) {
-                Ok(()) => return,
-                Err(mpsc::error::TrySendError::Full(_)) => {
+            match entry.tx.offer(datagram) {
+                Offered::Queued => return,
+                Offered::Full => {
                     drop_counted(route.stats.label(), "queue_full");
                     return;
                 }
                 // The flow just ended: this datagram starts a new one.
-                Err(mpsc::error::TrySendError::Closed(d)) => {
+                Offered::Ended(d) => {
                     let id = entry.id;
                     flows.remove(&key, id);
                     return self.start_flow(flows, key, route, d, socket.clone());
@@ -286,8 +306,8 @@ impl UdpProxy {
             }
             drop_counted(route.stats.label(), "evicted");
         }
-        let (tx, rx) = mpsc::channel(FLOW_QUEUE);
-        let _ = tx.try_send(first);
+        let (tx, rx) = queue::queue(FLOW_QUEUE);
+        tx.offer(first);
         let cancel = CancellationToken::new();
         let id = flows.next_id;
         flows.next_id += 1;
@@ -300,6 +320,7 @@ impl UdpProxy {
             },
         );
         flows.order.insert(id, key);
+        flows.peak = flows.peak.max(flows.by_key.len());
         drop(flows);
         let proxy = self.clone();
         let span = debug_span!("udp", %client, service = %route.service);
@@ -311,7 +332,12 @@ impl UdpProxy {
                     () = cancel.cancelled() => debug!("flow ended (evicted or shutdown)"),
                 }
                 proxy.active.decrement(1.0);
-                proxy.flows().remove(&key, id);
+                let mut flows = proxy.flows();
+                flows.remove(&key, id);
+                if flows.crowd_gone() {
+                    drop(flows);
+                    tokio::task::spawn_blocking(edgehub::process::release_free_memory);
+                }
             }
             .instrument(span),
         );
@@ -322,7 +348,7 @@ impl UdpProxy {
         route: &Route,
         client: SocketAddr,
         dst: SocketAddr,
-        mut rx: mpsc::Receiver<Bytes>,
+        mut rx: FlowReceiver,
         reply: Arc<UdpSocket>,
     ) {
         let metrics = Metrics::new(route);
@@ -330,8 +356,10 @@ impl UdpProxy {
             client_ip: client.ip(),
             hash_key: None,
         };
+        // Boxed: the flow then waits for its datagrams in a task the size of what it waits with
+        // (a flow is mostly idle, and there may be tens of thousands), not of the dial.
         let (upstream, endpoint, _in_flight) =
-            match self.connector.connect_datagrams(route, &ctx).await {
+            match Box::pin(self.connector.connect_datagrams(route, &ctx)).await {
                 Ok(c) => c,
                 Err(e) => {
                     debug!(error = %e, "flow not forwarded");
@@ -366,7 +394,14 @@ impl UdpProxy {
                 metrics.flow();
                 debug!(endpoint = %endpoint.addr, "flow through a tunnel");
                 let seen = |d, n| metrics.datagram(d, n);
-                if let Err(e) = datagram::pump(&mut stream, &mut rx, &sink, Some(idle), seen).await
+                if let Err(e) = Box::pin(datagram::pump(
+                    &mut stream,
+                    &mut rx,
+                    &sink,
+                    Some(idle),
+                    seen,
+                ))
+                .await
                 {
                     debug!(error = %e, "flow ended");
                 }
@@ -394,7 +429,7 @@ impl DatagramSink for Reply {
 async fn local_flow(
     socket: &UdpSocket,
     endpoint: &Endpoint,
-    rx: &mut mpsc::Receiver<Bytes>,
+    rx: &mut FlowReceiver,
     reply: &Reply,
     idle: Duration,
     metrics: &Metrics,
@@ -404,7 +439,6 @@ async fn local_flow(
     loop {
         tokio::select! {
             d = rx.recv() => {
-                let Some(d) = d else { return };
                 match socket.send(&d).await {
                     Ok(_) => metrics.datagram(Direction::ToStream, d.len()),
                     Err(e) if unreachable(&e) => {
@@ -483,7 +517,7 @@ mod tests {
                 SocketAddr::from(([10, 0, 0, 1], 1000 + i)),
                 "10.96.0.10:53".parse().expect("a"),
             );
-            let (tx, _rx) = mpsc::channel(1);
+            let (tx, _rx) = queue::queue(1);
             let cancel = CancellationToken::new();
             cancels.push(cancel.clone());
             flows.by_key.insert(
@@ -505,6 +539,39 @@ mod tests {
         assert!(flows.by_key.contains_key(&key1), "another flow's id");
         flows.remove(&key1, 1);
         assert_eq!(flows.by_key.len(), 1);
+    }
+
+    #[test]
+    fn memory_is_handed_back_once_when_a_crowd_of_flows_has_gone() {
+        let mut flows = Flows::default();
+        let dst: SocketAddr = "10.96.0.10:53".parse().expect("a");
+        for i in 0..2000u32 {
+            let key = (
+                SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 1000)),
+                dst,
+            );
+            let (tx, _rx) = queue::queue(1);
+            let entry = FlowEntry {
+                id: u64::from(i),
+                tx,
+                cancel: CancellationToken::new(),
+            };
+            flows.by_key.insert(key, entry);
+            flows.order.insert(u64::from(i), key);
+            flows.peak = flows.peak.max(flows.by_key.len());
+        }
+        let mut handed_back = 0;
+        for i in 0..2000u32 {
+            let key = (
+                SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 1000)),
+                dst,
+            );
+            flows.remove(&key, u64::from(i));
+            handed_back += usize::from(flows.crowd_gone());
+        }
+        // Once, at a quarter of the crowd; the rest were too few to count as a crowd again.
+        assert_eq!(handed_back, 1);
+        assert!(flows.by_key.is_empty());
     }
 
     #[tokio::test]
@@ -557,9 +624,9 @@ mod tests {
         // The client, and the reply socket (plain here: no TPROXY without CAP_NET_ADMIN).
         let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let reply = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
-        let (tx, rx) = mpsc::channel(8);
+        let (tx, rx) = queue::queue(8);
         for d in [&b"a"[..], &[7u8; 1400][..], &[9u8; 65_000][..]] {
-            tx.send(Bytes::copy_from_slice(d)).await.expect("queue");
+            assert_eq!(tx.offer(Bytes::copy_from_slice(d)), Offered::Queued);
         }
         let client_addr = client.local_addr().expect("addr");
         let dst: SocketAddr = "10.96.0.10:53".parse().expect("a");
