@@ -139,14 +139,17 @@ fn load_config(args: &Args, validate: bool) -> anyhow::Result<Config> {
 /// `ExecStopPost`, also when a bad config file is what stopped the agent), then the DNS address
 /// named by the configuration (the default one when the file does not load).
 async fn cleanup(args: &Args) -> anyhow::Result<()> {
-    edgemesh::iptables::cleanup_all().await?;
-    let dns = match load_config(args, false) {
-        Ok(cfg) => cfg.dns,
+    // The config says which DNS address and which UDP policy rule (mark, table) were ours.
+    let (dns, udp) = match load_config(args, false) {
+        Ok(cfg) => (cfg.dns, cfg.proxy.udp),
         Err(e) => {
-            eprintln!("edgemesh cleanup: {e:#}; removing the default DNS address only");
-            edgemesh::dns::DnsConfig::default()
+            eprintln!(
+                "edgemesh cleanup: {e:#}; removing the default DNS address and UDP policy rule only"
+            );
+            Default::default()
         }
     };
+    edgemesh::iptables::cleanup_all(&udp).await?;
     match edgemesh::dns::cleanup(&dns) {
         Ok(true) => println!("edgemesh DNS address {} removed", dns.listen.ip()),
         Ok(false) => {}

@@ -124,6 +124,11 @@ fn dig(mesh: &Mesh, client: &Host, server: &str) -> String {
 
 /// Lines of the node's mangle table, ip rules and route table that are edgemesh's.
 fn udp_rules(mesh: &Mesh, i: usize) -> Vec<String> {
+    udp_rules_in(mesh, i, 485)
+}
+
+/// [`udp_rules`] with the policy rule's route table `table`.
+fn udp_rules_in(mesh: &Mesh, i: usize, table: u32) -> Vec<String> {
     let node = mesh.nodes[i].host.clone();
     let mut lines = Vec::new();
     let mangle = mesh.topo.exec(&node, &["iptables", "-t", "mangle", "-S"]);
@@ -137,12 +142,12 @@ fn udp_rules(mesh: &Mesh, i: usize) -> Vec<String> {
     lines.extend(
         String::from_utf8_lossy(&rules.stdout)
             .lines()
-            .filter(|l| l.contains("lookup 485"))
+            .filter(|l| l.contains(&format!("lookup {table}")))
             .map(|l| l.split_once(':').map_or(l, |(_, r)| r).trim().to_string()),
     );
     let routes = mesh
         .topo
-        .exec(&node, &["ip", "route", "show", "table", "485"]);
+        .exec(&node, &["ip", "route", "show", "table", &table.to_string()]);
     lines.extend(
         String::from_utf8_lossy(&routes.stdout)
             .lines()
@@ -154,20 +159,23 @@ fn udp_rules(mesh: &Mesh, i: usize) -> Vec<String> {
 
 /// What one agent installs for UDP: 2 chains, 2 jumps, 3 rules, a policy rule and a route.
 fn expected_rules() -> Vec<String> {
-    let mut v: Vec<String> = [
-        "-N EDGEMESH-UDP-PREROUTING",
-        "-N EDGEMESH-UDP-OUTPUT",
-        "-A PREROUTING -m comment --comment edgemesh -j EDGEMESH-UDP-PREROUTING",
-        "-A OUTPUT -m comment --comment edgemesh -j EDGEMESH-UDP-OUTPUT",
-        "-A EDGEMESH-UDP-PREROUTING -d 10.96.0.0/12 -p udp -m comment --comment edgemesh -j MARK --set-xmark 0x10000/0x10000",
-        "-A EDGEMESH-UDP-OUTPUT -m mark --mark 0x1e5/0x1e5 -m comment --comment edgemesh -j RETURN",
-        "-A EDGEMESH-UDP-OUTPUT -d 10.96.0.0/12 -p udp -m comment --comment edgemesh -j MARK --set-xmark 0x10000/0x10000",
-        "from all fwmark 0x10000/0x10000 lookup 485",
-        "local default dev lo scope host",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    expected_rules_with(0x10000, 485)
+}
+
+/// [`expected_rules`] for `proxy.udp.route_mark = mark` and `proxy.udp.route_table = table`.
+fn expected_rules_with(mark: u32, table: u32) -> Vec<String> {
+    let m = format!("{mark:#x}/{mark:#x}");
+    let mut v = vec![
+        "-N EDGEMESH-UDP-PREROUTING".to_string(),
+        "-N EDGEMESH-UDP-OUTPUT".to_string(),
+        "-A PREROUTING -m comment --comment edgemesh -j EDGEMESH-UDP-PREROUTING".to_string(),
+        "-A OUTPUT -m comment --comment edgemesh -j EDGEMESH-UDP-OUTPUT".to_string(),
+        format!("-A EDGEMESH-UDP-PREROUTING -d 10.96.0.0/12 -p udp -m comment --comment edgemesh -j MARK --set-xmark {m}"),
+        "-A EDGEMESH-UDP-OUTPUT -m mark --mark 0x1e5/0x1e5 -m comment --comment edgemesh -j RETURN".to_string(),
+        format!("-A EDGEMESH-UDP-OUTPUT -d 10.96.0.0/12 -p udp -m comment --comment edgemesh -j MARK --set-xmark {m}"),
+        format!("from all fwmark {m} lookup {table}"),
+        "local default dev lo scope host".to_string(),
+    ];
     v.sort();
     v
 }
@@ -393,6 +401,47 @@ fn rules_are_installed_once_kept_and_removed_by_cleanup() {
     });
     mesh.stop_node(0, libc::SIGTERM);
     assert_eq!(udp_rules(&mesh, 0), Vec::<String>::new());
+}
+
+#[test]
+fn cleanup_removes_a_policy_rule_of_another_mark_and_table() {
+    let mut mesh = Mesh::new("udp-rules2", 1, Vec::new());
+    let settings = ["proxy.udp.route_mark=131072", "proxy.udp.route_table=600"];
+    mesh.nodes[0].extra = settings.iter().map(|s| s.to_string()).collect();
+    mesh.start_cloud();
+    mesh.create_tokens();
+    mesh.start_node(0);
+    mesh.wait_synced(0);
+    let expected = expected_rules_with(0x20000, 600);
+    wait_for(
+        "UDP rules with mark 0x20000, table 600",
+        Duration::from_secs(10),
+        || (udp_rules_in(&mesh, 0, 600) == expected).then_some(()),
+    );
+    assert!(
+        udp_rules(&mesh, 0).iter().all(|l| !l.contains("485")),
+        "nothing in the default table"
+    );
+    // After a crash, `edgemesh cleanup` with the same settings removes them.
+    mesh.stop_node(0, libc::SIGKILL);
+    let node = mesh.nodes[0].host.clone();
+    let edgemesh = bin("edgemesh");
+    let mut argv = vec![edgemesh.to_str().expect("path"), "cleanup"];
+    for s in &settings {
+        argv.extend(["--set", s]);
+    }
+    let out = mesh.topo.exec(&node, &argv);
+    assert!(
+        out.status.success(),
+        "cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        udp_rules_in(&mesh, 0, 600),
+        Vec::<String>::new(),
+        "after cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -397,12 +397,10 @@ async fn run(program: &'static str, argv: &[&str]) -> Result<String, IptablesErr
 
 /// `edgemesh cleanup`: removes edgemesh's rules of both address families. Our rules are found
 /// by chain name and comment, so this works whatever `service_cidr` and `proxy.port` were; the
-/// UDP policy routing rule by the default `proxy.udp.route_mark` and `proxy.udp.route_table`.
-pub async fn cleanup_all() -> anyhow::Result<()> {
+/// UDP policy routing rule by `udp`'s `route_mark` and `route_table` (the agent's config).
+pub async fn cleanup_all(udp: &crate::proxy::UdpConfig) -> anyhow::Result<()> {
     let mut removed_any = false;
     for cidr in ["10.96.0.0/12", "fd00::/108"] {
-        // The UDP policy rule is found by the default mark and table.
-        let udp = crate::proxy::UdpConfig::default();
         let rules = Rules::new(
             cidr.parse().unwrap_or_else(|_| unreachable!()),
             1,
