@@ -567,14 +567,14 @@ impl Mesh {
             .topo
             .curl(&self.nodes[i].host, &[&format!("http://{ADMIN}/metrics")]);
         assert_eq!(s, 200, "/metrics: {text}");
-        sum_series(&text, name, labels)
+        crate::dns::metric_sum(&text, name, labels)
     }
 
     /// [`Mesh::metric`] from cloudcore's `/metrics`.
     pub fn cloud_metric(&self, name: &str, labels: &[&str]) -> f64 {
         let (s, v) = self.api("GET", "/metrics", None);
         assert_eq!(s, 200, "cloudcore /metrics: {v}");
-        sum_series(v.as_str().unwrap_or_default(), name, labels)
+        crate::dns::metric_sum(v.as_str().unwrap_or_default(), name, labels)
     }
 
     /// `n` requests from `client` to `http://ip/`, each on a new connection; how many each
@@ -607,19 +607,6 @@ impl Mesh {
         assert_eq!(counts.values().sum::<usize>(), n, "{counts:?}");
         counts
     }
-}
-
-/// The sum of the samples of metric `name` in a Prometheus exposition whose labels contain every
-/// `labels` fragment.
-fn sum_series(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| labels.iter().all(|f| l.contains(f)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Sends `total` pseudo-random bytes through `addr` to an echo server and checks that exactly

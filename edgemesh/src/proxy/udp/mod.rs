@@ -103,34 +103,54 @@ impl Flows {
 }
 
 /// Counters of one Service's UDP flows.
-struct Metrics {
-    service: String,
+struct Metrics<'a> {
+    service: &'a str,
 }
 
-impl Metrics {
-    fn new(route: &Route) -> Metrics {
+impl<'a> Metrics<'a> {
+    fn new(route: &'a Route) -> Metrics<'a> {
         Metrics {
-            service: route.stats.label().to_string(),
+            service: route.stats.label(),
         }
     }
 
-    fn flow(&self) {
-        counter!("edgemesh_proxy_udp_flows_total", "service" => self.service.clone()).increment(1);
-    }
-
-    fn datagram(&self, direction: Direction, len: usize) {
-        let direction = match direction {
-            Direction::ToStream => "to_endpoint",
-            Direction::FromStream => "from_endpoint",
-        };
-        counter!("edgemesh_proxy_udp_datagrams_total", "service" => self.service.clone(), "direction" => direction)
-            .increment(1);
-        counter!("edgemesh_proxy_udp_bytes_total", "service" => self.service.clone(), "direction" => direction)
-            .increment(len as u64);
+    /// Counts a flow that is being forwarded, and resolves the counters its datagrams add to
+    /// (once per flow, not per datagram).
+    fn flow(&self) -> FlowCounters {
+        let service = self.service.to_string();
+        counter!("edgemesh_proxy_udp_flows_total", "service" => service.clone()).increment(1);
+        let by = |name: &'static str, direction: &'static str| counter!(name, "service" => service.clone(), "direction" => direction);
+        FlowCounters {
+            datagrams: [
+                by("edgemesh_proxy_udp_datagrams_total", "to_endpoint"),
+                by("edgemesh_proxy_udp_datagrams_total", "from_endpoint"),
+            ],
+            bytes: [
+                by("edgemesh_proxy_udp_bytes_total", "to_endpoint"),
+                by("edgemesh_proxy_udp_bytes_total", "from_endpoint"),
+            ],
+        }
     }
 
     fn drop(&self, reason: &'static str) {
-        drop_counted(&self.service, reason);
+        drop_counted(self.service, reason);
+    }
+}
+
+/// The datagram and byte counters of one forwarded flow, by direction.
+struct FlowCounters {
+    datagrams: [metrics::Counter; 2],
+    bytes: [metrics::Counter; 2],
+}
+
+impl FlowCounters {
+    fn datagram(&self, direction: Direction, len: usize) {
+        let i = match direction {
+            Direction::ToStream => 0,
+            Direction::FromStream => 1,
+        };
+        self.datagrams[i].increment(1);
+        self.bytes[i].increment(len as u64);
     }
 }
 
@@ -386,14 +406,17 @@ impl UdpProxy {
                     metrics.drop("rate_limited");
                     return;
                 }
-                metrics.flow();
+                let counters = metrics.flow();
                 debug!(endpoint = %endpoint.addr, "flow");
-                local_flow(&socket, &endpoint, &mut rx, &sink, idle, &metrics).await;
+                local_flow(
+                    &socket, &endpoint, &mut rx, &sink, idle, &metrics, &counters,
+                )
+                .await;
             }
             DatagramUpstream::Tunnel(mut stream) => {
-                metrics.flow();
+                let counters = metrics.flow();
                 debug!(endpoint = %endpoint.addr, "flow through a tunnel");
-                let seen = |d, n| metrics.datagram(d, n);
+                let seen = |d, n| counters.datagram(d, n);
                 if let Err(e) = Box::pin(datagram::pump(
                     &mut stream,
                     &mut rx,
@@ -432,7 +455,8 @@ async fn local_flow(
     rx: &mut FlowReceiver,
     reply: &Reply,
     idle: Duration,
-    metrics: &Metrics,
+    metrics: &Metrics<'_>,
+    counters: &FlowCounters,
 ) {
     let unreachable = |e: &io::Error| e.kind() == io::ErrorKind::ConnectionRefused;
     let mut deadline = tokio::time::Instant::now() + idle;
@@ -440,7 +464,7 @@ async fn local_flow(
         tokio::select! {
             d = rx.recv() => {
                 match socket.send(&d).await {
-                    Ok(_) => metrics.datagram(Direction::ToStream, d.len()),
+                    Ok(_) => counters.datagram(Direction::ToStream, d.len()),
                     Err(e) if unreachable(&e) => {
                         endpoint.health.record_failure();
                         metrics.drop("unreachable");
@@ -471,7 +495,7 @@ async fn local_flow(
                 match datagram::try_recv(socket) {
                     Ok(d) => {
                         endpoint.health.record_success();
-                        metrics.datagram(Direction::FromStream, d.len());
+                        counters.datagram(Direction::FromStream, d.len());
                         if let Err(e) = reply.send(&d).await {
                             debug!(error = %e, "reply to the client failed");
                             metrics.drop("reply_failed");
