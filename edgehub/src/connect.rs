@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::net::{TcpSocket, TcpStream, UdpSocket};
+use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
 use crate::balance::{Endpoint, InFlight, PickContext};
@@ -123,15 +123,17 @@ impl Dialer {
     }
 }
 
-/// Receive buffer of a UDP flow's socket to its endpoint (allocated only while datagrams wait).
-const FLOW_RECEIVE_BUFFER: usize = 1 << 20;
+/// Receive and send buffers of a UDP flow's socket to its endpoint (memory is taken only while
+/// datagrams wait).
+const FLOW_SOCKET_BUFFER: usize = 1 << 20;
 
 impl Dialer {
     /// A UDP socket connected to `addr`, marked like TCP sockets. Connecting sends nothing,
     /// so this fails only for want of sockets; an endpoint that is not there answers the
     /// first datagram with ICMP unreachable, which a later read of the socket reports
-    /// (`ConnectionRefused`).
-    pub fn dial_udp(&self, addr: SocketAddr) -> io::Result<UdpSocket> {
+    /// (`ConnectionRefused`). The socket is non-blocking and registered with no reactor: the
+    /// caller chooses how to wait on it (one task per flow, or one poller for many).
+    pub fn dial_udp(&self, addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
         let any: SocketAddr = match addr {
             SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
@@ -139,18 +141,20 @@ impl Dialer {
         let socket = std::net::UdpSocket::bind(any)?;
         self.mark(&socket);
         // A flow's replies (a stream of video, an iperf3 -R) arrive as fast as the endpoint
-        // sends them; the default buffer holds only a few milliseconds of that.
-        let _ = crate::socket::set_receive_buffer(&socket, FLOW_RECEIVE_BUFFER);
+        // sends them, and the client's datagrams are sent without waiting: the default buffers
+        // hold only a few milliseconds of either.
+        let _ = crate::socket::set_receive_buffer(&socket, FLOW_SOCKET_BUFFER);
+        let _ = crate::socket::set_send_buffer(&socket, FLOW_SOCKET_BUFFER);
         socket.set_nonblocking(true)?;
         socket.connect(addr)?;
-        UdpSocket::from_std(socket)
+        Ok(socket)
     }
 }
 
 /// The far end of a UDP flow: a connected socket of this side's, or a stream to the side that
 /// hosts the endpoint, carrying the flow's datagrams framed ([`crate::io::datagram`]).
 pub enum DatagramUpstream {
-    Local(UdpSocket),
+    Local(std::net::UdpSocket),
     Tunnel(Upstream),
 }
 

@@ -189,7 +189,11 @@ impl StreamServer {
             );
             return Served::Limited;
         }
-        let socket = match self.dialer.dial_udp(request.endpoint) {
+        let socket = match self
+            .dialer
+            .dial_udp(request.endpoint)
+            .and_then(tokio::net::UdpSocket::from_std)
+        {
             Ok(s) => s,
             Err(e) => {
                 let message = format!("udp socket for {}: {e}", request.endpoint);

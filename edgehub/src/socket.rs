@@ -132,6 +132,16 @@ pub fn set_receive_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<()>
         .or_else(|_| setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes))
 }
 
+/// Asks for a send buffer of `bytes`, like [`set_receive_buffer`]: a socket sent to without
+/// waiting (one poller serving many flows) reports `WouldBlock`, and so drops, once its buffer
+/// holds datagrams the device has not taken yet.
+pub fn set_send_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let fd = socket.as_raw_fd();
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes)
+        .or_else(|_| setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes))
+}
+
 /// A UDP socket for TPROXY: `IP_TRANSPARENT` (and `IPV6_TRANSPARENT`) so that it may take
 /// datagrams for, and send from, addresses that are not the host's (a cluster IP), with
 /// `SO_REUSEADDR` so that several may share an address. `original_dst` also asks for each

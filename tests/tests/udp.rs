@@ -449,7 +449,10 @@ fn flows_spread_stick_with_client_ip_affinity_and_avoid_a_stopped_endpoint() {
     let mut mesh = mesh("udp-spread", 1);
     let pods: Vec<Host> = (0..3).map(|i| mesh.add_pod(0, &format!("s{i}"))).collect();
     let procs: Vec<_> = pods.iter().map(|p| udp_echo(&mut mesh, p, 7000)).collect();
+    // One client per phase, so that no phase meets the flows of another.
     let client = mesh.add_pod(0, "c0");
+    let affine_client = mesh.add_pod(0, "c1");
+    let late_client = mesh.add_pod(0, "c2");
     let addrs: Vec<(&Host, &str)> = pods.iter().map(|p| (p, "edge-0")).collect();
     let ip = put_udp_service(&mesh, "spread", 9, 7000, &addrs);
     let addr: std::net::SocketAddr = format!("{ip}:9").parse().expect("addr");
@@ -475,7 +478,9 @@ fn flows_spread_stick_with_client_ip_affinity_and_avoid_a_stopped_endpoint() {
         let route = mesh.route(0, &format!("{ip}:9"))?;
         (!route["sessionAffinity"].is_null()).then_some(())
     });
-    let (counts, lost) = who(&client, addr, 30);
+    // A client of its own: a source port the kernel hands out again would otherwise find one
+    // of the first 300 flows, which live on (idle timeout 60 s) with their endpoints.
+    let (counts, lost) = who(&affine_client, addr, 30);
     assert_eq!(lost, 0, "{counts:?}");
     assert_eq!(counts.len(), 1, "one endpoint for one client: {counts:?}");
 
@@ -486,7 +491,7 @@ fn flows_spread_stick_with_client_ip_affinity_and_avoid_a_stopped_endpoint() {
         route["sessionAffinity"].is_null().then_some(())
     });
     mesh.topo.kill(procs[2], libc::SIGKILL);
-    let (counts, lost) = who(&client, addr, 60);
+    let (counts, lost) = who(&late_client, addr, 60);
     assert!(!counts.contains_key("s2"), "{counts:?}");
     assert!(
         lost <= 2,

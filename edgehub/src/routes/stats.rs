@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use hyper::StatusCode;
 use metrics::{counter, histogram, Counter, Histogram};
 
+use crate::io::datagram::Direction;
 use crate::io::Protocol;
 
 pub struct ServiceStats {
@@ -17,6 +18,33 @@ pub struct ServiceStats {
     counters: OnceLock<Box<Counters>>,
     /// Per protocol (`http1`, `h2`): only Services that see HTTP get these series.
     http: [OnceLock<Box<HttpStats>>; 2],
+    /// Only Services that see UDP flows get these series.
+    udp: OnceLock<Box<UdpStats>>,
+}
+
+/// The UDP flows of one Service: resolved once per Service, so that a new flow and each of its
+/// datagrams only bump atomics.
+pub struct UdpStats {
+    flows: Counter,
+    /// By [`Direction`]: to the endpoint, from it.
+    datagrams: [Counter; 2],
+    bytes: [Counter; 2],
+}
+
+impl UdpStats {
+    /// A flow that is being forwarded.
+    pub fn flow(&self) {
+        self.flows.increment(1);
+    }
+
+    pub fn datagram(&self, direction: Direction, len: usize) {
+        let i = match direction {
+            Direction::ToStream => 0,
+            Direction::FromStream => 1,
+        };
+        self.datagrams[i].increment(1);
+        self.bytes[i].increment(len as u64);
+    }
 }
 
 /// Requests of one Service over one HTTP version.
@@ -60,7 +88,29 @@ impl ServiceStats {
             label,
             counters: OnceLock::new(),
             http: Default::default(),
+            udp: OnceLock::new(),
         }
+    }
+
+    /// The UDP flow metrics (`direction` is `to_endpoint` or `from_endpoint`).
+    pub fn udp(&self) -> &UdpStats {
+        self.udp.get_or_init(|| {
+            let service = self.label.to_string();
+            let by = |name: &str, direction: &'static str| {
+                counter!(crate::telemetry::name(name), "service" => service.clone(), "direction" => direction)
+            };
+            Box::new(UdpStats {
+                flows: counter!(crate::telemetry::name("proxy_udp_flows_total"), "service" => service.clone()),
+                datagrams: [
+                    by("proxy_udp_datagrams_total", "to_endpoint"),
+                    by("proxy_udp_datagrams_total", "from_endpoint"),
+                ],
+                bytes: [
+                    by("proxy_udp_bytes_total", "to_endpoint"),
+                    by("proxy_udp_bytes_total", "from_endpoint"),
+                ],
+            })
+        })
     }
 
     /// The request metrics of `protocol` ([`Protocol::Http1`] or [`Protocol::H2`]).

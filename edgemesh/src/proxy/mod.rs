@@ -440,7 +440,8 @@ pub async fn start(
         tables.clone(),
         connector.clone(),
         deps.limiters.clone(),
-    );
+    )
+    .map_err(|e| anyhow::anyhow!("UDP flow poller: {e}"))?;
     tasks.push(tokio::spawn(udp.serve(shutdown.clone())));
     let proxy = Proxy::new(cfg.clone(), tables.clone(), connector, deps.limiters);
     tasks.push(tokio::spawn(proxy.serve(listener, shutdown)));

@@ -13,22 +13,20 @@
 //! come from where it asked. The table holds at most `proxy.udp.max_flows` flows and
 //! evicts the oldest.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use edgehub::balance::{Endpoint, PickContext};
+use edgehub::balance::PickContext;
 use edgehub::connect::{ConnectError, Connector, DatagramUpstream};
-use edgehub::io::datagram::{self, DatagramSink, Direction};
+use edgehub::io::datagram::{self, DatagramSink};
 use edgehub::limits::{Decision, Limiters, Protocol as Admission};
 use edgehub::routes::{Route, RouteTable};
 use edgehub::socket;
-use metrics::counter;
-use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -36,129 +34,24 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, debug_span, warn, Instrument};
 
 use super::UdpConfig;
-use queue::{FlowReceiver, FlowSender, Offered};
+use counters::drop_counted;
+use local::{Answers, Clock, FlowParts, LocalFlow, Registry, Sent, Upstreams};
+use queue::{FlowReceiver, Offered};
+use table::{FlowKey, Flows, Forward};
 
+mod counters;
+mod local;
 mod queue;
+mod table;
 
-/// Datagrams of one flow waiting for its upstream; more are dropped (`queue_full`).
+/// Datagrams of one flow waiting for its task (while its endpoint is picked, or for a tunnel
+/// stream); more are dropped (`queue_full`).
 const FLOW_QUEUE: usize = 256;
 
-/// Flows that count as a crowd whose end is worth returning memory for (see `crowd_gone`).
-const CROWD: usize = 1024;
-
 /// Receive buffer of a Service IP:port's socket: 4 MiB holds ~20 ms of 1,400-byte datagrams at
-/// 1 Gbit/s, so a busy CPU delays datagrams instead of dropping them.
-const SERVICE_RECEIVE_BUFFER: usize = 4 << 20;
-
-type FlowKey = (SocketAddr, SocketAddr);
-
-struct FlowEntry {
-    id: u64,
-    tx: FlowSender,
-    cancel: CancellationToken,
-}
-
-/// The flows, and the reply sockets they share (one per Service IP:port).
-#[derive(Default)]
-struct Flows {
-    next_id: u64,
-    /// The most flows held since memory was last handed back.
-    peak: usize,
-    by_key: HashMap<FlowKey, FlowEntry>,
-    /// Flow ids in creation order: the first is the oldest.
-    order: BTreeMap<u64, FlowKey>,
-}
-
-impl Flows {
-    fn remove(&mut self, key: &FlowKey, id: u64) {
-        if self.by_key.get(key).is_some_and(|e| e.id == id) {
-            self.by_key.remove(key);
-        }
-        self.order.remove(&id);
-    }
-
-    /// Whether most of a crowd of flows has ended since the last time: then the table's room and
-    /// the memory their tasks freed are given back (a flood of 20,000 one-shot flows would
-    /// otherwise stay in the agent's RSS for good).
-    fn crowd_gone(&mut self) -> bool {
-        if self.peak < CROWD || self.by_key.len() > self.peak / 4 {
-            return false;
-        }
-        self.peak = self.by_key.len();
-        self.by_key.shrink_to_fit();
-        true
-    }
-
-    /// Ends the oldest flow; its Service label, for the drop counter.
-    fn evict_oldest(&mut self) -> bool {
-        let Some((id, key)) = self.order.pop_first() else {
-            return false;
-        };
-        if let Some(entry) = self.by_key.remove(&key) {
-            debug_assert_eq!(entry.id, id);
-            entry.cancel.cancel();
-        }
-        true
-    }
-}
-
-/// Counters of one Service's UDP flows.
-struct Metrics<'a> {
-    service: &'a str,
-}
-
-impl<'a> Metrics<'a> {
-    fn new(route: &'a Route) -> Metrics<'a> {
-        Metrics {
-            service: route.stats.label(),
-        }
-    }
-
-    /// Counts a flow that is being forwarded, and resolves the counters its datagrams add to
-    /// (once per flow, not per datagram).
-    fn flow(&self) -> FlowCounters {
-        let service = self.service.to_string();
-        counter!("edgemesh_proxy_udp_flows_total", "service" => service.clone()).increment(1);
-        let by = |name: &'static str, direction: &'static str| counter!(name, "service" => service.clone(), "direction" => direction);
-        FlowCounters {
-            datagrams: [
-                by("edgemesh_proxy_udp_datagrams_total", "to_endpoint"),
-                by("edgemesh_proxy_udp_datagrams_total", "from_endpoint"),
-            ],
-            bytes: [
-                by("edgemesh_proxy_udp_bytes_total", "to_endpoint"),
-                by("edgemesh_proxy_udp_bytes_total", "from_endpoint"),
-            ],
-        }
-    }
-
-    fn drop(&self, reason: &'static str) {
-        drop_counted(self.service, reason);
-    }
-}
-
-/// The datagram and byte counters of one forwarded flow, by direction.
-struct FlowCounters {
-    datagrams: [metrics::Counter; 2],
-    bytes: [metrics::Counter; 2],
-}
-
-impl FlowCounters {
-    fn datagram(&self, direction: Direction, len: usize) {
-        let i = match direction {
-            Direction::ToStream => 0,
-            Direction::FromStream => 1,
-        };
-        self.datagrams[i].increment(1);
-        self.bytes[i].increment(len as u64);
-    }
-}
-
-fn drop_counted(service: &str, reason: &'static str) {
-    debug!(service, reason, "UDP datagram dropped");
-    counter!("edgemesh_proxy_udp_drops_total", "service" => service.to_string(), "reason" => reason)
-        .increment(1);
-}
+/// 1 Gbit/s, so a busy CPU delays datagrams instead of dropping them. Its send buffer, for the
+/// answers of every flow of the port sent without waiting, likewise.
+const SERVICE_SOCKET_BUFFER: usize = 4 << 20;
 
 pub struct UdpProxy {
     cfg: UdpConfig,
@@ -167,6 +60,10 @@ pub struct UdpProxy {
     connector: Arc<Connector>,
     limiters: Arc<Limiters>,
     flows: Mutex<Flows>,
+    clock: Clock,
+    /// Taken by `serve`, which runs it.
+    upstreams: Option<Upstreams>,
+    registry: Registry,
     active: metrics::Gauge,
     tracker: TaskTracker,
 }
@@ -178,27 +75,60 @@ impl UdpProxy {
         tables: watch::Receiver<Arc<RouteTable>>,
         connector: Arc<Connector>,
         limiters: Arc<Limiters>,
-    ) -> UdpProxy {
-        UdpProxy {
+    ) -> io::Result<UdpProxy> {
+        let (upstreams, registry) = Upstreams::new()?;
+        Ok(UdpProxy {
             cfg,
             mark,
             tables,
             connector,
             limiters,
             flows: Mutex::new(Flows::default()),
+            clock: Clock::new(),
+            upstreams: Some(upstreams),
+            registry,
             active: metrics::gauge!("edgemesh_proxy_udp_flows"),
             tracker: TaskTracker::new(),
+        })
+    }
+
+    fn flows(&self) -> MutexGuard<'_, Flows> {
+        self.flows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Updates the flow gauge after the table changed, and hands memory back when a crowd of
+    /// flows has gone.
+    fn table_changed(&self, mut flows: MutexGuard<'_, Flows>) {
+        self.active.set(flows.len() as f64);
+        if flows.crowd_gone() {
+            drop(flows);
+            tokio::task::spawn_blocking(edgehub::process::release_free_memory);
         }
     }
 
-    fn flows(&self) -> std::sync::MutexGuard<'_, Flows> {
-        self.flows.lock().unwrap_or_else(|p| p.into_inner())
+    fn end_flow(&self, key: &FlowKey, id: u64) {
+        let mut flows = self.flows();
+        flows.remove(key, id);
+        self.table_changed(flows);
+    }
+
+    /// How often idle socket flows are looked for: a flow ends between its idle timeout and
+    /// that plus this.
+    fn expiry_tick(&self) -> Duration {
+        let shortest = self.cfg.idle_timeout.min(self.cfg.one_shot_idle_timeout);
+        (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
     }
 
     /// Keeps one socket on each UDP Service IP:port of the route table until `shutdown`, then
     /// ends every flow.
-    pub async fn serve(self, shutdown: CancellationToken) {
+    pub async fn serve(mut self, shutdown: CancellationToken) {
+        let upstreams = self.upstreams.take();
         let proxy = Arc::new(self);
+        if let Some(upstreams) = upstreams {
+            proxy
+                .tracker
+                .spawn(proxy.clone().answers(upstreams, shutdown.clone()));
+        }
         let mut tables = proxy.tables.clone();
         let mut sockets: HashMap<SocketAddr, CancellationToken> = HashMap::new();
         loop {
@@ -216,9 +146,12 @@ impl UdpProxy {
                 }
                 let socket = match socket::transparent_udp(*addr, false, Some(proxy.mark)).and_then(
                     |s| {
-                        // Every client of the Service port sends to this one socket.
-                        if let Err(e) = socket::set_receive_buffer(&s, SERVICE_RECEIVE_BUFFER) {
-                            debug!(%addr, error = %e, "receive buffer left at the default");
+                        // Every client of the Service port sends to this one socket, and every
+                        // answer to them leaves from it.
+                        if let Err(e) = socket::set_receive_buffer(&s, SERVICE_SOCKET_BUFFER)
+                            .and_then(|()| socket::set_send_buffer(&s, SERVICE_SOCKET_BUFFER))
+                        {
+                            debug!(%addr, error = %e, "socket buffers left at the default");
                         }
                         UdpSocket::from_std(s)
                     },
@@ -241,12 +174,53 @@ impl UdpProxy {
                 r = tables.changed() => if r.is_err() { break },
             }
         }
-        let flows: Vec<_> = proxy.flows().by_key.drain().map(|(_, e)| e).collect();
-        for flow in flows {
-            flow.cancel.cancel();
-        }
+        proxy.flows().clear();
+        proxy.active.set(0.0);
         proxy.tracker.close();
         proxy.tracker.wait().await;
+    }
+
+    /// Forwards the endpoints' answers of every socket flow, and ends the idle ones, until
+    /// `stop`.
+    async fn answers(self: Arc<Self>, upstreams: Upstreams, stop: CancellationToken) {
+        let mut buf = vec![0u8; datagram::MAX_DATAGRAM + 1];
+        let ready = |id: u64, error: bool| {
+            let Some((key, flow)) = self.flows().socket_flow(id) else {
+                return Answers::Drained; // ended while its answer was on the way
+            };
+            let answers = if error && flow.error() {
+                Answers::Ended
+            } else {
+                flow.answers(&mut buf)
+            };
+            if answers == Answers::Ended {
+                self.end_flow(&key, id);
+            }
+            answers
+        };
+        let mut tick = tokio::time::interval(self.expiry_tick());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let poller = upstreams.run(ready);
+        tokio::pin!(poller);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = &mut poller => {
+                    // Only a failing epoll set gets here; flows to local endpoints then get
+                    // no answers, which the log must say.
+                    if let Err(e) = r {
+                        warn!(error = %e, "UDP flow poller failed: local flows get no answers");
+                    }
+                    return;
+                }
+                _ = tick.tick() => {
+                    let mut flows = self.flows();
+                    if flows.expire(self.clock.now()) > 0 {
+                        self.table_changed(flows);
+                    }
+                }
+            }
+        }
     }
 
     /// Reads the datagrams sent to one Service IP:port until `stop`.
@@ -291,36 +265,49 @@ impl UdpProxy {
             return;
         }
         let key = (source, dst);
-        let datagram = Bytes::copy_from_slice(payload);
         let mut flows = self.flows();
-        if let Some(entry) = flows.by_key.get(&key) {
-            match entry.tx.offer(datagram) {
-                Offered::Queued => return,
-                Offered::Full => {
-                    drop_counted(route.stats.label(), "queue_full");
+        let first = match flows.get(&key) {
+            None => Bytes::copy_from_slice(payload),
+            Some(entry) => match &entry.forward {
+                Forward::Socket(flow) => {
+                    let (flow, id) = (flow.clone(), entry.id);
+                    drop(flows);
+                    match flow.send(payload) {
+                        Sent::Forwarded => {}
+                        Sent::Dropped(reason) => drop_counted(flow.service(), reason),
+                        Sent::Unreachable => self.end_flow(&key, id),
+                    }
                     return;
                 }
-                // The flow just ended: this datagram starts a new one.
-                Offered::Ended(d) => {
-                    let id = entry.id;
-                    flows.remove(&key, id);
-                    return self.start_flow(flows, key, route, d, socket.clone());
-                }
-            }
-        }
-        self.start_flow(flows, key, route, datagram, socket.clone());
+                Forward::Task { tx, .. } => match tx.offer(Bytes::copy_from_slice(payload)) {
+                    Offered::Queued => return,
+                    Offered::Full => {
+                        drop(flows);
+                        drop_counted(route.stats.label(), "queue_full");
+                        return;
+                    }
+                    // The flow's task just ended: this datagram starts a new one.
+                    Offered::Ended(d) => {
+                        let id = entry.id;
+                        flows.remove(&key, id);
+                        d
+                    }
+                },
+            },
+        };
+        self.start_flow(flows, key, route, first, socket.clone());
     }
 
     fn start_flow(
         self: &Arc<Self>,
-        mut flows: std::sync::MutexGuard<'_, Flows>,
+        mut flows: MutexGuard<'_, Flows>,
         key: FlowKey,
         route: Arc<Route>,
         first: Bytes,
         reply: Arc<UdpSocket>,
     ) {
-        let (client, dst) = key;
-        while flows.by_key.len() >= self.cfg.max_flows {
+        let (client, _) = key;
+        while flows.len() >= self.cfg.max_flows {
             if !flows.evict_oldest() {
                 break;
             }
@@ -329,73 +316,67 @@ impl UdpProxy {
         let (tx, rx) = queue::queue(FLOW_QUEUE);
         tx.offer(first);
         let cancel = CancellationToken::new();
-        let id = flows.next_id;
-        flows.next_id += 1;
-        flows.by_key.insert(
+        let id = flows.insert(
             key,
-            FlowEntry {
-                id,
+            Forward::Task {
                 tx,
                 cancel: cancel.clone(),
             },
         );
-        flows.order.insert(id, key);
-        flows.peak = flows.peak.max(flows.by_key.len());
-        drop(flows);
+        self.table_changed(flows);
         let proxy = self.clone();
         let span = debug_span!("udp", %client, service = %route.service);
         self.tracker.spawn(
             async move {
-                proxy.active.increment(1.0);
-                tokio::select! {
-                    () = proxy.run_flow(&route, client, dst, rx, reply) => {}
-                    () = cancel.cancelled() => debug!("flow ended (evicted or shutdown)"),
-                }
-                proxy.active.decrement(1.0);
-                let mut flows = proxy.flows();
-                flows.remove(&key, id);
-                if flows.crowd_gone() {
-                    drop(flows);
-                    tokio::task::spawn_blocking(edgehub::process::release_free_memory);
+                let handed_over = tokio::select! {
+                    handed_over = proxy.run_flow(&route, key, id, rx, reply) => handed_over,
+                    () = cancel.cancelled() => {
+                        debug!("flow ended (evicted or shutdown)");
+                        false
+                    }
+                };
+                if !handed_over {
+                    proxy.end_flow(&key, id);
                 }
             }
             .instrument(span),
         );
     }
 
+    /// Picks the flow's endpoint and forwards it: a flow to an endpoint on this node is handed
+    /// to the poller ([`UdpProxy::hand_to_poller`]) and its task ends (true); one through a tunnel
+    /// stream is pumped here until it ends (false, like a flow that could not start).
     async fn run_flow(
         &self,
-        route: &Route,
-        client: SocketAddr,
-        dst: SocketAddr,
-        mut rx: FlowReceiver,
+        route: &Arc<Route>,
+        key: FlowKey,
+        id: u64,
+        rx: FlowReceiver,
         reply: Arc<UdpSocket>,
-    ) {
-        let metrics = Metrics::new(route);
+    ) -> bool {
+        let (client, dst) = key;
+        let label = route.stats.label();
         let ctx = PickContext {
             client_ip: client.ip(),
             hash_key: None,
         };
-        // Boxed: the flow then waits for its datagrams in a task the size of what it waits with
-        // (a flow is mostly idle, and there may be tens of thousands), not of the dial.
-        let (upstream, endpoint, _in_flight) =
-            match Box::pin(self.connector.connect_datagrams(route, &ctx)).await {
+        let (upstream, endpoint, in_flight) =
+            match self.connector.connect_datagrams(route, &ctx).await {
                 Ok(c) => c,
                 Err(e) => {
                     debug!(error = %e, "flow not forwarded");
-                    metrics.drop(match e {
-                        ConnectError::NoEndpoints { .. } => "no_endpoints",
-                        ConnectError::RateLimited { .. } => "rate_limited",
-                        ConnectError::AllFailed { .. } => "connect_failed",
-                    });
-                    return;
+                    drop_counted(
+                        label,
+                        match e {
+                            ConnectError::NoEndpoints { .. } => "no_endpoints",
+                            ConnectError::RateLimited { .. } => "rate_limited",
+                            ConnectError::AllFailed { .. } => "connect_failed",
+                        },
+                    );
+                    return false;
                 }
             };
         let idle = self.cfg.idle_for(dst.port());
-        let sink = Reply {
-            socket: reply,
-            client,
-        };
         match upstream {
             DatagramUpstream::Local(socket) => {
                 // The Service's limit is enforced where the endpoint is dialled: here, one
@@ -403,19 +384,34 @@ impl UdpProxy {
                 let (ns, name) = (&route.service.namespace, &route.service.name);
                 if let Decision::Limited { .. } = self.limiters.admit(ns, name, Admission::Udp) {
                     debug!("new flow over the Service's limit: dropped");
-                    metrics.drop("rate_limited");
-                    return;
+                    drop_counted(label, "rate_limited");
+                    return false;
                 }
-                let counters = metrics.flow();
+                route.stats.udp().flow();
                 debug!(endpoint = %endpoint.addr, "flow");
-                local_flow(
-                    &socket, &endpoint, &mut rx, &sink, idle, &metrics, &counters,
-                )
-                .await;
+                let flow = LocalFlow::new(
+                    socket,
+                    FlowParts {
+                        client,
+                        reply,
+                        endpoint,
+                        in_flight,
+                        stats: route.stats.clone(),
+                        clock: self.clock,
+                        idle,
+                    },
+                );
+                self.hand_to_poller(key, id, flow, rx)
             }
             DatagramUpstream::Tunnel(mut stream) => {
-                let counters = metrics.flow();
+                let counters = route.stats.udp();
+                counters.flow();
                 debug!(endpoint = %endpoint.addr, "flow through a tunnel");
+                let sink = Reply {
+                    socket: reply,
+                    client,
+                };
+                let mut rx = rx;
                 let seen = |d, n| counters.datagram(d, n);
                 if let Err(e) = Box::pin(datagram::pump(
                     &mut stream,
@@ -428,12 +424,56 @@ impl UdpProxy {
                 {
                     debug!(error = %e, "flow ended");
                 }
+                drop(in_flight);
+                false
             }
         }
     }
+
+    /// Hands flow `id` to the poller: from now on its datagrams go straight to `flow`'s socket;
+    /// those that waited in the task's queue go first. The flow ends here if its socket cannot
+    /// join the poller, or its endpoint is unreachable. Whether the flow went to the poller
+    /// (then its entry is the poller's to end).
+    fn hand_to_poller(
+        &self,
+        key: FlowKey,
+        id: u64,
+        mut flow: LocalFlow,
+        mut rx: FlowReceiver,
+    ) -> bool {
+        // Under the table's lock, so that no datagram overtakes the queued ones and the poller
+        // finds the flow when its first answer comes.
+        let mut flows = self.flows();
+        if !flows.holds(&key, id) {
+            return false; // evicted while its endpoint was picked
+        }
+        if let Err(e) = self.registry.add(&mut flow, id) {
+            warn!(error = %e, "cannot poll a UDP flow's socket");
+            drop(flows);
+            drop_counted(flow.service(), "send_failed");
+            return false;
+        }
+        let flow = Arc::new(flow);
+        let deadline = flow.idle_deadline();
+        // The task's queue sender goes with the forward it replaces: nothing more is queued.
+        let _task = flows.hand_to_socket(&key, id, flow.clone(), deadline);
+        for d in rx.drain() {
+            match flow.send(&d) {
+                Sent::Forwarded => {}
+                Sent::Dropped(reason) => drop_counted(flow.service(), reason),
+                Sent::Unreachable => {
+                    flows.remove(&key, id);
+                    break;
+                }
+            }
+        }
+        self.table_changed(flows);
+        debug!(endpoint = %flow.endpoint(), "flow handed to the poller");
+        true
+    }
 }
 
-/// Where a flow's replies go: to the client, from the Service IP:port it sent to.
+/// Where a tunnel flow's replies go: to the client, from the Service IP:port it sent to.
 struct Reply {
     socket: Arc<UdpSocket>,
     client: SocketAddr,
@@ -446,168 +486,27 @@ impl DatagramSink for Reply {
     }
 }
 
-/// A flow to an endpoint on this node: datagrams both ways through a connected socket until
-/// the flow is idle for `idle` or the endpoint answers ICMP unreachable (which counts against
-/// it, so new flows go elsewhere).
-async fn local_flow(
-    socket: &UdpSocket,
-    endpoint: &Endpoint,
-    rx: &mut FlowReceiver,
-    reply: &Reply,
-    idle: Duration,
-    metrics: &Metrics<'_>,
-    counters: &FlowCounters,
-) {
-    let unreachable = |e: &io::Error| e.kind() == io::ErrorKind::ConnectionRefused;
-    let mut deadline = tokio::time::Instant::now() + idle;
-    loop {
-        tokio::select! {
-            d = rx.recv() => {
-                match socket.send(&d).await {
-                    Ok(_) => counters.datagram(Direction::ToStream, d.len()),
-                    Err(e) if unreachable(&e) => {
-                        endpoint.health.record_failure();
-                        metrics.drop("unreachable");
-                        return;
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "send to the endpoint failed");
-                        metrics.drop("send_failed");
-                    }
-                }
-                deadline = tokio::time::Instant::now() + idle;
-            }
-            // ICMP unreachable sets only the socket's error (EPOLLERR), not readability; an
-            // error ends the flow, so that the next datagram picks anew.
-            r = socket.ready(Interest::READABLE | Interest::ERROR) => {
-                let Ok(ready) = r else { return };
-                if ready.is_error() {
-                    match socket.take_error() {
-                        Ok(Some(e)) if unreachable(&e) => {
-                            debug!(endpoint = %endpoint.addr, "ICMP unreachable");
-                            endpoint.health.record_failure();
-                            metrics.drop("unreachable");
-                        }
-                        other => debug!(?other, "upstream socket error"),
-                    }
-                    return;
-                }
-                match datagram::try_recv(socket) {
-                    Ok(d) => {
-                        endpoint.health.record_success();
-                        counters.datagram(Direction::FromStream, d.len());
-                        if let Err(e) = reply.send(&d).await {
-                            debug!(error = %e, "reply to the client failed");
-                            metrics.drop("reply_failed");
-                        }
-                        deadline = tokio::time::Instant::now() + idle;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if unreachable(&e) => {
-                        debug!(endpoint = %endpoint.addr, "ICMP unreachable");
-                        endpoint.health.record_failure();
-                        metrics.drop("unreachable");
-                        return;
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "receive from the endpoint failed");
-                        return;
-                    }
-                }
-            }
-            () = tokio::time::sleep_until(deadline) => return,
-        }
-    }
-}
-
-/// The flows of the table, for tests and the admin API.
+/// The flows of the table, for tests.
 impl UdpProxy {
     #[cfg(test)]
     fn flow_count(&self) -> usize {
-        self.flows().by_key.len()
+        self.flows().len()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edgehub::balance::{Endpoint, HealthRegistry, OutlierConfig, ServiceBalancer, Tier};
+    use edgehub::connect::Dialer;
+    use edgehub::model::LbPolicy;
+    use edgehub::routes::stats::ServiceStats;
+    use edgehub::routes::ServiceRef;
 
-    #[test]
-    fn the_oldest_flow_is_evicted_first() {
-        let mut flows = Flows::default();
-        let mut cancels = Vec::new();
-        for i in 0..3u16 {
-            let key: FlowKey = (
-                SocketAddr::from(([10, 0, 0, 1], 1000 + i)),
-                "10.96.0.10:53".parse().expect("a"),
-            );
-            let (tx, _rx) = queue::queue(1);
-            let cancel = CancellationToken::new();
-            cancels.push(cancel.clone());
-            flows.by_key.insert(
-                key,
-                FlowEntry {
-                    id: u64::from(i),
-                    tx,
-                    cancel,
-                },
-            );
-            flows.order.insert(u64::from(i), key);
-        }
-        assert!(flows.evict_oldest());
-        assert!(cancels[0].is_cancelled() && !cancels[1].is_cancelled());
-        assert_eq!(flows.by_key.len(), 2);
-        // A flow that ended removes itself; a newer flow under the same key is kept.
-        let key1 = *flows.order.get(&1).expect("flow 1");
-        flows.remove(&key1, 99);
-        assert!(flows.by_key.contains_key(&key1), "another flow's id");
-        flows.remove(&key1, 1);
-        assert_eq!(flows.by_key.len(), 1);
-    }
-
-    #[test]
-    fn memory_is_handed_back_once_when_a_crowd_of_flows_has_gone() {
-        let mut flows = Flows::default();
-        let dst: SocketAddr = "10.96.0.10:53".parse().expect("a");
-        for i in 0..2000u32 {
-            let key = (
-                SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 1000)),
-                dst,
-            );
-            let (tx, _rx) = queue::queue(1);
-            let entry = FlowEntry {
-                id: u64::from(i),
-                tx,
-                cancel: CancellationToken::new(),
-            };
-            flows.by_key.insert(key, entry);
-            flows.order.insert(u64::from(i), key);
-            flows.peak = flows.peak.max(flows.by_key.len());
-        }
-        let mut handed_back = 0;
-        for i in 0..2000u32 {
-            let key = (
-                SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 1000)),
-                dst,
-            );
-            flows.remove(&key, u64::from(i));
-            handed_back += usize::from(flows.crowd_gone());
-        }
-        // Once, at a quarter of the crowd; the rest were too few to count as a crowd again.
-        assert_eq!(handed_back, 1);
-        assert!(flows.by_key.is_empty());
-    }
-
-    #[tokio::test]
-    async fn datagrams_reach_a_local_endpoint_and_answers_come_back() {
-        use edgehub::balance::{HealthRegistry, OutlierConfig, ServiceBalancer, Tier};
-        use edgehub::connect::Dialer;
-        use edgehub::model::LbPolicy;
-        use edgehub::routes::stats::ServiceStats;
-        use edgehub::routes::ServiceRef;
-        // The endpoint: answers each datagram with it reversed.
+    /// An endpoint that answers each datagram with it reversed.
+    async fn reversing_endpoint() -> SocketAddr {
         let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-        let server_addr = server.local_addr().expect("addr");
+        let addr = server.local_addr().expect("addr");
         tokio::spawn(async move {
             let mut buf = vec![0u8; 70_000];
             while let Ok((n, from)) = server.recv_from(&mut buf).await {
@@ -616,8 +515,12 @@ mod tests {
                 let _ = server.send_to(&d, from).await;
             }
         });
+        addr
+    }
+
+    fn route_to(endpoint: SocketAddr) -> Arc<Route> {
         let health = HealthRegistry::new(OutlierConfig::default());
-        let route = Route {
+        Arc::new(Route {
             service: ServiceRef {
                 namespace: Arc::from("default"),
                 name: Arc::from("dns"),
@@ -627,52 +530,136 @@ mod tests {
             protocol: None,
             hash_header: None,
             endpoints: vec![Endpoint {
-                addr: server_addr,
+                addr: endpoint,
                 node: Some(Arc::from("here")),
                 tier: Tier::LOCAL,
-                health: health.get(server_addr),
+                health: health.get(endpoint),
             }],
             elsewhere: 0,
             balancer: Arc::new(ServiceBalancer::new(LbPolicy::RoundRobin, None)),
-        };
+        })
+    }
+
+    fn proxy(cfg: UdpConfig) -> UdpProxy {
         let dialer = Arc::new(Dialer::new(None, Duration::from_secs(1)));
         let connector = Connector::new(dialer, 1, Some("here"), None);
         let (_tx, tables) = watch::channel(Arc::new(RouteTable::default()));
-        let proxy = UdpProxy::new(
-            UdpConfig::default(),
+        UdpProxy::new(
+            cfg,
             1,
             tables,
             Arc::new(connector),
             Arc::new(Limiters::default()),
-        );
+        )
+        .expect("poller")
+    }
+
+    #[tokio::test]
+    async fn a_local_flow_is_served_by_the_poller_and_expires_when_idle() {
+        let route = route_to(reversing_endpoint().await);
+        let mut proxy = proxy(UdpConfig {
+            idle_timeout: Duration::from_millis(300),
+            ..UdpConfig::default()
+        });
+        let upstreams = proxy.upstreams.take().expect("poller");
+        let proxy = Arc::new(proxy);
+        let stop = CancellationToken::new();
+        tokio::spawn(proxy.clone().answers(upstreams, stop.clone()));
         // The client, and the reply socket (plain here: no TPROXY without CAP_NET_ADMIN).
         let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let reply = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+        let key: FlowKey = (
+            client.local_addr().expect("addr"),
+            "10.96.0.10:9000".parse().expect("a"),
+        );
+        // Datagrams that came while the endpoint was picked wait in the task's queue.
         let (tx, rx) = queue::queue(8);
-        for d in [&b"a"[..], &[7u8; 1400][..], &[9u8; 65_000][..]] {
+        for d in [&b"ab"[..], &[7u8; 1400][..], &[9u8; 65_000][..]] {
             assert_eq!(tx.offer(Bytes::copy_from_slice(d)), Offered::Queued);
         }
-        let client_addr = client.local_addr().expect("addr");
-        let dst: SocketAddr = "10.96.0.10:53".parse().expect("a");
-        let flow = proxy.run_flow(&route, client_addr, dst, rx, reply);
-        let check = async {
-            let mut buf = vec![0u8; 70_000];
-            let mut sizes = Vec::new();
-            for _ in 0..3 {
-                let n = client.recv(&mut buf).await.expect("answer");
-                sizes.push(n);
-            }
-            sizes.sort();
-            assert_eq!(
-                sizes,
-                vec![1, 1400, 65_000],
-                "whole datagrams, each on its own"
-            );
-        };
-        tokio::select! {
-            () = flow => panic!("flow ended early"),
-            () = check => {}
+        let cancel = CancellationToken::new();
+        let id = proxy.flows().insert(key, Forward::Task { tx, cancel });
+        assert!(
+            proxy.run_flow(&route, key, id, rx, reply.clone()).await,
+            "handed to the poller"
+        );
+        // Later datagrams go straight to the flow's socket (as `datagram` sends them once the
+        // route table has the Service).
+        let (_, flow) = proxy.flows().socket_flow(id).expect("a socket flow");
+        assert_eq!(flow.send(b"xyz"), Sent::Forwarded);
+        drop(flow);
+        let mut buf = vec![0u8; 70_000];
+        let mut answers = Vec::new();
+        for _ in 0..4 {
+            let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+                .await
+                .expect("an answer within 5 s")
+                .expect("answer");
+            answers.push(buf[..n].to_vec());
         }
-        assert_eq!(proxy.flow_count(), 0);
+        answers.sort_by_key(Vec::len);
+        assert_eq!(
+            answers.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![2, 3, 1400, 65_000],
+            "whole datagrams, each on its own"
+        );
+        assert_eq!(
+            (&answers[0][..], &answers[1][..]),
+            (&b"ba"[..], &b"zyx"[..])
+        );
+        assert_eq!(proxy.flow_count(), 1);
+        // No datagram for the idle timeout (300 ms, looked for every 75 ms): the flow ends.
+        let ended = async {
+            while proxy.flow_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect("the idle flow ended");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_endpoint_ends_its_flow() {
+        // A port nobody listens on: the kernel answers ICMP port unreachable.
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let endpoint = closed.local_addr().expect("addr");
+        drop(closed);
+        let route = route_to(endpoint);
+        let mut proxy = proxy(UdpConfig::default());
+        let upstreams = proxy.upstreams.take().expect("poller");
+        let proxy = Arc::new(proxy);
+        let stop = CancellationToken::new();
+        tokio::spawn(proxy.clone().answers(upstreams, stop.clone()));
+        let reply = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+        let key: FlowKey = (
+            "127.0.0.1:40000".parse().expect("a"),
+            "10.96.0.10:9000".parse().expect("a"),
+        );
+        let (tx, rx) = queue::queue(8);
+        tx.offer(Bytes::from_static(b"hello"));
+        let id = proxy.flows().insert(
+            key,
+            Forward::Task {
+                tx,
+                cancel: CancellationToken::new(),
+            },
+        );
+        proxy.run_flow(&route, key, id, rx, reply).await;
+        let ended = async {
+            while proxy.flow_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect("the flow ended on ICMP unreachable");
+        assert_eq!(
+            route.endpoints[0].health.in_flight(),
+            0,
+            "its in-flight count released"
+        );
+        stop.cancel();
     }
 }

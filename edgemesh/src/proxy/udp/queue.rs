@@ -87,6 +87,13 @@ impl FlowReceiver {
     }
 }
 
+impl FlowReceiver {
+    /// Every datagram waiting now, without waiting for more.
+    pub(super) fn drain(&mut self) -> std::collections::vec_deque::IntoIter<Bytes> {
+        std::mem::take(&mut self.0.lock().datagrams).into_iter()
+    }
+}
+
 impl Drop for FlowReceiver {
     fn drop(&mut self) {
         let mut waiting = self.0.lock();
