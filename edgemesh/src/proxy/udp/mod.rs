@@ -554,6 +554,17 @@ mod tests {
         .expect("poller")
     }
 
+    async fn no_flows_within_5s(proxy: &UdpProxy, what: &str) {
+        let ended = async {
+            while proxy.flow_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect(what);
+    }
+
     #[tokio::test]
     async fn a_local_flow_is_served_by_the_poller_and_expires_when_idle() {
         let route = route_to(reversing_endpoint().await);
@@ -609,14 +620,7 @@ mod tests {
         );
         assert_eq!(proxy.flow_count(), 1);
         // No datagram for the idle timeout (300 ms, looked for every 75 ms): the flow ends.
-        let ended = async {
-            while proxy.flow_count() > 0 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), ended)
-            .await
-            .expect("the idle flow ended");
+        no_flows_within_5s(&proxy, "the idle flow ended").await;
         stop.cancel();
     }
 
@@ -647,14 +651,7 @@ mod tests {
             },
         );
         proxy.run_flow(&route, key, id, rx, reply).await;
-        let ended = async {
-            while proxy.flow_count() > 0 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), ended)
-            .await
-            .expect("the flow ended on ICMP unreachable");
+        no_flows_within_5s(&proxy, "the flow ended on ICMP unreachable").await;
         assert_eq!(
             route.endpoints[0].health.in_flight(),
             0,
