@@ -588,7 +588,7 @@ impl Hub {
         ws: WebSocketStream<S>,
         session: &Session,
         shutdown: &CancellationToken,
-        mut direct_out: mpsc::UnboundedReceiver<Message>,
+        mut direct_out: crate::direct::ToNode,
     ) -> Result<&'static str, SessionError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -660,7 +660,7 @@ impl Hub {
         out: &mut Outbound<'_, S>,
         inbound: &mut mpsc::Receiver<Inbound>,
         link_out: &mut mpsc::UnboundedReceiver<Outgoing>,
-        direct_out: &mut mpsc::UnboundedReceiver<Message>,
+        direct_out: &mut crate::direct::ToNode,
         seen: &AtomicI64,
         session: &Session,
         shutdown: &CancellationToken,

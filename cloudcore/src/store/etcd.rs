@@ -1101,6 +1101,11 @@ impl Store for EtcdStore {
         self.inner.tokens.subscribe()
     }
 
+    /// Every replica writes tokens.
+    fn tokens_change_elsewhere(&self) -> bool {
+        true
+    }
+
     fn subscribe_router(&self) -> watch::Receiver<u64> {
         self.inner.router.subscribe()
     }

@@ -210,6 +210,10 @@ pub trait Store: Send + Sync + 'static {
     /// Changes whenever node tokens change (also through another replica).
     fn subscribe_tokens(&self) -> watch::Receiver<u64>;
 
+    /// Whether node tokens change elsewhere too (another replica): only then must a process
+    /// follow [`Store::subscribe_tokens`] to know them; alone, it made every change itself.
+    fn tokens_change_elsewhere(&self) -> bool;
+
     /// Changes whenever router records change (also through another replica).
     fn subscribe_router(&self) -> watch::Receiver<u64>;
 

@@ -458,6 +458,11 @@ impl Store for SqliteStore {
         self.tokens.subscribe()
     }
 
+    /// One process owns the database file.
+    fn tokens_change_elsewhere(&self) -> bool {
+        false
+    }
+
     fn subscribe_router(&self) -> watch::Receiver<u64> {
         self.router.subscribe()
     }
