@@ -259,6 +259,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     tokio::spawn(router.clone().follow(shutdown.clone()));
     tokio::spawn(direct.clone().follow(shutdown.clone()));
     let reflector_task = tokio::spawn(direct.serve_reflector(reflector, shutdown.clone()));
+    tokio::spawn(hub.clone().drop_stale_snapshots(shutdown.clone()));
     let hub_task = tokio::spawn(hub.serve(hub_listener, hub_tls, shutdown.clone()));
     let api_task = tokio::spawn(edgehub::accept::serve_http(
         api_listener,
