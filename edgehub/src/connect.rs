@@ -376,6 +376,23 @@ impl Connector {
     }
 }
 
+impl Upstream {
+    /// Whether a kept connection may carry another request: open, and the endpoint has sent
+    /// nothing since the last response (a close, or bytes nobody asked for). Costs a system
+    /// call only when the socket has become readable.
+    pub fn is_reusable(&self) -> bool {
+        match self {
+            Upstream::Local(s) => {
+                matches!(s.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            Upstream::Tunnel(s) => s.is_idle_open(),
+            // Cannot be told without reading; a closed one fails its next request, which is
+            // then sent again on a new connection.
+            Upstream::Other(_) => true,
+        }
+    }
+}
+
 /// Implements `AsyncRead`/`AsyncWrite` for an enum of streams by handing each call to the
 /// variant's own stream.
 macro_rules! delegate_io {

@@ -9,13 +9,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 use thiserror::Error;
 
 use super::body::ProxyBody;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use super::BoxError;
 
 #[derive(Debug, Error)]
 pub enum HttpError {
@@ -37,14 +36,14 @@ pub enum HttpError {
     Failed {
         service: String,
         endpoint: SocketAddr,
-        source: hyper::Error,
+        source: BoxError,
     },
     #[error("service {service} sent no response within {timeout:?}")]
     Timeout { service: String, timeout: Duration },
     /// hyper refused the request on the way out; mostly the client's body failing (bad
     /// chunking, a client gone mid-upload).
     #[error("the request cannot be forwarded: {0}")]
-    BadRequest(hyper::Error),
+    BadRequest(BoxError),
 }
 
 impl HttpError {
@@ -76,31 +75,46 @@ impl HttpError {
 
     /// The answer to a client: a gRPC one when the request was gRPC (`grpc`), else HTTP.
     pub fn answer(self, grpc: bool) -> Response<ProxyBody> {
-        if grpc {
-            self.into_grpc_response()
-        } else {
-            self.into_response()
-        }
+        let (status, headers, body) = self.parts(grpc);
+        let mut response = Response::new(Either::Right(Full::new(body)));
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        response
     }
 
-    /// A trailers-only gRPC response: HTTP 200 whose headers carry `grpc-status` and
-    /// `grpc-message`, as gRPC servers and proxies send an error with no message body.
-    pub fn into_grpc_response(self) -> Response<ProxyBody> {
-        let code = self.grpc_code();
+    /// The answer's status, fields and body, for a server that writes them itself.
+    ///
+    /// For a gRPC request (`grpc`) a trailers-only gRPC response: HTTP 200 whose headers carry
+    /// `grpc-status` and `grpc-message`, as gRPC servers and proxies send an error with no
+    /// message body. Else a short text naming the Service but not the endpoint or the cause
+    /// (those are in the proxy's debug log): callers learn what failed, not the cluster's
+    /// addresses.
+    pub fn parts(self, grpc: bool) -> (StatusCode, HeaderMap, Bytes) {
         let text = self.public_text();
-        let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
-        let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        headers.insert("grpc-status", HeaderValue::from(code));
-        if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(&text)) {
-            headers.insert("grpc-message", v);
+        let mut headers = HeaderMap::new();
+        if grpc {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert("grpc-status", HeaderValue::from(self.grpc_code()));
+            if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(&text)) {
+                headers.insert("grpc-message", v);
+            }
+            if let HttpError::RateLimited { retry_after, .. } = self {
+                // gRPC's retry policy reads this instead of Retry-After.
+                let ms = retry_after.as_millis().max(1) as u64;
+                headers.insert("grpc-retry-pushback-ms", HeaderValue::from(ms));
+            }
+            return (StatusCode::OK, headers, Bytes::new());
         }
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         if let HttpError::RateLimited { retry_after, .. } = self {
-            // gRPC's retry policy reads this instead of Retry-After.
-            let ms = retry_after.as_millis().max(1) as u64;
-            headers.insert("grpc-retry-pushback-ms", HeaderValue::from(ms));
+            // Whole seconds; rounding down would invite a retry that is refused again.
+            let secs = crate::limits::retry_after_secs(retry_after);
+            headers.insert(RETRY_AFTER, HeaderValue::from(secs));
         }
-        response
+        (self.status(), headers, Bytes::from(text + "\n"))
     }
 
     /// What the client is told: the Service, not the endpoint or the cause (those are in the
@@ -118,23 +132,6 @@ impl HttpError {
                 format!("the endpoint of service {service} failed the request")
             }
         }
-    }
-
-    /// The answer to the client. The body names the Service but not the endpoint or the
-    /// cause (those are in the proxy's debug log): callers learn what failed, not the
-    /// cluster's addresses.
-    pub fn into_response(self) -> Response<ProxyBody> {
-        let status = self.status();
-        let text = self.public_text();
-        let mut response = text_response(status, text);
-        if let HttpError::RateLimited { retry_after, .. } = self {
-            // Whole seconds; rounding down would invite a retry that is refused again.
-            let secs = crate::limits::retry_after_secs(retry_after);
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(secs));
-        }
-        response
     }
 }
 
@@ -163,24 +160,13 @@ pub fn is_grpc(headers: &hyper::HeaderMap) -> bool {
         })
 }
 
-fn text_response(status: StatusCode, mut text: String) -> Response<ProxyBody> {
-    text.push('\n');
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(text))));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
     async fn answer(e: HttpError) -> (StatusCode, Option<String>, String) {
-        let r = e.into_response();
+        let r = e.answer(false);
         let status = r.status();
         let retry = r
             .headers()

@@ -16,6 +16,7 @@ mod answer;
 mod body;
 mod dispatch;
 mod exec;
+mod h1;
 pub mod headers;
 pub mod pool;
 mod server;
@@ -40,6 +41,9 @@ use pool::Pool;
 pub use answer::HttpError;
 pub use body::ProxyBody;
 pub use server::{serve, ServeError};
+
+/// A failure from below, kept for the log.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 type H1Sender = hyper::client::conn::http1::SendRequest<Incoming>;
 type H2Sender = hyper::client::conn::http2::SendRequest<Incoming>;
@@ -88,7 +92,11 @@ pub struct Http {
     upgraded: crate::io::Timeouts,
     connector: Arc<Connector>,
     limiters: Arc<Limiters>,
-    pool: Pool<H1Sender, H2Sender>,
+    /// Connections to endpoints: HTTP/1 ones as byte streams ([`h1`]), HTTP/2 ones shared.
+    pool: Pool<crate::connect::Upstream, H2Sender>,
+    /// Idle connections of hyper's HTTP/1 client, for requests that arrive as hyper's types
+    /// (the router's ingress, [`Http::forward`]). Its HTTP/2 side is unused.
+    ingress_h1: Pool<H1Sender, H2Sender>,
     /// Open client connections, `http1` and `h2`.
     active: [metrics::Gauge; 2],
 }
@@ -105,6 +113,7 @@ impl Http {
         );
         Http {
             pool: Pool::new(cfg.pool_max_idle_per_endpoint, cfg.pool_idle_timeout),
+            ingress_h1: Pool::new(cfg.pool_max_idle_per_endpoint, cfg.pool_idle_timeout),
             cfg,
             upgraded,
             connector,
@@ -126,11 +135,13 @@ impl Http {
             .is_some()
         {
             self.pool.sweep();
+            self.ingress_h1.sweep();
         }
     }
 
     /// Idle HTTP/1 and shared HTTP/2 connections to endpoints.
     pub fn pooled(&self) -> (usize, usize) {
-        self.pool.len()
+        let (h1, h2) = self.pool.len();
+        (h1 + self.ingress_h1.len().0, h2)
     }
 }

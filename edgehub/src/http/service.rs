@@ -1,13 +1,12 @@
-//! One request from a client connection: rewritten for the endpoint, dispatched, answered
+//! One request from an HTTP/2 client connection: rewritten for the endpoint, dispatched, answered
 //! within the request timeout, counted.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response};
 use tokio::time::Instant;
 use tracing::debug;
@@ -32,9 +31,6 @@ pub struct Conn {
     /// `peer`'s address for `X-Forwarded-For`, made once.
     pub peer_value: Option<hyper::header::HeaderValue>,
     pub protocol: Protocol,
-    /// Both ends of an upgrade the endpoint accepted (client side, endpoint side): once the
-    /// `101` is out, the connection task joins them.
-    pub upgraded: Mutex<Option<(OnUpgrade, OnUpgrade)>>,
 }
 
 /// Answers one request; every failure becomes a response, so the client connection lives on.
@@ -76,13 +72,8 @@ async fn forward(
     conn: &Conn,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, HttpError> {
-    let upgrade = headers::prepare_request(
-        &mut req,
-        conn.peer_value.as_ref(),
-        conn.protocol == Protocol::Http1,
-    );
-    // The client's half of an upgrade must be taken before the request goes on its way.
-    let client_side = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    // HTTP/2 has no `Upgrade`, and its `CONNECT` is an ordinary stream.
+    headers::prepare_request(&mut req, conn.peer_value.as_ref(), false);
     let hash_key = conn
         .route
         .hash_header
@@ -97,24 +88,10 @@ async fn forward(
     };
     let answered = conn
         .http
-        .dispatch(
-            &conn.route,
-            req,
-            &pick,
-            conn.protocol,
-            upgrade.is_some(),
-            conn.id,
-        )
+        .dispatch(&conn.route, req, &pick, conn.protocol, conn.id)
         .await?;
     let mut response = answered.response;
-    if let (Some(upgrade), Some(client_side)) = (&upgrade, client_side) {
-        if upgrade.accepted_by(response.status()) {
-            let endpoint_side = hyper::upgrade::on(&mut response);
-            *conn.upgraded.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((client_side, endpoint_side));
-        }
-    }
-    headers::prepare_response(&mut response, upgrade.as_ref());
+    headers::prepare_response(&mut response, None);
     let (in_flight, recycle) = (answered.in_flight, answered.recycle);
     Ok(response.map(|body| Either::Left(Guarded::new(body, in_flight, recycle))))
 }
@@ -142,9 +119,7 @@ impl Http {
             client_ip: client.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
             hash_key: hash_key.as_ref().map(|v| v.as_bytes()),
         };
-        let answered = self
-            .dispatch(route, req, &pick, Protocol::Http1, false, 0)
-            .await;
+        let answered = self.dispatch(route, req, &pick, Protocol::Http1, 0).await;
         let stats = route.stats.http(Protocol::Http1);
         stats.duration.record(started.elapsed().as_secs_f64());
         let answered = match answered {

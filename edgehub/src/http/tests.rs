@@ -20,8 +20,8 @@ use hyper::header::{HeaderMap, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::HttpConfig;
@@ -159,17 +159,23 @@ fn http(cfg: HttpConfig, limiters: Arc<Limiters>) -> Arc<Http> {
     ))
 }
 
-/// The proxy's HTTP server for one client connection; returns the client's end.
-fn proxy(
+/// The proxy's HTTP server for one client connection (over loopback); returns the client's
+/// end.
+async fn proxy(
     http: &Arc<Http>,
     route: &Arc<Route>,
     protocol: Protocol,
     shutdown: &CancellationToken,
-) -> (DuplexStream, tokio::task::JoinHandle<()>) {
-    let (client, server) = tokio::io::duplex(256 * 1024);
+) -> (TcpStream, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let client = TcpStream::connect(listener.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (server, _) = listener.accept().await.expect("accept");
     let (http, route, shutdown) = (http.clone(), route.clone(), shutdown.clone());
     let peer: SocketAddr = "10.244.1.7:40000".parse().expect("addr");
     let task = tokio::spawn(async move {
+        let server = crate::io::Rewind::new(Bytes::new(), server);
         let _ = serve(http, server, protocol, route, Some(peer), &shutdown).await;
     });
     (client, task)
@@ -177,7 +183,7 @@ fn proxy(
 
 type H1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-async fn h1_client(io: DuplexStream) -> H1 {
+async fn h1_client(io: TcpStream) -> H1 {
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .expect("handshake");
@@ -221,7 +227,7 @@ async fn keep_alive_requests_spread_over_endpoints_on_pooled_connections() {
     let route = route(&[a, b, c], LbPolicy::RoundRobin, None);
     let http = http(HttpConfig::default(), Arc::new(Limiters::new()));
     let shutdown = CancellationToken::new();
-    let (io, _task) = proxy(&http, &route, Protocol::Http1, &shutdown);
+    let (io, _task) = proxy(&http, &route, Protocol::Http1, &shutdown).await;
     let mut client = h1_client(io).await;
     let mut served = Vec::new();
     for _ in 0..30 {
@@ -246,7 +252,7 @@ async fn h2_calls_on_one_connection_spread_with_trailers() {
     let route = route(&[a, b, c], LbPolicy::RoundRobin, None);
     let http = http(HttpConfig::default(), Arc::new(Limiters::new()));
     let shutdown = CancellationToken::new();
-    let (io, _task) = proxy(&http, &route, Protocol::H2, &shutdown);
+    let (io, _task) = proxy(&http, &route, Protocol::H2, &shutdown).await;
     let (client, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
             .await
@@ -301,7 +307,7 @@ async fn headers_are_rewritten_for_the_endpoint() {
     let route = route(&[a], LbPolicy::RoundRobin, None);
     let http = http(HttpConfig::default(), Arc::new(Limiters::new()));
     let shutdown = CancellationToken::new();
-    let (io, _task) = proxy(&http, &route, Protocol::Http1, &shutdown);
+    let (io, _task) = proxy(&http, &route, Protocol::Http1, &shutdown).await;
     let mut client = h1_client(io).await;
     let req = Request::builder()
         .uri("/headers")
@@ -328,7 +334,7 @@ async fn a_refused_endpoint_is_retried_elsewhere_and_ejected() {
     let route = route(&[dead, a], LbPolicy::RoundRobin, None);
     let http = http(HttpConfig::default(), Arc::new(Limiters::new()));
     let shutdown = CancellationToken::new();
-    let (io, _task) = proxy(&http, &route, Protocol::Http1, &shutdown);
+    let (io, _task) = proxy(&http, &route, Protocol::Http1, &shutdown).await;
     let mut client = h1_client(io).await;
     for _ in 0..6 {
         let (status, _, body) = send(&mut client, get("/")).await;
@@ -345,7 +351,7 @@ async fn answers_without_an_endpoint() {
     let shutdown = CancellationToken::new();
     // No endpoints: 503 naming the Service.
     let empty = route(&[], LbPolicy::RoundRobin, None);
-    let (io, _task) = proxy(&http, &empty, Protocol::Http1, &shutdown);
+    let (io, _task) = proxy(&http, &empty, Protocol::Http1, &shutdown).await;
     let mut client = h1_client(io).await;
     let (status, _, body) = send(&mut client, get("/")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -356,7 +362,7 @@ async fn answers_without_an_endpoint() {
         LbPolicy::RoundRobin,
         None,
     );
-    let (io, _task) = proxy(&http, &dead, Protocol::Http1, &shutdown);
+    let (io, _task) = proxy(&http, &dead, Protocol::Http1, &shutdown).await;
     let mut client = h1_client(io).await;
     for _ in 0..2 {
         let (status, _, body) = send(&mut client, get("/")).await;
@@ -378,7 +384,7 @@ async fn a_slow_endpoint_gets_504_after_the_request_timeout() {
     };
     let http = http(cfg, Arc::new(Limiters::new()));
     let shutdown = CancellationToken::new();
-    let (io, _task) = proxy(&http, &route, Protocol::Http1, &shutdown);
+    let (io, _task) = proxy(&http, &route, Protocol::Http1, &shutdown).await;
     let mut client = h1_client(io).await;
     let started = tokio::time::Instant::now();
     let (status, _, body) = send(&mut client, get("/stall")).await;
@@ -399,7 +405,7 @@ async fn a_limited_service_gets_429_for_this_nodes_endpoints() {
     limiters.set("default", "web", Some(Limit::per_second(one)));
     let http = http(HttpConfig::default(), limiters);
     let shutdown = CancellationToken::new();
-    let (io, _task) = proxy(&http, &route, Protocol::Http1, &shutdown);
+    let (io, _task) = proxy(&http, &route, Protocol::Http1, &shutdown).await;
     let mut client = h1_client(io).await;
     let (status, _, _) = send(&mut client, get("/")).await;
     assert_eq!(status, StatusCode::OK);
@@ -421,7 +427,7 @@ async fn consistent_hash_on_a_header_keeps_a_user_on_one_endpoint() {
     let route = route(&addrs, LbPolicy::ConsistentHash, Some("x-user"));
     let http = http(HttpConfig::default(), Arc::new(Limiters::new()));
     let shutdown = CancellationToken::new();
-    let (io, _task) = proxy(&http, &route, Protocol::Http1, &shutdown);
+    let (io, _task) = proxy(&http, &route, Protocol::Http1, &shutdown).await;
     let mut client = h1_client(io).await;
     let mut by_user: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for i in 0..60 {
@@ -467,7 +473,7 @@ async fn an_upgrade_becomes_a_byte_stream() {
     let route = route(&[addr], LbPolicy::RoundRobin, None);
     let http = http(HttpConfig::default(), Arc::new(Limiters::new()));
     let shutdown = CancellationToken::new();
-    let (mut io, task) = proxy(&http, &route, Protocol::Http1, &shutdown);
+    let (mut io, task) = proxy(&http, &route, Protocol::Http1, &shutdown).await;
     io.write_all(b"GET /ws HTTP/1.1\r\nhost: web\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
         .await
         .expect("request");
@@ -497,7 +503,7 @@ async fn malformed_requests_get_400_and_reach_no_endpoint() {
         b"GET / HTTP/1.1\r\nbad header\r\n\r\n",
         b"POST / HTTP/1.1\r\nhost: web\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
     ] {
-        let (mut io, task) = proxy(&http, &route, Protocol::Http1, &shutdown);
+        let (mut io, task) = proxy(&http, &route, Protocol::Http1, &shutdown).await;
         io.write_all(bad).await.expect("write");
         let mut answer = Vec::new();
         io.read_to_end(&mut answer).await.expect("read");
@@ -509,7 +515,7 @@ async fn malformed_requests_get_400_and_reach_no_endpoint() {
         task.await.expect("join");
     }
     // Headers larger than the proxy holds: 431.
-    let (mut io, task) = proxy(&http, &route, Protocol::Http1, &shutdown);
+    let (mut io, task) = proxy(&http, &route, Protocol::Http1, &shutdown).await;
     let huge = format!(
         "GET / HTTP/1.1\r\nhost: web\r\nx-big: {}\r\n\r\n",
         "a".repeat(100 * 1024)
@@ -532,11 +538,168 @@ async fn shutdown_closes_idle_keep_alive_connections() {
     let route = route(&[a], LbPolicy::RoundRobin, None);
     let http = http(HttpConfig::default(), Arc::new(Limiters::new()));
     let shutdown = CancellationToken::new();
-    let (io, task) = proxy(&http, &route, Protocol::Http1, &shutdown);
+    let (io, task) = proxy(&http, &route, Protocol::Http1, &shutdown).await;
     let mut client = h1_client(io).await;
     let (status, _, _) = send(&mut client, get("/")).await;
     assert_eq!(status, StatusCode::OK);
     shutdown.cancel();
     task.await.expect("the connection ends");
-    assert!(client.ready().await.is_err(), "closed by the proxy");
+    // The close reaches the client's connection task over loopback, not at once.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while !client.is_closed() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "closed by the proxy");
+}
+
+/// Reads one response from a raw connection: its head (lowercased) and its body, framed by
+/// `content-length`, chunks, or the close.
+async fn read_response(io: &mut TcpStream) -> (String, String) {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(io.read_u8().await.expect("head"));
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let mut body = Vec::new();
+    if let Some(len) = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+    {
+        body.resize(len.trim().parse().expect("length"), 0);
+        io.read_exact(&mut body).await.expect("body");
+    } else if head.contains("transfer-encoding: chunked") {
+        while !body.ends_with(b"0\r\n\r\n") {
+            body.push(io.read_u8().await.expect("chunk"));
+        }
+        // Chunk sizes and line ends out: what the application sent.
+        let raw = String::from_utf8_lossy(&body).into_owned();
+        let mut data = String::new();
+        let mut lines = raw.split("\r\n");
+        while let Some(size) = lines.next() {
+            let n = usize::from_str_radix(size.split(';').next().unwrap_or("0"), 16).expect("size");
+            if n == 0 {
+                break;
+            }
+            data.push_str(lines.next().expect("data"));
+        }
+        return (head, data);
+    } else {
+        io.read_to_end(&mut body).await.expect("until close");
+    }
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn bodies_pass_in_their_own_framing() {
+    let (a, _) = endpoint("a", false).await;
+    let route = route(&[a], LbPolicy::RoundRobin, None);
+    let http = http(HttpConfig::default(), Arc::new(Limiters::new()));
+    let shutdown = CancellationToken::new();
+    let (mut io, task) = proxy(&http, &route, Protocol::Http1, &shutdown).await;
+
+    // A chunked upload that waits for `100 Continue` before it sends its body.
+    io.write_all(
+        b"POST /echo HTTP/1.1\r\nhost: web\r\nexpect: 100-continue\r\ntransfer-encoding: chunked\r\n\r\n",
+    )
+    .await
+    .expect("head");
+    let (interim, _) = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(io.read_u8().await.expect("interim"));
+        }
+        (String::from_utf8_lossy(&head).into_owned(), ())
+    })
+    .await
+    .expect("100 Continue passed on before the body was sent");
+    assert!(interim.starts_with("HTTP/1.1 100 "), "{interim}");
+    io.write_all(b"5\r\nhello\r\n6; ext=1\r\n world\r\n0\r\nx-trailer: 1\r\n\r\n")
+        .await
+        .expect("chunks");
+    let (head, body) = read_response(&mut io).await;
+    assert!(head.starts_with("http/1.1 200 "), "{head}");
+    assert_eq!(body, "hello world");
+
+    // Two requests in one write: two answers, in order, on the same connection.
+    io.write_all(
+        b"POST /echo HTTP/1.1\r\nhost: web\r\ncontent-length: 5\r\n\r\nfirstGET /x HTTP/1.1\r\nhost: web\r\n\r\n",
+    )
+    .await
+    .expect("pipelined");
+    assert_eq!(read_response(&mut io).await.1, "first");
+    assert_eq!(read_response(&mut io).await.1, "a");
+
+    // An HTTP/1.0 client without keep-alive: its answer, then the close.
+    io.write_all(b"GET /x HTTP/1.0\r\nhost: web\r\n\r\n")
+        .await
+        .expect("1.0");
+    let (head, body) = read_response(&mut io).await;
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(body, "a");
+    let mut rest = Vec::new();
+    io.read_to_end(&mut rest).await.expect("closed");
+    assert!(rest.is_empty());
+    task.await.expect("join");
+}
+
+/// An endpoint that keeps no connection for long: after each answer it reads the next
+/// request and closes without answering it (its keep-alive timeout racing the request).
+async fn forgetful_endpoint() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                for answer in [true, false] {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match s.read_u8().await {
+                            Ok(b) => head.push(b),
+                            Err(_) => return,
+                        }
+                    }
+                    if answer {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_kept_connection_closed_under_a_request_is_replaced() {
+    let (addr, accepted) = forgetful_endpoint().await;
+    let route = route(&[addr], LbPolicy::RoundRobin, None);
+    let http = http(HttpConfig::default(), Arc::new(Limiters::new()));
+    let shutdown = CancellationToken::new();
+    let (io, _task) = proxy(&http, &route, Protocol::Http1, &shutdown).await;
+    let mut client = h1_client(io).await;
+    for i in 0..5 {
+        let (status, _, body) = send(&mut client, get("/")).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, "ok"),
+            "request {i}"
+        );
+    }
+    // Each request after the first found the kept connection closed and took a new one.
+    assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    // A request that must not be sent twice is not: the endpoint may have acted on it.
+    let post = Request::builder()
+        .method("POST")
+        .uri("/")
+        .header("host", "web")
+        .body(Full::new(Bytes::from_static(b"x")))
+        .expect("request");
+    let (status, _, _) = send(&mut client, post).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
 }

@@ -18,12 +18,11 @@ use tracing::debug;
 
 use super::exec::ConnTasks;
 use super::pool::PoolKey;
+use super::BoxError;
 use super::{H1Sender, H2Sender, Http};
 use crate::balance::Endpoint;
 use crate::connect::{ReachError, Upstream};
 use crate::routes::Route;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Pooled connections found closed that are replaced before a request counts as failed at
 /// an endpoint.
@@ -61,11 +60,11 @@ impl Drop for Recycle {
         // almost always by now: back at once, without a task. One that is not (its endpoint is
         // still sending, or it is closing) is waited for by a task of its own.
         if conn.is_ready() {
-            http.pool.put_h1(key, conn);
+            http.ingress_h1.put_h1(key, conn);
         } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if conn.ready().await.is_ok() {
-                    http.pool.put_h1(key, conn);
+                    http.ingress_h1.put_h1(key, conn);
                 }
             });
         }
@@ -73,8 +72,7 @@ impl Drop for Recycle {
 }
 
 impl Http {
-    /// Sends `req` to `endpoint` of `route` and waits for the response head. `upgrade`: the
-    /// request asks for a protocol upgrade; its connection is not reused. `client`: the
+    /// Sends `req` to `endpoint` of `route` and waits for the response head. `client`: the
     /// client connection's id. For HTTP/1, also the connection to put back once the response
     /// body is done with.
     pub(super) async fn send(
@@ -83,7 +81,6 @@ impl Http {
         endpoint: &Endpoint,
         req: Request<Incoming>,
         protocol: Protocol,
-        upgrade: bool,
         client: u64,
     ) -> Result<(Response<Incoming>, Option<Recycle>), SendError> {
         let limited = self
@@ -94,7 +91,7 @@ impl Http {
         let key = PoolKey::new(route, endpoint.addr, limited, if own { client } else { 0 });
         match protocol {
             Protocol::H2 => Ok((self.send_h2(route, endpoint, key, req).await?, None)),
-            _ => self.send_h1(route, endpoint, key, req, upgrade).await,
+            _ => self.send_h1(route, endpoint, key, req).await,
         }
     }
 
@@ -104,12 +101,11 @@ impl Http {
         endpoint: &Endpoint,
         key: PoolKey,
         mut req: Request<Incoming>,
-        upgrade: bool,
     ) -> Result<(Response<Incoming>, Option<Recycle>), SendError> {
         *req.version_mut() = hyper::Version::HTTP_11;
         let mut stale = 0;
         loop {
-            let (mut conn, reused) = match self.pool.take_h1(&key) {
+            let (mut conn, reused) = match self.ingress_h1.take_h1(&key) {
                 Some(conn) => (conn, true),
                 None => match self.open_h1(route, endpoint).await {
                     Ok(conn) => (conn, false),
@@ -118,7 +114,9 @@ impl Http {
             };
             match conn.try_send_request(req).await {
                 Ok(response) => {
-                    let recycle = (!upgrade && self.pool.keeps_h1())
+                    let recycle = self
+                        .ingress_h1
+                        .keeps_h1()
                         .then(|| Recycle(Some((Arc::clone(self), key, conn))));
                     return Ok((response, recycle));
                 }
@@ -134,8 +132,7 @@ impl Http {
             .await
             .map_err(|e| Unsent::Failed(Box::new(e)))?;
         tokio::spawn(async move {
-            // Upgrades hand the connection over to the bytes of the new protocol.
-            if let Err(e) = conn.with_upgrades().await {
+            if let Err(e) = conn.await {
                 debug!(error = %e, "endpoint connection ended");
             }
         });
@@ -211,7 +208,7 @@ impl Http {
         Ok((sender, false))
     }
 
-    async fn reach(
+    pub(super) async fn reach(
         &self,
         route: &Route,
         endpoint: &Endpoint,
@@ -228,7 +225,7 @@ impl Http {
 }
 
 /// No connection for the request.
-enum Unsent {
+pub(super) enum Unsent {
     RateLimited,
     Failed(BoxError),
 }

@@ -768,6 +768,19 @@ impl TunnelStream {
     pub fn id(&self) -> u32 {
         self.id
     }
+
+    /// Whether the stream is open both ways with nothing waiting to be read: a kept
+    /// connection that may carry another request.
+    pub fn is_idle_open(&self) -> bool {
+        let r = &self.reading;
+        r.current.is_empty()
+            && matches!(r.state, ReadState::Open)
+            && r.inbound.is_empty()
+            && !r.inbound.is_closed()
+            && !self.writing.fin_sent
+            && !self.writing.send.reset.load(Ordering::Acquire)
+            && !self.shared.closed.load(Ordering::Acquire)
+    }
 }
 
 fn reset_error(reason: &str) -> io::Error {
