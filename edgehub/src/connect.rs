@@ -526,7 +526,23 @@ impl Duplex for Upstream {
     }
 }
 
+impl crate::io::Sink for UpstreamWriter<'_> {
+    fn socket(&self) -> Option<&tokio::net::TcpStream> {
+        match self {
+            UpstreamWriter::Local(w) => Some(w.as_ref()),
+            UpstreamWriter::Tunnel(_) | UpstreamWriter::Other(_) => None,
+        }
+    }
+}
+
 impl Source for UpstreamReader<'_> {
+    fn socket(&self) -> Option<&tokio::net::TcpStream> {
+        match self {
+            UpstreamReader::Local(r) => Some(r.as_ref()),
+            UpstreamReader::Tunnel(_) | UpstreamReader::Other(_) => None,
+        }
+    }
+
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
         match self {
             UpstreamReader::Local(r) => Either::Left(r.readable()),

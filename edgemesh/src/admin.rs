@@ -282,7 +282,8 @@ async fn proxy(State(state): State<AdminState>) -> Response {
         "iptables": iptables,
         "iptablesRules": rules,
         "routes": table.len(),
-        "udpRoutes": table.udp_routes().count(),
+        "udpRoutes": table.udp_addrs().count(),
+        "routesInUse": table.made(),
         "version": table.version,
         "ejected": ejected,
         "tunnel": summary.tunnel.as_ref().map(|t| json!({

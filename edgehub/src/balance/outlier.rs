@@ -133,11 +133,29 @@ impl HealthRegistry {
             .clone()
     }
 
+    /// The endpoint's health if it is registered, else a fresh one that is not: for looking at
+    /// endpoints nothing has called.
+    pub fn peek(&self, addr: SocketAddr) -> Arc<EndpointHealth> {
+        let map = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&addr)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(EndpointHealth::new(addr, self.cfg.clone())))
+    }
+
     /// Forgets endpoints that are no longer in any Service. Connections still open to one keep
     /// their own reference.
     pub fn retain(&self, live: &HashSet<SocketAddr>) {
         let mut map = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|addr, _| live.contains(addr));
+    }
+
+    /// Endpoints whose health is kept.
+    pub fn len(&self) -> usize {
+        self.by_addr.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Endpoints ejected right now (for the debug API).

@@ -15,7 +15,7 @@ use metrics::Counter;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::{Duplex, Source};
+use super::{Duplex, Sink, Source};
 
 /// First buffer of a direction: most exchanges (a request, an answer) never need more.
 const SMALL_BUFFER: usize = 8 * 1024;
@@ -100,7 +100,7 @@ pub async fn join<A: Duplex, B: Duplex>(
 }
 
 /// What the two directions of one join share.
-struct Activity {
+pub(super) struct Activity {
     start: Instant,
     /// Milliseconds after `start` of the last byte moved, for the idle timeout.
     last: AtomicU64,
@@ -109,7 +109,7 @@ struct Activity {
 }
 
 impl Activity {
-    fn moved(&self) {
+    pub(super) fn moved(&self) {
         self.last
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
@@ -121,7 +121,7 @@ impl Activity {
 
 /// One direction. The buffer is allocated only once data is there (idle connections cost
 /// none), grows for bulk transfers and is given back after a short read.
-async fn copy_one<R: Source, W: AsyncWrite + Unpin>(
+async fn copy_one<R: Source, W: Sink>(
     reader: &mut R,
     writer: &mut W,
     activity: &Activity,
@@ -129,7 +129,17 @@ async fn copy_one<R: Source, W: AsyncWrite + Unpin>(
 ) -> io::Result<u64> {
     let mut buf: Vec<u8> = Vec::new();
     let mut total = 0u64;
+    // Set once a read fills the large buffer.
+    let mut bulk = false;
     loop {
+        if bulk {
+            // A bulk transfer between two plain TCP sockets: the kernel moves the rest.
+            if let (Some(from), Some(to)) = (reader.socket(), writer.socket()) {
+                drop(std::mem::take(&mut buf));
+                total += super::splice::socket_to_socket(from, to, activity, counter).await?;
+                break;
+            }
+        }
         if buf.capacity() == 0 {
             reader.readable().await?;
             buf.reserve_exact(SMALL_BUFFER);
@@ -146,6 +156,7 @@ async fn copy_one<R: Source, W: AsyncWrite + Unpin>(
                 buf = Vec::with_capacity(LARGE_BUFFER);
             } else {
                 buf.clear();
+                bulk = true;
             }
         } else {
             // A short read drained the source: the stream may now sit idle for hours, so give
@@ -246,6 +257,37 @@ mod tests {
                 b_to_a: 16
             }
         );
+    }
+
+    #[tokio::test]
+    async fn bulk_between_sockets_arrives_whole_after_replayed_bytes() {
+        let (mut client, proxy_in) = pair().await;
+        let (mut proxy_out, mut server) = pair().await;
+        let fwd = tokio::spawn(async move {
+            // Bytes read already (protocol detection) go first, then the socket's.
+            let mut a = Rewind::new(Bytes::from_static(b"HEAD"), proxy_in);
+            join(&mut a, &mut proxy_out, timeouts(5, 5), Counters::default()).await
+        });
+        let payload: Vec<u8> = (0..8_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.expect("write");
+            client.shutdown().await.expect("half-close");
+            client
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.expect("server reads");
+        assert_eq!(got.len(), 4 + payload.len());
+        assert!(
+            got[..4] == *b"HEAD" && got[4..] == payload[..],
+            "intact, in order"
+        );
+        server.shutdown().await.expect("fin");
+        let mut client = writer.await.expect("writer");
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.expect("closed");
+        let moved = fwd.await.expect("join").expect("forward");
+        assert_eq!(moved.a_to_b, 4 + payload.len() as u64);
     }
 
     #[tokio::test]

@@ -11,6 +11,7 @@ mod copy;
 pub mod datagram;
 mod detect;
 mod rewind;
+mod splice;
 
 use std::future::Future;
 
@@ -30,7 +31,7 @@ pub trait Duplex: Send {
     type Reader<'a>: Source + 'a
     where
         Self: 'a;
-    type Writer<'a>: AsyncWrite + Unpin + Send + 'a
+    type Writer<'a>: Sink + 'a
     where
         Self: 'a;
 
@@ -44,6 +45,12 @@ pub trait Duplex: Send {
 
 /// The reading half of a [`Duplex`].
 pub trait Source: AsyncRead + Unpin + Send {
+    /// The TCP socket under this half, when reading it directly loses nothing (no bytes kept
+    /// in front of it): the copier can then move bulk data socket to socket in the kernel.
+    fn socket(&self) -> Option<&TcpStream> {
+        None
+    }
+
     /// Resolves once a read would not wait. The copier allocates a buffer only then, so that
     /// idle connections cost no buffer; sources that cannot tell resolve at once.
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
@@ -57,6 +64,23 @@ pub trait Source: AsyncRead + Unpin + Send {
         std::future::pending()
     }
 }
+
+/// The writing half of a [`Duplex`].
+pub trait Sink: AsyncWrite + Unpin + Send {
+    /// The TCP socket under this half, when writing it directly is the same as writing the
+    /// half (see [`Source::socket`]).
+    fn socket(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl Sink for WriteHalf<'_> {
+    fn socket(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl<T: AsyncWrite + Unpin + Send> Sink for tokio::io::WriteHalf<T> {}
 
 impl Duplex for TcpStream {
     type Reader<'a> = ReadHalf<'a>;
@@ -72,26 +96,32 @@ impl Duplex for TcpStream {
 }
 
 impl Source for ReadHalf<'_> {
+    fn socket(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
         self.as_ref().readable()
     }
 
-    #[allow(clippy::manual_async_fn)] // the trait's signature: the future must be `Send`
     fn aborted(&self) -> impl Future<Output = io::Error> + Send + '_ {
-        async move {
-            loop {
-                // A RST from the peer shows as error readiness, which reading need not wait for.
-                match self.as_ref().ready(Interest::ERROR).await {
-                    Ok(ready) if ready.is_error() => {
-                        return io::Error::new(
-                            io::ErrorKind::ConnectionReset,
-                            "the peer reset the connection",
-                        )
-                    }
-                    Ok(_) => tokio::task::yield_now().await,
-                    Err(e) => return e,
-                }
+        reset_by_peer(self.as_ref())
+    }
+}
+
+/// Resolves once the peer of `stream` has reset it.
+async fn reset_by_peer(stream: &TcpStream) -> io::Error {
+    loop {
+        // A RST from the peer shows as error readiness, which reading need not wait for.
+        match stream.ready(Interest::ERROR).await {
+            Ok(ready) if ready.is_error() => {
+                return io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "the peer reset the connection",
+                )
             }
+            Ok(_) => tokio::task::yield_now().await,
+            Err(e) => return e,
         }
     }
 }
@@ -141,6 +171,14 @@ impl<T: Duplex> Duplex for Rewind<T> {
 }
 
 impl<S: Source> Source for Rewind<S> {
+    fn socket(&self) -> Option<&TcpStream> {
+        if self.has_prefix() {
+            None
+        } else {
+            self.get_ref().socket()
+        }
+    }
+
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
         if self.has_prefix() {
             Either::Left(std::future::ready(Ok(())))

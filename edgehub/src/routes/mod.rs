@@ -10,7 +10,7 @@ pub mod stats;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::metamanager::MeshView;
@@ -89,15 +89,40 @@ pub struct Route {
     pub balancer: Arc<ServiceBalancer>,
 }
 
+/// Which Service port each cluster IP and port (and, in the cloud, each Service name and
+/// port) belongs to. A port's [`Route`] — its endpoints with their health, its balancer and
+/// counters — is made when a connection first needs it, from the view the table was built
+/// from, and kept for the table's life: a node syncing 10,000 Services pays for the routes its
+/// pods call, not for all of them. Routes a table had made are made again by the next one
+/// (with their balancer state and counters), so calls in use stay ready.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     pub version: u64,
-    routes: HashMap<SocketAddr, Arc<Route>>,
+    source: Option<Arc<Source>>,
+    routes: HashMap<SocketAddr, Arc<Slot>>,
     /// UDP Service ports, by cluster IP and port (the UDP proxy's flows).
-    udp: HashMap<SocketAddr, Arc<Route>>,
+    udp: HashMap<SocketAddr, Arc<Slot>>,
     /// By Service name and port, headless Services included: only where callers name the
     /// Service (the router), so nodes do not pay for a second index.
-    by_name: Option<HashMap<ServiceRef, Arc<Route>>>,
+    by_name: Option<HashMap<ServiceRef, Arc<Slot>>>,
+}
+
+/// What routes are made from.
+#[derive(Debug)]
+struct Source {
+    view: Arc<MeshView>,
+    node: LocalNode,
+    health: Arc<HealthRegistry>,
+}
+
+/// One Service port of a table, and its route once made.
+#[derive(Debug)]
+struct Slot {
+    service: ServiceRef,
+    udp: bool,
+    route: OnceLock<Arc<Route>>,
+    /// The Service's counters, one set for all its ports (and kept across tables).
+    stats: Arc<OnceLock<Arc<ServiceStats>>>,
 }
 
 /// Which indexes a [`RouteTable`] keeps.
@@ -111,7 +136,7 @@ pub enum Index {
 
 impl RouteTable {
     pub fn lookup(&self, dst: SocketAddr) -> Option<&Arc<Route>> {
-        self.routes.get(&dst)
+        self.route_of(self.routes.get(&dst)?)
     }
 
     /// The route of Service port `namespace/name:port`; only in tables built with
@@ -122,7 +147,7 @@ impl RouteTable {
             name: Arc::from(name),
             port,
         };
-        self.by_name.as_ref()?.get(&key)
+        self.route_of(self.by_name.as_ref()?.get(&key)?)
     }
 
     pub fn len(&self) -> usize {
@@ -133,78 +158,111 @@ impl RouteTable {
         self.routes.is_empty()
     }
 
-    pub fn routes(&self) -> impl Iterator<Item = (&SocketAddr, &Arc<Route>)> {
-        self.routes.iter()
+    /// Routes made so far (TCP and UDP): those connections have needed.
+    pub fn made(&self) -> usize {
+        let made = |m: &HashMap<SocketAddr, Arc<Slot>>| {
+            let slots: HashSet<*const Slot> = m
+                .values()
+                .filter(|s| s.route.get().is_some())
+                .map(Arc::as_ptr)
+                .collect();
+            slots.len()
+        };
+        made(&self.routes) + made(&self.udp)
+    }
+
+    /// Every TCP route, for inspection: those not made yet are made for the caller alone (not
+    /// kept, and their endpoints' health is read, not registered).
+    pub fn routes(&self) -> impl Iterator<Item = (&SocketAddr, Arc<Route>)> {
+        self.routes
+            .iter()
+            .filter_map(|(addr, slot)| Some((addr, self.peek(slot)?)))
     }
 
     /// The route of the UDP Service port at `dst`.
     pub fn lookup_udp(&self, dst: SocketAddr) -> Option<&Arc<Route>> {
-        self.udp.get(&dst)
+        self.route_of(self.udp.get(&dst)?)
+    }
+
+    /// Whether a UDP Service port is at `dst`.
+    pub fn has_udp(&self, dst: SocketAddr) -> bool {
+        self.udp.contains_key(&dst)
     }
 
     /// UDP Service ports, by cluster IP and port.
-    pub fn udp_routes(&self) -> impl Iterator<Item = (&SocketAddr, &Arc<Route>)> {
-        self.udp.iter()
+    pub fn udp_addrs(&self) -> impl Iterator<Item = &SocketAddr> {
+        self.udp.keys()
     }
 
-    /// Builds the table for `view`, reusing balancers of `previous` whose settings did not
-    /// change.
+    /// Every UDP route, for inspection, like [`RouteTable::routes`].
+    pub fn udp_routes(&self) -> impl Iterator<Item = (&SocketAddr, Arc<Route>)> {
+        self.udp
+            .iter()
+            .filter_map(|(addr, slot)| Some((addr, self.peek(slot)?)))
+    }
+
+    /// The slot's route, made now if it was not yet.
+    fn route_of<'t>(&'t self, slot: &'t Slot) -> Option<&'t Arc<Route>> {
+        if let Some(route) = slot.route.get() {
+            return Some(route);
+        }
+        let route = self.source.as_ref()?.make(slot, None, true)?;
+        Some(slot.route.get_or_init(|| Arc::new(route)))
+    }
+
+    fn peek(&self, slot: &Slot) -> Option<Arc<Route>> {
+        match slot.route.get() {
+            Some(route) => Some(route.clone()),
+            None => Some(Arc::new(self.source.as_ref()?.make(slot, None, false)?)),
+        }
+    }
+
+    /// Builds the table for `view`. The routes `previous` had made are made again, keeping
+    /// balancers whose settings did not change, and counters.
     pub fn build(
-        view: &MeshView,
+        view: &Arc<MeshView>,
         node: &LocalNode,
-        health: &HealthRegistry,
+        health: &Arc<HealthRegistry>,
         previous: &RouteTable,
         index: Index,
     ) -> RouteTable {
+        let source = Arc::new(Source {
+            view: view.clone(),
+            node: node.clone(),
+            health: health.clone(),
+        });
         let mut routes = HashMap::new();
         let mut udp = HashMap::new();
         let mut by_name = (index == Index::AlsoByName).then(HashMap::new);
         let mut live = HashSet::new();
-        // Namespaces and node names are shared by many routes and endpoints: one copy each.
+        // Namespaces are shared by many routes: one copy each.
         let mut names = Names::default();
         for ((namespace, name), service) in &view.services {
             let ips = cluster_ips(service).unwrap_or_default();
             if ips.is_empty() && by_name.is_none() {
                 continue;
             }
-            let annotations = match ServiceAnnotations::parse(&service.metadata) {
-                Ok(a) => a,
-                Err(e) => {
-                    // The cloud validates annotations; this only happens with an older cloud. Not a
-                    // warning: it would repeat on every rebuild of the table.
-                    debug!(service = %format!("{namespace}/{name}"), error = %e.message, field = %e.field, "ignoring bad annotations");
-                    ServiceAnnotations::default()
-                }
-            };
-            let affinity = (service.spec.session_affinity == "ClientIP").then(|| Affinity {
-                timeout: affinity_timeout(service),
-            });
-            let endpoints = view.endpoints_of(namespace, name);
             let ns = names.get(namespace);
             let nm: Arc<str> = Arc::from(name.as_str());
-            let mut stats: Option<Arc<ServiceStats>> = None;
+            let stats = Arc::new(OnceLock::new());
             for port in &service.spec.ports {
-                let Ok(number) = u16::try_from(port.port) else {
+                let Some((number, is_udp)) = served(port) else {
                     continue;
                 };
-                // TCP and UDP are proxied; SCTP ports are stored but not served.
-                let is_udp = port.protocol.eq_ignore_ascii_case("UDP");
-                if !is_udp && !port.protocol.eq_ignore_ascii_case("TCP") {
-                    continue;
-                }
+                let slot = Arc::new(Slot {
+                    service: ServiceRef {
+                        namespace: ns.clone(),
+                        name: nm.clone(),
+                        port: number,
+                    },
+                    udp: is_udp,
+                    route: OnceLock::new(),
+                    stats: stats.clone(),
+                });
                 let (table, previous_table) = if is_udp {
                     (&mut udp, &previous.udp)
                 } else {
                     (&mut routes, &previous.routes)
-                };
-                let (list, elsewhere) = endpoints
-                    .map(|e| resolve_endpoints(e, port, node, view, service, health, &mut names))
-                    .unwrap_or_default();
-                live.extend(list.iter().map(|e| e.addr));
-                let service_ref = ServiceRef {
-                    namespace: ns.clone(),
-                    name: nm.clone(),
-                    port: number,
                 };
                 let previous_route = ips
                     .iter()
@@ -213,57 +271,106 @@ impl RouteTable {
                         previous
                             .by_name
                             .as_ref()?
-                            .get(&service_ref)
+                            .get(&slot.service)
                             .filter(|_| !is_udp)
                     })
+                    .and_then(|s| s.route.get())
                     .filter(|r| r.service.namespace == ns && r.service.name == nm);
-                let balancer = previous_route
-                    .filter(|r| {
-                        r.service == service_ref
-                            && r.balancer.policy() == annotations.lb_policy
-                            && r.balancer.affinity() == affinity
-                    })
-                    .map(|r| r.balancer.clone())
-                    .unwrap_or_else(|| {
-                        Arc::new(ServiceBalancer::new(annotations.lb_policy, affinity))
-                    });
-                let stats = stats
-                    .get_or_insert_with(|| match previous_route {
-                        Some(r) => r.stats.clone(),
-                        None => {
-                            Arc::new(ServiceStats::new(Arc::from(format!("{namespace}/{name}"))))
-                        }
-                    })
-                    .clone();
-                let route = Arc::new(Route {
-                    service: service_ref.clone(),
-                    stats,
-                    protocol: annotations.protocol.clone(),
-                    hash_header: annotations
-                        .hash_key
-                        .as_deref()
-                        .and_then(|k| k.strip_prefix("header:"))
-                        .and_then(|h| hyper::header::HeaderName::from_bytes(h.as_bytes()).ok()),
-                    endpoints: list,
-                    elsewhere,
-                    balancer,
-                });
+                if let Some(previous_route) = previous_route {
+                    if let Some(route) = source.make(&slot, Some(previous_route), true) {
+                        live.extend(route.endpoints.iter().map(|e| e.addr));
+                        let _ = slot.route.set(Arc::new(route));
+                    }
+                }
                 for ip in &ips {
-                    table.insert(SocketAddr::new(*ip, number), route.clone());
+                    table.insert(SocketAddr::new(*ip, number), slot.clone());
                 }
                 // Callers that name a Service (the router) speak HTTP: TCP ports only.
                 if let (Some(by_name), false) = (&mut by_name, is_udp) {
-                    by_name.insert(service_ref, route);
+                    by_name.insert(slot.service.clone(), slot);
                 }
             }
         }
+        // Endpoints of routes not made again: their health goes (connections still open to
+        // one keep their own reference).
         health.retain(&live);
         RouteTable {
             version: view.version,
+            source: Some(source),
             routes,
             udp,
             by_name,
         }
+    }
+}
+
+/// A Service port the proxy serves: its number, and whether it is UDP (TCP and UDP are
+/// proxied; SCTP ports are stored but not served).
+fn served(port: &ServicePort) -> Option<(u16, bool)> {
+    let number = u16::try_from(port.port).ok()?;
+    let is_udp = port.protocol.eq_ignore_ascii_case("UDP");
+    (is_udp || port.protocol.eq_ignore_ascii_case("TCP")).then_some((number, is_udp))
+}
+
+impl Source {
+    /// The route of `slot`'s Service port. `previous`: the route a former table had made for
+    /// it, whose balancer (if its settings still hold) and counters go on. `register`: the
+    /// endpoints' health is registered (a route that serves) rather than only read (one made
+    /// for inspection).
+    fn make(&self, slot: &Slot, previous: Option<&Route>, register: bool) -> Option<Route> {
+        let view = &self.view;
+        let key = &slot.service;
+        let service = view.service(&key.namespace, &key.name)?;
+        let port = service
+            .spec
+            .ports
+            .iter()
+            .find(|p| served(p) == Some((key.port, slot.udp)))?;
+        let annotations = match ServiceAnnotations::parse(&service.metadata) {
+            Ok(a) => a,
+            Err(e) => {
+                // The cloud validates annotations; this only happens with an older cloud. Not
+                // a warning: it would repeat every time the route is made.
+                debug!(service = %key, error = %e.message, field = %e.field, "ignoring bad annotations");
+                ServiceAnnotations::default()
+            }
+        };
+        let affinity = (service.spec.session_affinity == "ClientIP").then(|| Affinity {
+            timeout: affinity_timeout(service),
+        });
+        let (endpoints, elsewhere) = view
+            .endpoints_of(&key.namespace, &key.name)
+            .map(|e| resolve_endpoints(e, port, &self.node, view, service, &self.health, register))
+            .unwrap_or_default();
+        let balancer = previous
+            .filter(|r| {
+                r.balancer.policy() == annotations.lb_policy && r.balancer.affinity() == affinity
+            })
+            .map(|r| r.balancer.clone())
+            .unwrap_or_else(|| Arc::new(ServiceBalancer::new(annotations.lb_policy, affinity)));
+        let stats = slot
+            .stats
+            .get_or_init(|| match previous {
+                Some(r) => r.stats.clone(),
+                None => Arc::new(ServiceStats::new(Arc::from(format!(
+                    "{}/{}",
+                    key.namespace, key.name
+                )))),
+            })
+            .clone();
+        Some(Route {
+            service: key.clone(),
+            stats,
+            protocol: annotations.protocol.clone(),
+            hash_header: annotations
+                .hash_key
+                .as_deref()
+                .and_then(|k| k.strip_prefix("header:"))
+                .and_then(|h| hyper::header::HeaderName::from_bytes(h.as_bytes()).ok()),
+            endpoints,
+            elsewhere,
+            balancer,
+        })
     }
 }
 
@@ -310,8 +417,9 @@ fn resolve_endpoints(
     view: &MeshView,
     service: &Service,
     health: &HealthRegistry,
-    names: &mut Names,
+    register: bool,
 ) -> (Vec<Endpoint>, usize) {
+    let mut names = Names::default();
     let mut out: Vec<Endpoint> = Vec::new();
     let mut seen: HashSet<SocketAddr> = HashSet::new();
     let mut elsewhere = 0;
@@ -340,7 +448,11 @@ fn resolve_endpoints(
                 addr,
                 node: endpoint_node.map(|n| names.get(n)),
                 tier,
-                health: health.get(addr),
+                health: if register {
+                    health.get(addr)
+                } else {
+                    health.peek(addr)
+                },
             });
         }
     }
@@ -459,9 +571,9 @@ mod tests {
                 .into_iter()
                 .collect(),
         };
-        let health = HealthRegistry::new(OutlierConfig::default());
+        let health = Arc::new(HealthRegistry::new(OutlierConfig::default()));
         let table = RouteTable::build(
-            &view(),
+            &Arc::new(view()),
             &node,
             &health,
             &RouteTable::default(),
@@ -521,7 +633,7 @@ mod tests {
         assert_eq!(table.udp_routes().count(), 1);
 
         // A rebuild keeps the balancer (round-robin position, affinity) of an unchanged Service.
-        let again = RouteTable::build(&view(), &node, &health, &table, Index::ClusterIp);
+        let again = RouteTable::build(&Arc::new(view()), &node, &health, &table, Index::ClusterIp);
         let web2 = again
             .lookup("10.96.0.10:80".parse().expect("a"))
             .expect("route");
@@ -537,6 +649,57 @@ mod tests {
         assert!(Arc::ptr_eq(
             &web.endpoints[0].health,
             &web2.endpoints[0].health
+        ));
+    }
+
+    #[tokio::test]
+    async fn routes_are_made_when_first_needed_and_kept_while_in_use() {
+        let node = LocalNode {
+            name: "a".into(),
+            labels: Default::default(),
+        };
+        let health = Arc::new(HealthRegistry::new(OutlierConfig::default()));
+        let view = Arc::new(view());
+        let table = RouteTable::build(
+            &view,
+            &node,
+            &health,
+            &RouteTable::default(),
+            Index::ClusterIp,
+        );
+        assert_eq!(
+            (table.len(), table.made()),
+            (2, 0),
+            "nothing made before a call"
+        );
+        assert_eq!(health.len(), 0, "no endpoint registered");
+        // Looking at every route (the debug API) makes none for good.
+        assert_eq!(table.routes().count(), 2);
+        assert_eq!((table.made(), health.len()), (0, 0));
+
+        let web: SocketAddr = "10.96.0.10:80".parse().expect("a");
+        let first = table.lookup(web).expect("route").clone();
+        assert!(
+            Arc::ptr_eq(&first, table.lookup(web).expect("route")),
+            "made once"
+        );
+        assert_eq!(table.made(), 1);
+        assert!(!health.is_empty(), "its endpoints' health is kept");
+
+        // The next table makes again what was in use, with its balancer; not the rest.
+        let again = RouteTable::build(
+            &Arc::new(self::view()),
+            &node,
+            &health,
+            &table,
+            Index::ClusterIp,
+        );
+        assert_eq!(again.made(), 1);
+        let second = again.lookup(web).expect("route");
+        assert!(Arc::ptr_eq(&first.balancer, &second.balancer));
+        assert!(Arc::ptr_eq(
+            &first.endpoints[0].health,
+            &second.endpoints[0].health
         ));
     }
 

@@ -988,6 +988,8 @@ impl AsyncWrite for TunnelWriter<'_> {
     }
 }
 
+impl crate::io::Sink for TunnelWriter<'_> {}
+
 impl crate::io::Source for TunnelReader<'_> {
     fn aborted(&self) -> impl std::future::Future<Output = io::Error> + Send + '_ {
         aborted(&self.send)

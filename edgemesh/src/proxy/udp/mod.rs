@@ -134,13 +134,13 @@ impl UdpProxy {
         loop {
             let table = tables.borrow_and_update().clone();
             sockets.retain(|addr, stop| {
-                let keep = table.lookup_udp(*addr).is_some();
+                let keep = table.has_udp(*addr);
                 if !keep {
                     stop.cancel();
                 }
                 keep
             });
-            for (addr, _) in table.udp_routes() {
+            for addr in table.udp_addrs() {
                 if sockets.contains_key(addr) {
                     continue;
                 }
