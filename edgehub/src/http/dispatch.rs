@@ -12,19 +12,17 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 
 use super::answer::HttpError;
-use super::upstream::{Recycle, SendError};
+use super::upstream::SendError;
 use super::BoxError;
 use super::Http;
 use crate::balance::{Endpoint, InFlight, PickContext};
-use crate::io::Protocol;
 use crate::routes::Route;
 
-/// A response head from an endpoint, that endpoint's in-flight count and the connection to
-/// reuse (both held until the body has been sent).
+/// A response head from an endpoint, and that endpoint's in-flight count (held until the body
+/// has been sent).
 pub struct Answered {
     pub response: Response<Incoming>,
     pub in_flight: InFlight,
-    pub recycle: Option<Recycle>,
 }
 
 /// The endpoints one request may be tried on: at most the connector's attempts
@@ -107,25 +105,24 @@ impl<'r> Attempts<'r> {
 }
 
 impl Http {
-    /// Forwards hyper's `req` to an endpoint of `route`, following [`Attempts`].
+    /// Forwards an HTTP/2 request to an endpoint of `route`, following [`Attempts`].
+    /// `client`: the client connection's id.
     pub(super) async fn dispatch(
         self: &Arc<Self>,
         route: &Route,
         mut req: Request<Incoming>,
         pick: &PickContext<'_>,
-        protocol: Protocol,
         client: u64,
     ) -> Result<Answered, HttpError> {
         let mut attempts = Attempts::new(route)?;
         loop {
             let endpoint = attempts.next(self, pick)?;
             let in_flight = InFlight::start(&endpoint.health);
-            match self.send(route, endpoint, req, protocol, client).await {
-                Ok((response, recycle)) => {
+            match self.send_h2(route, endpoint, req, client).await {
+                Ok(response) => {
                     return Ok(Answered {
                         response,
                         in_flight,
-                        recycle,
                     })
                 }
                 Err(SendError::NotSent { request, error }) => {

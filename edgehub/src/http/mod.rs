@@ -45,7 +45,6 @@ pub use server::{serve, ServeError};
 /// A failure from below, kept for the log.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-type H1Sender = hyper::client::conn::http1::SendRequest<Incoming>;
 type H2Sender = hyper::client::conn::http2::SendRequest<Incoming>;
 
 /// `[proxy.http]`: requests of HTTP/1 and HTTP/2 connections, balanced one by one.
@@ -94,9 +93,6 @@ pub struct Http {
     limiters: Arc<Limiters>,
     /// Connections to endpoints: HTTP/1 ones as byte streams ([`h1`]), HTTP/2 ones shared.
     pool: Pool<crate::connect::Upstream, H2Sender>,
-    /// Idle connections of hyper's HTTP/1 client, for requests that arrive as hyper's types
-    /// (the router's ingress, [`Http::forward`]). Its HTTP/2 side is unused.
-    ingress_h1: Pool<H1Sender, H2Sender>,
     /// Open client connections, `http1` and `h2`.
     active: [metrics::Gauge; 2],
 }
@@ -113,7 +109,6 @@ impl Http {
         );
         Http {
             pool: Pool::new(cfg.pool_max_idle_per_endpoint, cfg.pool_idle_timeout),
-            ingress_h1: Pool::new(cfg.pool_max_idle_per_endpoint, cfg.pool_idle_timeout),
             cfg,
             upgraded,
             connector,
@@ -135,13 +130,11 @@ impl Http {
             .is_some()
         {
             self.pool.sweep();
-            self.ingress_h1.sweep();
         }
     }
 
     /// Idle HTTP/1 and shared HTTP/2 connections to endpoints.
     pub fn pooled(&self) -> (usize, usize) {
-        let (h1, h2) = self.pool.len();
-        (h1 + self.ingress_h1.len().0, h2)
+        self.pool.len()
     }
 }

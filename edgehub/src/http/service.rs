@@ -86,14 +86,11 @@ async fn forward(
             .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |p| p.ip()),
         hash_key: hash_key.as_ref().map(|v| v.as_bytes()),
     };
-    let answered = conn
-        .http
-        .dispatch(&conn.route, req, &pick, conn.protocol, conn.id)
-        .await?;
+    let answered = conn.http.dispatch(&conn.route, req, &pick, conn.id).await?;
     let mut response = answered.response;
     headers::prepare_response(&mut response, None);
-    let (in_flight, recycle) = (answered.in_flight, answered.recycle);
-    Ok(response.map(|body| Either::Left(Guarded::new(body, in_flight, recycle))))
+    let in_flight = answered.in_flight;
+    Ok(response.map(|body| Either::Left(Guarded::h2(body, in_flight))))
 }
 
 impl Http {
@@ -119,7 +116,7 @@ impl Http {
             client_ip: client.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
             hash_key: hash_key.as_ref().map(|v| v.as_bytes()),
         };
-        let answered = self.dispatch(route, req, &pick, Protocol::Http1, 0).await;
+        let answered = self.send_h1(route, req, &pick).await;
         let stats = route.stats.http(Protocol::Http1);
         stats.duration.record(started.elapsed().as_secs_f64());
         let answered = match answered {
@@ -129,10 +126,9 @@ impl Http {
                 return Err(e);
             }
         };
-        let mut response = answered.response;
+        // Hop-by-hop fields are out already: the head was rewritten as it was read.
+        let response = answered.response;
         stats.count(response.status());
-        headers::prepare_response(&mut response, None);
-        let (in_flight, recycle) = (answered.in_flight, answered.recycle);
-        Ok(response.map(|body| Either::Left(Guarded::new(body, in_flight, recycle))))
+        Ok(response.map(|body| Either::Left(Guarded::h1(body))))
     }
 }

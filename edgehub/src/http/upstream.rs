@@ -1,17 +1,16 @@
-//! Sending one request to one endpoint: over an idle pooled HTTP/1 connection or the shared
-//! HTTP/2 one, else over a new connection opened through [`Connector::reach`] (so endpoints
-//! on other nodes and in the cloud are reached through tunnels like any other).
+//! Sending one HTTP/2 request to one endpoint, over the shared connection to it, else over a
+//! new connection opened through [`Connector::reach`] (so endpoints on other nodes and in the
+//! cloud are reached through tunnels like any other). (HTTP/1 goes as bytes: [`super::h1`].)
 //!
 //! hyper hands a request back when it failed before any of it was written
-//! (`try_send_request`); only such requests may go elsewhere. A pooled connection that turns
-//! out to be closed (the endpoint's keep-alive timeout raced the request) is replaced by
-//! another before the endpoint is blamed.
+//! (`try_send_request`); only such requests may go elsewhere. A shared connection that turns
+//! out to be closed is replaced by another before the endpoint is blamed.
 
 use std::sync::Arc;
 
 use crate::io::Protocol;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tracing::debug;
@@ -19,7 +18,7 @@ use tracing::debug;
 use super::exec::ConnTasks;
 use super::pool::PoolKey;
 use super::BoxError;
-use super::{H1Sender, H2Sender, Http};
+use super::{H2Sender, Http};
 use crate::balance::Endpoint;
 use crate::connect::{ReachError, Upstream};
 use crate::routes::Route;
@@ -47,99 +46,26 @@ pub enum SendError {
     Failed(hyper::Error),
 }
 
-/// An HTTP/1 connection that goes back to the pool when its response body is done with
-/// (sent to the client, or dropped).
-pub struct Recycle(Option<(Arc<Http>, PoolKey, H1Sender)>);
-
-impl Drop for Recycle {
-    fn drop(&mut self) {
-        let Some((http, key, mut conn)) = self.0.take() else {
-            return;
-        };
-        // A connection that has read its response to the end is ready for the next request
-        // almost always by now: back at once, without a task. One that is not (its endpoint is
-        // still sending, or it is closing) is waited for by a task of its own.
-        if conn.is_ready() {
-            http.ingress_h1.put_h1(key, conn);
-        } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if conn.ready().await.is_ok() {
-                    http.ingress_h1.put_h1(key, conn);
-                }
-            });
-        }
-    }
-}
-
 impl Http {
     /// Sends `req` to `endpoint` of `route` and waits for the response head. `client`: the
-    /// client connection's id. For HTTP/1, also the connection to put back once the response
-    /// body is done with.
-    pub(super) async fn send(
+    /// client connection's id.
+    pub(super) async fn send_h2(
         self: &Arc<Self>,
         route: &Route,
         endpoint: &Endpoint,
         req: Request<Incoming>,
-        protocol: Protocol,
         client: u64,
-    ) -> Result<(Response<Incoming>, Option<Recycle>), SendError> {
+    ) -> Result<Response<Incoming>, SendError> {
         let limited = self
             .limiters
             .limit(&route.service.namespace, &route.service.name)
             .is_some();
-        let own = limited && protocol == Protocol::H2 && !self.connector.is_local(endpoint);
+        let own = limited && !self.connector.is_local(endpoint);
         let key = PoolKey::new(route, endpoint.addr, limited, if own { client } else { 0 });
-        match protocol {
-            Protocol::H2 => Ok((self.send_h2(route, endpoint, key, req).await?, None)),
-            _ => self.send_h1(route, endpoint, key, req).await,
-        }
+        self.send_on_shared(route, endpoint, key, req).await
     }
 
-    async fn send_h1(
-        self: &Arc<Self>,
-        route: &Route,
-        endpoint: &Endpoint,
-        key: PoolKey,
-        mut req: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Option<Recycle>), SendError> {
-        *req.version_mut() = hyper::Version::HTTP_11;
-        let mut stale = 0;
-        loop {
-            let (mut conn, reused) = match self.ingress_h1.take_h1(&key) {
-                Some(conn) => (conn, true),
-                None => match self.open_h1(route, endpoint).await {
-                    Ok(conn) => (conn, false),
-                    Err(e) => return Err(e.with_request(req)),
-                },
-            };
-            match conn.try_send_request(req).await {
-                Ok(response) => {
-                    let recycle = self
-                        .ingress_h1
-                        .keeps_h1()
-                        .then(|| Recycle(Some((Arc::clone(self), key, conn))));
-                    return Ok((response, recycle));
-                }
-                Err(e) => req = retry_on_stale(endpoint, e, reused, &mut stale)?,
-            }
-        }
-    }
-
-    async fn open_h1(&self, route: &Route, endpoint: &Endpoint) -> Result<H1Sender, Unsent> {
-        let io = self.reach(route, endpoint, Protocol::Http1).await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| Unsent::Failed(Box::new(e)))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "endpoint connection ended");
-            }
-        });
-        Ok(sender)
-    }
-
-    async fn send_h2(
+    async fn send_on_shared(
         &self,
         route: &Route,
         endpoint: &Endpoint,

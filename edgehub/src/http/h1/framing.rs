@@ -91,16 +91,35 @@ impl Body {
         self.state == State::Done
     }
 
+    /// Whether the body ends when its sender closes.
+    pub(crate) fn ends_at_close(&self) -> bool {
+        self.state == State::UntilClose
+    }
+
     /// How many bytes at the start of `bytes` belong to the body; when that is fewer than
     /// all of them, the body ends there.
     pub(crate) fn scan(&mut self, bytes: &[u8]) -> Result<usize, BodyError> {
+        self.scan_data(bytes, |_| {})
+    }
+
+    /// [`Body::scan`], telling `data` where the message's own bytes are (not chunk sizes, line
+    /// ends or trailers): what a receiver that decodes the body keeps.
+    pub(crate) fn scan_data(
+        &mut self,
+        bytes: &[u8],
+        mut data: impl FnMut(std::ops::Range<usize>),
+    ) -> Result<usize, BodyError> {
         let mut at = 0;
         while at < bytes.len() {
             match &mut self.state {
                 State::Done => break,
-                State::UntilClose => return Ok(bytes.len()),
+                State::UntilClose => {
+                    data(at..bytes.len());
+                    return Ok(bytes.len());
+                }
                 State::Length(left) | State::Data(left) => {
                     let n = (bytes.len() - at).min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    data(at..at + n);
                     at += n;
                     *left -= n as u64;
                     if *left == 0 {
@@ -305,6 +324,25 @@ mod tests {
         }
         let long = format!("1;{}\r\n", "e".repeat(MAX_SIZE_LINE));
         assert!(end_of(Framing::Chunked, long.as_bytes(), 64).is_err());
+    }
+
+    #[test]
+    fn decoding_keeps_the_data_alone() {
+        let raw = b"5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nt: 1\r\n\r\nNEXT";
+        let mut body = Body::new(Framing::Chunked);
+        let mut out = Vec::new();
+        let mut at = 0;
+        for piece in raw.chunks(3) {
+            let n = body
+                .scan_data(piece, |r| out.extend_from_slice(&piece[r]))
+                .expect("valid");
+            at += n;
+            if n < piece.len() {
+                break;
+            }
+        }
+        assert_eq!(out, b"hello world");
+        assert_eq!(at, raw.len() - 4);
     }
 
     #[test]

@@ -12,8 +12,11 @@
 //! closed (for an idempotent request whose bytes are all at hand). After a `101` (or a `2xx`
 //! to `CONNECT`) both connections are joined by [`crate::io::join`].
 
+mod client;
 mod framing;
 mod head;
+
+pub use client::RawBody;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -452,7 +455,7 @@ where
                 rout,
                 exchange,
                 &mut *writer,
-                deadline,
+                Some(deadline),
                 !head.keep_alive,
             );
             tokio::pin!(response_head);
@@ -632,14 +635,15 @@ enum HeadFailure {
 
 /// Reads the endpoint's response head into `ubuf` and writes it for the client to `rout`;
 /// interim (`1xx`) answers are passed to the client on the way. `close`: the client
-/// connection ends after this response.
+/// connection ends after this response. `deadline`: when the head must have come, if the
+/// caller does not bound the request itself.
 async fn read_response_head<R, W>(
     reader: &mut R,
     ubuf: &mut BytesMut,
     rout: &mut Vec<u8>,
     exchange: Exchange<'_>,
     client: &mut W,
-    deadline: Instant,
+    deadline: Option<Instant>,
     close: bool,
 ) -> Result<FinalHead, HeadFailure>
 where
@@ -674,7 +678,7 @@ where
         if ubuf.capacity() - ubuf.len() < READ_ROOM / 2 {
             ubuf.reserve(READ_ROOM);
         }
-        let read = tokio::time::timeout_at(deadline, reader.read_buf(ubuf))
+        let read = by(deadline, reader.read_buf(ubuf))
             .await
             .map_err(|_| HeadFailure::TimedOut)?;
         match read {
@@ -694,6 +698,17 @@ where
             Err(e) if !got_any => return Err(HeadFailure::Closed(e)),
             Err(e) => return Err(HeadFailure::Endpoint(e)),
         }
+    }
+}
+
+/// `f`, within `deadline` when there is one.
+async fn by<F: std::future::Future>(
+    deadline: Option<Instant>,
+    f: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, f).await,
+        None => Ok(f.await),
     }
 }
 
