@@ -46,8 +46,8 @@ impl Clock {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Sent {
     Forwarded,
-    /// Dropped (counted with this reason); the flow lives on.
-    Dropped(&'static str),
+    /// Dropped (and counted); the flow lives on.
+    Dropped,
     /// The endpoint is not there (ICMP unreachable): counted against it; the flow must end.
     Unreachable,
 }
@@ -116,7 +116,7 @@ impl LocalFlow {
     }
 
     /// Sends a datagram of the client's to the endpoint, without waiting: when the socket's
-    /// buffer is full the datagram is dropped, as the network would.
+    /// buffer is full the datagram is dropped, as the network would. Drops are counted here.
     pub(super) fn send(&self, datagram: &[u8]) -> Sent {
         match self.socket.send(datagram) {
             Ok(_) => {
@@ -131,10 +131,14 @@ impl LocalFlow {
                 drop_counted(self.stats.label(), "unreachable");
                 Sent::Unreachable
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Sent::Dropped("queue_full"),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                drop_counted(self.stats.label(), "queue_full");
+                Sent::Dropped
+            }
             Err(e) => {
                 tracing::debug!(error = %e, endpoint = %self.endpoint.addr, "send to the endpoint failed");
-                Sent::Dropped("send_failed")
+                drop_counted(self.stats.label(), "send_failed");
+                Sent::Dropped
             }
         }
     }

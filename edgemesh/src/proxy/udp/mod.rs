@@ -247,7 +247,8 @@ impl UdpProxy {
         }
     }
 
-    /// Hands one datagram to its flow, starting the flow when it is the first.
+    /// Hands one datagram to its flow, starting the flow when it is the first. A datagram of a
+    /// flow that exists goes to it without looking at the route table.
     fn datagram(
         self: &Arc<Self>,
         source: SocketAddr,
@@ -255,6 +256,37 @@ impl UdpProxy {
         payload: &[u8],
         socket: &Arc<UdpSocket>,
     ) {
+        let key = (source, dst);
+        let mut flows = self.flows();
+        let ended = match flows.get(&key) {
+            None => None,
+            Some(entry) => match &entry.forward {
+                Forward::Socket(flow) => {
+                    let (flow, id) = (flow.clone(), entry.id);
+                    drop(flows);
+                    if flow.send(payload) == Sent::Unreachable {
+                        self.end_flow(&key, id);
+                    }
+                    return;
+                }
+                Forward::Task { tx, .. } => match tx.offer(Bytes::copy_from_slice(payload)) {
+                    Offered::Queued => return,
+                    Offered::Full => {
+                        drop(flows);
+                        let table = self.tables.borrow().clone();
+                        let label = table.lookup_udp(dst).map_or("none", |r| r.stats.label());
+                        drop_counted(label, "queue_full");
+                        return;
+                    }
+                    // The flow's task just ended: this datagram starts a new one.
+                    Offered::Ended(d) => {
+                        let id = entry.id;
+                        flows.remove(&key, id);
+                        Some(d)
+                    }
+                },
+            },
+        };
         let table = self.tables.borrow().clone();
         let Some(route) = table.lookup_udp(dst).cloned() else {
             drop_counted("none", "no_service");
@@ -264,37 +296,7 @@ impl UdpProxy {
             drop_counted(route.stats.label(), "too_large");
             return;
         }
-        let key = (source, dst);
-        let mut flows = self.flows();
-        let first = match flows.get(&key) {
-            None => Bytes::copy_from_slice(payload),
-            Some(entry) => match &entry.forward {
-                Forward::Socket(flow) => {
-                    let (flow, id) = (flow.clone(), entry.id);
-                    drop(flows);
-                    match flow.send(payload) {
-                        Sent::Forwarded => {}
-                        Sent::Dropped(reason) => drop_counted(flow.service(), reason),
-                        Sent::Unreachable => self.end_flow(&key, id),
-                    }
-                    return;
-                }
-                Forward::Task { tx, .. } => match tx.offer(Bytes::copy_from_slice(payload)) {
-                    Offered::Queued => return,
-                    Offered::Full => {
-                        drop(flows);
-                        drop_counted(route.stats.label(), "queue_full");
-                        return;
-                    }
-                    // The flow's task just ended: this datagram starts a new one.
-                    Offered::Ended(d) => {
-                        let id = entry.id;
-                        flows.remove(&key, id);
-                        d
-                    }
-                },
-            },
-        };
+        let first = ended.unwrap_or_else(|| Bytes::copy_from_slice(payload));
         self.start_flow(flows, key, route, first, socket.clone());
     }
 
@@ -458,13 +460,9 @@ impl UdpProxy {
         // The task's queue sender goes with the forward it replaces: nothing more is queued.
         let _task = flows.hand_to_socket(&key, id, flow.clone(), deadline);
         for d in rx.drain() {
-            match flow.send(&d) {
-                Sent::Forwarded => {}
-                Sent::Dropped(reason) => drop_counted(flow.service(), reason),
-                Sent::Unreachable => {
-                    flows.remove(&key, id);
-                    break;
-                }
+            if flow.send(&d) == Sent::Unreachable {
+                flows.remove(&key, id);
+                break;
             }
         }
         self.table_changed(flows);
