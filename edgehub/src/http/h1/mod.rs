@@ -44,6 +44,10 @@ use crate::routes::Route;
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Room kept free in a connection's read buffer for the next read.
 const READ_ROOM: usize = 8 * 1024;
+/// How long, and how much, a closing connection keeps reading what the client still sends
+/// ([`Conn::linger`]).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
 /// Kept connections found closed after a request went out that are replaced before the
 /// request counts as failed.
 const STALE_RETRIES: usize = 2;
@@ -104,6 +108,8 @@ pub(super) async fn serve<I: Duplex>(
 enum Next {
     KeepAlive,
     Close,
+    /// Close, the client possibly still sending what will never be read.
+    CloseUnread,
     /// The endpoint accepted an upgrade: bytes both ways, with what it sent after its head.
     Switched(Upstream, BytesMut),
 }
@@ -164,8 +170,9 @@ where
                 Err(RequestFailure::Client(e)) => return Err(ServeError::Read(e)),
                 Err(RequestFailure::Refused(status, why)) => {
                     debug!(status, %why, "request refused");
-                    let _ = self.write_refusal(status).await;
-                    let _ = self.writer.shutdown().await;
+                    if self.write_refusal(status).await.is_ok() {
+                        self.linger().await;
+                    }
                     return Ok(None);
                 }
             };
@@ -174,6 +181,10 @@ where
                 Next::KeepAlive if !shutdown.is_cancelled() => idle_since = Instant::now(),
                 Next::KeepAlive | Next::Close => {
                     let _ = self.writer.shutdown().await;
+                    return Ok(None);
+                }
+                Next::CloseUnread => {
+                    self.linger().await;
                     return Ok(None);
                 }
                 Next::Switched(upstream, leftover) => return Ok(Some((upstream, leftover))),
@@ -255,13 +266,14 @@ where
                     .await;
                 return if keep && answered.is_ok() {
                     Next::KeepAlive
+                } else if head.framing != Framing::Length(0) {
+                    Next::CloseUnread
                 } else {
                     Next::Close
                 };
             }
             Err(Failure::Client(why)) => {
                 debug!(%why, "request broken off by the client");
-                stats.count(hyper::StatusCode::BAD_REQUEST);
                 return Next::Close;
             }
             Err(Failure::Broken(why)) => {
@@ -560,6 +572,26 @@ where
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(body);
         within(self.http.upgraded.idle, self.writer.write_all(out)).await
+    }
+
+    /// Ends the connection while the client may still be sending (a request refused before its
+    /// end, a body not read): the write side is shut, and what the client sends is read and
+    /// dropped for a moment, so that closing with unread bytes does not reset the connection
+    /// before the client has read the answer.
+    async fn linger(&mut self) {
+        let _ = self.writer.shutdown().await;
+        let until = Instant::now() + LINGER;
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            self.buf.clear();
+            if self.buf.capacity() < READ_ROOM {
+                self.buf.reserve(READ_ROOM);
+            }
+            match tokio::time::timeout_at(until, self.reader.read_buf(&mut self.buf)).await {
+                Ok(Ok(n)) if n > 0 => drained += n,
+                _ => break,
+            }
+        }
     }
 
     /// Answers a request that cannot be served at all; the connection closes after it.
