@@ -405,6 +405,8 @@ where
         // where the next request would be.
         let next = if head.keep_alive && ended && exchanged.delimited {
             Next::KeepAlive
+        } else if !ended {
+            Next::CloseUnread
         } else {
             Next::Close
         };
