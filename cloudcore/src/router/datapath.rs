@@ -37,8 +37,9 @@ impl DataPath {
         shutdown: CancellationToken,
     ) -> (DataPath, Vec<JoinHandle<()>>) {
         let health = Arc::new(HealthRegistry::new(OutlierConfig::default()));
+        views.borrow_and_update();
         let first = RouteTable::build(
-            &views.borrow_and_update(),
+            &views,
             &LocalNode::cloud(),
             &health,
             &RouteTable::default(),

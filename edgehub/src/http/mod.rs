@@ -1,16 +1,21 @@
-//! HTTP/1.1 and HTTP/2 (gRPC) through the proxy (SPEC §4.3–4.5): requests are balanced one by
-//! one over the Service's endpoints, so the calls of one long-lived client connection spread
-//! like separate connections would.
+//! HTTP/1.1 and HTTP/2 (gRPC) through the proxy (SPEC §4): requests are balanced one by one
+//! over the Service's endpoints, so the calls of one long-lived client connection spread like
+//! separate connections would.
 //!
-//! Layers, outermost first, each in its own module:
-//! - [`server`]: the client's connection (hyper, keep-alive, graceful shutdown, upgrades);
-//! - [`service`]: one request: its span and metrics, the request timeout, header rewriting,
-//!   failures turned into answers ([`answer`]);
-//! - [`dispatch`]: the endpoint for a request (balancing), the Service's QPS limit for this
-//!   node's endpoints, retries while nothing of the request has reached an endpoint;
-//! - [`upstream`]: sending to one endpoint over a pooled connection ([`pool`]), opened through
-//!   [`Connector::reach`] (dialled, or a tunnel to another node or the cloud);
-//! - after a `101` (WebSocket), bytes both ways through [`crate::io::join`].
+//! Modules, outermost first:
+//! - [`server`]: the client's connection: HTTP/1 to [`h1`], HTTP/2 to hyper (keep-alive pings,
+//!   graceful shutdown with a GOAWAY);
+//! - [`h1`]: HTTP/1 in one task per connection, as bytes: heads parsed once and rewritten
+//!   (`h1::head`), bodies passed through in their framing (`h1::framing`), upgrades joined by
+//!   [`crate::io::join`]; `h1::client` sends hyper's requests (the router's ingress) the same way;
+//! - [`service`]: one HTTP/2 request: its span and metrics, the request timeout, header
+//!   rewriting ([`headers`]), failures turned into answers ([`answer`]);
+//! - [`dispatch`]: the one retry rule ([`dispatch::Attempts`]): the endpoint for a request
+//!   (balancing), the Service's QPS limit for this node's endpoints, another endpoint while
+//!   nothing of the request has reached one;
+//! - [`upstream`]: an HTTP/2 request over the endpoint's shared connection;
+//! - [`pool`]: kept connections to endpoints (HTTP/1 byte streams, shared HTTP/2 connections),
+//!   opened through [`Connector::reach`] (dialled, or a tunnel to another node or the cloud).
 
 mod answer;
 mod body;

@@ -107,10 +107,12 @@ pub struct RouteTable {
     by_name: Option<HashMap<ServiceRef, Arc<Slot>>>,
 }
 
-/// What routes are made from.
+/// What routes are made from. The view is looked up when a route is made, not held: a table
+/// that held its view would make every later change of the view copy it whole (the stores
+/// change their view in place only while nobody else holds it).
 #[derive(Debug)]
 struct Source {
-    view: Arc<MeshView>,
+    views: watch::Receiver<Arc<MeshView>>,
     node: LocalNode,
     health: Arc<HealthRegistry>,
 }
@@ -206,28 +208,30 @@ impl RouteTable {
         if let Some(route) = slot.route.get() {
             return Some(route);
         }
-        let route = self.source.as_ref()?.make(slot, None, true)?;
+        let route = self.source.as_ref()?.make(slot, true)?;
         Some(slot.route.get_or_init(|| Arc::new(route)))
     }
 
     fn peek(&self, slot: &Slot) -> Option<Arc<Route>> {
         match slot.route.get() {
             Some(route) => Some(route.clone()),
-            None => Some(Arc::new(self.source.as_ref()?.make(slot, None, false)?)),
+            None => Some(Arc::new(self.source.as_ref()?.make(slot, false)?)),
         }
     }
 
-    /// Builds the table for `view`. The routes `previous` had made are made again, keeping
-    /// balancers whose settings did not change, and counters.
+    /// Builds the table for the current view of `views`. The routes `previous` had made are
+    /// made again, keeping balancers whose settings did not change, and counters.
     pub fn build(
-        view: &Arc<MeshView>,
+        views: &watch::Receiver<Arc<MeshView>>,
         node: &LocalNode,
         health: &Arc<HealthRegistry>,
         previous: &RouteTable,
         index: Index,
     ) -> RouteTable {
+        let view = views.borrow().clone();
+        let view = &view;
         let source = Arc::new(Source {
-            view: view.clone(),
+            views: views.clone(),
             node: node.clone(),
             health: health.clone(),
         });
@@ -277,7 +281,7 @@ impl RouteTable {
                     .and_then(|s| s.route.get())
                     .filter(|r| r.service.namespace == ns && r.service.name == nm);
                 if let Some(previous_route) = previous_route {
-                    if let Some(route) = source.make(&slot, Some(previous_route), true) {
+                    if let Some(route) = source.make_in(view, &slot, Some(previous_route), true) {
                         live.extend(route.endpoints.iter().map(|e| e.addr));
                         let _ = slot.route.set(Arc::new(route));
                     }
@@ -313,12 +317,25 @@ fn served(port: &ServicePort) -> Option<(u16, bool)> {
 }
 
 impl Source {
-    /// The route of `slot`'s Service port. `previous`: the route a former table had made for
-    /// it, whose balancer (if its settings still hold) and counters go on. `register`: the
-    /// endpoints' health is registered (a route that serves) rather than only read (one made
-    /// for inspection).
-    fn make(&self, slot: &Slot, previous: Option<&Route>, register: bool) -> Option<Route> {
-        let view = &self.view;
+    /// The route of `slot`'s Service port, made from the view of the moment (newer than the
+    /// table's when it changed since: the next table is on its way), which is held only while
+    /// the route is made. `register`: see [`Source::make_in`].
+    fn make(&self, slot: &Slot, register: bool) -> Option<Route> {
+        let view = self.views.borrow().clone();
+        self.make_in(&view, slot, None, register)
+    }
+
+    /// The route of `slot`'s Service port in `view`. `previous`: the route a former table had
+    /// made for it, whose balancer (if its settings still hold) and counters go on.
+    /// `register`: the endpoints' health is registered (a route that serves) rather than only
+    /// read (one made for inspection).
+    fn make_in(
+        &self,
+        view: &MeshView,
+        slot: &Slot,
+        previous: Option<&Route>,
+        register: bool,
+    ) -> Option<Route> {
         let key = &slot.service;
         let service = view.service(&key.namespace, &key.name)?;
         let port = service
@@ -510,9 +527,9 @@ pub async fn follow_view(
         if !crate::process::changed(&mut views, &shutdown).await {
             return;
         }
-        let view = views.borrow_and_update().clone();
+        views.borrow_and_update();
         let previous = tables.borrow().clone();
-        let table = RouteTable::build(&view, &node, &health, &previous, index);
+        let table = RouteTable::build(&views, &node, &health, &previous, index);
         debug!(
             version = table.version,
             routes = table.len(),
@@ -572,8 +589,9 @@ mod tests {
                 .collect(),
         };
         let health = Arc::new(HealthRegistry::new(OutlierConfig::default()));
+        let (_views, views) = watch::channel(Arc::new(view()));
         let table = RouteTable::build(
-            &Arc::new(view()),
+            &views,
             &node,
             &health,
             &RouteTable::default(),
@@ -633,7 +651,7 @@ mod tests {
         assert_eq!(table.udp_routes().count(), 1);
 
         // A rebuild keeps the balancer (round-robin position, affinity) of an unchanged Service.
-        let again = RouteTable::build(&Arc::new(view()), &node, &health, &table, Index::ClusterIp);
+        let again = RouteTable::build(&views, &node, &health, &table, Index::ClusterIp);
         let web2 = again
             .lookup("10.96.0.10:80".parse().expect("a"))
             .expect("route");
@@ -659,9 +677,9 @@ mod tests {
             labels: Default::default(),
         };
         let health = Arc::new(HealthRegistry::new(OutlierConfig::default()));
-        let view = Arc::new(view());
+        let (store, views) = watch::channel(Arc::new(view()));
         let table = RouteTable::build(
-            &view,
+            &views,
             &node,
             &health,
             &RouteTable::default(),
@@ -686,14 +704,14 @@ mod tests {
         assert_eq!(table.made(), 1);
         assert!(!health.is_empty(), "its endpoints' health is kept");
 
+        // The table holds no view: the store changes its own in place.
+        store.send_modify(|v| {
+            let before = Arc::as_ptr(v);
+            Arc::make_mut(v).version += 1;
+            assert_eq!(before, Arc::as_ptr(v), "changed in place, not copied");
+        });
         // The next table makes again what was in use, with its balancer; not the rest.
-        let again = RouteTable::build(
-            &Arc::new(self::view()),
-            &node,
-            &health,
-            &table,
-            Index::ClusterIp,
-        );
+        let again = RouteTable::build(&views, &node, &health, &table, Index::ClusterIp);
         assert_eq!(again.made(), 1);
         let second = again.lookup(web).expect("route");
         assert!(Arc::ptr_eq(&first.balancer, &second.balancer));

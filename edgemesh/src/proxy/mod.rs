@@ -408,9 +408,9 @@ pub async fn start(
     let health = Arc::new(HealthRegistry::new(cfg.outlier.clone()));
     let mut views = views;
     let first = {
-        let view = views.borrow_and_update().clone();
+        views.borrow_and_update();
         RouteTable::build(
-            &view,
+            &views,
             &node,
             &health,
             &RouteTable::default(),
