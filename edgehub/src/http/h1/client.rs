@@ -260,6 +260,15 @@ impl RawBody {
     }
 }
 
+impl Drop for RawBody {
+    fn drop(&mut self) {
+        // A body read to its end whose last poll did not come round to it.
+        if self.body.is_done() {
+            self.finish();
+        }
+    }
+}
+
 impl hyper::body::Body for RawBody {
     type Data = Bytes;
     type Error = io::Error;
@@ -296,6 +305,11 @@ impl hyper::body::Body for RawBody {
                     this.buf.advance(n);
                     joined.freeze()
                 };
+                if this.body.is_done() {
+                    // Back to the pool now: a server that sees the end of the body does not
+                    // poll it again.
+                    this.finish();
+                }
                 if !data.is_empty() {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
