@@ -519,7 +519,7 @@ step_prepare_host() {
     [ -n "${BIN_DIR:-}" ] || pkgs+=(build-essential pkg-config)
     # HA=1: etcd, its CLI, and protoc to build cloudcore's etcd store.
     [ "$HA" != 1 ] || pkgs+=(etcd-server etcd-client)
-    [ "$HA" != 1 ] || [ -n "${BIN_DIR:-}" ] || pkgs+=(protobuf-compiler)
+    [ "$HA" != 1 ] || [ -n "${BIN_DIR:-}" ] || pkgs+=(protobuf-compiler libprotobuf-dev)
     install_packages "${pkgs[@]}"
 
     [ -n "${BIN_DIR:-}" ] && return 0

@@ -29,6 +29,9 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 # The etcd store (cargo feature `etcd`): protoc builds etcd-client; its tests run real etcd.
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/*.proto), which etcd's protos import: only a
+# recommendation of protobuf-compiler, so not there with --no-install-recommends.
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 dpkg -s ca-certificates >/dev/null 2>&1 || need+=(ca-certificates)
 if [ "${#need[@]}" -gt 0 ]; then

@@ -152,12 +152,16 @@ fn grpc_percent_encode(text: &str) -> String {
 pub fn is_grpc(headers: &hyper::HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.get(..16)
-                .is_some_and(|p| p.eq_ignore_ascii_case("application/grpc"))
-                && matches!(v.as_bytes().get(16), None | Some(b'+' | b';'))
-        })
+        .is_some_and(|v| is_grpc_content_type(v.as_bytes()))
+}
+
+/// Whether a `Content-Type` value is gRPC's (`application/grpc`, `application/grpc+proto`, ...);
+/// the HTTP/1 path checks the raw header bytes with it too.
+pub(crate) fn is_grpc_content_type(value: &[u8]) -> bool {
+    value
+        .get(..16)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
+        && matches!(value.get(16), None | Some(b'+' | b';'))
 }
 
 #[cfg(test)]

@@ -485,9 +485,7 @@ async fn an_upgrade_becomes_a_byte_stream() {
     assert!(head.starts_with("http/1.1 101 "), "{head}");
     assert!(head.contains("upgrade: echo"), "{head}");
     io.write_all(b"ping").await.expect("write");
-    let mut rest = Vec::new();
-    io.read_to_end(&mut rest).await.expect("read");
-    assert_eq!(rest, b"PING");
+    assert_eq!(read_to_close(&mut io).await, b"PING");
     drop(io);
     task.await.expect("join");
 }
@@ -505,8 +503,7 @@ async fn malformed_requests_get_400_and_reach_no_endpoint() {
     ] {
         let (mut io, task) = proxy(&http, &route, Protocol::Http1, &shutdown).await;
         io.write_all(bad).await.expect("write");
-        let mut answer = Vec::new();
-        io.read_to_end(&mut answer).await.expect("read");
+        let answer = read_to_close(&mut io).await;
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
         drop(io);
@@ -521,8 +518,7 @@ async fn malformed_requests_get_400_and_reach_no_endpoint() {
     // The proxy answers before the client has sent it all, and reads the rest before it
     // closes: the answer is not lost to a reset.
     io.write_all(huge.as_bytes()).await.expect("written");
-    let mut answer = Vec::new();
-    io.read_to_end(&mut answer).await.expect("answer");
+    let answer = read_to_close(&mut io).await;
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
     drop(io);
@@ -553,8 +549,25 @@ async fn shutdown_closes_idle_keep_alive_connections() {
 }
 
 /// Reads one response from a raw connection: its head (lowercased) and its body, framed by
-/// `content-length`, chunks, or the close.
+/// `content-length`, chunks, or the close. A framing fault that leaves the reader waiting fails
+/// the test after a few seconds instead of hanging it.
 async fn read_response(io: &mut TcpStream) -> (String, String) {
+    tokio::time::timeout(Duration::from_secs(5), read_response_unbounded(io))
+        .await
+        .expect("a whole response within 5 s")
+}
+
+/// Reads until the proxy closes the connection, failing the test if it does not within 5 s.
+async fn read_to_close(io: &mut TcpStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut all))
+        .await
+        .expect("closed within 5 s")
+        .expect("read");
+    all
+}
+
+async fn read_response_unbounded(io: &mut TcpStream) -> (String, String) {
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         head.push(io.read_u8().await.expect("head"));
@@ -636,10 +649,11 @@ async fn bodies_pass_in_their_own_framing() {
     let (head, body) = read_response(&mut io).await;
     assert!(head.contains("connection: close"), "{head}");
     assert_eq!(body, "a");
-    let mut rest = Vec::new();
-    io.read_to_end(&mut rest).await.expect("closed");
-    assert!(rest.is_empty());
-    task.await.expect("join");
+    assert!(read_to_close(&mut io).await.is_empty());
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the connection ends")
+        .expect("join");
 }
 
 /// An endpoint that keeps no connection for long: after each answer it reads the next

@@ -580,23 +580,38 @@ mod tests {
         v
     }
 
-    #[tokio::test]
-    async fn routes_map_cluster_ports_to_endpoint_ports_with_tiers() {
-        let node = LocalNode {
+    /// Node "a" with `labels`.
+    fn node_a(labels: &[(&str, &str)]) -> LocalNode {
+        LocalNode {
             name: "a".into(),
-            labels: [("zone".to_string(), "z1".to_string())]
-                .into_iter()
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
-        let health = Arc::new(HealthRegistry::new(OutlierConfig::default()));
-        let (_views, views) = watch::channel(Arc::new(view()));
-        let table = RouteTable::build(
-            &views,
-            &node,
-            &health,
+        }
+    }
+
+    /// The first ClusterIP table of a node (no routes before it).
+    fn first_table(
+        views: &watch::Receiver<Arc<MeshView>>,
+        node: &LocalNode,
+        health: &Arc<HealthRegistry>,
+    ) -> RouteTable {
+        RouteTable::build(
+            views,
+            node,
+            health,
             &RouteTable::default(),
             Index::ClusterIp,
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn routes_map_cluster_ports_to_endpoint_ports_with_tiers() {
+        let node = node_a(&[("zone", "z1")]);
+        let health = Arc::new(HealthRegistry::new(OutlierConfig::default()));
+        let (_views, views) = watch::channel(Arc::new(view()));
+        let table = first_table(&views, &node, &health);
         assert_eq!(table.len(), 2, "TCP ports of the ClusterIP service only");
         let web = table
             .lookup("10.96.0.10:80".parse().expect("a"))
@@ -672,19 +687,10 @@ mod tests {
 
     #[tokio::test]
     async fn routes_are_made_when_first_needed_and_kept_while_in_use() {
-        let node = LocalNode {
-            name: "a".into(),
-            labels: Default::default(),
-        };
+        let node = node_a(&[]);
         let health = Arc::new(HealthRegistry::new(OutlierConfig::default()));
         let (store, views) = watch::channel(Arc::new(view()));
-        let table = RouteTable::build(
-            &views,
-            &node,
-            &health,
-            &RouteTable::default(),
-            Index::ClusterIp,
-        );
+        let table = first_table(&views, &node, &health);
         assert_eq!(
             (table.len(), table.made()),
             (2, 0),

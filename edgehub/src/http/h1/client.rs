@@ -19,7 +19,7 @@ use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
 use super::framing::{Body, Framing};
-use super::head::{Exchange, FinalHead};
+use super::head::{self, Exchange, FinalHead};
 use super::{read_response_head, HeadFailure, READ_ROOM, STALE_RETRIES};
 use crate::balance::{InFlight, PickContext};
 use crate::connect::Upstream;
@@ -170,15 +170,10 @@ fn write_request_head(parts: &hyper::http::request::Parts, framing: Framing, out
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        if framing == Framing::Chunked && name == hyper::header::CONTENT_LENGTH {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    // A chunked body's length is in its chunks; a stale Content-Length beside it would be
+    // request smuggling's raw material.
+    let skip = (framing == Framing::Chunked).then_some(&hyper::header::CONTENT_LENGTH);
+    head::write_fields(out, &parts.headers, skip);
     if framing == Framing::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }

@@ -352,51 +352,46 @@ mod tests {
         assert_eq!(end_of(Framing::UntilClose, b"abc", 2), Ok(None));
     }
 
-    #[tokio::test]
-    async fn copy_stops_at_the_end_and_keeps_what_follows() {
-        let mut buf = BytesMut::from(&b"4\r\nwi"[..]);
-        let mut reader: &[u8] = b"ki\r\n0\r\n\r\nGET / HTTP/1.1\r\n";
+    /// Copies one body in `framing` from `buf` and then `reader`; what it wrote, or how it failed.
+    async fn copy_body(
+        framing: Framing,
+        buf: &mut BytesMut,
+        mut reader: &[u8],
+    ) -> Result<Vec<u8>, BodyError> {
         let mut out = Vec::new();
-        let mut body = Body::new(Framing::Chunked);
         let n = copy(
-            &mut body,
-            &mut buf,
+            &mut Body::new(framing),
+            buf,
             &mut reader,
             &mut out,
             Duration::from_secs(1),
+        )
+        .await?;
+        assert_eq!(n, out.len() as u64, "counted what it wrote");
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn copy_stops_at_the_end_and_keeps_what_follows() {
+        let mut buf = BytesMut::from(&b"4\r\nwi"[..]);
+        let out = copy_body(
+            Framing::Chunked,
+            &mut buf,
+            b"ki\r\n0\r\n\r\nGET / HTTP/1.1\r\n",
         )
         .await
         .expect("copied");
         assert_eq!(out, b"4\r\nwiki\r\n0\r\n\r\n");
-        assert_eq!(n, out.len() as u64);
         assert_eq!(&buf[..], b"GET / HTTP/1.1\r\n");
 
         let mut buf = BytesMut::new();
-        let mut reader: &[u8] = b"abc";
-        let mut out = Vec::new();
-        let ended = copy(
-            &mut Body::new(Framing::Length(5)),
-            &mut buf,
-            &mut reader,
-            &mut out,
-            Duration::from_secs(1),
-        )
-        .await;
+        let ended = copy_body(Framing::Length(5), &mut buf, b"abc").await;
         assert!(
             matches!(ended, Err(BodyError::Read(e)) if e.kind() == io::ErrorKind::UnexpectedEof)
         );
-        let mut reader: &[u8] = b"abc";
-        let mut out = Vec::new();
-        let mut body = Body::new(Framing::UntilClose);
-        copy(
-            &mut body,
-            &mut buf,
-            &mut reader,
-            &mut out,
-            Duration::from_secs(1),
-        )
-        .await
-        .expect("until close");
+        let out = copy_body(Framing::UntilClose, &mut buf, b"abc")
+            .await
+            .expect("until close");
         assert_eq!(out, b"abc");
     }
 }

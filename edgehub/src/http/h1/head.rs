@@ -7,6 +7,7 @@
 use thiserror::Error;
 
 use super::framing::Framing;
+use crate::http::answer;
 use crate::http::headers::{Upgrade, HOP_BY_HOP};
 
 /// Most header fields in one head; more get `431`, like an oversized head.
@@ -162,7 +163,7 @@ pub(crate) fn request(
             continue;
         }
         if name.eq_ignore_ascii_case("content-type") {
-            grpc = is_grpc(field.value);
+            grpc = answer::is_grpc_content_type(field.value);
         }
         if fields.drops(name) || (framing == Framing::Chunked && is(name, "content-length")) {
             continue;
@@ -415,11 +416,22 @@ fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn is_grpc(value: &[u8]) -> bool {
-    value
-        .get(..16)
-        .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
-        && matches!(value.get(16), None | Some(b'+' | b';'))
+/// Writes the fields of a head built with hyper's types (an answer of our own, a request the
+/// router ingress sends on), leaving out those `skip` names.
+pub(super) fn write_fields(
+    out: &mut Vec<u8>,
+    fields: &hyper::HeaderMap,
+    skip: Option<&hyper::header::HeaderName>,
+) {
+    for (name, value) in fields {
+        if Some(name) == skip {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 #[cfg(test)]

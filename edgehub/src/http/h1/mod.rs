@@ -561,12 +561,7 @@ where
         out.push(b' ');
         out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
         out.extend_from_slice(b"\r\n");
-        for (name, value) in fields {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+        head::write_fields(out, fields, None);
         out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
         if close {
             out.extend_from_slice(b"connection: close\r\n");
