@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use edgehub::metamanager::MeshView;
 use edgehub::model::{Kind, Object, ObjectKey};
+use edgehub::view::MeshView;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -17,11 +17,7 @@ use crate::store::{ChangeOp, Since, Store, StoreError};
 /// Everything in the store, at its current version.
 pub fn load(store: &dyn Store) -> Result<MeshView, StoreError> {
     let version = store.version();
-    let mut view = MeshView {
-        version,
-        store_id: Some(store.store_id().to_string()),
-        ..MeshView::default()
-    };
+    let mut view = MeshView::at(version, Some(store.store_id().to_string()));
     for kind in [Kind::Service, Kind::Endpoints, Kind::Node] {
         for record in store.list(kind, None)? {
             match Object::from_json(kind, &record.json) {

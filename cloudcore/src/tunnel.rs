@@ -16,13 +16,13 @@ use std::time::Duration;
 
 use edgehub::connect::{Opener, Upstream};
 use edgehub::message::Message;
-use edgehub::metamanager::MeshView;
 use edgehub::serve::{count_refusal, Served, StreamServer};
 use edgehub::tunnel::authorise::authorise_in;
 use edgehub::tunnel::{
     Incoming, Mux, MuxConfig, MuxError, OpenError, OpenRefusal, OpenRequest, Outgoing, RefusalKind,
     Side, TunnelStream,
 };
+use edgehub::view::MeshView;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;

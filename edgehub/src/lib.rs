@@ -49,3 +49,4 @@ pub mod tls;
 pub mod topology;
 pub mod tunnel;
 pub mod untrusted;
+pub mod view;

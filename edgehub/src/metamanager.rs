@@ -5,18 +5,20 @@
 //! the identity of the cloud store it belongs to) is written in the same transaction as the
 //! objects, so after a crash the node knows exactly where to resume.
 //!
-//! Readers (admin API, later DNS and proxy) never touch SQLite: they read a [`MeshView`], an
-//! immutable snapshot of the parsed objects that is replaced after every committed batch and
-//! published through a `watch` channel, so a change is visible to them as soon as it is durable.
+//! The data path (routes, DNS, stream checks, limits) never touches SQLite: it reads a
+//! [`MeshView`], compact records of the objects, replaced after every committed batch and
+//! published through a `watch` channel, so a change is visible as soon as it is durable. The
+//! objects themselves are read from SQLite when asked for ([`MetaManager::objects`]).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde_json::value::RawValue;
 use tokio::sync::watch;
 
-use crate::model::{Community, Endpoints, Kind, Node, Object, ObjectKey, Service};
+use crate::model::{Kind, Object, ObjectKey};
+use crate::view::MeshView;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -161,71 +163,6 @@ pub struct Applied {
     pub duplicates: usize,
     pub version: u64,
     pub chain: String,
-}
-
-/// Parsed, immutable view of the node's metadata at one version.
-#[derive(Clone, Debug, Default)]
-pub struct MeshView {
-    pub version: u64,
-    pub store_id: Option<String>,
-    pub services: BTreeMap<(String, String), Arc<Service>>,
-    pub endpoints: BTreeMap<(String, String), Arc<Endpoints>>,
-    pub nodes: BTreeMap<String, Arc<Node>>,
-    pub communities: BTreeMap<String, Arc<Community>>,
-}
-
-impl MeshView {
-    /// Puts `object` at `key`, or removes what is there when `None` (cloudcore keeps a view of
-    /// its store this way too).
-    pub fn set(&mut self, key: &ObjectKey, object: Option<Object>) {
-        let nk = (key.namespace.clone(), key.name.clone());
-        match (key.kind, object) {
-            (Kind::Service, Some(Object::Service(mut s))) => {
-                // The view lives as long as the agent: give back what deserialising left
-                // spare (a Vec grows to 4 slots for one port, ~360 bytes per Service).
-                s.spec.ports.shrink_to_fit();
-                s.spec.topology_keys.shrink_to_fit();
-                self.services.insert(nk, Arc::new(s));
-            }
-            (Kind::Endpoints, Some(Object::Endpoints(mut e))) => {
-                e.subsets.shrink_to_fit();
-                for subset in &mut e.subsets {
-                    subset.addresses.shrink_to_fit();
-                    subset.not_ready_addresses.shrink_to_fit();
-                    subset.ports.shrink_to_fit();
-                }
-                self.endpoints.insert(nk, Arc::new(e));
-            }
-            (Kind::Node, Some(Object::Node(n))) => {
-                self.nodes.insert(key.name.clone(), Arc::new(n));
-            }
-            (Kind::Service, _) => {
-                self.services.remove(&nk);
-            }
-            (Kind::Endpoints, _) => {
-                self.endpoints.remove(&nk);
-            }
-            (Kind::Node, _) => {
-                self.nodes.remove(&key.name);
-            }
-            (Kind::Community, Some(Object::Community(c))) => {
-                self.communities.insert(key.name.clone(), Arc::new(c));
-            }
-            (Kind::Community, _) => {
-                self.communities.remove(&key.name);
-            }
-        }
-    }
-
-    pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
-        self.services
-            .get(&(namespace.to_string(), name.to_string()))
-    }
-
-    pub fn endpoints_of(&self, namespace: &str, name: &str) -> Option<&Arc<Endpoints>> {
-        self.endpoints
-            .get(&(namespace.to_string(), name.to_string()))
-    }
 }
 
 /// The node's metadata store.
@@ -453,6 +390,39 @@ impl MetaManager {
         self.guarded(|| self.read_rows())
     }
 
+    /// The stored objects of `kind` as the cloud sent them, ordered by key, with the version
+    /// they are at (read in one transaction). The view keeps only what the data path reads;
+    /// this is where the whole objects are (`/debug/*`).
+    pub fn objects(&self, kind: Kind) -> Result<(u64, Vec<Box<RawValue>>), MetaError> {
+        self.guarded(|| self.read_objects(kind))
+    }
+
+    fn read_objects(&self, kind: Kind) -> Result<(u64, Vec<Box<RawValue>>), MetaError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.sql_err(e))?;
+        let point = read_sync_point(&tx).map_err(|e| self.sql_err(e))?;
+        let mut stmt = tx
+            .prepare("SELECT key, value FROM meta WHERE type = ?1 ORDER BY key")
+            .map_err(|e| self.sql_err(e))?;
+        let rows = stmt
+            .query_map([kind.resource_type()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.sql_err(e))?;
+        let objects = rows
+            .into_iter()
+            .filter_map(|(key, value)| match RawValue::from_string(value) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "leaving out a stored object that is not JSON");
+                    None
+                }
+            })
+            .collect();
+        Ok((point.version, objects))
+    }
+
     fn read_rows(&self) -> Result<Vec<(String, String, String)>, MetaError> {
         let conn = self.conn();
         let mut stmt = conn
@@ -467,11 +437,7 @@ impl MetaManager {
 
     fn load_view(&self) -> Result<MeshView, MetaError> {
         let point = self.read_point()?;
-        let mut view = MeshView {
-            version: point.version,
-            store_id: point.store_id,
-            ..MeshView::default()
-        };
+        let mut view = MeshView::at(point.version, point.store_id);
         for (key, _type, value) in self.read_rows()? {
             let Some(k) = ObjectKey::parse_resource(&key) else {
                 tracing::warn!(%key, "ignoring a stored row with an invalid key");
@@ -650,11 +616,7 @@ impl MetaManager {
         chain: &str,
         objects: &[(ObjectKey, String)],
     ) -> Result<usize, MetaError> {
-        let mut view = MeshView {
-            version,
-            store_id: Some(store_id.to_string()),
-            ..MeshView::default()
-        };
+        let mut view = MeshView::at(version, Some(store_id.to_string()));
         for (key, json) in objects {
             if let Some(obj) = Self::parse(key, json)? {
                 view.set(key, Some(obj));
@@ -867,7 +829,7 @@ mod tests {
         let view = mm.view();
         assert!(view.service("default", "a").is_none());
         assert_eq!(
-            view.service("default", "b").expect("b").spec.cluster_ip,
+            view.service("default", "b").expect("b").cluster_ips[0].to_string(),
             "10.96.0.2"
         );
         // Stored byte for byte.

@@ -420,22 +420,6 @@ impl ServicePort {
             Some(IntOrString::String(_)) => None,
         }
     }
-
-    /// The port to dial on the endpoints of `subset` for this Service port, as Kubernetes
-    /// resolves it: the Endpoints port with the same name (what the endpoints controller
-    /// resolved `targetPort` to), or the subset's only port for an unnamed Service port, else a
-    /// numeric `targetPort`, else the Service port itself.
-    pub fn endpoint_port(&self, subset: &EndpointSubset) -> Option<u16> {
-        let by_name = subset
-            .ports
-            .iter()
-            .find(|p| p.name == self.name && p.protocol.eq_ignore_ascii_case(&self.protocol));
-        let only = (subset.ports.len() == 1 && self.name.is_empty()).then(|| &subset.ports[0]);
-        if let Some(p) = by_name.or(only) {
-            return u16::try_from(p.port).ok();
-        }
-        self.target_port_number()
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]

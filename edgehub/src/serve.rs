@@ -26,12 +26,12 @@ use crate::connect::{Connector, Dialer};
 use crate::http::{Http, HttpConfig};
 use crate::io::{self, Counters, Moved, Protocol, Rewind, Timeouts};
 use crate::limits::{Decision, Limiters, Protocol as Admission};
-use crate::metamanager::MeshView;
 use crate::model::LbPolicy;
 use crate::routes::stats::ServiceStats;
 use crate::routes::{Route, ServiceRef};
 use crate::tunnel::authorise::authorise_in;
 use crate::tunnel::{Incoming, Mux, OpenRefusal, RefusalKind};
+use crate::view::MeshView;
 
 /// How a served stream ended.
 #[derive(Debug, PartialEq, Eq)]

@@ -86,7 +86,7 @@ pub fn tier(
     endpoint_node: Option<&str>,
     endpoint_labels: Option<&Labels>,
     local: &Local<'_>,
-    keys: &[String],
+    keys: &[Box<str>],
 ) -> Option<Tier> {
     if endpoint_node == Some(local.name) {
         return Some(Tier::LOCAL);
@@ -97,12 +97,12 @@ pub fn tier(
     // Validation allows 16 keys; the bound only keeps the arithmetic obviously in range.
     for (i, key) in keys.iter().enumerate().take(usize::from(u8::MAX) - 1) {
         let tier = Tier(u8::try_from(i + 1).unwrap_or(u8::MAX));
-        if key == ANY {
+        if &**key == ANY {
             return Some(tier);
         }
         let (Some(mine), Some(theirs)) = (
-            local.labels.get(key),
-            endpoint_labels.and_then(|l| l.get(key)),
+            local.labels.get(&**key),
+            endpoint_labels.and_then(|l| l.get(&**key)),
         ) else {
             continue;
         };
@@ -118,7 +118,7 @@ pub fn tier_in(
     nodes: &Nodes,
     endpoint_node: Option<&str>,
     local: &Local<'_>,
-    keys: &[String],
+    keys: &[Box<str>],
 ) -> Option<Tier> {
     let labels = endpoint_node
         .and_then(|n| nodes.get(n))
@@ -129,8 +129,8 @@ pub fn tier_in(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metamanager::MeshView;
     use crate::model::{Kind, Node, Object};
+    use crate::view::MeshView;
     use std::sync::Arc;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -140,8 +140,8 @@ mod tests {
             .collect()
     }
 
-    fn keys(k: &[&str]) -> Vec<String> {
-        k.iter().map(|s| s.to_string()).collect()
+    fn keys(k: &[&str]) -> Vec<Box<str>> {
+        k.iter().map(|s| Box::from(*s)).collect()
     }
 
     fn service(spec: &str, annotations: &str) -> Service {
@@ -230,7 +230,9 @@ mod tests {
                 &format!(r#"{{"clusterIP":"None"{comma}{spec}}}"#),
                 annotations,
             );
-            assert_eq!(&*keys_of(&s), keys(want).as_slice(), "{spec} {annotations}");
+            let keys = keys_of(&s);
+            let got: Vec<&str> = keys.iter().map(String::as_str).collect();
+            assert_eq!(got, want, "{spec} {annotations}");
         }
     }
 

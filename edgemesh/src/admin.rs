@@ -16,6 +16,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use edgehub::client::SyncStatus;
 use edgehub::metamanager::MetaManager;
+use edgehub::model::Kind;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::sync::watch;
@@ -184,15 +185,31 @@ async fn metrics_text(State(state): State<AdminState>) -> Response {
 }
 
 async fn services(State(state): State<AdminState>) -> Response {
-    let view = state.meta.view();
-    let items: Vec<_> = view.services.values().map(|s| s.as_ref()).collect();
-    Json(json!({ "version": view.version, "items": items })).into_response()
+    stored(state.meta, Kind::Service).await
 }
 
 async fn endpoints(State(state): State<AdminState>) -> Response {
-    let view = state.meta.view();
-    let items: Vec<_> = view.endpoints.values().map(|e| e.as_ref()).collect();
-    Json(json!({ "version": view.version, "items": items })).into_response()
+    stored(state.meta, Kind::Endpoints).await
+}
+
+/// The objects of `kind` as stored, read from SQLite: the view the data path reads keeps only
+/// compact records of them.
+async fn stored(meta: Arc<MetaManager>, kind: Kind) -> Response {
+    match tokio::task::spawn_blocking(move || meta.objects(kind)).await {
+        Ok(Ok((version, items))) => {
+            Json(json!({ "version": version, "items": items })).into_response()
+        }
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": e.to_string() })),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "error": e.to_string() })),
+        )
+            .into_response(),
+    }
 }
 
 async fn nodes(State(state): State<AdminState>) -> Response {

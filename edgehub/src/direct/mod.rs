@@ -30,8 +30,8 @@ use crate::message::{
     group, module, op, resource, Candidate, Candidates, CertificateAnswer, DirectSettings, Message,
     MAX_CANDIDATES,
 };
-use crate::metamanager::MeshView;
 use crate::model::NodeCertificate;
+use crate::view::MeshView;
 use peers::PeerBook;
 
 pub(crate) fn now_ms() -> i64 {

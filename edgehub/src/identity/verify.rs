@@ -22,7 +22,7 @@ use rustls::{
 use tokio::sync::watch;
 
 use super::{fingerprint, Identity};
-use crate::metamanager::MeshView;
+use crate::view::MeshView;
 
 /// Why a peer's certificate was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -28,8 +28,8 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use tracing::{info, warn};
 
-use crate::metamanager::MeshView;
-use crate::model::{Service, ANNOTATION_BURST, ANNOTATION_QPS};
+use crate::model::{ANNOTATION_BURST, ANNOTATION_QPS};
+use crate::view::{MeshView, ServiceRecord};
 
 /// Name of the counter of requests and connections refused by a limit, without the process
 /// prefix: `edgemesh_limit_rejected_total` in the agent, `cloudcore_limit_rejected_total` in
@@ -66,15 +66,14 @@ pub struct LimitError {
 /// Only whole numbers are accepted, as cloudcore's validation does
 /// ([`crate::model::ServiceAnnotations`]): a fraction such as `0.5` is an error rather than
 /// being rounded to something the user did not write.
-pub fn limit_of(service: &Service) -> Result<Option<Limit>, LimitError> {
-    let annotations = &service.metadata.annotations;
+pub fn limit_of(service: &ServiceRecord) -> Result<Option<Limit>, LimitError> {
     let positive = |key: &'static str| -> Result<Option<NonZeroU32>, LimitError> {
-        let Some(value) = annotations.get(key) else {
+        let Some(value) = service.annotation(key) else {
             return Ok(None);
         };
         let error = |reason| LimitError {
             key,
-            value: value.clone(),
+            value: value.to_string(),
             reason,
         };
         let v = value.trim();
@@ -94,10 +93,10 @@ pub fn limit_of(service: &Service) -> Result<Option<Limit>, LimitError> {
         (None, None) => Ok(None),
         (None, Some(_)) => Err(LimitError {
             key: ANNOTATION_BURST,
-            value: annotations
-                .get(ANNOTATION_BURST)
-                .cloned()
-                .unwrap_or_default(),
+            value: service
+                .annotation(ANNOTATION_BURST)
+                .unwrap_or_default()
+                .to_string(),
             reason: "needs edgemesh.io/qps",
         }),
         (Some(qps), burst) => Ok(Some(Limit {
@@ -280,14 +279,15 @@ impl Limiters {
     pub fn follow(&self, view: &MeshView) {
         let mut wanted: HashMap<(&str, &str), Limit> = HashMap::new();
         let mut errors = HashMap::new();
-        for ((namespace, name), service) in &view.services {
+        for (key, service) in &view.services {
+            let (namespace, name) = (key.namespace(), key.name());
             match limit_of(service) {
                 Ok(Some(limit)) => {
                     wanted.insert((namespace, name), limit);
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    errors.insert((namespace.clone(), name.clone()), e);
+                    errors.insert((namespace.to_string(), name.to_string()), e);
                 }
             }
         }
@@ -438,7 +438,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ObjectMeta, ServiceSpec};
+    use crate::model::{Object, ObjectMeta, Service, ServiceSpec};
+    use crate::view::Interner;
 
     fn service(namespace: &str, name: &str, annotations: &[(&str, &str)]) -> Service {
         Service {
@@ -461,10 +462,7 @@ mod tests {
     fn view(services: &[Service]) -> MeshView {
         let mut view = MeshView::default();
         for s in services {
-            view.services.insert(
-                (s.metadata.namespace.clone(), s.metadata.name.clone()),
-                Arc::new(s.clone()),
-            );
+            view.put(Object::Service(s.clone()));
         }
         view
     }
@@ -475,7 +473,12 @@ mod tests {
 
     #[test]
     fn annotations_parse() {
-        let limit = |a: &[(&str, &str)]| limit_of(&service("default", "web", a));
+        let limit = |a: &[(&str, &str)]| {
+            limit_of(&ServiceRecord::new(
+                &service("default", "web", a),
+                &mut Interner::default(),
+            ))
+        };
         assert_eq!(limit(&[]), Ok(None));
         assert_eq!(
             limit(&[("edgemesh.io/lb-policy", "random")]),

@@ -104,9 +104,15 @@ pub struct ServiceAnnotations {
 impl ServiceAnnotations {
     /// Parses the annotations of a Service; errors name the annotation.
     pub fn parse(meta: &ObjectMeta) -> Result<Self, FieldError> {
+        Self::parse_from(|key| meta.annotations.get(key).map(String::as_str))
+    }
+
+    /// [`ServiceAnnotations::parse`] from whatever holds the annotations (`get` gives the
+    /// value of one).
+    pub fn parse_from<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<Self, FieldError> {
         let field = |key: &str| format!("metadata.annotations[{key:?}]");
         let mut out = ServiceAnnotations::default();
-        if let Some(v) = meta.annotations.get(ANNOTATION_LB_POLICY) {
+        if let Some(v) = get(ANNOTATION_LB_POLICY) {
             out.lb_policy = LbPolicy::parse(v).ok_or_else(|| {
                 FieldError::new(
                     field(ANNOTATION_LB_POLICY),
@@ -114,9 +120,9 @@ impl ServiceAnnotations {
                 )
             })?;
         }
-        if let Some(v) = meta.annotations.get(ANNOTATION_HASH_KEY) {
+        if let Some(v) = get(ANNOTATION_HASH_KEY) {
             if v == "source-ip" {
-                out.hash_key = Some(v.clone());
+                out.hash_key = Some(v.to_string());
             } else if let Some(h) = v.strip_prefix("header:").filter(|h| is_token(h)) {
                 out.hash_key = Some(format!("header:{}", h.to_ascii_lowercase()));
             } else {
@@ -127,7 +133,7 @@ impl ServiceAnnotations {
             }
         }
         let positive = |key: &str| -> Result<Option<u32>, FieldError> {
-            match meta.annotations.get(key) {
+            match get(key) {
                 None => Ok(None),
                 Some(v) => match v.trim().parse::<u32>() {
                     Ok(n) if n > 0 => Ok(Some(n)),
@@ -146,25 +152,25 @@ impl ServiceAnnotations {
                 format!("{ANNOTATION_BURST} needs {ANNOTATION_QPS}"),
             ));
         }
-        if let Some(v) = meta.annotations.get(ANNOTATION_PROTOCOL) {
-            if !matches!(v.as_str(), "http" | "h2" | "tcp") {
+        if let Some(v) = get(ANNOTATION_PROTOCOL) {
+            if !matches!(v, "http" | "h2" | "tcp") {
                 return Err(FieldError::new(
                     field(ANNOTATION_PROTOCOL),
                     format!("unknown protocol {v:?}: expected http, h2 or tcp"),
                 ));
             }
-            out.protocol = Some(v.clone());
+            out.protocol = Some(v.to_string());
         }
-        if let Some(v) = meta.annotations.get(ANNOTATION_UNIT_KEY) {
+        if let Some(v) = get(ANNOTATION_UNIT_KEY) {
             if !is_qualified_name(v) {
                 return Err(FieldError::new(
                     field(ANNOTATION_UNIT_KEY),
                     format!("invalid unit key {v:?}: a node label key such as location"),
                 ));
             }
-            out.unit_key = Some(v.clone());
+            out.unit_key = Some(v.to_string());
         }
-        if let Some(v) = meta.annotations.get(ANNOTATION_TOLERATE_UNREADY) {
+        if let Some(v) = get(ANNOTATION_TOLERATE_UNREADY) {
             if parse_bool(v).is_none() {
                 return Err(FieldError::new(
                     field(ANNOTATION_TOLERATE_UNREADY),

@@ -9,21 +9,18 @@
 pub mod stats;
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
-use crate::metamanager::MeshView;
-use crate::model::{Endpoints, Service, ServiceAnnotations, ServicePort};
+use crate::model::ServiceAnnotations;
+use crate::view::{EndpointsRecord, MeshView, PortProtocol, PortRecord, ServiceRecord};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use stats::ServiceStats;
 
-use crate::balance::{
-    Affinity, Endpoint, HealthRegistry, ServiceBalancer, Tier, DEFAULT_AFFINITY_TIMEOUT,
-};
+use crate::balance::{Affinity, Endpoint, HealthRegistry, ServiceBalancer, Tier};
 
 /// Who this side is: a node (its name and configured labels, for topology preference), or
 /// cloudcore ([`LocalNode::cloud`]).
@@ -241,15 +238,15 @@ impl RouteTable {
         let mut live = HashSet::new();
         // Namespaces are shared by many routes: one copy each.
         let mut names = Names::default();
-        for ((namespace, name), service) in &view.services {
-            let ips = cluster_ips(service).unwrap_or_default();
+        for (key, service) in &view.services {
+            let ips = &service.cluster_ips;
             if ips.is_empty() && by_name.is_none() {
                 continue;
             }
-            let ns = names.get(namespace);
-            let nm: Arc<str> = Arc::from(name.as_str());
+            let ns = names.get(key.namespace());
+            let nm: Arc<str> = Arc::from(key.name());
             let stats = Arc::new(OnceLock::new());
-            for port in &service.spec.ports {
+            for port in service.ports.iter() {
                 let Some((number, is_udp)) = served(port) else {
                     continue;
                 };
@@ -286,7 +283,7 @@ impl RouteTable {
                         let _ = slot.route.set(Arc::new(route));
                     }
                 }
-                for ip in &ips {
+                for ip in ips.iter() {
                     table.insert(SocketAddr::new(*ip, number), slot.clone());
                 }
                 // Callers that name a Service (the router) speak HTTP: TCP ports only.
@@ -310,10 +307,12 @@ impl RouteTable {
 
 /// A Service port the proxy serves: its number, and whether it is UDP (TCP and UDP are
 /// proxied; SCTP ports are stored but not served).
-fn served(port: &ServicePort) -> Option<(u16, bool)> {
-    let number = u16::try_from(port.port).ok()?;
-    let is_udp = port.protocol.eq_ignore_ascii_case("UDP");
-    (is_udp || port.protocol.eq_ignore_ascii_case("TCP")).then_some((number, is_udp))
+fn served(port: &PortRecord) -> Option<(u16, bool)> {
+    match port.protocol {
+        PortProtocol::Tcp => Some((port.port, false)),
+        PortProtocol::Udp => Some((port.port, true)),
+        PortProtocol::Sctp => None,
+    }
 }
 
 impl Source {
@@ -339,11 +338,10 @@ impl Source {
         let key = &slot.service;
         let service = view.service(&key.namespace, &key.name)?;
         let port = service
-            .spec
             .ports
             .iter()
             .find(|p| served(p) == Some((key.port, slot.udp)))?;
-        let annotations = match ServiceAnnotations::parse(&service.metadata) {
+        let annotations = match ServiceAnnotations::parse_from(|k| service.annotation(k)) {
             Ok(a) => a,
             Err(e) => {
                 // The cloud validates annotations; this only happens with an older cloud. Not
@@ -352,9 +350,7 @@ impl Source {
                 ServiceAnnotations::default()
             }
         };
-        let affinity = (service.spec.session_affinity == "ClientIP").then(|| Affinity {
-            timeout: affinity_timeout(service),
-        });
+        let affinity = service.affinity.map(|timeout| Affinity { timeout });
         let (endpoints, elsewhere) = view
             .endpoints_of(&key.namespace, &key.name)
             .map(|e| resolve_endpoints(e, port, &self.node, view, service, &self.health, register))
@@ -391,35 +387,6 @@ impl Source {
     }
 }
 
-/// The Service's cluster IPs; `None` for headless Services and Services without one.
-fn cluster_ips(service: &Service) -> Option<Vec<IpAddr>> {
-    let mut ips: Vec<IpAddr> = Vec::new();
-    if let Some(ip) = service.cluster_ip() {
-        ips.push(ip);
-    }
-    for s in service.spec.cluster_ips.iter().flatten() {
-        if let Ok(ip) = s.parse::<IpAddr>() {
-            if !ips.contains(&ip) {
-                ips.push(ip);
-            }
-        }
-    }
-    (!ips.is_empty()).then_some(ips)
-}
-
-fn affinity_timeout(service: &Service) -> Duration {
-    service
-        .spec
-        .kept()
-        .session_affinity_config
-        .as_ref()
-        .and_then(|c| c.pointer("/clientIP/timeoutSeconds"))
-        .and_then(|v| v.as_u64())
-        .filter(|&s| s > 0)
-        .map(Duration::from_secs)
-        .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
-}
-
 /// The endpoints of one Service port, and how many of them are reached through the cloud.
 ///
 /// Endpoints on this node are dialled directly. An endpoint on another node, or in the cloud
@@ -428,11 +395,11 @@ fn affinity_timeout(service: &Service) -> Duration {
 /// same private address on this node's network would be an unrelated host. The balancer's
 /// tiers prefer this node's endpoints, then those the topology keys bring close.
 fn resolve_endpoints(
-    endpoints: &Endpoints,
-    port: &ServicePort,
+    endpoints: &EndpointsRecord,
+    port: &PortRecord,
     node: &LocalNode,
     view: &MeshView,
-    service: &Service,
+    service: &ServiceRecord,
     health: &HealthRegistry,
     register: bool,
 ) -> (Vec<Endpoint>, usize) {
@@ -440,19 +407,16 @@ fn resolve_endpoints(
     let mut out: Vec<Endpoint> = Vec::new();
     let mut seen: HashSet<SocketAddr> = HashSet::new();
     let mut elsewhere = 0;
-    let keys = crate::topology::keys_of(service);
-    for subset in &endpoints.subsets {
+    let keys = &service.topology;
+    for subset in endpoints.subsets.iter() {
         let Some(target) = port.endpoint_port(subset) else {
             continue;
         };
-        for address in &subset.addresses {
-            let Ok(ip) = address.ip.parse::<IpAddr>() else {
-                continue;
-            };
-            let addr = SocketAddr::new(ip, target);
+        for address in subset.addresses.iter() {
+            let addr = SocketAddr::new(address.ip, target);
             let endpoint_node = address.host();
             // An endpoint no topology key admits is not used (nor answered by DNS).
-            let Some(tier) = tier_of(endpoint_node, node, view, &keys) else {
+            let Some(tier) = tier_of(endpoint_node, node, view, keys) else {
                 continue;
             };
             if !seen.insert(addr) {
@@ -500,7 +464,7 @@ fn tier_of(
     endpoint_node: Option<&str>,
     node: &LocalNode,
     view: &MeshView,
-    keys: &[String],
+    keys: &[Box<str>],
 ) -> Option<Tier> {
     if node.is_cloud() {
         return Some(if endpoint_node.is_none() {
@@ -546,32 +510,25 @@ mod tests {
     use crate::balance::OutlierConfig;
     use crate::model::{Kind, Node, Object};
 
-    fn service(json: &str) -> Service {
-        match Object::from_json(Kind::Service, json).expect("service") {
-            Object::Service(s) => s,
-            _ => unreachable!(),
-        }
+    fn service(json: &str) -> Object {
+        Object::from_json(Kind::Service, json).expect("service")
     }
 
-    fn endpoints(json: &str) -> Endpoints {
-        match Object::from_json(Kind::Endpoints, json).expect("endpoints") {
-            Object::Endpoints(e) => e,
-            _ => unreachable!(),
-        }
+    fn endpoints(json: &str) -> Object {
+        Object::from_json(Kind::Endpoints, json).expect("endpoints")
     }
 
     fn view() -> MeshView {
         let mut v = MeshView::default();
-        let key = |n: &str| ("default".to_string(), n.to_string());
-        v.services.insert(key("web"), Arc::new(service(r#"{"metadata":{"name":"web","namespace":"default","annotations":{"edgemesh.io/lb-policy":"random"}},
+        v.put(service(r#"{"metadata":{"name":"web","namespace":"default","annotations":{"edgemesh.io/lb-policy":"random"}},
             "spec":{"clusterIP":"10.96.0.10","topologyKeys":["zone"],"ports":[
               {"name":"http","port":80,"targetPort":8080},{"name":"dns","port":53,"protocol":"UDP"},
-              {"name":"admin","port":9000,"targetPort":"admin"}]}}"#)));
-        v.endpoints.insert(key("web"), Arc::new(endpoints(r#"{"metadata":{"name":"web","namespace":"default"},"subsets":[
+              {"name":"admin","port":9000,"targetPort":"admin"}]}}"#));
+        v.put(endpoints(r#"{"metadata":{"name":"web","namespace":"default"},"subsets":[
               {"addresses":[{"ip":"10.244.0.2","nodeName":"a"},{"ip":"10.244.1.2","nodeName":"b"},{"ip":"10.244.2.2","nodeName":"c"},{"ip":"10.244.3.2"}],
                "notReadyAddresses":[{"ip":"10.244.0.9","nodeName":"a"}],
-               "ports":[{"name":"http","port":8081},{"name":"admin","port":9001}]}]}"#)));
-        v.services.insert(key("headless"), Arc::new(service(r#"{"metadata":{"name":"headless","namespace":"default"},"spec":{"clusterIP":"None","ports":[{"port":80}]}}"#)));
+               "ports":[{"name":"http","port":8081},{"name":"admin","port":9001}]}]}"#));
+        v.put(service(r#"{"metadata":{"name":"headless","namespace":"default"},"spec":{"clusterIP":"None","ports":[{"port":80}]}}"#));
         let zone = |z: &str| [("zone".to_string(), z.to_string())].into_iter().collect();
         v.nodes
             .insert("b".into(), Arc::new(Node::new("b", zone("z1"))));
@@ -629,7 +586,7 @@ mod tests {
             vec![("10.244.0.2:8081".into(), 0), ("10.244.1.2:8081".into(), 1),]
         );
         assert_eq!(web.elsewhere, 1);
-        let keys = ["zone".to_string(), "*".to_string()];
+        let keys: [Box<str>; 2] = ["zone".into(), "*".into()];
         let v = view();
         assert_eq!(tier_of(Some("a"), &node, &v, &keys), Some(Tier(0)));
         assert_eq!(
@@ -729,16 +686,17 @@ mod tests {
 
     #[test]
     fn target_port_falls_back_to_numbers() {
-        let svc = service(
+        let mut v = MeshView::default();
+        v.put(service(
             r#"{"metadata":{"name":"x"},"spec":{"ports":[{"name":"a","port":80,"targetPort":8080},{"name":"b","port":81},{"name":"c","port":82,"targetPort":"named"}]}}"#,
-        );
-        let subset = crate::model::EndpointSubset::default();
-        let ports: Vec<Option<u16>> = svc
-            .spec
-            .ports
-            .iter()
-            .map(|p| p.endpoint_port(&subset))
-            .collect();
+        ));
+        let svc = v.services.values().next().expect("x");
+        let subset = crate::view::SubsetRecord {
+            addresses: Box::new([]),
+            not_ready: Box::new([]),
+            ports: Box::new([]),
+        };
+        let ports: Vec<Option<u16>> = svc.ports.iter().map(|p| p.endpoint_port(&subset)).collect();
         assert_eq!(ports, vec![Some(8080), Some(81), None]);
     }
 }

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use super::open::{OpenRefusal, OpenRequest, RefusalKind};
-use crate::model::{Endpoints, Service};
+use crate::view::{EndpointPortRecord, EndpointsRecord, ServiceRecord};
 
 pub use crate::model::CLOUD_NODE;
 
@@ -17,7 +17,7 @@ fn forbidden(message: String) -> OpenRefusal {
 
 /// [`authorise`] against `view`'s copy of the Service and its Endpoints.
 pub fn authorise_in(
-    view: &crate::metamanager::MeshView,
+    view: &crate::view::MeshView,
     request: &OpenRequest,
     host: Option<&str>,
 ) -> Result<(), OpenRefusal> {
@@ -34,8 +34,8 @@ pub fn authorise_in(
 /// Checks that `request` names a ready endpoint of an existing Service, on a port that
 /// Service exposes, hosted by `host` (a node name, or `None` for cloudcore).
 pub fn authorise(
-    service: Option<&Service>,
-    endpoints: Option<&Endpoints>,
+    service: Option<&ServiceRecord>,
+    endpoints: Option<&EndpointsRecord>,
     request: &OpenRequest,
     host: Option<&str>,
 ) -> Result<(), OpenRefusal> {
@@ -44,25 +44,21 @@ pub fn authorise(
     let endpoints =
         endpoints.ok_or_else(|| forbidden(format!("service {name} has no endpoints")))?;
     let ip: IpAddr = request.endpoint.ip();
-    let port = i64::from(request.endpoint.port());
-    let exposed = |subset_ports: &[crate::model::EndpointPort]| {
+    let port = request.endpoint.port();
+    let exposed = |subset_ports: &[EndpointPortRecord]| {
         if subset_ports.is_empty() {
             // No Endpoints ports: the Service's numeric target ports are what gets dialled.
-            service
-                .spec
-                .ports
-                .iter()
-                .any(|p| p.target_port_number().map(i64::from).unwrap_or(p.port) == port)
+            service.ports.iter().any(|p| p.target == Some(port))
         } else {
             subset_ports.iter().any(|p| p.port == port)
         }
     };
-    for subset in &endpoints.subsets {
+    for subset in endpoints.subsets.iter() {
         if !exposed(&subset.ports) {
             continue;
         }
-        for address in &subset.addresses {
-            if address.ip.parse::<IpAddr>().ok() != Some(ip) {
+        for address in subset.addresses.iter() {
+            if address.ip != ip {
                 continue;
             }
             if address.host() == host {
@@ -87,8 +83,9 @@ mod tests {
     use super::*;
     use crate::io::Protocol;
     use crate::model::Object;
+    use crate::view::Interner;
 
-    fn objects() -> (Service, Endpoints) {
+    fn objects() -> (ServiceRecord, EndpointsRecord) {
         let svc = serde_json::json!({"apiVersion":"v1","kind":"Service",
             "metadata":{"name":"hello","namespace":"default"},
             "spec":{"clusterIP":"10.96.0.10","ports":[{"name":"http","port":80,"targetPort":8080}]}});
@@ -103,7 +100,11 @@ mod tests {
         else {
             panic!("fixtures")
         };
-        (s, e)
+        let mut names = Interner::default();
+        (
+            ServiceRecord::new(&s, &mut names),
+            EndpointsRecord::new(&e, &mut names),
+        )
     }
 
     fn req(endpoint: &str) -> OpenRequest {

@@ -18,9 +18,9 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use edgehub::metamanager::MeshView;
-use edgehub::model::{Endpoints, Service, ANNOTATION_UNIT_KEY};
+use edgehub::model::ANNOTATION_UNIT_KEY;
 use edgehub::topology::{self, Labels, Local, Tier};
+use edgehub::view::{EndpointsRecord, MeshView, PortProtocol, ServiceRecord};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 use ipnet::IpNet;
@@ -86,33 +86,12 @@ impl Lookup {
         }
     }
 }
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Proto {
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl Proto {
-    fn parse(s: &str) -> Option<Proto> {
-        if s.eq_ignore_ascii_case("tcp") {
-            Some(Proto::Tcp)
-        } else if s.eq_ignore_ascii_case("udp") {
-            Some(Proto::Udp)
-        } else if s.eq_ignore_ascii_case("sctp") {
-            Some(Proto::Sctp)
-        } else {
-            None
-        }
-    }
-
-    /// The SRV label, `_tcp`.
-    fn label(self) -> &'static [u8] {
-        match self {
-            Proto::Tcp => b"_tcp",
-            Proto::Udp => b"_udp",
-            Proto::Sctp => b"_sctp",
-        }
+/// The SRV label of a port's protocol, `_tcp`.
+fn srv_label(proto: PortProtocol) -> &'static [u8] {
+    match proto {
+        PortProtocol::Tcp => b"_tcp",
+        PortProtocol::Udp => b"_udp",
+        PortProtocol::Sctp => b"_sctp",
     }
 }
 
@@ -150,20 +129,20 @@ impl PortName {
 #[derive(Debug, PartialEq)]
 struct Port {
     name: PortName,
-    proto: Proto,
+    proto: PortProtocol,
     port: u16,
 }
 
 impl Port {
-    fn parse(name: &str, protocol: &str, port: i64) -> Option<Port> {
-        Some(Port {
+    fn new(name: &str, proto: PortProtocol, port: u16) -> Port {
+        Port {
             name: PortName::new(name).unwrap_or(PortName {
                 len: 0,
                 bytes: [0; 15],
             }),
-            proto: Proto::parse(protocol)?,
-            port: u16::try_from(port).ok()?,
-        })
+            proto,
+            port,
+        }
     }
 }
 
@@ -219,8 +198,8 @@ struct Extra {
 #[derive(Debug)]
 struct Entry {
     /// The objects this entry was built from; compared by pointer on update.
-    service: Arc<Service>,
-    endpoints_of: Option<Arc<Endpoints>>,
+    service: Arc<ServiceRecord>,
+    endpoints_of: Option<Arc<EndpointsRecord>>,
     headless: bool,
     /// Built from node labels (topology tiers, the unit): rebuilt when they change.
     by_node: bool,
@@ -242,25 +221,23 @@ struct BuildContext<'a> {
 
 impl Entry {
     fn build(
-        service: &Arc<Service>,
-        endpoints_of: Option<&Arc<Endpoints>>,
+        service: &Arc<ServiceRecord>,
+        endpoints_of: Option<&Arc<EndpointsRecord>>,
         cx: &BuildContext<'_>,
     ) -> Entry {
-        let headless = service.is_headless();
-        let mut extra = Extra::default();
-        if service.is_external_name() {
-            extra.alias = service
-                .spec
-                .kept()
+        let headless = service.headless;
+        let mut extra = Extra {
+            alias: service
                 .external_name
                 .as_deref()
                 .and_then(|n| Name::from_ascii(n.to_ascii_lowercase()).ok())
                 .map(|mut n| {
                     n.set_fqdn(true);
                     n
-                });
-        }
-        if let Some(key) = service.metadata.annotations.get(ANNOTATION_UNIT_KEY) {
+                }),
+            unit: None,
+        };
+        if let Some(key) = service.annotation(ANNOTATION_UNIT_KEY) {
             let unit = cx
                 .local
                 .labels
@@ -269,41 +246,25 @@ impl Entry {
                 .map(|v| v.to_ascii_lowercase().into_boxed_str());
             extra.unit = Some(unit);
         }
-        let keys = topology::keys_of(service);
+        let keys = &service.topology;
         let topology = headless && !keys.is_empty();
-        let mut cluster_ips = Vec::new();
-        if !headless {
-            let listed = service.spec.cluster_ips.iter().flatten();
-            for ip in std::iter::once(&service.spec.cluster_ip).chain(listed) {
-                if let Ok(ip) = ip.parse::<IpAddr>() {
-                    if !cluster_ips.contains(&ip) {
-                        cluster_ips.push(ip);
-                    }
-                }
-            }
-        }
+        let cluster_ips = service.cluster_ips.to_vec();
         let ports: Vec<Port> = service
-            .spec
             .ports
             .iter()
-            .filter_map(|p| Port::parse(&p.name, &p.protocol, p.port))
+            .map(|p| Port::new(&p.name, p.protocol, p.port))
             .collect();
-        let publish_not_ready = service.publishes_not_ready();
+        let publish_not_ready = service.publish_not_ready;
         let mut endpoints = Vec::new();
         for subset in endpoints_of.iter().flat_map(|e| e.subsets.iter()) {
             let subset_ports: Arc<[Port]> = subset
                 .ports
                 .iter()
-                .filter_map(|p| Port::parse(&p.name, &p.protocol, p.port))
+                .map(|p| Port::new(&p.name, p.protocol, p.port))
                 .collect();
-            let not_ready = subset
-                .not_ready_addresses
-                .iter()
-                .filter(|_| publish_not_ready);
+            let not_ready = subset.not_ready.iter().filter(|_| publish_not_ready);
             for address in subset.addresses.iter().chain(not_ready) {
-                let Ok(ip) = address.ip.parse::<IpAddr>() else {
-                    continue;
-                };
+                let ip = address.ip;
                 let host = address
                     .hostname
                     .as_deref()
@@ -313,7 +274,7 @@ impl Entry {
                     continue;
                 }
                 let tier = if topology {
-                    topology::tier_in(&cx.view.nodes, address.host(), &cx.local, &keys)
+                    topology::tier_in(&cx.view.nodes, address.host(), &cx.local, keys)
                 } else {
                     Some(Tier::LOCAL)
                 };
@@ -352,7 +313,11 @@ impl Entry {
         }
     }
 
-    fn built_from(&self, service: &Arc<Service>, endpoints_of: Option<&Arc<Endpoints>>) -> bool {
+    fn built_from(
+        &self,
+        service: &Arc<ServiceRecord>,
+        endpoints_of: Option<&Arc<EndpointsRecord>>,
+    ) -> bool {
         Arc::ptr_eq(&self.service, service)
             && match (&self.endpoints_of, endpoints_of) {
                 (None, None) => true,
@@ -682,9 +647,9 @@ impl ClusterIndex {
                 while endpoints.next_if(|(e, _)| *e < k).is_some() {}
                 let eps = endpoints.peek().filter(|(e, _)| *e == k).map(|(_, e)| *e);
                 key.clear();
-                key.push_str(&k.1);
+                key.push_str(k.name());
                 key.push('.');
-                key.push_str(&k.0);
+                key.push_str(k.namespace());
                 let current = zone.get(&key);
                 if current
                     .is_some_and(|c| c.built_from(service, eps) && !(nodes_changed && c.by_node))
@@ -730,7 +695,7 @@ impl ClusterIndex {
                 .collect();
             let mut zone = write();
             for ((k, _, _), entry) in chunk.iter().zip(entries) {
-                zone.insert(&k.0, &k.1, entry);
+                zone.insert(k.namespace(), k.name(), entry);
             }
         }
         let mut zone = write();
@@ -860,7 +825,7 @@ impl ClusterIndex {
                     let exists = entry
                         .ports
                         .iter()
-                        .any(|p| !p.name.is_empty() && p.proto.label() == *first);
+                        .any(|p| !p.name.is_empty() && srv_label(p.proto) == *first);
                     return if exists { nodata() } else { nxdomain() };
                 }
                 let Ok(first) = std::str::from_utf8(first) else {
@@ -888,7 +853,7 @@ impl ClusterIndex {
                 let Some(port) = entry.ports.iter().find(|p| {
                     !p.name.is_empty()
                         && p.name.as_bytes() == port_name
-                        && p.proto.label() == *proto
+                        && srv_label(p.proto) == *proto
                 }) else {
                     return nxdomain();
                 };
@@ -1119,9 +1084,11 @@ fn wants(qtype: RecordType, ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edgehub::model::{Endpoints, Service};
+    use edgehub::view::{Interner, ObjectName};
     use std::str::FromStr;
 
-    fn service(ns: &str, name: &str, ip: &str, ports: &[(&str, &str, i64)]) -> Arc<Service> {
+    fn service(ns: &str, name: &str, ip: &str, ports: &[(&str, &str, i64)]) -> Arc<ServiceRecord> {
         let ports: Vec<String> = ports
             .iter()
             .map(|(n, p, port)| format!(r#"{{"name":"{n}","protocol":"{p}","port":{port}}}"#))
@@ -1130,7 +1097,7 @@ mod tests {
             r#"{{"metadata":{{"name":"{name}","namespace":"{ns}"}},"spec":{{"clusterIP":"{ip}","ports":[{}]}}}}"#,
             ports.join(",")
         );
-        Arc::new(serde_json::from_str(&json).expect("service json"))
+        obj(&json)
     }
 
     fn endpoints(
@@ -1138,7 +1105,7 @@ mod tests {
         name: &str,
         addrs: &[(&str, Option<&str>)],
         ports: &[(&str, &str, i64)],
-    ) -> Arc<Endpoints> {
+    ) -> Arc<EndpointsRecord> {
         let addrs: Vec<String> = addrs
             .iter()
             .map(|(ip, host)| match host {
@@ -1155,18 +1122,15 @@ mod tests {
             addrs.join(","),
             ports.join(",")
         );
-        Arc::new(serde_json::from_str(&json).expect("endpoints json"))
+        obj(&json)
     }
 
-    fn key(ns: &str, name: &str) -> (String, String) {
-        (ns.to_string(), name.to_string())
+    fn key(ns: &str, name: &str) -> ObjectName {
+        ObjectName::new(ns, name)
     }
 
     fn view() -> MeshView {
-        let mut v = MeshView {
-            version: 7,
-            ..MeshView::default()
-        };
+        let mut v = MeshView::at(7, None);
         v.services.insert(
             key("default", "hello"),
             service(
@@ -1385,8 +1349,27 @@ mod tests {
         )));
     }
 
-    fn obj<T: serde::de::DeserializeOwned>(json: &str) -> Arc<T> {
-        Arc::new(serde_json::from_str(json).expect("json"))
+    /// The view's record of an object written as JSON.
+    trait Recorded {
+        fn from_json(json: &str) -> Self;
+    }
+
+    impl Recorded for ServiceRecord {
+        fn from_json(json: &str) -> Self {
+            let s: Service = serde_json::from_str(json).expect("service json");
+            ServiceRecord::new(&s, &mut Interner::default())
+        }
+    }
+
+    impl Recorded for EndpointsRecord {
+        fn from_json(json: &str) -> Self {
+            let e: Endpoints = serde_json::from_str(json).expect("endpoints json");
+            EndpointsRecord::new(&e, &mut Interner::default())
+        }
+    }
+
+    fn obj<T: Recorded>(json: &str) -> Arc<T> {
+        Arc::new(T::from_json(json))
     }
 
     fn node(name: &str, location: &str) -> Arc<edgehub::model::Node> {
@@ -1399,10 +1382,7 @@ mod tests {
     /// Nodes a, b (beijing) and c (guangzhou); `web` (headless, `spec` as given, unit key
     /// `location`) with pods web-beijing-0 on a, web-beijing-1 on b, web-guangzhou-0 on c.
     fn units_view(spec: &str) -> MeshView {
-        let mut v = MeshView {
-            version: 3,
-            ..MeshView::default()
-        };
+        let mut v = MeshView::at(3, None);
         v.nodes.insert("a".into(), node("a", "beijing"));
         v.nodes.insert("b".into(), node("b", "beijing"));
         v.nodes.insert("c".into(), node("c", "guangzhou"));
@@ -1632,7 +1612,7 @@ mod tests {
     #[test]
     fn external_names_are_cnames_followed_inside_the_cluster_only() {
         let mut v = view();
-        let ext = |name: &str, target: &str| -> Arc<Service> {
+        let ext = |name: &str, target: &str| -> Arc<ServiceRecord> {
             obj(&format!(
                 r#"{{"metadata":{{"name":"{name}","namespace":"default"}},"spec":{{"type":"ExternalName","externalName":"{target}"}}}}"#
             ))

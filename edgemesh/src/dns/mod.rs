@@ -23,7 +23,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use edgehub::config_file::ConfigError;
-use edgehub::metamanager::{MeshView, MetaManager};
+use edgehub::metamanager::MetaManager;
+use edgehub::view::MeshView;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

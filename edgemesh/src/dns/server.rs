@@ -409,7 +409,8 @@ async fn tcp_connection<H: RequestHandler>(
 mod tests {
     use super::*;
     use crate::dns::{ClusterIndex, DnsHandler, Forwarder};
-    use edgehub::metamanager::MeshView;
+    use edgehub::model::{Kind, Object};
+    use edgehub::view::MeshView;
     use hickory_proto::op::{Edns, Message, Query};
     use hickory_proto::rr::{Name, RecordType};
 
@@ -418,16 +419,13 @@ mod tests {
     async fn server(limits: TcpLimits) -> (SocketAddr, CancellationToken) {
         let mut view = MeshView::default();
         let svc = |name: &str, ip: &str| {
-            serde_json::from_str(&format!(
+            Object::from_json(Kind::Service, &format!(
                 r#"{{"metadata":{{"name":"{name}","namespace":"default"}},"spec":{{"clusterIP":"{ip}","ports":[{{"name":"http","port":80}}]}}}}"#
             ))
-            .map(Arc::new)
             .expect("service")
         };
-        let key = |n: &str| ("default".to_string(), n.to_string());
-        view.services
-            .insert(key("hello"), svc("hello", "10.96.0.10"));
-        view.services.insert(key("many"), svc("many", "None"));
+        view.put(svc("hello", "10.96.0.10"));
+        view.put(svc("many", "None"));
         let addrs: Vec<String> = (0..200)
             .map(|i| format!(r#"{{"ip":"10.1.{}.{}"}}"#, i / 250, i % 250 + 1))
             .collect();
@@ -435,10 +433,7 @@ mod tests {
             r#"{{"metadata":{{"name":"many","namespace":"default"}},"subsets":[{{"addresses":[{}],"ports":[{{"name":"http","port":8080}}]}}]}}"#,
             addrs.join(",")
         );
-        view.endpoints.insert(
-            key("many"),
-            Arc::new(serde_json::from_str(&eps).expect("eps")),
-        );
+        view.put(Object::from_json(Kind::Endpoints, &eps).expect("eps"));
         let index = ClusterIndex::new("cluster.local", "10.96.0.0/12".parse().unwrap(), 5).unwrap();
         index.update(&view);
         let handler = DnsHandler::new(

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use edgehub::metamanager::MeshView;
+use edgehub::view::MeshView;
 use metrics::counter;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};

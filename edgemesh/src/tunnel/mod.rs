@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgehub::config_file::ConfigError;
-use edgehub::metamanager::MeshView;
 use edgehub::serve::{count_refusal, Served, StreamServer};
 use edgehub::tunnel::{Acceptor, Incoming, Mux, MuxConfig, TunnelHandle};
+use edgehub::view::MeshView;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
