@@ -33,6 +33,8 @@ command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 # recommendation of protobuf-compiler, so not there with --no-install-recommends.
 [ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+# etcdctl: tests/tests/ha.rs reads the store's head and asks which member leads with it.
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 dpkg -s ca-certificates >/dev/null 2>&1 || need+=(ca-certificates)
 if [ "${#need[@]}" -gt 0 ]; then
   log "installing ${need[*]}"

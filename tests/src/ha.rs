@@ -53,13 +53,15 @@ impl Ha {
     /// Hosts for `replicas` cloudcores (the first is the mesh's `cloud`), three etcd members
     /// and `nodes` edge nodes; etcd is started, nothing else.
     pub fn new(tag: &str, replicas: usize, nodes: usize) -> Ha {
-        assert!(
-            std::process::Command::new("etcd")
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success()),
-            "etcd is required (apt-get install etcd-server)"
-        );
+        for (tool, package) in [("etcd", "etcd-server"), ("etcdctl", "etcd-client")] {
+            assert!(
+                std::process::Command::new(tool)
+                    .arg("version")
+                    .output()
+                    .is_ok(),
+                "{tool} is required (apt-get install {package})"
+            );
+        }
         let mut mesh = Mesh::new(tag, nodes, Vec::new());
         mesh.api_token = API_TOKEN.to_string();
         let mut hosts = vec![mesh.cloud.clone()];

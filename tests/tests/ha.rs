@@ -357,6 +357,16 @@ fn call(ns: &str, ip: &str, method: &str, path: &str, body: &str) -> u16 {
         .unwrap_or(0)
 }
 
+/// Sets the writer's stop flag when dropped: a failed assertion in the scope that runs a
+/// writer must not leave `thread::scope` waiting for a loop that never ends.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// A small xorshift generator: the chaos is replayed from its seed.
 struct Rng(u64);
 
@@ -410,6 +420,7 @@ fn etcd_failures_and_chaos_leave_every_node_equal_to_the_store() {
             }
             (acked, longest)
         });
+        let stopping = StopOnDrop(&stop);
         std::thread::sleep(Duration::from_secs(2));
         let leader = wait_for("an etcd leader", Duration::from_secs(10), || {
             ha.etcd_leader()
@@ -417,7 +428,7 @@ fn etcd_failures_and_chaos_leave_every_node_equal_to_the_store() {
         eprintln!("killing etcd leader e{leader}");
         ha.stop_member(leader, libc::SIGKILL);
         std::thread::sleep(Duration::from_secs(6));
-        stop.store(true, std::sync::atomic::Ordering::Release);
+        drop(stopping);
         let result = writer.join().expect("writer");
         ha.start_member(leader);
         result
@@ -496,6 +507,7 @@ fn etcd_failures_and_chaos_leave_every_node_equal_to_the_store() {
             }
             ok
         });
+        let stopping = StopOnDrop(&stop);
         let until = Instant::now() + Duration::from_secs(25);
         while Instant::now() < until {
             std::thread::sleep(Duration::from_millis(500 + rng.below(1500)));
@@ -523,7 +535,7 @@ fn etcd_failures_and_chaos_leave_every_node_equal_to_the_store() {
                 }
             }
         }
-        stop.store(true, std::sync::atomic::Ordering::Release);
+        drop(stopping);
         writer.join().expect("writer")
     });
     eprintln!("chaos: {applied} changes applied");
