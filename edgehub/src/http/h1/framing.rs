@@ -9,6 +9,8 @@ use bytes::{Buf, BytesMut};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::timer::within;
+
 /// A read that fills less than this of the free space keeps the buffer small; one that fills
 /// it marks a bulk transfer, which gets [`BULK`].
 const SMALL: usize = 8 * 1024;
@@ -260,20 +262,6 @@ where
             )));
         }
         bulk = n >= free;
-    }
-}
-
-/// `io` within `idle`, else a timeout error.
-pub(crate) async fn within<T>(
-    idle: Duration,
-    io: impl std::future::Future<Output = io::Result<T>>,
-) -> io::Result<T> {
-    match tokio::time::timeout(idle, io).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("nothing moved for {idle:?}"),
-        )),
     }
 }
 

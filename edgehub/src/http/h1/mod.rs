@@ -15,6 +15,7 @@
 mod client;
 mod framing;
 mod head;
+mod timer;
 
 pub use client::RawBody;
 
@@ -27,8 +28,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, debug_span, Instrument};
 
-use self::framing::{within, Body, BodyError, Framing};
+use self::framing::{Body, BodyError, Framing};
 use self::head::{Exchange, FinalHead, RequestHead, ResponseHead};
+use self::timer::{within, Deadline};
 use super::answer::HttpError;
 use super::dispatch::Attempts;
 use super::pool::{PoolKey, Reusable};
@@ -82,6 +84,8 @@ pub(super) async fn serve<I: Duplex>(
             out: Vec::new(),
             rout: Vec::new(),
             ubuf: BytesMut::new(),
+            head_deadline: Deadline::new(),
+            response_deadline: Deadline::new(),
         };
         match conn.serve(shutdown).await? {
             Some((upstream, leftover)) => (upstream, leftover, conn.buf),
@@ -138,6 +142,10 @@ struct Conn<'a, R, W> {
     rout: Vec<u8>,
     /// Bytes from the endpoint not yet passed on.
     ubuf: BytesMut,
+    /// Times the waits for request heads (`header_read_timeout`).
+    head_deadline: Deadline,
+    /// Times the requests (`request_timeout`): sending them and waiting for the response head.
+    response_deadline: Deadline,
 }
 
 /// Where a request stands when it fails.
@@ -225,7 +233,7 @@ where
             }
             let idle = self.buf.is_empty();
             let read = tokio::select! {
-                r = tokio::time::timeout_at(deadline, self.reader.read_buf(&mut self.buf)) => r,
+                r = self.head_deadline.wait(deadline, self.reader.read_buf(&mut self.buf)) => r,
                 _ = shutdown.cancelled(), if idle => return Ok(None),
             };
             match read {
@@ -433,6 +441,7 @@ where
             out,
             rout,
             ubuf,
+            response_deadline,
             ..
         } = self;
         let exchange = Exchange {
@@ -442,7 +451,10 @@ where
         };
         ubuf.clear();
         let (mut ureader, mut uwriter) = upstream.halves();
-        match tokio::time::timeout_at(deadline, uwriter.write_all(out)).await {
+        match response_deadline
+            .wait(deadline, uwriter.write_all(out))
+            .await
+        {
             Err(_) => return Err(Sent::TimedOut),
             Ok(Err(e)) => return Err(Sent::Undelivered(e)),
             Ok(Ok(())) => {}
@@ -469,7 +481,7 @@ where
                 rout,
                 exchange,
                 &mut *writer,
-                Some(deadline),
+                Some((response_deadline, deadline)),
                 !head.keep_alive,
             );
             tokio::pin!(response_head);
@@ -664,15 +676,15 @@ enum HeadFailure {
 
 /// Reads the endpoint's response head into `ubuf` and writes it for the client to `rout`;
 /// interim (`1xx`) answers are passed to the client on the way. `close`: the client
-/// connection ends after this response. `deadline`: when the head must have come, if the
-/// caller does not bound the request itself.
+/// connection ends after this response. `deadline`: when the head must have come (and the
+/// connection's timer for it), if the caller does not bound the request itself.
 async fn read_response_head<R, W>(
     reader: &mut R,
     ubuf: &mut BytesMut,
     rout: &mut Vec<u8>,
     exchange: Exchange<'_>,
     client: &mut W,
-    deadline: Option<Instant>,
+    mut deadline: Option<(&mut Deadline, Instant)>,
     close: bool,
 ) -> Result<FinalHead, HeadFailure>
 where
@@ -707,9 +719,13 @@ where
         if ubuf.capacity() - ubuf.len() < READ_ROOM / 2 {
             ubuf.reserve(READ_ROOM);
         }
-        let read = by(deadline, reader.read_buf(ubuf))
-            .await
-            .map_err(|_| HeadFailure::TimedOut)?;
+        let read = match &mut deadline {
+            Some((timer, at)) => timer
+                .wait(*at, reader.read_buf(ubuf))
+                .await
+                .map_err(|_| HeadFailure::TimedOut)?,
+            None => reader.read_buf(ubuf).await,
+        };
         match read {
             Ok(0) if !got_any => {
                 return Err(HeadFailure::Closed(std::io::Error::new(
@@ -727,17 +743,6 @@ where
             Err(e) if !got_any => return Err(HeadFailure::Closed(e)),
             Err(e) => return Err(HeadFailure::Endpoint(e)),
         }
-    }
-}
-
-/// `f`, within `deadline` when there is one.
-async fn by<F: std::future::Future>(
-    deadline: Option<Instant>,
-    f: F,
-) -> Result<F::Output, tokio::time::error::Elapsed> {
-    match deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline, f).await,
-        None => Ok(f.await),
     }
 }
 
