@@ -734,9 +734,17 @@ fn put_iperf3_service(mesh: &Mesh, name: &str, pod: &Host, node: &str) -> String
     mesh.cluster_ip(name)
 }
 
-/// `iperf3 -u` at 200 Mbit/s for 3 s from `client` to `ip`: (datagrams sent, lost percent as
-/// the receiving server counted them).
-fn iperf3_udp(mesh: &Mesh, client: &Host, ip: &str) -> (u64, f64) {
+/// What `iperf3 -u` reported.
+struct UdpRun {
+    /// Datagrams sent.
+    packets: u64,
+    /// Datagrams the server did not receive.
+    lost: u64,
+    lost_percent: f64,
+}
+
+/// `iperf3 -u` at 200 Mbit/s for 3 s from `client` to `ip`, as the receiving server counted it.
+fn iperf3_udp(mesh: &Mesh, client: &Host, ip: &str) -> UdpRun {
     let out = mesh.topo.exec(
         client,
         &[
@@ -747,11 +755,38 @@ fn iperf3_udp(mesh: &Mesh, client: &Host, ip: &str) -> (u64, f64) {
     assert!(out.status.success(), "iperf3 to {ip}: {text}");
     let report: serde_json::Value = serde_json::from_str(&text).expect("iperf3 --json");
     let sum = &report["end"]["sum"];
-    let packets = sum["packets"].as_u64().unwrap_or_else(|| panic!("{text}"));
-    let lost = sum["lost_percent"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{text}"));
-    (packets, lost)
+    let field = |name: &str| sum[name].clone();
+    UdpRun {
+        packets: field("packets")
+            .as_u64()
+            .unwrap_or_else(|| panic!("{text}")),
+        lost: field("lost_packets")
+            .as_u64()
+            .unwrap_or_else(|| panic!("{text}")),
+        lost_percent: field("lost_percent")
+            .as_f64()
+            .unwrap_or_else(|| panic!("{text}")),
+    }
+}
+
+/// Datagrams the kernel of `host`'s namespace dropped because a UDP socket's receive buffer was
+/// full (`RcvbufErrors` in `/proc/net/snmp`).
+fn udp_receive_buffer_drops(mesh: &Mesh, host: &Host) -> u64 {
+    let out = mesh.topo.exec(host, &["cat", "/proc/net/snmp"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        panic!("no Udp lines in /proc/net/snmp: {text}");
+    };
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "RcvbufErrors")
+        .unwrap_or_else(|| panic!("no RcvbufErrors in {names}"));
+    values
+        .split_whitespace()
+        .nth(at)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("RcvbufErrors in {values}"))
 }
 
 #[test]
@@ -765,19 +800,58 @@ fn iperf3_udp_at_200_mbit_through_a_cluster_ip_on_the_node_and_across_nodes() {
     let local_ip = put_iperf3_service(&mesh, "perf-local", &local, "edge-0");
     let remote_ip = put_iperf3_service(&mesh, "perf-remote", &remote, "edge-1");
 
-    // On the node: 200 Mbit/s of 1,400-byte datagrams (~53,000 in 3 s), under 1% lost.
-    let (packets, lost) = iperf3_udp(&mesh, &client, &local_ip);
-    eprintln!("iperf3 -u 200 Mbit/s on the node: {packets} datagrams, {lost:.3}% lost");
+    // On the node: 200 Mbit/s of 1,400-byte datagrams (~53,000 in 3 s), under 1% lost on the
+    // way. What the server's own socket drops is told apart: iperf3's default receive buffer
+    // (208 KiB, ~10 ms at this rate) overflows whenever the server is not scheduled for a
+    // moment, as on a machine running other tests beside this one; those datagrams did reach
+    // the pod.
+    let forwarded = |mesh: &Mesh| {
+        mesh.metric(
+            0,
+            "edgemesh_proxy_udp_datagrams_total",
+            &[
+                "service=\"default/perf-local\"",
+                "direction=\"to_endpoint\"",
+            ],
+        )
+    };
+    let (forwarded_before, node_before, pod_before) = (
+        forwarded(&mesh),
+        udp_receive_buffer_drops(&mesh, &mesh.nodes[0].host),
+        udp_receive_buffer_drops(&mesh, &local),
+    );
+    let run = iperf3_udp(&mesh, &client, &local_ip);
+    let passed_on = (forwarded(&mesh) - forwarded_before) as u64;
+    let node_drops = udp_receive_buffer_drops(&mesh, &mesh.nodes[0].host) - node_before;
+    let pod_drops = udp_receive_buffer_drops(&mesh, &local) - pod_before;
+    let packets = run.packets;
+    eprintln!(
+        "iperf3 -u 200 Mbit/s on the node: {packets} datagrams, {} lost ({:.3}%); the agent \
+         passed on {passed_on}; receive-buffer drops: node {node_drops}, server pod {pod_drops}",
+        run.lost, run.lost_percent
+    );
     assert!(packets > 10_000, "{packets} datagrams sent");
+    let lost_on_the_way = run.lost.saturating_sub(pod_drops);
     assert!(
-        lost < 1.0,
-        "{lost}% of {packets} datagrams lost on the node"
+        lost_on_the_way * 100 < packets,
+        "{lost_on_the_way} of {packets} datagrams lost on the node ({} lost in all, {pod_drops} \
+         dropped by the server pod's own socket, {node_drops} by the node's sockets, the agent \
+         passed on {passed_on})",
+        run.lost
+    );
+    assert!(
+        passed_on * 100 >= packets * 99,
+        "the agent passed on {passed_on} of {packets} datagrams"
     );
 
     // Across nodes, through the cloud relay: reported; the datagrams arrive.
-    let (packets, lost) = iperf3_udp(&mesh, &client, &remote_ip);
-    eprintln!("iperf3 -u 200 Mbit/s across nodes (relay): {packets} datagrams, {lost:.3}% lost");
-    assert!(lost < 100.0, "nothing arrived across nodes");
+    let run = iperf3_udp(&mesh, &client, &remote_ip);
+    let packets = run.packets;
+    eprintln!(
+        "iperf3 -u 200 Mbit/s across nodes (relay): {packets} datagrams, {:.3}% lost",
+        run.lost_percent
+    );
+    assert!(run.lost < packets, "nothing arrived across nodes");
     let sent = mesh.metric(
         0,
         "edgemesh_proxy_udp_datagrams_total",
