@@ -755,17 +755,15 @@ fn iperf3_udp(mesh: &Mesh, client: &Host, ip: &str) -> UdpRun {
     assert!(out.status.success(), "iperf3 to {ip}: {text}");
     let report: serde_json::Value = serde_json::from_str(&text).expect("iperf3 --json");
     let sum = &report["end"]["sum"];
-    let field = |name: &str| sum[name].clone();
-    UdpRun {
-        packets: field("packets")
-            .as_u64()
-            .unwrap_or_else(|| panic!("{text}")),
-        lost: field("lost_packets")
-            .as_u64()
-            .unwrap_or_else(|| panic!("{text}")),
-        lost_percent: field("lost_percent")
+    let number = |name: &str| {
+        sum[name]
             .as_f64()
-            .unwrap_or_else(|| panic!("{text}")),
+            .unwrap_or_else(|| panic!("{name}: {text}"))
+    };
+    UdpRun {
+        packets: number("packets") as u64,
+        lost: number("lost_packets") as u64,
+        lost_percent: number("lost_percent"),
     }
 }
 

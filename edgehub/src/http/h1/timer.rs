@@ -3,7 +3,7 @@
 //! A tokio timer costs a handle lookup when it is made, and a lock and a wheel update when it
 //! is armed and again when it is dropped. A keep-alive connection waits for a request head and
 //! for a response head once per request, and writes a few times; made per wait, those timers
-//! were about 5 % of the proxy's CPU time under keep-alive load (`perf record`, issue 13).
+//! were about 4.5 % of the agent's samples under keep-alive load (`perf record`, issue 13).
 //! Here a wait that is ready at once makes no timer, and each kind of wait of a connection
 //! keeps one [`Deadline`] whose deadlines only move later, so it is re-armed when it fires
 //! rather than for every wait.
