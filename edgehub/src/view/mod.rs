@@ -21,13 +21,15 @@ pub use self::records::{
 use crate::model::{Community, Kind, Node, Object, ObjectKey};
 
 /// `namespace/name`: the key of a Service or Endpoints in the view, in one allocation. Both
-/// maps are ordered by it alike, so they can be walked together.
+/// maps are ordered by it alike, so they can be walked together. Shared, not copied: a
+/// Service and its Endpoints hold one name, and the indexes built from the view (DNS, route
+/// tables) keep clones of it rather than names of their own.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ObjectName(Box<str>);
+pub struct ObjectName(Arc<str>);
 
 impl ObjectName {
     pub fn new(namespace: &str, name: &str) -> ObjectName {
-        ObjectName(joined(namespace, name).into_boxed_str())
+        ObjectName(Arc::from(joined(namespace, name)))
     }
 
     pub fn namespace(&self) -> &str {
@@ -40,6 +42,16 @@ impl ObjectName {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// The name of `key`: the one `other` (the map of the Service's Endpoints, or the Endpoints'
+/// Service) holds when it has the object, else a new one.
+fn shared_name<T>(other: &BTreeMap<ObjectName, T>, key: &ObjectKey) -> ObjectName {
+    let joined = joined(&key.namespace, &key.name);
+    match other.get_key_value(joined.as_str()) {
+        Some((name, _)) => name.clone(),
+        None => ObjectName(Arc::from(joined)),
     }
 }
 
@@ -98,13 +110,13 @@ impl MeshView {
         match (key.kind, object) {
             (Kind::Service, Some(Object::Service(s))) => {
                 let record = ServiceRecord::new(&s, &mut self.names);
-                self.services
-                    .insert(ObjectName::new(&key.namespace, &key.name), Arc::new(record));
+                let name = shared_name(&self.endpoints, key);
+                self.services.insert(name, Arc::new(record));
             }
             (Kind::Endpoints, Some(Object::Endpoints(e))) => {
                 let record = EndpointsRecord::new(&e, &mut self.names);
-                self.endpoints
-                    .insert(ObjectName::new(&key.namespace, &key.name), Arc::new(record));
+                let name = shared_name(&self.services, key);
+                self.endpoints.insert(name, Arc::new(record));
             }
             (Kind::Node, Some(Object::Node(n))) => {
                 self.nodes.insert(key.name.clone(), Arc::new(n));
@@ -167,6 +179,9 @@ mod tests {
         let services: Vec<&ObjectName> = view.services.keys().collect();
         let endpoints: Vec<&ObjectName> = view.endpoints.keys().collect();
         assert_eq!(services, endpoints);
+        for (s, e) in services.iter().zip(&endpoints) {
+            assert!(Arc::ptr_eq(&s.0, &e.0), "{s} is held twice");
+        }
         assert!(view.service("a-b", "y").is_some());
         view.set(
             &ObjectKey {
