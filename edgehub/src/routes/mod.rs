@@ -350,7 +350,7 @@ impl Source {
                 ServiceAnnotations::default()
             }
         };
-        let affinity = service.affinity.map(|timeout| Affinity { timeout });
+        let affinity = service.affinity().map(|timeout| Affinity { timeout });
         let (endpoints, elsewhere) = view
             .endpoints_of(&key.namespace, &key.name)
             .map(|e| resolve_endpoints(e, port, &self.node, view, service, &self.health, register))
@@ -407,7 +407,7 @@ fn resolve_endpoints(
     let mut out: Vec<Endpoint> = Vec::new();
     let mut seen: HashSet<SocketAddr> = HashSet::new();
     let mut elsewhere = 0;
-    let keys = &service.topology;
+    let keys = service.topology();
     for subset in endpoints.subsets.iter() {
         let Some(target) = port.endpoint_port(subset) else {
             continue;
@@ -694,7 +694,7 @@ mod tests {
         let subset = crate::view::SubsetRecord {
             addresses: Box::new([]),
             not_ready: Box::new([]),
-            ports: Box::new([]),
+            ports: Default::default(),
         };
         let ports: Vec<Option<u16>> = svc.ports.iter().map(|p| p.endpoint_port(&subset)).collect();
         assert_eq!(ports, vec![Some(8080), Some(81), None]);

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 pub use self::records::{
     AddressRecord, EndpointPortRecord, EndpointsRecord, Interner, PortProtocol, PortRecord,
-    ServiceRecord, SubsetRecord,
+    ServiceRecord, SmallList, SubsetRecord,
 };
 use crate::model::{Community, Kind, Node, Object, ObjectKey};
 

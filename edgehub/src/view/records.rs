@@ -7,6 +7,7 @@
 //! times as much (issue 13 measured 1.7 KB per object). The full objects stay in the store.
 
 use std::collections::HashSet;
+use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +34,53 @@ impl PortProtocol {
         } else {
             None
         }
+    }
+}
+
+/// A list whose one item, the common case (one cluster IP, one port, one subset), is held
+/// inline: a record then costs one allocation, not one per list.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SmallList<T> {
+    One(T),
+    Many(Box<[T]>),
+}
+
+impl<T> Default for SmallList<T> {
+    fn default() -> Self {
+        SmallList::Many(Box::default())
+    }
+}
+
+impl<T> std::ops::Deref for SmallList<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        match self {
+            SmallList::One(item) => std::slice::from_ref(item),
+            SmallList::Many(items) => items,
+        }
+    }
+}
+
+impl<T> FromIterator<T> for SmallList<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(items: I) -> Self {
+        let mut items = items.into_iter();
+        let Some(first) = items.next() else {
+            return SmallList::default();
+        };
+        match items.next() {
+            None => SmallList::One(first),
+            Some(second) => {
+                let all: Vec<T> = [first, second].into_iter().chain(items).collect();
+                SmallList::Many(all.into_boxed_slice())
+            }
+        }
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for SmallList<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
     }
 }
 
@@ -106,19 +154,26 @@ impl PortRecord {
 pub struct ServiceRecord {
     /// The cluster IPs, the primary first, without repeats; empty for a headless Service, an
     /// `ExternalName` one, or one without an address yet.
-    pub cluster_ips: Box<[IpAddr]>,
-    pub ports: Box<[PortRecord]>,
-    /// The topology keys in effect ([`crate::topology::keys_of`]); empty without topology.
-    pub topology: Box<[Box<str>]>,
-    /// `sessionAffinity: ClientIP`, with its timeout.
-    pub affinity: Option<Duration>,
-    /// The name an `ExternalName` Service aliases.
-    pub external_name: Option<Box<str>>,
-    /// The annotations edgemesh reads (`edgemesh.io/...`), sorted by key; usually none.
-    annotations: Box<[(Box<str>, Box<str>)]>,
+    pub cluster_ips: SmallList<IpAddr>,
+    pub ports: SmallList<PortRecord>,
+    /// What most Services do not set; `None` when none of it is.
+    options: Option<Box<ServiceOptions>>,
     pub headless: bool,
     /// Not-ready addresses are published too.
     pub publish_not_ready: bool,
+}
+
+/// The parts of a Service most do not set, behind one pointer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ServiceOptions {
+    /// The topology keys in effect ([`crate::topology::keys_of`]); empty without topology.
+    topology: Box<[Box<str>]>,
+    /// `sessionAffinity: ClientIP`, with its timeout.
+    affinity: Option<Duration>,
+    /// The name an `ExternalName` Service aliases.
+    external_name: Option<Box<str>>,
+    /// The annotations edgemesh reads (`edgemesh.io/...`), sorted by key.
+    annotations: Box<[(Box<str>, Box<str>)]>,
 }
 
 /// The prefix of the annotations edgemesh reads; the others are not kept in the view.
@@ -151,14 +206,7 @@ impl ServiceRecord {
             .is_external_name()
             .then(|| kept.external_name.as_deref().map(Box::from))
             .flatten();
-        ServiceRecord {
-            cluster_ips: cluster_ips.into(),
-            ports: service
-                .spec
-                .ports
-                .iter()
-                .filter_map(|p| PortRecord::new(p, names))
-                .collect(),
+        let options = ServiceOptions {
             topology: crate::topology::keys_of(service)
                 .iter()
                 .map(|k| Box::from(k.as_str()))
@@ -173,17 +221,43 @@ impl ServiceRecord {
                 .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
                 .map(|(k, v)| (Box::from(k.as_str()), Box::from(v.as_str())))
                 .collect(),
+        };
+        ServiceRecord {
+            cluster_ips: cluster_ips.into_iter().collect(),
+            ports: service
+                .spec
+                .ports
+                .iter()
+                .filter_map(|p| PortRecord::new(p, names))
+                .collect(),
+            options: (options != ServiceOptions::default()).then(|| Box::new(options)),
             headless,
             publish_not_ready: service.publishes_not_ready(),
         }
     }
 
+    /// The topology keys in effect ([`crate::topology::keys_of`]); empty without topology.
+    pub fn topology(&self) -> &[Box<str>] {
+        self.options.as_ref().map_or(&[], |o| &o.topology)
+    }
+
+    /// `sessionAffinity: ClientIP`, with its timeout.
+    pub fn affinity(&self) -> Option<Duration> {
+        self.options.as_ref()?.affinity
+    }
+
+    /// The name an `ExternalName` Service aliases.
+    pub fn external_name(&self) -> Option<&str> {
+        self.options.as_ref()?.external_name.as_deref()
+    }
+
     /// The value of an `edgemesh.io/` annotation.
     pub fn annotation(&self, key: &str) -> Option<&str> {
-        self.annotations
+        let annotations = &self.options.as_ref()?.annotations;
+        annotations
             .binary_search_by(|(k, _)| k.as_ref().cmp(key))
             .ok()
-            .map(|i| self.annotations[i].1.as_ref())
+            .map(|i| annotations[i].1.as_ref())
     }
 
     /// The port `number` of `protocol`.
@@ -231,7 +305,7 @@ pub struct EndpointPortRecord {
 pub struct SubsetRecord {
     pub addresses: Box<[AddressRecord]>,
     pub not_ready: Box<[AddressRecord]>,
-    pub ports: Box<[EndpointPortRecord]>,
+    pub ports: SmallList<EndpointPortRecord>,
 }
 
 impl SubsetRecord {
@@ -263,7 +337,7 @@ impl SubsetRecord {
 /// reader skipped them).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointsRecord {
-    pub subsets: Box<[SubsetRecord]>,
+    pub subsets: SmallList<SubsetRecord>,
 }
 
 impl EndpointsRecord {
@@ -311,9 +385,12 @@ mod tests {
             None,
             "only edgemesh's annotations are kept"
         );
-        assert_eq!(r.affinity, Some(Duration::from_secs(60)));
+        assert_eq!(r.affinity(), Some(Duration::from_secs(60)));
         assert_eq!(
-            r.topology.iter().map(|k| k.as_ref()).collect::<Vec<&str>>(),
+            r.topology()
+                .iter()
+                .map(|k| k.as_ref())
+                .collect::<Vec<&str>>(),
             ["topology.kubernetes.io/zone", "*"]
         );
         let http = r.port(80, PortProtocol::Tcp).expect("http");
@@ -321,7 +398,7 @@ mod tests {
         let dns = r.port(53, PortProtocol::Udp).expect("dns");
         assert_eq!(dns.target, None, "named target port");
         assert!(Arc::ptr_eq(&names.get("http"), &http.name), "interned");
-        assert!(!r.headless && !r.publish_not_ready && r.external_name.is_none());
+        assert!(!r.headless && !r.publish_not_ready && r.external_name().is_none());
     }
 
     #[test]
@@ -341,7 +418,7 @@ mod tests {
             ),
             &mut names,
         );
-        assert_eq!(alias.external_name.as_deref(), Some("db.example.com"));
+        assert_eq!(alias.external_name(), Some("db.example.com"));
         assert!(alias.cluster_ips.is_empty());
     }
 
@@ -367,6 +444,45 @@ mod tests {
         );
         assert_eq!(s.ports[0].endpoint_port(subset), Some(9090), "by name");
         assert_eq!(s.ports[1].endpoint_port(subset), Some(81), "no such name");
+    }
+
+    #[test]
+    fn a_small_list_holds_one_item_inline_and_reads_as_a_slice() {
+        let none: SmallList<u16> = std::iter::empty().collect();
+        assert!(none.is_empty());
+        let one: SmallList<u16> = [7].into_iter().collect();
+        assert!(matches!(one, SmallList::One(7)));
+        assert_eq!(&one[..], &[7]);
+        let three: SmallList<u16> = [1, 2, 3].into_iter().collect();
+        assert_eq!(&three[..], &[1, 2, 3]);
+        assert_eq!(format!("{three:?}"), "[1, 2, 3]");
+    }
+
+    #[test]
+    fn a_plain_service_and_its_endpoints_are_one_allocation_each() {
+        let mut names = Interner::default();
+        let s = ServiceRecord::new(
+            &service(
+                r#"{"metadata":{"name":"web","labels":{"app":"web"},"annotations":{"note":"x"}},
+                   "spec":{"clusterIP":"10.96.0.10","ports":[{"name":"http","port":80}]}}"#,
+            ),
+            &mut names,
+        );
+        assert!(matches!(s.cluster_ips, SmallList::One(_)));
+        assert!(matches!(s.ports, SmallList::One(_)));
+        assert!(s.options.is_none(), "{:?}", s.options);
+        assert_eq!(
+            (s.topology().len(), s.affinity(), s.annotation("note")),
+            (0, None, None)
+        );
+        let e: Endpoints = serde_json::from_str(
+            r#"{"metadata":{"name":"web"},"subsets":[{"addresses":[{"ip":"10.0.0.1"},{"ip":"10.0.0.2"}],"ports":[{"name":"http","port":80}]}]}"#,
+        )
+        .expect("endpoints");
+        let e = EndpointsRecord::new(&e, &mut names);
+        assert!(matches!(e.subsets, SmallList::One(_)));
+        assert!(matches!(e.subsets[0].ports, SmallList::One(_)));
+        assert_eq!(e.subsets[0].addresses.len(), 2);
     }
 
     #[test]

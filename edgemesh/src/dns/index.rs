@@ -20,7 +20,9 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use edgehub::model::ANNOTATION_UNIT_KEY;
 use edgehub::topology::{self, Labels, Local, Tier};
-use edgehub::view::{EndpointsRecord, MeshView, PortProtocol, ServiceRecord};
+use edgehub::view::{
+    EndpointsRecord, MeshView, ObjectName, PortProtocol, PortRecord, ServiceRecord,
+};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 use ipnet::IpNet;
@@ -120,12 +122,15 @@ impl PortName {
     fn as_bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
     }
-
-    fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
+/// The SRV name of a Service port: `None` for an unnamed port or one whose name cannot be a
+/// port name (longer than 15 characters), which have no SRV record.
+fn srv_name(port: &PortRecord) -> Option<&str> {
+    (!port.name.is_empty() && port.name.len() <= 15).then_some(&*port.name)
+}
+
+/// An endpoint's port, as the SRV records of a headless Service give it.
 #[derive(Debug, PartialEq)]
 struct Port {
     name: PortName,
@@ -146,31 +151,6 @@ impl Port {
     }
 }
 
-/// Addresses, inline when there is one (a service's cluster IP, the common case).
-#[derive(Debug)]
-enum Addrs {
-    One(IpAddr),
-    Many(Box<[IpAddr]>),
-}
-
-impl Addrs {
-    fn new(mut list: Vec<IpAddr>) -> Addrs {
-        if list.len() == 1 {
-            Addrs::One(list[0])
-        } else {
-            list.shrink_to_fit();
-            Addrs::Many(list.into())
-        }
-    }
-
-    fn as_slice(&self) -> &[IpAddr] {
-        match self {
-            Addrs::One(ip) => std::slice::from_ref(ip),
-            Addrs::Many(list) => list,
-        }
-    }
-}
-
 #[derive(Debug)]
 struct Endpoint {
     ip: IpAddr,
@@ -183,9 +163,18 @@ struct Endpoint {
     tier: Option<Tier>,
 }
 
-/// What few Services have: kept behind one pointer so the common entry stays small.
+/// What few Services have (a headless Service's endpoints, hostnames, an alias, a unit):
+/// kept behind one pointer, so the common entry is its two records and nothing else.
 #[derive(Debug, Default)]
-struct Extra {
+struct Detail {
+    /// Built from node labels (topology tiers, the unit): rebuilt when they change.
+    by_node: bool,
+    /// Headless: the distinct addresses of the endpoints in the best tier, which
+    /// `<svc>.<ns>.svc.<domain>` resolves to.
+    addresses: Box<[IpAddr]>,
+    /// Headless: every ready endpoint (and the not-ready ones when the Service publishes
+    /// them); otherwise only those with a hostname.
+    endpoints: Box<[Endpoint]>,
     /// `ExternalName`: the name `<svc>.<ns>.svc.<domain>` is a CNAME to.
     alias: Option<Name>,
     /// `edgemesh.io/unit-key` is set: `<prefix>-<ordinal>` names the endpoint
@@ -194,23 +183,14 @@ struct Extra {
     unit: Option<Option<Box<str>>>,
 }
 
-/// One Service as DNS sees it.
+/// One Service as DNS sees it. The cluster IPs and ports are read from the Service's record,
+/// not copied: the index is kept for every Service of the mesh.
 #[derive(Debug)]
 struct Entry {
     /// The objects this entry was built from; compared by pointer on update.
     service: Arc<ServiceRecord>,
     endpoints_of: Option<Arc<EndpointsRecord>>,
-    headless: bool,
-    /// Built from node labels (topology tiers, the unit): rebuilt when they change.
-    by_node: bool,
-    /// What `<svc>.<ns>.svc.<domain>` resolves to: the cluster IPs, or for a headless service
-    /// the distinct addresses of the endpoints in the best tier.
-    addresses: Addrs,
-    ports: Box<[Port]>,
-    /// Headless: every ready endpoint (and the not-ready ones when the Service publishes
-    /// them); otherwise only those with a hostname.
-    endpoints: Box<[Endpoint]>,
-    extra: Option<Box<Extra>>,
+    detail: Option<Box<Detail>>,
 }
 
 /// What an entry is built with besides its objects.
@@ -226,16 +206,15 @@ impl Entry {
         cx: &BuildContext<'_>,
     ) -> Entry {
         let headless = service.headless;
-        let mut extra = Extra {
+        let mut detail = Detail {
             alias: service
-                .external_name
-                .as_deref()
+                .external_name()
                 .and_then(|n| Name::from_ascii(n.to_ascii_lowercase()).ok())
                 .map(|mut n| {
                     n.set_fqdn(true);
                     n
                 }),
-            unit: None,
+            ..Detail::default()
         };
         if let Some(key) = service.annotation(ANNOTATION_UNIT_KEY) {
             let unit = cx
@@ -244,16 +223,10 @@ impl Entry {
                 .get(key)
                 .filter(|v| !v.is_empty())
                 .map(|v| v.to_ascii_lowercase().into_boxed_str());
-            extra.unit = Some(unit);
+            detail.unit = Some(unit);
         }
-        let keys = &service.topology;
+        let keys = service.topology();
         let topology = headless && !keys.is_empty();
-        let cluster_ips = service.cluster_ips.to_vec();
-        let ports: Vec<Port> = service
-            .ports
-            .iter()
-            .map(|p| Port::new(&p.name, p.protocol, p.port))
-            .collect();
         let publish_not_ready = service.publish_not_ready;
         let mut endpoints = Vec::new();
         for subset in endpoints_of.iter().flat_map(|e| e.subsets.iter()) {
@@ -286,31 +259,43 @@ impl Entry {
                 });
             }
         }
-        let addresses = if headless {
+        if headless {
             let best = best_tier(endpoints.iter());
             let mut seen = HashSet::with_capacity(endpoints.len());
-            endpoints
+            detail.addresses = endpoints
                 .iter()
                 .filter(|e| e.tier.is_some() && e.tier == best)
                 .map(|e| e.ip)
                 .filter(|ip| seen.insert(*ip))
-                .collect()
-        } else {
-            cluster_ips
-        };
-        endpoints.shrink_to_fit();
-        let by_node = topology || extra.unit.is_some();
-        let extra = (extra.alias.is_some() || extra.unit.is_some()).then(|| Box::new(extra));
+                .collect();
+        }
+        detail.by_node = topology || detail.unit.is_some();
+        detail.endpoints = endpoints.into();
+        let has_detail = headless
+            || !detail.endpoints.is_empty()
+            || detail.alias.is_some()
+            || detail.unit.is_some();
         Entry {
             service: service.clone(),
             endpoints_of: endpoints_of.cloned(),
-            headless,
-            by_node,
-            addresses: Addrs::new(addresses),
-            ports: ports.into(),
-            endpoints: endpoints.into(),
-            extra,
+            detail: has_detail.then(|| Box::new(detail)),
         }
+    }
+
+    fn headless(&self) -> bool {
+        self.service.headless
+    }
+
+    fn by_node(&self) -> bool {
+        self.detail.as_ref().is_some_and(|d| d.by_node)
+    }
+
+    fn ports(&self) -> &[PortRecord] {
+        &self.service.ports
+    }
+
+    fn endpoints(&self) -> &[Endpoint] {
+        self.detail.as_ref().map_or(&[], |d| &d.endpoints)
     }
 
     fn built_from(
@@ -326,32 +311,32 @@ impl Entry {
             }
     }
 
-    /// The addresses `<svc>.<ns>.svc.<domain>` resolves to.
+    /// The addresses `<svc>.<ns>.svc.<domain>` resolves to: the cluster IPs, or for a
+    /// headless Service the addresses of its endpoints in the best tier.
     fn service_addresses(&self) -> &[IpAddr] {
-        self.addresses.as_slice()
+        match &self.detail {
+            Some(d) if self.headless() => &d.addresses,
+            _ => self.cluster_ips(),
+        }
     }
 
     /// The cluster IPs (none when headless).
     fn cluster_ips(&self) -> &[IpAddr] {
-        if self.headless {
-            &[]
-        } else {
-            self.addresses.as_slice()
-        }
+        &self.service.cluster_ips
     }
 
     fn alias(&self) -> Option<&Name> {
-        self.extra.as_ref()?.alias.as_ref()
+        self.detail.as_ref()?.alias.as_ref()
     }
 
     /// `Some(unit)` when the Service has `edgemesh.io/unit-key`.
     fn unit(&self) -> Option<Option<&str>> {
-        self.extra.as_ref()?.unit.as_ref().map(|u| u.as_deref())
+        self.detail.as_ref()?.unit.as_ref().map(|u| u.as_deref())
     }
 
     /// Addresses that own a PTR record pointing into this entry.
     fn reverse_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        let named = self.endpoints.iter().filter(|e| e.host.is_some());
+        let named = self.endpoints().iter().filter(|e| e.host.is_some());
         self.cluster_ips()
             .iter()
             .copied()
@@ -364,7 +349,7 @@ impl Entry {
     fn named<'e>(&'e self, label: &str) -> Vec<&'e Endpoint> {
         let by_ip = undashed(label);
         let exact: Vec<&Endpoint> = self
-            .endpoints
+            .endpoints()
             .iter()
             .filter(|e| match &e.host {
                 Some(h) => &**h == label,
@@ -384,7 +369,7 @@ impl Entry {
         host.push_str(unit);
         host.push('-');
         host.push_str(ordinal);
-        self.endpoints
+        self.endpoints()
             .iter()
             .filter(|e| e.host.as_deref() == Some(host.as_str()))
             .collect()
@@ -434,14 +419,17 @@ fn undashed(label: &str) -> Option<IpAddr> {
 
 /// The Services an address has PTR records into: one for a cluster IP, possibly several for a
 /// pod that several Services name.
+/// The Services an address has PTR records into: one for a cluster IP, possibly several for a
+/// pod that several Services name. Kept for every cluster IP of the mesh: the common case
+/// holds one shared name and nothing else.
 #[derive(Debug)]
 enum Owners {
-    One(Arc<str>),
-    Many(Vec<Arc<str>>),
+    One(ObjectName),
+    Many(Box<[ObjectName]>),
 }
 
 impl Owners {
-    fn as_slice(&self) -> &[Arc<str>] {
+    fn as_slice(&self) -> &[ObjectName] {
         match self {
             Owners::One(k) => std::slice::from_ref(k),
             Owners::Many(v) => v,
@@ -452,30 +440,15 @@ impl Owners {
 #[derive(Default)]
 struct Zone {
     version: u64,
-    /// By `<name>.<namespace>`, which is how a query spells it.
-    services: HashMap<Arc<str>, Entry>,
+    /// By the view's `namespace/name` (the view's own names, shared).
+    services: HashMap<ObjectName, Entry>,
     /// Services per namespace (a namespace name exists while it has one).
     namespaces: HashMap<Box<str>, u32>,
-    /// Cluster IP or named endpoint → the services' keys.
+    /// Cluster IP or named endpoint → the services' names.
     reverse: HashMap<IpAddr, Owners>,
     /// Entries built from node labels, and a fingerprint of the labels they were built with.
     by_node: usize,
     nodes_fingerprint: Option<u64>,
-}
-
-/// `<name>.<namespace>`.
-fn service_key(namespace: &str, name: &str) -> String {
-    let mut key = String::with_capacity(name.len() + 1 + namespace.len());
-    key.push_str(name);
-    key.push('.');
-    key.push_str(namespace);
-    key
-}
-
-/// (namespace, name) of a key.
-fn split_key(key: &str) -> (&str, &str) {
-    let (name, namespace) = key.split_once('.').unwrap_or((key, ""));
-    (namespace, name)
 }
 
 impl Zone {
@@ -487,63 +460,61 @@ impl Zone {
         let Some((key, old)) = self.services.remove_entry(key) else {
             return;
         };
-        let (namespace, _) = split_key(&key);
+        let namespace = key.namespace();
         if let Some(count) = self.namespaces.get_mut(namespace) {
             *count -= 1;
             if *count == 0 {
                 self.namespaces.remove(namespace);
             }
         }
-        self.by_node -= usize::from(old.by_node);
+        self.by_node -= usize::from(old.by_node());
         for ip in old.reverse_ips() {
             let MapEntry::Occupied(mut slot) = self.reverse.entry(ip) else {
                 continue;
             };
-            match slot.get_mut() {
-                Owners::One(k) if *k == key => {
+            let owners = match slot.get() {
+                Owners::One(k) if *k == key => None,
+                Owners::One(_) => continue,
+                Owners::Many(list) => Some(list.iter().filter(|k| **k != key).cloned()),
+            };
+            match owners.map(Iterator::collect::<Vec<_>>).as_deref() {
+                None | Some([]) => {
                     slot.remove();
                 }
-                Owners::One(_) => {}
-                Owners::Many(list) => {
-                    list.retain(|k| *k != key);
-                    if let [only] = list.as_slice() {
-                        let only = only.clone();
-                        slot.insert(Owners::One(only));
-                    }
+                Some([only]) => {
+                    slot.insert(Owners::One(only.clone()));
+                }
+                Some(list) => {
+                    slot.insert(Owners::Many(list.into()));
                 }
             }
         }
     }
 
-    fn insert(&mut self, namespace: &str, name: &str, entry: Entry) {
-        let key: Arc<str> = service_key(namespace, name).into();
-        self.remove(&key);
+    fn insert(&mut self, key: ObjectName, entry: Entry) {
+        self.remove(key.as_str());
         for ip in entry.reverse_ips() {
             match self.reverse.entry(ip) {
                 MapEntry::Vacant(slot) => {
                     slot.insert(Owners::One(key.clone()));
                 }
-                MapEntry::Occupied(mut slot) => match slot.get_mut() {
-                    Owners::One(k) if *k == key => {}
-                    Owners::One(k) => {
-                        let list = vec![k.clone(), key.clone()];
+                MapEntry::Occupied(mut slot) => {
+                    let owners = slot.get().as_slice();
+                    if !owners.contains(&key) {
+                        let list = owners.iter().chain([&key]).cloned().collect();
                         slot.insert(Owners::Many(list));
                     }
-                    Owners::Many(list) => {
-                        if !list.contains(&key) {
-                            list.push(key.clone());
-                        }
-                    }
-                },
+                }
             }
         }
+        let namespace = key.namespace();
         match self.namespaces.get_mut(namespace) {
             Some(count) => *count += 1,
             None => {
                 self.namespaces.insert(namespace.into(), 1);
             }
         }
-        self.by_node += usize::from(entry.by_node);
+        self.by_node += usize::from(entry.by_node());
         self.services.insert(key, entry);
     }
 }
@@ -641,18 +612,13 @@ impl ClusterIndex {
                 zone.nodes_fingerprint != Some(now)
             };
             let mut endpoints = view.endpoints.iter().peekable();
-            let mut key = String::new();
             for (k, service) in &view.services {
                 // Both maps are ordered by (namespace, name): walk them together.
                 while endpoints.next_if(|(e, _)| *e < k).is_some() {}
                 let eps = endpoints.peek().filter(|(e, _)| *e == k).map(|(_, e)| *e);
-                key.clear();
-                key.push_str(k.name());
-                key.push('.');
-                key.push_str(k.namespace());
-                let current = zone.get(&key);
+                let current = zone.get(k.as_str());
                 if current
-                    .is_some_and(|c| c.built_from(service, eps) && !(nodes_changed && c.by_node))
+                    .is_some_and(|c| c.built_from(service, eps) && !(nodes_changed && c.by_node()))
                 {
                     continue;
                 }
@@ -661,8 +627,7 @@ impl ClusterIndex {
             }
             if zone.services.len() + added > view.services.len() {
                 for key in zone.services.keys() {
-                    let (ns, name) = split_key(key);
-                    if view.service(ns, name).is_none() {
+                    if !view.services.contains_key(key) {
                         removals.push(key.clone());
                     }
                 }
@@ -679,7 +644,7 @@ impl ClusterIndex {
         {
             let mut zone = write();
             for key in removals {
-                zone.remove(&key);
+                zone.remove(key.as_str());
             }
             // Grown once, not by doubling while inserting.
             zone.services.reserve(added);
@@ -695,7 +660,7 @@ impl ClusterIndex {
                 .collect();
             let mut zone = write();
             for ((k, _, _), entry) in chunk.iter().zip(entries) {
-                zone.insert(k.namespace(), k.name(), entry);
+                zone.insert((*k).clone(), entry);
             }
         }
         let mut zone = write();
@@ -802,7 +767,7 @@ impl ClusterIndex {
                     }
                 }
                 if qtype == RecordType::SRV {
-                    for port in entry.ports.iter().filter(|p| !p.name.is_empty()) {
+                    for port in entry.ports().iter().filter(|p| srv_name(p).is_some()) {
                         self.srv(
                             entry,
                             ns,
@@ -823,9 +788,9 @@ impl ClusterIndex {
                 if first.first() == Some(&b'_') {
                     // `_tcp.<svc>...`: exists when a named port uses that protocol.
                     let exists = entry
-                        .ports
+                        .ports()
                         .iter()
-                        .any(|p| !p.name.is_empty() && srv_label(p.proto) == *first);
+                        .any(|p| srv_name(p).is_some() && srv_label(p.protocol) == *first);
                     return if exists { nodata() } else { nxdomain() };
                 }
                 let Ok(first) = std::str::from_utf8(first) else {
@@ -850,10 +815,9 @@ impl ClusterIndex {
                 let Some(port_name) = port.strip_prefix(b"_") else {
                     return nxdomain();
                 };
-                let Some(port) = entry.ports.iter().find(|p| {
-                    !p.name.is_empty()
-                        && p.name.as_bytes() == port_name
-                        && srv_label(p.proto) == *proto
+                let Some(port) = entry.ports().iter().find(|p| {
+                    srv_name(p).is_some_and(|n| n.as_bytes().eq_ignore_ascii_case(port_name))
+                        && srv_label(p.protocol) == *proto
                 }) else {
                     return nxdomain();
                 };
@@ -915,14 +879,14 @@ impl ClusterIndex {
         namespace: &str,
         service: &str,
         owner: &Name,
-        port: &Port,
+        port: &PortRecord,
         answers: &mut Vec<Record>,
         additionals: &mut Vec<Record>,
     ) {
         let Some(service_name) = self.service_name(namespace, service) else {
             return;
         };
-        if !entry.headless {
+        if !entry.headless() {
             if entry.cluster_ips().is_empty() {
                 return;
             }
@@ -933,13 +897,16 @@ impl ClusterIndex {
             }
             return;
         }
+        let name = srv_name(port).unwrap_or_default().as_bytes();
         let mut serving: Vec<(&Endpoint, u16)> = entry
-            .endpoints
+            .endpoints()
             .iter()
             .filter_map(|e| {
                 e.ports
                     .iter()
-                    .find(|p| p.name == port.name && p.proto == port.proto)
+                    .find(|p| {
+                        p.name.as_bytes().eq_ignore_ascii_case(name) && p.proto == port.protocol
+                    })
                     .map(|p| (e, p.port))
             })
             .collect();
@@ -980,15 +947,14 @@ impl ClusterIndex {
             let Some(entry) = zone.services.get(key) else {
                 continue;
             };
-            let (ns, svc) = split_key(key);
-            let Some(service_name) = self.service_name(ns, svc) else {
+            let Some(service_name) = self.service_name(key.namespace(), key.name()) else {
                 continue;
             };
             if entry.cluster_ips().contains(&ip) {
                 out.push(service_name.clone());
             }
             for e in entry
-                .endpoints
+                .endpoints()
                 .iter()
                 .filter(|e| e.ip == ip && e.host.is_some())
             {
@@ -1056,20 +1022,20 @@ impl ClusterIndex {
 
 /// The entry of `<service>.<ns>`, with its namespace and name.
 fn find<'z>(zone: &'z Zone, ns: &[u8], service: &[u8]) -> Option<(&'z Entry, &'z str, &'z str)> {
-    if ns.contains(&b'.') || service.contains(&b'.') {
+    let separator = |b: &u8| *b == b'.' || *b == b'/';
+    if ns.iter().any(separator) || service.iter().any(separator) {
         return None;
     }
     // Labels are at most 63 bytes: the key fits on the stack.
     let mut buf = [0u8; 128];
-    let len = service.len() + 1 + ns.len();
+    let len = ns.len() + 1 + service.len();
     let key = buf.get_mut(..len)?;
-    key[..service.len()].copy_from_slice(service);
-    key[service.len()] = b'.';
-    key[service.len() + 1..].copy_from_slice(ns);
+    key[..ns.len()].copy_from_slice(ns);
+    key[ns.len()] = b'/';
+    key[ns.len() + 1..].copy_from_slice(service);
     let key = std::str::from_utf8(key).ok()?;
     let (key, entry) = zone.services.get_key_value(key)?;
-    let (ns, name) = split_key(key);
-    Some((entry, ns, name))
+    Some((entry, key.namespace(), key.name()))
 }
 
 fn wants(qtype: RecordType, ip: IpAddr) -> bool {
@@ -1194,6 +1160,32 @@ mod tests {
 
     fn is_nodata(l: Option<Lookup>) -> bool {
         matches!(&l, Some(l) if l.answers.is_empty()) && negative(l).is_some_and(|(nx, _)| !nx)
+    }
+
+    #[test]
+    fn plain_services_hold_nothing_besides_their_records() {
+        let mut v = view();
+        v.endpoints.insert(
+            key("default", "hello"),
+            endpoints(
+                "default",
+                "hello",
+                &[("10.1.0.8", None)],
+                &[("http", "TCP", 8080)],
+            ),
+        );
+        let i = ClusterIndex::new("cluster.local", "10.96.0.0/12".parse().unwrap(), 5).unwrap();
+        i.update(&v);
+        let zone = i.read();
+        let detail = |ns, name| zone.get(key(ns, name).as_str()).map(|e| e.detail.is_some());
+        assert_eq!(
+            detail("default", "hello"),
+            Some(false),
+            "a cluster IP without hostnames"
+        );
+        assert_eq!(detail("other", "v6"), Some(false));
+        assert_eq!(detail("default", "db"), Some(true), "headless");
+        assert_eq!(std::mem::size_of::<Entry>(), 24);
     }
 
     #[test]
