@@ -19,7 +19,7 @@ struct Args {
     /// Shorthand for --set data_dir=DIR.
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
-    /// Log filter (RUST_LOG syntax); overrides log.level.
+    /// Log filter (target=level directives, as in RUST_LOG); overrides log.level.
     #[arg(long, global = true)]
     log_level: Option<String>,
     /// text or json; overrides log.format.

@@ -1,7 +1,15 @@
 //! Log setup shared by both binaries: `RUST_LOG`-style filters, text or JSON lines on stderr.
+//!
+//! Filters are lists of `target=level` directives (`info,edgemesh::proxy=debug`): what
+//! operators set. `RUST_LOG`'s span and field directives (`[conn{peer=..}]=debug`) are not
+//! taken: their matcher (a regex engine) was about 3% of each binary's code, which is resident
+//! memory on every node.
 
+use std::str::FromStr;
+
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -63,7 +71,7 @@ pub fn choose_filter(
     flag: Option<&str>,
     env: Option<&str>,
     config: &str,
-) -> (EnvFilter, Vec<String>) {
+) -> (Targets, Vec<String>) {
     let mut rejected = Vec::new();
     let sources = [
         ("--log-level", flag),
@@ -72,14 +80,14 @@ pub fn choose_filter(
     ];
     for (source, value) in sources {
         let Some(value) = value else { continue };
-        match EnvFilter::try_new(value) {
+        match Targets::from_str(value) {
             Ok(filter) => return (filter, rejected),
             Err(e) => rejected.push(format!(
                 "{source}: {value:?} is not a valid log filter ({e}); ignored"
             )),
         }
     }
-    (EnvFilter::new("info"), rejected)
+    (Targets::new().with_default(tracing::Level::INFO), rejected)
 }
 
 /// Installs the global subscriber. `level` is a filter such as `info` or
@@ -96,7 +104,7 @@ pub fn init(level: &str, format: LogFormat) {
 /// with `timestamp`, `level`, `target`, the event's fields (`message` among them) flattened,
 /// the current `span` and the list of enclosing `spans` with their fields.
 fn subscriber<W>(
-    filter: EnvFilter,
+    filter: Targets,
     format: LogFormat,
     ansi: bool,
     writer: W,
@@ -105,21 +113,23 @@ where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        // The filter decides; the builder's own maximum (INFO by default) would hide debug.
+        .with_max_level(tracing::level_filters::LevelFilter::TRACE)
         .with_ansi(ansi)
         // A closed stderr (a pipe whose reader went away) must not take the agent down:
         // reporting the failed write is itself a write to stderr, which would panic.
         .log_internal_errors(false)
         .with_writer(writer);
     match format {
-        LogFormat::Text => Box::new(builder.finish()),
+        LogFormat::Text => Box::new(builder.finish().with(filter)),
         LogFormat::Json => Box::new(
             builder
                 .json()
                 .flatten_event(true)
                 .with_current_span(true)
                 .with_span_list(true)
-                .finish(),
+                .finish()
+                .with(filter),
         ),
     }
 }
@@ -163,7 +173,12 @@ mod tests {
 
     fn capture(format: LogFormat, ansi: bool, filter: &str) -> String {
         let buf = Buffer::default();
-        let sub = subscriber(EnvFilter::new(filter), format, ansi, buf.clone());
+        let sub = subscriber(
+            Targets::from_str(filter).expect("filter"),
+            format,
+            ansi,
+            buf.clone(),
+        );
         tracing::subscriber::with_default(sub, || {
             let span = tracing::info_span!("conn", peer = "10.0.0.1:4000", service = "default/web");
             let _g = span.enter();
@@ -199,6 +214,17 @@ mod tests {
         assert!(out.contains("forwarded"), "{out}");
         assert!(out.contains("conn{"), "the span is named: {out}");
         assert!(!out.contains('\u{1b}'), "no ANSI escapes: {out:?}");
+    }
+
+    #[test]
+    fn directives_choose_levels_per_target() {
+        let out = capture(LogFormat::Text, false, "info,edgehub::logging=debug");
+        assert!(
+            out.contains("hidden at info"),
+            "debug for this target: {out}"
+        );
+        let out = capture(LogFormat::Text, false, "debug,edgehub::logging=warn");
+        assert!(!out.contains("forwarded"), "warn for this target: {out}");
     }
 
     #[test]

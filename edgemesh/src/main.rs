@@ -30,7 +30,7 @@ struct Args {
     /// Shorthand for --set admin.listen=ADDR.
     #[arg(long, global = true)]
     admin_listen: Option<String>,
-    /// Log filter (RUST_LOG syntax); overrides log.level.
+    /// Log filter (target=level directives, as in RUST_LOG); overrides log.level.
     #[arg(long, global = true)]
     log_level: Option<String>,
     /// text or json; overrides log.format.
