@@ -8,15 +8,17 @@
 
 pub mod stats;
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::model::ServiceAnnotations;
-use crate::view::{EndpointsRecord, MeshView, PortProtocol, PortRecord, ServiceRecord};
+use crate::view::{EndpointsRecord, MeshView, ObjectName, PortProtocol, PortRecord, ServiceRecord};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use stats::ServiceStats;
 
@@ -96,12 +98,16 @@ pub struct Route {
 pub struct RouteTable {
     pub version: u64,
     source: Option<Arc<Source>>,
-    routes: HashMap<SocketAddr, Arc<Slot>>,
+    /// Every Service port of the mesh, inline in one allocation, and the indexes hold
+    /// positions in it: a node keeps a slot for every port while its pods call few, so a slot
+    /// must cost no allocation of its own.
+    slots: Vec<Slot>,
+    routes: HashMap<ClusterPort, u32>,
     /// UDP Service ports, by cluster IP and port (the UDP proxy's flows).
-    udp: HashMap<SocketAddr, Arc<Slot>>,
+    udp: HashMap<ClusterPort, u32>,
     /// By Service name and port, headless Services included: only where callers name the
     /// Service (the router), so nodes do not pay for a second index.
-    by_name: Option<HashMap<ServiceRef, Arc<Slot>>>,
+    by_name: Option<HashMap<NamedPort, u32>>,
 }
 
 /// What routes are made from. The view is looked up when a route is made, not held: a table
@@ -112,17 +118,98 @@ struct Source {
     views: watch::Receiver<Arc<MeshView>>,
     node: LocalNode,
     health: Arc<HealthRegistry>,
+    /// The counters of each Service a route has been made for, here or in the tables before
+    /// (while the Service lasts): looked up only when a route is made, so that the ports of a
+    /// Service share one set, and a rebuild keeps it, without the slots holding a handle.
+    stats: Mutex<HashMap<ObjectName, Arc<ServiceStats>>>,
 }
 
 /// One Service port of a table, and its route once made.
 #[derive(Debug)]
 struct Slot {
-    service: ServiceRef,
+    /// The view's own name of the Service, shared.
+    service: ObjectName,
+    port: u16,
     udp: bool,
     route: OnceLock<Arc<Route>>,
-    /// The Service's counters, one set for all its ports (and kept across tables).
-    stats: Arc<OnceLock<Arc<ServiceStats>>>,
 }
+
+/// A cluster IP and port, the key of the address indexes: 20 bytes where a `SocketAddr`
+/// (room for an IPv6 flow label and scope, which cluster addresses do not have) takes 32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ClusterPort(IpAddr, u16);
+
+impl ClusterPort {
+    fn addr(self) -> SocketAddr {
+        SocketAddr::new(self.0, self.1)
+    }
+}
+
+impl From<SocketAddr> for ClusterPort {
+    fn from(addr: SocketAddr) -> ClusterPort {
+        ClusterPort(addr.ip(), addr.port())
+    }
+}
+
+/// A Service port by name, the key of `by_name`: the view's name of the Service and the port.
+#[derive(Debug)]
+struct NamedPort {
+    service: ObjectName,
+    port: u16,
+}
+
+/// What `by_name` hashes and compares: namespace, name and port apart, so that a caller's
+/// `(namespace, name, port)` finds a [`NamedPort`] without joining them into a new name.
+trait PortKey {
+    fn parts(&self) -> (&str, &str, u16);
+}
+
+impl PortKey for NamedPort {
+    fn parts(&self) -> (&str, &str, u16) {
+        (self.service.namespace(), self.service.name(), self.port)
+    }
+}
+
+impl PortKey for (&str, &str, u16) {
+    fn parts(&self) -> (&str, &str, u16) {
+        *self
+    }
+}
+
+impl Hash for dyn PortKey + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.parts().hash(state)
+    }
+}
+
+impl PartialEq for dyn PortKey + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn PortKey + '_ {}
+
+impl<'a> Borrow<dyn PortKey + 'a> for NamedPort {
+    fn borrow(&self) -> &(dyn PortKey + 'a) {
+        self
+    }
+}
+
+// As the borrowed form, which the map's lookups hash and compare.
+impl Hash for NamedPort {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.parts().hash(state)
+    }
+}
+
+impl PartialEq for NamedPort {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for NamedPort {}
 
 /// Which indexes a [`RouteTable`] keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,18 +222,14 @@ pub enum Index {
 
 impl RouteTable {
     pub fn lookup(&self, dst: SocketAddr) -> Option<&Arc<Route>> {
-        self.route_of(self.routes.get(&dst)?)
+        self.route_at(*self.routes.get(&ClusterPort::from(dst))?)
     }
 
     /// The route of Service port `namespace/name:port`; only in tables built with
     /// [`Index::AlsoByName`].
     pub fn by_name(&self, namespace: &str, name: &str, port: u16) -> Option<&Arc<Route>> {
-        let key = ServiceRef {
-            namespace: Arc::from(namespace),
-            name: Arc::from(name),
-            port,
-        };
-        self.route_of(self.by_name.as_ref()?.get(&key)?)
+        let key: &dyn PortKey = &(namespace, name, port);
+        self.route_at(*self.by_name.as_ref()?.get(key)?)
     }
 
     pub fn len(&self) -> usize {
@@ -159,54 +242,60 @@ impl RouteTable {
 
     /// Routes made so far (TCP and UDP): those connections have needed.
     pub fn made(&self) -> usize {
-        let made = |m: &HashMap<SocketAddr, Arc<Slot>>| {
-            let slots: HashSet<*const Slot> = m
-                .values()
-                .filter(|s| s.route.get().is_some())
-                .map(Arc::as_ptr)
-                .collect();
-            slots.len()
-        };
-        made(&self.routes) + made(&self.udp)
+        self.slots
+            .iter()
+            .filter(|s| s.route.get().is_some())
+            .count()
     }
 
     /// Every TCP route, for inspection: those not made yet are made for the caller alone (not
     /// kept, and their endpoints' health is read, not registered).
-    pub fn routes(&self) -> impl Iterator<Item = (&SocketAddr, Arc<Route>)> {
-        self.routes
-            .iter()
-            .filter_map(|(addr, slot)| Some((addr, self.peek(slot)?)))
+    pub fn routes(&self) -> impl Iterator<Item = (SocketAddr, Arc<Route>)> + '_ {
+        self.peek_all(&self.routes)
     }
 
     /// The route of the UDP Service port at `dst`.
     pub fn lookup_udp(&self, dst: SocketAddr) -> Option<&Arc<Route>> {
-        self.route_of(self.udp.get(&dst)?)
+        self.route_at(*self.udp.get(&ClusterPort::from(dst))?)
     }
 
     /// Whether a UDP Service port is at `dst`.
     pub fn has_udp(&self, dst: SocketAddr) -> bool {
-        self.udp.contains_key(&dst)
+        self.udp.contains_key(&ClusterPort::from(dst))
     }
 
     /// UDP Service ports, by cluster IP and port.
-    pub fn udp_addrs(&self) -> impl Iterator<Item = &SocketAddr> {
-        self.udp.keys()
+    pub fn udp_addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.udp.keys().map(|at| at.addr())
     }
 
     /// Every UDP route, for inspection, like [`RouteTable::routes`].
-    pub fn udp_routes(&self) -> impl Iterator<Item = (&SocketAddr, Arc<Route>)> {
-        self.udp
-            .iter()
-            .filter_map(|(addr, slot)| Some((addr, self.peek(slot)?)))
+    pub fn udp_routes(&self) -> impl Iterator<Item = (SocketAddr, Arc<Route>)> + '_ {
+        self.peek_all(&self.udp)
     }
 
-    /// The slot's route, made now if it was not yet.
-    fn route_of<'t>(&'t self, slot: &'t Slot) -> Option<&'t Arc<Route>> {
+    /// The route of the slot at `index`, made now if it was not yet.
+    fn route_at(&self, index: u32) -> Option<&Arc<Route>> {
+        let slot = self.slots.get(index as usize)?;
         if let Some(route) = slot.route.get() {
             return Some(route);
         }
         let route = self.source.as_ref()?.make(slot, true)?;
         Some(slot.route.get_or_init(|| Arc::new(route)))
+    }
+
+    /// The route of the slot at `index` if it was made.
+    fn made_at(&self, index: u32) -> Option<&Arc<Route>> {
+        self.slots.get(index as usize)?.route.get()
+    }
+
+    fn peek_all<'t>(
+        &'t self,
+        addrs: &'t HashMap<ClusterPort, u32>,
+    ) -> impl Iterator<Item = (SocketAddr, Arc<Route>)> + 't {
+        addrs
+            .iter()
+            .filter_map(|(at, &i)| Some((at.addr(), self.peek(self.slots.get(i as usize)?)?)))
     }
 
     fn peek(&self, slot: &Slot) -> Option<Arc<Route>> {
@@ -231,35 +320,42 @@ impl RouteTable {
             views: views.clone(),
             node: node.clone(),
             health: health.clone(),
+            stats: Mutex::new(previous.stats_in(view)),
         });
+        let named = index == Index::AlsoByName;
+        let listed = |service: &ServiceRecord| named || !service.cluster_ips.is_empty();
+        // The slots are kept for the table's life: no spare room.
+        let count = view
+            .services
+            .values()
+            .filter(|s| listed(s))
+            .map(|s| s.ports.iter().filter(|p| served(p).is_some()).count())
+            .sum();
+        let mut slots = Vec::with_capacity(count);
         let mut routes = HashMap::new();
         let mut udp = HashMap::new();
-        let mut by_name = (index == Index::AlsoByName).then(HashMap::new);
+        let mut by_name = named.then(HashMap::new);
         let mut live = HashSet::new();
-        // Namespaces are shared by many routes: one copy each.
-        let mut names = Names::default();
-        for (key, service) in &view.services {
-            let ips = &service.cluster_ips;
-            if ips.is_empty() && by_name.is_none() {
+        'services: for (key, service) in &view.services {
+            if !listed(service) {
                 continue;
             }
-            let ns = names.get(key.namespace());
-            let nm: Arc<str> = Arc::from(key.name());
-            let stats = Arc::new(OnceLock::new());
+            let ips = &service.cluster_ips;
             for port in service.ports.iter() {
                 let Some((number, is_udp)) = served(port) else {
                     continue;
                 };
-                let slot = Arc::new(Slot {
-                    service: ServiceRef {
-                        namespace: ns.clone(),
-                        name: nm.clone(),
-                        port: number,
-                    },
+                // Positions are u32 to keep index entries small; no view comes near.
+                let Ok(at) = u32::try_from(slots.len()) else {
+                    warn!("more Service ports than a route table holds: the rest have no route");
+                    break 'services;
+                };
+                let slot = Slot {
+                    service: key.clone(),
+                    port: number,
                     udp: is_udp,
                     route: OnceLock::new(),
-                    stats: stats.clone(),
-                });
+                };
                 let (table, previous_table) = if is_udp {
                     (&mut udp, &previous.udp)
                 } else {
@@ -267,16 +363,15 @@ impl RouteTable {
                 };
                 let previous_route = ips
                     .iter()
-                    .find_map(|ip| previous_table.get(&SocketAddr::new(*ip, number)))
+                    .find_map(|ip| previous_table.get(&ClusterPort(*ip, number)))
                     .or_else(|| {
-                        previous
-                            .by_name
-                            .as_ref()?
-                            .get(&slot.service)
-                            .filter(|_| !is_udp)
+                        let key: &dyn PortKey = &(key.namespace(), key.name(), number);
+                        previous.by_name.as_ref()?.get(key).filter(|_| !is_udp)
                     })
-                    .and_then(|s| s.route.get())
-                    .filter(|r| r.service.namespace == ns && r.service.name == nm);
+                    .and_then(|&i| previous.made_at(i))
+                    .filter(|r| {
+                        *r.service.namespace == *key.namespace() && *r.service.name == *key.name()
+                    });
                 if let Some(previous_route) = previous_route {
                     if let Some(route) = source.make_in(view, &slot, Some(previous_route), true) {
                         live.extend(route.endpoints.iter().map(|e| e.addr));
@@ -284,12 +379,17 @@ impl RouteTable {
                     }
                 }
                 for ip in ips.iter() {
-                    table.insert(SocketAddr::new(*ip, number), slot.clone());
+                    table.insert(ClusterPort(*ip, number), at);
                 }
                 // Callers that name a Service (the router) speak HTTP: TCP ports only.
                 if let (Some(by_name), false) = (&mut by_name, is_udp) {
-                    by_name.insert(slot.service.clone(), slot);
+                    let key = NamedPort {
+                        service: key.clone(),
+                        port: number,
+                    };
+                    by_name.insert(key, at);
                 }
+                slots.push(slot);
             }
         }
         // Endpoints of routes not made again: their health goes (connections still open to
@@ -298,10 +398,26 @@ impl RouteTable {
         RouteTable {
             version: view.version,
             source: Some(source),
+            slots,
             routes,
             udp,
             by_name,
         }
+    }
+
+    /// The counters this table has of Services `view` still has, for the next table: kept
+    /// whichever of their ports are made there, under the view's own names.
+    fn stats_in(&self, view: &MeshView) -> HashMap<ObjectName, Arc<ServiceStats>> {
+        let Some(source) = &self.source else {
+            return HashMap::new();
+        };
+        let made = source.stats.lock().unwrap_or_else(|p| p.into_inner());
+        made.iter()
+            .filter_map(|(name, stats)| {
+                let (name, _) = view.services.get_key_value(name.as_str())?;
+                Some((name.clone(), stats.clone()))
+            })
+            .collect()
     }
 }
 
@@ -326,8 +442,8 @@ impl Source {
 
     /// The route of `slot`'s Service port in `view`. `previous`: the route a former table had
     /// made for it, whose balancer (if its settings still hold) and counters go on.
-    /// `register`: the endpoints' health is registered (a route that serves) rather than only
-    /// read (one made for inspection).
+    /// `register`: the endpoints' health is registered and the counters kept (a route that
+    /// serves) rather than only read (one made for inspection).
     fn make_in(
         &self,
         view: &MeshView,
@@ -335,12 +451,23 @@ impl Source {
         previous: Option<&Route>,
         register: bool,
     ) -> Option<Route> {
-        let key = &slot.service;
-        let service = view.service(&key.namespace, &key.name)?;
+        let name = &slot.service;
+        let service = view.services.get(name.as_str())?;
         let port = service
             .ports
             .iter()
-            .find(|p| served(p) == Some((key.port, slot.udp)))?;
+            .find(|p| served(p) == Some((slot.port, slot.udp)))?;
+        let key = match previous {
+            Some(r) => ServiceRef {
+                port: slot.port,
+                ..r.service.clone()
+            },
+            None => ServiceRef {
+                namespace: Arc::from(name.namespace()),
+                name: Arc::from(name.name()),
+                port: slot.port,
+            },
+        };
         let annotations = match ServiceAnnotations::parse_from(|k| service.annotation(k)) {
             Ok(a) => a,
             Err(e) => {
@@ -352,7 +479,8 @@ impl Source {
         };
         let affinity = service.affinity().map(|timeout| Affinity { timeout });
         let (endpoints, elsewhere) = view
-            .endpoints_of(&key.namespace, &key.name)
+            .endpoints
+            .get(name.as_str())
             .map(|e| resolve_endpoints(e, port, &self.node, view, service, &self.health, register))
             .unwrap_or_default();
         let balancer = previous
@@ -361,19 +489,9 @@ impl Source {
             })
             .map(|r| r.balancer.clone())
             .unwrap_or_else(|| Arc::new(ServiceBalancer::new(annotations.lb_policy, affinity)));
-        let stats = slot
-            .stats
-            .get_or_init(|| match previous {
-                Some(r) => r.stats.clone(),
-                None => Arc::new(ServiceStats::new(Arc::from(format!(
-                    "{}/{}",
-                    key.namespace, key.name
-                )))),
-            })
-            .clone();
         Some(Route {
-            service: key.clone(),
-            stats,
+            service: key,
+            stats: self.stats_of(name, previous, register),
             protocol: annotations.protocol.clone(),
             hash_header: annotations
                 .hash_key
@@ -384,6 +502,29 @@ impl Source {
             elsewhere,
             balancer,
         })
+    }
+
+    /// The counters of Service `name`: those of its routes made before, else `previous`'s,
+    /// else new ones. `keep`: the route serves, and the other ports of the Service, and the
+    /// next table, are to find them.
+    fn stats_of(
+        &self,
+        name: &ObjectName,
+        previous: Option<&Route>,
+        keep: bool,
+    ) -> Arc<ServiceStats> {
+        let mut made = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(stats) = made.get(name) {
+            return stats.clone();
+        }
+        let stats = match previous {
+            Some(r) => r.stats.clone(),
+            None => Arc::new(ServiceStats::new(Arc::from(name.as_str()))),
+        };
+        if keep {
+            made.insert(name.clone(), stats.clone());
+        }
+        stats
     }
 }
 
@@ -443,7 +584,7 @@ fn resolve_endpoints(
     (out, elsewhere)
 }
 
-/// One shared copy of each namespace and node name while a table is built.
+/// One shared copy of each node name while a route's endpoints are resolved.
 #[derive(Default)]
 struct Names(HashSet<Arc<str>>);
 
@@ -508,7 +649,7 @@ pub async fn follow_view(
 mod tests {
     use super::*;
     use crate::balance::OutlierConfig;
-    use crate::model::{Kind, Node, Object};
+    use crate::model::{Kind, Node, Object, ObjectKey};
 
     fn service(json: &str) -> Object {
         Object::from_json(Kind::Service, json).expect("service")
@@ -682,6 +823,233 @@ mod tests {
             &first.endpoints[0].health,
             &second.endpoints[0].health
         ));
+    }
+
+    /// `kube-system/dns`, dual-stack, with TCP and UDP port 53 to different endpoint ports.
+    fn dns_service(v: &mut MeshView) {
+        v.put(service(r#"{"metadata":{"name":"dns","namespace":"kube-system"},
+            "spec":{"clusterIP":"10.96.0.53","clusterIPs":["10.96.0.53","fd00::53"],"ports":[
+              {"name":"dns-tcp","port":53,"protocol":"TCP"},{"name":"dns","port":53,"protocol":"UDP"}]}}"#));
+        v.put(endpoints(r#"{"metadata":{"name":"dns","namespace":"kube-system"},"subsets":[
+              {"addresses":[{"ip":"10.244.0.5","nodeName":"a"}],
+               "ports":[{"name":"dns-tcp","port":1053,"protocol":"TCP"},{"name":"dns","port":2053,"protocol":"UDP"}]}]}"#));
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("address")
+    }
+
+    #[tokio::test]
+    async fn ports_of_a_service_share_its_counters_in_and_across_tables() {
+        let node = node_a(&[]);
+        let health = Arc::new(HealthRegistry::new(OutlierConfig::default()));
+        let (store, views) = watch::channel(Arc::new(view()));
+        let table = first_table(&views, &node, &health);
+        // Made in any order, lazily: one set for the Service, whatever the port or protocol.
+        let admin = table
+            .lookup(addr("10.96.0.10:9000"))
+            .expect("admin")
+            .clone();
+        let dns = table
+            .lookup_udp(addr("10.96.0.10:53"))
+            .expect("dns")
+            .clone();
+        let web = table.lookup(addr("10.96.0.10:80")).expect("web").clone();
+        assert!(Arc::ptr_eq(&admin.stats, &dns.stats));
+        assert!(Arc::ptr_eq(&admin.stats, &web.stats));
+        assert_eq!(web.stats.label(), "default/web");
+        assert_eq!(table.made(), 3);
+
+        // A rebuild makes them again with their counters and balancers.
+        let again = RouteTable::build(&views, &node, &health, &table, Index::ClusterIp);
+        assert_eq!(again.made(), 3);
+        for (before, after) in [
+            (&web, again.lookup(addr("10.96.0.10:80"))),
+            (&admin, again.lookup(addr("10.96.0.10:9000"))),
+            (&dns, again.lookup_udp(addr("10.96.0.10:53"))),
+        ] {
+            let after = after.expect("made again");
+            assert!(
+                Arc::ptr_eq(&before.stats, &after.stats),
+                "{}",
+                after.service
+            );
+            assert!(
+                Arc::ptr_eq(&before.balancer, &after.balancer),
+                "{}",
+                after.service
+            );
+        }
+
+        // A port made after a rebuild finds the counters too.
+        let table = first_table(&views, &node, &health);
+        let web = table.lookup(addr("10.96.0.10:80")).expect("web").clone();
+        let again = RouteTable::build(&views, &node, &health, &table, Index::ClusterIp);
+        assert_eq!(again.made(), 1);
+        let admin = again.lookup(addr("10.96.0.10:9000")).expect("admin");
+        assert!(Arc::ptr_eq(&web.stats, &admin.stats));
+
+        // Counters are the Service's: they go on when the port that was in use goes, and when
+        // a changed policy makes a new balancer.
+        store.send_modify(|v| {
+            Arc::make_mut(v).put(service(r#"{"metadata":{"name":"web","namespace":"default","annotations":{"edgemesh.io/lb-policy":"round-robin"}},
+                "spec":{"clusterIP":"10.96.0.10","ports":[{"name":"http","port":80,"targetPort":8080}]}}"#));
+        });
+        let changed = RouteTable::build(&views, &node, &health, &again, Index::ClusterIp);
+        assert!(changed.lookup(addr("10.96.0.10:9000")).is_none());
+        let web2 = changed.lookup(addr("10.96.0.10:80")).expect("web");
+        assert!(Arc::ptr_eq(&web.stats, &web2.stats));
+        assert!(!Arc::ptr_eq(&web.balancer, &web2.balancer), "new policy");
+        store.send_modify(|v| {
+            Arc::make_mut(v).put(service(r#"{"metadata":{"name":"web","namespace":"default"},
+                "spec":{"clusterIP":"10.96.0.10","ports":[{"name":"admin","port":9000,"targetPort":"admin"}]}}"#));
+        });
+        let moved = RouteTable::build(&views, &node, &health, &changed, Index::ClusterIp);
+        assert_eq!(moved.made(), 0, "the port in use is gone");
+        let admin = moved.lookup(addr("10.96.0.10:9000")).expect("admin");
+        assert!(Arc::ptr_eq(&web.stats, &admin.stats));
+    }
+
+    #[tokio::test]
+    async fn a_service_removed_and_added_again_starts_afresh() {
+        let node = node_a(&[]);
+        let health = Arc::new(HealthRegistry::new(OutlierConfig::default()));
+        let (store, views) = watch::channel(Arc::new(view()));
+        let table = first_table(&views, &node, &health);
+        let web = table.lookup(addr("10.96.0.10:80")).expect("web").clone();
+        let key = ObjectKey {
+            kind: Kind::Service,
+            namespace: "default".into(),
+            name: "web".into(),
+        };
+        store.send_modify(|v| Arc::make_mut(v).set(&key, None));
+        let removed = RouteTable::build(&views, &node, &health, &table, Index::ClusterIp);
+        assert!(removed.lookup(addr("10.96.0.10:80")).is_none());
+        assert!(removed.lookup_udp(addr("10.96.0.10:53")).is_none());
+        assert_eq!((removed.len(), removed.made()), (0, 0));
+        assert_eq!(health.len(), 0, "its endpoints' health went with it");
+        // The table before keeps the route it made; one it had not made is made from the view
+        // of the moment, which has no such Service any more.
+        let kept = table.lookup(addr("10.96.0.10:80")).expect("kept");
+        assert!(Arc::ptr_eq(&web, kept));
+        assert!(table.lookup(addr("10.96.0.10:9000")).is_none());
+
+        store.send_modify(|v| *v = Arc::new(view()));
+        let back = RouteTable::build(&views, &node, &health, &removed, Index::ClusterIp);
+        assert_eq!(back.made(), 0, "nothing was in use in the table before");
+        let web2 = back.lookup(addr("10.96.0.10:80")).expect("web");
+        assert_eq!(web2.service.to_string(), "default/web:80");
+        assert!(!Arc::ptr_eq(&web.stats, &web2.stats));
+        assert!(!Arc::ptr_eq(&web.balancer, &web2.balancer));
+        let dns = back.lookup_udp(addr("10.96.0.10:53")).expect("dns");
+        assert!(Arc::ptr_eq(&web2.stats, &dns.stats));
+    }
+
+    #[tokio::test]
+    async fn by_name_finds_each_port_of_a_service() {
+        let health = Arc::new(HealthRegistry::new(OutlierConfig::default()));
+        let mut v = view();
+        dns_service(&mut v);
+        let (_store, views) = watch::channel(Arc::new(v));
+        let cloud = LocalNode::cloud();
+        let table = RouteTable::build(
+            &views,
+            &cloud,
+            &health,
+            &RouteTable::default(),
+            Index::AlsoByName,
+        );
+        let web = table.by_name("default", "web", 80).expect("web:80");
+        assert_eq!(web.service.to_string(), "default/web:80");
+        assert_eq!(web.endpoints[0].addr.port(), 8081);
+        assert!(Arc::ptr_eq(
+            web,
+            table.lookup(addr("10.96.0.10:80")).expect("by address")
+        ));
+        let admin = table.by_name("default", "web", 9000).expect("web:9000");
+        assert_eq!(admin.endpoints[0].addr.port(), 9001);
+        assert!(Arc::ptr_eq(&web.stats, &admin.stats));
+        assert!(table.by_name("default", "web", 53).is_none(), "UDP only");
+        assert!(table.by_name("default", "web", 81).is_none());
+        assert!(table.by_name("default", "web2", 80).is_none());
+        assert!(table.by_name("web", "default", 80).is_none());
+        assert!(table.by_name("", "default/web", 80).is_none());
+        assert!(table.by_name("default/web", "", 80).is_none());
+        let headless = table.by_name("default", "headless", 80).expect("headless");
+        assert_eq!(headless.service.to_string(), "default/headless:80");
+        // TCP where a UDP port has the same number.
+        let dns = table.by_name("kube-system", "dns", 53).expect("dns");
+        assert_eq!(dns.endpoints[0].addr.port(), 1053);
+        assert_eq!(table.made(), 4);
+
+        // Routes found by name are made again by the next table, headless ones too.
+        let again = RouteTable::build(&views, &cloud, &health, &table, Index::AlsoByName);
+        assert_eq!(again.made(), 4);
+        let headless2 = again.by_name("default", "headless", 80).expect("headless");
+        assert!(Arc::ptr_eq(&headless.balancer, &headless2.balancer));
+        assert!(Arc::ptr_eq(&headless.stats, &headless2.stats));
+        let (node, ips) = (node_a(&[]), Index::ClusterIp);
+        assert!(first_table(&views, &node, &health)
+            .by_name("default", "web", 80)
+            .is_none());
+        assert!(RouteTable::build(&views, &node, &health, &again, ips)
+            .by_name
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn tcp_and_udp_ports_of_one_number_have_routes_of_their_own() {
+        let node = node_a(&[]);
+        let health = Arc::new(HealthRegistry::new(OutlierConfig::default()));
+        let mut v = view();
+        dns_service(&mut v);
+        let (_store, views) = watch::channel(Arc::new(v));
+        let table = first_table(&views, &node, &health);
+        assert_eq!(table.len(), 4, "two ports of web, TCP 53 at two addresses");
+        let tcp = table.lookup(addr("10.96.0.53:53")).expect("tcp").clone();
+        let udp = table
+            .lookup_udp(addr("10.96.0.53:53"))
+            .expect("udp")
+            .clone();
+        assert_eq!(tcp.endpoints[0].addr.port(), 1053);
+        assert_eq!(udp.endpoints[0].addr.port(), 2053);
+        assert_eq!(tcp.service, udp.service, "kube-system/dns:53");
+        assert!(!Arc::ptr_eq(&tcp.balancer, &udp.balancer));
+        assert!(Arc::ptr_eq(&tcp.stats, &udp.stats));
+        // Each cluster IP finds the same route.
+        let v6 = table.lookup(addr("[fd00::53]:53")).expect("IPv6");
+        assert!(Arc::ptr_eq(&tcp, v6));
+        let v6 = table.lookup_udp(addr("[fd00::53]:53")).expect("IPv6");
+        assert!(Arc::ptr_eq(&udp, v6));
+        assert_eq!(table.made(), 2);
+        let mut udp_addrs: Vec<SocketAddr> = table.udp_addrs().collect();
+        udp_addrs.sort();
+        assert_eq!(
+            udp_addrs,
+            [
+                addr("10.96.0.10:53"),
+                addr("10.96.0.53:53"),
+                addr("[fd00::53]:53")
+            ]
+        );
+        assert!(table.has_udp(addr("[fd00::53]:53")));
+        assert!(!table.has_udp(addr("10.96.0.10:80")));
+        let mut listed: Vec<(SocketAddr, String)> = table
+            .udp_routes()
+            .map(|(at, r)| (at, r.endpoints[0].addr.to_string()))
+            .collect();
+        listed.sort();
+        assert_eq!(listed[1], (addr("10.96.0.53:53"), "10.244.0.5:2053".into()));
+
+        // Each keeps its own balancer across a rebuild.
+        let again = RouteTable::build(&views, &node, &health, &table, Index::ClusterIp);
+        assert_eq!(again.made(), 2);
+        let tcp2 = again.lookup(addr("10.96.0.53:53")).expect("tcp");
+        let udp2 = again.lookup_udp(addr("10.96.0.53:53")).expect("udp");
+        assert!(Arc::ptr_eq(&tcp.balancer, &tcp2.balancer));
+        assert!(Arc::ptr_eq(&udp.balancer, &udp2.balancer));
+        assert_eq!(tcp2.endpoints[0].addr.port(), 1053);
+        assert_eq!(udp2.endpoints[0].addr.port(), 2053);
     }
 
     #[test]

@@ -141,10 +141,10 @@ impl UdpProxy {
                 keep
             });
             for addr in table.udp_addrs() {
-                if sockets.contains_key(addr) {
+                if sockets.contains_key(&addr) {
                     continue;
                 }
-                let socket = match socket::transparent_udp(*addr, false, Some(proxy.mark)).and_then(
+                let socket = match socket::transparent_udp(addr, false, Some(proxy.mark)).and_then(
                     |s| {
                         // Every client of the Service port sends to this one socket, and every
                         // answer to them leaves from it.
@@ -164,10 +164,10 @@ impl UdpProxy {
                     }
                 };
                 let stop = shutdown.child_token();
-                sockets.insert(*addr, stop.clone());
+                sockets.insert(addr, stop.clone());
                 proxy
                     .tracker
-                    .spawn(proxy.clone().receive(socket, *addr, stop));
+                    .spawn(proxy.clone().receive(socket, addr, stop));
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
