@@ -17,18 +17,23 @@ use crate::store::{ChangeOp, Since, Store, StoreError};
 /// Everything in the store, at its current version.
 pub fn load(store: &dyn Store) -> Result<MeshView, StoreError> {
     let version = store.version();
-    let mut view = MeshView::at(version, Some(store.store_id().to_string()));
+    let mut stored = Vec::new();
     for kind in [Kind::Service, Kind::Endpoints, Kind::Node] {
-        for record in store.list(kind, None)? {
-            match Object::from_json(kind, &record.json) {
-                Ok(object) => view.set(&record.key, Some(object)),
-                Err(e) => {
-                    warn!(object = %record.key, error = %e, "stored object cannot be read; left out")
-                }
-            }
-        }
+        stored.push((kind, store.list(kind, None)?));
     }
-    Ok(view)
+    // Parsed one at a time as the view takes them: the typed objects are not all held at once.
+    let objects = stored
+        .into_iter()
+        .flat_map(|(kind, records)| records.into_iter().map(move |r| (kind, r)))
+        .filter_map(|(kind, record)| match Object::from_json(kind, &record.json) {
+            Ok(object) => Some((record.key, object)),
+            Err(e) => {
+                warn!(object = %record.key, error = %e, "stored object cannot be read; left out");
+                None
+            }
+        });
+    let store_id = Some(store.store_id().to_string());
+    Ok(MeshView::from_objects(version, store_id, objects))
 }
 
 /// What the store committed after some version, ready to apply to a view.

@@ -437,20 +437,25 @@ impl MetaManager {
 
     fn load_view(&self) -> Result<MeshView, MetaError> {
         let point = self.read_point()?;
-        let mut view = MeshView::at(point.version, point.store_id);
-        for (key, _type, value) in self.read_rows()? {
+        let rows = self.read_rows()?;
+        let objects = rows.into_iter().filter_map(|(key, _type, value)| {
             let Some(k) = ObjectKey::parse_resource(&key) else {
                 tracing::warn!(%key, "ignoring a stored row with an invalid key");
-                continue;
+                return None;
             };
             match Object::from_json(k.kind, &value) {
-                Ok(obj) => view.set(&k, Some(obj)),
+                Ok(obj) => Some((k, obj)),
                 Err(e) => {
-                    tracing::warn!(%key, error = %e, "ignoring a stored object that does not parse")
+                    tracing::warn!(%key, error = %e, "ignoring a stored object that does not parse");
+                    None
                 }
             }
-        }
-        Ok(view)
+        });
+        Ok(MeshView::from_objects(
+            point.version,
+            point.store_id,
+            objects,
+        ))
     }
 
     /// Parses one received object. Broken JSON, or an object that is not the one its change
@@ -616,11 +621,19 @@ impl MetaManager {
         chain: &str,
         objects: &[(ObjectKey, String)],
     ) -> Result<usize, MetaError> {
-        let mut view = MeshView::at(version, Some(store_id.to_string()));
-        for (key, json) in objects {
-            if let Some(obj) = Self::parse(key, json)? {
-                view.set(key, Some(obj));
-            }
+        let mut failed = None;
+        let parsed = objects
+            .iter()
+            .filter_map(|(key, json)| match Self::parse(key, json) {
+                Ok(object) => Some((key.clone(), object?)),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    None
+                }
+            });
+        let view = MeshView::from_objects(version, Some(store_id.to_string()), parsed);
+        if let Some(e) = failed {
+            return Err(e);
         }
         let mut conn = self.conn();
         let tx = conn

@@ -84,26 +84,68 @@ impl<T: fmt::Debug> fmt::Debug for SmallList<T> {
     }
 }
 
+/// A name many records repeat (a node's, a port's), held once ([`Interner`]) behind a thin
+/// pointer: every address and port of the mesh holds one, and a `&str`-sized pointer would
+/// make each of them 8 bytes larger. The second allocation is paid once per distinct name.
+#[derive(Clone, PartialEq, Eq, Hash)]
+#[allow(clippy::box_collection, clippy::redundant_allocation)]
+pub struct SharedName(Arc<Box<str>>);
+
+impl SharedName {
+    /// Whether both are the same copy.
+    pub fn ptr_eq(&self, other: &SharedName) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::ops::Deref for SharedName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+// Hashes as the `str` it holds (derived: `Arc` and `Box` hash their contents), so a set of
+// names can be searched with a `&str`.
+impl std::borrow::Borrow<str> for SharedName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SharedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self.0, f)
+    }
+}
+
+impl fmt::Display for SharedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// One copy of each short string many records repeat (node names, port names), for as long as
 /// a record uses it.
 #[derive(Clone, Debug, Default)]
 pub struct Interner {
-    names: HashSet<Arc<str>>,
+    names: HashSet<SharedName>,
     /// The size at which unused names are next dropped (twice the size after the last pass,
     /// so the pass costs O(1) per name interned).
     prune_at: usize,
 }
 
 impl Interner {
-    pub fn get(&mut self, name: &str) -> Arc<str> {
+    pub fn get(&mut self, name: &str) -> SharedName {
         if let Some(shared) = self.names.get(name) {
             return shared.clone();
         }
         if self.names.len() >= self.prune_at {
-            self.names.retain(|n| Arc::strong_count(n) > 1);
+            self.names.retain(|n| Arc::strong_count(&n.0) > 1);
             self.prune_at = (self.names.len() * 2).max(64);
         }
-        let shared: Arc<str> = Arc::from(name);
+        let shared = SharedName(Arc::new(Box::from(name)));
         self.names.insert(shared.clone());
         shared
     }
@@ -114,7 +156,7 @@ impl Interner {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortRecord {
     /// Empty when the port is unnamed.
-    pub name: Arc<str>,
+    pub name: SharedName,
     pub port: u16,
     /// The numeric `targetPort`, or `port` when there is none; `None` for a named `targetPort`
     /// (resolved against the Endpoints' port names) or one out of range.
@@ -273,8 +315,10 @@ impl ServiceRecord {
 pub struct AddressRecord {
     pub ip: IpAddr,
     /// The node that hosts it; `None` for the cloud (no `nodeName`, or `cloud`).
-    pub node: Option<Arc<str>>,
-    pub hostname: Option<Box<str>>,
+    pub node: Option<SharedName>,
+    /// Behind a thin pointer: few addresses have one.
+    #[allow(clippy::box_collection, clippy::redundant_allocation)]
+    hostname: Option<Box<Box<str>>>,
 }
 
 impl AddressRecord {
@@ -282,8 +326,12 @@ impl AddressRecord {
         Some(AddressRecord {
             ip: a.ip.parse().ok()?,
             node: a.host().map(|n| names.get(n)),
-            hostname: a.hostname.as_deref().map(Box::from),
+            hostname: a.hostname.as_deref().map(|h| Box::new(Box::from(h))),
         })
+    }
+
+    pub fn hostname(&self) -> Option<&str> {
+        self.hostname.as_deref().map(|h| &**h)
     }
 
     /// Who hosts this address: `Some(node)`, or `None` for cloudcore.
@@ -295,7 +343,7 @@ impl AddressRecord {
 /// A port of an Endpoints subset.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointPortRecord {
-    pub name: Arc<str>,
+    pub name: SharedName,
     pub port: u16,
     pub protocol: PortProtocol,
 }
@@ -397,7 +445,7 @@ mod tests {
         assert_eq!((http.target, &*http.name), (Some(8080), "http"));
         let dns = r.port(53, PortProtocol::Udp).expect("dns");
         assert_eq!(dns.target, None, "named target port");
-        assert!(Arc::ptr_eq(&names.get("http"), &http.name), "interned");
+        assert!(names.get("http").ptr_eq(&http.name), "interned");
         assert!(!r.headless && !r.publish_not_ready && r.external_name().is_none());
     }
 
@@ -435,7 +483,7 @@ mod tests {
         assert_eq!(subset.addresses.len(), 2);
         assert_eq!(subset.addresses[0].host(), Some("a"));
         assert_eq!(subset.addresses[1].host(), None, "the cloud");
-        assert_eq!(subset.not_ready[0].hostname.as_deref(), Some("web-2"));
+        assert_eq!(subset.not_ready[0].hostname(), Some("web-2"));
         let s = ServiceRecord::new(
             &service(
                 r#"{"metadata":{"name":"web"},"spec":{"ports":[{"name":"http","port":80,"targetPort":8080},{"name":"other","port":81}]}}"#,
@@ -483,6 +531,24 @@ mod tests {
         assert!(matches!(e.subsets, SmallList::One(_)));
         assert!(matches!(e.subsets[0].ports, SmallList::One(_)));
         assert_eq!(e.subsets[0].addresses.len(), 2);
+        // The mesh's every address, Service and Endpoints is one of these: an address (IP,
+        // node, hostname) in 40 bytes, a Service and an Endpoints in 64 at most.
+        use std::mem::size_of;
+        assert!(
+            size_of::<AddressRecord>() <= 40,
+            "{}",
+            size_of::<AddressRecord>()
+        );
+        assert!(
+            size_of::<ServiceRecord>() <= 64,
+            "{}",
+            size_of::<ServiceRecord>()
+        );
+        assert!(
+            size_of::<EndpointsRecord>() <= 64,
+            "{}",
+            size_of::<EndpointsRecord>()
+        );
     }
 
     #[test]
@@ -496,6 +562,6 @@ mod tests {
         for i in 0..1000 {
             drop(names.get(&format!("other-{i}")));
         }
-        assert!(Arc::ptr_eq(&kept, &names.get("kept")));
+        assert!(kept.ptr_eq(&names.get("kept")));
     }
 }

@@ -239,8 +239,7 @@ impl Entry {
             for address in subset.addresses.iter().chain(not_ready) {
                 let ip = address.ip;
                 let host = address
-                    .hostname
-                    .as_deref()
+                    .hostname()
                     .filter(|h| is_label(h))
                     .map(|h| h.to_ascii_lowercase().into_boxed_str());
                 if !headless && host.is_none() {
@@ -417,23 +416,79 @@ fn undashed(label: &str) -> Option<IpAddr> {
         .map(IpAddr::V6)
 }
 
-/// The Services an address has PTR records into: one for a cluster IP, possibly several for a
-/// pod that several Services name.
-/// The Services an address has PTR records into: one for a cluster IP, possibly several for a
-/// pod that several Services name. Kept for every cluster IP of the mesh: the common case
-/// holds one shared name and nothing else.
-#[derive(Debug)]
-enum Owners {
-    One(ObjectName),
-    Many(Box<[ObjectName]>),
+/// The Services an address has PTR records into: its cluster IP's Service, or the headless
+/// Services that name a pod. Kept for every cluster IP of the mesh, so the common case (an
+/// IPv4 address, one Service) is a 24-byte entry, and an address's further owners (a pod two
+/// headless Services name) are kept apart.
+#[derive(Default)]
+struct Reverse {
+    v4: HashMap<Ipv4Addr, ObjectName>,
+    v6: HashMap<Ipv6Addr, ObjectName>,
+    /// The owners after the first of an address that has several.
+    more: HashMap<IpAddr, Vec<ObjectName>>,
 }
 
-impl Owners {
-    fn as_slice(&self) -> &[ObjectName] {
-        match self {
-            Owners::One(k) => std::slice::from_ref(k),
-            Owners::Many(v) => v,
+impl Reverse {
+    fn first(&self, ip: IpAddr) -> Option<&ObjectName> {
+        match ip {
+            IpAddr::V4(v4) => self.v4.get(&v4),
+            IpAddr::V6(v6) => self.v6.get(&v6),
         }
+    }
+
+    fn owners(&self, ip: IpAddr) -> impl Iterator<Item = &ObjectName> {
+        let more = self.more.get(&ip).map(Vec::as_slice).unwrap_or_default();
+        self.first(ip).into_iter().chain(more)
+    }
+
+    fn add(&mut self, ip: IpAddr, name: &ObjectName) {
+        let first = match ip {
+            IpAddr::V4(v4) => self.v4.entry(v4).or_insert_with(|| name.clone()),
+            IpAddr::V6(v6) => self.v6.entry(v6).or_insert_with(|| name.clone()),
+        };
+        if first != name {
+            let more = self.more.entry(ip).or_default();
+            if !more.contains(name) {
+                more.push(name.clone());
+            }
+        }
+    }
+
+    fn remove(&mut self, ip: IpAddr, name: &ObjectName) {
+        if let MapEntry::Occupied(mut more) = self.more.entry(ip) {
+            let list = more.get_mut();
+            if let Some(i) = list.iter().position(|n| n == name) {
+                list.swap_remove(i);
+                if list.is_empty() {
+                    more.remove();
+                }
+                return;
+            }
+        }
+        if self.first(ip) != Some(name) {
+            return;
+        }
+        // The first owner goes: the next one, if any, takes its place.
+        let next = match self.more.entry(ip) {
+            MapEntry::Occupied(mut more) => {
+                let next = more.get_mut().pop();
+                if more.get().is_empty() {
+                    more.remove();
+                }
+                next
+            }
+            MapEntry::Vacant(_) => None,
+        };
+        match (ip, next) {
+            (IpAddr::V4(v4), Some(next)) => drop(self.v4.insert(v4, next)),
+            (IpAddr::V6(v6), Some(next)) => drop(self.v6.insert(v6, next)),
+            (IpAddr::V4(v4), None) => drop(self.v4.remove(&v4)),
+            (IpAddr::V6(v6), None) => drop(self.v6.remove(&v6)),
+        }
+    }
+
+    fn reserve(&mut self, additional: usize) {
+        self.v4.reserve(additional);
     }
 }
 
@@ -445,7 +500,7 @@ struct Zone {
     /// Services per namespace (a namespace name exists while it has one).
     namespaces: HashMap<Box<str>, u32>,
     /// Cluster IP or named endpoint → the services' names.
-    reverse: HashMap<IpAddr, Owners>,
+    reverse: Reverse,
     /// Entries built from node labels, and a fingerprint of the labels they were built with.
     by_node: usize,
     nodes_fingerprint: Option<u64>,
@@ -469,43 +524,14 @@ impl Zone {
         }
         self.by_node -= usize::from(old.by_node());
         for ip in old.reverse_ips() {
-            let MapEntry::Occupied(mut slot) = self.reverse.entry(ip) else {
-                continue;
-            };
-            let owners = match slot.get() {
-                Owners::One(k) if *k == key => None,
-                Owners::One(_) => continue,
-                Owners::Many(list) => Some(list.iter().filter(|k| **k != key).cloned()),
-            };
-            match owners.map(Iterator::collect::<Vec<_>>).as_deref() {
-                None | Some([]) => {
-                    slot.remove();
-                }
-                Some([only]) => {
-                    slot.insert(Owners::One(only.clone()));
-                }
-                Some(list) => {
-                    slot.insert(Owners::Many(list.into()));
-                }
-            }
+            self.reverse.remove(ip, &key);
         }
     }
 
     fn insert(&mut self, key: ObjectName, entry: Entry) {
         self.remove(key.as_str());
         for ip in entry.reverse_ips() {
-            match self.reverse.entry(ip) {
-                MapEntry::Vacant(slot) => {
-                    slot.insert(Owners::One(key.clone()));
-                }
-                MapEntry::Occupied(mut slot) => {
-                    let owners = slot.get().as_slice();
-                    if !owners.contains(&key) {
-                        let list = owners.iter().chain([&key]).cloned().collect();
-                        slot.insert(Owners::Many(list));
-                    }
-                }
-            }
+            self.reverse.add(ip, &key);
         }
         let namespace = key.namespace();
         match self.namespaces.get_mut(namespace) {
@@ -938,12 +964,7 @@ impl ClusterIndex {
     /// every named endpoint at that address.
     fn ptr_targets(&self, zone: &Zone, ip: IpAddr) -> Vec<Name> {
         let mut out = Vec::new();
-        for key in zone
-            .reverse
-            .get(&ip)
-            .map(Owners::as_slice)
-            .unwrap_or_default()
-        {
+        for key in zone.reverse.owners(ip) {
             let Some(entry) = zone.services.get(key) else {
                 continue;
             };
@@ -1160,6 +1181,36 @@ mod tests {
 
     fn is_nodata(l: Option<Lookup>) -> bool {
         matches!(&l, Some(l) if l.answers.is_empty()) && negative(l).is_some_and(|(nx, _)| !nx)
+    }
+
+    #[test]
+    fn an_address_keeps_its_owners_in_any_order_of_removal() {
+        let ip: IpAddr = "10.1.0.5".parse().unwrap();
+        let v6: IpAddr = "fd00::5".parse().unwrap();
+        let (a, b, c) = (key("x", "a"), key("x", "b"), key("x", "c"));
+        let owners = |r: &Reverse, ip| r.owners(ip).map(|n| n.to_string()).collect::<Vec<_>>();
+        let mut r = Reverse::default();
+        for n in [&a, &b, &c, &b] {
+            r.add(ip, n);
+        }
+        r.add(v6, &a);
+        assert_eq!(owners(&r, ip), ["x/a", "x/b", "x/c"]);
+        r.remove(ip, &key("x", "nobody"));
+        assert_eq!(
+            owners(&r, ip),
+            ["x/a", "x/b", "x/c"],
+            "an unknown owner changes nothing"
+        );
+        r.remove(ip, &a);
+        assert_eq!(owners(&r, ip).len(), 2);
+        assert!(!owners(&r, ip).contains(&"x/a".to_string()));
+        r.remove(ip, &c);
+        assert_eq!(owners(&r, ip), ["x/b"]);
+        r.remove(ip, &b);
+        assert!(owners(&r, ip).is_empty() && r.more.is_empty() && r.v4.is_empty());
+        assert_eq!(owners(&r, v6), ["x/a"]);
+        r.remove(v6, &a);
+        assert!(r.v6.is_empty());
     }
 
     #[test]

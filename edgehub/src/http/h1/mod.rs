@@ -20,12 +20,13 @@ mod timer;
 pub use client::RawBody;
 
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::{debug, debug_span, Instrument};
 
 use self::framing::{Body, BodyError, Framing};
@@ -170,9 +171,16 @@ where
         shutdown: &CancellationToken,
     ) -> Result<Option<(Upstream, BytesMut)>, ServeError> {
         let mut idle_since = Instant::now();
+        // One wait for the whole connection: a wait made per request registers with the
+        // listener's token, behind a lock every connection shares, and leaves it again.
+        let shutting_down = shutdown.cancelled();
+        tokio::pin!(shutting_down);
         loop {
             let deadline = idle_since + self.http.cfg.header_read_timeout;
-            let head = match self.read_request_head(deadline, shutdown).await {
+            let head = match self
+                .read_request_head(deadline, shutting_down.as_mut())
+                .await
+            {
                 Ok(Some(head)) => head,
                 Ok(None) => return Ok(None),
                 Err(RequestFailure::Client(e)) => return Err(ServeError::Read(e)),
@@ -201,12 +209,12 @@ where
     }
 
     /// Reads until a whole request head is in `buf` and writes it for the endpoint to `out`.
-    /// `None`: the client closed, stayed silent until `deadline`, or `shutdown` came while no
-    /// request was under way.
+    /// `None`: the client closed, stayed silent until `deadline`, or `shutting_down` ended while
+    /// no request was under way.
     async fn read_request_head(
         &mut self,
         deadline: Instant,
-        shutdown: &CancellationToken,
+        mut shutting_down: Pin<&mut WaitForCancellationFuture<'_>>,
     ) -> Result<Option<RequestHead>, RequestFailure> {
         loop {
             if !self.buf.is_empty() {
@@ -234,7 +242,7 @@ where
             let idle = self.buf.is_empty();
             let read = tokio::select! {
                 r = self.head_deadline.wait(deadline, self.reader.read_buf(&mut self.buf)) => r,
-                _ = shutdown.cancelled(), if idle => return Ok(None),
+                _ = shutting_down.as_mut(), if idle => return Ok(None),
             };
             match read {
                 Err(_) => {
