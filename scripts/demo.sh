@@ -33,7 +33,13 @@
 #      429 beyond its burst; hello-0 stops and hello falls over to hello-1 on node-b;
 #   9. UDP: a DNS server pod (dnsmasq) behind node-b serves Service site-dns on a UDP port;
 #      client-a resolves a name with `dig @<its cluster IP>`, through node-a's UDP proxy and a
-#      stream of datagrams relayed by cloudcore.
+#      stream of datagrams relayed by cloudcore;
+#  10. direct paths: node-c and node-d join on one LAN (label site=factory, not isolated), a
+#      Community selects site=factory, and client-c (behind node-c) calls Service plc-status
+#      (its pod on node-d): the first call is served at once over the relay while the nodes
+#      form a QUIC path with their cloud-issued certificates, then calls go direct (cloudcore
+#      relays none; `edgemesh status` shows the path, candidate, RTT and bytes), and keep
+#      working while cloudcore is stopped.
 #
 # With HA=1 the cloud is 3 etcd members and 3 cloudcore replicas (store.backend = "etcd",
 # cloudcore built with --features etcd) and each node has every replica in its cloud.url. Step 7
@@ -106,6 +112,17 @@ NODES=(node-a node-b)
 declare -A NODE_IP=([node-a]=10.250.0.11 [node-b]=10.250.0.12)
 declare -A NODE_ZONE=([node-a]=a [node-b]=b)
 declare -A NODE_NS=([node-a]="$PREFIX-node-a" [node-b]="$PREFIX-node-b")
+# Two more nodes on one LAN (site=factory), started by step_direct: a Community lets them call
+# each other directly. Their pods: 10.244.3.0/24 behind node-c, 10.244.4.0/24 behind node-d.
+LAN_NODES=(node-c node-d)
+NODE_IP+=([node-c]=10.250.0.13 [node-d]=10.250.0.14)
+NODE_ZONE+=([node-c]=factory [node-d]=factory)
+NODE_NS+=([node-c]="$PREFIX-node-c" [node-d]="$PREFIX-node-d")
+declare -A NODE_SITE=([node-c]=factory [node-d]=factory)
+NS_CLIENT_C="$PREFIX-client-c"
+CLIENT_C_IP=10.244.3.20
+NS_PLC_D="$PREFIX-plc-d"
+PLC_D_IP=10.244.4.10
 # The admin API listens on loopback; every node namespace has its own loopback.
 ADMIN_ADDR=127.0.0.1:10550
 
@@ -740,21 +757,27 @@ EOF
     info "the CLI reads the API token from $WORK/cloud/data/api-token"
 }
 
-step_nodes() {
-    header "Creating node tokens and starting edgemesh on node-a and node-b"
-    local node token
-    for node in "${NODES[@]}"; do
-        mkdir -p "$WORK/$node/data"
-        show cloud "cloudcore token create $node"
-        token=$(cloudctl token create "$node") || die "cloudcore token create $node failed"
-        [ -n "$token" ] || die "cloudcore token create $node printed no token"
-        info "  -> token ${token:0:8}... saved to $WORK/$node/token"
-        (umask 077 && printf '%s\n' "$token" >"$WORK/$node/token")
-        cat >"$WORK/$node/edgemesh.toml" <<EOF
+# create_node_token NODE: a token from the cloud, saved to $WORK/NODE/token.
+create_node_token() {
+    local node=$1 token
+    mkdir -p "$WORK/$node/data"
+    show cloud "cloudcore token create $node"
+    token=$(cloudctl token create "$node") || die "cloudcore token create $node failed"
+    [ -n "$token" ] || die "cloudcore token create $node printed no token"
+    info "  -> token ${token:0:8}... saved to $WORK/$node/token"
+    (umask 077 && printf '%s\n' "$token" >"$WORK/$node/token")
+}
+
+# write_node_config NODE: the node's edgemesh.toml (its token is in $WORK/NODE/token).
+write_node_config() {
+    local node=$1 labels
+    labels="zone = \"${NODE_ZONE[$node]}\""
+    [ -z "${NODE_SITE[$node]:-}" ] || labels+=", site = \"${NODE_SITE[$node]}\""
+    cat >"$WORK/$node/edgemesh.toml" <<EOF
 # edgemesh configuration of $node in the demo (see examples/config/edgemesh.toml)
 node_name = "$node"
 data_dir = "$WORK/$node/data"
-labels = { zone = "${NODE_ZONE[$node]}" }
+labels = { $labels }
 
 [cloud]
 url = $(if [ "$HA" = 1 ]; then hub_urls_toml; else printf '"%s"' "$HUB_URL"; fi)
@@ -765,6 +788,14 @@ backoff_max = "2s"
 [admin]
 listen = "$ADMIN_ADDR"
 EOF
+}
+
+step_nodes() {
+    header "Creating node tokens and starting edgemesh on node-a and node-b"
+    local node
+    for node in "${NODES[@]}"; do
+        create_node_token "$node"
+        write_node_config "$node"
     done
     for node in "${NODES[@]}"; do
         start_edgemesh "$node"
@@ -1294,6 +1325,129 @@ self_test() {
     ok "isolated nodes pass it"
 }
 
+# The objects of the direct-path step: Community factory (every node labelled site=factory) and
+# Service plc-status, whose pod runs on node-d.
+direct_manifests() {
+    cat <<EOF
+apiVersion: edgemesh.io/v1alpha1
+kind: Community
+metadata: {name: factory}
+spec:
+  nodeSelector:
+    matchLabels: {site: factory}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plc-status, namespace: default}
+spec:
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: plc-status, namespace: default}
+subsets:
+  - addresses: [{ip: $PLC_D_IP, nodeName: node-d}]
+    ports: [{name: http, port: 8080, protocol: TCP}]
+EOF
+}
+
+# path_of NODE PEER: the path NODE's calls to PEER take now (direct or relay), from /debug/direct.
+path_of() {
+    admin_get "$1" /debug/direct | tr -d ' \n' | grep -o "{\"peer\":\"$2\",\"path\":\"[a-z]*\"" |
+        sed 's/.*"path":"\([a-z]*\)"/\1/'
+}
+
+path_is_direct() { [ "$(path_of "$1" "$2")" = direct ]; }
+
+# relayed_streams: node-to-node streams cloudcore relayed so far (every replica's, with HA=1).
+relayed_streams() {
+    local r n total=0
+    for r in "${REPLICAS[@]}"; do
+        n=$(in_ns "${REPLICA_NS[$r]}" curl -fsS --max-time 2 "http://${REPLICA_IP[$r]}:10002/metrics" |
+            sed -n 's/^cloudcore_tunnel_streams_total{kind="relay"} \([0-9.e+]*\)$/\1/p')
+        n=${n%.*}
+        total=$((total + ${n:-0}))
+    done
+    echo "$total"
+}
+
+plc_call() {
+    in_ns "$NS_CLIENT_C" curl -fsS --max-time 5 "http://$1/"
+}
+
+step_direct() {
+    header "Direct paths: node-c and node-d share a LAN (site=factory); a Community lets them talk directly"
+    local node port=10
+    for node in "${LAN_NODES[@]}"; do
+        NAMESPACES+=("${NODE_NS[$node]}")
+        netns_create "${NODE_NS[$node]}" || die "cannot create namespace ${NODE_NS[$node]}"
+        netns_wire_host "$NS_SWITCH" "${NODE_NS[$node]}" "p$port" "${NODE_IP[$node]}/24" ||
+            die "cannot connect ${NODE_NS[$node]} to the bridge (veth)"
+        port=$((port + 1))
+        info "$(printf '%-7s %-22s eth0 %s/24 (not isolated: same LAN)' "$node" "${NODE_NS[$node]}" "${NODE_IP[$node]}")"
+        create_node_token "$node"
+        write_node_config "$node"
+        start_edgemesh "$node"
+    done
+    for node in "${LAN_NODES[@]}"; do
+        wait_until "$SYNC_TIMEOUT" "$node is connected to the cloud and synced" node_link "$node" synced
+        ok "edgemesh on $node (site=factory) is connected and synced"
+    done
+    NAMESPACES+=("$NS_PLC_D" "$NS_CLIENT_C")
+    netns_add_pod "${NODE_NS[node-d]}" "$NS_PLC_D" pod0 10.244.4.1 "$PLC_D_IP/24" ||
+        die "cannot create pod plc-d behind node-d"
+    netns_add_pod "${NODE_NS[node-c]}" "$NS_CLIENT_C" pod0 10.244.3.1 "$CLIENT_C_IP/24" ||
+        die "cannot create pod client-c behind node-c"
+    start_proc plc-d "$NS_PLC_D" "$HELLO_SERVER" http "$PLC_D_IP:8080" "line 3: running (plc-d on node-d)"
+    wait_until "$START_TIMEOUT" "plc-d answers on $PLC_D_IP:8080" \
+        in_ns "${NODE_NS[node-d]}" curl -fsS --max-time 1 "http://$PLC_D_IP:8080/"
+    ok "plc-d ($PLC_D_IP) serves behind node-d; client-c ($CLIENT_C_IP) runs behind node-c"
+
+    direct_manifests >"$WORK/direct.yaml"
+    run_shown cloud "cloudcore apply -f direct.yaml   (Community factory: site=factory; plc-status -> plc-d on node-d)" \
+        cloudctl apply -f "$WORK/direct.yaml"
+    run_shown cloud "cloudcore get communities" cloudctl get communities
+    wait_until "$SYNC_TIMEOUT" "Service plc-status is on node-c" node_has_service node-c plc-status 80
+    wait_until "$SYNC_TIMEOUT" "node-c has node-d's candidates" bash -c \
+        "ip netns exec '${NODE_NS[node-c]}' curl -fsS http://$ADMIN_ADDR/debug/direct | grep -q '\"node-d\"'"
+    local ip answer
+    ip=$(service_ip plc-status)
+    [ -n "$ip" ] || die "cannot read the cluster IP of plc-status"
+    show client-c "curl http://$ip/   (the first call: served at once, over the relay while the path forms)"
+    answer=$(plc_call "$ip") || die "client-c could not reach plc-status"
+    printf '%s\n' "$answer" | indent
+    [ "$answer" = "line 3: running (plc-d on node-d)" ] || die "unexpected answer from plc-status: $answer"
+    wait_until "$SYNC_TIMEOUT" "node-c has a direct path to node-d" path_is_direct node-c node-d
+    ok "node-c and node-d formed a QUIC path (node certificates from the cloud, LAN candidate first)"
+    local before after i
+    before=$(relayed_streams)
+    for i in $(seq 10); do
+        answer=$(in_ns "$NS_CLIENT_C" curl -fsS --max-time 5 -H 'Connection: close' "http://$ip/?n=$i") ||
+            die "call $i to plc-status failed"
+    done
+    after=$(relayed_streams)
+    [ "$after" = "$before" ] || die "cloudcore relayed $((after - before)) streams for a LAN pair with a direct path"
+    ok "10 more calls, each on a new connection: cloudcore relayed none of them (relay streams $before -> $after)"
+    run_shown node-c "edgemesh status   (the direct line: per peer, path, candidate, RTT, bytes)" nodectl node-c status
+
+    if [ "$HA" = 1 ]; then
+        info "(HA=1: the cloud stays up here; step 7 showed a failover)"
+        return 0
+    fi
+    header "Direct paths without the cloud: cloudcore stops, the factory keeps calling"
+    stop_proc cloudcore || die "cloudcore did not exit cleanly on SIGTERM (status $?)"
+    wait_until "$SYNC_TIMEOUT" "node-c notices that the cloud is gone" node_link node-c disconnected
+    show client-c "curl http://$ip/   (cloud down)"
+    answer=$(plc_call "$ip") || die "client-c could not reach plc-status while the cloud was down"
+    printf '%s\n' "$answer" | indent
+    ok "node-c -> node-d directly while the cloud is down"
+    start_cloudcore
+    for node in "${NODES[@]}" "${LAN_NODES[@]}"; do
+        wait_until "$SYNC_TIMEOUT" "$node reconnects and reports synced" node_link "$node" synced
+    done
+    ok "cloudcore is back; every node reconnected"
+}
+
 main() {
     exec 3>&1 4>&2 # the demo's own stdout and stderr, for cleanup
     trap cleanup EXIT
@@ -1319,6 +1473,7 @@ main() {
     step_offline
     step_tunnels
     step_udp
+    step_direct
 
     FINISHED=1
     header "Summary"
@@ -1329,6 +1484,7 @@ main() {
     info "data plane: pod -> cluster IP -> node-a's proxy -> hello-0, also while the cloud is down"
     info "tunnels: node-a -> cloud -> node-b, node-a -> cloud endpoint, router -> node-b, QPS 429s, fall-over"
     info "UDP: dig from a pod on node-a through a UDP ClusterIP to a DNS server pod on node-b"
+    info "direct: two LAN nodes in a Community call each other over QUIC, also with the cloud down"
     info "demo ran in $(($(date +%s) - DEMO_STARTED))s after the build"
     step_explore
     # cleanup (the EXIT trap) tears everything down and prints the final "demo finished OK".

@@ -14,7 +14,7 @@ use edgehub::direct::hex_encode;
 use edgehub::direct::reflect::Responder;
 use edgehub::message::{
     group, module, op, resource, Candidate, Candidates, CertificateAnswer, CertificateIssued,
-    CertificateRequest, DirectSettings, Message, MAX_CANDIDATES,
+    CertificateRequest, DirectSettings, Message, Punch, MAX_CANDIDATES,
 };
 use edgehub::model::{may_connect, Community, Kind, Node, NodeCertificate, Object, ObjectKey};
 use serde::{Deserialize, Serialize};
@@ -111,7 +111,13 @@ struct Link {
     /// The peer candidates this node was sent and has not had taken back.
     told: HashMap<String, Vec<Candidate>>,
     last_request: Option<Instant>,
+    /// Punch requests passed on in the current second, and when that second began.
+    punches: (Instant, u32),
 }
+
+/// Punch requests a node may have passed on per second (a node forms paths on demand, a few
+/// at a time; more is a node misbehaving, and each costs its peer a round of dials).
+const PUNCHES_PER_SECOND: u32 = 20;
 
 /// Nodes and Communities: who may form direct paths, and which certificate each node holds.
 /// Kept up to date change by change: a fleet's certificate issuances must not each cost a
@@ -311,6 +317,7 @@ impl Direct {
                 tx,
                 told,
                 last_request: None,
+                punches: (Instant::now(), 0),
             },
         );
         rx
@@ -361,6 +368,10 @@ impl Direct {
             (op::UPDATE, resource::CANDIDATES) => match msg.content_as::<Candidates>() {
                 Ok(c) => self.publish(session, c.candidates),
                 Err(e) => warn!(node = %session.node, error = %e, "malformed candidates"),
+            },
+            (op::QUERY, resource::PUNCH) => match msg.content_as::<Punch>() {
+                Ok(p) => self.punch(session, &p.node),
+                Err(e) => warn!(node = %session.node, error = %e, "malformed punch request"),
             },
             (operation, res) => {
                 debug!(
@@ -486,6 +497,37 @@ impl Direct {
         match Object::from_json(Kind::Node, &rec.json) {
             Ok(Object::Node(n)) => n.certificate().map(|c| c.fingerprint),
             _ => None,
+        }
+    }
+
+    /// Passes a node's request to be dialled to `peer`, when the two may form a direct path and
+    /// the peer is online here (hole punching: both ends dial at once).
+    fn punch(&self, session: &Session, peer: &str) {
+        if peer == session.node || !self.view().allowed(&session.node, peer) {
+            debug!(node = %session.node, %peer, "punch request refused: no common community");
+            return;
+        }
+        let mut links = self.links();
+        let Some(from) = links
+            .get_mut(&session.node)
+            .filter(|l| l.conn_id == session.conn_id)
+        else {
+            return;
+        };
+        let now = Instant::now();
+        if now.duration_since(from.punches.0) >= Duration::from_secs(1) {
+            from.punches = (now, 0);
+        }
+        if from.punches.1 >= PUNCHES_PER_SECOND {
+            debug!(node = %session.node, "punch requests over the rate: dropped");
+            return;
+        }
+        from.punches.1 += 1;
+        if let Some(to) = links.get(peer) {
+            let msg = to_node(op::UPDATE, resource::PUNCH).with_content(&Punch {
+                node: session.node.clone(),
+            });
+            let _ = to.tx.send(Box::new(msg));
         }
     }
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use edgehub::connect::{Opener, Upstream};
 use edgehub::message::Message;
-use edgehub::serve::{count_refusal, Served, StreamServer};
+use edgehub::serve::{count_refusal, MuxArrival, Served, StreamServer};
 use edgehub::tunnel::authorise::authorise_in;
 use edgehub::tunnel::{
     Incoming, Mux, MuxConfig, MuxError, OpenError, OpenRefusal, OpenRequest, Outgoing, RefusalKind,
@@ -324,7 +324,7 @@ impl Tunnels {
             || metrics::counter!("cloudcore_tunnel_streams_total", "kind" => "cloud").increment(1);
         match self
             .server
-            .serve(&mux, incoming, accepted, &self.shutdown)
+            .serve(MuxArrival { mux, incoming }, accepted, &self.shutdown)
             .await
         {
             Served::Refused(kind) => count_refusal(kind),

@@ -15,6 +15,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
 use crate::balance::{Endpoint, InFlight, PickContext};
+use crate::direct::paths::{DirectOpen, DirectPaths};
+use crate::direct::quic::{DirectReader, DirectStream, DirectWriter};
 use futures_util::future::Either;
 
 use crate::io::{Duplex, Protocol, Source, Whole};
@@ -66,6 +68,8 @@ pub enum ReachError {
 pub enum Upstream {
     Local(TcpStream),
     Tunnel(TunnelStream),
+    /// A stream of a direct path to the node that hosts the endpoint.
+    Direct(DirectStream),
     /// Any other byte stream (test doubles): copied through a lock-split.
     Other(Whole<Pin<Box<dyn AnyStream>>>),
 }
@@ -388,7 +392,7 @@ impl Upstream {
             Upstream::Tunnel(s) => s.is_idle_open(),
             // Cannot be told without reading; a closed one fails its next request, which is
             // then sent again on a new connection.
-            Upstream::Other(_) => true,
+            Upstream::Direct(_) | Upstream::Other(_) => true,
         }
     }
 }
@@ -477,15 +481,16 @@ impl tokio::io::AsyncWrite for Whole<Pin<Box<dyn AnyStream>>> {
     }
 }
 
-delegate_io!(read Upstream { Local, Tunnel, Other });
-delegate_io!(write Upstream { Local, Tunnel, Other });
-delegate_io!(read UpstreamReader<'_> { Local, Tunnel, Other });
-delegate_io!(write UpstreamWriter<'_> { Local, Tunnel, Other });
+delegate_io!(read Upstream { Local, Tunnel, Direct, Other });
+delegate_io!(write Upstream { Local, Tunnel, Direct, Other });
+delegate_io!(read UpstreamReader<'_> { Local, Tunnel, Direct, Other });
+delegate_io!(write UpstreamWriter<'_> { Local, Tunnel, Direct, Other });
 
 /// The reading half of an [`Upstream`].
 pub enum UpstreamReader<'a> {
     Local(tokio::net::tcp::ReadHalf<'a>),
     Tunnel(crate::tunnel::TunnelReader<'a>),
+    Direct(DirectReader<'a>),
     Other(tokio::io::ReadHalf<&'a mut Pin<Box<dyn AnyStream>>>),
 }
 
@@ -493,6 +498,7 @@ pub enum UpstreamReader<'a> {
 pub enum UpstreamWriter<'a> {
     Local(tokio::net::tcp::WriteHalf<'a>),
     Tunnel(crate::tunnel::TunnelWriter<'a>),
+    Direct(DirectWriter<'a>),
     Other(tokio::io::WriteHalf<&'a mut Pin<Box<dyn AnyStream>>>),
 }
 
@@ -510,6 +516,10 @@ impl Duplex for Upstream {
                 let (r, w) = s.halves();
                 (UpstreamReader::Tunnel(r), UpstreamWriter::Tunnel(w))
             }
+            Upstream::Direct(s) => {
+                let (r, w) = s.halves();
+                (UpstreamReader::Direct(r), UpstreamWriter::Direct(w))
+            }
             Upstream::Other(s) => {
                 let (r, w) = tokio::io::split(&mut s.0);
                 (UpstreamReader::Other(r), UpstreamWriter::Other(w))
@@ -521,6 +531,7 @@ impl Duplex for Upstream {
         match self {
             Upstream::Local(s) => s.abort(),
             Upstream::Tunnel(s) => s.abort(),
+            Upstream::Direct(s) => s.abort(),
             Upstream::Other(_) => {}
         }
     }
@@ -530,7 +541,9 @@ impl crate::io::Sink for UpstreamWriter<'_> {
     fn socket(&self) -> Option<&tokio::net::TcpStream> {
         match self {
             UpstreamWriter::Local(w) => Some(w.as_ref()),
-            UpstreamWriter::Tunnel(_) | UpstreamWriter::Other(_) => None,
+            UpstreamWriter::Tunnel(_) | UpstreamWriter::Direct(_) | UpstreamWriter::Other(_) => {
+                None
+            }
         }
     }
 }
@@ -539,14 +552,16 @@ impl Source for UpstreamReader<'_> {
     fn socket(&self) -> Option<&tokio::net::TcpStream> {
         match self {
             UpstreamReader::Local(r) => Some(r.as_ref()),
-            UpstreamReader::Tunnel(_) | UpstreamReader::Other(_) => None,
+            UpstreamReader::Tunnel(_) | UpstreamReader::Direct(_) | UpstreamReader::Other(_) => {
+                None
+            }
         }
     }
 
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
         match self {
             UpstreamReader::Local(r) => Either::Left(r.readable()),
-            UpstreamReader::Tunnel(_) | UpstreamReader::Other(_) => {
+            UpstreamReader::Tunnel(_) | UpstreamReader::Direct(_) | UpstreamReader::Other(_) => {
                 Either::Right(std::future::ready(Ok(())))
             }
         }
@@ -556,8 +571,76 @@ impl Source for UpstreamReader<'_> {
         match self {
             UpstreamReader::Local(r) => Either::Left(r.aborted()),
             UpstreamReader::Tunnel(r) => Either::Right(Either::Left(r.aborted())),
-            UpstreamReader::Other(_) => Either::Right(Either::Right(std::future::pending())),
+            UpstreamReader::Direct(_) | UpstreamReader::Other(_) => {
+                Either::Right(Either::Right(std::future::pending()))
+            }
         }
+    }
+}
+
+/// A node's way to endpoints on other nodes and in the cloud: a direct path to the node that
+/// hosts the endpoint when one is up, else the hub link (the relay). A call never waits for a
+/// path to form (the first one starts it); an open the path does not carry takes the relay
+/// within [`crate::direct::paths::OPEN_TIMEOUT`], and counts against no endpoint.
+pub struct NodeOpener {
+    pub tunnel: crate::tunnel::TunnelHandle,
+    pub direct: Option<Arc<DirectPaths>>,
+}
+
+impl NodeOpener {
+    async fn relay(&self, request: OpenRequest) -> Result<Upstream, OpenError> {
+        let peer = request.node.clone();
+        let mut stream = self.tunnel.open(request).await?;
+        if let (Some(direct), Some(peer)) = (&self.direct, peer) {
+            if peer != crate::model::CLOUD_NODE {
+                metrics::counter!("edgemesh_direct_streams_total", "path" => "relay").increment(1);
+                // Kept HTTP connections move to the direct path once it is up.
+                stream.superseded_by(direct.path_flag(&peer));
+            }
+        }
+        Ok(Upstream::Tunnel(stream))
+    }
+}
+
+impl Opener for NodeOpener {
+    fn open(
+        &self,
+        request: OpenRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<Upstream, OpenError>> + Send + '_>> {
+        Box::pin(async move {
+            let peer = request
+                .node
+                .as_deref()
+                .filter(|n| *n != crate::model::CLOUD_NODE);
+            let (Some(direct), Some(peer)) = (&self.direct, peer) else {
+                return self.relay(request).await;
+            };
+            match direct.open(peer, request.clone()).await {
+                DirectOpen::Opened(stream) => Ok(Upstream::Direct(stream)),
+                DirectOpen::Refused(e) => Err(e),
+                // Without the cloud there is no relay: a path forming (a LAN peer known from
+                // the store) is worth a short wait.
+                DirectOpen::NoPath if !self.tunnel.is_up() => {
+                    if direct
+                        .wait_path(peer, crate::direct::paths::OPEN_TIMEOUT * 3)
+                        .await
+                    {
+                        match direct.open(peer, request.clone()).await {
+                            DirectOpen::Opened(stream) => return Ok(Upstream::Direct(stream)),
+                            DirectOpen::Refused(e) => return Err(e),
+                            DirectOpen::NoPath | DirectOpen::Failed(_) => {}
+                        }
+                    }
+                    self.relay(request).await
+                }
+                DirectOpen::NoPath => self.relay(request).await,
+                DirectOpen::Failed(e) => {
+                    metrics::counter!("edgemesh_direct_fallbacks_total").increment(1);
+                    debug!(%peer, error = %e, "direct open failed; taking the relay");
+                    self.relay(request).await
+                }
+            }
+        })
     }
 }
 

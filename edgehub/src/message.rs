@@ -52,6 +52,9 @@ pub mod resource {
     /// Direct-path candidates: a node's own (edge → cloud, `update`), and a peer's it may
     /// connect to (cloud → edge, `update`; `delete` once it may not).
     pub const CANDIDATES: &str = "candidates";
+    /// Hole punching: a node asks a peer to dial it now (edge → cloud `query`, naming the
+    /// peer), and the cloud passes it on (cloud → edge `update`, naming the asking node).
+    pub const PUNCH: &str = "punch";
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -439,6 +442,14 @@ pub struct Candidates {
     pub node: String,
     #[serde(default)]
     pub candidates: Vec<Candidate>,
+}
+
+/// `punch` (group `direct`): the peer to dial (edge → cloud), or the node asking to be
+/// dialled (cloud → edge).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Punch {
+    pub node: String,
 }
 
 /// The most candidates a node may publish.

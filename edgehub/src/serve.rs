@@ -15,8 +15,11 @@
 //!   one admission (new flows per second), and a flow over the limit is closed, so its
 //!   datagrams are dropped.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -30,8 +33,59 @@ use crate::model::LbPolicy;
 use crate::routes::stats::ServiceStats;
 use crate::routes::{Route, ServiceRef};
 use crate::tunnel::authorise::authorise_in;
-use crate::tunnel::{Incoming, Mux, OpenRefusal, RefusalKind};
+use crate::tunnel::{Incoming, Mux, OpenRefusal, OpenRequest, RefusalKind, TunnelStream};
 use crate::view::MeshView;
+
+/// A stream that arrived and waits for this side's answer: over the hub link
+/// ([`MuxArrival`]) or over a direct path ([`crate::direct::paths::DirectArrival`]).
+pub trait Arrival: Send {
+    type Stream: io::Duplex + AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// What the opener asked for (`source` set by the side that authenticated it).
+    fn request(&self) -> &OpenRequest;
+    /// Answers the opener that the stream is open.
+    fn accept(self) -> impl Future<Output = Result<Self::Stream, OpenRefusal>> + Send;
+    /// Answers the opener with a refusal.
+    fn refuse(self, kind: RefusalKind, message: &str) -> impl Future<Output = ()> + Send;
+}
+
+/// A stream opened over a hub link.
+pub struct MuxArrival {
+    pub mux: Mux,
+    pub incoming: Incoming,
+}
+
+impl Arrival for MuxArrival {
+    type Stream = TunnelStream;
+
+    fn request(&self) -> &OpenRequest {
+        &self.incoming.request
+    }
+
+    async fn accept(self) -> Result<TunnelStream, OpenRefusal> {
+        self.mux.accept(self.incoming)
+    }
+
+    async fn refuse(self, kind: RefusalKind, message: &str) {
+        self.mux.refuse(self.incoming, kind, message)
+    }
+}
+
+impl Arrival for crate::direct::paths::DirectArrival {
+    type Stream = crate::direct::quic::DirectStream;
+
+    fn request(&self) -> &OpenRequest {
+        &self.request
+    }
+
+    fn accept(self) -> impl Future<Output = Result<Self::Stream, OpenRefusal>> + Send {
+        crate::direct::paths::DirectArrival::accept(self)
+    }
+
+    fn refuse(self, kind: RefusalKind, message: &str) -> impl Future<Output = ()> + Send {
+        crate::direct::paths::DirectArrival::refuse(self, kind, message)
+    }
+}
 
 /// How a served stream ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -99,33 +153,32 @@ impl StreamServer {
 
     /// Checks a stream against `view` (the Service exists, the endpoint is one of its ready
     /// addresses, and this side hosts it).
-    pub fn authorise(&self, view: &MeshView, incoming: &Incoming) -> Result<(), OpenRefusal> {
-        authorise_in(view, &incoming.request, self.here.as_deref())
+    pub fn authorise(&self, view: &MeshView, request: &OpenRequest) -> Result<(), OpenRefusal> {
+        authorise_in(view, request, self.here.as_deref())
     }
 
     /// Dials the endpoint of an authorised stream, accepts it (then calls `accepted`) and
     /// serves it until it ends.
-    pub async fn serve(
+    pub async fn serve<A: Arrival>(
         &self,
-        mux: &Mux,
-        incoming: Incoming,
+        incoming: A,
         accepted: impl FnOnce(),
         shutdown: &CancellationToken,
     ) -> Served {
-        let request = incoming.request.clone();
+        let request = incoming.request().clone();
         if request.protocol == Protocol::Udp {
-            return self.serve_datagrams(mux, incoming, accepted).await;
+            return self.serve_datagrams(incoming, accepted).await;
         }
         let mut upstream = match self.dialer.dial(request.endpoint).await {
             Ok(s) => s,
             Err(e) => {
                 let message = format!("dial {}: {e}", request.endpoint);
                 debug!(%message, "endpoint unreachable");
-                mux.refuse(incoming, RefusalKind::Unreachable, &message);
+                incoming.refuse(RefusalKind::Unreachable, &message).await;
                 return Served::Refused(RefusalKind::Unreachable);
             }
         };
-        let mut stream = match mux.accept(incoming) {
+        let mut stream = match incoming.accept().await {
             Ok(s) => s,
             Err(refusal) => return Served::Refused(refusal.kind),
         };
@@ -170,23 +223,16 @@ impl StreamServer {
     /// A UDP flow: admitted against the Service's limit (one admission per flow), then its
     /// datagrams relayed between the stream and a UDP socket connected to the endpoint until
     /// either side ends or the flow is idle for the join idle timeout.
-    async fn serve_datagrams(
-        &self,
-        mux: &Mux,
-        incoming: Incoming,
-        accepted: impl FnOnce(),
-    ) -> Served {
-        let request = incoming.request.clone();
+    async fn serve_datagrams<A: Arrival>(&self, incoming: A, accepted: impl FnOnce()) -> Served {
+        let request = incoming.request().clone();
         let (ns, name) = (&request.namespace, &request.service);
         // Refused before it is accepted, so the opener learns at once (and does not try
         // another endpoint: a rate-limited answer ends its search).
         if let Decision::Limited { .. } = self.limiters.admit(ns, name, Admission::Udp) {
             debug!("new UDP flow over the Service's limit: refused");
-            mux.refuse(
-                incoming,
-                RefusalKind::RateLimited,
-                "over the Service's QPS limit",
-            );
+            incoming
+                .refuse(RefusalKind::RateLimited, "over the Service's QPS limit")
+                .await;
             return Served::Limited;
         }
         let socket = match self
@@ -197,11 +243,11 @@ impl StreamServer {
             Ok(s) => s,
             Err(e) => {
                 let message = format!("udp socket for {}: {e}", request.endpoint);
-                mux.refuse(incoming, RefusalKind::Unreachable, &message);
+                incoming.refuse(RefusalKind::Unreachable, &message).await;
                 return Served::Refused(RefusalKind::Unreachable);
             }
         };
-        let mut stream = match mux.accept(incoming) {
+        let mut stream = match incoming.accept().await {
             Ok(s) => s,
             Err(refusal) => return Served::Refused(refusal.kind),
         };

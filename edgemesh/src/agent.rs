@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use edgehub::client::{HubClient, SyncStatus};
+use edgehub::connect::NodeOpener;
+use edgehub::direct::paths::DirectPaths;
 use edgehub::direct::DirectAgent;
 use edgehub::identity::Identity;
 use edgehub::metamanager::MetaManager;
@@ -94,12 +96,13 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     ));
     let server_sweeper = tokio::spawn(server.clone().sweep(shutdown.clone()));
     let acceptor = Arc::new(EdgeAcceptor::new(
+        &cfg.node_name,
         meta.subscribe(),
         server,
         stream_tasks.clone(),
         shutdown.clone(),
     ));
-    let tunnel = crate::tunnel::handle(&cfg.tunnel, acceptor);
+    let tunnel = crate::tunnel::handle(&cfg.tunnel, acceptor.clone());
     let client = HubClient::new(hub_cfg, meta.clone()).with_tunnel(tunnel.clone());
     let sync = client.status();
     let direct = DirectAgent::new(
@@ -118,6 +121,16 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     })?;
     let client = client.with_direct(direct.clone());
     tokio::spawn(direct.clone().run(shutdown.clone()));
+    acceptor.set_direct(direct.clone());
+    // Direct paths to peers, on the direct agent's socket (none with `direct.enabled = false`).
+    let paths = DirectPaths::start(
+        direct.clone(),
+        meta.subscribe(),
+        acceptor.clone(),
+        u32::try_from(cfg.tunnel.max_streams).unwrap_or(u32::MAX),
+        shutdown.clone(),
+    )
+    .context("direct paths: cannot start the QUIC endpoint")?;
     let ready = Arc::new(AtomicBool::new(false));
     if cfg.cloud_urls().is_empty() {
         warn!("{}", crate::config::NO_CLOUD);
@@ -147,7 +160,10 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
         meta.subscribe(),
         ProxyDeps {
             dialer,
-            opener: Some(Arc::new(tunnel.clone())),
+            opener: Some(Arc::new(NodeOpener {
+                tunnel: tunnel.clone(),
+                direct: paths.clone(),
+            })),
             limiters: limiters.clone(),
         },
         shutdown.clone(),
@@ -179,7 +195,7 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     let admin_task = tokio::spawn(edgehub::accept::serve_http(
         admin_listener,
         None,
-        admin::router(state).merge(crate::direct::routes(direct)),
+        admin::router(state).merge(crate::direct::routes(direct, paths.clone())),
         cfg.admin.limits(),
         "admin",
         shutdown.clone(),
@@ -194,6 +210,9 @@ pub async fn run_until(cfg: Config, shutdown: CancellationToken) -> anyhow::Resu
     edgehub::systemd::stopping();
     ready.store(false, Ordering::Release);
     let _ = hub_task.await;
+    if let Some(paths) = &paths {
+        paths.close().await;
+    }
     if let Some(dns) = dns_task {
         let _ = dns.await;
     }

@@ -43,6 +43,7 @@ pub async fn run(cfg: &Config, json: bool) -> anyhow::Result<()> {
             let mut v: Value = serde_json::from_slice(&resp.body)?;
             v["proxy"] = admin_json(cfg, "/debug/proxy").await;
             v["readiness"] = admin_json(cfg, "/readyz").await;
+            v["direct"] = admin_json(cfg, "/debug/direct").await;
             v["running"] = Value::Bool(true);
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -224,5 +225,52 @@ fn print_running(v: &Value) {
         }
     } else {
         println!("proxy:       not running");
+    }
+    print_paths(&v["direct"]);
+}
+
+/// One line per peer: the path its calls take, the candidate in use, RTT, bytes, streams.
+fn print_paths(d: &Value) {
+    let Some(paths) = d["paths"].as_array() else {
+        return;
+    };
+    let text = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    let direct = paths.iter().filter(|p| p["path"] == "direct").count();
+    println!(
+        "direct:      {} (certificate {}), {direct} of {} peers on a direct path",
+        match d["listen"].as_str() {
+            Some(l) => format!("UDP {l}"),
+            None => "off".to_string(),
+        },
+        if d["certificate"].is_object() {
+            "held"
+        } else {
+            "missing"
+        },
+        paths.len()
+    );
+    for p in paths {
+        let rtt = p["rttMs"]
+            .as_f64()
+            .map_or("-".to_string(), |r| format!("{r:.2} ms"));
+        let detail = if p["path"] == "direct" {
+            format!(
+                "via {} rtt {rtt}, {} streams, {} B out / {} B in",
+                text(&p["candidate"]),
+                p["streams"],
+                p["txBytes"],
+                p["rxBytes"]
+            )
+        } else {
+            match p["lastError"].as_str() {
+                Some(e) => format!("no direct path ({} failed rounds): {e}", p["failedRounds"]),
+                None => "no direct path yet".to_string(),
+            }
+        };
+        println!(
+            "  {:<24} {:<6} {detail}",
+            text(&p["peer"]),
+            text(&p["path"])
+        );
     }
 }

@@ -10,15 +10,17 @@
 //! Everything else runs in [`DirectAgent::run`].
 
 pub mod candidates;
+pub mod paths;
 pub mod peers;
+pub mod quic;
 pub mod reflect;
+pub mod socket;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +30,7 @@ use crate::client::SyncStatus;
 use crate::identity::{Identity, Need};
 use crate::message::{
     group, module, op, resource, Candidate, Candidates, CertificateAnswer, DirectSettings, Message,
-    MAX_CANDIDATES,
+    Punch, MAX_CANDIDATES,
 };
 use crate::model::NodeCertificate;
 use crate::view::MeshView;
@@ -85,6 +87,8 @@ pub struct DirectStatus {
     pub peers: std::collections::BTreeMap<String, Vec<Candidate>>,
 }
 
+/// Receive and send buffers of the direct-path socket.
+const SOCKET_BUFFER: usize = 4 << 20;
 /// How often the reflexive address is learned again (a NAT may remap after idling).
 const PROBE_EVERY: Duration = Duration::from_secs(300);
 /// ... and how soon after a failed attempt.
@@ -108,7 +112,13 @@ pub struct DirectAgent {
     node: String,
     identity: Arc<Identity>,
     cfg: DirectConfig,
-    socket: Option<Arc<UdpSocket>>,
+    /// Where probes for the reflexive address leave from and their answers arrive.
+    probe: Option<Arc<socket::ProbePort>>,
+    /// The same socket for QUIC (direct paths take it).
+    quic: Option<Arc<socket::DirectSocket>>,
+    /// Peers that asked through the cloud to be dialled (hole punching).
+    punches: mpsc::UnboundedSender<String>,
+    punches_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
     view: watch::Receiver<Arc<MeshView>>,
     sync: Arc<Mutex<SyncStatus>>,
     link: Mutex<Option<mpsc::UnboundedSender<Message>>>,
@@ -137,17 +147,23 @@ impl DirectAgent {
         view: watch::Receiver<Arc<MeshView>>,
         sync: Arc<Mutex<SyncStatus>>,
     ) -> std::io::Result<Arc<DirectAgent>> {
-        let socket = if cfg.enabled {
-            Some(Arc::new(UdpSocket::bind(cfg.listen).await?))
+        let (probe, quic) = if cfg.enabled {
+            let socket = std::net::UdpSocket::bind(cfg.listen)?;
+            // Bursts of QUIC packets at gigabit rates outrun the default buffers.
+            let _ = crate::socket::set_receive_buffer(&socket, SOCKET_BUFFER);
+            let _ = crate::socket::set_send_buffer(&socket, SOCKET_BUFFER);
+            let (quic, probe) = socket::split(socket)?;
+            (Some(Arc::new(probe)), Some(quic))
         } else {
-            None
+            (None, None)
         };
+        let (punches, punches_rx) = mpsc::unbounded_channel();
         let (events, inbox) = mpsc::unbounded_channel();
         let peers = PeerBook::open(data_dir);
         let status = DirectStatus {
             node_name: identity.node().to_string(),
             enabled: cfg.enabled,
-            listen: socket.as_ref().and_then(|s| s.local_addr().ok()),
+            listen: probe.as_ref().and_then(|s| s.local_addr().ok()),
             certificate: identity.current().map(|i| NodeCertificate {
                 fingerprint: i.fingerprint.clone(),
                 not_after_ms: i.info.not_after_ms,
@@ -158,7 +174,10 @@ impl DirectAgent {
             node: identity.node().to_string(),
             identity,
             cfg,
-            socket,
+            probe,
+            quic,
+            punches,
+            punches_rx: Mutex::new(Some(punches_rx)),
             view,
             sync,
             link: Mutex::new(None),
@@ -178,9 +197,26 @@ impl DirectAgent {
         &self.peers
     }
 
-    /// The direct-path socket, when `direct.enabled`.
-    pub fn socket(&self) -> Option<&Arc<UdpSocket>> {
-        self.socket.as_ref()
+    /// The direct-path socket as QUIC uses it, when `direct.enabled`.
+    pub(crate) fn quic_socket(&self) -> Option<Arc<socket::DirectSocket>> {
+        self.quic.clone()
+    }
+
+    /// Punch requests from peers (taken once, by the direct paths).
+    pub(crate) fn take_punches(&self) -> mpsc::UnboundedReceiver<String> {
+        self.punches_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_else(|| mpsc::unbounded_channel().1)
+    }
+
+    /// Asks `peer`, through the cloud, to dial this node now (so that both NATs open a
+    /// mapping towards the other). Without a hub link this does nothing.
+    pub(crate) fn request_punch(&self, peer: &str) {
+        self.send(message(op::QUERY, resource::PUNCH).with_content(&Punch {
+            node: peer.to_string(),
+        }));
     }
 
     pub fn status(&self) -> DirectStatus {
@@ -244,6 +280,16 @@ impl DirectAgent {
                             .set_peer(&c.node, (!delete).then_some(c.candidates));
                     }
                     Err(e) => warn!(error = %e, "malformed peer candidates"),
+                }
+                return;
+            }
+            (op::UPDATE, resource::PUNCH) => {
+                match msg.content_as::<Punch>() {
+                    Ok(p) if !p.node.is_empty() && p.node != self.node => {
+                        let _ = self.punches.send(p.node);
+                    }
+                    Ok(_) => debug!("ignoring a punch request without a peer"),
+                    Err(e) => warn!(error = %e, "malformed punch request"),
                 }
                 return;
             }
@@ -400,7 +446,7 @@ impl DirectAgent {
 
     fn start_probe(&self, st: &mut RunState) {
         st.probe_due = None;
-        let (Some(settings), Some(socket)) = (st.settings.clone(), self.socket.clone()) else {
+        let (Some(settings), Some(socket)) = (st.settings.clone(), self.probe.clone()) else {
             return;
         };
         if st.probing {
@@ -433,7 +479,7 @@ impl DirectAgent {
                     .ok_or_else(|| {
                         format!("{host} has no address of the direct socket's family")
                     })?;
-                reflect::learn_reflexive(&socket, reflector, &node, &key, offset, 5)
+                reflect::learn_reflexive(socket.as_ref(), reflector, &node, &key, offset, 5)
                     .await
                     .map_err(|e| e.to_string())
             }
@@ -444,7 +490,7 @@ impl DirectAgent {
 
     /// Sends this node's candidates when they changed or this link has not had them.
     fn publish(&self, st: &mut RunState) {
-        let Some(socket) = &self.socket else { return };
+        let Some(socket) = &self.probe else { return };
         let Ok(local) = socket.local_addr() else {
             return;
         };

@@ -22,7 +22,9 @@ use ring::hmac;
 use tokio::net::UdpSocket;
 
 const PROBE_MAGIC: &[u8; 4] = b"EMP1";
-const ANSWER_MAGIC: &[u8; 4] = b"EMA1";
+pub(crate) const ANSWER_MAGIC: &[u8; 4] = b"EMA1";
+/// The longest answer: magic, nonce, family, port, an IPv6 address, tag.
+pub(crate) const MAX_ANSWER_LEN: usize = 4 + NONCE_LEN + 1 + 2 + 16 + TAG_LEN;
 const TAG_LEN: usize = 32;
 const NONCE_LEN: usize = 16;
 /// Every probe is padded to this many bytes: more than the largest answer (72 bytes).
@@ -252,12 +254,36 @@ pub enum ReflectError {
     NoAnswer { reflector: SocketAddr, tries: u32 },
 }
 
+/// Where probes leave from and answers arrive: a plain UDP socket, or the direct-path socket's
+/// probe port ([`super::socket::ProbePort`]), whose answers quinn passes over.
+pub trait ProbeIo: Send + Sync {
+    fn send_to(
+        &self,
+        buf: &[u8],
+        to: SocketAddr,
+    ) -> impl std::future::Future<Output = std::io::Result<usize>> + Send;
+    fn recv_from(
+        &self,
+        buf: &mut [u8],
+    ) -> impl std::future::Future<Output = std::io::Result<(usize, SocketAddr)>> + Send;
+}
+
+impl ProbeIo for UdpSocket {
+    async fn send_to(&self, buf: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+        UdpSocket::send_to(self, buf, to).await
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        UdpSocket::recv_from(self, buf).await
+    }
+}
+
 /// Learns the reflexive address of `socket` (its address as `reflector` sees it) by probing
 /// `tries` times, waiting 250 ms, 500 ms, 1 s, ... for an authentic answer. `cloud_offset_ms`
 /// is the cloud's clock minus this node's. Datagrams from elsewhere, or answers to other
 /// probes, are ignored.
 pub async fn learn_reflexive(
-    socket: &UdpSocket,
+    socket: &impl ProbeIo,
     reflector: SocketAddr,
     node: &str,
     key: &[u8],

@@ -385,6 +385,22 @@ pub(crate) mod testing {
 
     use super::*;
 
+    /// A node with an identity issued by `ca`, and the status the cloud would publish for it.
+    pub fn node(
+        dir: &Path,
+        ca: &TestCa,
+        name: &str,
+    ) -> (std::sync::Arc<Identity>, crate::model::NodeCertificate) {
+        let id = Identity::open(&dir.join(name), name).expect("open");
+        let issued = ca.issue(&id.request().expect("csr").csr, name, -60, 3600);
+        id.install(&issued).expect("install");
+        let synced = crate::model::NodeCertificate {
+            fingerprint: issued.fingerprint,
+            not_after_ms: issued.not_after_ms,
+        };
+        (std::sync::Arc::new(id), synced)
+    }
+
     pub struct TestCa {
         pub key: rcgen::KeyPair,
         pub params: rcgen::CertificateParams,

@@ -271,22 +271,10 @@ impl ClientCertVerifier for MeshCertVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::testing::TestCa;
+    use crate::identity::testing::{node, TestCa};
     use crate::model::{Node, NodeCertificate};
     use rustls::pki_types::pem::PemObject;
     use std::collections::BTreeMap;
-
-    /// A node with an identity issued by `ca`.
-    fn node(dir: &std::path::Path, ca: &TestCa, name: &str) -> (Arc<Identity>, NodeCertificate) {
-        let id = Identity::open(&dir.join(name), name).expect("open");
-        let issued = ca.issue(&id.request().expect("csr").csr, name, -60, 3600);
-        id.install(&issued).expect("install");
-        let synced = NodeCertificate {
-            fingerprint: issued.fingerprint,
-            not_after_ms: issued.not_after_ms,
-        };
-        (Arc::new(id), synced)
-    }
 
     fn view(nodes: &[(&str, Option<&NodeCertificate>)]) -> MeshView {
         let mut v = MeshView::default();

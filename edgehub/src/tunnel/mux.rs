@@ -716,6 +716,9 @@ pub struct TunnelStream {
     id: u32,
     reading: Reading,
     writing: Writing,
+    /// Set once a better way to the same peer is up (a direct path): the stream finishes
+    /// what it carries but is not kept for more requests.
+    superseded: Option<Arc<AtomicBool>>,
 }
 
 /// The receiving half's state.
@@ -762,7 +765,13 @@ impl TunnelStream {
                 budget,
                 fin_sent: false,
             },
+            superseded: None,
         }
+    }
+
+    /// Marks the stream as one to give up for new requests once `flag` is set.
+    pub fn superseded_by(&mut self, flag: Arc<AtomicBool>) {
+        self.superseded = Some(flag);
     }
 
     pub fn id(&self) -> u32 {
@@ -780,6 +789,10 @@ impl TunnelStream {
             && !self.writing.fin_sent
             && !self.writing.send.reset.load(Ordering::Acquire)
             && !self.shared.closed.load(Ordering::Acquire)
+            && !self
+                .superseded
+                .as_ref()
+                .is_some_and(|f| f.load(Ordering::Relaxed))
     }
 }
 

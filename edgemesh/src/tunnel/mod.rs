@@ -3,12 +3,16 @@
 //! from the router). An incoming stream is checked against this node's own metadata, against
 //! the Service's QPS limit, then its endpoint is dialled and joined to the stream.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use edgehub::config_file::ConfigError;
-use edgehub::serve::{count_refusal, Served, StreamServer};
-use edgehub::tunnel::{Acceptor, Incoming, Mux, MuxConfig, TunnelHandle};
+use edgehub::direct::paths::{DirectAcceptor, DirectArrival};
+use edgehub::direct::DirectAgent;
+use edgehub::serve::{count_refusal, Arrival, MuxArrival, Served, StreamServer};
+use edgehub::tunnel::{
+    Acceptor, Incoming, Mux, MuxConfig, OpenRefusal, OpenRequest, RefusalKind, TunnelHandle,
+};
 use edgehub::view::MeshView;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -70,55 +74,113 @@ impl TunnelConfig {
     }
 }
 
-/// Accepts the streams the cloud opens to endpoints this node hosts: checked against this
-/// node's own copy of the metadata, then served by the one [`StreamServer`].
+/// Accepts the streams opened to endpoints this node hosts, relayed by the cloud or over a
+/// direct path: checked against this node's own copy of the metadata (and, with
+/// `communities.enforce`, against the Communities), then served by the one [`StreamServer`].
 pub struct EdgeAcceptor {
+    here: String,
     view: watch::Receiver<Arc<MeshView>>,
     server: Arc<StreamServer>,
+    /// The cloud's `communities.enforce`, as the direct agent keeps it (also offline).
+    direct: OnceLock<Arc<DirectAgent>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
 
 impl EdgeAcceptor {
     pub fn new(
+        here: &str,
         view: watch::Receiver<Arc<MeshView>>,
         server: Arc<StreamServer>,
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> EdgeAcceptor {
         EdgeAcceptor {
+            here: here.to_string(),
             view,
             server,
+            direct: OnceLock::new(),
             tasks,
             shutdown,
         }
     }
-}
 
-impl Acceptor for EdgeAcceptor {
-    fn incoming(&self, mux: &Mux, incoming: Incoming) {
-        let request = &incoming.request;
+    /// Where `communities.enforce` comes from (set once, when the direct agent starts).
+    pub fn set_direct(&self, agent: Arc<DirectAgent>) {
+        let _ = self.direct.set(agent);
+    }
+
+    /// The checks of every stream, whichever way it came.
+    fn check(&self, request: &OpenRequest) -> Result<(), OpenRefusal> {
         let view = self.view.borrow().clone();
-        if let Err(refusal) = self.server.authorise(&view, &incoming) {
-            count_refusal(refusal.kind);
-            debug!(from = %request.source, kind = %refusal.kind, reason = %refusal.message, "stream refused");
-            mux.refuse(incoming, refusal.kind, &refusal.message);
-            return;
+        self.server.authorise(&view, request)?;
+        let enforce = self
+            .direct
+            .get()
+            .is_some_and(|d| d.peers().get().enforce_communities);
+        // Streams the cloud opens itself (the router) have no source node.
+        if enforce
+            && !request.source.is_empty()
+            && !edgehub::direct::may_connect(&view, &self.here, &request.source)
+        {
+            return Err(OpenRefusal {
+                kind: RefusalKind::Forbidden,
+                message: format!(
+                    "communities.enforce: nodes {} and {} share no Community",
+                    request.source, self.here
+                ),
+            });
         }
-        let span = tracing::debug_span!("stream", from = %request.source, service = %format!("{}/{}", request.namespace, request.service), endpoint = %request.endpoint);
-        let (mux, server, shutdown) = (mux.clone(), self.server.clone(), self.shutdown.clone());
+        Ok(())
+    }
+
+    /// Serves an accepted stream on a task of its own.
+    fn spawn<A: Arrival + 'static>(&self, arrival: A, path: &'static str) {
+        let request = arrival.request();
+        let span = tracing::debug_span!("stream", from = %request.source, path, service = %format!("{}/{}", request.namespace, request.service), endpoint = %request.endpoint);
+        let (server, shutdown) = (self.server.clone(), self.shutdown.clone());
         self.tasks.spawn(
             async move {
-                let accepted =
-                    || metrics::counter!("edgemesh_tunnel_streams_accepted_total").increment(1);
-                if let Served::Refused(kind) =
-                    server.serve(&mux, incoming, accepted, &shutdown).await
-                {
+                let accepted = || {
+                    metrics::counter!("edgemesh_tunnel_streams_accepted_total", "path" => path)
+                        .increment(1)
+                };
+                if let Served::Refused(kind) = server.serve(arrival, accepted, &shutdown).await {
                     count_refusal(kind);
                 }
             }
             .instrument(span),
         );
+    }
+}
+
+impl Acceptor for EdgeAcceptor {
+    fn incoming(&self, mux: &Mux, incoming: Incoming) {
+        if let Err(refusal) = self.check(&incoming.request) {
+            count_refusal(refusal.kind);
+            debug!(from = %incoming.request.source, kind = %refusal.kind, reason = %refusal.message, "stream refused");
+            mux.refuse(incoming, refusal.kind, &refusal.message);
+            return;
+        }
+        let arrival = MuxArrival {
+            mux: mux.clone(),
+            incoming,
+        };
+        self.spawn(arrival, "relay");
+    }
+}
+
+impl DirectAcceptor for EdgeAcceptor {
+    fn incoming(&self, arrival: DirectArrival) {
+        if let Err(refusal) = self.check(&arrival.request) {
+            count_refusal(refusal.kind);
+            debug!(from = %arrival.request.source, kind = %refusal.kind, reason = %refusal.message, "direct stream refused");
+            self.tasks.spawn(async move {
+                arrival.refuse(refusal.kind, &refusal.message).await;
+            });
+            return;
+        }
+        self.spawn(arrival, "direct");
     }
 }
 
