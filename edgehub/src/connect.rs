@@ -390,9 +390,11 @@ impl Upstream {
                 matches!(s.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
             Upstream::Tunnel(s) => s.is_idle_open(),
-            // Cannot be told without reading; a closed one fails its next request, which is
+            // Its path is up; a stream that ended anyway fails its next request, which is
             // then sent again on a new connection.
-            Upstream::Direct(_) | Upstream::Other(_) => true,
+            Upstream::Direct(s) => s.is_usable(),
+            // Cannot be told without reading: likewise.
+            Upstream::Other(_) => true,
         }
     }
 }

@@ -32,6 +32,7 @@ pub mod harness;
 
 pub use harness::*;
 
+pub mod direct;
 pub mod dns;
 pub mod ha;
 pub mod mesh;

@@ -567,59 +567,7 @@ fn a_node_behind_a_nat_learns_the_address_its_nat_maps_it_to() {
     let mut mesh = Mesh::new("dnat", 1, Vec::new());
     // A router on the "internet" switch with a node behind it: MASQUERADE out, only replies
     // in, and no new UDP to the router itself (a peer's early probe must not take the port).
-    let router = mesh.topo.add_host("r1");
-    let behind = mesh.topo.add_pod(&router, "natnode");
-    let lan = format!("{}/24", behind.ip);
-    for rule in [
-        vec![
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-s",
-            &lan,
-            "-o",
-            "eth0",
-            "-j",
-            "MASQUERADE",
-        ],
-        vec![
-            "-A",
-            "FORWARD",
-            "-i",
-            "eth0",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "ESTABLISHED,RELATED",
-            "-j",
-            "ACCEPT",
-        ],
-        vec!["-A", "FORWARD", "-i", "eth0", "-j", "DROP"],
-        vec![
-            "-A",
-            "INPUT",
-            "-i",
-            "eth0",
-            "-p",
-            "udp",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-j",
-            "DROP",
-        ],
-    ] {
-        let mut argv = vec!["iptables"];
-        argv.extend(rule.iter().copied());
-        let out = mesh.topo.exec(&router, &argv);
-        assert!(
-            out.status.success(),
-            "{argv:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let (router, behind) = edgemesh_e2e::direct::nat_router(&mut mesh, "r1", "natnode", false);
     mesh.nodes.push(EdgeNode {
         name: "edge-nat".into(),
         data_dir: mesh.topo.dir().join("edge-nat-data"),

@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use edgemesh_e2e::direct::{path_to, put_community, relayed, status as direct};
 use edgemesh_e2e::harness::Host;
 use edgemesh_e2e::mesh::{echo_transfer, Mesh};
 use edgemesh_e2e::wait_for;
@@ -15,43 +16,11 @@ use serde_json::Value;
 const TARGET: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(20);
 
-/// `/debug/direct` of node `i`.
-fn direct(mesh: &Mesh, i: usize) -> Value {
-    let (s, v) = mesh.admin(i, "/debug/direct");
-    assert_eq!(s, 200, "/debug/direct of node {i}: {v}");
-    v
-}
-
-/// The path node `i` takes to `peer`, as `/debug/direct` shows it.
-fn path_to(mesh: &Mesh, i: usize, peer: &str) -> Value {
-    direct(mesh, i)["paths"]
-        .as_array()
-        .and_then(|a| a.iter().find(|p| p["peer"] == peer).cloned())
-        .unwrap_or(Value::Null)
-}
-
-fn put_community(mesh: &Mesh, name: &str, members: &[&str]) {
-    let body = serde_json::json!({
-        "apiVersion": "edgemesh.io/v1alpha1",
-        "kind": "Community",
-        "metadata": {"name": name},
-        "spec": {"members": members},
-    })
-    .to_string();
-    let (s, v) = mesh.api("PUT", &format!("/api/v1/communities/{name}"), Some(&body));
-    assert!(s == 201 || s == 200, "{v}");
-}
-
 /// Waits until node `i` holds `peer`'s candidates (the cloud passed them on).
 fn wait_peer_known(mesh: &Mesh, i: usize, peer: &str) {
     wait_for(&format!("node {i} knows {peer}'s candidates"), WAIT, || {
         direct(mesh, i)["peers"].get(peer).map(|_| ())
     });
-}
-
-/// Streams the cloud relayed between nodes so far.
-fn relayed(mesh: &Mesh) -> f64 {
-    mesh.cloud_metric("cloudcore_tunnel_streams_total", &["kind=\"relay\""])
 }
 
 /// A mesh of `n` nodes on one LAN; nodes 0 and 1 are members of Community `lan`.

@@ -43,9 +43,12 @@ use crate::view::MeshView;
 
 /// How long a stream open over a direct path may take before the call takes the relay.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long one dial of a candidate may take (QUIC sends its first packet again after 1 s
-/// and 2 s: a peer punching from behind its NAT is usually heard by then).
-const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one dial of a candidate may take: QUIC sends its first packet again after about
+/// 0.3, 0.9 and 2.1 s (initial RTT 100 ms, doubling), and a peer punching from behind its NAT
+/// is heard after its own first packet; the handshake then needs a round trip more.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often peers that calls want are looked at for a path to form again.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// Non-host candidates are dialled this long after the host ones, so a LAN path wins.
 const LAN_HEAD_START: Duration = Duration::from_millis(100);
 /// Waits between failed rounds, doubling up to the last.
@@ -149,6 +152,9 @@ struct Peer {
     /// Streams opened over the path, and calls that failed over to the relay.
     opened: u64,
     fell_back: u64,
+    /// When a call last wanted the peer: while that is recent, a lost or failed path is
+    /// formed again in the background, also when the calls ride kept connections.
+    wanted: Option<Instant>,
 }
 
 /// What `/debug/direct` and `edgemesh status` show of a peer.
@@ -249,6 +255,7 @@ impl DirectPaths {
         let path = {
             let mut peers = self.peers();
             let p = peers.entry(peer.to_string()).or_default();
+            p.wanted = Some(Instant::now());
             match &p.path {
                 Some(path) if path.conn.close_reason().is_none() => {
                     if path.suspect_until.is_some_and(|t| Instant::now() < t) {
@@ -282,17 +289,22 @@ impl DirectPaths {
         .await;
         let mut peers = self.peers();
         let p = peers.entry(peer.to_string()).or_default();
-        match opened {
+        let mut suspect = false;
+        let result = match opened {
             Ok(Ok((send, recv, count, answer))) => {
                 if let Some(path) = p.path.as_mut() {
-                    path.suspect_until = None;
+                    if path.suspect_until.take().is_some() {
+                        p.up.store(true, Ordering::Relaxed);
+                    }
                 }
                 match answer.error {
                     None => {
                         p.opened += 1;
                         metrics::counter!("edgemesh_direct_streams_total", "path" => "direct")
                             .increment(1);
-                        DirectOpen::Opened(DirectStream::new(send, recv, count))
+                        DirectOpen::Opened(
+                            DirectStream::new(send, recv, count).with_alive(p.up.clone()),
+                        )
                     }
                     Some(r) => DirectOpen::Refused(OpenError::Refused {
                         kind: r.kind,
@@ -309,13 +321,43 @@ impl DirectPaths {
                 if let Some(current) = p.path.as_mut() {
                     if current.conn.stable_id() == path.conn.stable_id() {
                         // A cut path is closed by QUIC within its idle timeout; until then, or
-                        // until a stream gets through, new calls take the relay at once.
+                        // until a stream gets through, new calls take the relay at once, kept
+                        // streams over it are not reused, and a new path is tried.
                         current.suspect_until = Some(Instant::now() + quic::IDLE_TIMEOUT);
                         p.up.store(false, Ordering::Relaxed);
+                        suspect = true;
                     }
                 }
                 DirectOpen::Failed(format!("no answer within {OPEN_TIMEOUT:?}"))
             }
+        };
+        drop(peers);
+        if suspect {
+            self.want(peer, true);
+        }
+        result
+    }
+
+    /// Forms again, in the background, the paths of peers that calls wanted recently and
+    /// that have none (lost, cut, or never formed), as their back-off allows.
+    fn retry_wanted(self: &Arc<Self>) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .peers()
+            .iter()
+            .filter(|(_, p)| {
+                let live = p.path.as_ref().is_some_and(|path| {
+                    path.conn.close_reason().is_none() && path.suspect_until.is_none()
+                });
+                !live
+                    && !p.forming
+                    && p.wanted.is_some_and(|w| now.duration_since(w) < PATH_IDLE)
+                    && p.next_try.is_none_or(|t| now >= t)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for peer in due {
+            self.want(&peer, false);
         }
     }
 
@@ -581,6 +623,8 @@ impl DirectPaths {
                 p.closed_rx += stats.udp_rx.bytes;
                 p.path = None;
                 p.up.store(false, Ordering::Relaxed);
+                // Formed again at once if calls still want the peer (see `retry_wanted`).
+                p.next_try = None;
                 info!(%peer, "direct path lost; calls take the relay");
             }
         }
@@ -688,6 +732,9 @@ impl DirectPaths {
         let mut book = self.agent.peers().subscribe();
         let mut seen = book.borrow().clone();
         let mut tick = tokio::time::interval(METRICS_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry = tokio::time::interval(RETRY_EVERY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
@@ -717,6 +764,7 @@ impl DirectPaths {
                     self.export_metrics();
                     self.close_idle();
                 }
+                _ = retry.tick() => self.retry_wanted(),
             }
         }
         self.tasks.close();

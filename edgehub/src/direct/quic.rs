@@ -28,10 +28,16 @@ use crate::identity::Identity;
 /// The application protocol of direct paths (ALPN): both ends must speak it.
 pub(crate) const ALPN: &[u8] = b"edgemesh-direct/1";
 /// A path sends a keepalive when it has sent nothing for this long: far below conntrack's UDP
-/// timeouts (30 s for a flow seen one way, 120 s once answered) and most home routers'.
-pub(crate) const KEEPALIVE: Duration = Duration::from_secs(2);
-/// A path that has heard nothing for this long is dead (three keepalives lost).
-pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
+/// timeouts (30 s for a flow seen one way, 120 s once answered) and most home routers', and
+/// often enough that a silent path is told within [`IDLE_TIMEOUT`].
+pub(crate) const KEEPALIVE: Duration = Duration::from_secs(1);
+/// A path that has heard nothing for this long is dead (three keepalives lost): requests
+/// waiting on it are then retried over the relay.
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// QUIC's first guess of a path's round trip, before it has measured one: it sets when a
+/// lost first packet is sent again (3 × this), which is what hole punching waits on. Edge
+/// links are rarely slower; a guess too low costs a spare packet, one too high whole seconds.
+const INITIAL_RTT: Duration = Duration::from_millis(100);
 /// Paths being accepted at once (handshakes not yet finished); more are refused.
 const MAX_HANDSHAKES: usize = 256;
 /// The open request and answer are small; a frame larger than this ends the stream.
@@ -111,7 +117,8 @@ fn transport(max_streams: u32) -> Arc<quinn::TransportConfig> {
             quinn::IdleTimeout::try_from(IDLE_TIMEOUT).unwrap_or(VarInt::from_u32(6_000).into()),
         ))
         .max_concurrent_bidi_streams(VarInt::from_u32(max_streams))
-        .max_concurrent_uni_streams(VarInt::from_u32(0));
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .initial_rtt(INITIAL_RTT);
     Arc::new(t)
 }
 
@@ -213,6 +220,9 @@ pub struct DirectStream {
     send: SendStream,
     recv: RecvStream,
     _count: StreamCount,
+    /// The path's "up" flag: once it is down (the path went silent or closed), the stream is
+    /// not kept for more requests.
+    alive: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl DirectStream {
@@ -221,7 +231,20 @@ impl DirectStream {
             send,
             recv,
             _count: count,
+            alive: None,
         }
+    }
+
+    pub(crate) fn with_alive(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> DirectStream {
+        self.alive = Some(flag);
+        self
+    }
+
+    /// Whether a kept stream may carry another request: its path is still up.
+    pub fn is_usable(&self) -> bool {
+        self.alive
+            .as_ref()
+            .is_none_or(|f| f.load(Ordering::Relaxed))
     }
 }
 
@@ -340,6 +363,15 @@ mod tests {
         e
     }
 
+    /// Completes whatever handshake `e` is offered (its own checks decide), in the background.
+    fn accept_any(e: quinn::Endpoint) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            if let Some(i) = e.accept().await {
+                let _ = i.await;
+            }
+        })
+    }
+
     /// Both ends authenticate with node certificates over QUIC; a stream carries the open
     /// request and answer as frames, then bytes both ways with half-close; a peer whose
     /// certificate is not the dialled node's, or is revoked, gets no path.
@@ -425,22 +457,25 @@ mod tests {
 
         // c answers where a expects b: c's certificate is not b's.
         let c_addr = ec.local_addr().expect("addr");
-        let _c_accepts = tokio::spawn(async move {
-            if let Some(i) = ec.accept().await {
-                let _ = i.await;
-            }
-        });
+        let _c_accepts = accept_any(ec);
         assert!(
             ea.connect(c_addr, "b").expect("dial").await.is_err(),
             "a took c's certificate for b's"
         );
+        // A "b" with a certificate of another CA (for b's own name and key) is refused too.
+        let rogue_ca = TestCa::new("rogue");
+        let (rogue, _) = node(&dir.path().join("rogue"), &rogue_ca, "b");
+        let (_r_view, rr) = watch::channel(view(&[("b", &b_cert)]));
+        let er = endpoint(rogue, rr);
+        let r_addr = er.local_addr().expect("addr");
+        let _r_accepts = accept_any(er);
+        assert!(
+            ea.connect(r_addr, "b").expect("dial").await.is_err(),
+            "a took a certificate of another CA"
+        );
         // b's certificate revoked in a's view (b re-joined): a refuses it.
         a_view.send_replace(view(&[("a", &a_cert), ("c", &c_cert)]));
-        let _b_accepts = tokio::spawn(async move {
-            if let Some(i) = eb.accept().await {
-                let _ = i.await;
-            }
-        });
+        let _b_accepts = accept_any(eb);
         assert!(
             ea.connect(b_addr, "b").expect("dial").await.is_err(),
             "a took b's revoked certificate"
