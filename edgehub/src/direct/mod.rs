@@ -57,7 +57,7 @@ pub fn may_connect(view: &MeshView, a: &str, b: &str) -> bool {
 /// `direct.*` of the node's configuration.
 #[derive(Clone, Debug)]
 pub struct DirectConfig {
-    /// Learn a reflexive address and publish candidates (`direct.enabled`).
+    /// Learn a reflexive address, publish candidates and form paths (`direct.enabled`).
     pub enabled: bool,
     /// The node's UDP port for direct paths (`direct.listen`).
     pub listen: SocketAddr,
