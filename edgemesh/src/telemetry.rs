@@ -95,7 +95,35 @@ pub const METRICS: &[Metric] = &[
     // Tunnel.
     Metric::counter(
         "tunnel_streams_accepted_total",
-        "Streams from the cloud accepted for an endpoint on this node.",
+        "Streams accepted for an endpoint on this node, by path (relay: through the cloud; direct: from a peer over a direct path).",
+    ),
+    // Direct paths.
+    Metric::counter(
+        "direct_streams_total",
+        "Streams this node opened to endpoints on other nodes, by path (direct, relay).",
+    ),
+    Metric::counter(
+        "direct_fallbacks_total",
+        "Stream opens a direct path did not carry (no answer within 1 s, path closed); the relay took them.",
+    ),
+    Metric::counter(
+        "direct_failed_rounds_total",
+        "Rounds of dialling a peer that formed no direct path.",
+    ),
+    Metric::gauge("direct_paths", Unit::Count, "Direct paths up now."),
+    Metric::gauge(
+        "direct_path_up",
+        Unit::Count,
+        "1 while calls to the peer take a direct path.",
+    ),
+    Metric::gauge(
+        "direct_path_rtt_seconds",
+        Unit::Seconds,
+        "Smoothed round-trip time of the direct path to the peer.",
+    ),
+    Metric::bytes(
+        "direct_path_bytes_total",
+        "UDP bytes of the direct paths to the peer, by direction (tx, rx).",
     ),
     // DNS.
     Metric::counter(
