@@ -12,9 +12,12 @@
 //! - **Who may.** Only peers of a common Community, both ways: this node dials only peers its
 //!   view allows, and closes paths from others. TLS authenticates both ends with node
 //!   certificates ([`super::quic`]).
-//! - **Two paths to one peer** (both dialled at once): both ends keep the one dialled by the
-//!   node with the smaller name; between two of the same direction, the newer (the peer lost
-//!   the older). The other serves the streams it has and is closed once they end.
+//! - **Two paths to one peer.** Dialled from both ends at once: both ends keep the one dialled
+//!   by the node with the smaller name; the other serves the streams it has and is closed once
+//!   they end ([`admit`]). Two of one direction (two candidates answered, or the peer
+//!   restarted): both stay, streams take the newer, and the dialler drops the one it does not
+//!   use; no end closes one for the other, so they can never both close the one the other
+//!   kept.
 //! - **Streams.** A stream opens with the tunnel's open request and answer; the receiving
 //!   side names the source from the peer's certificate and checks the request like a relayed
 //!   one ([`DirectAcceptor`]). An open that gets no answer within [`OPEN_TIMEOUT`] fails over
@@ -130,6 +133,8 @@ struct Path {
     /// This node dialled it.
     outgoing: bool,
     streams: Arc<AtomicUsize>,
+    /// Order of installation: the newest of a direction takes new streams.
+    seq: u64,
     since: std::time::SystemTime,
     /// When a stream last opened or ended on it (milliseconds of [`DirectPaths::clock`]).
     used: Arc<std::sync::atomic::AtomicU64>,
@@ -139,7 +144,8 @@ struct Path {
 
 #[derive(Default)]
 struct Peer {
-    path: Option<Path>,
+    /// Live connections to the peer (more than one only for a moment: see [`admit`]).
+    paths: Vec<Path>,
     forming: bool,
     failures: u32,
     next_try: Option<Instant>,
@@ -155,6 +161,53 @@ struct Peer {
     /// When a call last wanted the peer: while that is recent, a lost or failed path is
     /// formed again in the background, also when the calls ride kept connections.
     wanted: Option<Instant>,
+}
+
+impl Peer {
+    fn live(&self) -> impl Iterator<Item = &Path> {
+        self.paths
+            .iter()
+            .filter(|p| p.conn.close_reason().is_none())
+    }
+
+    /// The path new streams take: live and not suspect; the preferred direction first (the
+    /// one both ends keep), then the newest.
+    fn usable(&self, prefer_outgoing: bool) -> Option<&Path> {
+        let now = Instant::now();
+        self.live()
+            .filter(|p| p.suspect_until.is_none_or(|t| now >= t))
+            .max_by_key(|p| (p.outgoing == prefer_outgoing, p.seq))
+    }
+
+    fn by_id(&mut self, id: usize) -> Option<&mut Path> {
+        self.paths.iter_mut().find(|p| p.conn.stable_id() == id)
+    }
+}
+
+/// What becomes of a new live path to a peer, given whether the node has one of the preferred
+/// direction (dialled by the node with the smaller name) already. Both ends apply it, so
+/// both keep the same connection of two dialled at once, whichever came up first on either
+/// side. Paths of the same direction all stay (the dialler drops the dials it does not use,
+/// and a newer one means the peer lost the older, e.g. it restarted); streams take the
+/// newest.
+#[derive(Debug, PartialEq, Eq)]
+enum Admit {
+    /// Kept, and the paths of the other direction are retired.
+    KeepRetireOthers,
+    /// Kept beside the others.
+    Keep,
+    /// Retired at once (a path of the preferred direction is up).
+    Retire,
+}
+
+fn admit(prefer_outgoing: bool, have_preferred: bool, new_outgoing: bool) -> Admit {
+    if new_outgoing == prefer_outgoing {
+        Admit::KeepRetireOthers
+    } else if have_preferred {
+        Admit::Retire
+    } else {
+        Admit::Keep
+    }
 }
 
 /// What `/debug/direct` and `edgemesh status` show of a peer.
@@ -190,6 +243,7 @@ pub struct DirectPaths {
     peers: Mutex<HashMap<String, Peer>>,
     /// Bumped whenever a path comes up (for calls waiting on one while the relay is down).
     installed: watch::Sender<u64>,
+    next_seq: std::sync::atomic::AtomicU64,
     started: Instant,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -227,6 +281,7 @@ impl DirectPaths {
             acceptor,
             peers: Mutex::new(HashMap::new()),
             installed: watch::Sender::new(0),
+            next_seq: std::sync::atomic::AtomicU64::new(0),
             started: Instant::now(),
             tasks: TaskTracker::new(),
             shutdown: shutdown.clone(),
@@ -256,16 +311,7 @@ impl DirectPaths {
             let mut peers = self.peers();
             let p = peers.entry(peer.to_string()).or_default();
             p.wanted = Some(Instant::now());
-            match &p.path {
-                Some(path) if path.conn.close_reason().is_none() => {
-                    if path.suspect_until.is_some_and(|t| Instant::now() < t) {
-                        None
-                    } else {
-                        Some(path.clone())
-                    }
-                }
-                _ => None,
-            }
+            p.usable(self.prefer_outgoing(peer)).cloned()
         };
         let Some(path) = path else {
             self.want(peer, false);
@@ -292,11 +338,10 @@ impl DirectPaths {
         let mut suspect = false;
         let result = match opened {
             Ok(Ok((send, recv, count, answer))) => {
-                if let Some(path) = p.path.as_mut() {
-                    if path.suspect_until.take().is_some() {
-                        p.up.store(true, Ordering::Relaxed);
-                    }
+                if let Some(used) = p.by_id(path.conn.stable_id()) {
+                    used.suspect_until = None;
                 }
+                p.up.store(true, Ordering::Relaxed);
                 match answer.error {
                     None => {
                         p.opened += 1;
@@ -318,12 +363,12 @@ impl DirectPaths {
             }
             Err(_) => {
                 p.fell_back += 1;
-                if let Some(current) = p.path.as_mut() {
-                    if current.conn.stable_id() == path.conn.stable_id() {
-                        // A cut path is closed by QUIC within its idle timeout; until then, or
-                        // until a stream gets through, new calls take the relay at once, kept
-                        // streams over it are not reused, and a new path is tried.
-                        current.suspect_until = Some(Instant::now() + quic::IDLE_TIMEOUT);
+                if let Some(failed) = p.by_id(path.conn.stable_id()) {
+                    // A cut path is closed by QUIC within its idle timeout; until then, or
+                    // until a stream gets through, new calls take the relay at once, kept
+                    // streams over it are not reused, and a new path is tried.
+                    failed.suspect_until = Some(Instant::now() + quic::IDLE_TIMEOUT);
+                    if p.usable(self.prefer_outgoing(peer)).is_none() {
                         p.up.store(false, Ordering::Relaxed);
                         suspect = true;
                     }
@@ -345,11 +390,8 @@ impl DirectPaths {
         let due: Vec<String> = self
             .peers()
             .iter()
-            .filter(|(_, p)| {
-                let live = p.path.as_ref().is_some_and(|path| {
-                    path.conn.close_reason().is_none() && path.suspect_until.is_none()
-                });
-                !live
+            .filter(|(name, p)| {
+                p.usable(self.prefer_outgoing(name)).is_none()
                     && !p.forming
                     && p.wanted.is_some_and(|w| now.duration_since(w) < PATH_IDLE)
                     && p.next_try.is_none_or(|t| now >= t)
@@ -373,18 +415,8 @@ impl DirectPaths {
         {
             let mut peers = self.peers();
             let p = peers.entry(peer.to_string()).or_default();
-            let live = p
-                .path
-                .as_ref()
-                .is_some_and(|path| path.conn.close_reason().is_none());
-            if p.forming || (live && !now) {
-                return;
-            }
-            if live
-                && p.path
-                    .as_ref()
-                    .is_some_and(|path| path.suspect_until.is_none())
-            {
+            let live = p.live().next().is_some();
+            if p.forming || p.usable(self.prefer_outgoing(peer)).is_some() || (live && !now) {
                 return;
             }
             if !now && p.next_try.is_some_and(|t| Instant::now() < t) {
@@ -487,11 +519,14 @@ impl DirectPaths {
     }
 
     fn has_live_path(&self, peer: &str) -> bool {
-        self.peers().get(peer).is_some_and(|p| {
-            p.path
-                .as_ref()
-                .is_some_and(|path| path.conn.close_reason().is_none())
-        })
+        self.peers()
+            .get(peer)
+            .is_some_and(|p| p.usable(self.prefer_outgoing(peer)).is_some())
+    }
+
+    /// Whether, of two paths to `peer`, both ends keep the one this node dialled.
+    fn prefer_outgoing(&self, peer: &str) -> bool {
+        self.here.as_str() < peer
     }
 
     fn formed(&self, peer: &str, result: Result<(), String>) {
@@ -524,38 +559,42 @@ impl DirectPaths {
             conn: conn.clone(),
             outgoing,
             streams: Arc::new(AtomicUsize::new(0)),
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
             since: std::time::SystemTime::now(),
             used: Arc::new(std::sync::atomic::AtomicU64::new(self.clock())),
             suspect_until: None,
         };
-        let retired = {
+        let prefer = self.prefer_outgoing(peer);
+        let retired: Vec<Path> = {
             let mut peers = self.peers();
             let p = peers.entry(peer.to_string()).or_default();
-            let keep_old = p.path.as_ref().is_some_and(|old| {
-                old.conn.close_reason().is_none()
-                    && !replaces(&self.here, peer, old.outgoing, path.outgoing)
-            });
-            if keep_old {
-                Some(path.clone())
-            } else {
-                p.failures = 0;
-                p.next_try = None;
-                p.last_error = None;
-                p.up.store(true, Ordering::Relaxed);
-                let old = p.path.replace(path.clone());
-                if let Some(old) = &old {
-                    let stats = old.conn.stats();
-                    p.closed_tx += stats.udp_tx.bytes;
-                    p.closed_rx += stats.udp_rx.bytes;
+            p.paths.retain(|old| old.conn.close_reason().is_none());
+            let have_preferred = p.paths.iter().any(|old| old.outgoing == prefer);
+            let mut retired = Vec::new();
+            match admit(prefer, have_preferred, outgoing) {
+                Admit::Retire => retired.push(path.clone()),
+                verdict => {
+                    if verdict == Admit::KeepRetireOthers {
+                        let (keep, others) = std::mem::take(&mut p.paths)
+                            .into_iter()
+                            .partition(|old| old.outgoing == prefer);
+                        p.paths = keep;
+                        retired = others;
+                    }
+                    p.paths.push(path.clone());
+                    p.failures = 0;
+                    p.next_try = None;
+                    p.last_error = None;
+                    p.up.store(true, Ordering::Relaxed);
                 }
-                old.filter(|o| o.conn.close_reason().is_none())
             }
+            retired
         };
         metrics::gauge!("edgemesh_direct_paths").set(self.live_paths() as f64);
         self.installed.send_modify(|n| *n += 1);
         self.tasks
             .spawn(self.clone().serve_path(peer.to_string(), path));
-        if let Some(r) = retired {
+        for r in retired {
             self.tasks.spawn(retire(r, self.shutdown.clone()));
         }
     }
@@ -563,11 +602,7 @@ impl DirectPaths {
     fn live_paths(&self) -> usize {
         self.peers()
             .values()
-            .filter(|p| {
-                p.path
-                    .as_ref()
-                    .is_some_and(|path| path.conn.close_reason().is_none())
-            })
+            .filter(|p| p.live().next().is_some())
             .count()
     }
 
@@ -613,15 +648,13 @@ impl DirectPaths {
         }
         let mut peers = self.peers();
         if let Some(p) = peers.get_mut(&peer) {
-            let same = p
-                .path
-                .as_ref()
-                .is_some_and(|cur| cur.conn.stable_id() == path.conn.stable_id());
-            if same {
-                let stats = path.conn.stats();
-                p.closed_tx += stats.udp_tx.bytes;
-                p.closed_rx += stats.udp_rx.bytes;
-                p.path = None;
+            let stats = path.conn.stats();
+            p.closed_tx += stats.udp_tx.bytes;
+            p.closed_rx += stats.udp_rx.bytes;
+            let id = path.conn.stable_id();
+            let listed = p.paths.iter().any(|x| x.conn.stable_id() == id);
+            p.paths.retain(|x| x.conn.stable_id() != id);
+            if listed && p.live().next().is_none() {
                 p.up.store(false, Ordering::Relaxed);
                 // Formed again at once if calls still want the peer (see `retry_wanted`).
                 p.next_try = None;
@@ -693,8 +726,7 @@ impl DirectPaths {
         let live: Vec<(String, quinn::Connection)> = self
             .peers()
             .iter()
-            .filter_map(|(name, p)| Some((name.clone(), p.path.as_ref()?.conn.clone())))
-            .filter(|(_, conn)| conn.close_reason().is_none())
+            .flat_map(|(name, p)| p.live().map(|path| (name.clone(), path.conn.clone())))
             .collect();
         for (peer, conn) in live {
             if !self.allowed(&peer) || self.peer_of(&conn).as_deref() != Some(peer.as_str()) {
@@ -712,8 +744,11 @@ impl DirectPaths {
     /// Closes paths that carried no stream for [`PATH_IDLE`] and carry none now.
     fn close_idle(&self) {
         let now = self.clock();
-        for (peer, p) in self.peers().iter() {
-            let Some(path) = &p.path else { continue };
+        for (peer, path) in self
+            .peers()
+            .iter()
+            .flat_map(|(peer, p)| p.live().map(move |path| (peer, path)))
+        {
             let idle = now.saturating_sub(path.used.load(Ordering::Relaxed));
             if path.streams.load(Ordering::Relaxed) == 0
                 && idle >= PATH_IDLE.as_millis() as u64
@@ -809,11 +844,12 @@ impl DirectPaths {
             .iter()
             .chain(untouched.into_iter().map(|n| (n, &never)))
             .map(|(name, p)| {
-                let live = p
-                    .path
-                    .as_ref()
-                    .filter(|path| path.conn.close_reason().is_none());
-                let stats = live.map(|path| path.conn.stats());
+                let live = p.usable(self.prefer_outgoing(name));
+                // Bytes of every live path (a duplicate's too) and of the closed ones.
+                let (tx, rx) = p.live().fold((p.closed_tx, p.closed_rx), |(tx, rx), path| {
+                    let s = path.conn.stats();
+                    (tx + s.udp_tx.bytes, rx + s.udp_rx.bytes)
+                });
                 PathStatus {
                     peer: name.clone(),
                     path: if live.is_some() && p.up.load(Ordering::Relaxed) {
@@ -825,8 +861,8 @@ impl DirectPaths {
                     outgoing: live.map(|path| path.outgoing),
                     rtt_ms: live.map(|path| path.conn.rtt().as_secs_f64() * 1000.0),
                     streams: live.map_or(0, |path| path.streams.load(Ordering::Relaxed)),
-                    tx_bytes: p.closed_tx + stats.as_ref().map_or(0, |s| s.udp_tx.bytes),
-                    rx_bytes: p.closed_rx + stats.as_ref().map_or(0, |s| s.udp_rx.bytes),
+                    tx_bytes: tx,
+                    rx_bytes: rx,
                     since_unix_ms: live.and_then(|path| {
                         path.since
                             .duration_since(std::time::UNIX_EPOCH)
@@ -850,15 +886,6 @@ impl DirectPaths {
             .close(VarIntCode::SHUTDOWN, b"node shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
-}
-
-/// Whether a new live path to `peer` (dialled by this node: `new_outgoing`) replaces the live
-/// one it has. Both ends keep the path the node with the smaller name dialled; between two
-/// of the same direction, the newer (its dialler lost the older, e.g. it restarted).
-fn replaces(here: &str, peer: &str, old_outgoing: bool, new_outgoing: bool) -> bool {
-    let i_dial = here < peer;
-    let preferred = |outgoing: bool| outgoing == i_dial;
-    preferred(new_outgoing) || !preferred(old_outgoing)
 }
 
 /// Application codes as QUIC varints.
@@ -887,36 +914,59 @@ async fn retire(path: Path, shutdown: CancellationToken) {
 
 #[cfg(test)]
 mod tests {
-    use super::replaces;
+    use super::{admit, Admit};
 
-    /// Which of two live paths a node keeps: `first` came up before `second` (each given as
-    /// "this node dialled it").
-    fn kept(here: &str, peer: &str, first: bool, second: bool) -> bool {
-        if replaces(here, peer, first, second) {
-            second
-        } else {
-            first
+    /// The paths a node holds after `arrivals` (each: this node dialled it), in order, as
+    /// [`admit`] decides: `true` for a path this node dialled.
+    fn kept(prefer_outgoing: bool, arrivals: &[bool]) -> Vec<bool> {
+        let mut paths: Vec<bool> = Vec::new();
+        for &new in arrivals {
+            let have_preferred = paths.contains(&prefer_outgoing);
+            match admit(prefer_outgoing, have_preferred, new) {
+                Admit::Retire => {}
+                Admit::Keep => paths.push(new),
+                Admit::KeepRetireOthers => {
+                    paths.retain(|&o| o == prefer_outgoing);
+                    paths.push(new);
+                }
+            }
+        }
+        paths
+    }
+
+    /// Two paths dialled at once, one from each end: both ends keep the one "a" (the smaller
+    /// name) dialled, whichever came up first on either side.
+    #[test]
+    fn both_ends_keep_the_path_the_smaller_name_dialled() {
+        for a_first in [true, false] {
+            // At a, a's dial is outgoing (preferred); at b, a's dial is incoming.
+            let at_a = if a_first {
+                [true, false]
+            } else {
+                [false, true]
+            };
+            assert_eq!(kept(true, &at_a), vec![true], "at a, a's first: {a_first}");
+            let at_b = if a_first {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            assert_eq!(
+                kept(false, &at_b),
+                vec![false],
+                "at b, a's first: {a_first}"
+            );
         }
     }
 
-    /// Both ends of two simultaneous dials keep the same connection, whichever came up first
-    /// on either side: the one "a" (the smaller name) dialled.
+    /// Two dials of one direction (two candidates of the peer answered): neither end closes
+    /// one for the other (the dialler drops the one it does not use), so they cannot end up
+    /// closing both.
     #[test]
-    fn both_ends_keep_the_path_the_smaller_name_dialled() {
-        // At a, a's dial is outgoing; at b, a's dial is incoming.
-        for a_first in [true, false] {
-            assert!(
-                kept("a", "b", a_first, !a_first),
-                "at a, a's dial first: {a_first}"
-            );
-            assert!(
-                !kept("b", "a", !a_first, a_first),
-                "at b, a's dial first: {a_first}"
-            );
-        }
-        // A newer path of the same direction replaces the older (the peer restarted).
-        assert!(replaces("a", "b", true, true));
-        assert!(replaces("a", "b", false, false));
-        assert!(replaces("b", "a", false, false));
+    fn paths_of_one_direction_are_all_kept() {
+        assert_eq!(kept(true, &[true, true]), vec![true, true]);
+        assert_eq!(kept(false, &[false, false]), vec![false, false]);
+        // The preferred direction retires the other, and is not retired by it.
+        assert_eq!(kept(false, &[true, true, false]), vec![false]);
     }
 }
