@@ -38,3 +38,4 @@ pub mod ha;
 pub mod mesh;
 pub mod prometheus;
 pub mod servers;
+pub mod udp;

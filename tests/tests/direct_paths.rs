@@ -3,7 +3,8 @@
 //! at once over the relay, the cloud relays nothing more after), keep working while the cloud
 //! is stopped, and a node restarted while the cloud is down forms the path again from its
 //! store; non-members get no path, and with `communities.enforce` their relayed calls are
-//! refused; 200 MB each way arrive intact and 200 concurrent streams finish with one stalled.
+//! refused; 200 MB each way arrive intact and 200 concurrent streams finish with one stalled;
+//! UDP flows take the path with their datagrams whole.
 
 use std::time::{Duration, Instant};
 
@@ -306,4 +307,42 @@ fn two_hundred_streams_over_a_path_finish_with_one_stalled() {
     });
     assert_eq!(done, 199);
     assert_eq!(relayed(&mesh), before, "streams took the relay");
+}
+
+/// UDP Services over a direct path: a flow started once the path is up takes it (a stream of
+/// datagrams, none through the cloud), and every datagram comes back whole.
+#[test]
+fn udp_flows_take_the_direct_path_with_their_boundaries() {
+    use edgemesh_e2e::udp::{echo_sizes, put_udp_service, udp_echo};
+    let mut mesh = lan_mesh("dp-udp", 2, Vec::new());
+    let client = mesh.add_pod(0, "client");
+    let echo = mesh.add_pod(1, "echo");
+    udp_echo(&mut mesh, &echo, 7000);
+    let ip = put_udp_service(&mesh, "echo-udp", 7, 7000, &[(&echo, "edge-1")]);
+    let addr: std::net::SocketAddr = format!("{ip}:7").parse().expect("addr");
+    // The first flow starts the path (its own stream is relayed while the path forms).
+    echo_sizes(&client, addr, &[10]);
+    wait_direct(&mesh, 0, "edge-1");
+    let before = relayed(&mesh);
+    let direct_before = mesh.metric(
+        1,
+        "edgemesh_tunnel_streams_accepted_total",
+        &["path=\"direct\""],
+    );
+    // A new flow (another source port): over the path.
+    echo_sizes(&client, addr, &[1, 1400, 65_000, 3]);
+    assert_eq!(
+        relayed(&mesh),
+        before,
+        "a UDP flow took the relay with a path up"
+    );
+    let direct_after = mesh.metric(
+        1,
+        "edgemesh_tunnel_streams_accepted_total",
+        &["path=\"direct\""],
+    );
+    assert!(
+        direct_after > direct_before,
+        "edge-1 accepted no flow over the path ({direct_before} -> {direct_after})"
+    );
 }
