@@ -135,6 +135,9 @@ fn preconditions_hold_across_replicas() {
         .expect("delete");
     let second = a.write(vec![Write::Delete { key: k }]);
     assert!(matches!(second, Err(StoreError::NotFound(_))), "{second:?}");
+    // a learns b's delete through its watch, which may not have delivered it yet: one change
+    // (version 3), never a second one of a's own.
+    eventually("a saw b's delete", || a.version() >= 3);
     assert_eq!(a.version(), 3);
 }
 
