@@ -309,7 +309,10 @@ impl DirectPaths {
     pub async fn open(self: &Arc<Self>, peer: &str, mut request: OpenRequest) -> DirectOpen {
         let path = {
             let mut peers = self.peers();
-            let p = peers.entry(peer.to_string()).or_default();
+            let p = match peers.get_mut(peer) {
+                Some(p) => p,
+                None => peers.entry(peer.to_string()).or_default(),
+            };
             p.wanted = Some(Instant::now());
             p.usable(self.prefer_outgoing(peer)).cloned()
         };
@@ -387,11 +390,13 @@ impl DirectPaths {
     /// that have none (lost, cut, or never formed), as their back-off allows.
     fn retry_wanted(self: &Arc<Self>) {
         let now = Instant::now();
+        let book = self.agent.peers().get();
         let due: Vec<String> = self
             .peers()
             .iter()
             .filter(|(name, p)| {
-                p.usable(self.prefer_outgoing(name)).is_none()
+                book.peers.contains_key(*name)
+                    && p.usable(self.prefer_outgoing(name)).is_none()
                     && !p.forming
                     && p.wanted.is_some_and(|w| now.duration_since(w) < PATH_IDLE)
                     && p.next_try.is_none_or(|t| now >= t)
@@ -406,12 +411,12 @@ impl DirectPaths {
     /// Starts forming a path to `peer` unless one is up or forming, it is not allowed, or its
     /// last round failed too recently (`now`: the peer asked, or its candidates changed).
     fn want(self: &Arc<Self>, peer: &str, now: bool) {
-        if !self.allowed(peer) || self.shutdown.is_cancelled() {
+        // The peer book holds only peers the cloud said may connect: most calls (to nodes of
+        // no common Community) end at this lookup.
+        let book = self.agent.peers().get();
+        if !book.peers.contains_key(peer) || self.shutdown.is_cancelled() || !self.allowed(peer) {
             return;
         }
-        let Some(candidates) = self.agent.peers().get().peers.get(peer).cloned() else {
-            return;
-        };
         {
             let mut peers = self.peers();
             let p = peers.entry(peer.to_string()).or_default();
@@ -424,6 +429,7 @@ impl DirectPaths {
             }
             p.forming = true;
         }
+        let candidates = book.peers.get(peer).cloned().unwrap_or_default();
         let paths = self.clone();
         let peer = peer.to_string();
         let span = tracing::debug_span!("direct_path", %peer);
@@ -686,20 +692,19 @@ impl DirectPaths {
                     Err(_) => return,
                 };
                 let Some(peer) = paths.peer_of(&conn) else {
-                    conn.close(VarIntCode::NOT_ALLOWED, b"unknown peer");
+                    conn.close(code::NOT_ALLOWED, b"unknown peer");
                     return;
                 };
                 if !paths.allowed(&peer) {
                     debug!(%peer, %remote, "refused a direct path: no common community");
-                    conn.close(VarIntCode::NOT_ALLOWED, b"no common community");
+                    conn.close(code::NOT_ALLOWED, b"no common community");
                     return;
                 }
                 info!(%peer, %remote, "direct path up (accepted)");
                 paths.install(&peer, conn, false);
             });
         }
-        self.endpoint
-            .close(VarIntCode::SHUTDOWN, b"node shutting down");
+        self.endpoint.close(code::SHUTDOWN, b"node shutting down");
     }
 
     /// The node the path's certificate belongs to (the handshake checked it already).
@@ -731,7 +736,7 @@ impl DirectPaths {
         for (peer, conn) in live {
             if !self.allowed(&peer) || self.peer_of(&conn).as_deref() != Some(peer.as_str()) {
                 info!(%peer, "closing the direct path: the peer may no longer connect");
-                conn.close(VarIntCode::NOT_ALLOWED, b"no longer allowed");
+                conn.close(code::NOT_ALLOWED, b"no longer allowed");
             }
         }
     }
@@ -755,7 +760,7 @@ impl DirectPaths {
                 && path.conn.close_reason().is_none()
             {
                 info!(%peer, "closing an idle direct path");
-                path.conn.close(VarIntCode::IDLE, b"idle");
+                path.conn.close(code::IDLE, b"idle");
             }
         }
     }
@@ -882,20 +887,9 @@ impl DirectPaths {
 
     /// Closes every path and waits (briefly) for the peers to be told.
     pub async fn close(&self) {
-        self.endpoint
-            .close(VarIntCode::SHUTDOWN, b"node shutting down");
+        self.endpoint.close(code::SHUTDOWN, b"node shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
-}
-
-/// Application codes as QUIC varints.
-struct VarIntCode;
-
-impl VarIntCode {
-    const NOT_ALLOWED: quinn::VarInt = quinn::VarInt::from_u32(code::NOT_ALLOWED);
-    const SHUTDOWN: quinn::VarInt = quinn::VarInt::from_u32(code::SHUTDOWN);
-    const DUPLICATE: quinn::VarInt = quinn::VarInt::from_u32(code::DUPLICATE);
-    const IDLE: quinn::VarInt = quinn::VarInt::from_u32(code::IDLE);
 }
 
 /// Closes a duplicate path once the streams it carries have ended.
@@ -909,7 +903,7 @@ async fn retire(path: Path, shutdown: CancellationToken) {
             _ = tokio::time::sleep(RETIRE_CHECK) => {}
         }
     }
-    path.conn.close(VarIntCode::DUPLICATE, b"duplicate path");
+    path.conn.close(code::DUPLICATE, b"duplicate path");
 }
 
 #[cfg(test)]

@@ -44,16 +44,18 @@ const MAX_HANDSHAKES: usize = 256;
 const MAX_FRAME: usize = 16 * 1024;
 /// Application error codes on streams and connections.
 pub(crate) mod code {
+    use quinn::VarInt;
+
     /// A stream ended abnormally (its copier failed).
-    pub const ABORTED: u32 = 1;
+    pub const ABORTED: VarInt = VarInt::from_u32(1);
     /// The peer may not form a direct path with this node.
-    pub const NOT_ALLOWED: u32 = 2;
+    pub const NOT_ALLOWED: VarInt = VarInt::from_u32(2);
     /// This node already has a path to the peer (the other of two simultaneous dials won).
-    pub const DUPLICATE: u32 = 3;
+    pub const DUPLICATE: VarInt = VarInt::from_u32(3);
     /// The node is shutting down.
-    pub const SHUTDOWN: u32 = 4;
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(4);
     /// The path carried nothing for a long time.
-    pub const IDLE: u32 = 5;
+    pub const IDLE: VarInt = VarInt::from_u32(5);
 }
 
 fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -322,8 +324,8 @@ impl crate::io::Duplex for DirectStream {
 
     /// The peer sees the stream reset, not a clean end.
     fn abort(&mut self) {
-        let _ = self.send.reset(VarInt::from_u32(code::ABORTED));
-        let _ = self.recv.stop(VarInt::from_u32(code::ABORTED));
+        let _ = self.send.reset(code::ABORTED);
+        let _ = self.recv.stop(code::ABORTED);
     }
 }
 
